@@ -1,0 +1,1 @@
+"""clipdex command-line interface (Typer). Thin: parse arguments, call the library, render."""

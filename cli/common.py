@@ -1,0 +1,81 @@
+"""What every command shares: options, opening the library, errors and output streams."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from search.errors import ClipdexError
+from search.library import Library
+from search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+
+# Results go to stdout; progress, warnings and errors to stderr.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DEBUG = {"enabled": False}
+
+LibraryOption = typer.Option(
+    None, "--library", "-l", help="Library directory [default: $CLIPDEX_LIBRARY, else the per-user data dir]", show_default=False
+)
+ModelOption = typer.Option(
+    None, "--model", help=f"open_clip model name or model-config JSON file [default: the library's, else {DEFAULT_MODEL}]", show_default=False
+)
+PretrainedOption = typer.Option(
+    None,
+    "--pretrained",
+    help=f"pretrained tag, local checkpoint file, or 'none' (random weights) [default: the library's, else {DEFAULT_PRETRAINED}]",
+    show_default=False,
+)
+DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available, fp16 there), cpu or cuda")
+JsonOption = typer.Option(False, "--json", help="Print JSON on stdout")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(function: F) -> F:
+    """Turn the library's own exceptions into a one-line message and exit code 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ClipdexError as error:
+            if DEBUG["enabled"]:
+                traceback.print_exc()
+            err.print(f"[bold red]Error:[/] {error}", markup=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def model_spec(model: Optional[str], pretrained: Optional[str]) -> Optional[ModelSpec]:
+    """The model the user asked for, or None to use the library's own."""
+    if model is None and pretrained is None:
+        return None
+    return ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED)
+
+
+def open_library(library: Optional[Path], model: Optional[str] = None, pretrained: Optional[str] = None,
+                 device: str = "auto", create: bool = False) -> Library:
+    if model is not None and pretrained is None and model != DEFAULT_MODEL:
+        raise ClipdexError(
+            f"--model {model} needs --pretrained: a pretrained tag, a local checkpoint file, "
+            "or 'none' for random weights"
+        )
+    return Library.open(library, model=model_spec(model, pretrained), create=create, device=device)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,70 @@
+"""`clipdex index`: photo folders into the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.common import (
+    DeviceOption,
+    JsonOption,
+    LibraryOption,
+    ModelOption,
+    PretrainedOption,
+    err,
+    handles_errors,
+    open_library,
+    out,
+    print_json,
+)
+from cli.progress import progress_bar, stop_on_interrupt
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index)
+
+
+@handles_errors
+def index(
+    paths: List[Path] = typer.Argument(..., help="Folders (recursively) or image files to index"),
+    library: Optional[Path] = LibraryOption,
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    device: str = DeviceOption,
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per model batch and commit"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: cores, at most 4]"),
+    exclude: List[str] = typer.Option([], "--exclude", help="Skip files and folders matching this glob (repeatable)"),
+    include_hidden: bool = typer.Option(False, "--include-hidden", help="Also index hidden files and folders"),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file failed"),
+    json_output: bool = JsonOption,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+) -> None:
+    """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
+    from indexer import index_paths
+
+    lib = open_library(library, model, pretrained, device, create=True)
+    with stop_on_interrupt() as stop, progress_bar("Indexing", enabled=not quiet) as progress:
+        report = index_paths(
+            lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
+            workers=workers, progress=progress, stop=stop,
+        )
+    if json_output:
+        print_json(report.to_json())
+    else:
+        _print_report(report, lib.path)
+    if report.interrupted:
+        err.print("Interrupted: everything committed so far is kept. Run the same command again to resume.")
+        raise typer.Exit(130)
+    if strict and report.failed:
+        raise typer.Exit(1)
+
+
+def _print_report(report, library_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out.print(
+        f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
+        f"{report.unchanged} unchanged, {len(report.failed)} failed ({report.seconds:.1f}s) - library {library_path}"
+    )
+    for failure in report.failed:
+        err.print(f"failed: {failure.path}: {failure.error}", markup=False)

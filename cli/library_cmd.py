@@ -1,0 +1,62 @@
+"""`clipdex stats`, `check` and `export`: the library itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("stats")(stats)
+    app.command("check")(check)
+    app.command("export")(export)
+
+
+@handles_errors
+def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOption) -> None:
+    """Counts of items, images, texts and vectors; the model and the index type."""
+    data = open_library(library).stats()
+    if json_output:
+        print_json(data)
+        return
+    for key in ("library", "items", "images", "texts", "vectors", "model", "weights", "dim", "index_type"):
+        out.print(f"{key:>10}: {data[key]}")
+    if "optimized" in data:
+        out.print(f"{'optimized':>10}: {data['optimized']}")
+
+
+@handles_errors
+def check(
+    library: Optional[Path] = LibraryOption,
+    repair: bool = typer.Option(False, "--repair", help="Rebuild the vector index from the catalog if they disagree"),
+    json_output: bool = JsonOption,
+) -> None:
+    """Verify that catalog, vector index and manifest agree."""
+    report = open_library(library).check(repair=repair)
+    if json_output:
+        print_json(report)
+    else:
+        for problem in report["problems"]:
+            err.print(f"problem: {problem}", markup=False)
+        if report["ok"]:
+            out.print(f"ok: {report['items']} items, catalog and vectors agree")
+        elif report["repaired"]:
+            out.print("repaired: the vector index was rebuilt from the catalog")
+        else:
+            out.print("run `clipdex check --repair` to rebuild the vector index from the catalog")
+    if not report["ok"] and not report["repaired"]:
+        raise typer.Exit(1)
+
+
+@handles_errors
+def export(
+    out_file: Path = typer.Option(..., "--out", "-o", help="The .npz file to write"),
+    library: Optional[Path] = LibraryOption,
+) -> None:
+    """Write ids, kinds, paths, texts and vectors (float32, as stored) to an .npz file."""
+    count = open_library(library).export(out_file)
+    out.print(f"exported {count} items to {out_file}")

@@ -1,0 +1,38 @@
+"""The `clipdex` command: parse, call the library, render."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import common
+
+app = typer.Typer(
+    name="clipdex",
+    help="Search your photos and texts by meaning: a CLIP index on FAISS and SQLite.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors")) -> None:
+    common.DEBUG["enabled"] = debug
+
+
+def _register() -> None:
+    from cli import index_cmd, library_cmd, search_cmd
+
+    for module in (index_cmd, search_cmd, library_cmd):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

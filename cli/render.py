@@ -1,0 +1,78 @@
+"""Rendering hits: a table, JSON, paths, or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.table import Table
+
+from cli.common import out, print_json
+from search.errors import UnreadableImage
+from search.imaging import thumbnail_jpeg
+from search.query import Hit
+
+FORMATS = ("table", "json", "paths", "html")
+
+
+def render_hits(hits: Sequence[Hit], format: str, null: bool = False, html_out: Path | None = None, title: str = "") -> None:
+    if format == "json":
+        print_json([hit.to_json() for hit in hits])
+    elif format == "paths":
+        end = "\0" if null else "\n"
+        sys.stdout.write("".join(f"{hit.path if hit.path is not None else hit.text}{end}" for hit in hits))
+        sys.stdout.flush()
+    elif format == "html":
+        assert html_out is not None
+        html_out.write_text(hits_html(hits, title), encoding="utf-8")
+        out.print(f"wrote {len(hits)} hits to {html_out}")
+    else:
+        _table(hits)
+
+
+def _table(hits: Sequence[Hit]) -> None:
+    if not hits:
+        out.print("no hits")
+        return
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for column in ("rank", "score", "id", "kind", "path / text"):
+        table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, hit.path or hit.text or "")
+    out.print(table)
+
+
+def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str:
+    """One HTML file with the thumbnails embedded as data URIs: it can be mailed or moved."""
+    cards = []
+    for hit in hits:
+        caption = html.escape(hit.path or "")
+        if hit.kind == "image" and hit.path:
+            try:
+                data = base64.b64encode(thumbnail_jpeg(Path(hit.path), thumbnail_size)).decode()
+                visual = f'<img src="data:image/jpeg;base64,{data}" alt="{caption}">'
+            except UnreadableImage as error:
+                visual = f'<div class="missing">{html.escape(error.reason)}</div>'
+        else:
+            visual = f'<blockquote>{html.escape(hit.text or "")}</blockquote>'
+        cards.append(
+            f'<figure>{visual}<figcaption><b>#{hit.rank}</b> score {hit.score:.4f} '
+            f'<span class="id">id {hit.id}</span><br><span class="path">{caption}</span></figcaption></figure>'
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>clipdex: {html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; }}
+main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1rem; }}
+figure {{ margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5rem; }}
+img {{ max-width: 100%; display: block; margin: auto; }}
+figcaption {{ font-size: .85rem; margin-top: .4rem; word-break: break-all; }}
+.missing {{ color: #a00; }} .id {{ color: #666; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1><p>{len(hits)} hits</p><main>
+{chr(10).join(cards)}
+</main></body></html>
+"""

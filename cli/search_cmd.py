@@ -1,0 +1,112 @@
+"""`clipdex search` and `clipdex embed`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, open_library, out, print_json
+from cli.render import FORMATS, render_hits
+from search.errors import ClipdexError, LibraryNotFound
+from search.library import Library
+from search.query import Query
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)
+    app.command("embed")(embed)
+
+
+@handles_errors
+def search(
+    text: Optional[str] = typer.Argument(None, help="What to look for, in words"),
+    image: List[Path] = typer.Option([], "--image", help="An image file as (part of) the query (repeatable)"),
+    like: List[int] = typer.Option([], "--like", help="An indexed item id as (part of) the query (repeatable)"),
+    vector: List[Path] = typer.Option([], "--vector", help="A .npy vector as (part of) the query (repeatable)"),
+    minus: List[str] = typer.Option([], "--minus", help="A text to steer away from (repeatable)"),
+    weight: List[float] = typer.Option(
+        [], "--weight", help="Weights of the terms in order: text, images, likes, vectors, minus texts (default 1 each)"
+    ),
+    kind: str = typer.Option("any", "--kind", help="What to return: image, text or any"),
+    path: Optional[str] = typer.Option(None, "--path", help="Only paths matching this glob (e.g. '*/2024/*')"),
+    after: Optional[str] = typer.Option(None, "--after", help="Captured at or after this date/time (EXIF)"),
+    before: Optional[str] = typer.Option(None, "--before", help="Captured before this date/time (EXIF)"),
+    min_width: Optional[int] = typer.Option(None, "--min-width", min=0, help="Minimum image width in pixels"),
+    min_height: Optional[int] = typer.Option(None, "--min-height", min=0, help="Minimum image height in pixels"),
+    k: int = typer.Option(10, "-k", "--top", min=1, max=10_000, help="How many hits"),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many best hits (paging)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum cosine score"),
+    format: str = typer.Option("table", "--format", "-f", help=f"Output: {', '.join(FORMATS)}"),
+    null: bool = typer.Option(False, "-0", "--null", help="With --format paths: NUL-separated"),
+    html_out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --format html: the file to write"),
+    json_output: bool = JsonOption,
+    library: Optional[Path] = LibraryOption,
+    device: str = DeviceOption,
+) -> None:
+    """Search by text, image, item or vector - or a weighted mix of them."""
+    if json_output:
+        format = "json"
+    if format not in FORMATS:
+        raise ClipdexError(f"--format must be one of {', '.join(FORMATS)}")
+    if format == "html" and html_out is None:
+        raise ClipdexError("--format html needs --out FILE.html")
+    query = Query.build(
+        text=[text] if text else None, image=image, like=like, vector=vector, minus=minus, weights=weight,
+        k=k, offset=offset, threshold=threshold,
+        kind=kind, path=path, after=after, before=before, min_width=min_width, min_height=min_height,
+    )
+    lib = open_library(library, device=device)
+    hits = lib.search(query)
+    render_hits(hits, format, null=null, html_out=html_out, title=_title(text, image, like, minus))
+
+
+def _title(text: Optional[str], image: List[Path], like: List[int], minus: List[str]) -> str:
+    parts = ([repr(text)] if text else []) + [f"image {p}" for p in image] + [f"like #{i}" for i in like]
+    parts += [f"minus {m!r}" for m in minus]
+    return " + ".join(parts) or "search"
+
+
+@handles_errors
+def embed(
+    text: Optional[str] = typer.Option(None, "--text", help="A text to embed"),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image file to embed"),
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    library: Optional[Path] = LibraryOption,
+    device: str = DeviceOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Print the normalized vector of a text or an image (the library's model unless --model is given)."""
+    if (text is None) == (image is None):
+        raise ClipdexError("give exactly one of --text or --image")
+    encoder = _encoder_for(library, model, pretrained, device)
+    if text is not None:
+        vector = encoder.encode_texts([text])[0]
+    else:
+        from search.imaging import decode_image
+
+        vector = encoder.encode_images([decode_image(image).image])[0]  # type: ignore[arg-type]
+    if json_output:
+        print_json({"model": encoder.spec.name, "weights": encoder.spec.weights, "dim": int(vector.shape[0]),
+                    "vector": [float(x) for x in vector]})
+    else:
+        out.print(" ".join(f"{x:.7g}" for x in vector))
+
+
+def _encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str):  # type: ignore[no-untyped-def]
+    from search.encoder import Encoder
+    from cli.common import model_spec
+
+    if model is None and pretrained is None:
+        try:
+            return Library.open(library, device=device).encoder
+        except LibraryNotFound:
+            pass
+    if model is not None and pretrained is None:
+        raise ClipdexError(f"--model {model} needs --pretrained (a tag, a checkpoint file, or 'none')")
+    spec = model_spec(model, pretrained)
+    from search.model import ModelSpec
+
+    return Encoder((spec or ModelSpec()).resolve(), device)

@@ -1,0 +1,309 @@
+"""The indexing pipeline: scan, diff against the catalog, decode in parallel, embed, commit.
+
+A run commits one batch at a time; SQLite commits are the unit of durability, so a
+killed run loses at most the batch in flight and a re-run picks up where it stopped.
+Nothing here loads the model (or imports torch) unless some file must be embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from indexer.scan import ScannedFile, scan
+from search.catalog import FileRecord, NewItem
+from search.errors import ClipdexError, UnreadableImage
+from search.imaging import decode_image
+from search.library import Library
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Failure:
+    path: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "error": self.error}
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    model_loaded: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "moved": self.moved,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "failed": [failure.to_json() for failure in self.failed],
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class _Job:
+    """A file that needs work: new (`record` None) or changed (`record` its old row)."""
+
+    file: ScannedFile
+    record: FileRecord | None
+
+
+@dataclass
+class _Prepared:
+    job: _Job
+    content_hash: str | None = None
+    tensor: Any = None  # preprocessed image tensor, when it had to be decoded
+    metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_id: int | None = None  # an item with the same bytes: its vector is reused
+    error: str | None = None
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2)))
+
+
+def index_paths(
+    library: Library,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    exclude: Sequence[str] = (),
+    include_hidden: bool = False,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
+) -> IndexReport:
+    """Index the images under `paths` into `library`; see IndexReport for what it reports.
+
+    `stop`: when set (by a Ctrl-C handler, say), the run ends after the current batch.
+    """
+    started = time.monotonic()
+    report = IndexReport()
+    result = scan(paths, exclude=exclude, include_hidden=include_hidden)
+    report.failed += [Failure(path, reason) for path, reason in result.errors]
+    known = library.catalog.files_under(result.roots)
+    for scanned in result.files:  # single files given directly are known by exact path
+        if scanned.path not in known:
+            record = library.catalog.files_under([os.path.dirname(scanned.path)]).get(scanned.path)
+            if record is not None:
+                known[scanned.path] = record
+
+    jobs: list[_Job] = []
+    for scanned in result.files:
+        record = known.get(scanned.path)
+        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns:
+            report.unchanged += 1
+        else:
+            jobs.append(_Job(scanned, record))
+    seen = {scanned.path for scanned in result.files}
+    kept = {path for path, _ in result.errors}
+    vanished = {
+        path: record
+        for path, record in known.items()
+        if path not in seen and path not in kept and not _inside_any(path, result.unreadable_dirs)
+    }
+
+    with library.writer() as writer:
+        if jobs:
+            _run_jobs(library, writer, jobs, vanished, report, batch_size, workers or default_workers(), progress, stop)
+        if not report.interrupted and vanished:
+            writer.commit(remove_ids=[record.id for record in vanished.values()])
+            report.removed = len(vanished)
+    report.model_loaded = library._encoder is not None and library._encoder.loaded
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _inside_any(path: str, directories: Iterable[str]) -> bool:
+    return any(path.startswith(directory.rstrip(os.sep) + os.sep) for directory in directories)
+
+
+def _run_jobs(
+    library: Library,
+    writer: Any,
+    jobs: list[_Job],
+    vanished: dict[str, FileRecord],
+    report: IndexReport,
+    batch_size: int,
+    workers: int,
+    progress: ProgressCallback | None,
+    stop: threading.Event | None,
+) -> None:
+    hashes = {record.content_hash: record.id for record in vanished.values() if record.content_hash}
+    vanished_by_id = {record.id: path for path, record in vanished.items()}
+    known_hashes = _HashLookup(library, hashes)
+    batch: list[_Prepared] = []
+    done = 0
+    for prepared in _prepare_all(library, jobs, known_hashes, workers):
+        done += 1
+        if prepared.error is not None:
+            report.failed.append(Failure(prepared.job.file.path, prepared.error))
+        else:
+            batch.append(prepared)
+        if len(batch) >= batch_size:
+            _commit(library, writer, batch, vanished, vanished_by_id, report)
+            batch = []
+            if stop is not None and stop.is_set():
+                report.interrupted = True
+                break
+        if progress:
+            progress(done, len(jobs))
+    if batch:
+        _commit(library, writer, batch, vanished, vanished_by_id, report)
+    if progress:
+        progress(done, len(jobs))
+
+
+class _HashLookup:
+    """Which stored item has given bytes: vanished files first (moves), then any (copies)."""
+
+    def __init__(self, library: Library, vanished_hashes: dict[str, int]) -> None:
+        self.library = library
+        self.vanished = vanished_hashes
+        self.lock = threading.Lock()
+
+    def find(self, content_hash: str) -> int | None:
+        if content_hash in self.vanished:
+            return self.vanished[content_hash]
+        with self.lock:
+            found = self.library.catalog.find_by_hash([content_hash])
+        item = found.get(content_hash)
+        return item.id if item is not None else None
+
+
+def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, workers: int) -> Iterator[_Prepared]:
+    """Read, hash and (when no stored vector fits) decode files in parallel, in order.
+
+    At most `4 * workers` files are in flight, so memory does not grow with the corpus.
+    """
+    encoder = library.encoder
+    window = 4 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipdex-decode") as pool:
+        pending: deque[Future[_Prepared]] = deque()
+        job_iter = iter(jobs)
+        try:
+            for job in job_iter:
+                pending.append(pool.submit(_prepare, job, encoder, hashes))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
+    path = job.file.path
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return _Prepared(job, error="file vanished before it could be read")
+    except OSError as error:
+        return _Prepared(job, error=f"cannot read: {error.strerror or error}")
+    content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
+    prepared = _Prepared(job, content_hash=content_hash)
+    if job.record is not None and job.record.content_hash == content_hash:
+        prepared.reuse_id = job.record.id  # touched, not changed
+        return prepared
+    reuse = hashes.find(content_hash)
+    if reuse is not None:
+        prepared.reuse_id = reuse
+        return prepared
+    if not data:
+        prepared.error = "empty file (0 bytes)"
+        return prepared
+    try:
+        preprocess = encoder.preprocess
+        decoded = decode_image(data, draft_size=2 * encoder.image_size, name=path)
+        prepared.tensor = preprocess(decoded.image)
+    except UnreadableImage as error:
+        prepared.error = error.reason
+        return prepared
+    except ClipdexError:  # the model cannot load: that ends the run, it is no file's fault
+        raise
+    except Exception as error:  # a decoder bug must not end the run: report the file
+        prepared.error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return prepared
+    prepared.metadata = {
+        "width": decoded.width,
+        "height": decoded.height,
+        "taken_at": decoded.taken_at,
+        "camera_make": decoded.camera_make,
+        "camera_model": decoded.camera_model,
+    }
+    return prepared
+
+
+def _commit(
+    library: Library,
+    writer: Any,
+    batch: list[_Prepared],
+    vanished: dict[str, FileRecord],
+    vanished_by_id: dict[int, str],
+    report: IndexReport,
+) -> None:
+    to_embed = [prepared for prepared in batch if prepared.tensor is not None]
+    vectors: dict[int, np.ndarray] = {}
+    if to_embed:
+        import torch
+
+        encoded = library.encoder.encode_tensors(torch.stack([prepared.tensor for prepared in to_embed]))
+        vectors = {id(prepared): vector for prepared, vector in zip(to_embed, encoded)}
+    reused = [prepared.reuse_id for prepared in batch if prepared.reuse_id is not None]
+    stored = library.catalog.get_items(reused) if reused else {}
+
+    items: list[NewItem] = []
+    moves: list[tuple[int, dict[str, Any]]] = []
+    counts = {"added": 0, "updated": 0, "moved": 0}
+    for prepared in batch:
+        job = prepared.job
+        file_columns = {"path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns, "content_hash": prepared.content_hash}
+        source_id = prepared.reuse_id
+        if source_id is not None and source_id in vanished_by_id and job.record is None:
+            moves.append((source_id, file_columns))  # same bytes at a new path: keep id and vector
+            vanished.pop(vanished_by_id.pop(source_id), None)
+            counts["moved"] += 1
+            continue
+        if source_id is not None and job.record is not None and source_id == job.record.id:
+            moves.append((source_id, file_columns))  # touched: only size/mtime changed
+            counts["updated"] += 1
+            continue
+        if source_id is not None:
+            source = stored.get(source_id)
+            if source is None:  # the item went away meanwhile: nothing to reuse
+                report.failed.append(Failure(job.file.path, "its duplicate vanished mid-run; run index again"))
+                continue
+            metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
+            vector = source.vector_array().copy()
+        else:
+            metadata = prepared.metadata
+            vector = vectors[id(prepared)]
+        items.append(NewItem(kind="image", vector=vector, id=job.record.id if job.record else None, **file_columns, **metadata))
+        counts["updated" if job.record else "added"] += 1
+    writer.commit(items=items, moves=moves)
+    report.added += counts["added"]
+    report.updated += counts["updated"]
+    report.moved += counts["moved"]

@@ -1,0 +1,122 @@
+"""Walking photo folders: which image files are there, skipping what the user excluded."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from search.errors import ClipdexError
+from search.imaging import IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class ScannedFile:
+    path: str  # absolute, normalized (symlinks kept as the user sees them)
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ScanResult:
+    roots: list[str]  # directories whose indexed contents this scan speaks for
+    files: list[ScannedFile] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # directories that could not be read: their indexed items must not be taken as deleted
+    unreadable_dirs: list[str] = field(default_factory=list)
+
+
+def normalize(path: str | os.PathLike[str]) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def scan(paths: Sequence[str | os.PathLike[str]], exclude: Sequence[str] = (), include_hidden: bool = False) -> ScanResult:
+    """Find the image files under `paths` (directories, recursively, or single files)."""
+    normalized = [normalize(path) for path in paths]
+    for path in normalized:
+        if not os.path.exists(path):
+            raise ClipdexError(f"{path} does not exist")
+    result = ScanResult(roots=[path for path in normalized if os.path.isdir(path)])
+    seen: set[str] = set()
+    for path in normalized:
+        if os.path.isdir(path):
+            _walk(path, exclude, include_hidden, result, seen)
+        else:
+            _add_file(path, result, seen, explicit=True)
+    return result
+
+
+def is_excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
+    """A glob matches the name, the path relative to the root, or the absolute path."""
+    if not patterns:
+        return False
+    name = os.path.basename(path)
+    relative = os.path.relpath(path, root)
+    return any(
+        fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(path, pattern)
+        for pattern in patterns
+    )
+
+
+def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanResult, seen: set[str]) -> None:
+    visited: set[tuple[int, int]] = set()  # (device, inode) of directories: symlink loops end here
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            info = os.stat(directory)
+        except OSError as error:
+            _unreadable(directory, error, result)
+            continue
+        if (info.st_dev, info.st_ino) in visited:
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        try:
+            with os.scandir(directory) as entries:
+                children = sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            _unreadable(directory, error, result)
+            continue
+        subdirectories = []
+        for entry in children:
+            if not include_hidden and entry.name.startswith("."):
+                continue
+            if is_excluded(entry.path, root, exclude):
+                continue
+            try:
+                is_directory = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_directory = False
+            if is_directory:
+                subdirectories.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                _add_file(entry.path, result, seen)
+        stack.extend(reversed(subdirectories))
+
+
+def _add_file(path: str, result: ScanResult, seen: set[str], explicit: bool = False) -> None:
+    if path in seen:
+        return
+    if explicit and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+        result.errors.append((path, f"not a supported image type ({Path(path).suffix or 'no extension'})"))
+        return
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        result.errors.append((path, "broken symbolic link or file vanished during the scan"))
+        return
+    except OSError as error:
+        result.errors.append((path, error.strerror or str(error)))
+        return
+    if not os.access(path, os.R_OK):
+        result.errors.append((path, "permission denied"))
+        return
+    seen.add(path)
+    result.files.append(ScannedFile(path, info.st_size, info.st_mtime_ns))
+
+
+def _unreadable(directory: str, error: OSError, result: ScanResult) -> None:
+    result.errors.append((directory, f"folder not readable: {error.strerror or error}"))
+    result.unreadable_dirs.append(directory)

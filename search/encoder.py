@@ -1,0 +1,195 @@
+"""The open_clip encoder: loaded lazily, on first use, and only when something must be embedded.
+
+Importing this module is cheap; torch and open_clip are imported inside `Encoder.load`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from search.errors import ModelUnavailable
+from search.model import ResolvedModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Encoder:
+    """Turns images and texts into normalized float32 vectors of one CLIP space."""
+
+    def __init__(self, model: ResolvedModel, device: str = "auto", threads: int | None = None) -> None:
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        self.spec = model
+        self.requested_device = device
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._preprocess: Any = None
+        self._tokenizer: Any = None
+        self._dim = 0
+        self.device = "cpu"
+        self.dtype_name = "fp32"
+
+    # -- loading -----------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> "Encoder":
+        with self._lock:
+            if self._model is None:
+                self._load()
+        return self
+
+    def _load(self) -> None:
+        import torch
+
+        import open_clip
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        device = self.requested_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ModelUnavailable("--device cuda was asked for, but torch sees no CUDA device")
+        precision = "fp16" if device == "cuda" else "fp32"
+        spec = self.spec
+        if spec.config is not None:
+            _register_config(spec)
+        pretrained = spec.checkpoint or spec.pretrained
+        if spec.checkpoint and not os.path.isfile(spec.checkpoint):
+            raise ModelUnavailable(f"checkpoint file {spec.checkpoint} of model {spec.name} is missing")
+        if spec.checkpoint and spec.checkpoint_size is not None:
+            if os.path.getsize(spec.checkpoint) != spec.checkpoint_size:
+                raise ModelUnavailable(
+                    f"checkpoint file {spec.checkpoint} changed since the library was made "
+                    f"(size differs); the library needs the original weights"
+                )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device=device, precision=precision
+            )
+        except RuntimeError as error:
+            message = str(error)
+            if spec.pretrained and ("download" in message.lower() or "tag" in message.lower()):
+                raise ModelUnavailable(
+                    f"cannot fetch the weights of model {spec.name} (pretrained tag "
+                    f"{spec.pretrained!r}): {message.splitlines()[0][:300]}. open_clip downloads "
+                    "them from the model hub on first use; without network access, pass a local "
+                    "checkpoint file with --pretrained FILE (and the architecture with --model)"
+                ) from error
+            raise ModelUnavailable(f"cannot load model {spec.name}: {message[:500]}") from error
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelUnavailable(f"cannot load model {spec.describe()}: {error}") from error
+        model.eval()
+        self._tokenizer = open_clip.get_tokenizer(spec.name)
+        self._dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
+        self._preprocess = preprocess
+        self.device = device
+        self.dtype_name = precision
+        self._model = model
+
+    # -- properties of the loaded model --------------------------------------------
+
+    @property
+    def model(self) -> Any:
+        return self.load()._model
+
+    @property
+    def preprocess(self) -> Any:
+        """open_clip's own inference transform (resize, center crop, to tensor, normalize)."""
+        return self.load()._preprocess
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def dim(self) -> int:
+        self.load()
+        return self._dim
+
+    @property
+    def context_length(self) -> int:
+        self.load()
+        return int(getattr(self._tokenizer, "context_length", 77))
+
+    # -- encoding ----------------------------------------------------------------
+
+    def encode_tensors(self, batch: "torch.Tensor") -> np.ndarray:
+        """Encode preprocessed image tensors (N, 3, H, W)."""
+        import torch
+
+        model = self.model
+        with torch.inference_mode():
+            batch = batch.to(self.device, dtype=next(model.parameters()).dtype)
+            features = model.encode_image(batch, normalize=True)
+        return _normalized_numpy(features)
+
+    def encode_images(self, images: Sequence["Image.Image"]) -> np.ndarray:
+        import torch
+
+        preprocess = self.preprocess
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_tensors(torch.stack([preprocess(image) for image in images]))
+
+    def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
+        self.load()
+        return self._tokenizer(list(texts))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        model = self.model
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start : start + batch_size]).to(self.device)
+            with torch.inference_mode():
+                parts.append(_normalized_numpy(model.encode_text(tokens, normalize=True)))
+        if not parts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(parts)
+
+    def count_tokens(self, text: str) -> int:
+        """How many BPE tokens `text` takes, start and end tokens included."""
+        self.load()
+        encode = getattr(self._tokenizer, "encode", None)
+        if encode is None:
+            return 0
+        return len(encode(text)) + 2
+
+
+def _normalized_numpy(features: "torch.Tensor") -> np.ndarray:
+    array = features.float().cpu().numpy().astype(np.float32, copy=False)
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return array / np.maximum(norms, 1e-12)
+
+
+_registered: dict[str, dict[str, Any]] = {}
+
+
+def _register_config(spec: ResolvedModel) -> None:
+    """Make a model-config JSON known to open_clip under its file's stem."""
+    import open_clip
+
+    if _registered.get(spec.name) == spec.config:
+        return
+    if spec.config_path and os.path.isfile(spec.config_path):
+        open_clip.add_model_config(spec.config_path)
+    else:  # the JSON moved: the manifest holds a copy of the config
+        from open_clip import factory
+
+        factory._MODEL_CONFIGS[spec.name] = dict(spec.config or {})
+    _registered[spec.name] = dict(spec.config or {})

@@ -1,0 +1,175 @@
+"""Decoding images safely into RGB, the way the model expects them.
+
+Every failure becomes `UnreadableImage(path, reason)` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from search.errors import UnreadableImage
+
+try:  # HEIC/HEIF through pillow-heif; AVIF is Pillow's own (>= 11.3)
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
+    pillow_heif = None
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+# Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
+MAX_IMAGE_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+EXIF_DATETIME_ORIGINAL = 0x9003
+EXIF_DATETIME = 0x0132
+EXIF_MAKE = 0x010F
+EXIF_MODEL = 0x0110
+EXIF_IFD = 0x8769
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    width: int  # of the original, after orientation
+    height: int
+    taken_at: datetime | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def decode_image(source: str | Path | bytes, draft_size: int | None = None, name: str | None = None) -> DecodedImage:
+    """Decode an image file (or its bytes) into RGB with EXIF orientation applied.
+
+    `draft_size`: for JPEGs, let the decoder scale down by a power of two while both
+    sides stay at least this large (the model then resizes with its own transform).
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "image")
+    if isinstance(source, bytes):
+        if not source:
+            raise UnreadableImage(label, "empty file (0 bytes)")
+        handle: BinaryIO | str | Path = io.BytesIO(source)
+    else:
+        handle = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as opened:
+                return _decode_opened(opened, draft_size)
+    except UnreadableImage:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImage(label, "file vanished before it could be read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(label, f"refused as a decompression bomb ({_first_line(error)})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(label, "not an image Pillow can identify (wrong extension or unsupported format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
+        reason = _first_line(error) or type(error).__name__
+        if "truncated" in reason.lower() or isinstance(error, EOFError):
+            reason = f"truncated or corrupt image data ({reason})"
+        raise UnreadableImage(label, reason) from None
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _decode_opened(opened: Image.Image, draft_size: int | None) -> DecodedImage:
+    width, height = opened.size  # full resolution, before any draft reduction
+    if width * height == 0:
+        raise UnreadableImage(getattr(opened, "filename", "image") or "image", "image has no pixels")
+    exif = opened.getexif()
+    if exif.get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    if getattr(opened, "n_frames", 1) > 1:
+        opened.seek(0)
+    if draft_size and opened.format == "JPEG":
+        opened.draft("RGB", (draft_size, draft_size))
+    opened.load()
+    oriented = ImageOps.exif_transpose(opened) or opened
+    return DecodedImage(
+        image=to_rgb(oriented),
+        width=width,
+        height=height,
+        taken_at=_exif_datetime(exif),
+        camera_make=_exif_text(exif, EXIF_MAKE),
+        camera_model=_exif_text(exif, EXIF_MODEL),
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode != "I" or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low or 1.0) * 255.0
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode == "P":
+        return image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _exif_datetime(exif: Image.Exif) -> datetime | None:
+    raw = None
+    try:
+        raw = exif.get_ifd(EXIF_IFD).get(EXIF_DATETIME_ORIGINAL) or exif.get(EXIF_DATETIME)
+    except (KeyError, ValueError, TypeError, OSError):
+        raw = exif.get(EXIF_DATETIME)
+    if not raw:
+        return None
+    try:
+        return datetime.strptime(str(raw).strip("\x00 ").strip(), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def _exif_text(exif: Image.Exif, tag: int) -> str | None:
+    value = exif.get(tag)
+    if value is None:
+        return None
+    text = str(value).strip("\x00 ").strip()
+    return text or None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def thumbnail_jpeg(source: str | Path | bytes, size: int = 256, quality: int = 85) -> bytes:
+    """A JPEG thumbnail whose longer side is at most `size` pixels."""
+    decoded = decode_image(source, draft_size=size)
+    image = decoded.image.copy()
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()

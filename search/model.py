@@ -1,0 +1,145 @@
+"""Which open_clip model a library uses, and how it is recorded in the manifest.
+
+Nothing here imports torch or open_clip: a model is only loaded by `search.encoder`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.errors import ModelMismatch, ModelUnavailable
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+# `--pretrained none` builds the architecture with random weights: only for speed tests.
+RANDOM_WEIGHTS = "none"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as a user names it.
+
+    `name` is an open_clip model name (`ViT-B-32`) or the path of a model-config JSON
+    file in open_clip's `model_configs/*.json` format. `pretrained` is an open_clip
+    pretrained tag, the path of a local checkpoint file, or `none` for random weights.
+    """
+
+    name: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+
+    def resolve(self) -> "ResolvedModel":
+        config: dict[str, Any] | None = None
+        config_path: str | None = None
+        model_name = self.name
+        if self.name.endswith(".json") or Path(self.name).is_file():
+            path = Path(self.name).expanduser()
+            if not path.is_file():
+                raise ModelUnavailable(f"model config file {path} does not exist")
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise ModelUnavailable(f"model config file {path} is not valid JSON: {error}") from error
+            if not all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+                raise ModelUnavailable(
+                    f"model config file {path} lacks embed_dim, vision_cfg or text_cfg "
+                    "(use the format of open_clip's model_configs/*.json)"
+                )
+            model_name = path.stem
+            config_path = str(path.resolve())
+
+        checkpoint: str | None = None
+        checkpoint_sha256: str | None = None
+        checkpoint_size: int | None = None
+        tag: str | None = self.pretrained
+        if self.pretrained.lower() == RANDOM_WEIGHTS:
+            tag = None
+        elif _looks_like_file(self.pretrained):
+            path = Path(self.pretrained).expanduser()
+            if not path.is_file():
+                raise ModelUnavailable(f"checkpoint file {path} does not exist")
+            checkpoint = str(path.resolve())
+            checkpoint_sha256 = file_sha256(path)
+            checkpoint_size = path.stat().st_size
+            tag = None
+        return ResolvedModel(
+            name=model_name,
+            config=config,
+            config_path=config_path,
+            pretrained=tag,
+            checkpoint=checkpoint,
+            checkpoint_sha256=checkpoint_sha256,
+            checkpoint_size=checkpoint_size,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model pinned down exactly: what the manifest records and the encoder loads."""
+
+    name: str
+    config: dict[str, Any] | None = None
+    config_path: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    checkpoint_size: int | None = None
+
+    @property
+    def weights(self) -> str:
+        """A short human description of where the weights come from."""
+        if self.checkpoint:
+            return f"checkpoint {self.checkpoint}"
+        if self.pretrained:
+            return f"pretrained tag {self.pretrained}"
+        return "random weights"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.weights})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": self.config,
+            "config_path": self.config_path,
+            "pretrained": self.pretrained,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "checkpoint_size": self.checkpoint_size,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ResolvedModel":
+        return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+
+    def same_model(self, other: "ResolvedModel") -> bool:
+        """True when both would produce the same vectors."""
+        if self.name != other.name or (self.config or None) != (other.config or None):
+            return False
+        if self.checkpoint_sha256 or other.checkpoint_sha256:
+            return self.checkpoint_sha256 == other.checkpoint_sha256
+        return self.pretrained == other.pretrained
+
+    def check_compatible(self, requested: "ResolvedModel", library: object) -> None:
+        if not self.same_model(requested):
+            raise ModelMismatch(
+                f"library {library} was built with model {self.describe()}, "
+                f"not {requested.describe()}; drop --model/--pretrained to use the library's "
+                "own model, or choose another --library"
+            )
+
+
+def _looks_like_file(value: str) -> bool:
+    return value.endswith(CHECKPOINT_SUFFIXES) or "/" in value or "\\" in value or Path(value).is_file()
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,169 @@
+"""Queries: weighted, signed terms and the filters applied inside the search."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from search.errors import InvalidQuery
+
+TermKind = Literal["text", "image", "like", "vector"]
+KIND_CHOICES = ("image", "text", "any")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a query. Its normalized embedding is added with `weight` (negative subtracts)."""
+
+    kind: TermKind
+    value: Any  # text, image path or bytes, item id, or a vector / .npy path
+    weight: float = 1.0
+
+
+@dataclass
+class Filters:
+    """Constraints applied inside the search: the k hits are the best among the matches."""
+
+    kind: str = "any"  # image | text | any
+    path: str | None = None  # glob over image paths (and text corpus files), SQLite GLOB syntax
+    after: datetime | None = None  # capture time >= after (EXIF; items without one are left out)
+    before: datetime | None = None  # capture time < before
+    min_width: int | None = None
+    min_height: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KIND_CHOICES:
+            raise InvalidQuery(f"kind must be one of {', '.join(KIND_CHOICES)}, not {self.kind!r}")
+        self.after = parse_time(self.after, "after")
+        self.before = parse_time(self.before, "before")
+        if self.after and self.before and self.after >= self.before:
+            raise InvalidQuery(f"--after {self.after.isoformat()} is not before --before {self.before.isoformat()}")
+        for name in ("min_width", "min_height"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidQuery(f"{name} must not be negative")
+
+    @property
+    def narrows_items(self) -> bool:
+        """True when something beyond the kind restricts the candidates."""
+        return any(value is not None for value in (self.path, self.after, self.before, self.min_width, self.min_height))
+
+
+@dataclass
+class Query:
+    terms: list[Term] = field(default_factory=list)
+    filters: Filters = field(default_factory=Filters)
+    k: int = 10
+    offset: int = 0
+    threshold: float | None = None  # minimum cosine
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise InvalidQuery("a query needs at least one term: a text, an image, --like ID or --vector FILE")
+        if not 1 <= self.k <= 10_000:
+            raise InvalidQuery(f"k must be between 1 and 10000, not {self.k}")
+        if self.offset < 0:
+            raise InvalidQuery(f"offset must not be negative, not {self.offset}")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise InvalidQuery(f"threshold is a cosine between -1 and 1, not {self.threshold}")
+        if all(term.weight == 0 for term in self.terms):
+            raise InvalidQuery("every query term has weight 0")
+
+    @classmethod
+    def build(
+        cls,
+        text: str | Sequence[str] | None = None,
+        image: str | Path | bytes | Sequence[str | Path | bytes] | None = None,
+        like: int | Sequence[int] | None = None,
+        vector: Any = None,
+        minus: str | Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+        k: int = 10,
+        offset: int = 0,
+        threshold: float | None = None,
+        **filters: Any,
+    ) -> "Query":
+        """Terms in a fixed order - texts, images, likes, vectors, then minus texts - each
+        taking the next of `weights` (default 1). Minus terms are subtracted."""
+        terms: list[tuple[TermKind, Any, int]] = []
+        terms += [("text", value, 1) for value in _as_list(text)]
+        terms += [("image", value, 1) for value in _as_list(image)]
+        terms += [("like", int(value), 1) for value in _as_list(like)]
+        terms += [("vector", value, 1) for value in _as_vector_list(vector)]
+        terms += [("text", value, -1) for value in _as_list(minus)]
+        weights = list(weights or [])
+        if len(weights) > len(terms):
+            raise InvalidQuery(f"{len(weights)} weights given for {len(terms)} query terms")
+        weights += [1.0] * (len(terms) - len(weights))
+        built = [Term(kind, value, sign * abs(float(w)) if sign < 0 else float(w)) for (kind, value, sign), w in zip(terms, weights)]
+        return cls(terms=built, filters=Filters(**filters), k=k, offset=offset, threshold=threshold)
+
+
+def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """q = normalize(sum_i w_i * e_i / |e_i|): the README's formula."""
+    total = np.zeros_like(np.asarray(vectors[0], dtype=np.float32))
+    for vector, weight in zip(vectors, weights):
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        norm = float(np.linalg.norm(vector))
+        if norm == 0:
+            raise InvalidQuery("a query vector is all zeros")
+        total = total + weight * vector / norm
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise InvalidQuery("the query terms cancel each other out (their weighted sum is zero)")
+    return (total / norm).astype(np.float32)
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    rank: int
+    score: float  # cosine similarity to the query vector
+    id: int
+    kind: str  # "image" | "text"
+    path: str | None = None  # images
+    text: str | None = None  # texts
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "kind": self.kind}
+        if self.path is not None:
+            data["path"] = self.path
+        if self.text is not None:
+            data["text"] = self.text
+        data["metadata"] = self.metadata
+        return data
+
+
+def parse_time(value: Any, name: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day)
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidQuery(f"--{name} wants a date or time like 2024-07-31 or 2024-07-31T18:30, not {value!r}") from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, Path, int)):
+        return [value]
+    return list(value)
+
+
+def _as_vector_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return [value] if value.ndim == 1 else list(value)
+    return _as_list(value)
