@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny open_clip model with random weights saved to a checkpoint (the
+real loading path), small images, and a default library pointed at a temp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from search.library import Library
+from search.model import ModelSpec
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPDEX_LIBRARY", str(tmp_path / "default-library"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never wait on a model hub in tests
+    monkeypatch.delenv("CLIPDEX_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """A 32-dim open_clip model with seeded random weights, as config JSON + checkpoint."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    config = folder / "tiny-clip.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip", pretrained=None)
+    checkpoint = folder / "tiny-clip.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return ModelSpec(str(config), str(checkpoint))
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB", format: str | None = None) -> Path:
+    """A random-noise image with blocks of colour, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, format=format)
+    return path
+
+
+@pytest.fixture
+def make_images() -> Callable[..., list[Path]]:
+    def make(folder: Path, count: int, start: int = 0, suffix: str = ".jpg") -> list[Path]:
+        return [write_image(folder / f"img{start + i:03d}{suffix}", seed=start + i) for i in range(count)]
+
+    return make
+
+
+@pytest.fixture
+def library(tmp_path: Path, tiny_model: ModelSpec) -> Library:
+    lib = Library.open(tmp_path / "library", model=tiny_model, create=True, device="cpu")
+    yield lib
+    lib.close()
+
+
+@pytest.fixture
+def model_args(tiny_model: ModelSpec) -> list[str]:
+    """CLI options selecting the tiny model."""
+    return ["--model", tiny_model.name, "--pretrained", tiny_model.pretrained]
