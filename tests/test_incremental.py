@@ -1,0 +1,141 @@
+"""Incremental indexing: unchanged, updated, moved, copied, removed; roots, exclusions, hidden files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import indexer.pipeline as pipeline
+from indexer import index_paths
+from indexer.scan import scan
+from search.library import Library
+from tests.conftest import write_image
+
+
+def test_second_run_decodes_and_embeds_nothing(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
+    make_images(tmp_path / "pics", 5)
+    index_paths(library, [tmp_path / "pics"])
+    fresh = Library.open(library.path)
+    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: pytest.fail("decoded on a no-op run"))
+    report = index_paths(fresh, [tmp_path / "pics"])
+    assert (report.unchanged, report.added, report.updated, report.removed) == (5, 0, 0, 0)
+    assert not report.model_loaded
+
+
+def test_changed_file_is_reembedded(library: Library, tmp_path: Path, make_images) -> None:
+    paths = make_images(tmp_path / "pics", 3)
+    index_paths(library, [tmp_path / "pics"])
+    old_id = library.search(image=paths[0], k=1)[0].id
+    write_image(paths[0], seed=1000)
+    report = index_paths(library, [tmp_path / "pics"])
+    assert (report.updated, report.unchanged) == (1, 2)
+    hit = library.search(image=paths[0], k=1)[0]
+    assert hit.id == old_id and hit.path == str(paths[0]) and hit.score == pytest.approx(1.0, abs=1e-4)
+    assert library.vectors.ntotal == 3
+
+
+def test_touched_file_keeps_vector_without_decoding(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
+    paths = make_images(tmp_path / "pics", 2)
+    index_paths(library, [tmp_path / "pics"])
+    os.utime(paths[0], ns=(1, 1_000_000_000))
+    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: pytest.fail("decoded an unchanged file"))
+    report = index_paths(library, [tmp_path / "pics"])
+    assert (report.updated, report.unchanged) == (1, 1)
+    assert index_paths(library, [tmp_path / "pics"]).unchanged == 2
+
+
+def test_deleted_files_are_purged(library: Library, tmp_path: Path, make_images) -> None:
+    paths = make_images(tmp_path / "pics", 4)
+    index_paths(library, [tmp_path / "pics"])
+    gone = library.search(image=paths[1], k=1)[0].id
+    paths[1].unlink()
+    report = index_paths(library, [tmp_path / "pics"])
+    assert report.removed == 1
+    assert library.catalog.get_item(gone) is None
+    assert gone not in library.vectors.ids()
+    assert gone not in [hit.id for hit in library.search(text="anything", k=10)]
+    assert Library.open(library.path).check()["ok"]
+
+
+def test_moved_and_copied_files_reuse_vectors(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
+    paths = make_images(tmp_path / "pics", 3)
+    index_paths(library, [tmp_path / "pics"])
+    original = library.search(image=paths[0], k=1)[0]
+    (tmp_path / "pics" / "renamed").mkdir()
+    moved = tmp_path / "pics" / "renamed" / "holiday.jpg"
+    shutil.move(paths[0], moved)
+    copy = tmp_path / "pics" / "copy.jpg"
+    shutil.copy(paths[1], copy)
+    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: pytest.fail("decoded a known file"))
+    report = index_paths(library, [tmp_path / "pics"])
+    assert (report.moved, report.added, report.removed, report.unchanged) == (1, 1, 0, 2)
+    item = library.catalog.get_item(original.id)
+    assert item.path == str(moved)
+    stored = {hit.path: hit.id for hit in library.search(like=[original.id], k=10)}
+    assert set(stored) == {str(moved), str(paths[1]), str(paths[2]), str(copy)}
+    assert library.vectors.ntotal == 4
+
+
+def test_roots_do_not_remove_each_other(library: Library, tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "a", 2)
+    make_images(tmp_path / "b", 3, start=10)
+    index_paths(library, [tmp_path / "a"])
+    index_paths(library, [tmp_path / "b"])
+    report = index_paths(library, [tmp_path / "a"])
+    assert (report.unchanged, report.removed) == (2, 0)
+    assert library.stats()["images"] == 5
+    # a root that is a prefix of another's name is still another root
+    make_images(tmp_path / "a2", 1, start=20)
+    index_paths(library, [tmp_path / "a2"])
+    assert index_paths(library, [tmp_path / "a"]).removed == 0
+    assert library.stats()["images"] == 6
+
+
+def test_exclude_and_hidden(library: Library, tmp_path: Path, make_images) -> None:
+    root = tmp_path / "pics"
+    make_images(root, 2)
+    make_images(root / "raw", 2, start=10)
+    make_images(root / ".thumbnails", 2, start=20)
+    write_image(root / ".hidden.jpg", seed=30)
+    report = index_paths(library, [root], exclude=["raw"])
+    assert report.added == 2
+    report = index_paths(library, [root], exclude=["raw"], include_hidden=True)
+    assert report.added == 3
+    report = index_paths(library, [root], exclude=["*.jpg"])
+    assert report.removed == 5 and library.stats()["images"] == 0
+
+
+def test_symlink_loop_terminates(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics" / "sub", 2)
+    os.symlink(tmp_path / "pics", tmp_path / "pics" / "sub" / "loop")
+    result = scan([tmp_path / "pics"])
+    assert sorted(Path(f.path).name for f in result.files) == ["img000.jpg", "img001.jpg"]
+
+
+def test_unreadable_folder_is_reported_and_its_items_kept(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
+    make_images(tmp_path / "pics" / "locked", 2)
+    make_images(tmp_path / "pics", 1, start=5)
+    index_paths(library, [tmp_path / "pics"])
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = index_paths(library, [tmp_path / "pics"])
+    assert report.removed == 0 and report.unchanged == 1
+    assert [Path(f.path).name for f in report.failed] == ["locked"]
+    assert "Permission denied" in report.failed[0].error
+    assert library.stats()["images"] == 3
+
+
+def test_missing_root_is_an_error(library: Library, tmp_path: Path) -> None:
+    from search.errors import ClipdexError
+
+    with pytest.raises(ClipdexError, match="does not exist"):
+        index_paths(library, [tmp_path / "nope"])
