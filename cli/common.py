@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -64,6 +66,19 @@ def model_spec(model: Optional[str], pretrained: Optional[str]) -> Optional[Mode
     if model is None and pretrained is None:
         return None
     return ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED)
+
+
+@contextmanager
+def discard_new_library_on_error(lib: Library) -> Iterator[None]:
+    """A library made by this command and still empty is removed again when the command fails
+    (say the model's weights cannot be fetched), so a retry with other options starts clean."""
+    try:
+        yield
+    except BaseException:
+        if lib.created and sum(lib.catalog.counts().values()) == 0:
+            lib.close()
+            shutil.rmtree(lib.path, ignore_errors=True)
+        raise
 
 
 def open_library(library: Optional[Path], model: Optional[str] = None, pretrained: Optional[str] = None,

@@ -13,6 +13,7 @@ from cli.common import (
     LibraryOption,
     ModelOption,
     PretrainedOption,
+    discard_new_library_on_error,
     err,
     handles_errors,
     open_library,
@@ -45,7 +46,7 @@ def index(
     from indexer import index_paths
 
     lib = open_library(library, model, pretrained, device, create=True)
-    with stop_on_interrupt() as stop, progress_bar("Indexing", enabled=not quiet) as progress:
+    with discard_new_library_on_error(lib), stop_on_interrupt() as stop, progress_bar("Indexing", enabled=not quiet) as progress:
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
             workers=workers, progress=progress, stop=stop,

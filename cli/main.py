@@ -21,9 +21,9 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show traceba
 
 
 def _register() -> None:
-    from cli import index_cmd, library_cmd, search_cmd
+    from cli import analysis_cmd, index_cmd, library_cmd, search_cmd, text_cmd
 
-    for module in (index_cmd, search_cmd, library_cmd):
+    for module in (index_cmd, text_cmd, search_cmd, analysis_cmd, library_cmd):
         module.register(app)
 
 

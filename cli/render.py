@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rich.console import Console
 from rich.table import Table
 
 from cli.common import out, print_json
@@ -42,7 +43,11 @@ def _table(hits: Sequence[Hit]) -> None:
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
     for hit in hits:
         table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, hit.path or hit.text or "")
-    out.print(table)
+    if out.is_terminal:
+        out.print(table)
+    else:  # piped: never fold a path across lines
+        widest = max(len(hit.path or hit.text or "") for hit in hits) + 40
+        Console(file=sys.stdout, width=max(out.width, widest), highlight=False).print(table)
 
 
 def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str:

@@ -9,8 +9,10 @@ import typer
 
 from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, open_library, out, print_json
 from cli.render import FORMATS, render_hits
+from search.encoder import Encoder
 from search.errors import ClipdexError, LibraryNotFound
 from search.library import Library
+from search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 from search.query import Query
 
 
@@ -81,7 +83,7 @@ def embed(
     """Print the normalized vector of a text or an image (the library's model unless --model is given)."""
     if (text is None) == (image is None):
         raise ClipdexError("give exactly one of --text or --image")
-    encoder = _encoder_for(library, model, pretrained, device)
+    encoder = encoder_for(library, model, pretrained, device)
     if text is not None:
         vector = encoder.encode_texts([text])[0]
     else:
@@ -95,18 +97,13 @@ def embed(
         out.print(" ".join(f"{x:.7g}" for x in vector))
 
 
-def _encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str):  # type: ignore[no-untyped-def]
-    from search.encoder import Encoder
-    from cli.common import model_spec
-
+def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str) -> Encoder:
+    """The named model's encoder; else the library's (when it exists); else the default model's."""
     if model is None and pretrained is None:
         try:
             return Library.open(library, device=device).encoder
         except LibraryNotFound:
-            pass
+            return Encoder(ModelSpec().resolve(), device)
     if model is not None and pretrained is None:
         raise ClipdexError(f"--model {model} needs --pretrained (a tag, a checkpoint file, or 'none')")
-    spec = model_spec(model, pretrained)
-    from search.model import ModelSpec
-
-    return Encoder((spec or ModelSpec()).resolve(), device)
+    return Encoder(ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED).resolve(), device)

@@ -304,6 +304,12 @@ class Catalog:
                     records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
         return records
 
+    def texts_from(self, source: str) -> dict[str, tuple[int, str, str | None]]:
+        """Indexed texts of one corpus file: source_key -> (id, text, extra JSON)."""
+        query = select(Item.id, Item.source_key, Item.text, Item.extra).where(Item.source == source)
+        with self.sessions() as session:
+            return {row.source_key: (row.id, row.text, row.extra) for row in session.execute(query)}
+
     def find_by_hash(self, hashes: Iterable[str]) -> dict[str, Item]:
         found: dict[str, Item] = {}
         with self.sessions() as session:

@@ -81,6 +81,7 @@ class Library:
         self._vectors_generation = -1
         self._encoder: Encoder | None = None
         self._sync_lock = threading.RLock()
+        self.created = False  # made by this open() call
 
     # -- opening ------------------------------------------------------------------
 
@@ -115,7 +116,9 @@ class Library:
         manifest = Manifest(FORMAT_VERSION, resolved, _embedding_dim(resolved), IndexSpec(), time.time(), {})
         directory.mkdir(parents=True, exist_ok=True)
         manifest.write(manifest_path)
-        return cls(directory, manifest, device)
+        library = cls(directory, manifest, device)
+        library.created = True
+        return library
 
     def close(self) -> None:
         self.catalog.close()
@@ -297,6 +300,10 @@ class Library:
                 continue
             hits.append(_hit(len(hits) + 1 + query.offset, score, item))
         return hits
+
+    def catalog_kind_condition(self, kind: str) -> Any:
+        """A SQL condition selecting items of `kind` (None for any)."""
+        return None if kind == "any" else Item.kind == kind
 
     def allowed_ids(self, filters: Filters) -> np.ndarray | None:
         """The ids a search may return, or None when every item may be returned."""

@@ -1,0 +1,52 @@
+"""`clipdex index-texts`: text corpora into the same library and space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, discard_new_library_on_error, err, handles_errors, open_library, out, print_json
+from cli.progress import progress_bar, stop_on_interrupt
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index-texts")(index_texts_command)
+
+
+@handles_errors
+def index_texts_command(
+    files: List[Path] = typer.Argument(..., help=".txt (a text per line), .csv, .tsv or .jsonl files"),
+    column: Optional[str] = typer.Option(None, "--column", help="The text column of .csv/.tsv/.jsonl [default: text]"),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="A column holding each text's stable id"),
+    library: Optional[Path] = LibraryOption,
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    device: str = DeviceOption,
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Texts per model batch and commit"),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file failed"),
+    json_output: bool = JsonOption,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+) -> None:
+    """Index texts; re-runs update changed texts, skip unchanged ones and remove vanished ones."""
+    from indexer.texts import index_texts
+
+    lib = open_library(library, model, pretrained, device, create=True)
+    with discard_new_library_on_error(lib), stop_on_interrupt() as stop, progress_bar("Embedding texts", enabled=not quiet) as progress:
+        report = index_texts(lib, files, column=column, id_column=id_column, batch_size=batch_size, progress=progress, stop=stop)
+    if json_output:
+        print_json(report.to_json())
+    else:
+        out.print(f"{report.added} added, {report.updated} updated, {report.removed} removed, "
+                  f"{report.unchanged} unchanged, {len(report.failed)} failed - library {lib.path}")
+        for failure in report.failed:
+            err.print(f"failed: {failure.path}: {failure.error}", markup=False)
+    if report.truncated:
+        err.print(f"note: {report.truncated} texts are longer than the model's {report.context_length}-token context; "
+                  "only their beginning is embedded (marked truncated in their metadata)")
+    if report.interrupted:
+        err.print("Interrupted: everything committed so far is kept. Run the same command again to resume.")
+        raise typer.Exit(130)
+    if strict and report.failed:
+        raise typer.Exit(1)

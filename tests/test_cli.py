@@ -1,0 +1,160 @@
+"""The command line: exit codes and the exact output that matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def indexed(tmp_path: Path, make_images, model_args: list[str]) -> tuple[Path, list[Path]]:
+    paths = make_images(tmp_path / "pics", 5)
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--json", *model_args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "lib", paths
+
+
+def test_index_json_summary(tmp_path: Path, make_images, model_args: list[str]) -> None:
+    make_images(tmp_path / "pics", 3)
+    (tmp_path / "pics" / "broken.jpg").write_text("nope")
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--json", "--quiet", *model_args)
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert {k: report[k] for k in ("added", "updated", "moved", "removed", "unchanged")} == dict(added=3, updated=0, moved=0, removed=0, unchanged=0)
+    assert report["failed"] == [{"path": str(tmp_path / "pics" / "broken.jpg"), "error": "not an image Pillow can identify (wrong extension or unsupported format)"}]
+    strict = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--strict", "--quiet")
+    assert strict.exit_code == 1
+    assert "failed: " + str(tmp_path / "pics" / "broken.jpg") in strict.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_library_from_flag_or_environment(tmp_path: Path, make_images, model_args: list[str], monkeypatch, how: str) -> None:
+    make_images(tmp_path / "pics", 2)
+    where = ["--library", str(tmp_path / "lib")] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("CLIPDEX_LIBRARY", str(tmp_path / "lib"))
+    assert run("index", str(tmp_path / "pics"), "--quiet", *where, *model_args).exit_code == 0
+    stats = json.loads(run("stats", "--json", *where).stdout)
+    assert (stats["images"], stats["vectors"], stats["items"], stats["texts"]) == (2, 2, 2, 0)
+    assert stats["model"] == "tiny-clip" and stats["index_type"] == "flat"
+    assert (tmp_path / "lib" / "manifest.json").exists()
+
+
+def test_search_json_hits(indexed) -> None:
+    library, paths = indexed
+    result = run("search", "--image", str(paths[3]), "-k", "2", "--json", "--library", str(library))
+    assert result.exit_code == 0
+    hits = json.loads(result.stdout)
+    assert len(hits) == 2
+    assert {"rank", "score", "id", "kind", "path"} <= set(hits[0])
+    assert (hits[0]["rank"], hits[0]["kind"], hits[0]["path"]) == (1, "image", str(paths[3]))
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_table_paths_and_null(indexed) -> None:
+    library, paths = indexed
+    table = run("search", "a photo", "--library", str(library), "-k", "3")
+    assert table.exit_code == 0 and "rank" in table.stdout and str(paths[0].parent) in table.stdout
+    listed = run("search", "a photo", "--library", str(library), "-k", "5", "--format", "paths").stdout.splitlines()
+    assert sorted(listed) == sorted(map(str, paths))
+    nul = run("search", "a photo", "--library", str(library), "-k", "5", "--format", "paths", "-0").stdout
+    assert nul.endswith("\0") and sorted(nul.rstrip("\0").split("\0")) == sorted(map(str, paths))
+
+
+def test_search_html_page(indexed, tmp_path: Path) -> None:
+    library, paths = indexed
+    page = tmp_path / "out.html"
+    result = run("search", "a photo", "--library", str(library), "-k", "4", "--format", "html", "--out", str(page))
+    assert result.exit_code == 0
+    html = page.read_text()
+    assert html.count('<img src="data:image/jpeg;base64,') == 4
+    assert "score" in html and str(paths[0].parent) in html
+
+
+def test_embed_prints_a_normalized_vector(indexed, tiny_model) -> None:
+    library, paths = indexed
+    for args in (["--text", "a dog"], ["--image", str(paths[0])]):
+        result = run("embed", *args, "--library", str(library), "--json")
+        data = json.loads(result.stdout)
+        assert data["dim"] == 32 and data["model"] == "tiny-clip"
+        assert np.linalg.norm(data["vector"]) == pytest.approx(1.0, abs=1e-5)
+    plain = run("embed", "--text", "a dog", "--model", tiny_model.name, "--pretrained", tiny_model.pretrained)
+    assert len(plain.stdout.split()) == 32
+    assert run("embed", "--library", str(library)).exit_code == 1
+
+
+def test_export_npz(indexed, tmp_path: Path) -> None:
+    library, paths = indexed
+    result = run("export", "--out", str(tmp_path / "e.npz"), "--library", str(library))
+    assert result.exit_code == 0 and "exported 5 items" in result.stdout
+    data = np.load(tmp_path / "e.npz")
+    assert data["vectors"].shape == (5, 32) and data["vectors"].dtype == np.float32
+    assert sorted(data["paths"]) == sorted(map(str, paths)) and set(data["kinds"]) == {"image"}
+    assert data["ids"].dtype == np.int64
+
+
+def test_missing_library_is_a_clear_error(tmp_path: Path) -> None:
+    result = run("search", "x", "--library", str(tmp_path / "none"))
+    assert result.exit_code == 1
+    assert "no clipdex library at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_model_mismatch_is_a_clear_error(indexed, tmp_path: Path) -> None:
+    library, _ = indexed
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x")
+    result = run("index", str(tmp_path / "pics"), "--library", str(library), "--pretrained", str(other))
+    assert result.exit_code == 1 and "was built with model tiny-clip" in result.stderr
+
+
+def test_unfetchable_weights_name_the_model_and_the_way_out(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 1)
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--quiet")
+    assert result.exit_code == 1
+    assert "ViT-B-32" in result.stderr and "laion2b_s34b_b79k" in result.stderr
+    assert "--pretrained FILE" in result.stderr
+    assert not (tmp_path / "lib").exists(), "a failed first run must not leave a library bound to that model"
+
+
+def test_unknown_model_name(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 1)
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--model", "NoSuchNet", "--pretrained", "none")
+    assert result.exit_code == 1 and "unknown open_clip model 'NoSuchNet'" in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run("--debug", "search", "x", "--library", str(tmp_path / "none"))
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_installed_command_runs(indexed) -> None:
+    library, paths = indexed
+    command = Path(sys.executable).with_name("clipdex")
+    assert command.exists(), "pip install -e . provides the clipdex command"
+    result = subprocess.run([str(command), "search", "--image", str(paths[1]), "-k", "1", "--json", "--library", str(library)],
+                            capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["path"] == str(paths[1])
+
+
+def test_readme_documents_every_command() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    names = [command.name or command.callback.__name__ for command in app.registered_commands]
+    assert len(names) >= 6
+    missing = [name for name in names if f"clipdex {name}" not in readme]
+    assert missing == []
