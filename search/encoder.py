@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -144,6 +144,19 @@ class Encoder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.encode_tensors(torch.stack([preprocess(image) for image in images]))
+
+    def encode_files(self, paths: Sequence[Any], batch_size: int = 64,
+                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Decode (EXIF-oriented RGB) and encode image files; an unreadable one raises UnreadableImage."""
+        from search.imaging import decode_image
+
+        parts = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            parts.append(self.encode_images([decode_image(path, draft_size=2 * self.image_size).image for path in chunk]))
+            if progress:
+                progress(start + len(chunk), len(paths))
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
 
     def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
         self.load()

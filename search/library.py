@@ -287,7 +287,8 @@ class Library:
         if allowed is not None and len(allowed) == 0:
             return []
         wanted = query.k + query.offset
-        scores, ids = self.vectors.search(vector[None, :], wanted, allowed)
+        with self._sync_lock:  # a catch-up by another thread must not change the index mid-search
+            scores, ids = self.vectors.search(vector[None, :], wanted, allowed)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         pairs = pairs[query.offset : query.offset + query.k]
         if query.threshold is not None:
