@@ -80,6 +80,7 @@ class Library:
         self._vectors: VectorIndex | None = None
         self._vectors_generation = -1
         self._encoder: Encoder | None = None
+        self._text_export: Any = None  # the exported text encoder once looked up; False when there is none
         self._sync_lock = threading.RLock()
         self.created = False  # made by this open() call
 
@@ -159,20 +160,30 @@ class Library:
             generation = self.catalog.generation()
             if self._vectors is not None and self._vectors_generation >= generation:
                 return False
+            stale_on_disk = self._vectors is None
             if self._vectors is None:
                 loaded = VectorIndex.load(self.path)
                 if loaded is not None and loaded[0].dim == self.dim:
                     self._vectors, self._vectors_generation = loaded
                 else:
                     self._vectors, self._vectors_generation = self._build_vectors(), generation
-                    return True
             if self._vectors_generation < generation:
                 if self._vectors_generation < self.catalog.changes_floor():
                     self._vectors = self._build_vectors()
                 else:
                     self._apply_changes(self.catalog.changed_since(self._vectors_generation))
                 self._vectors_generation = generation
+            if stale_on_disk and self._vectors_generation > _saved_generation(self.path):
+                self._save_if_no_writer()
             return True
+
+    def _save_if_no_writer(self) -> None:
+        """Persist a caught-up index (after a crash, say) so later readers need not redo it."""
+        try:
+            with _write_lock(self.path):
+                self.save_vectors()
+        except (LibraryBusy, OSError):
+            pass  # a writer will save it, or the library is read-only
 
     def _apply_changes(self, item_ids: Sequence[int]) -> None:
         assert self._vectors is not None
@@ -229,13 +240,31 @@ class Library:
         cached = self.catalog.cached_query(text)
         if cached is not None and cached.shape == (self.dim,):
             return cached
-        vector = self.text_encoder().encode_texts([text])[0]
+        encoder = self.text_encoder()
+        vector = encoder.encode_texts([text])[0]
         self.catalog.cache_query(text, vector)
+        if encoder is self._encoder:
+            self.export_text_encoder()
         return vector
 
     def text_encoder(self) -> Any:
-        """The encoder used for text queries."""
-        return self.encoder
+        """The encoder for text queries: the open_clip model when it is loaded, else the
+        library's exported text encoder (ONNX, imports neither torch nor open_clip; see
+        `search.text_export`), else the open_clip model."""
+        if self._encoder is not None and self._encoder.loaded:
+            return self._encoder
+        if self._text_export is None:
+            from search.text_export import load_text_export
+
+            self._text_export = load_text_export(self.path, self.model, self.dim) or False
+        return self._text_export or self.encoder
+
+    def export_text_encoder(self) -> None:
+        """Store the loaded model's text tower in the library as ONNX, once (see `search.text_export`)."""
+        if self._encoder is not None and self._encoder.loaded:
+            from search.text_export import ensure_text_export
+
+            ensure_text_export(self.path, self._encoder, self.dim)
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
         decoded = decode_image(image if isinstance(image, bytes) else Path(image))
@@ -462,6 +491,14 @@ def _embedding_dim(model: ResolvedModel) -> int:
             "(open_clip.list_models()) or the path of a model-config JSON file"
         )
     return int(config["embed_dim"])
+
+
+def _saved_generation(directory: Path) -> int:
+    """The generation the saved vector index reflects, or -1 when there is none."""
+    try:
+        return int(json.loads((directory / STAMP_FILE).read_text())["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 @contextmanager

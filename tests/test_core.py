@@ -92,6 +92,7 @@ def test_stale_faiss_index_catches_up_from_change_log(library: Library, tmp_path
     assert fresh.check()["ok"] is False
     assert fresh.vectors.ntotal == 5
     assert fresh.search(image=more[1], k=1)[0].path == str(more[1])
+    assert open_library(library.path).check()["ok"], "the reader saved the caught-up index"
 
 
 def test_export_round_trip(library: Library, tmp_path: Path, make_images) -> None:
