@@ -13,14 +13,12 @@ from cli.common import (
     LibraryOption,
     ModelOption,
     PretrainedOption,
-    discard_new_library_on_error,
-    err,
     handles_errors,
     open_library,
     out,
     print_json,
 )
-from cli.progress import progress_bar, stop_on_interrupt
+from cli.progress import finish_run, indexing_run
 
 
 def register(app: typer.Typer) -> None:
@@ -46,7 +44,7 @@ def index(
     from indexer import index_paths
 
     lib = open_library(library, model, pretrained, device, create=True)
-    with discard_new_library_on_error(lib), stop_on_interrupt() as stop, progress_bar("Indexing", enabled=not quiet) as progress:
+    with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
             workers=workers, progress=progress, stop=stop,
@@ -54,18 +52,8 @@ def index(
     if json_output:
         print_json(report.to_json())
     else:
-        _print_report(report, lib.path)
-    if report.interrupted:
-        err.print("Interrupted: everything committed so far is kept. Run the same command again to resume.")
-        raise typer.Exit(130)
-    if strict and report.failed:
-        raise typer.Exit(1)
-
-
-def _print_report(report, library_path: Path) -> None:  # type: ignore[no-untyped-def]
-    out.print(
-        f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
-        f"{report.unchanged} unchanged, {len(report.failed)} failed ({report.seconds:.1f}s) - library {library_path}"
-    )
-    for failure in report.failed:
-        err.print(f"failed: {failure.path}: {failure.error}", markup=False)
+        out.print(
+            f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
+            f"{report.unchanged} unchanged, {len(report.failed)} failed ({report.seconds:.1f}s) - library {lib.path}"
+        )
+    finish_run(report, strict)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import signal
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
+
+import typer
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import err
+from cli.common import discard_new_library_on_error, err
+from search.library import Library
 
 
 @contextmanager
@@ -57,3 +60,25 @@ def stop_on_interrupt() -> Iterator[threading.Event]:
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def indexing_run(lib: Library, description: str, quiet: bool) -> Iterator[tuple[threading.Event, Callable[[int, int], None]]]:
+    """What every indexing command wraps its run in: Ctrl-C handling, a progress bar, and the
+    removal of a library this command created if the run fails before adding anything."""
+    with ExitStack() as stack:
+        stack.enter_context(discard_new_library_on_error(lib))
+        stop = stack.enter_context(stop_on_interrupt())
+        progress = stack.enter_context(progress_bar(description, enabled=not quiet))
+        yield stop, progress
+
+
+def finish_run(report: Any, strict: bool) -> None:
+    """Print failures, then exit 130 when interrupted, 1 with --strict and failures."""
+    for failure in report.failed:
+        err.print(f"failed: {failure.path}: {failure.error}", markup=False)
+    if report.interrupted:
+        err.print("Interrupted: everything committed so far is kept. Run the same command again to resume.")
+        raise typer.Exit(130)
+    if strict and report.failed:
+        raise typer.Exit(1)

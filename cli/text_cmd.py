@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, discard_new_library_on_error, err, handles_errors, open_library, out, print_json
-from cli.progress import progress_bar, stop_on_interrupt
+from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
+from cli.progress import finish_run, indexing_run
 
 
 def register(app: typer.Typer) -> None:
@@ -33,20 +33,14 @@ def index_texts_command(
     from indexer.texts import index_texts
 
     lib = open_library(library, model, pretrained, device, create=True)
-    with discard_new_library_on_error(lib), stop_on_interrupt() as stop, progress_bar("Embedding texts", enabled=not quiet) as progress:
+    with indexing_run(lib, "Embedding texts", quiet) as (stop, progress):
         report = index_texts(lib, files, column=column, id_column=id_column, batch_size=batch_size, progress=progress, stop=stop)
     if json_output:
         print_json(report.to_json())
     else:
         out.print(f"{report.added} added, {report.updated} updated, {report.removed} removed, "
                   f"{report.unchanged} unchanged, {len(report.failed)} failed - library {lib.path}")
-        for failure in report.failed:
-            err.print(f"failed: {failure.path}: {failure.error}", markup=False)
     if report.truncated:
         err.print(f"note: {report.truncated} texts are longer than the model's {report.context_length}-token context; "
                   "only their beginning is embedded (marked truncated in their metadata)")
-    if report.interrupted:
-        err.print("Interrupted: everything committed so far is kept. Run the same command again to resume.")
-        raise typer.Exit(130)
-    if strict and report.failed:
-        raise typer.Exit(1)
+    finish_run(report, strict)
