@@ -1,0 +1,54 @@
+"""Running the app under uvicorn: in the foreground (`clipdex serve`) or in a background thread."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.types import ASGIApp
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+STARTUP_TIMEOUT_SECONDS = 30.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until interrupted."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
+
+
+@contextmanager
+def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread while the block runs; yields its base URL.
+
+    `port=0` takes a free port. For tests, or embedding the server in a Python program.
+    """
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False, proxy_headers=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="clipdex-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{f'[{host}]' if ':' in host else host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,59 @@
+"""The library as the HTTP app uses it: one model for every request, searches that see new commits."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from search.catalog import Item
+from search.errors import ItemNotFound
+from search.imaging import decode_image
+from search.library import Library
+from search.query import Hit, Query
+
+
+class SearchService:
+    """Thread-safe access to one open library for the app's worker threads.
+
+    The model runs one call at a time (torch spreads each call over the cores itself),
+    and the FAISS index is never searched while it catches up with the catalog.
+    """
+
+    def __init__(self, library: Library) -> None:
+        self.library = library
+        self._model_lock = threading.Lock()
+        self._index_lock = threading.Lock()
+
+    def search(self, query: Query) -> list[Hit]:
+        with self._model_lock:
+            vector = self.library.query_vector(query)
+        with self._index_lock:
+            self.library.sync_vectors()  # commits of an index run in another process, if any
+            return self.library.search_vector(vector, query)
+
+    def embed_text(self, text: str) -> np.ndarray:
+        with self._model_lock:
+            return self.library.encode_text(text)
+
+    def embed_image(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, name="uploaded image").image
+        with self._model_lock:
+            return self.library.encoder.encode_images([image])[0]
+
+    def stats(self) -> dict[str, Any]:
+        with self._index_lock:
+            self.library.sync_vectors()
+            return self.library.stats()
+
+    def item(self, item_id: int) -> Item:
+        item = self.library.catalog.get_item(item_id)
+        if item is None:
+            raise ItemNotFound(item_id)
+        return item
+
+    def load_model(self) -> None:
+        """Load the model now rather than on the first request."""
+        with self._model_lock:
+            self.library.encoder.load()

@@ -1,0 +1,287 @@
+"use strict";
+// The search page of `clipdex serve`: plain JavaScript, no build step.
+//
+// With a token, open the page once as /#token=TOKEN (or /?token=TOKEN), or type the token
+// when the page asks. It is kept in this browser's localStorage, removed from the address
+// bar, and sent as "Authorization: Bearer TOKEN" on every API request. Thumbnails are
+// fetched with that header too and shown from blob: URLs, so the token never appears in
+// a URL the server logs.
+
+const ROOT = new URL("..", document.currentScript.src); // where the app is mounted
+const TOKEN_KEY = "clipdex.token";
+const THUMBNAIL_SIZE = 256;
+
+const state = {
+  request: null, // the current search: {text, imageFile, like}
+  imageFile: null, // the image chosen or dropped, until it is cleared
+  offset: 0,
+  thumbnailUrls: [],
+};
+
+const $ = (id) => document.getElementById(id);
+
+class Unauthorized extends Error {}
+
+function takeTokenFromUrl() {
+  const url = new URL(location.href);
+  const fragment = new URLSearchParams(url.hash.slice(1));
+  const token = fragment.get("token") || url.searchParams.get("token");
+  if (!token) return;
+  localStorage.setItem(TOKEN_KEY, token);
+  fragment.delete("token");
+  url.searchParams.delete("token");
+  url.hash = fragment.toString();
+  history.replaceState(null, "", url);
+}
+
+async function api(path, init = {}) {
+  const token = localStorage.getItem(TOKEN_KEY);
+  const headers = new Headers(init.headers || {});
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await fetch(new URL(path, ROOT), { ...init, headers });
+  if (response.status === 401) {
+    showTokenPanel();
+    throw new Unauthorized(token ? "The server refused this token; enter the right one." : "This server needs an access token.");
+  }
+  if (!response.ok) throw new Error(await errorText(response));
+  return response;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (typeof body.detail === "string") return body.detail;
+    if (Array.isArray(body.detail)) {
+      return body.detail.map((problem) => `${problem.loc.slice(1).join(".")}: ${problem.msg}`).join("; ");
+    }
+  } catch (_) {
+    // not JSON: fall through to the status line
+  }
+  return `${response.status} ${response.statusText}`;
+}
+
+function setStatus(message, isError = false) {
+  $("status").textContent = message;
+  $("status").classList.toggle("error", isError);
+}
+
+function showTokenPanel() {
+  $("token-panel").hidden = false;
+  $("token-input").focus();
+}
+
+// -- the query --------------------------------------------------------------------------
+
+function filterOptions() {
+  const options = { kind: $("filter-kind").value, k: Number($("filter-k").value) || 24 };
+  for (const [id, name] of [["filter-path", "path"], ["filter-after", "after"], ["filter-before", "before"]]) {
+    const value = $(id).value.trim();
+    if (value) options[name] = value;
+  }
+  for (const [id, name] of [["filter-min-width", "min_width"], ["filter-min-height", "min_height"], ["filter-threshold", "threshold"]]) {
+    if ($(id).value !== "") options[name] = Number($(id).value);
+  }
+  return options;
+}
+
+function jsonSearch(request, options) {
+  const body = { ...options };
+  if (request.text) body.text = request.text;
+  if (request.like.length) body.like = request.like;
+  return api("search", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+}
+
+function imageSearch(request, options) {
+  const form = new FormData();
+  form.append("image", request.imageFile, request.imageFile.name);
+  if (request.text) form.append("text", request.text);
+  for (const [name, value] of Object.entries(options)) form.append(name, String(value));
+  return api("search/image", { method: "POST", body: form });
+}
+
+async function runSearch(append = false) {
+  const request = state.request;
+  if (!request) return;
+  const options = filterOptions();
+  state.offset = append ? state.offset + options.k : 0;
+  options.offset = state.offset;
+  setStatus(append ? "Loading more…" : "Searching…");
+  try {
+    const response = await (request.imageFile ? imageSearch(request, options) : jsonSearch(request, options));
+    const result = await response.json();
+    renderHits(result.hits, append);
+    $("more-button").hidden = result.hits.length < options.k;
+    const shown = $("results").children.length;
+    setStatus(shown ? `${shown} results for ${describe(request)} (${result.took_ms} ms)` : `No results for ${describe(request)}.`);
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
+function describe(request) {
+  const parts = [];
+  if (request.text) parts.push(`“${request.text}”`);
+  if (request.imageFile) parts.push(`image ${request.imageFile.name}`);
+  if (request.like.length) parts.push(`more like ${request.likeName}`);
+  return parts.join(" + ");
+}
+
+function searchFromForm(event) {
+  if (event) event.preventDefault();
+  const text = $("query").value.trim();
+  if (!text && !state.imageFile) {
+    setStatus("Type what you are looking for, or drop an image.");
+    return;
+  }
+  state.request = { text, imageFile: state.imageFile, like: [] };
+  runSearch();
+}
+
+function moreLikeThis(hit) {
+  clearImage();
+  $("query").value = "";
+  state.request = { text: "", imageFile: null, like: [hit.id], likeName: hitName(hit) };
+  runSearch();
+}
+
+// -- results ----------------------------------------------------------------------------
+
+function clearResults() {
+  for (const url of state.thumbnailUrls) URL.revokeObjectURL(url);
+  state.thumbnailUrls = [];
+  $("results").replaceChildren();
+}
+
+function renderHits(hits, append) {
+  if (!append) clearResults();
+  $("results").append(...hits.map(hitCard));
+}
+
+function hitCard(hit) {
+  const card = document.createElement("figure");
+  card.className = "hit";
+  card.tabIndex = 0;
+  card.dataset.id = hit.id;
+  card.dataset.kind = hit.kind;
+  const name = hitName(hit);
+  card.title = `${hit.path || hit.text}\nClick for more like this`;
+  if (hit.kind === "image") {
+    const image = document.createElement("img");
+    image.alt = name;
+    card.append(image);
+    loadThumbnail(image, hit.id);
+  } else {
+    const quote = document.createElement("blockquote");
+    quote.textContent = hit.text;
+    card.append(quote);
+  }
+  card.append(caption(hit.score, name));
+  card.addEventListener("click", () => moreLikeThis(hit));
+  card.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") moreLikeThis(hit);
+  });
+  return card;
+}
+
+function hitName(hit) {
+  return hit.kind === "image" ? hit.path.split(/[\\/]/).pop() : `text #${hit.id}`;
+}
+
+function caption(score, name) {
+  const element = document.createElement("figcaption");
+  const scoreElement = document.createElement("span");
+  scoreElement.className = "score";
+  scoreElement.textContent = score.toFixed(3);
+  const nameElement = document.createElement("span");
+  nameElement.className = "name";
+  nameElement.textContent = name;
+  element.append(scoreElement, nameElement);
+  return element;
+}
+
+async function loadThumbnail(image, id) {
+  try {
+    const response = await api(`items/${id}/thumbnail?size=${THUMBNAIL_SIZE}`);
+    const url = URL.createObjectURL(await response.blob());
+    state.thumbnailUrls.push(url);
+    image.src = url;
+  } catch (error) {
+    image.alt = `no thumbnail: ${error.message}`;
+  }
+}
+
+// -- the query image --------------------------------------------------------------------
+
+function setImage(file) {
+  if (!file) return;
+  if (!file.type.startsWith("image/")) {
+    setStatus(`${file.name} is not an image.`, true);
+    return;
+  }
+  state.imageFile = file;
+  $("image-label").textContent = file.name;
+  $("drop-zone").classList.add("has-image");
+  $("clear-image").hidden = false;
+  searchFromForm();
+}
+
+function clearImage() {
+  state.imageFile = null;
+  $("image-input").value = "";
+  $("image-label").textContent = "Drop an image or click";
+  $("drop-zone").classList.remove("has-image");
+  $("clear-image").hidden = true;
+}
+
+function wireDropZone() {
+  const zone = $("drop-zone");
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+  }
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    setImage(event.dataTransfer.files[0]);
+  });
+  $("image-input").addEventListener("change", (event) => setImage(event.target.files[0]));
+  $("clear-image").addEventListener("click", clearImage);
+}
+
+// -- start ------------------------------------------------------------------------------
+
+async function loadStats() {
+  try {
+    const stats = await (await api("stats")).json();
+    $("token-panel").hidden = true;
+    if (!state.request) {
+      setStatus(`${stats.images} images and ${stats.texts} texts in this library (${stats.model}). Type or drop an image to search.`);
+    }
+    return true;
+  } catch (error) {
+    setStatus(error.message, true);
+    return false;
+  }
+}
+
+async function useToken(event) {
+  event.preventDefault();
+  localStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+  $("token-input").value = "";
+  if ((await loadStats()) && state.request) runSearch();
+}
+
+function start() {
+  takeTokenFromUrl();
+  $("search-form").addEventListener("submit", searchFromForm);
+  $("token-form").addEventListener("submit", useToken);
+  $("more-button").addEventListener("click", () => runSearch(true));
+  $("filters").addEventListener("change", () => runSearch());
+  wireDropZone();
+  loadStats();
+}
+
+start();

@@ -1,0 +1,639 @@
+"""The HTTP API (search.http) through FastAPI's TestClient, and `clipdex serve`."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import importlib.util
+import io
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+import search.http
+import search.http.guard
+import search.http.media
+from indexer import index_paths
+from search.catalog import Item, NewItem
+from search.http import create_app, serve_in_thread
+from search.library import Library
+from search.model import ModelSpec
+from tests.conftest import write_image
+
+TOKEN = "correct-horse-battery-staple"
+TEXTS = ("a sunny beach with palm trees", "minutes of the board meeting")
+SECRET = "TOP-SECRET-NOT-IN-THE-LIBRARY"
+
+
+def build_library(folder: Path, model: ModelSpec) -> tuple[Library, list[Path]]:
+    """Six 48x40 images (the first two with a capture time) and two texts."""
+    library = Library.open(folder / "library", model=model, create=True, device="cpu")
+    photos = [write_image(folder / "photos" / f"img{number:03d}.jpg", seed=number) for number in range(6)]
+    for path, taken in zip(photos, ("2022:03:15 12:00:00", "2023:07:01 08:30:00")):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9003] = taken
+        Image.open(path).save(path, exif=exif.tobytes())
+    assert index_paths(library, [folder / "photos"]).added == 6
+    with library.writer() as writer:
+        writer.commit([NewItem(kind="text", text=text, vector=library.encode_text(text), source="notes.txt",
+                               source_key=str(line)) for line, text in enumerate(TEXTS, 1)])
+    return library, photos
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, tiny_model: ModelSpec) -> Iterator[tuple[Library, list[Path]]]:
+    """One library for the tests that leave it and its files as they are."""
+    library, photos = build_library(tmp_path_factory.mktemp("http"), tiny_model)
+    yield library, photos
+    library.close()
+
+
+@pytest.fixture(scope="module")
+def indexed(shared: tuple[Library, list[Path]]) -> Library:
+    return shared[0]
+
+
+@pytest.fixture(scope="module")
+def photos(shared: tuple[Library, list[Path]]) -> list[Path]:
+    return shared[1]
+
+
+@pytest.fixture(scope="module")
+def client(indexed: Library) -> TestClient:
+    return TestClient(create_app(indexed))
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, tiny_model: ModelSpec) -> Iterator[tuple[Library, list[Path]]]:
+    """A library of its own, for tests that change its files or index more."""
+    library, photos = build_library(tmp_path, tiny_model)
+    yield library, photos
+    library.close()
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret.txt"
+    path.write_text(SECRET)
+    return path
+
+
+def image_id(library: Library, path: Path) -> int:
+    return library.catalog.files_under([str(path.parent)])[str(path)].id
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# -- health, stats, docs ----------------------------------------------------------------
+
+
+def test_health_stats_and_docs(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    stats = client.get("/stats").json()
+    assert (stats["items"], stats["images"], stats["texts"], stats["vectors"], stats["dim"]) == (8, 6, 2, 8, 32)
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/health", "/stats", "/search", "/search/image", "/embed", "/items/{item_id}",
+            "/items/{item_id}/thumbnail", "/items/{item_id}/file"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_app_from_a_library_directory(indexed: Library) -> None:
+    with TestClient(create_app(indexed.path, device="cpu")) as client:
+        assert client.post("/search", json={"text": "beach", "k": 3}).status_code == 200
+
+
+# -- search -----------------------------------------------------------------------------
+
+
+def test_text_search_ranks_hits(client: TestClient) -> None:
+    response = client.post("/search", json={"text": "a sunny beach with palm trees", "k": 4})
+    assert response.status_code == 200
+    hits = response.json()["hits"]
+    assert [hit["rank"] for hit in hits] == [1, 2, 3, 4]
+    assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+    assert hits[0]["kind"] == "text" and hits[0]["text"] == TEXTS[0] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_like_search_finds_the_item_first(client: TestClient, indexed: Library, photos: list[Path]) -> None:
+    item = image_id(indexed, photos[2])
+    hits = client.post("/search", json={"like": item, "k": 3}).json()["hits"]
+    assert hits[0]["id"] == item and hits[0]["path"] == str(photos[2])
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["", "data:image/jpeg;base64,"])
+def test_base64_image_search_finds_the_same_file(client: TestClient, photos: list[Path], prefix: str) -> None:
+    hits = client.post("/search", json={"image": prefix + b64(photos[3].read_bytes()), "k": 2}).json()["hits"]
+    assert hits[0]["path"] == str(photos[3]) and hits[0]["score"] > 0.999
+
+
+def test_multipart_image_search_with_options(client: TestClient, photos: list[Path]) -> None:
+    data = {"k": "2", "kind": "image", "minus": ["a dog", "a cat"], "weights": ["1", "0.1", "0.1"]}
+    response = client.post("/search/image", files={"image": ("q.jpg", photos[1].read_bytes(), "image/jpeg")}, data=data)
+    assert response.status_code == 200, response.text
+    hits = response.json()["hits"]
+    assert len(hits) == 2 and hits[0]["path"] == str(photos[1]) and all(hit["kind"] == "image" for hit in hits)
+
+
+def test_text_and_like_combine(client: TestClient, indexed: Library, photos: list[Path]) -> None:
+    item = image_id(indexed, photos[0])
+    hits = client.post("/search", json={"text": ["beach"], "like": [item], "weights": [0.01, 1], "k": 1}).json()["hits"]
+    assert hits[0]["id"] == item
+
+
+ALL_IMAGES = {f"img{number:03d}.jpg" for number in range(6)}
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"kind": "text"}, {"text"}),
+        ({"kind": "image"}, ALL_IMAGES),
+        ({"path": "*/img001.jpg"}, {"img001.jpg"}),
+        ({"path": "../../*"}, set()),
+        ({"min_width": 48, "min_height": 40}, ALL_IMAGES),
+        ({"min_width": 49}, set()),
+        ({"after": "2023-01-01"}, {"img001.jpg"}),
+        ({"before": "2023-01-01"}, {"img000.jpg"}),
+        ({"after": "2022-01-01", "before": "2023-07-01T09:00"}, {"img000.jpg", "img001.jpg"}),
+        ({"after": "2024-01-01", "kind": "image"}, set()),
+    ],
+)
+def test_filters(client: TestClient, filters: dict[str, Any], expected: set[str]) -> None:
+    response = client.post("/search", json={"text": "anything", "k": 50, **filters})
+    assert response.status_code == 200, response.text
+    found = {Path(hit["path"]).name if hit["kind"] == "image" else "text" for hit in response.json()["hits"]}
+    assert found == expected
+
+
+def test_offset_pages_and_threshold(client: TestClient) -> None:
+    everything = client.post("/search", json={"text": "beach", "k": 8}).json()["hits"]
+    page = client.post("/search", json={"text": "beach", "k": 2, "offset": 2}).json()["hits"]
+    assert [hit["id"] for hit in page] == [hit["id"] for hit in everything[2:4]]
+    assert [hit["rank"] for hit in page] == [3, 4]
+    cutoff = (everything[3]["score"] + everything[4]["score"]) / 2
+    above = client.post("/search", json={"text": "beach", "k": 8, "threshold": cutoff}).json()["hits"]
+    assert [hit["id"] for hit in above] == [hit["id"] for hit in everything[:4]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": "x", "k": 0},
+        {"text": "x", "k": 10_001},
+        {"text": "x", "offset": -1},
+        {"text": "x", "kind": "video"},
+        {"text": "x", "threshold": 1.5},
+        {"text": "x", "after": "last tuesday"},
+        {"text": "x", "after": "2024-05-01", "before": "2024-01-01"},
+        {"text": "x", "min_width": -1},
+        {"text": "x", "colour": "red"},
+        {"text": ""},
+        {"text": "x" * 2_001},
+        {},
+        {"k": 5},
+        {"text": "x", "weights": [1, 2]},
+        {"text": "x", "weights": [0]},
+        {"like": "abc"},
+        {"like": [0]},
+        {"like": [10**20]},
+        {"vector": [0.1, 0.2]},
+        {"vector": "/etc/passwd"},
+        {"text": "x", "minus": "x"},
+    ],
+)
+def test_bad_queries_are_422(client: TestClient, body: dict[str, Any]) -> None:
+    response = client.post("/search", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]
+
+
+def test_vector_search(client: TestClient, indexed: Library, photos: list[Path]) -> None:
+    item = image_id(indexed, photos[4])
+    vector = indexed.catalog.get_item(item).vector_array().tolist()
+    assert client.post("/search", json={"vector": vector, "k": 1}).json()["hits"][0]["id"] == item
+
+
+def test_unknown_like_id_is_404(client: TestClient) -> None:
+    response = client.post("/search", json={"like": [987654]})
+    assert response.status_code == 404 and "987654" in response.json()["detail"]
+
+
+# -- images: undecodable, too large, never a path or URL ----------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["json", "multipart", "embed"])
+def test_undecodable_image_is_400_with_the_reason(client: TestClient, endpoint: str) -> None:
+    junk = b"this is not an image at all"
+    if endpoint == "json":
+        response = client.post("/search", json={"image": b64(junk)})
+    elif endpoint == "multipart":
+        response = client.post("/search/image", files={"image": ("x.jpg", junk, "image/jpeg")})
+    else:
+        response = client.post("/embed", json={"image": b64(junk)})
+    assert response.status_code == 400
+    assert "not an image Pillow can identify" in response.json()["detail"]
+
+
+def test_truncated_image_is_400(client: TestClient, photos: list[Path]) -> None:
+    data = photos[0].read_bytes()[:300]
+    response = client.post("/search/image", files={"image": ("x.jpg", data, "image/jpeg")})
+    assert response.status_code == 400 and response.json()["detail"]
+
+
+def test_image_field_is_not_a_path_or_url(client: TestClient, photos: list[Path]) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.3)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/cat.jpg"
+        for value in (url, str(photos[0]), "file:///etc/passwd"):
+            response = client.post("/search", json={"image": value})
+            assert response.status_code == 400 and "not valid base64" in response.json()["detail"]
+        with pytest.raises(socket.timeout):
+            listener.accept()  # nobody came: the server fetched nothing
+
+
+def test_uploads_over_the_limit_are_413(indexed: Library, photos: list[Path]) -> None:
+    client = TestClient(create_app(indexed, max_upload_bytes=1_000))
+    image = photos[0].read_bytes()
+    assert len(image) > 1_000
+    assert client.post("/search/image", files={"image": ("x.jpg", image, "image/jpeg")}).status_code == 413
+    assert client.post("/search", json={"image": b64(image)}).status_code == 413
+    assert client.post("/embed", json={"image": b64(image)}).status_code == 413
+    huge = b"x" * 200_000  # beyond the whole-body limit: refused before the body is read
+    response = client.post("/search/image", files={"image": ("x.jpg", huge, "image/jpeg")})
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+    chunked = client.post("/search", content=iter([b'{"text": "', b"y" * 200_000, b'"}']),
+                          headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+
+
+# -- items, thumbnails, files -----------------------------------------------------------------
+
+
+def test_item_metadata(client: TestClient, indexed: Library, photos: list[Path]) -> None:
+    item = image_id(indexed, photos[5])
+    body = client.get(f"/items/{item}").json()
+    assert body["id"] == item and body["kind"] == "image" and body["path"] == str(photos[5])
+    assert body["metadata"]["width"] == 48 and body["metadata"]["height"] == 40
+
+
+@pytest.mark.parametrize(
+    ("url", "status"),
+    [
+        ("/items/987654", 404),
+        ("/items/987654/thumbnail", 404),
+        ("/items/987654/file", 404),
+        ("/items/abc", 422),
+        ("/items/1.5/file", 422),
+        ("/items/0", 422),
+        ("/items/-3/file", 422),
+        ("/items/99999999999999999999999/file", 422),
+        ("/items/1/thumbnail?size=0", 422),
+        ("/items/1/thumbnail?size=5000", 422),
+        ("/items/1/thumbnail?size=big", 422),
+    ],
+)
+def test_bad_item_requests(client: TestClient, url: str, status: int) -> None:
+    assert client.get(url).status_code == status
+
+
+def test_thumbnail_is_made_once_and_cached(client: TestClient, indexed: Library, photos: list[Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    item = image_id(indexed, photos[0])
+    first = client.get(f"/items/{item}/thumbnail", params={"size": 20})
+    assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(first.content)).size) <= 64
+    cached = list((indexed.path / "thumbnails" / "64").glob(f"{item}-*.jpg"))
+    assert len(cached) == 1 and cached[0].read_bytes() == first.content
+
+    def must_not_run(*_args: Any, **_kwargs: Any) -> bytes:
+        raise AssertionError("the thumbnail was made again")
+
+    monkeypatch.setattr(search.http.media, "thumbnail_jpeg", must_not_run)
+    again = client.get(f"/items/{item}/thumbnail", params={"size": 64})
+    assert again.status_code == 200 and again.content == first.content
+
+
+def test_thumbnail_without_a_writable_cache(fresh: tuple[Library, list[Path]]) -> None:
+    indexed, photos = fresh
+    (indexed.path / "thumbnails").write_text("not a directory")
+    response = TestClient(create_app(indexed)).get(f"/items/{image_id(indexed, photos[0])}/thumbnail")
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).format == "JPEG"
+
+
+def test_text_items_have_no_file_or_thumbnail(client: TestClient) -> None:
+    text_id = client.post("/search", json={"text": TEXTS[1], "kind": "text", "k": 1}).json()["hits"][0]["id"]
+    assert client.get(f"/items/{text_id}").json()["text"] == TEXTS[1]
+    for suffix in ("file", "thumbnail"):
+        response = client.get(f"/items/{text_id}/{suffix}")
+        assert response.status_code == 404 and "text" in response.json()["detail"]
+
+
+def test_file_serves_the_indexed_bytes_with_safe_headers(client: TestClient, indexed: Library, photos: list[Path]) -> None:
+    item = image_id(indexed, photos[2])
+    response = client.get(f"/items/{item}/file")
+    assert response.status_code == 200 and response.content == photos[2].read_bytes()
+    assert response.headers["content-type"] == "image/jpeg"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in response.headers["content-security-policy"]
+
+
+def test_file_swapped_after_indexing_is_refused(fresh: tuple[Library, list[Path]], secret_file: Path) -> None:
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    swapped, edited = image_id(indexed, photos[0]), image_id(indexed, photos[1])
+    photos[0].unlink()
+    photos[0].symlink_to(secret_file)
+    with photos[1].open("ab") as handle:
+        handle.write(b"appended")
+    for item in (swapped, edited):
+        for suffix in ("file", "thumbnail"):
+            response = client.get(f"/items/{item}/{suffix}")
+            assert response.status_code == 404 and SECRET not in response.text
+            assert "changed since it was indexed" in response.json()["detail"]
+
+
+def test_vanished_file_is_404(fresh: tuple[Library, list[Path]]) -> None:
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    item = image_id(indexed, photos[3])
+    photos[3].unlink()
+    response = client.get(f"/items/{item}/file")
+    assert response.status_code == 404 and "cannot be opened" in response.json()["detail"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_fifo_in_place_of_a_file_does_not_hang(fresh: tuple[Library, list[Path]]) -> None:
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    item = image_id(indexed, photos[4])
+    photos[4].unlink()
+    os.mkfifo(photos[4])
+    assert client.get(f"/items/{item}/file").status_code == 404
+
+
+def traversal_urls(secret: Path) -> list[str]:
+    encoded = str(secret).replace("/", "%2F")
+    return [
+        f"/items/..%2F..%2F{encoded}/file",
+        f"/items/{encoded}/file",
+        f"/items/%2e%2e/%2e%2e{secret}",
+        f"/items/1%2F..%2F..%2F{encoded}/thumbnail",
+        f"/items/1/thumbnail?size=..%2F..%2F{encoded}",
+        f"/static/..%2F..%2F..%2F{encoded}",
+        f"/static/%2e%2e/%2e%2e/%2e%2e{secret}",
+        f"/static/{encoded}",
+        "/static/..%2Fhttp%2Fapp.py",
+        "/static/%2e%2e/http/app.py",
+        f"/{encoded}",
+        f"//{secret}",
+    ]
+
+
+def test_path_traversal_serves_nothing(client: TestClient, secret_file: Path) -> None:
+    for url in traversal_urls(secret_file):
+        response = client.get(url)
+        assert 400 <= response.status_code < 500, url
+        assert SECRET not in response.text and "create_app" not in response.text, url
+
+
+def raw_get(url: str, path: str) -> bytes:
+    """GET `path` exactly as written (no client normalizes its dot segments), as curl --path-as-is."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_path_traversal_over_a_socket(indexed: Library, secret_file: Path) -> None:
+    paths = ["/static/../http/app.py", f"/static/../../../../..{secret_file}", f"/items/../../..{secret_file}",
+             f"/items/1/../../..{secret_file}", f"/items/1/file/../../..{secret_file}", f"/static/./../../..{secret_file}"]
+    with serve_in_thread(create_app(indexed)) as url:
+        for path in paths:
+            response = raw_get(url, path)
+            status = int(response.split(b" ", 2)[1])
+            assert 400 <= status < 500, path
+            assert SECRET.encode() not in response and b"create_app" not in response, path
+
+
+def test_extra_parameters_cannot_pick_another_file(client: TestClient, indexed: Library, photos: list[Path],
+                                                   secret_file: Path) -> None:
+    item = image_id(indexed, photos[0])
+    response = client.get(f"/items/{item}/file", params={"path": str(secret_file), "file": "../secret.txt"})
+    assert response.status_code == 200 and response.content == photos[0].read_bytes()
+
+
+# -- embed --------------------------------------------------------------------------------
+
+
+def test_embed_text_and_image(client: TestClient, indexed: Library, photos: list[Path]) -> None:
+    body = client.post("/embed", json={"text": "a red bicycle"}).json()
+    assert body["dim"] == 32 and body["model"] == indexed.model.name
+    vector = np.asarray(body["vector"], dtype=np.float32)
+    assert np.allclose(vector, indexed.encode_text("a red bicycle"), atol=1e-6)
+    stored = indexed.catalog.get_item(image_id(indexed, photos[0])).vector_array()
+    image_vector = np.asarray(client.post("/embed", json={"image": b64(photos[0].read_bytes())}).json()["vector"])
+    assert float(image_vector @ stored) > 0.999
+
+
+@pytest.mark.parametrize("body", [{}, {"text": "a", "image": "aGk="}, {"text": ""}, {"url": "http://example.com/x.jpg"}])
+def test_embed_needs_exactly_one_input(client: TestClient, body: dict[str, Any]) -> None:
+    assert client.post("/embed", json=body).status_code == 422
+
+
+# -- a library that changes while the server runs -----------------------------------------------
+
+
+def test_search_sees_an_index_run_of_another_process(fresh: tuple[Library, list[Path]], tiny_model: ModelSpec,
+                                                     tmp_path: Path, make_images: Callable[..., list[Path]]) -> None:
+    indexed = fresh[0]
+    client = TestClient(create_app(indexed))
+    assert client.get("/stats").json()["images"] == 6
+    new_photos = make_images(tmp_path / "more", 3, start=50)
+    with Library.open(indexed.path, model=tiny_model, device="cpu") as other:  # as another process would
+        assert index_paths(other, [tmp_path / "more"]).added == 3
+    hits = client.post("/search", json={"text": "anything", "kind": "image", "k": 50}).json()["hits"]
+    assert {str(path) for path in new_photos} <= {hit["path"] for hit in hits}
+    assert len(hits) == 9 and client.get("/stats").json()["images"] == 9
+    first_new = client.post("/search", json={"image": b64(new_photos[0].read_bytes()), "k": 1}).json()["hits"][0]
+    assert first_new["path"] == str(new_photos[0])
+
+
+# -- the token -------------------------------------------------------------------------------------
+
+
+PROTECTED = [
+    ("GET", "/stats", None),
+    ("POST", "/search", {"text": "x"}),
+    ("POST", "/embed", {"text": "x"}),
+    ("GET", "/items/1", None),
+    ("GET", "/items/1/thumbnail", None),
+    ("GET", "/items/1/file", None),
+    ("GET", "/no/such/endpoint", None),
+]
+
+
+@pytest.fixture(scope="module")
+def secured(indexed: Library) -> TestClient:
+    return TestClient(create_app(indexed, token=TOKEN))
+
+
+@pytest.mark.parametrize(("method", "url", "body"), PROTECTED)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Basic {TOKEN}", TOKEN, "Bearer "])
+def test_token_is_required(secured: TestClient, method: str, url: str, body: Any, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = secured.request(method, url, json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("method", "url", "body"), PROTECTED[:-1])
+def test_right_token_is_let_through(secured: TestClient, method: str, url: str, body: Any) -> None:
+    response = secured.request(method, url, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+
+
+def test_multipart_upload_needs_the_token(secured: TestClient, photos: list[Path]) -> None:
+    files = {"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")}
+    assert secured.post("/search/image", files=files).status_code == 401
+    assert secured.post("/search/image", files=files, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+@pytest.mark.parametrize("url", ["/health", "/", "/static/app.js", "/static/style.css", "/openapi.json"])
+def test_health_and_the_page_code_need_no_token(secured: TestClient, url: str) -> None:
+    response = secured.get(url)
+    assert response.status_code == 200
+    assert SECRET not in response.text and "/tmp" not in response.text  # no library data
+
+
+def test_token_is_compared_in_constant_time(secured: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    compare_digest = hmac.compare_digest
+
+    def spy(left: bytes, right: bytes) -> bool:
+        calls.append((left, right))
+        return compare_digest(left, right)
+
+    monkeypatch.setattr(search.http.guard.hmac, "compare_digest", spy)
+    assert secured.get("/stats", headers={"Authorization": "Bearer guess"}).status_code == 401
+    assert calls == [(b"guess", TOKEN.encode())]
+
+
+def test_non_ascii_token(indexed: Library) -> None:
+    client = TestClient(create_app(indexed, token="pässwörd-✓"))
+    assert client.get("/stats", headers={"Authorization": "Bearer pässwörd-✓".encode()}).status_code == 200
+    assert client.get("/stats", headers={"Authorization": "Bearer passwort-✓".encode()}).status_code == 401
+
+
+def test_page_has_a_strict_content_security_policy(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200 and 'id="search-form"' in response.text
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+
+
+def test_mounted_in_another_app(indexed: Library) -> None:
+    outer = FastAPI()
+    outer.mount("/clipdex", create_app(indexed, token=TOKEN))
+    client = TestClient(outer)
+    assert client.get("/clipdex/health").status_code == 200
+    assert client.get("/clipdex/").status_code == 200
+    assert client.get("/clipdex/stats").status_code == 401
+    assert client.get("/clipdex/stats", headers={"Authorization": f"Bearer {TOKEN}"}).json()["items"] == 8
+
+
+# -- clipdex serve ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What `clipdex serve` would run, instead of running it."""
+    captured: dict[str, Any] = {}
+
+    def fake_run_server(app: Any, host: str, port: int) -> None:
+        captured.update(app=app, host=host, port=port)
+
+    monkeypatch.setattr(search.http, "run_server", fake_run_server)
+    return captured
+
+
+def invoke_serve(*args: str, env: dict[str, str] | None = None) -> Any:
+    from cli.main import app
+
+    return CliRunner().invoke(app, ["serve", *args], env=env)
+
+
+def test_serve_defaults_to_loopback_and_refuses_other_hosts(indexed: Library, served: dict[str, Any]) -> None:
+    result = invoke_serve("--library", str(indexed.path))
+    assert result.exit_code == 0, result.output
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8000)
+    assert "http://127.0.0.1:8000/" in result.output
+    assert TestClient(served["app"], base_url="http://127.0.0.1:8000").get("/stats").status_code == 200
+    assert TestClient(served["app"], base_url="http://localhost:8000").get("/stats").status_code == 200
+    assert TestClient(served["app"], base_url="http://rebound.example:8000").get("/stats").status_code == 400
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_serve_token_from_option_or_environment(indexed: Library, served: dict[str, Any], how: str) -> None:
+    if how == "option":
+        result = invoke_serve("--library", str(indexed.path), "--port", "8765", "--token", TOKEN)
+    else:
+        result = invoke_serve("--library", str(indexed.path), "--port", "8765", env={"CLIPDEX_TOKEN": TOKEN})
+    assert result.exit_code == 0, result.output
+    assert "token required" in result.output
+    client = TestClient(served["app"], base_url="http://127.0.0.1:8765")
+    assert client.get("/stats").status_code == 401
+    assert client.get("/stats", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_serve_warns_when_open_to_the_network_without_a_token(indexed: Library, served: dict[str, Any]) -> None:
+    result = invoke_serve("--library", str(indexed.path), "--host", "0.0.0.0")
+    assert result.exit_code == 0 and "without a token" in result.output
+    assert TestClient(served["app"], base_url="http://photos.example:8000").get("/stats").status_code == 200
+
+
+def test_serve_errors(tmp_path: Path, indexed: Library, served: dict[str, Any]) -> None:
+    missing = invoke_serve("--library", str(tmp_path / "nothing-here"))
+    assert missing.exit_code == 1 and "no clipdex library" in missing.output
+    empty = invoke_serve("--library", str(indexed.path), "--token", " ")
+    assert empty.exit_code == 1 and "empty" in empty.output
+    assert not served
+
+
+# -- concurrent clients over a real socket ---------------------------------------------------------
+
+
+def load_module() -> Any:
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "load.py"
+    spec = importlib.util.spec_from_file_location("clipdex_load_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concurrent_clients_get_no_errors(indexed: Library, photos: list[Path]) -> None:
+    load = load_module()
+    ids = indexed.catalog.ids(Item.kind == "image").tolist()
+    with serve_in_thread(create_app(indexed, token=TOKEN)) as url:
+        report = load.run_load(url, ids, photos[0].read_bytes(), clients=6, queries=8, token=TOKEN)
+    assert report.errors == [] and report.requests == 48
+    assert 0 < report.percentile(0.5) <= report.percentile(0.95)
+    assert "p95 ms" in report.table()
