@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from sqlalchemy.exc import SQLAlchemyError
 
 from search.errors import ClipdexError
 from search.library import Library
@@ -49,16 +51,27 @@ def handles_errors(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except ClipdexError as error:
+        except (ClipdexError, OSError, SQLAlchemyError) as error:
             if DEBUG["enabled"]:
                 traceback.print_exc()
-            err.print(f"[bold red]Error:[/] {error}", markup=True)
+            err.print(f"[bold red]Error:[/] {describe_error(error)}", markup=True, highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the user: the library's own message, or the file and the reason."""
+    if isinstance(error, ClipdexError):
+        return escape(str(error))
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return escape(f"{where}{error.strerror or error}")
+    original = getattr(error, "orig", None) or error
+    return escape(f"catalog database error: {str(original).splitlines()[0]} (run with --debug for details)")
 
 
 def model_spec(model: Optional[str], pretrained: Optional[str]) -> Optional[ModelSpec]:

@@ -58,5 +58,7 @@ def export(
     library: Optional[Path] = LibraryOption,
 ) -> None:
     """Write ids, kinds, paths, texts and vectors (float32, as stored) to an .npz file."""
+    if out_file.suffix != ".npz":
+        out_file = out_file.with_name(out_file.name + ".npz")  # numpy would add it silently
     count = open_library(library).export(out_file)
     out.print(f"exported {count} items to {out_file}")

@@ -12,17 +12,21 @@ import os
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from indexer.scan import ScannedFile, scan
 from search.catalog import FileRecord, NewItem
+from search.encoder import available_cores
 from search.errors import ClipdexError, UnreadableImage
 from search.imaging import decode_image
 from search.library import Library
+from search.vectors import faiss_module
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -79,8 +83,32 @@ class _Prepared:
     error: str | None = None
 
 
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2)))
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How an index run shares the cores, so that decoding and the model never oversubscribe them.
+
+    On the CPU, decoding a camera JPEG costs about as much as embedding it, so the cores
+    are split: half decode, the rest run the model's (torch) and FAISS's threads. Threads
+    that outnumber the cores would preempt each other inside the model's parallel regions,
+    where every thread waits for the slowest. On a GPU the model needs no cores: all decode.
+    """
+
+    decode_workers: int
+    model_threads: int | None  # torch and FAISS threads during the run; None: leave them as they are
+
+
+def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
+    """The plan for an encoder on `device` (auto, cpu or cuda), with `workers` decode threads if given."""
+    cores = available_cores()
+    if device == "cuda" or (device == "auto" and _nvidia_driver_present()):
+        return ThreadPlan(workers or cores, None)
+    decode = workers or max(1, cores // 2)
+    return ThreadPlan(decode, max(1, cores - decode))
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether `--device auto` will likely find CUDA, known without importing torch."""
+    return os.path.exists("/proc/driver/nvidia/version")
 
 
 def index_paths(
@@ -93,46 +121,69 @@ def index_paths(
     workers: int | None = None,
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
+    export_text: bool = True,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
     `stop`: when set (by a Ctrl-C handler, say), the run ends after the current batch.
+    `export_text`: when the run loaded the model, also store its text tower in the library
+    (once; `search.text_export`) so that later text queries need neither torch nor open_clip.
     """
     started = time.monotonic()
     report = IndexReport()
-    result = scan(paths, exclude=exclude, include_hidden=include_hidden)
-    report.failed += [Failure(path, reason) for path, reason in result.errors]
-    known = library.catalog.files_under(result.roots)
-    for scanned in result.files:  # single files given directly are known by exact path
-        if scanned.path not in known:
-            record = library.catalog.files_under([os.path.dirname(scanned.path)]).get(scanned.path)
-            if record is not None:
-                known[scanned.path] = record
-
-    jobs: list[_Job] = []
-    for scanned in result.files:
-        record = known.get(scanned.path)
-        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns:
-            report.unchanged += 1
-        else:
-            jobs.append(_Job(scanned, record))
-    seen = {scanned.path for scanned in result.files}
-    kept = {path for path, _ in result.errors}
-    vanished = {
-        path: record
-        for path, record in known.items()
-        if path not in seen and path not in kept and not _inside_any(path, result.unreadable_dirs)
-    }
-
+    # The diff and the commits happen under the write lock: another run cannot slip in between.
     with library.writer() as writer:
+        result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)])
+        report.failed += [Failure(path, reason) for path, reason in result.errors]
+        known = library.catalog.files_under(result.roots)
+        direct = [f.path for f in result.files if f.path not in known and not _inside_any(f.path, result.roots)]
+        known.update(library.catalog.files_at(direct))  # single files given directly
+
+        jobs: list[_Job] = []
+        for scanned in result.files:
+            record = known.get(scanned.path)
+            if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns:
+                report.unchanged += 1
+            else:
+                jobs.append(_Job(scanned, record))
+        seen = {scanned.path for scanned in result.files}
+        kept = {path for path, _ in result.errors}
+        vanished = {
+            path: record
+            for path, record in known.items()
+            if path not in seen and path not in kept and not _inside_any(path, result.unreadable_dirs)
+        }
         if jobs:
-            _run_jobs(library, writer, jobs, vanished, report, batch_size, workers or default_workers(), progress, stop)
+            plan = plan_threads(library.encoder.requested_device, workers)
+            with _model_threads(library, plan.model_threads):
+                _run_jobs(library, writer, jobs, vanished, report, batch_size, plan.decode_workers, progress, stop)
         if not report.interrupted and vanished:
             writer.commit(remove_ids=[record.id for record in vanished.values()])
             report.removed = len(vanished)
     report.model_loaded = library._encoder is not None and library._encoder.loaded
+    if report.model_loaded and export_text and not report.interrupted:
+        library.export_text_encoder()
     report.seconds = time.monotonic() - started
     return report
+
+
+@contextmanager
+def _model_threads(library: Library, count: int | None) -> Iterator[None]:
+    """Run the model's and FAISS's threads at `count` during the block, then as before."""
+    if count is None:
+        yield
+        return
+    encoder = library.encoder
+    before = encoder.threads
+    faiss = faiss_module()
+    faiss_before = faiss.omp_get_max_threads()
+    encoder.set_threads(count)
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        encoder.set_threads(before)
+        faiss.omp_set_num_threads(faiss_before)
 
 
 def _inside_any(path: str, directories: Iterable[str]) -> bool:
@@ -155,7 +206,7 @@ def _run_jobs(
     known_hashes = _HashLookup(library, hashes)
     batch: list[_Prepared] = []
     done = 0
-    for prepared in _prepare_all(library, jobs, known_hashes, workers):
+    for prepared in _prepare_all(library, jobs, known_hashes, workers, batch_size + 2 * workers):
         done += 1
         if prepared.error is not None:
             report.failed.append(Failure(prepared.job.file.path, prepared.error))
@@ -192,20 +243,21 @@ class _HashLookup:
         return item.id if item is not None else None
 
 
-def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, workers: int) -> Iterator[_Prepared]:
+def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, workers: int, ahead: int) -> Iterator[_Prepared]:
     """Read, hash and (when no stored vector fits) decode files in parallel, in order.
 
-    At most `4 * workers` files are in flight, so memory does not grow with the corpus.
+    At most `ahead` files are in flight (being read or decoded, or done and waiting), so
+    memory does not grow with the corpus. `ahead` spans more than a batch: while the
+    caller embeds one batch, the workers decode the next.
     """
     encoder = library.encoder
-    window = 4 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipdex-decode") as pool:
         pending: deque[Future[_Prepared]] = deque()
         job_iter = iter(jobs)
         try:
             for job in job_iter:
                 pending.append(pool.submit(_prepare, job, encoder, hashes))
-                if len(pending) >= window:
+                if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -232,21 +284,27 @@ def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
     if reuse is not None:
         prepared.reuse_id = reuse
         return prepared
+    _decode_into(prepared, data, encoder)
+    return prepared
+
+
+def _decode_into(prepared: _Prepared, data: bytes, encoder: Any) -> None:
+    """Decode and preprocess the file's bytes into `prepared` (tensor and metadata, or error)."""
     if not data:
         prepared.error = "empty file (0 bytes)"
-        return prepared
+        return
     try:
         preprocess = encoder.preprocess
-        decoded = decode_image(data, draft_size=2 * encoder.image_size, name=path)
+        decoded = decode_image(data, draft_size=2 * encoder.image_size, name=prepared.job.file.path)
         prepared.tensor = preprocess(decoded.image)
     except UnreadableImage as error:
         prepared.error = error.reason
-        return prepared
+        return
     except ClipdexError:  # the model cannot load: that ends the run, it is no file's fault
         raise
     except Exception as error:  # a decoder bug must not end the run: report the file
         prepared.error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-        return prepared
+        return
     prepared.metadata = {
         "width": decoded.width,
         "height": decoded.height,
@@ -254,7 +312,32 @@ def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
         "camera_make": decoded.camera_make,
         "camera_model": decoded.camera_model,
     }
-    return prepared
+
+
+def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
+    """The stored items whose vectors the batch reuses, still holding the same bytes.
+
+    The decision to reuse was made before earlier batches of this run committed; if one of
+    them changed or removed that item (two files swapped contents, say), decode instead.
+    """
+    reused = [prepared.reuse_id for prepared in batch if prepared.reuse_id is not None]
+    stored = library.catalog.get_items(reused) if reused else {}
+    for prepared in batch:
+        if prepared.reuse_id is None:
+            continue
+        source = stored.get(prepared.reuse_id)
+        if source is None or source.content_hash != prepared.content_hash:
+            prepared.reuse_id = None
+            try:
+                data = Path(prepared.job.file.path).read_bytes()
+            except OSError as error:
+                prepared.error = f"cannot read: {error.strerror or error}"
+                continue
+            if hashlib.blake2b(data, digest_size=20).hexdigest() != prepared.content_hash:
+                prepared.error = "file changed during the run; run index again"
+                continue
+            _decode_into(prepared, data, library.encoder)
+    return stored
 
 
 def _commit(
@@ -265,6 +348,10 @@ def _commit(
     vanished_by_id: dict[int, str],
     report: IndexReport,
 ) -> None:
+    stored = _recheck_reuse(library, batch)
+    for prepared in [p for p in batch if p.error is not None]:
+        report.failed.append(Failure(prepared.job.file.path, prepared.error or ""))
+    batch = [prepared for prepared in batch if prepared.error is None]
     to_embed = [prepared for prepared in batch if prepared.tensor is not None]
     vectors: dict[int, np.ndarray] = {}
     if to_embed:
@@ -272,9 +359,6 @@ def _commit(
 
         encoded = library.encoder.encode_tensors(torch.stack([prepared.tensor for prepared in to_embed]))
         vectors = {id(prepared): vector for prepared, vector in zip(to_embed, encoded)}
-    reused = [prepared.reuse_id for prepared in batch if prepared.reuse_id is not None]
-    stored = library.catalog.get_items(reused) if reused else {}
-
     items: list[NewItem] = []
     moves: list[tuple[int, dict[str, Any]]] = []
     counts = {"added": 0, "updated": 0, "moved": 0}
@@ -292,10 +376,7 @@ def _commit(
             counts["updated"] += 1
             continue
         if source_id is not None:
-            source = stored.get(source_id)
-            if source is None:  # the item went away meanwhile: nothing to reuse
-                report.failed.append(Failure(job.file.path, "its duplicate vanished mid-run; run index again"))
-                continue
+            source = stored[source_id]
             metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
             vector = source.vector_array().copy()
         else:

@@ -32,17 +32,26 @@ def normalize(path: str | os.PathLike[str]) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def scan(paths: Sequence[str | os.PathLike[str]], exclude: Sequence[str] = (), include_hidden: bool = False) -> ScanResult:
-    """Find the image files under `paths` (directories, recursively, or single files)."""
+def scan(
+    paths: Sequence[str | os.PathLike[str]],
+    exclude: Sequence[str] = (),
+    include_hidden: bool = False,
+    skip_dirs: Sequence[str] = (),
+) -> ScanResult:
+    """Find the image files under `paths` (directories, recursively, or single files).
+
+    `skip_dirs` are never entered (the library's own folder, for one).
+    """
     normalized = [normalize(path) for path in paths]
     for path in normalized:
         if not os.path.exists(path):
             raise ClipdexError(f"{path} does not exist")
     result = ScanResult(roots=[path for path in normalized if os.path.isdir(path)])
     seen: set[str] = set()
+    skipped = {normalize(path) for path in skip_dirs}
     for path in normalized:
         if os.path.isdir(path):
-            _walk(path, exclude, include_hidden, result, seen)
+            _walk(path, exclude, include_hidden, result, seen, skipped)
         else:
             _add_file(path, result, seen, explicit=True)
     return result
@@ -60,7 +69,7 @@ def is_excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
     )
 
 
-def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanResult, seen: set[str]) -> None:
+def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanResult, seen: set[str], skipped: set[str]) -> None:
     visited: set[tuple[int, int]] = set()  # (device, inode) of directories: symlink loops end here
     stack = [root]
     while stack:
@@ -83,12 +92,17 @@ def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanR
         for entry in children:
             if not include_hidden and entry.name.startswith("."):
                 continue
-            if is_excluded(entry.path, root, exclude):
+            if is_excluded(entry.path, root, exclude) or entry.path in skipped:
                 continue
             try:
                 is_directory = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_directory = False
+            if not is_directory and entry.is_symlink() and not os.path.exists(entry.path):
+                # a link whose target is gone (an unmounted drive, say): keep what was indexed there
+                result.errors.append((entry.path, "symbolic link to a missing target; its indexed items are kept"))
+                result.unreadable_dirs.append(entry.path)
+                continue
             if is_directory:
                 subdirectories.append(entry.path)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:

@@ -68,6 +68,8 @@ def read_corpus(path: Path, column: str | None = None, id_column: str | None = N
         return _keyed(path, _read_jsonl(path), column, id_column)
     except UnicodeDecodeError as error:
         raise UnreadableCorpus(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise UnreadableCorpus(f"{path}: {error}") from None
     except OSError as error:
         raise UnreadableCorpus(f"{path}: {error.strerror or error}") from None
 
@@ -83,10 +85,13 @@ def _read_lines(path: Path) -> Iterator[TextRow]:
 def _read_table(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
-        for number, row in enumerate(reader, start=1):
-            if None in row:
-                raise UnreadableCorpus(f"{path}:{reader.line_num}: more fields than the header has")
-            yield number, row
+        try:
+            for number, row in enumerate(reader, start=1):
+                if None in row:
+                    raise UnreadableCorpus(f"{path}:{reader.line_num}: more fields than the header has")
+                yield number, row
+        except csv.Error as error:
+            raise UnreadableCorpus(f"{path}:{reader.line_num}: {error}") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -304,6 +304,16 @@ class Catalog:
                     records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
         return records
 
+    def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
+        """Indexed image files at exactly these paths."""
+        records: dict[str, FileRecord] = {}
+        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
+        with self.sessions() as session:
+            for chunk in _chunks(list(paths), 500):
+                for row in session.execute(select(*columns).where(Item.path.in_(chunk))):
+                    records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
+        return records
+
     def texts_from(self, source: str) -> dict[str, tuple[int, str, str | None]]:
         """Indexed texts of one corpus file: source_key -> (id, text, extra JSON)."""
         query = select(Item.id, Item.source_key, Item.text, Item.extra).where(Item.source == source)
@@ -321,7 +331,7 @@ class Catalog:
     def get_items(self, ids: Iterable[int]) -> dict[int, Item]:
         found: dict[int, Item] = {}
         with self.sessions() as session:
-            for chunk in _chunks(list(ids), 500):
+            for chunk in _chunks([int(i) for i in ids], 500):
                 for item in session.scalars(select(Item).where(Item.id.in_(chunk))):
                     found[item.id] = item
         return found
@@ -393,7 +403,7 @@ class Catalog:
 def _configure_connection(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, like the fsynced index
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
 

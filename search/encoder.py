@@ -5,14 +5,17 @@ Importing this module is cheap; torch and open_clip are imported inside `Encoder
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from search.errors import ModelUnavailable
-from search.model import ResolvedModel
+from search.model import ResolvedModel, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,7 +32,8 @@ class Encoder:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         self.spec = model
         self.requested_device = device
-        self.threads = threads
+        # torch's intra-op threads: one per core this process may use (see available_cores)
+        self.threads = threads or available_cores()
         self._lock = threading.Lock()
         self._model: Any = None
         self._preprocess: Any = None
@@ -55,8 +59,7 @@ class Encoder:
 
         import open_clip
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         device = self.requested_device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,12 +72,11 @@ class Encoder:
         pretrained = spec.checkpoint or spec.pretrained
         if spec.checkpoint and not os.path.isfile(spec.checkpoint):
             raise ModelUnavailable(f"checkpoint file {spec.checkpoint} of model {spec.name} is missing")
-        if spec.checkpoint and spec.checkpoint_size is not None:
-            if os.path.getsize(spec.checkpoint) != spec.checkpoint_size:
-                raise ModelUnavailable(
-                    f"checkpoint file {spec.checkpoint} changed since the library was made "
-                    f"(size differs); the library needs the original weights"
-                )
+        if spec.checkpoint and spec.checkpoint_sha256 and file_sha256(Path(spec.checkpoint)) != spec.checkpoint_sha256:
+            raise ModelUnavailable(
+                f"checkpoint file {spec.checkpoint} is not the one this library was built with "
+                "(its sha256 differs); restore the original weights, or index into a new library"
+            )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name, pretrained=pretrained, device=device, precision=precision
@@ -98,6 +100,14 @@ class Encoder:
         self.device = device
         self.dtype_name = precision
         self._model = model
+
+    def set_threads(self, count: int) -> None:
+        """Use `count` torch intra-op threads (torch's setting is for the whole process)."""
+        self.threads = count
+        if self.loaded:
+            import torch
+
+            torch.set_num_threads(count)
 
     # -- properties of the loaded model --------------------------------------------
 
@@ -184,6 +194,14 @@ class Encoder:
         return len(encode(text)) + 2
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def _normalized_numpy(features: "torch.Tensor") -> np.ndarray:
     array = features.float().cpu().numpy().astype(np.float32, copy=False)
     norms = np.linalg.norm(array, axis=1, keepdims=True)
@@ -194,15 +212,16 @@ _registered: dict[str, dict[str, Any]] = {}
 
 
 def _register_config(spec: ResolvedModel) -> None:
-    """Make a model-config JSON known to open_clip under its file's stem."""
+    """Make the manifest's copy of a model-config JSON known to open_clip under its name.
+
+    The copy, not the file it came from: that file may have changed or moved since.
+    """
     import open_clip
 
     if _registered.get(spec.name) == spec.config:
         return
-    if spec.config_path and os.path.isfile(spec.config_path):
-        open_clip.add_model_config(spec.config_path)
-    else:  # the JSON moved: the manifest holds a copy of the config
-        from open_clip import factory
-
-        factory._MODEL_CONFIGS[spec.name] = dict(spec.config or {})
+    with tempfile.TemporaryDirectory(prefix="clipdex-config-") as folder:
+        path = Path(folder) / f"{spec.name}.json"
+        path.write_text(json.dumps(spec.config))
+        open_clip.add_model_config(path)
     _registered[spec.name] = dict(spec.config or {})

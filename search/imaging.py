@@ -31,6 +31,8 @@ IMAGE_EXTENSIONS = frozenset(
 # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
 MAX_IMAGE_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# _decode_opened refuses such images itself; Pillow's own warning would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 EXIF_DATETIME_ORIGINAL = 0x9003
 EXIF_DATETIME = 0x0132
@@ -67,14 +69,12 @@ def decode_image(source: str | Path | bytes, draft_size: int | None = None, name
     else:
         handle = source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as opened:
-                return _decode_opened(opened, draft_size)
+        with Image.open(handle) as opened:
+            return _decode_opened(opened, draft_size)
     except UnreadableImage:
         raise
     except FileNotFoundError:
-        raise UnreadableImage(label, "file vanished before it could be read") from None
+        raise UnreadableImage(label, "no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(label, f"refused as a decompression bomb ({_first_line(error)})") from None
     except UnidentifiedImageError:
@@ -94,6 +94,8 @@ def _decode_opened(opened: Image.Image, draft_size: int | None) -> DecodedImage:
     width, height = opened.size  # full resolution, before any draft reduction
     if width * height == 0:
         raise UnreadableImage(getattr(opened, "filename", "image") or "image", "image has no pixels")
+    if width * height > MAX_IMAGE_PIXELS:  # Pillow only warns up to twice this; warnings filters are not thread-safe
+        raise Image.DecompressionBombError(f"{width}x{height} pixels is more than the {MAX_IMAGE_PIXELS} allowed")
     exif = opened.getexif()
     if exif.get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
         width, height = height, width

@@ -158,24 +158,40 @@ class Library:
         """Bring the in-memory index up to the catalog's generation. True if anything changed."""
         with self._sync_lock:
             generation = self.catalog.generation()
-            if self._vectors is not None and self._vectors_generation >= generation:
+            if self._vectors is not None and self._vectors_generation == generation:
                 return False
-            stale_on_disk = self._vectors is None
-            if self._vectors is None:
-                loaded = VectorIndex.load(self.path)
-                if loaded is not None and loaded[0].dim == self.dim:
-                    self._vectors, self._vectors_generation = loaded
-                else:
-                    self._vectors, self._vectors_generation = self._build_vectors(), generation
-            if self._vectors_generation < generation:
-                if self._vectors_generation < self.catalog.changes_floor():
-                    self._vectors = self._build_vectors()
-                else:
-                    self._apply_changes(self.catalog.changed_since(self._vectors_generation))
-                self._vectors_generation = generation
-            if stale_on_disk and self._vectors_generation > _saved_generation(self.path):
+            first_load = self._vectors is None
+            if self._vectors is None or self._vectors_generation > generation:
+                self._load_or_build_vectors(generation)
+            for _attempt in range(2):
+                if self._vectors_generation >= generation or self._catch_up(generation):
+                    break
+                self._load_or_build_vectors(generation)  # the log was trimmed: the saved index is newer
+            else:
+                self._vectors, self._vectors_generation = self._build_vectors(), generation
+            if first_load and self._vectors_generation > _saved_generation(self.path):
                 self._save_if_no_writer()
             return True
+
+    def _load_or_build_vectors(self, generation: int) -> None:
+        loaded = VectorIndex.load(self.path)
+        # An index ahead of the catalog (its last commits lost) or of another dimension is not trusted.
+        if loaded is not None and loaded[0].dim == self.dim and loaded[1] <= generation:
+            self._vectors, self._vectors_generation = loaded
+        else:
+            self._vectors, self._vectors_generation = self._build_vectors(), generation
+
+    def _catch_up(self, generation: int) -> bool:
+        """Apply the change log since the index's generation; False if the log no longer reaches back."""
+        since = self._vectors_generation
+        if since < self.catalog.changes_floor():
+            return False
+        changed = self.catalog.changed_since(since)
+        if since < self.catalog.changes_floor():  # trimmed while we read: `changed` may be incomplete
+            return False
+        self._apply_changes(changed)
+        self._vectors_generation = generation
+        return True
 
     def _save_if_no_writer(self) -> None:
         """Persist a caught-up index (after a crash, say) so later readers need not redo it."""
@@ -211,6 +227,20 @@ class Library:
                 self._vectors_generation = generation
                 self.save_vectors()
         return self._vectors
+
+    def adopt_vectors(self, index: VectorIndex, generation: int) -> None:
+        """Make `index`, built from the catalog as of `generation`, the library's index: catch
+        it up from the change log (or rebuild it with its spec when the log no longer reaches
+        back), save it, and record its spec in the manifest."""
+        with self.writer():
+            with self._sync_lock:
+                self.manifest.index = index.spec
+                self.manifest.write(self.path / MANIFEST_FILE)
+                self._vectors, self._vectors_generation = index, generation
+                current = self.catalog.generation()
+                if current > generation and not self._catch_up(current):
+                    self._vectors, self._vectors_generation = self._build_vectors(), current
+                self.save_vectors()
 
     def save_vectors(self) -> None:
         """Save the in-memory index (the caller holds the write lock) and trim the change log."""
@@ -317,7 +347,7 @@ class Library:
             return []
         wanted = query.k + query.offset
         with self._sync_lock:  # a catch-up by another thread must not change the index mid-search
-            scores, ids = self.vectors.search(vector[None, :], wanted, allowed)
+            scores, ids = self.vectors.search(vector[None, :], wanted, allowed, source=self.catalog)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         pairs = pairs[query.offset : query.offset + query.k]
         if query.threshold is not None:
@@ -378,6 +408,7 @@ class Library:
             "weights": self.model.weights,
             "index_type": vectors.spec.type,
             "index": vectors.spec.to_json(),
+            "index_device": vectors.device,
             "generation": self.catalog.generation(),
             **({"optimized": self.manifest.extra["optimized"]} if "optimized" in self.manifest.extra else {}),
         }
@@ -429,7 +460,7 @@ class LibraryWriter:
 
     def __init__(self, library: Library) -> None:
         self.library = library
-        library.sync_vectors()
+        self._synced = False  # the index is caught up on the first commit, not before
         self._dirty = False
         self._last_save = time.monotonic()
 
@@ -445,6 +476,9 @@ class LibraryWriter:
                 raise CorruptLibrary(f"vector of shape {item.vector.shape} does not fit this library (dim {self.library.dim})")
         library = self.library
         with library._sync_lock:
+            if not self._synced:
+                library.sync_vectors()
+                self._synced = True
             result = library.catalog.commit_batch(items, remove_ids, moves)
             vectors = library._vectors
             assert vectors is not None

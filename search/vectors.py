@@ -3,34 +3,78 @@
 The index is derived data. It is saved atomically (temporary file, then rename) with a
 stamp naming the catalog generation it reflects; readers catch it up from the
 catalog's change log, or rebuild it, when it lags.
+
+Three types (`IndexSpec.type`), chosen by `search.index_choice`:
+
+- "flat": exact inner product (`IndexIDMap2(IndexFlatIP)`).
+- "ivf": an inverted file (`IVF{nlist},Flat|SQ8|PQ{m}`), ids stored in its lists; searched
+  with `nprobe` lists.
+- "hnsw": a graph (`IndexIDMap(IndexHNSWFlat)`), searched with `efSearch`. FAISS cannot
+  remove from an HNSW graph, so a removed vector is a tombstone: its id in the id map
+  becomes negative (-1 - position) and every search excludes negative ids with a
+  selector. When tombstones pass `HNSW_COMPACT_FRACTION` of the graph, it is rebuilt
+  from its live vectors.
+
+Filtered searches return exactly min(k, matches) hits on every type: small filtered
+sets are scored exactly (from the index's own vectors, or the catalog's when the index
+holds quantized codes), larger ones search wider until enough matches come back.
+Unfiltered searches run on the GPU when FAISS sees one (see `GpuSettings`); removals
+always go through the CPU copy, which stays the one that is saved.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from search.errors import CorruptLibrary
+from search.errors import ClipdexError, CorruptLibrary
 
 INDEX_FILE = "vectors.faiss"
 STAMP_FILE = "vectors.json"
+
+# A filtered search whose filter matches at most this many items scores them exactly.
+EXACT_FILTER_MAX = 20_000
+# Rebuild an HNSW graph when this fraction of its nodes are tombstones.
+HNSW_COMPACT_FRACTION = 0.25
+# The widest HNSW search before falling back to exact scoring.
+HNSW_MAX_EF_SEARCH = 4096
+# Index files at least this large are memory-mapped when loaded (POSIX only).
+MMAP_MIN_BYTES = 64 << 20
+# FAISS GPU indexes answer k and nprobe up to this; larger searches stay on the CPU.
+GPU_MAX_K = 2048
+DEFAULT_NPROBE_FRACTION = 1 / 16
+DEFAULT_EF_SEARCH = 64
+
+GPU_ENV = "CLIPDEX_GPU"  # auto (default): use GPUs when FAISS sees one; on: require one; off: never
+GPU_MULTI_ENV = "CLIPDEX_GPU_MULTI"  # replicate (default): a full copy per GPU; shard: split across GPUs
+GPU_FP16_ENV = "CLIPDEX_GPU_FP16"  # 1: float16 storage for flat vectors (and IVF-PQ lookup tables)
+
+
+class GpuUnavailable(ClipdexError):
+    """The GPU was required (CLIPDEX_GPU=on) but FAISS cannot search there."""
 
 
 @dataclass
 class IndexSpec:
     """How the FAISS index is built and searched; recorded in the stamp and the manifest."""
 
-    # "flat": exact inner product. Other types are added by `search.index_choice`.
+    # "flat" (exact inner product), "ivf" or "hnsw"; see `search.index_choice`.
     type: str = "flat"
     # The FAISS factory string, for types built through `faiss.index_factory`.
     factory: str | None = None
     # Search-time parameters (nprobe, efSearch) tuned by `clipdex optimize`.
     search_params: dict[str, Any] = field(default_factory=dict)
+    # The memory budget in bytes the type was chosen under; later rebuilds keep to it.
+    memory_budget: int | None = None
+    # True when asked for explicitly: rebuilds keep the type whatever the library's size
+    # (False: a rebuild may switch to the type `search.index_choice` picks for the size).
+    pinned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +83,34 @@ class IndexSpec:
     def from_json(cls, data: dict[str, Any] | None) -> "IndexSpec":
         data = data or {}
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    """Whether and how searches use GPUs; read from the environment."""
+
+    mode: str = "auto"  # auto | on | off
+    multi: str = "replicate"  # replicate | shard, when FAISS sees several GPUs
+    float16: bool = False
+
+    @classmethod
+    def from_environment(cls) -> "GpuSettings":
+        aliases = {"1": "on", "true": "on", "yes": "on", "force": "on", "0": "off", "false": "off", "no": "off"}
+        raw = os.environ.get(GPU_ENV, "auto").strip().lower() or "auto"
+        mode = aliases.get(raw, raw)
+        multi = os.environ.get(GPU_MULTI_ENV, "replicate").strip().lower() or "replicate"
+        if mode not in ("auto", "on", "off"):
+            raise GpuUnavailable(f"{GPU_ENV} must be auto, on or off, not {raw!r}")
+        if multi not in ("replicate", "shard"):
+            raise GpuUnavailable(f"{GPU_MULTI_ENV} must be replicate or shard, not {multi!r}")
+        float16 = os.environ.get(GPU_FP16_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+        return cls(mode, multi, float16)
+
+
+class VectorSource(Protocol):
+    """Where exact vectors come from for exact scoring (the catalog)."""
+
+    def iter_vectors(self, ids: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
 def faiss_module() -> Any:
@@ -50,27 +122,51 @@ def faiss_module() -> Any:
 class VectorIndex:
     """A FAISS index of normalized vectors searched by inner product (cosine)."""
 
-    def __init__(self, dim: int, spec: IndexSpec | None = None, index: Any = None) -> None:
+    def __init__(self, dim: int, spec: IndexSpec | None = None, index: Any = None, gpu: GpuSettings | None = None) -> None:
         self.dim = dim
         self.spec = spec or IndexSpec()
         self.index = index if index is not None else self._new_index()
+        self.gpu = gpu or GpuSettings.from_environment()
+        self.mapped = False  # True while the vectors are a read-only memory map of the file
         self._gpu_index: Any = None
+        self._gpu_resources: list[Any] = []
+        self._gpu_count: int | None = None
+        self._tombstones = self._count_tombstones()
 
     def _new_index(self) -> Any:
         faiss = faiss_module()
         if self.spec.type == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        raise CorruptLibrary(f"unknown vector index type {self.spec.type!r}")
+        if self.spec.type == "ivf" and self.spec.factory:
+            return faiss.index_factory(self.dim, self.spec.factory, faiss.METRIC_INNER_PRODUCT)
+        if self.spec.type == "hnsw" and (self.spec.factory or "").endswith(",Flat"):  # tombstone compaction needs whole vectors
+            return faiss.IndexIDMap(faiss.index_factory(self.dim, self.spec.factory, faiss.METRIC_INNER_PRODUCT))
+        raise CorruptLibrary(f"unknown vector index type {self.spec.type!r} (factory {self.spec.factory!r})")
 
     # -- contents -----------------------------------------------------------------
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """The number of live vectors (HNSW tombstones not counted)."""
+        return int(self.index.ntotal) - self._tombstones
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    @property
+    def tombstones(self) -> int:
+        return self._tombstones
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the quantizers (IVF, SQ, PQ) on a sample; other types need no training."""
+        if not self.index.is_trained:
+            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
+        self._make_writable()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
         self._gpu_index = None
@@ -79,50 +175,243 @@ class VectorIndex:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
         if len(ids) == 0:
             return 0
-        removed = int(self.index.remove_ids(faiss_module().IDSelectorBatch(ids)))
+        self._make_writable()
         self._gpu_index = None
-        return removed
+        if self.spec.type == "hnsw":
+            return self._bury(ids)
+        return int(self.index.remove_ids(faiss_module().IDSelectorBatch(ids)))
 
     def ids(self) -> np.ndarray:
-        faiss = faiss_module()
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if self.spec.type == "ivf":
+            return _inverted_list_ids(faiss_module().extract_index_ivf(self.index))
+        ids = self._id_map()
+        return ids[ids >= 0] if self._tombstones else ids
+
+    def _id_map(self) -> np.ndarray:
+        return faiss_module().vector_to_array(self.index.id_map).astype(np.int64)
+
+    def _make_writable(self) -> None:
+        """A memory-mapped index is read-only (FAISS aborts on writes): copy it into memory first."""
+        if self.mapped:
+            faiss = faiss_module()
+            self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
+            self.mapped = False
+
+    # -- HNSW tombstones ---------------------------------------------------------------
+
+    def _count_tombstones(self) -> int:
+        if self.spec.type != "hnsw":
+            return 0
+        return int(np.count_nonzero(self._id_map() < 0))
+
+    def _bury(self, ids: np.ndarray) -> int:
+        """Mark the graph nodes holding `ids` as tombstones; compact when they pile up."""
+        id_map = self._id_map()
+        positions = np.flatnonzero(np.isin(id_map, ids) & (id_map >= 0))
+        if len(positions) == 0:
+            return 0
+        id_map[positions] = -1 - positions
+        faiss_module().copy_array_to_vector(id_map, self.index.id_map)
+        self._tombstones += len(positions)
+        if self._tombstones > HNSW_COMPACT_FRACTION * self.index.ntotal:
+            self._compact()
+        return len(positions)
+
+    def _compact(self) -> None:
+        """Rebuild the graph from its live vectors (the storage is exact: `HNSW*,Flat`)."""
+        id_map = self._id_map()
+        live = np.flatnonzero(id_map >= 0)
+        fresh = VectorIndex(self.dim, self.spec, gpu=self.gpu)
+        fresh.hnsw_graph().hnsw.efConstruction = self.hnsw_graph().hnsw.efConstruction
+        for start in range(0, len(live), 65_536):
+            positions = live[start : start + 65_536]
+            fresh.add(id_map[positions], self.index.index.reconstruct_batch(positions))
+        self.index, self._tombstones = fresh.index, 0
+
+    def hnsw_graph(self) -> Any:
+        """The `IndexHNSWFlat` inside the id map (HNSW type only)."""
+        return faiss_module().downcast_index(self.index.index)
 
     # -- search -------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed_ids: np.ndarray | None = None,
+        source: VectorSource | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row; missing places have id -1.
 
-        With `allowed_ids`, only those ids can be returned, and the k returned are the
-        best-scoring among them (the selector works inside the search, not after it).
+        With `allowed_ids`, only those ids can be returned, and each row holds
+        min(k, matches) hits: the best-scoring among them (the filter works inside the
+        search, not after it). On approximate types, filters matching at most
+        `EXACT_FILTER_MAX` items are scored exactly (quantized indexes read the vectors
+        from `source`, the catalog, when given); larger ones search wider until enough
+        matches come back.
         """
-        faiss = faiss_module()
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        k = max(1, min(k, self.ntotal)) if self.ntotal else 1
         if self.ntotal == 0:
             return np.full((len(queries), 0), 0, np.float32), np.full((len(queries), 0), -1, np.int64)
-        params = self._search_parameters(allowed_ids)
-        if allowed_ids is None and self._use_gpu():
-            return self._gpu().search(queries, k)
-        if params is None:
-            return self.index.search(queries, k)
-        return self.index.search(queries, k, params=params)
-
-    def _search_parameters(self, allowed_ids: np.ndarray | None) -> Any:
-        faiss = faiss_module()
-        if allowed_ids is None and not self.spec.search_params:
-            return None
-        selector = None
+        k = max(1, min(k, self.ntotal))
         if allowed_ids is not None:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-        return faiss.SearchParameters(sel=selector)
+            allowed_ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+        if self.spec.type == "flat":
+            return self._search_flat(queries, k, allowed_ids)
+        if allowed_ids is not None and len(allowed_ids) <= EXACT_FILTER_MAX:
+            return self._search_exact(queries, k, allowed_ids, source)
+        return self._search_approximate(queries, k, allowed_ids)
 
-    def _use_gpu(self) -> bool:
-        return faiss_module().get_num_gpus() > 0
+    def _search_flat(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is None and self._gpu_ready(k):
+            return self._gpu().search(queries, k)
+        if allowed is None:
+            return self.index.search(queries, k)
+        selector = faiss_module().IDSelectorBatch(allowed)
+        return self.index.search(queries, k, params=faiss_module().SearchParameters(sel=selector))
+
+    def _search_approximate(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Widen nprobe/efSearch until every row has min(k, matches) hits, then fall back to exact."""
+        matches = self.ntotal if allowed is None else len(allowed)
+        wanted = min(k, matches)
+        breadth = self.search_breadth(matches / max(1, self.ntotal))
+        if allowed is None and self._gpu_ready(k):
+            scores, ids = self._gpu().search(queries, k)
+            if _enough(ids, wanted):
+                return scores, ids
+        while True:
+            scores, ids = self.search_with(queries, k, breadth, allowed)
+            if _enough(ids, wanted):
+                return scores, ids
+            if breadth >= self.max_breadth():
+                return self._search_exact(queries, k, allowed, None)
+            breadth = min(breadth * 4, self.max_breadth())
+
+    def search_breadth(self, fraction: float = 1.0) -> int:
+        """nprobe (IVF) or efSearch (HNSW) for a search among `fraction` of the vectors.
+
+        A filter matching a fraction f of the items needs about 1/f times the breadth to
+        see as many matches as an unfiltered search does.
+        """
+        if self.spec.type == "ivf":
+            nlist = faiss_module().extract_index_ivf(self.index).nlist
+            base = int(self.spec.search_params.get("nprobe") or max(1, round(nlist * DEFAULT_NPROBE_FRACTION)))
+        else:
+            base = int(self.spec.search_params.get("efSearch") or DEFAULT_EF_SEARCH)
+        return min(self.max_breadth(), max(1, math.ceil(base / max(fraction, 1e-9))))
+
+    def max_breadth(self) -> int:
+        if self.spec.type == "ivf":
+            return int(faiss_module().extract_index_ivf(self.index).nlist)
+        return HNSW_MAX_EF_SEARCH
+
+    def search_with(
+        self, queries: np.ndarray, k: int, breadth: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One CPU search of an approximate index with nprobe/efSearch = `breadth`."""
+        faiss = faiss_module()
+        selector = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        elif self._tombstones:
+            selector = faiss.IDSelectorRange(0, np.iinfo(np.int64).max)
+        if self.spec.type == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=int(breadth), sel=selector)
+        else:
+            params = faiss.SearchParametersHNSW(efSearch=int(max(breadth, k)), sel=selector)
+        scores, ids = self.index.search(queries, k, params=params)
+        ids[ids < 0] = -1
+        return scores, ids
+
+    def _search_exact(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, source: VectorSource | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores over the allowed ids: from the index when it keeps whole vectors (HNSW,
+        IVF-Flat), else from `source`; without one, every IVF list is probed (quantized scores)."""
+        if self.spec.type == "hnsw":
+            return _exact_top_k(queries, k, self._hnsw_vectors(allowed))
+        if source is None or allowed is None or self.keeps_whole_vectors:
+            return self.search_with(queries, k, self.max_breadth(), allowed)
+        return _exact_top_k(queries, k, source.iter_vectors(allowed.tolist()))
+
+    @property
+    def keeps_whole_vectors(self) -> bool:
+        """True when the index stores the vectors unquantized (flat, HNSW*,Flat, IVF*,Flat)."""
+        return self.spec.type == "flat" or (self.spec.factory or "").endswith(",Flat")
+
+    def _hnsw_vectors(self, allowed: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        id_map = self._id_map()
+        keep = id_map >= 0 if allowed is None else np.isin(id_map, allowed)
+        positions = np.flatnonzero(keep)
+        for start in range(0, len(positions), 65_536):
+            chunk = positions[start : start + 65_536]
+            yield id_map[chunk], self.index.index.reconstruct_batch(chunk)
+
+    # -- GPU ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """Where unfiltered searches run: "cpu", or e.g. "gpu x2 (shard, float16)"."""
+        if not self._gpu_wanted():
+            return "cpu"
+        count = self._gpus()
+        details = [self.gpu.multi if count > 1 else "single"] + (["float16"] if self.gpu.float16 else [])
+        return f"gpu x{count} ({', '.join(details)})"
+
+    def _gpus(self) -> int:
+        if self._gpu_count is None:
+            self._gpu_count = int(faiss_module().get_num_gpus())
+        return self._gpu_count
+
+    def _gpu_wanted(self) -> bool:
+        if self.gpu.mode == "off":
+            return False
+        if self._gpus() == 0:
+            if self.gpu.mode == "on":
+                raise GpuUnavailable(
+                    f"{GPU_ENV}=on, but FAISS sees no GPU (faiss.get_num_gpus() is 0): install faiss-gpu "
+                    f"with a CUDA driver, or set {GPU_ENV}=auto"
+                )
+            return False
+        if self.spec.type == "hnsw":
+            if self.gpu.mode == "on":
+                raise GpuUnavailable(
+                    f"{GPU_ENV}=on, but this library's HNSW index has no GPU form in FAISS; run "
+                    "`clipdex optimize` on this machine (it picks IVF when a GPU is present)"
+                )
+            return False
+        return True
+
+    def _gpu_ready(self, k: int) -> bool:
+        return k <= GPU_MAX_K and self._gpu_wanted()
 
     def _gpu(self) -> Any:
         if self._gpu_index is None:
-            self._gpu_index = faiss_module().index_cpu_to_all_gpus(self.index)
+            faiss = faiss_module()
+            self._gpu_index, self._gpu_resources = clone_to_gpus(self.index, self.gpu, self._gpus())
+            if self.spec.type == "ivf":
+                nprobe = min(self.search_breadth(), GPU_MAX_K)
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", nprobe)
         return self._gpu_index
+
+    # -- reports ------------------------------------------------------------------------
+
+    def bytes_per_vector(self) -> float:
+        """The index's size (vectors, ids, graph, quantizer) per live vector, as saved."""
+        faiss = faiss_module()
+        total = int(self.index.ntotal)
+        if total == 0:
+            return 0.0
+        if self.spec.type == "ivf":
+            ivf = faiss.extract_index_ivf(self.index)
+            size = total * (ivf.code_size + 8) + ivf.nlist * self.dim * 4 + _codebook_bytes(ivf)
+        elif self.spec.type == "hnsw":
+            hnsw = self.hnsw_graph().hnsw
+            graph = hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8
+            size = total * (4 * self.dim + 8) + graph
+        else:
+            size = total * (4 * self.dim + 8)
+        return size / max(1, self.ntotal)
 
     # -- persistence ----------------------------------------------------------------
 
@@ -138,18 +427,97 @@ class VectorIndex:
         write_json_atomic(directory / STAMP_FILE, stamp)
 
     @classmethod
-    def load(cls, directory: Path) -> tuple["VectorIndex", int] | None:
-        """The saved index and the generation it reflects at least, or None if absent."""
+    def load(cls, directory: Path, mmap: bool | None = None) -> tuple["VectorIndex", int] | None:
+        """The saved index and the generation it reflects at least, or None if absent.
+
+        Index files of `MMAP_MIN_BYTES` or more are memory-mapped (`mmap=None`), so
+        opening a large library reads only the pages a search touches; the first write
+        copies the index into memory.
+        """
         stamp_path = directory / STAMP_FILE
         index_path = directory / INDEX_FILE
         if not stamp_path.exists() or not index_path.exists():
             return None
         try:
             stamp = json.loads(stamp_path.read_text())  # read before the index: never overstates
-            index = faiss_module().read_index(str(index_path))
-        except (OSError, ValueError, RuntimeError):
+            if mmap is None:
+                mmap = os.name == "posix" and index_path.stat().st_size >= MMAP_MIN_BYTES
+            faiss = faiss_module()
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+            loaded = cls(int(stamp["dim"]), IndexSpec.from_json(stamp.get("spec")), index)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError):
             return None  # unreadable derived data: the caller rebuilds it from the catalog
-        return cls(int(stamp["dim"]), IndexSpec.from_json(stamp.get("spec")), index), int(stamp["generation"])
+        loaded.mapped = bool(mmap)
+        return loaded, int(stamp["generation"])
+
+
+def clone_to_gpus(index: Any, settings: GpuSettings, count: int) -> tuple[Any, list[Any]]:
+    """A GPU copy of a CPU index on `count` GPUs (replicated or sharded), and its resources."""
+    faiss = faiss_module()
+    resources = [faiss.StandardGpuResources() for _ in range(count)]
+    if count == 1:
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = settings.float16
+        return faiss.index_cpu_to_gpu(resources[0], 0, index, options), resources
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = settings.float16
+    options.shard = settings.multi == "shard"
+    return faiss.index_cpu_to_gpu_multiple_py(resources, index, options), resources
+
+
+def _codebook_bytes(ivf: Any) -> int:
+    """The trained tables of a PQ or SQ encoder inside an IVF index."""
+    ivf = faiss_module().downcast_index(ivf)
+    if hasattr(ivf, "pq"):
+        return int(ivf.pq.centroids.size()) * 4
+    if hasattr(ivf, "sq"):
+        return int(ivf.sq.trained.size()) * 4
+    return 0
+
+
+def _enough(ids: np.ndarray, wanted: int) -> bool:
+    """Every row holds `wanted` hits (FAISS puts its -1 padding last)."""
+    return wanted == 0 or bool(np.all(ids[:, wanted - 1] >= 0))
+
+
+def _exact_top_k(queries: np.ndarray, k: int, chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (score, id) per query over streamed (ids, vectors) chunks; -1 pads."""
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for ids, vectors in chunks:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        rows = max(1, (1 << 22) // max(1, len(ids)))  # bound each score block to 16 MiB
+        for start in range(0, len(queries), rows):
+            block = slice(start, start + rows)
+            _merge_top_k(best_scores[block], best_ids[block], queries[block] @ vectors.T, ids)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    best_scores = np.take_along_axis(best_scores, order, axis=1)
+    best_ids = np.take_along_axis(best_ids, order, axis=1)
+    best_ids[~np.isfinite(best_scores)] = -1
+    return best_scores, best_ids
+
+
+def _merge_top_k(best_scores: np.ndarray, best_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
+    """Merge a block of candidate scores into the running top-k, in place."""
+    k = best_scores.shape[1]
+    all_scores = np.concatenate([best_scores, scores], axis=1)
+    all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
+    top = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
+    best_scores[:] = np.take_along_axis(all_scores, top, axis=1)
+    best_ids[:] = np.take_along_axis(all_ids, top, axis=1)
+
+
+def _inverted_list_ids(ivf: Any) -> np.ndarray:
+    faiss = faiss_module()
+    invlists = ivf.invlists
+    parts = []
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            pointer = invlists.get_ids(list_no)
+            parts.append(faiss.rev_swig_ptr(pointer, size).astype(np.int64))
+            invlists.release_ids(list_no, pointer)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

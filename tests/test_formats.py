@@ -146,3 +146,14 @@ def test_file_vanishing_mid_run_is_reported(library: Library, tmp_path: Path, ma
     report = index_paths(library, [tmp_path / "pics"])
     assert report.added == 3
     assert [(Path(f.path).name, f.error) for f in report.failed] == [("img002.jpg", "file vanished before it could be read")]
+
+
+def test_image_between_one_and_two_bomb_limits_is_refused(tmp_path: Path) -> None:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; clipdex refuses (thread-safely)."""
+    path = tmp_path / "big.png"
+    header = struct.pack(">IIBBBBB", 15_000, 15_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
+    from search.errors import UnreadableImage
+
+    with pytest.raises(UnreadableImage, match="decompression bomb"):
+        decode_image(path)

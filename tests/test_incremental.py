@@ -139,3 +139,46 @@ def test_missing_root_is_an_error(library: Library, tmp_path: Path) -> None:
 
     with pytest.raises(ClipdexError, match="does not exist"):
         index_paths(library, [tmp_path / "nope"])
+
+
+def test_swapped_contents_get_their_own_vectors(library: Library, tmp_path: Path, make_images) -> None:
+    a, b = make_images(tmp_path / "pics", 2)
+    index_paths(library, [tmp_path / "pics"])
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    os.utime(a, ns=(5, 5_000_000_000))
+    os.utime(b, ns=(6, 6_000_000_000))
+    report = index_paths(library, [tmp_path / "pics"], batch_size=1)
+    assert report.updated == 2 and report.failed == []
+    for path in (a, b):
+        hit = library.search(image=path, k=1)[0]
+        assert hit.path == str(path) and hit.score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_dangling_symlinked_folder_keeps_its_items(library: Library, tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "nas", 3)
+    make_images(tmp_path / "pics", 1, start=9)
+    os.symlink(tmp_path / "nas", tmp_path / "pics" / "nas")
+    assert index_paths(library, [tmp_path / "pics"]).added == 4
+    os.rename(tmp_path / "nas", tmp_path / "nas-offline")
+    report = index_paths(library, [tmp_path / "pics"])
+    assert report.removed == 0 and library.stats()["images"] == 4
+    assert [Path(f.path).name for f in report.failed] == ["nas"]
+
+
+def test_library_inside_an_indexed_folder_is_not_indexed(tmp_path: Path, tiny_model, make_images) -> None:
+    make_images(tmp_path / "pics", 2)
+    library = Library.open(tmp_path / "pics" / "my-library", model=tiny_model, create=True)
+    write_image(library.path / "thumbnails" / "t.jpg", seed=5)
+    assert index_paths(library, [tmp_path / "pics"]).added == 2
+
+
+def test_concurrent_run_is_refused_cleanly(library: Library, tmp_path: Path, make_images) -> None:
+    from search.errors import LibraryBusy
+
+    make_images(tmp_path / "pics", 2)
+    with library.writer():
+        other = Library.open(library.path)
+        with pytest.raises(LibraryBusy, match="is being written by pid"):
+            index_paths(other, [tmp_path / "pics"])

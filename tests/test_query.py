@@ -175,3 +175,13 @@ def test_bad_corpora_name_file_and_line(tmp_path: Path, content: str, suffix: st
         read_corpus(path)
     report = index_texts(library, [path])
     assert report.failed and message.strip(":") in report.failed[0].error
+
+
+def test_csv_field_too_large_is_reported_not_raised(library: Library, tmp_path: Path) -> None:
+    path = tmp_path / "huge.csv"
+    path.write_text("text\n\"" + "x" * 200_000 + "\"\n")
+    good = tmp_path / "good.txt"
+    good.write_text("fine\n")
+    report = index_texts(library, [path, good])
+    assert report.added == 1
+    assert report.failed[0].path == str(path) and "field larger than field limit" in report.failed[0].error

@@ -1,0 +1,136 @@
+"""Approximate search at scale: recall@10 and single-query speed of clipdex's chosen index.
+
+Generates CLIP-like vectors (normalized, d=512, a shared mean direction, an anisotropic
+spectrum, topics split into sub-clusters of Zipf-distributed sizes), holds out queries
+from the same distribution, and for each size lets `search.optimize.optimize_vectors`
+choose, build and tune the index exactly as `clipdex optimize` does. Recall@10 is
+measured against exact search on the held-out half of the queries not used for tuning;
+throughput is single queries one at a time on one FAISS thread, against FAISS's exact
+flat search of the same vectors, measured in the same run.
+
+    .venv/bin/python benchmarks/ann.py                      # 100,000 and 1,000,000 vectors
+    .venv/bin/python benchmarks/ann.py --sizes 100000 --gpu on --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from search.optimize import RECALL_K, Evaluation, OptimizeReport, exact_neighbours, optimize_vectors  # noqa: E402
+from search.vectors import faiss_module  # noqa: E402
+
+
+def clip_like_vectors(count: int, dim: int = 512, seed: int = 0) -> np.ndarray:
+    """Normalized vectors with the coarse shape of CLIP embeddings (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    topics, clusters = max(4, count // 50_000), max(16, count // 2_000)
+    spectrum = rng.permutation(np.arange(1, dim + 1) ** -0.5).astype(np.float32)
+    spectrum /= np.sqrt(np.mean(spectrum**2))
+    mean = rng.standard_normal(dim).astype(np.float32)
+    mean /= np.linalg.norm(mean)
+    topic_centers = rng.standard_normal((topics, dim)).astype(np.float32) * spectrum
+    centers = topic_centers[rng.integers(0, topics, clusters)] + 0.5 * rng.standard_normal((clusters, dim)).astype(np.float32) * spectrum
+    spreads = rng.uniform(0.75, 1.25, clusters).astype(np.float32) * 0.9
+    sizes = 1.0 / np.sqrt(np.arange(1, clusters + 1))
+    members = rng.choice(clusters, size=count, p=sizes / sizes.sum())
+    out = np.empty((count, dim), dtype=np.float32)
+    for start in range(0, count, 100_000):
+        chosen = members[start : start + 100_000]
+        noise = rng.standard_normal((len(chosen), dim), dtype=np.float32) * spectrum
+        out[start : start + len(chosen)] = (centers[chosen] + spreads[chosen, None] * noise) / np.sqrt(dim) + mean
+    faiss_module().normalize_L2(out)
+    return out
+
+
+def run_size(count: int, dim: int, queries: int, target_recall: float, seed: int, min_seconds: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    data = clip_like_vectors(count + queries, dim, seed)
+    database, held_out = data[:count], np.ascontiguousarray(data[count:])
+    ids = np.arange(1, count + 1, dtype=np.int64)
+    log(f"n={count}: generated in {time.perf_counter() - started:.0f}s; exact neighbours of {queries} queries ...")
+    truth = exact_neighbours(held_out, ids, database, RECALL_K)
+    shape = data_shape(database, held_out, truth, ids)
+    log(f"n={count}: choosing, building and tuning the index ...")
+    index, report = optimize_vectors(ids, database, target_recall, evaluation=Evaluation(held_out, truth), seed=seed, min_seconds=min_seconds)
+    log(f"n={count}: {report.factory or report.index_type} {report.search_params} recall@10 {report.recall_at_10:.3f} "
+        f"{report.queries_per_second:.0f} q/s vs exact {report.exact_queries_per_second:.1f} q/s")
+    return {"vectors": count, "data": shape, "report": report.to_json(), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def data_shape(database: np.ndarray, queries: np.ndarray, truth: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+    """How clustered the data is: mean cosine of random pairs and of each query's 1st and 10th neighbour."""
+    rng = np.random.default_rng(1)
+    pairs = rng.integers(0, len(database), (2, 2000))
+    rows = np.searchsorted(ids, truth)
+    return {
+        "random_pair_cosine": round(float(np.mean(np.sum(database[pairs[0]] * database[pairs[1]], axis=1))), 3),
+        "top1_cosine": round(float(np.mean(np.sum(database[rows[:, 0]] * queries, axis=1))), 3),
+        "top10_cosine": round(float(np.mean(np.sum(database[rows[:, -1]] * queries, axis=1))), 3),
+    }
+
+
+def table(results: list[dict[str, Any]], target_recall: float, target_speedup: float) -> str:
+    lines = [f"{'figure':<34} {'target':>10} {'measured':>10} {'ratio':>7}  met?", "-" * 70]
+    for result in results:
+        report = OptimizeReport(**result["report"])
+        size = f"n={result['vectors']:,}"
+        lines.append(f"{'recall@10 ' + size:<34} {'>= ' + str(target_recall):>10} {report.recall_at_10:>10.3f} "
+                     f"{report.recall_at_10 / target_recall:>7.2f}  {'yes' if report.recall_at_10 >= target_recall else 'NO'}")
+        lines.append(f"{'q/s vs exact flat ' + size:<34} {f'>= {target_speedup:g}x':>10} {f'{report.speedup:.1f}x':>10} "
+                     f"{report.speedup / target_speedup:>7.2f}  {'yes' if report.speedup >= target_speedup else 'NO'}")
+    lines.append("")
+    lines.append(f"{'size':>10} {'index':<14} {'params':<14} {'q/s':>8} {'exact q/s':>10} {'bytes/vec':>10} {'build s':>8} {'device':>8}")
+    for result in results:
+        report = OptimizeReport(**result["report"])
+        params = ",".join(f"{key}={value}" for key, value in report.search_params.items()) or "-"
+        lines.append(f"{result['vectors']:>10,} {report.factory or report.index_type:<14} {params:<14} {report.queries_per_second:>8.0f} "
+                     f"{report.exact_queries_per_second:>10.1f} {report.bytes_per_vector:>10.0f} {report.build_seconds:>8.0f} {report.device:>8}")
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated vector counts")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000, help="held-out queries: half tune, half measure recall")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--target-speedup", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="time spent measuring each throughput")
+    parser.add_argument("--gpu", choices=("auto", "on", "off"), default=None, help="sets CLIPDEX_GPU (on: fail without a GPU)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.gpu:
+        os.environ["CLIPDEX_GPU"] = args.gpu
+    started = time.perf_counter()
+    results = [
+        run_size(int(size), args.dim, args.queries, args.target_recall, args.seed, args.min_seconds)
+        for size in args.sizes.split(",")
+    ]
+    print(table(results, args.target_recall, args.target_speedup))
+    wall = time.perf_counter() - started
+    print(f"\nwall time {wall:.0f}s on {platform.machine()} with {os.cpu_count()} cores; data shape: "
+          + "; ".join(f"n={r['vectors']:,} {r['data']}" for r in results))
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "wall_seconds": round(wall, 1)}, indent=2) + "\n")
+    met = all(OptimizeReport(**r["report"]).recall_at_10 >= args.target_recall and OptimizeReport(**r["report"]).speedup >= args.target_speedup for r in results)
+    sys.exit(0 if met else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The library's text encoder exported to ONNX, so a new text query needs neither torch nor open_clip.
+
+Importing torch and open_clip and loading the model takes seconds; answering a text
+query needs only the text tower. So once per library, while the open_clip model is
+loaded anyway (at the end of an index run that embedded something, or at the first text
+query that had to load it), clipdex exports the text tower with `torch.onnx.export` and
+stores it in the library:
+
+    LIBRARY/text_encoder/
+      text_encoder.json            settings: model, dim, context length, how it was verified
+      text_encoder.onnx (+ .data)  the text tower, graph already optimized by onnxruntime
+      bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `search.clip_tokenizer`
+
+An export is used only after it has been checked against open_clip: the torch-free
+tokenizer must give open_clip's tokens on every probe text, and the ONNX vectors must
+have cosine >= MIN_COSINE with open_clip's own `encode_text(normalize=True)`. Otherwise
+the export is refused, the reason is recorded in `LIBRARY/text_encoder.refused.json`, and
+queries keep using the open_clip model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from search.clip_tokenizer import ClipTokenizer
+from search.encoder import Encoder, available_cores
+from search.errors import ClipdexError
+from search.model import ResolvedModel
+
+EXPORT_VERSION = 1
+EXPORT_FOLDER = "text_encoder"
+REFUSED_FILE = "text_encoder.refused.json"
+SETTINGS_FILE = "text_encoder.json"
+MODEL_FILE = "text_encoder.onnx"
+WEIGHTS_FILE = "text_encoder.onnx.data"
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+MIN_COSINE = 0.999
+OPSET = 17
+
+# Texts the export is verified on: plain, punctuated, numeric, accented, non-Latin,
+# emoji, HTML entities, mojibake, odd whitespace, empty, a special token's name, and
+# texts longer than any context length (truncated).
+PROBE_TEXTS = (
+    "a dog on the beach",
+    "A photo of a RED car, parked outside at night!!!",
+    "two cats & one dog; 3 birds @ 12:30pm (maybe 4?)",
+    "ein Hund am Strand, schön und übermütig",
+    "l'été à Paris — café crème",
+    "東京の夜景と富士山",
+    "Кошка сидит на окне",
+    "🐶🏖️ sunny day 😎",
+    "fish &amp; chips &lt;3",
+    "The Mona Lisa by Leonardo da Vinci",
+    "   lots\tof\n\nwhitespace   ",
+    "",
+    "<start_of_text> literally <end_of_text>",
+    "https://example.com/photos/IMG_1234.JPG",
+    " ".join(f"word{number} and" for number in range(60)),
+    "supercalifragilisticexpialidocious " * 30,
+)
+
+
+class TextExportRefused(ClipdexError):
+    """The text tower cannot be exported faithfully; queries keep using the open_clip model."""
+
+
+@dataclass
+class TextExportSettings:
+    """What `text_encoder.json` records about an export."""
+
+    version: int
+    model: dict[str, Any]  # the library manifest's model (ResolvedModel.to_json())
+    dim: int
+    context_length: int
+    # True: the graph accepts token arrays cut after the longest text's end token (a causal
+    # text tower pooled at the end token ignores what follows it); False: always context_length.
+    trimmed: bool
+    min_cosine: float  # lowest cosine to open_clip on PROBE_TEXTS when exported
+    open_clip_version: str
+    onnxruntime_version: str
+    created_at: float
+
+    @classmethod
+    def read(cls, path: Path) -> "TextExportSettings":
+        data = json.loads(path.read_text())
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+
+
+class OnnxTextEncoder:
+    """Encodes texts with the exported text tower on onnxruntime: no torch, no open_clip."""
+
+    def __init__(self, folder: Path, settings: TextExportSettings, threads: int | None = None,
+                 tokenizer: ClipTokenizer | None = None) -> None:
+        self.folder = folder
+        self.settings = settings
+        self.threads = threads or available_cores()
+        self.tokenizer = tokenizer or ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
+        self._session: Any = None
+
+    @property
+    def dim(self) -> int:
+        return self.settings.dim
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            self._session = _inference_session(self.folder / MODEL_FILE, self.threads)
+        return self._session
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids as the graph takes them: cut after the longest text when trimmed."""
+        if not self.settings.trimmed:
+            return self.tokenizer(texts)
+        longest = max(len(tokens) for tokens in self.tokenizer.token_lists(texts))
+        return self.tokenizer(texts, length=longest)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start : start + batch_size])
+            features = self.session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)
+            norms = np.linalg.norm(features, axis=1, keepdims=True)
+            parts.append(features / np.maximum(norms, 1e-12))
+        if not parts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(parts)
+
+
+def load_text_export(library_path: Path, model: ResolvedModel, dim: int) -> OnnxTextEncoder | None:
+    """The library's exported text encoder, ready to run, or None when there is none usable here."""
+    settings = installed_export(library_path, model, dim)
+    if settings is None:
+        return None
+    encoder = OnnxTextEncoder(library_path / EXPORT_FOLDER, settings)
+    try:
+        encoder.session
+    except Exception:  # onnxruntime's own errors (a damaged file, an older runtime): use open_clip instead
+        return None
+    return encoder
+
+
+def installed_export(library_path: Path, model: ResolvedModel, dim: int) -> TextExportSettings | None:
+    """The settings of the library's export when it fits `model` and onnxruntime is installed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    try:
+        settings = TextExportSettings.read(library_path / EXPORT_FOLDER / SETTINGS_FILE)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if settings.version != EXPORT_VERSION or settings.dim != dim:
+        return None
+    if not ResolvedModel.from_json(settings.model).same_model(model):
+        return None
+    return settings
+
+
+def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
+    """Why an earlier export of this model (by this version of the exporter) was refused, or None."""
+    try:
+        data = json.loads((library_path / REFUSED_FILE).read_text())
+        if data["version"] == EXPORT_VERSION and ResolvedModel.from_json(data["model"]).same_model(model):
+            return str(data["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def ensure_text_export(library_path: Path, encoder: Encoder, dim: int) -> TextExportSettings | None:
+    """Export the text tower of the loaded `encoder` into the library unless done or refused before.
+
+    Never fails the caller: a refusal is recorded (and not retried), other errors (a
+    read-only library, a full disk) leave things as they were.
+    """
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None  # not installed here: no export, and no refusal to remember either
+    if installed_export(library_path, encoder.spec, dim) is not None or export_refused(library_path, encoder.spec):
+        return None
+    try:
+        return export_text_encoder(encoder, library_path)
+    except OSError:
+        return None
+    except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
+        reason = str(error) if isinstance(error, TextExportRefused) else f"{type(error).__name__}: {error}"
+        _remember_refusal(library_path, encoder.spec, reason)
+    return None
+
+
+def _remember_refusal(library_path: Path, model: ResolvedModel, reason: str) -> None:
+    refusal = {"version": EXPORT_VERSION, "model": model.to_json(), "reason": reason[:500], "at": time.time()}
+    try:
+        _write_json(library_path / REFUSED_FILE, refusal)
+    except OSError:
+        pass  # a read-only library: the next process tries again
+
+
+def export_text_encoder(encoder: Encoder, library_path: Path) -> TextExportSettings:
+    """Export, verify and install the text tower of `encoder`; raises TextExportRefused."""
+    import open_clip
+    import onnxruntime
+
+    encoder.load()
+    scratch = Path(tempfile.mkdtemp(prefix=".text_encoder-", dir=library_path))
+    os.chmod(scratch, 0o755)  # mkdtemp makes it private; readers of the library need it
+    try:
+        vocabulary = Path(open_clip.tokenizer.default_bpe())
+        shutil.copyfile(vocabulary, scratch / VOCAB_FILE)
+        tokenizer = ClipTokenizer(scratch / VOCAB_FILE, encoder.context_length)
+        _check_tokens(tokenizer, encoder)
+        reference = encoder.encode_texts(list(PROBE_TEXTS))
+        settings = TextExportSettings(
+            version=EXPORT_VERSION, model=encoder.spec.to_json(), dim=int(reference.shape[1]),
+            context_length=encoder.context_length, trimmed=False, min_cosine=0.0,
+            open_clip_version=open_clip.__version__, onnxruntime_version=onnxruntime.__version__, created_at=time.time(),
+        )
+        _export_verified(encoder, scratch, settings, tokenizer, reference)
+        _write_json(scratch / SETTINGS_FILE, asdict(settings))
+        _install(scratch, library_path / EXPORT_FOLDER)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return settings
+
+
+def _check_tokens(tokenizer: ClipTokenizer, encoder: Encoder) -> None:
+    expected = encoder.tokenize(list(PROBE_TEXTS)).cpu().numpy()
+    ours = tokenizer(PROBE_TEXTS)
+    if expected.shape != ours.shape or not np.array_equal(expected, ours):
+        rows = [text for text, a, b in zip(PROBE_TEXTS, expected, ours) if not np.array_equal(a, b)] or ["(shape)"]
+        raise TextExportRefused(f"the torch-free tokenizer differs from open_clip's on {rows[0]!r}")
+
+
+def _export_verified(
+    encoder: Encoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer, reference: np.ndarray
+) -> None:
+    """Export the trimmed graph when the model allows it, else the full one; keep the first that matches."""
+    from search.text_towers import trimmable
+
+    problem = ""
+    for trimmed in ([True, False] if trimmable(encoder.model) else [False]):
+        settings.trimmed = trimmed
+        try:
+            _export_onnx(encoder, scratch, trimmed, tokenizer(PROBE_TEXTS[:2]))
+            worst = _worst_cosine(OnnxTextEncoder(scratch, settings, tokenizer=tokenizer), reference)
+        except Exception as error:  # the exporter and onnxruntime raise many types; any means "not this way"
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            continue
+        if worst >= MIN_COSINE:
+            settings.min_cosine = worst
+            return
+        problem = f"cosine {worst:.5f} with open_clip, below {MIN_COSINE}"
+    raise TextExportRefused(f"the text encoder cannot be exported faithfully ({problem})")
+
+
+def _worst_cosine(encoder: OnnxTextEncoder, reference: np.ndarray) -> float:
+    """The lowest cosine to `reference` over the probe texts, encoded together and one by one."""
+    together = encoder.encode_texts(list(PROBE_TEXTS))
+    alone = np.concatenate([encoder.encode_texts([text]) for text in PROBE_TEXTS])
+    return float(min(np.min(np.sum(together * reference, axis=1)), np.min(np.sum(alone * reference, axis=1))))
+
+
+def _export_onnx(encoder: Encoder, scratch: Path, trimmed: bool, sample: np.ndarray) -> None:
+    import torch
+
+    model = encoder.model
+    if encoder.device != "cpu" or encoder.dtype_name != "fp32":
+        import copy
+
+        model = copy.deepcopy(model).float().cpu()
+    from search.text_towers import FullTextTower, TrimmedTextTower
+
+    tower = TrimmedTextTower(model) if trimmed else FullTextTower(model)
+    tokens = torch.from_numpy(sample[:, :16] if trimmed else sample)  # traced at one length, run at any
+    axes = {"tokens": {0: "batch", 1: "length"} if trimmed else {0: "batch"}, "embedding": {0: "batch"}}
+    raw = scratch / "raw.onnx"
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                tower, (tokens,), str(raw), dynamo=False, input_names=["tokens"], output_names=["embedding"],
+                dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    _optimize(raw, scratch / MODEL_FILE)
+    raw.unlink()
+
+
+def _optimize(source: Path, target: Path) -> None:
+    """Save onnxruntime's optimized graph, weights in a side file, so loading it skips that work."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS_FILE)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def _inference_session(path: Path, threads: int) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # done at export
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores to FAISS
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def _install(scratch: Path, target: Path) -> None:
+    """Move the finished export into place; a concurrent exporter that got there first wins."""
+    try:
+        os.rename(scratch, target)
+    except OSError:
+        if not (target / SETTINGS_FILE).exists():
+            raise

@@ -1,0 +1,117 @@
+"""The fast paths: what a no-op re-run and a query load (checked in fresh processes), and bounded decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import indexer.pipeline as pipeline
+from indexer import index_paths
+from search.library import Library
+from search.text_export import EXPORT_FOLDER
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "open_clip", "onnxruntime")
+# Prints a JSON object: what `code` left in `result`, and which heavy modules got imported.
+PROBE = """
+import json, sys
+{code}
+print(json.dumps({{"result": result, "imported": sorted(m for m in {heavy!r} if m in sys.modules)}}))
+"""
+
+
+def run_fresh(code: str) -> dict:
+    """Run `code` (which sets `result`) in a new interpreter and return its JSON report."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(code=code, heavy=HEAVY)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def indexed(library: Library, tmp_path: Path, make_images) -> Library:
+    """A library holding four images, its text encoder exported by the index run."""
+    make_images(tmp_path / "pics", 4)
+    assert index_paths(library, [tmp_path / "pics"]).added == 4
+    assert (library.path / EXPORT_FOLDER).is_dir()
+    return library
+
+
+def test_a_no_op_rerun_imports_no_model_code(indexed: Library, tmp_path: Path) -> None:
+    code = (
+        "from indexer import index_paths\nfrom search.library import Library\n"
+        f"report = index_paths(Library.open({str(indexed.path)!r}), [{str(tmp_path / 'pics')!r}])\n"
+        "result = [report.unchanged, report.added, report.model_loaded]"
+    )
+    assert run_fresh(code) == {"result": [4, 0, False], "imported": []}
+
+
+def test_a_cached_query_loads_no_encoder(indexed: Library) -> None:
+    expected = indexed.encode_text("a cached query")  # asked once: now in the query cache
+    code = (
+        "from search.library import Library\n"
+        f"library = Library.open({str(indexed.path)!r})\n"
+        "result = [library.encode_text('a cached query').tolist(), library.search(text='a cached query', k=2)[0].id]"
+    )
+    report = run_fresh(code)
+    assert report["imported"] == []
+    assert np.array_equal(np.asarray(report["result"][0], dtype=np.float32), expected)
+
+
+def test_a_new_text_query_runs_on_the_export_without_torch(indexed: Library) -> None:
+    code = (
+        "from search.library import Library\n"
+        f"library = Library.open({str(indexed.path)!r})\n"
+        "result = library.encode_text('a text nobody asked before').tolist()"
+    )
+    report = run_fresh(code)
+    assert report["imported"] == ["onnxruntime"]
+    reference = indexed.encoder.encode_texts(["a text nobody asked before"])[0]
+    assert float(np.asarray(report["result"], dtype=np.float32) @ reference) >= 0.999
+    assert indexed.catalog.cached_query("a text nobody asked before") is not None
+
+
+@pytest.mark.parametrize("arguments", [["search", "a brand new text"], ["search", "a brand new text", "--json"]])
+def test_cold_cli_search_imports_neither_torch_nor_open_clip(indexed: Library, arguments: list[str]) -> None:
+    code = (
+        "from cli.main import main\n"
+        f"sys.argv = ['clipdex', *{arguments!r}, '--library', {str(indexed.path)!r}, '-k', '2']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "result = None"
+    )
+    report = run_fresh(code)
+    assert "torch" not in report["imported"] and "open_clip" not in report["imported"]
+
+
+def test_decoding_keeps_a_bounded_number_of_files_in_flight(library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_images(tmp_path / "pics", 40)
+    prepare = pipeline._prepare
+    lock = threading.Lock()
+    state = {"started": 0, "most": 0}
+
+    def counting_prepare(*args):  # type: ignore[no-untyped-def]
+        with lock:
+            state["started"] += 1
+        return prepare(*args)
+
+    def counting_consumer(*args):  # type: ignore[no-untyped-def]
+        for done, prepared in enumerate(generator(*args), start=1):
+            with lock:
+                state["most"] = max(state["most"], state["started"] - done + 1)
+            yield prepared
+
+    generator = pipeline._prepare_all
+    monkeypatch.setattr(pipeline, "_prepare", counting_prepare)
+    monkeypatch.setattr(pipeline, "_prepare_all", counting_consumer)
+    report = index_paths(library, [tmp_path / "pics"], batch_size=4, workers=2, export_text=False)
+    assert report.added == 40
+    assert 4 < state["most"] <= 4 + 2 * 2  # more than a batch ahead, never more than batch + 2 per worker
