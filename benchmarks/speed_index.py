@@ -88,11 +88,12 @@ def straightforward_throughput(encoder: Encoder, paths: Sequence[Path], batch_si
     from PIL import Image
 
     model, preprocess = encoder.model, encoder.preprocess
+    dtype = next(model.parameters()).dtype
     started = time.perf_counter()
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in paths[start : start + batch_size]])
         with torch.no_grad():
-            model.encode_image(batch, normalize=True)
+            model.encode_image(batch.to(encoder.device, dtype=dtype), normalize=True).cpu()
     return len(paths) / (time.perf_counter() - started)
 
 
