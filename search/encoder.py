@@ -113,7 +113,10 @@ class Encoder:
 
     @property
     def model(self) -> Any:
-        return self.load()._model
+        model = self.load()._model
+        if model.training:  # inference only: batch norm and dropout must never run in training mode
+            model.eval()
+        return model
 
     @property
     def preprocess(self) -> Any:

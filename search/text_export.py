@@ -278,7 +278,9 @@ def _export_onnx(encoder: Encoder, scratch: Path, trimmed: bool, sample: np.ndar
         model = copy.deepcopy(model).float().cpu()
     from search.text_towers import FullTextTower, TrimmedTextTower
 
-    tower = TrimmedTextTower(model) if trimmed else FullTextTower(model)
+    # eval() first: torch.onnx.export restores the wrapper's mode afterwards, recursively, and a
+    # new module is in training mode - which would leave the library's model in training mode too.
+    tower = (TrimmedTextTower(model) if trimmed else FullTextTower(model)).eval()
     tokens = torch.from_numpy(sample[:, :16] if trimmed else sample)  # traced at one length, run at any
     axes = {"tokens": {0: "batch", 1: "length"} if trimmed else {0: "batch"}, "embedding": {0: "batch"}}
     raw = scratch / "raw.onnx"

@@ -192,3 +192,13 @@ def test_index_runs_can_skip_the_export(library: Library, tmp_path: Path, make_i
     report = index_paths(library, [tmp_path / "pics"], export_text=False)
     assert report.model_loaded
     assert not (library.path / EXPORT_FOLDER).exists()
+
+
+def test_export_leaves_the_model_in_eval_mode(tiny_model, tmp_path) -> None:
+    """torch.onnx.export restores the wrapper's (training) mode recursively; batch-norm models
+    such as the demo model's ResNet would then embed each batch differently."""
+    from search.encoder import Encoder
+
+    encoder = Encoder(tiny_model.resolve(), "cpu")
+    export_text_encoder(encoder, tmp_path)
+    assert not encoder._model.training
