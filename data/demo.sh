@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make demo`: index a freshly generated photo folder with the project's own small CLIP
+# model (offline), then run a text query, an image query, image->text and a zero-shot tag.
+# The file names say what each image shows, so you can check the answers by eye.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=.venv/bin/python
+CLIPDEX=.venv/bin/clipdex
+MODEL=data/demo-model/clipdex-demo.json
+WEIGHTS=data/demo-model/clipdex-demo.pt
+DEMO=demo
+LIB="$DEMO/library"
+
+for file in "$MODEL" "$WEIGHTS"; do
+  [ -f "$file" ] || { echo "missing $file - rebuild it with: $PY data/train_demo_model.py" >&2; exit 1; }
+done
+
+echo "== Model: clipdex-demo, the project's own small CLIP trained on generated shapes (see data/README.md)."
+echo "   It is a demo model only: it knows coloured shapes on backgrounds, nothing else."
+echo "   The default model for real photos is ViT-B-32 / laion2b_s34b_b79k."
+rm -rf "$DEMO"
+mkdir -p "$DEMO"
+# A seed the model never trained on: these are held-out images.
+"$PY" data/shapes.py --out "$DEMO/photos" --count 80 --seed 777 --captions 1 > /dev/null
+"$PY" -c "import sys; sys.path.insert(0, 'data'); import shapes; print('\n'.join(shapes.class_labels()))" > "$DEMO/labels.txt"
+sed 's/^/a photo of a /' "$DEMO/labels.txt" > "$DEMO/captions.txt"
+
+echo
+echo "== clipdex index $DEMO/photos"
+"$CLIPDEX" index "$DEMO/photos" --library "$LIB" --model "$MODEL" --pretrained "$WEIGHTS" --quiet
+"$CLIPDEX" index-texts "$DEMO/captions.txt" --library "$LIB" --quiet
+
+echo
+echo "== text -> image: clipdex search \"a red circle\" --kind image -k 5"
+"$CLIPDEX" search "a red circle" --kind image -k 5 --library "$LIB"
+
+QUERY_IMAGE=$(ls "$DEMO/photos"/*.jpg | head -n 1)
+echo
+echo "== image -> image: clipdex search --image $QUERY_IMAGE --kind image -k 5"
+"$CLIPDEX" search --image "$QUERY_IMAGE" --kind image -k 5 --library "$LIB"
+
+echo
+echo "== image -> text: clipdex search --image $QUERY_IMAGE --kind text -k 3"
+"$CLIPDEX" search --image "$QUERY_IMAGE" --kind text -k 3 --library "$LIB"
+
+echo
+echo "== zero-shot tag: clipdex tag (3 images) --labels $DEMO/labels.txt --template 'a photo of a {}'"
+"$CLIPDEX" tag $(ls "$DEMO/photos"/*.jpg | sed -n '2p;3p;4p') --labels "$DEMO/labels.txt" --template "a photo of a {}" --top 2 --library "$LIB"
+
+"$CLIPDEX" search "a blue square" --kind image -k 12 --format html --out "$DEMO/blue-square.html" --library "$LIB"
+echo
+echo "Open $DEMO/blue-square.html to see the hits for \"a blue square\" as thumbnails."
+echo "Library: $LIB ($("$CLIPDEX" stats --library "$LIB" --json | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["images"], "images,", d["texts"], "texts")'))"
