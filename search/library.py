@@ -248,6 +248,8 @@ class Library:
             if self._vectors is None:
                 return
             generation = self._vectors_generation
+            for leftover in self.path.glob(".vectors.*.tmp"):  # from a writer killed mid-save
+                leftover.unlink(missing_ok=True)
             self._vectors.save(self.path, generation)
             self.catalog.trim_changes(generation)
 

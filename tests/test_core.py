@@ -106,3 +106,11 @@ def test_export_round_trip(library: Library, tmp_path: Path, make_images) -> Non
     np.testing.assert_array_equal(data["vectors"], vectors)
     assert list(data["kinds"]) == ["image"] * 3
     assert all(path.endswith(".jpg") for path in data["paths"])
+
+
+def test_leftover_temporary_index_files_are_removed(library: Library, tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 2)
+    leftover = library.path / ".vectors.faiss.99999.tmp"
+    leftover.write_bytes(b"half an index from a killed writer")
+    index_paths(library, [tmp_path / "pics"])
+    assert not leftover.exists()
