@@ -37,6 +37,9 @@ def index(
     exclude: List[str] = typer.Option([], "--exclude", help="Skip files and folders matching this glob (repeatable)"),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also index hidden files and folders"),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file failed"),
+    prune_empty_roots: bool = typer.Option(
+        False, "--prune-empty-roots", help="Remove the items of a folder that has no images left (kept by default: it may be an unmounted drive)"
+    ),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
@@ -47,7 +50,7 @@ def index(
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
-            workers=workers, progress=progress, stop=stop,
+            workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots,
         )
     if json_output:
         print_json(report.to_json())

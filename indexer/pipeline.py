@@ -122,10 +122,13 @@ def index_paths(
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
     export_text: bool = True,
+    prune_empty_roots: bool = False,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
     `stop`: when set (by a Ctrl-C handler, say), the run ends after the current batch.
+    `prune_empty_roots`: a root folder with no images at all normally keeps its indexed
+    items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
     (once; `search.text_export`) so that later text queries need neither torch nor open_clip.
     """
@@ -148,6 +151,8 @@ def index_paths(
                 jobs.append(_Job(scanned, record))
         seen = {scanned.path for scanned in result.files}
         kept = {path for path, _ in result.errors}
+        if not prune_empty_roots:
+            result.unreadable_dirs += _empty_roots(result.roots, seen, known, report)
         vanished = {
             path: record
             for path, record in known.items()
@@ -184,6 +189,18 @@ def _model_threads(library: Library, count: int | None) -> Iterator[None]:
     finally:
         encoder.set_threads(before)
         faiss.omp_set_num_threads(faiss_before)
+
+
+def _empty_roots(roots: Sequence[str], seen: set[str], known: dict[str, FileRecord], report: IndexReport) -> list[str]:
+    """Roots where no image was found but items are indexed: kept, and reported."""
+    empty = []
+    for root in roots:
+        indexed = sum(1 for path in known if _inside_any(path, [root]))
+        if indexed and not any(_inside_any(path, [root]) for path in seen):
+            empty.append(root)
+            report.failed.append(Failure(root, f"no images found here, but {indexed} are indexed: kept them "
+                                               "(is a drive unmounted?); --prune-empty-roots removes them"))
+    return empty
 
 
 def _inside_any(path: str, directories: Iterable[str]) -> bool:

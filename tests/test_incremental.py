@@ -104,7 +104,7 @@ def test_exclude_and_hidden(library: Library, tmp_path: Path, make_images) -> No
     assert report.added == 2
     report = index_paths(library, [root], exclude=["raw"], include_hidden=True)
     assert report.added == 3
-    report = index_paths(library, [root], exclude=["*.jpg"])
+    report = index_paths(library, [root], exclude=["*.jpg"], prune_empty_roots=True)
     assert report.removed == 5 and library.stats()["images"] == 0
 
 
@@ -182,3 +182,15 @@ def test_concurrent_run_is_refused_cleanly(library: Library, tmp_path: Path, mak
         other = Library.open(library.path)
         with pytest.raises(LibraryBusy, match="is being written by pid"):
             index_paths(other, [tmp_path / "pics"])
+
+
+def test_emptied_root_keeps_its_items_unless_pruned(library: Library, tmp_path: Path, make_images) -> None:
+    paths = make_images(tmp_path / "mount", 3)
+    index_paths(library, [tmp_path / "mount"])
+    for path in paths:  # what an unmounted drive's mount point looks like
+        path.unlink()
+    report = index_paths(library, [tmp_path / "mount"])
+    assert report.removed == 0 and library.stats()["images"] == 3
+    assert "no images found here, but 3 are indexed" in report.failed[0].error
+    assert index_paths(library, [tmp_path / "mount"], prune_empty_roots=True).removed == 3
+    assert library.stats()["images"] == 0
