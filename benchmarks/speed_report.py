@@ -37,13 +37,24 @@ def at_most(target: str, measured: str, baseline: str, ratio: float, goal: float
     return Figure(target, measured, baseline, ratio, f"<= {goal:.2f}", ratio <= goal)
 
 
+def info(target: str, measured: str, baseline: str, ratio: float) -> Figure:
+    """A figure that explains others rather than meets a target of its own."""
+    return Figure(target, measured, baseline, ratio, "(info)", True)
+
+
 def table(figures: Sequence[Figure]) -> str:
     header = ("target", "measured", "compared with", "ratio", "goal", "met")
-    rows = [header] + [(f.target, f.measured, f.baseline, f"{f.ratio:.2f}", f.goal, "yes" if f.met else "NO") for f in figures]
+    rows = [header] + [(f.target, f.measured, f.baseline, f"{f.ratio:.2f}", f.goal, _met(f)) for f in figures]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def _met(figure: Figure) -> str:
+    if figure.goal == "(info)":
+        return ""
+    return "yes" if figure.met else "NO"
 
 
 def machine() -> str:

@@ -33,7 +33,7 @@ def index(
     pretrained: Optional[str] = PretrainedOption,
     device: str = DeviceOption,
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per model batch and commit"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: half the cores on CPU (the rest run the model), all cores with CUDA]"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: one per core; on the CPU they take turns with the model's lanes]"),
     exclude: List[str] = typer.Option([], "--exclude", help="Skip files and folders matching this glob (repeatable)"),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also index hidden files and folders"),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file failed"),

@@ -85,16 +85,25 @@ class _Prepared:
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """How an index run shares the cores, so that decoding and the model never oversubscribe them.
+    """How an index run shares the cores between decoding and the model.
 
-    On the CPU, decoding a camera JPEG costs about as much as embedding it, so the cores
-    are split: half decode, the rest run the model's (torch) and FAISS's threads. Threads
-    that outnumber the cores would preempt each other inside the model's parallel regions,
-    where every thread waits for the slowest. On a GPU the model needs no cores: all decode.
+    On the CPU, reading, hashing and decoding a camera JPEG costs over half as much CPU
+    time as embedding it, so both run at once and share all the cores: `decode_workers`
+    threads read, hash and decode, while the model embeds up to `model_lanes` batches at
+    once, each on its own thread with `model_threads` torch threads. Several lanes of few
+    threads rather than one forward on every core: a thread of a parallel region that a
+    decoder preempts holds up the whole region (every thread waits for the slowest at
+    each barrier), while single-threaded lanes just take turns with the decoders. So the
+    model uses whatever time decoding leaves, and decoding whatever the model leaves.
+    On a GPU the model needs no cores: all decode, one lane.
     """
 
     decode_workers: int
-    model_threads: int | None  # torch and FAISS threads during the run; None: leave them as they are
+    model_threads: int | None  # torch and FAISS threads per lane; None: leave them as they are
+    model_lanes: int = 1  # batches embedded at once
+
+
+MAX_LANES = 4  # each lane holds a batch and its activations: bound the memory on many-core machines
 
 
 def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
@@ -102,8 +111,8 @@ def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
     cores = available_cores()
     if device == "cuda" or (device == "auto" and _nvidia_driver_present()):
         return ThreadPlan(workers or cores, None)
-    decode = workers or max(1, cores // 2)
-    return ThreadPlan(decode, max(1, cores - decode))
+    lanes = min(cores, MAX_LANES)
+    return ThreadPlan(workers or cores, max(1, cores // lanes), lanes)
 
 
 def _nvidia_driver_present() -> bool:
@@ -161,7 +170,7 @@ def index_paths(
         if jobs:
             plan = plan_threads(library.encoder.requested_device, workers)
             with _model_threads(library, plan.model_threads):
-                _run_jobs(library, writer, jobs, vanished, report, batch_size, plan.decode_workers, progress, stop)
+                _run_jobs(library, writer, jobs, vanished, report, batch_size, plan, progress, stop)
         if not report.interrupted and vanished:
             writer.commit(remove_ids=[record.id for record in vanished.values()])
             report.removed = len(vanished)
@@ -214,33 +223,63 @@ def _run_jobs(
     vanished: dict[str, FileRecord],
     report: IndexReport,
     batch_size: int,
-    workers: int,
+    plan: ThreadPlan,
     progress: ProgressCallback | None,
     stop: threading.Event | None,
 ) -> None:
+    """Prepare the jobs in parallel, embed full batches on the model lanes, commit them in order."""
     hashes = {record.content_hash: record.id for record in vanished.values() if record.content_hash}
     vanished_by_id = {record.id: path for path, record in vanished.items()}
     known_hashes = _HashLookup(library, hashes)
+    lanes = plan.model_lanes
+    in_flight: deque[tuple[list[_Prepared], Future[dict[int, np.ndarray]]]] = deque()
+
+    def commit_down_to(limit: int) -> None:
+        while len(in_flight) > limit:
+            ready, embedded = in_flight.popleft()
+            _commit(library, writer, ready, embedded.result(), vanished, vanished_by_id, report)
+
     batch: list[_Prepared] = []
     done = 0
-    for prepared in _prepare_all(library, jobs, known_hashes, workers, batch_size + 2 * workers):
-        done += 1
-        if prepared.error is not None:
-            report.failed.append(Failure(prepared.job.file.path, prepared.error))
-        else:
-            batch.append(prepared)
-        if len(batch) >= batch_size:
-            _commit(library, writer, batch, vanished, vanished_by_id, report)
-            batch = []
-            if stop is not None and stop.is_set():
-                report.interrupted = True
-                break
-        if progress:
-            progress(done, len(jobs))
-    if batch:
-        _commit(library, writer, batch, vanished, vanished_by_id, report)
+    ahead = lanes * batch_size + 2 * plan.decode_workers
+    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="clipdex-model") as model_pool:
+        try:
+            for prepared in _prepare_all(library, jobs, known_hashes, plan.decode_workers, ahead):
+                done += 1
+                if prepared.error is not None:
+                    report.failed.append(Failure(prepared.job.file.path, prepared.error))
+                else:
+                    batch.append(prepared)
+                if len(batch) >= batch_size:
+                    in_flight.append((batch, model_pool.submit(_embed, library, batch)))
+                    batch = []
+                    commit_down_to(lanes - 1)
+                    if stop is not None and stop.is_set():
+                        report.interrupted = True
+                        break
+                if progress:
+                    progress(done, len(jobs))
+            if batch:
+                in_flight.append((batch, model_pool.submit(_embed, library, batch)))
+            commit_down_to(0)
+        finally:
+            for _, embedded in in_flight:  # an error ended the run: do not embed what will not be committed
+                embedded.cancel()
     if progress:
         progress(done, len(jobs))
+
+
+def _embed(library: Library, batch: list[_Prepared]) -> dict[int, np.ndarray]:
+    """The vectors of the batch's decoded files, by `id` of their _Prepared (runs on a model lane)."""
+    to_embed = [prepared for prepared in batch if prepared.tensor is not None]
+    if not to_embed:
+        return {}
+    import torch
+
+    encoded = library.encoder.encode_tensors(torch.stack([prepared.tensor for prepared in to_embed]))
+    for prepared in to_embed:
+        prepared.tensor = None  # embedded: let the memory go
+    return {id(prepared): vector for prepared, vector in zip(to_embed, encoded)}
 
 
 class _HashLookup:
@@ -255,9 +294,7 @@ class _HashLookup:
         if content_hash in self.vanished:
             return self.vanished[content_hash]
         with self.lock:
-            found = self.library.catalog.find_by_hash([content_hash])
-        item = found.get(content_hash)
-        return item.id if item is not None else None
+            return self.library.catalog.id_with_hash(content_hash)
 
 
 def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, workers: int, ahead: int) -> Iterator[_Prepared]:
@@ -361,21 +398,18 @@ def _commit(
     library: Library,
     writer: Any,
     batch: list[_Prepared],
+    vectors: dict[int, np.ndarray],
     vanished: dict[str, FileRecord],
     vanished_by_id: dict[int, str],
     report: IndexReport,
 ) -> None:
+    """Commit a batch whose decoded files are embedded (`vectors`); reuse is rechecked here, in commit order."""
     stored = _recheck_reuse(library, batch)
     for prepared in [p for p in batch if p.error is not None]:
         report.failed.append(Failure(prepared.job.file.path, prepared.error or ""))
     batch = [prepared for prepared in batch if prepared.error is None]
-    to_embed = [prepared for prepared in batch if prepared.tensor is not None]
-    vectors: dict[int, np.ndarray] = {}
-    if to_embed:
-        import torch
-
-        encoded = library.encoder.encode_tensors(torch.stack([prepared.tensor for prepared in to_embed]))
-        vectors = {id(prepared): vector for prepared, vector in zip(to_embed, encoded)}
+    if any(prepared.tensor is not None for prepared in batch):  # files the recheck had to decode after all
+        vectors = {**vectors, **_embed(library, batch)}
     items: list[NewItem] = []
     moves: list[tuple[int, dict[str, Any]]] = []
     counts = {"added": 0, "updated": 0, "moved": 0}

@@ -320,13 +320,11 @@ class Catalog:
         with self.sessions() as session:
             return {row.source_key: (row.id, row.text, row.extra) for row in session.execute(query)}
 
-    def find_by_hash(self, hashes: Iterable[str]) -> dict[str, Item]:
-        found: dict[str, Item] = {}
-        with self.sessions() as session:
-            for chunk in _chunks(list(set(hashes)), 500):
-                for item in session.scalars(select(Item).where(Item.content_hash.in_(chunk))):
-                    found.setdefault(item.content_hash, item)  # type: ignore[arg-type]
-        return found
+    def id_with_hash(self, content_hash: str) -> int | None:
+        """The id of an item holding these bytes (the oldest such item), or None."""
+        query = select(Item.id).where(Item.content_hash == content_hash).order_by(Item.id).limit(1)
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar()
 
     def get_items(self, ids: Iterable[int]) -> dict[int, Item]:
         found: dict[int, Item] = {}

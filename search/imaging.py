@@ -104,7 +104,8 @@ def _decode_opened(opened: Image.Image, draft_size: int | None) -> DecodedImage:
     if draft_size and opened.format == "JPEG":
         opened.draft("RGB", (draft_size, draft_size))
     opened.load()
-    oriented = ImageOps.exif_transpose(opened) or opened
+    # exif_transpose copies the pixels even when there is nothing to turn: only call it when there is
+    oriented = ImageOps.exif_transpose(opened) if exif.get(EXIF_ORIENTATION, 1) != 1 else opened
     return DecodedImage(
         image=to_rgb(oriented),
         width=width,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,4 +115,63 @@ def test_decoding_keeps_a_bounded_number_of_files_in_flight(library: Library, tm
     monkeypatch.setattr(pipeline, "_prepare_all", counting_consumer)
     report = index_paths(library, [tmp_path / "pics"], batch_size=4, workers=2, export_text=False)
     assert report.added == 40
-    assert 4 < state["most"] <= 4 + 2 * 2  # more than a batch ahead, never more than batch + 2 per worker
+    lanes = pipeline.plan_threads("cpu", 2).model_lanes
+    # more than a batch ahead, never more than a batch per model lane + 2 per worker
+    assert 4 < state["most"] <= lanes * 4 + 2 * 2
+
+
+def test_model_lanes_embed_batches_at_once_and_each_file_gets_its_own_vector(
+    library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = make_images(tmp_path / "pics", 11)
+    monkeypatch.setattr(pipeline, "plan_threads", lambda device, workers=None: pipeline.ThreadPlan(2, 1, 3))
+    embed = pipeline._embed
+    lock = threading.Lock()
+    state = {"running": 0, "most": 0}
+
+    def slow_embed(*args):  # type: ignore[no-untyped-def]
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        try:
+            time.sleep(0.2)  # long enough for the next batches to reach the other lanes
+            return embed(*args)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(pipeline, "_embed", slow_embed)
+    report = index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
+    assert report.added == 11 and not report.failed
+    assert state["most"] >= 2  # lanes overlap
+    expected = dict(zip([str(path) for path in paths], library.encoder.encode_files(paths)))
+    items = library.catalog.get_items(library.catalog.ids().tolist()).values()
+    assert sorted(item.path for item in items) == sorted(expected)
+    for item in items:
+        assert float(np.dot(item.vector_array(), expected[item.path])) > 0.9999, item.path
+    assert library.check()["ok"]
+
+
+def test_an_error_on_a_model_lane_ends_the_run_and_keeps_what_was_committed(
+    library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_images(tmp_path / "pics", 12)
+    monkeypatch.setattr(pipeline, "plan_threads", lambda device, workers=None: pipeline.ThreadPlan(2, 1, 2))
+    embed = pipeline._embed
+    calls = {"count": 0}
+
+    def failing_embed(library_, batch):  # type: ignore[no-untyped-def]
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise RuntimeError("the model failed")
+        return embed(library_, batch)
+
+    monkeypatch.setattr(pipeline, "_embed", failing_embed)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
+    kept = len(library.catalog.ids())
+    assert kept % 2 == 0 and kept < 12  # whole batches only
+    assert library.check()["ok"]
+    monkeypatch.setattr(pipeline, "_embed", embed)
+    report = index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
+    assert report.added == 12 - kept and report.unchanged == kept
