@@ -138,7 +138,12 @@ def index_texts(
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> TextReport:
-    """Index each corpus file's texts; a file that cannot be parsed is reported, not indexed."""
+    """Index each corpus file's texts; a file that cannot be parsed is reported, not indexed.
+
+    Texts are embedded with the library's exported text encoder when it has one (no torch,
+    no open_clip; see `search.text_export`), else with the open_clip model, whose text
+    tower is then exported for later runs and queries.
+    """
     report = TextReport()
     with library.writer() as writer:
         for file in files:
@@ -151,6 +156,8 @@ def index_texts(
             _index_file(library, writer, str(path), rows, report, batch_size, progress, stop)
             if report.interrupted:
                 break
+    if not report.interrupted:
+        library.export_text_encoder()  # only does something when this run loaded the model
     return report
 
 
@@ -164,15 +171,16 @@ def _index_file(library: Library, writer: Any, source: str, rows: list[TextRow],
             report.unchanged += 1
         else:
             pending.append((row, old[0] if old else None))
+    encoder = library.text_encoder() if pending else None
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        vectors = library.encoder.encode_texts([row.text for row, _ in batch])
-        limit = library.encoder.context_length
+        vectors = encoder.encode_texts([row.text for row, _ in batch])
+        limit = encoder.context_length
         report.context_length = limit
         items = []
         for (row, item_id), vector in zip(batch, vectors):
             metadata = dict(row.metadata)
-            if library.encoder.count_tokens(row.text) > limit:
+            if encoder.count_tokens(row.text) > limit:
                 metadata["truncated"] = True
                 report.truncated += 1
             items.append(NewItem(kind="text", vector=vector, id=item_id, text=row.text, source=source,

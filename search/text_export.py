@@ -113,6 +113,14 @@ class OnnxTextEncoder:
         return self.settings.dim
 
     @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+    def count_tokens(self, text: str) -> int:
+        """How many BPE tokens `text` takes, start and end tokens included (as `Encoder.count_tokens`)."""
+        return len(self.tokenizer.encode(text)) + 2
+
+    @property
     def session(self) -> Any:
         if self._session is None:
             self._session = _inference_session(self.folder / MODEL_FILE, self.threads)

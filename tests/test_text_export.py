@@ -202,3 +202,40 @@ def test_export_leaves_the_model_in_eval_mode(tiny_model, tmp_path) -> None:
     encoder = Encoder(tiny_model.resolve(), "cpu")
     export_text_encoder(encoder, tmp_path)
     assert not encoder._model.training
+
+
+def test_index_texts_uses_the_export_and_never_loads_the_model(library: Library, tmp_path: Path) -> None:
+    from indexer.texts import index_texts
+
+    library.encode_text("a query that makes the export")  # loads the model once, exports its text tower
+    corpus = tmp_path / "notes.txt"
+    long_text = " ".join(["pneumonoultramicroscopicsilicovolcanoconiosis"] * 12)
+    corpus.write_text(f"a red circle\na blue square on grey\n{long_text}\n")
+    reopened = Library.open(library.path)
+    report = index_texts(reopened, [corpus])
+    assert report.added == 3 and report.truncated == 1 and report.context_length == library.encoder.context_length
+    assert reopened._encoder is None  # torch and open_clip were never needed
+    texts = ["a red circle", "a blue square on grey", long_text]
+    reference = library.encoder.encode_texts(texts)
+    items = reopened.catalog.get_items(reopened.catalog.ids().tolist()).values()
+    stored = {item.text: item.vector_array() for item in items}
+    for text, expected in zip(texts, reference):
+        assert float(stored[text] @ expected) >= 0.999, text
+
+
+def test_index_texts_without_an_export_makes_one(library: Library, tmp_path: Path) -> None:
+    from indexer.texts import index_texts
+
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("a red circle\n")
+    assert index_texts(library, [corpus]).added == 1
+    assert isinstance(Library.open(library.path).text_encoder(), OnnxTextEncoder)
+
+
+def test_the_exports_token_count_equals_open_clips(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    encoder = Encoder(tiny_model.resolve(), "cpu").load()
+    export_text_encoder(encoder, tmp_path)
+    exported = load_text_export(tmp_path, encoder.spec, 32)
+    assert exported is not None and exported.context_length == encoder.context_length
+    for text in VARIED_TEXTS:
+        assert exported.count_tokens(text) == encoder.count_tokens(text), text
