@@ -21,6 +21,7 @@ from search.imaging import decode_image
 from search.model import ModelSpec, ResolvedModel
 from search.paths import resolve_library_path
 from search.query import Filters, Hit, Query, Term, combine
+from search.sharedlock import SharedLock
 from search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex, write_json_atomic
 
 FORMAT_VERSION = 1
@@ -81,7 +82,8 @@ class Library:
         self._vectors_generation = -1
         self._encoder: Encoder | None = None
         self._text_export: Any = None  # the exported text encoder once looked up; False when there is none
-        self._sync_lock = threading.RLock()
+        self._sync_lock = threading.RLock()  # changes to the in-memory index and its generation
+        self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
         self.created = False  # made by this open() call
 
     # -- opening ------------------------------------------------------------------
@@ -205,9 +207,11 @@ class Library:
         assert self._vectors is not None
         if not item_ids:
             return
-        self._vectors.remove(np.asarray(item_ids, dtype=np.int64))
-        for ids, vectors in self.catalog.iter_vectors(item_ids):
-            self._vectors.add(ids, vectors)
+        changes = list(self.catalog.iter_vectors(item_ids))
+        with self._index_lock.exclusive():
+            self._vectors.remove(np.asarray(item_ids, dtype=np.int64))
+            for ids, vectors in changes:
+                self._vectors.add(ids, vectors)
 
     def _build_vectors(self) -> VectorIndex:
         from search.index_choice import build_index
@@ -348,8 +352,7 @@ class Library:
         if allowed is not None and len(allowed) == 0:
             return []
         wanted = query.k + query.offset
-        with self._sync_lock:  # a catch-up by another thread must not change the index mid-search
-            scores, ids = self.vectors.search(vector[None, :], wanted, allowed, source=self.catalog)
+        scores, ids = self.search_index(vector[None, :], wanted, allowed)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         pairs = pairs[query.offset : query.offset + query.k]
         if query.threshold is not None:
@@ -362,6 +365,17 @@ class Library:
                 continue
             hits.append(_hit(len(hits) + 1 + query.offset, score, item))
         return hits
+
+    def search_index(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Search the vector index, caught up with the catalog (see `VectorIndex.search`).
+
+        Searches from several threads run at the same time; a catch-up or commit that
+        changes the index waits for them, and they for it.
+        """
+        self.sync_vectors()
+        with self._index_lock.shared():
+            assert self._vectors is not None
+            return self._vectors.search(queries, k, allowed, source=self.catalog)
 
     def catalog_kind_condition(self, kind: str) -> Any:
         """A SQL condition selecting items of `kind` (None for any)."""
@@ -486,10 +500,11 @@ class LibraryWriter:
             assert vectors is not None
             replaced = [item.id for item in items if item.id is not None]
             gone = list(remove_ids) + replaced
-            if gone:
-                vectors.remove(np.asarray(gone, dtype=np.int64))
-            if items:
-                vectors.add(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
+            with library._index_lock.exclusive():
+                if gone:
+                    vectors.remove(np.asarray(gone, dtype=np.int64))
+                if items:
+                    vectors.add(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
             if library._vectors_generation == result.generation - 1:
                 library._vectors_generation = result.generation
             else:  # another process wrote in between (cannot happen under the lock): catch up

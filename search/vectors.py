@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -131,6 +132,7 @@ class VectorIndex:
         self._gpu_index: Any = None
         self._gpu_resources: list[Any] = []
         self._gpu_count: int | None = None
+        self._gpu_lock = threading.Lock()  # FAISS GPU indexes are not safe for concurrent use; CPU ones are for searching
         self._tombstones = self._count_tombstones()
 
     def _new_index(self) -> Any:
@@ -264,7 +266,7 @@ class VectorIndex:
 
     def _search_flat(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if allowed is None and self._gpu_ready(k):
-            return self._gpu().search(queries, k)
+            return self._gpu_search(queries, k)
         if allowed is None:
             return self.index.search(queries, k)
         selector = faiss_module().IDSelectorBatch(allowed)
@@ -276,7 +278,7 @@ class VectorIndex:
         wanted = min(k, matches)
         breadth = self.search_breadth(matches / max(1, self.ntotal))
         if allowed is None and self._gpu_ready(k):
-            scores, ids = self._gpu().search(queries, k)
+            scores, ids = self._gpu_search(queries, k)
             if _enough(ids, wanted):
                 return scores, ids
         while True:
@@ -384,6 +386,10 @@ class VectorIndex:
 
     def _gpu_ready(self, k: int) -> bool:
         return k <= GPU_MAX_K and self._gpu_wanted()
+
+    def _gpu_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._gpu_lock:
+            return self._gpu().search(queries, k)
 
     def _gpu(self) -> Any:
         if self._gpu_index is None:
