@@ -1,6 +1,6 @@
 """Target 1: indexing 12-megapixel JPEGs close to the model's own speed.
 
-    .venv/bin/python benchmarks/speed_index.py [--count 256] [--batch-size 32]
+    .venv/bin/python benchmarks/speed_index.py [--count 512] [--batch-size 32] [--plan DxLxT]
 
 Writes COUNT photo-like 12 MP JPEGs (about 3.7 MB each) to a temporary folder and, with
 ViT-B-32 at random weights on the CPU (the compute of the pretrained model), measures
@@ -11,7 +11,7 @@ in one run:
   cores, or the indexer's lanes (several batches at once on few threads each), whichever
   is faster; measured before and after the rest, averaged;
 - clipdex's steady-state indexing throughput (`index_paths`, model loaded beforehand,
-  from the first committed batch to the last);
+  over the middle half of the run, timed by the commits of its batches);
 - a straightforward open_clip loop: open each file with PIL, open_clip's preprocess,
   `encode_image` in batches.
 
@@ -21,6 +21,9 @@ Also printed, to explain the first ratio: the ceiling that decoding and the mode
 sharing the same cores puts on indexing (from the CPU time per image of each: the
 indexer's read/hash/decode/preprocess step timed on one thread, and the forward's
 cores / throughput), and how close indexing came to it.
+
+`--plan DxLxT` runs the indexer with another thread plan (D decode threads, L model
+lanes of T torch threads each), to compare arrangements.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -91,18 +94,37 @@ def best_forward_throughput(encoder: Encoder, batch_size: int) -> tuple[float, s
 
 
 def indexing_throughput(library: Library, folder: Path, batch_size: int) -> float:
-    """Steady-state images per second of `index_paths`: from the first committed batch to the end."""
+    """Steady-state images per second of `index_paths`, from the commit times of its batches.
+
+    The window is the middle half of the run: it leaves out the start (the first batches
+    wait for decoding alone) and the end (once decoding is done, the last batches have
+    the cores to themselves). It starts and ends on commits that complete a round of the
+    model's lanes, so it spans whole rounds however the lanes interleave.
+    """
+    import indexer.pipeline as pipeline
+
+    commit = pipeline._commit
     marks: list[tuple[int, float]] = []
 
-    def progress(done: int, total: int) -> None:
-        if done % batch_size == 0 or done == total:
-            marks.append((done, time.perf_counter()))
+    def timed_commit(*args: Any) -> Any:
+        result = commit(*args)
+        marks.append((len(args[2]), time.perf_counter()))  # args[2]: the batch
+        return result
 
-    report = index_paths(library, [folder], batch_size=batch_size, progress=progress, export_text=False)
+    pipeline._commit = timed_commit
+    try:
+        report = index_paths(library, [folder], batch_size=batch_size, export_text=False)
+    finally:
+        pipeline._commit = commit
     if report.failed:
         raise SystemExit(f"indexing failed on {report.failed[0].path}: {report.failed[0].error}")
-    (first_done, first_time), (last_done, last_time) = marks[0], marks[-1]
-    return (last_done - first_done) / (last_time - first_time)
+    lanes = pipeline.plan_threads(library.encoder.requested_device).model_lanes
+    rounds = len(marks) // lanes
+    if rounds < 4:
+        raise SystemExit(f"too few batches for a steady state: use --count of at least {4 * lanes * batch_size}")
+    first = lanes * (rounds // 4) - 1  # the commit ending the first quarter's last round
+    last = first + lanes * max(1, rounds // 2)
+    return sum(count for count, _ in marks[first + 1 : last + 1]) / (marks[last][1] - marks[first][1])
 
 
 def prepare_cpu_seconds(library: Library, folder: Path, sample: int = 16) -> float:
@@ -135,11 +157,27 @@ def straightforward_throughput(encoder: Encoder, paths: Sequence[Path], batch_si
     return len(paths) / (time.perf_counter() - started)
 
 
+def force_plan(text: str) -> None:
+    """Make the indexer use the thread plan DxLxT, to compare arrangements."""
+    import indexer.pipeline as pipeline
+
+    try:
+        decode, lanes, threads = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--plan {text!r}: expected DxLxT, for example 2x2x1") from None
+    plan = pipeline.ThreadPlan(decode, threads, lanes)
+    pipeline.plan_threads = lambda device, workers=None: plan
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=256, help="12 MP JPEGs to index")
+    parser.add_argument("--count", type=int, default=512, help="12 MP JPEGs to index")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--plan", metavar="DxLxT", help="force the indexer's thread plan: D decode threads, "
+                        "L model lanes of T torch threads each (default: the indexer's own plan)")
     args = parser.parse_args(argv)
+    if args.plan:
+        force_plan(args.plan)
     with tempfile.TemporaryDirectory(prefix="clipdex-speed-index-") as scratch:
         folder = Path(scratch) / "photos"
         photos = write_photos(folder, args.count)
