@@ -1,4 +1,4 @@
-"""Progress on stderr (rate and ETA), and a Ctrl-C that stops after the current batch."""
+"""Progress on stderr (rate and ETA), and a Ctrl-C that stops once the batches in flight are committed."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def stop_on_interrupt() -> Iterator[threading.Event]:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        err.print("Stopping after the current batch (Ctrl-C again to abort)...")
+        err.print("Stopping once the batches in flight are committed (Ctrl-C again to abort)...")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -1,7 +1,8 @@
 """The indexing pipeline: scan, diff against the catalog, decode in parallel, embed, commit.
 
 A run commits one batch at a time; SQLite commits are the unit of durability, so a
-killed run loses at most the batch in flight and a re-run picks up where it stopped.
+killed run loses at most the batches in flight (one per model lane) and a re-run picks
+up where it stopped.
 Nothing here loads the model (or imports torch) unless some file must be embedded.
 """
 
@@ -135,7 +136,7 @@ def index_paths(
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
-    `stop`: when set (by a Ctrl-C handler, say), the run ends after the current batch.
+    `stop`: when set (by a Ctrl-C handler, say), the run ends once the batches in flight are committed.
     `prune_empty_roots`: a root folder with no images at all normally keeps its indexed
     items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
@@ -241,7 +242,7 @@ def _run_jobs(
 
     batch: list[_Prepared] = []
     done = 0
-    ahead = lanes * batch_size + 2 * plan.decode_workers
+    ahead = batch_size + 2 * plan.decode_workers  # decoded while the lanes embed: enough for the next batch
     with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="clipdex-model") as model_pool:
         try:
             for prepared in _prepare_all(library, jobs, known_hashes, plan.decode_workers, ahead):

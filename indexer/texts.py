@@ -137,12 +137,13 @@ def index_texts(
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
+    export_text: bool = True,
 ) -> TextReport:
     """Index each corpus file's texts; a file that cannot be parsed is reported, not indexed.
 
     Texts are embedded with the library's exported text encoder when it has one (no torch,
     no open_clip; see `search.text_export`), else with the open_clip model, whose text
-    tower is then exported for later runs and queries.
+    tower is then exported for later runs and queries (unless `export_text` is False).
     """
     report = TextReport()
     with library.writer() as writer:
@@ -156,7 +157,7 @@ def index_texts(
             _index_file(library, writer, str(path), rows, report, batch_size, progress, stop)
             if report.interrupted:
                 break
-    if not report.interrupted:
+    if export_text and not report.interrupted:
         library.export_text_encoder()  # only does something when this run loaded the model
     return report
 

@@ -22,31 +22,39 @@ class SharedLock:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        with self._condition:
-            while self._writing or self._writers_waiting:
-                self._condition.wait()
-            self._readers += 1
+        entered = False
         try:
+            with self._condition:
+                while self._writing or self._writers_waiting:
+                    self._condition.wait()
+                self._readers += 1
+                entered = True
             yield
         finally:
-            with self._condition:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._condition.notify_all()
+            if entered:  # also when an exception (a Ctrl-C, say) lands right after entering
+                with self._condition:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._condition.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._condition:
-            self._writers_waiting += 1
-            try:
-                while self._writing or self._readers:
-                    self._condition.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writing = True
+        entered = False
         try:
+            with self._condition:
+                self._writers_waiting += 1
+                try:
+                    while self._writing or self._readers:
+                        self._condition.wait()
+                    entered = True
+                    self._writing = True
+                finally:
+                    self._writers_waiting -= 1
+                    if not entered:  # gave up waiting (an exception): let in the readers it held off
+                        self._condition.notify_all()
             yield
         finally:
-            with self._condition:
-                self._writing = False
-                self._condition.notify_all()
+            if entered:
+                with self._condition:
+                    self._writing = False
+                    self._condition.notify_all()

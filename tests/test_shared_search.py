@@ -126,3 +126,34 @@ def test_a_commit_waits_for_a_search_in_progress(indexed: Library, monkeypatch: 
     committer.join(5)
     assert committed.is_set() and ntotal_seen == [before]
     assert indexed.vectors.ntotal == before + 1
+
+
+def test_the_http_service_searches_at_the_same_time(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.http.service import SearchService
+    from search.query import Query
+
+    service = SearchService(indexed)
+    meet = threading.Barrier(2, timeout=5)
+    search = VectorIndex.search
+
+    def meeting_search(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        meet.wait()
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "search", meeting_search)
+    vector = next(iter(indexed.catalog.get_items(indexed.catalog.ids().tolist()).values())).vector_array()
+    errors: list[BaseException] = []
+    found: list[int] = []
+
+    def run() -> None:
+        try:
+            found.append(len(service.search(Query.build(vector=vector, k=2))))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not errors and found == [2, 2]

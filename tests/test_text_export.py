@@ -239,3 +239,12 @@ def test_the_exports_token_count_equals_open_clips(tiny_model: ModelSpec, tmp_pa
     assert exported is not None and exported.context_length == encoder.context_length
     for text in VARIED_TEXTS:
         assert exported.count_tokens(text) == encoder.count_tokens(text), text
+
+
+def test_index_texts_can_skip_the_export(library: Library, tmp_path: Path) -> None:
+    from indexer.texts import index_texts
+
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("a red circle\n")
+    assert index_texts(library, [corpus], export_text=False).added == 1
+    assert library.encoder.loaded and not (library.path / EXPORT_FOLDER).exists()

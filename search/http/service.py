@@ -17,21 +17,19 @@ from search.query import Hit, Query
 class SearchService:
     """Thread-safe access to one open library for the app's worker threads.
 
-    The model runs one call at a time (torch spreads each call over the cores itself),
-    and the FAISS index is never searched while it catches up with the catalog.
+    The model runs one call at a time (torch spreads each call over the cores itself).
+    Searches run at the same time: the library shares its FAISS index between them, and
+    catches it up with commits made elsewhere (an index run in another process) first.
     """
 
     def __init__(self, library: Library) -> None:
         self.library = library
         self._model_lock = threading.Lock()
-        self._index_lock = threading.Lock()
 
     def search(self, query: Query) -> list[Hit]:
         with self._model_lock:
             vector = self.library.query_vector(query)
-        with self._index_lock:
-            self.library.sync_vectors()  # commits of an index run in another process, if any
-            return self.library.search_vector(vector, query)
+        return self.library.search_vector(vector, query)  # catches up with other processes' commits first
 
     def embed_text(self, text: str) -> np.ndarray:
         with self._model_lock:
@@ -43,9 +41,7 @@ class SearchService:
             return self.library.encoder.encode_images([image])[0]
 
     def stats(self) -> dict[str, Any]:
-        with self._index_lock:
-            self.library.sync_vectors()
-            return self.library.stats()
+        return self.library.stats()  # its vector count comes from the index, caught up first
 
     def item(self, item_id: int) -> Item:
         item = self.library.catalog.get_item(item_id)
