@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -63,8 +64,9 @@ def indexed(library: Library, tmp_path: Path, make_images) -> Library:
     return library
 
 
-def test_two_threads_search_at_the_same_time(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
-    meet = threading.Barrier(2, timeout=5)  # broken (an error) if the searches ran one after the other
+def searches_must_meet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every FAISS search wait inside for a second one: an error if they run one after the other."""
+    meet = threading.Barrier(2, timeout=5)
     search = VectorIndex.search
 
     def meeting_search(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -72,15 +74,17 @@ def test_two_threads_search_at_the_same_time(indexed: Library, monkeypatch: pyte
         return search(self, *args, **kwargs)
 
     monkeypatch.setattr(VectorIndex, "search", meeting_search)
-    query = indexed.catalog.get_items(indexed.catalog.ids().tolist())
-    vector = next(iter(query.values())).vector_array()
+
+
+def run_twice_at_once(function: Callable[[], object]) -> list[object]:
+    """`function`'s results from two threads started together; raises the first error."""
     results: list[object] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            results.append(indexed.search(vector=vector, k=3))
-        except BaseException as error:  # noqa: BLE001 - reported below
+            results.append(function())
+        except BaseException as error:  # noqa: BLE001 - raised below
             errors.append(error)
 
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -88,8 +92,20 @@ def test_two_threads_search_at_the_same_time(indexed: Library, monkeypatch: pyte
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert not errors and len(results) == 2
-    assert [hit.id for hit in results[0]] == [hit.id for hit in results[1]]  # type: ignore[attr-defined]
+    if errors:
+        raise errors[0]
+    return results
+
+
+def any_vector(library: Library) -> np.ndarray:
+    return next(iter(library.catalog.get_items(library.catalog.ids().tolist()).values())).vector_array()
+
+
+def test_two_threads_search_at_the_same_time(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    searches_must_meet(monkeypatch)
+    vector = any_vector(indexed)
+    first, second = run_twice_at_once(lambda: [hit.id for hit in indexed.search(vector=vector, k=3)])
+    assert first == second and len(first) == 3  # type: ignore[arg-type]
 
 
 def test_a_commit_waits_for_a_search_in_progress(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,27 +149,6 @@ def test_the_http_service_searches_at_the_same_time(indexed: Library, monkeypatc
     from search.query import Query
 
     service = SearchService(indexed)
-    meet = threading.Barrier(2, timeout=5)
-    search = VectorIndex.search
-
-    def meeting_search(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        meet.wait()
-        return search(self, *args, **kwargs)
-
-    monkeypatch.setattr(VectorIndex, "search", meeting_search)
-    vector = next(iter(indexed.catalog.get_items(indexed.catalog.ids().tolist()).values())).vector_array()
-    errors: list[BaseException] = []
-    found: list[int] = []
-
-    def run() -> None:
-        try:
-            found.append(len(service.search(Query.build(vector=vector, k=2))))
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert not errors and found == [2, 2]
+    searches_must_meet(monkeypatch)
+    vector = any_vector(indexed)
+    assert run_twice_at_once(lambda: len(service.search(Query.build(vector=vector, k=2)))) == [2, 2]
