@@ -255,11 +255,11 @@ def _run_jobs(
                     in_flight.append((batch, model_pool.submit(_embed, library, batch)))
                     batch = []
                     commit_down_to(lanes - 1)
-                    if stop is not None and stop.is_set():
-                        report.interrupted = True
-                        break
                 if progress:
                     progress(done, len(jobs))
+                if stop is not None and stop.is_set():  # checked per file: a run of failing files cannot hold it up
+                    report.interrupted = True
+                    break
             if batch:
                 in_flight.append((batch, model_pool.submit(_embed, library, batch)))
             commit_down_to(0)

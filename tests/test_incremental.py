@@ -194,3 +194,24 @@ def test_emptied_root_keeps_its_items_unless_pruned(library: Library, tmp_path: 
     assert "no images found here, but 3 are indexed" in report.failed[0].error
     assert index_paths(library, [tmp_path / "mount"], prune_empty_roots=True).removed == 3
     assert library.stats()["images"] == 0
+
+
+def test_a_stop_request_is_seen_between_files_even_when_no_batch_fills(library: Library, tmp_path: Path, make_images) -> None:
+    import threading
+
+    folder = tmp_path / "pics"
+    make_images(folder, 4)
+    for number in range(40):  # files that all fail: no batch of 32 ever fills
+        (folder / f"x-broken{number:02d}.jpg").write_bytes(b"not a jpeg")  # after the images
+    stop = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done == 5:
+            stop.set()
+
+    report = index_paths(library, [folder], batch_size=32, progress=progress, stop=stop, export_text=False)
+    assert report.interrupted
+    assert (report.added, len(report.failed)) == (4, 1)  # stopped at the fifth file; the part-batch is committed
+    check = library.check()
+    assert check["ok"], check
+    assert len(library.catalog.ids()) == report.added
