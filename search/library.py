@@ -438,7 +438,8 @@ class Library:
             problems.append(f"catalog vectors have {catalog_vectors.shape[1]} dimensions, the manifest says {self.dim}")
         loaded = VectorIndex.load(self.path)
         if loaded is None:
-            problems.append(f"{INDEX_FILE} or {STAMP_FILE} is missing or unreadable")
+            if len(catalog_ids) or generation > 0:  # a library nothing was ever committed to has no index yet
+                problems.append(f"{INDEX_FILE} or {STAMP_FILE} is missing or unreadable")
         else:
             index, saved_generation = loaded
             if saved_generation != generation:

@@ -78,6 +78,14 @@ def test_faiss_index_is_rebuilt_from_the_catalog(library: Library, tmp_path: Pat
     assert fresh.search(image=paths[1], k=1)[0].path == str(paths[1])
 
 
+def test_check_passes_a_library_nothing_was_committed_to_and_flags_a_lost_index(library: Library, tmp_path: Path, make_images) -> None:
+    assert library.check() == {"ok": True, "problems": [], "repaired": False, "items": 0}
+    make_images(tmp_path / "pics", 2)
+    index_paths(library, [tmp_path / "pics"])
+    (library.path / INDEX_FILE).unlink()
+    assert Library.open(library.path).check()["problems"] == [f"{INDEX_FILE} or {STAMP_FILE} is missing or unreadable"]
+
+
 def test_stale_faiss_index_catches_up_from_change_log(library: Library, tmp_path: Path, make_images) -> None:
     make_images(tmp_path / "pics", 3)
     index_paths(library, [tmp_path / "pics"])
