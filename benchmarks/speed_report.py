@@ -37,9 +37,12 @@ def at_most(target: str, measured: str, baseline: str, ratio: float, goal: float
     return Figure(target, measured, baseline, ratio, f"<= {goal:.2f}", ratio <= goal)
 
 
+INFO = "(info)"  # the goal of a figure that has none
+
+
 def info(target: str, measured: str, baseline: str, ratio: float) -> Figure:
     """A figure that explains others rather than meets a target of its own."""
-    return Figure(target, measured, baseline, ratio, "(info)", True)
+    return Figure(target, measured, baseline, ratio, INFO, True)
 
 
 def table(figures: Sequence[Figure]) -> str:
@@ -52,7 +55,7 @@ def table(figures: Sequence[Figure]) -> str:
 
 
 def _met(figure: Figure) -> str:
-    if figure.goal == "(info)":
+    if figure.goal == INFO:
         return ""
     return "yes" if figure.met else "NO"
 
