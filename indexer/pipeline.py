@@ -8,7 +8,6 @@ Nothing here loads the model (or imports torch) unless some file must be embedde
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -16,7 +15,6 @@ from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,6 +23,7 @@ from indexer.scan import ScannedFile, scan
 from search.catalog import FileRecord, NewItem
 from search.encoder import available_cores
 from search.errors import ClipdexError, UnreadableImage
+from search.fileid import content_hash as hash_bytes
 from search.imaging import decode_image
 from search.library import Library
 from search.vectors import faiss_module
@@ -82,6 +81,7 @@ class _Prepared:
     metadata: dict[str, Any] = field(default_factory=dict)
     reuse_id: int | None = None  # an item with the same bytes: its vector is reused
     error: str | None = None
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file that was read
 
 
 @dataclass(frozen=True)
@@ -324,14 +324,13 @@ def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, worker
 def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
     path = job.file.path
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data, identity = _read_file(path)
     except FileNotFoundError:
         return _Prepared(job, error="file vanished before it could be read")
     except OSError as error:
         return _Prepared(job, error=f"cannot read: {error.strerror or error}")
-    content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
-    prepared = _Prepared(job, content_hash=content_hash)
+    content_hash = hash_bytes(data)
+    prepared = _Prepared(job, content_hash=content_hash, identity=identity)
     if job.record is not None and job.record.content_hash == content_hash:
         prepared.reuse_id = job.record.id  # touched, not changed
         return prepared
@@ -341,6 +340,13 @@ def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
         return prepared
     _decode_into(prepared, data, encoder)
     return prepared
+
+
+def _read_file(path: str) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes and its (device, inode), both of the one file that was opened."""
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        return handle.read(), (info.st_dev, info.st_ino)
 
 
 def _decode_into(prepared: _Prepared, data: bytes, encoder: Any) -> None:
@@ -384,11 +390,11 @@ def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
         if source is None or source.content_hash != prepared.content_hash:
             prepared.reuse_id = None
             try:
-                data = Path(prepared.job.file.path).read_bytes()
+                data, prepared.identity = _read_file(prepared.job.file.path)
             except OSError as error:
                 prepared.error = f"cannot read: {error.strerror or error}"
                 continue
-            if hashlib.blake2b(data, digest_size=20).hexdigest() != prepared.content_hash:
+            if hash_bytes(data) != prepared.content_hash:
                 prepared.error = "file changed during the run; run index again"
                 continue
             _decode_into(prepared, data, library.encoder)
@@ -416,7 +422,9 @@ def _commit(
     counts = {"added": 0, "updated": 0, "moved": 0}
     for prepared in batch:
         job = prepared.job
-        file_columns = {"path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns, "content_hash": prepared.content_hash}
+        device, inode = prepared.identity or (None, None)
+        file_columns = {"path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns,
+                        "content_hash": prepared.content_hash, "device": device, "inode": inode}
         source_id = prepared.reuse_id
         if source_id is not None and source_id in vanished_by_id and job.record is None:
             moves.append((source_id, file_columns))  # same bytes at a new path: keep id and vector

@@ -62,6 +62,9 @@ class Item(Base):
     taken_at: Mapped[str | None] = mapped_column(String)  # ISO 8601, sorts as it compares
     camera_make: Mapped[str | None] = mapped_column(String)
     camera_model: Mapped[str | None] = mapped_column(String)
+    # the file's identity when it was read (st_dev, st_ino): the server serves only that file
+    device: Mapped[int | None] = mapped_column(Integer)
+    inode: Mapped[int | None] = mapped_column(Integer)
     # texts
     text: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str | None] = mapped_column(Text)  # corpus file
@@ -130,7 +133,13 @@ def _migration_001_initial(connection: Any) -> None:
         connection.exec_driver_sql(statement)
 
 
-MIGRATIONS = [_migration_001_initial]
+def _migration_002_file_identity(connection: Any) -> None:
+    """The device and inode of each image file as it was read (NULL for rows indexed before)."""
+    connection.exec_driver_sql("ALTER TABLE items ADD COLUMN device INTEGER")
+    connection.exec_driver_sql("ALTER TABLE items ADD COLUMN inode INTEGER")
+
+
+MIGRATIONS = [_migration_001_initial, _migration_002_file_identity]
 
 
 def migrate(engine: Engine) -> None:
@@ -166,6 +175,8 @@ class NewItem:
     taken_at: datetime | str | None = None
     camera_make: str | None = None
     camera_model: str | None = None
+    device: int | None = None
+    inode: int | None = None
     text: str | None = None
     source: str | None = None
     source_key: str | None = None
@@ -184,6 +195,8 @@ class NewItem:
             "taken_at": taken,
             "camera_make": self.camera_make,
             "camera_model": self.camera_model,
+            "device": self.device,
+            "inode": self.inode,
             "text": self.text,
             "source": self.source,
             "source_key": self.source_key,

@@ -366,6 +366,89 @@ def test_file_swapped_after_indexing_is_refused(fresh: tuple[Library, list[Path]
             assert "changed since it was indexed" in response.json()["detail"]
 
 
+def decoy_like(original: Path, decoy: Path) -> Path:
+    """A file of the original's size and modification time, holding SECRET (as `touch -r` and padding make)."""
+    size = original.stat().st_size
+    decoy.write_bytes((SECRET.encode() * (size // len(SECRET) + 1))[:size])
+    os.utime(decoy, ns=(original.stat().st_atime_ns, original.stat().st_mtime_ns))
+    return decoy
+
+
+def assert_refused(client: TestClient, item: int) -> None:
+    for suffix in ("file", "thumbnail"):
+        response = client.get(f"/items/{item}/{suffix}")
+        assert response.status_code == 404 and SECRET not in response.text
+        assert "changed since it was indexed" in response.json()["detail"]
+
+
+def test_symlink_swap_to_a_decoy_of_the_same_size_and_time_is_refused(fresh: tuple[Library, list[Path]],
+                                                                       tmp_path: Path) -> None:
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    item = image_id(indexed, photos[0])
+    decoy = decoy_like(photos[0], tmp_path / "passwd")
+    photos[0].unlink()
+    photos[0].symlink_to(decoy)
+    assert photos[0].stat().st_size == decoy.stat().st_size  # what the old check compared
+    assert_refused(client, item)
+
+
+def test_hard_link_to_a_decoy_is_refused(fresh: tuple[Library, list[Path]], tmp_path: Path) -> None:
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    item = image_id(indexed, photos[1])
+    decoy = decoy_like(photos[1], tmp_path / "photos" / ".shadow")
+    photos[1].unlink()
+    os.link(decoy, photos[1])
+    assert_refused(client, item)
+
+
+def test_parent_folder_swapped_for_a_link_is_refused(fresh: tuple[Library, list[Path]], tmp_path: Path) -> None:
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    item = image_id(indexed, photos[2])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    decoy_like(photos[2], elsewhere / photos[2].name)
+    photos[2].parent.rename(tmp_path / "moved-away")
+    photos[2].parent.symlink_to(elsewhere, target_is_directory=True)
+    assert_refused(client, item)
+
+
+def test_a_byte_identical_copy_in_place_is_still_served(fresh: tuple[Library, list[Path]], tmp_path: Path) -> None:
+    """A restored backup has new inodes: the content hash decides then."""
+    indexed, photos = fresh
+    client = TestClient(create_app(indexed))
+    item = image_id(indexed, photos[3])
+    original = photos[3].read_bytes()
+    copy = tmp_path / "photos" / "copy.tmp"
+    copy.write_bytes(original)
+    os.utime(copy, ns=(photos[3].stat().st_atime_ns, photos[3].stat().st_mtime_ns))
+    os.replace(copy, photos[3])
+    response = client.get(f"/items/{item}/file")
+    assert response.status_code == 200 and response.content == original
+
+
+def test_rows_without_a_recorded_inode_are_checked_by_hash(fresh: tuple[Library, list[Path]], tmp_path: Path) -> None:
+    """Items indexed before device and inode were recorded (catalog migration 2)."""
+    indexed, photos = fresh
+    with indexed.catalog.engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE items SET device = NULL, inode = NULL")
+    client = TestClient(create_app(indexed))
+    kept, swapped = image_id(indexed, photos[4]), image_id(indexed, photos[5])
+    assert client.get(f"/items/{kept}/file").content == photos[4].read_bytes()
+    decoy = decoy_like(photos[5], tmp_path / "decoy")
+    os.replace(decoy, photos[5])
+    assert_refused(client, swapped)
+
+
+def test_index_records_the_file_identity(fresh: tuple[Library, list[Path]]) -> None:
+    indexed, photos = fresh
+    item = indexed.catalog.get_item(image_id(indexed, photos[0]))
+    info = photos[0].stat()
+    assert item is not None and (item.device, item.inode) == (info.st_dev, info.st_ino)
+
+
 def test_vanished_file_is_404(fresh: tuple[Library, list[Path]]) -> None:
     indexed, photos = fresh
     client = TestClient(create_app(indexed))

@@ -1,12 +1,19 @@
 """Serving an item's own file and its thumbnail - and nothing else from the disk.
 
 A file is served only from the path the catalog holds for that item, and only while it
-is still the file that was indexed (a regular file of the same size and modification
-time): a path swapped for a link to something else after indexing is refused.
+is still the file that was indexed. Size and modification time are not enough for that
+(whoever can write the folder sets both), so the file must be:
+
+- a regular file, opened without following a symbolic link in its last component;
+- the same file as when it was indexed: the device and inode recorded then, which also
+  catches a parent folder swapped for a link to another folder; where they differ (a
+  restored backup, a filesystem without stable inodes, a row indexed before they were
+  recorded) its bytes must hash to the indexed content hash.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -16,6 +23,7 @@ from typing import BinaryIO
 
 from search.catalog import Item
 from search.errors import UnreadableImage
+from search.fileid import content_hash
 from search.imaging import thumbnail_jpeg
 
 THUMBNAIL_DIR = "thumbnails"
@@ -30,16 +38,39 @@ def open_indexed_file(item: Item) -> BinaryIO:
     """Open the item's file for reading, checking that it is the one that was indexed."""
     if item.kind != "image" or not item.path:
         raise FileUnavailable(f"item {item.id} is a {item.kind}; it has no file")
+    # O_NONBLOCK: a FIFO put in the file's place must not hang the server
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
-        # O_NONBLOCK: a FIFO put in the file's place must not hang the server
-        descriptor = os.open(item.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        descriptor = os.open(item.path, flags)
     except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise _changed(item) from None
         raise FileUnavailable(f"the file of item {item.id} cannot be opened: {error.strerror}") from None
-    info = os.fstat(descriptor)
+    handle = os.fdopen(descriptor, "rb")
+    try:
+        if not _is_indexed_file(item, handle):
+            raise _changed(item)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _is_indexed_file(item: Item, handle: BinaryIO) -> bool:
+    info = os.fstat(handle.fileno())
     if not stat.S_ISREG(info.st_mode) or info.st_size != item.size or info.st_mtime_ns != item.mtime_ns:
-        os.close(descriptor)
-        raise FileUnavailable(f"the file of item {item.id} changed since it was indexed; re-index it to serve it")
-    return os.fdopen(descriptor, "rb")
+        return False
+    if item.device is not None and (info.st_dev, info.st_ino) == (item.device, item.inode):
+        return True
+    if not item.content_hash:
+        return False
+    data = handle.read(info.st_size + 1)
+    handle.seek(0)
+    return content_hash(data) == item.content_hash
+
+
+def _changed(item: Item) -> FileUnavailable:
+    return FileUnavailable(f"the file of item {item.id} changed since it was indexed; re-index it to serve it")
 
 
 def thumbnail_size(requested: int) -> int:
