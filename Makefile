@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev test test-fast demo bench clean
+.PHONY: install install-dev system-deps typecheck test test-fast demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,22 @@ install: $(VENV)/.installed
 
 install-dev: $(STAMP)
 
-test: $(STAMP)
+# Debian's chromium (browser tests) and postgresql (catalog tests), when missing
+system-deps:
+	@bash .ci/system-deps
+
+# mypy reads the package as it is installed (`clipdex.*`): a tree of links maps the folders
+TYPECHECK_TREE := build/typecheck/clipdex
+typecheck: $(STAMP)
+	@mkdir -p $(TYPECHECK_TREE)
+	@ln -sfn ../../../search/package_root/__init__.py $(TYPECHECK_TREE)/__init__.py
+	@for part in search indexer cli; do ln -sfn ../../../$$part $(TYPECHECK_TREE)/$$part; done
+	MYPYPATH=build/typecheck $(PY) -m mypy -p clipdex
+
+test: $(STAMP) system-deps typecheck
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(VENV)/.installed

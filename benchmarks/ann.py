@@ -2,7 +2,7 @@
 
 Generates CLIP-like vectors (normalized, d=512, a shared mean direction, an anisotropic
 spectrum, topics split into sub-clusters of Zipf-distributed sizes), holds out queries
-from the same distribution, and for each size lets `search.optimize.optimize_vectors`
+from the same distribution, and for each size lets `clipdex.search.optimize.optimize_vectors`
 choose, build and tune the index exactly as `clipdex optimize` does. Recall@10 is
 measured against exact search on the held-out half of the queries not used for tuning;
 throughput is single queries one at a time on one FAISS thread, against FAISS's exact
@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.optimize import RECALL_K, Evaluation, OptimizeReport, exact_neighbours, optimize_vectors  # noqa: E402
-from search.vectors import faiss_module  # noqa: E402
+from clipdex.search.optimize import RECALL_K, Evaluation, OptimizeReport, exact_neighbours, optimize_vectors  # noqa: E402
+from clipdex.search.vectors import faiss_module  # noqa: E402
 
 
 def clip_like_vectors(count: int, dim: int = 512, seed: int = 0) -> np.ndarray:

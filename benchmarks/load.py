@@ -173,9 +173,9 @@ def tiny_model(folder: Path) -> tuple[str, str]:
 
 def build_library(folder: Path, images: int, model: str | None, pretrained: str | None) -> tuple[Path, list[int]]:
     sys.path.insert(0, str(ROOT))
-    from indexer import index_paths
-    from search.library import Library
-    from search.model import ModelSpec
+    from clipdex.indexer import index_paths
+    from clipdex.search.library import Library
+    from clipdex.search.model import ModelSpec
 
     if model is None or pretrained is None:
         model, pretrained = tiny_model(folder)

@@ -35,11 +35,11 @@ from speed_data import write_photos  # noqa: E402
 from speed_index import forward_throughput, indexing_throughput, straightforward_throughput  # noqa: E402
 from speed_report import at_least, at_most, report  # noqa: E402
 
-from indexer.pipeline import plan_threads  # noqa: E402
-from search.encoder import Encoder  # noqa: E402
-from search.imaging import decode_image  # noqa: E402
-from search.library import Library  # noqa: E402
-from search.model import ModelSpec  # noqa: E402
+from clipdex.indexer.pipeline import plan_threads  # noqa: E402
+from clipdex.search.encoder import Encoder  # noqa: E402
+from clipdex.search.imaging import decode_image  # noqa: E402
+from clipdex.search.library import Library  # noqa: E402
+from clipdex.search.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 

@@ -42,10 +42,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from speed_data import write_photos  # noqa: E402
 from speed_report import at_least, info, report  # noqa: E402
 
-from indexer import index_paths  # noqa: E402
-from search.encoder import Encoder, available_cores  # noqa: E402
-from search.library import Library  # noqa: E402
-from search.model import ModelSpec  # noqa: E402
+from clipdex.indexer import index_paths  # noqa: E402
+from clipdex.search.encoder import Encoder, available_cores  # noqa: E402
+from clipdex.search.library import Library  # noqa: E402
+from clipdex.search.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 
@@ -79,7 +79,7 @@ def best_forward_throughput(encoder: Encoder, batch_size: int) -> tuple[float, s
     Arrangements: one forward on all cores (torch's default), and the lanes the indexer
     runs (`plan_threads`: several batches at once, each on few threads).
     """
-    from indexer.pipeline import plan_threads
+    from clipdex.indexer.pipeline import plan_threads
 
     plan = plan_threads("cpu")
     arrangements = {(available_cores(), 1), (plan.model_threads or available_cores(), plan.model_lanes)}
@@ -101,7 +101,7 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
     the cores to themselves). It starts and ends on commits that complete a round of the
     model's lanes, so it spans whole rounds however the lanes interleave.
     """
-    import indexer.pipeline as pipeline
+    import clipdex.indexer.pipeline as pipeline
 
     commit = pipeline._commit
     marks: list[tuple[int, float]] = []
@@ -129,8 +129,8 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
 
 def prepare_cpu_seconds(library: Library, folder: Path, sample: int = 16) -> float:
     """CPU seconds per file of the indexer's own read, hash, decode and preprocess step, on one thread."""
-    from indexer.pipeline import _HashLookup, _Job, _prepare
-    from indexer.scan import scan
+    from clipdex.indexer.pipeline import _HashLookup, _Job, _prepare
+    from clipdex.indexer.scan import scan
 
     jobs = [_Job(file, None) for file in scan([folder]).files[:sample]]
     lookup = _HashLookup(library, {})
@@ -159,7 +159,7 @@ def straightforward_throughput(encoder: Encoder, paths: Sequence[Path], batch_si
 
 def force_plan(text: str) -> None:
     """Make the indexer use the thread plan DxLxT, to compare arrangements."""
-    import indexer.pipeline as pipeline
+    import clipdex.indexer.pipeline as pipeline
 
     try:
         decode, lanes, threads = (int(part) for part in text.lower().split("x"))

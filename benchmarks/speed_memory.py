@@ -35,9 +35,9 @@ SMALL_MODEL = {
 # Indexes argv[1] into a new library argv[2] with model config argv[3]; prints the report and peak RSS.
 INDEX_RUN = """
 import json, resource, sys
-from indexer import index_paths
-from search.library import Library
-from search.model import ModelSpec
+from clipdex.indexer import index_paths
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
 library = Library.open(sys.argv[2], model=ModelSpec(sys.argv[3], "none"), create=True, device="cpu")
 report = index_paths(library, [sys.argv[1]], export_text=False)
 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

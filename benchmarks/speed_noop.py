@@ -30,10 +30,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from speed_data import write_small_images  # noqa: E402
 from speed_report import at_most, report  # noqa: E402
 
-from indexer.scan import scan  # noqa: E402
-from search.catalog import NewItem  # noqa: E402
-from search.library import Library  # noqa: E402
-from search.model import ModelSpec  # noqa: E402
+from clipdex.indexer.scan import scan  # noqa: E402
+from clipdex.search.catalog import NewItem  # noqa: E402
+from clipdex.search.library import Library  # noqa: E402
+from clipdex.search.model import ModelSpec  # noqa: E402
 
 SMALL_MODEL = {
     "embed_dim": 64,
@@ -44,7 +44,7 @@ LIMIT_SECONDS = 2.0
 # Runs `clipdex index` in this process and reports whether torch or open_clip got imported.
 NO_OP_RUN = """
 import sys
-from cli.main import main
+from clipdex.cli.main import main
 sys.argv = ["clipdex", "index", *sys.argv[1:]]
 try:
     main()

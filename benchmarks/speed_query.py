@@ -5,7 +5,7 @@
 Builds the library cheaply: ITEMS random normalized vectors committed through the
 library's writer under a ViT-B-32 (random weights) manifest, the vector index rebuilt as
 the type clipdex picks for that size (`--index flat` keeps the exact index), plus the
-library's exported text encoder (`search.text_export`). Then measures, in one run:
+library's exported text encoder (`clipdex.search.text_export`). Then measures, in one run:
 
 3. a cold `clipdex search "a new text"` (a fresh process, a text never asked before) and
    the same query repeated (answered from the query cache), each against the time of
@@ -33,16 +33,16 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 from speed_report import at_most, report  # noqa: E402
 
-from search.catalog import NewItem  # noqa: E402
-from search.library import Library  # noqa: E402
-from search.model import ModelSpec  # noqa: E402
+from clipdex.search.catalog import NewItem  # noqa: E402
+from clipdex.search.library import Library  # noqa: E402
+from clipdex.search.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 WARM_MARGIN_SECONDS = 0.020
 # Runs `clipdex search` in this process, then reports whether torch or open_clip got imported.
 SEARCH_RUN = """
 import sys
-from cli.main import main
+from clipdex.cli.main import main
 sys.argv = ["clipdex", "search", *sys.argv[1:]]
 try:
     main()
@@ -66,8 +66,8 @@ def build_library(path: Path, items: int, index: str) -> Library:
     (what `clipdex optimize` and `clipdex check --repair` build); "flat": keep the exact
     index that incremental commits grow.
     """
-    from search.encoder import Encoder
-    from search.text_export import export_text_encoder
+    from clipdex.search.encoder import Encoder
+    from clipdex.search.text_export import export_text_encoder
 
     library = Library.open(path, model=MODEL, create=True, device="cpu")
     rng = np.random.default_rng(0)

@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
-from search.errors import ClipdexError, UnreadableImage
+from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
+from clipdex.search.errors import ClipdexError, UnreadableImage
 
 
 def register(app: typer.Typer) -> None:
@@ -44,9 +44,9 @@ def tag(
     json_output: bool = JsonOption,
 ) -> None:
     """Zero-shot labels for images: the best labels, with probabilities and cosine scores."""
-    from cli.search_cmd import encoder_for
-    from search.imaging import decode_image
-    from search.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
+    from clipdex.cli.search_cmd import encoder_for
+    from clipdex.search.imaging import decode_image
+    from clipdex.search.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
 
     names = read_labels(labels)
     encoder = encoder_for(library, model, pretrained, device)
@@ -76,8 +76,8 @@ def duplicates(
     json_output: bool = JsonOption,
 ) -> None:
     """Group near-duplicate images of the library (resized, re-encoded, lightly edited copies)."""
-    from cli.common import open_library
-    from search.duplicates import find_duplicates
+    from clipdex.cli.common import open_library
+    from clipdex.search.duplicates import find_duplicates
 
     groups = find_duplicates(open_library(library), threshold)
     if json_output:

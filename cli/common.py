@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
 
-from search.errors import ClipdexError
-from search.library import Library
-from search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.errors import ClipdexError
+from clipdex.search.library import Library
+from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 
 # Results go to stdout; progress, warnings and errors to stderr.
 out = Console(highlight=False, soft_wrap=True)

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
-from cli.progress import progress_bar
-from search.errors import ClipdexError
+from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
+from clipdex.cli.progress import progress_bar
+from clipdex.search.errors import ClipdexError
 
 
 def register(app: typer.Typer) -> None:
@@ -29,8 +29,8 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Recall@1/5/10 image->text and text->image of a model on a captioned image set."""
-    from cli.search_cmd import encoder_for
-    from search.evaluate import group_captions, read_captions, retrieval_recall
+    from clipdex.cli.search_cmd import encoder_for
+    from clipdex.search.evaluate import group_captions, read_captions, retrieval_recall
 
     try:
         pairs = read_captions(captions)

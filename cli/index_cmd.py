@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (
+from clipdex.cli.common import (
     DeviceOption,
     JsonOption,
     LibraryOption,
@@ -18,7 +18,7 @@ from cli.common import (
     out,
     print_json,
 )
-from cli.progress import finish_run, indexing_run
+from clipdex.cli.progress import finish_run, indexing_run
 
 
 def register(app: typer.Typer) -> None:
@@ -44,7 +44,7 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
-    from indexer import index_paths
+    from clipdex.indexer import index_paths
 
     lib = open_library(library, model, pretrained, device, create=True)
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):

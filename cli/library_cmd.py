@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
+from clipdex.cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
 
 
 def register(app: typer.Typer) -> None:

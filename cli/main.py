@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import common
+from clipdex.cli import common
 
 app = typer.Typer(
     name="clipdex",
@@ -21,7 +21,7 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show traceba
 
 
 def _register() -> None:
-    from cli import analysis_cmd, evaluate_cmd, index_cmd, library_cmd, scale_cmd, search_cmd, serve_cmd, text_cmd
+    from clipdex.cli import analysis_cmd, evaluate_cmd, index_cmd, library_cmd, scale_cmd, search_cmd, serve_cmd, text_cmd
 
     for module in (index_cmd, text_cmd, search_cmd, analysis_cmd, evaluate_cmd, library_cmd, scale_cmd, serve_cmd):
         module.register(app)

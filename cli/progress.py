@@ -11,8 +11,8 @@ import typer
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import discard_new_library_on_error, err
-from search.library import Library
+from clipdex.cli.common import discard_new_library_on_error, err
+from clipdex.search.library import Library
 
 
 @contextmanager

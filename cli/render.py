@@ -11,10 +11,10 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import out, print_json
-from search.errors import UnreadableImage
-from search.imaging import thumbnail_jpeg
-from search.query import Hit
+from clipdex.cli.common import out, print_json
+from clipdex.search.errors import UnreadableImage
+from clipdex.search.imaging import thumbnail_jpeg
+from clipdex.search.query import Hit
 
 FORMATS = ("table", "json", "paths", "html")
 

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
-from cli.progress import progress_bar
+from clipdex.cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
+from clipdex.cli.progress import progress_bar
 
 
 def register(app: typer.Typer) -> None:
@@ -26,8 +26,8 @@ def optimize(
     json_output: bool = JsonOption,
 ) -> None:
     """Rebuild the vector index for the library's size and tune it to a target recall."""
-    from search.index_choice import parse_size
-    from search.optimize import optimize_library
+    from clipdex.search.index_choice import parse_size
+    from clipdex.search.optimize import optimize_library
 
     budget = parse_size(memory_budget) if memory_budget is not None else None
     lib = open_library(library)
@@ -56,7 +56,7 @@ def import_vectors(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Import precomputed embeddings as catalog items (images by path, texts by caption)."""
-    from search.import_vectors import import_vectors as run_import
+    from clipdex.search.import_vectors import import_vectors as run_import
 
     lib = open_library(library)
     with progress_bar("Importing", enabled=not quiet and not json_output) as progress:

@@ -7,13 +7,13 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, open_library, out, print_json
-from cli.render import FORMATS, render_hits
-from search.encoder import Encoder
-from search.errors import ClipdexError, LibraryNotFound
-from search.library import Library
-from search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
-from search.query import Query
+from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, open_library, out, print_json
+from clipdex.cli.render import FORMATS, render_hits
+from clipdex.search.encoder import Encoder
+from clipdex.search.errors import ClipdexError, LibraryNotFound
+from clipdex.search.library import Library
+from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.query import Query
 
 
 def register(app: typer.Typer) -> None:
@@ -87,7 +87,7 @@ def embed(
     if text is not None:
         vector = encoder.encode_texts([text])[0]
     else:
-        from search.imaging import decode_image
+        from clipdex.search.imaging import decode_image
 
         vector = encoder.encode_images([decode_image(image).image])[0]  # type: ignore[arg-type]
     if json_output:

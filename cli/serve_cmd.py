@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import DeviceOption, LibraryOption, err, handles_errors, open_library
-from search.errors import ClipdexError
+from clipdex.cli.common import DeviceOption, LibraryOption, err, handles_errors, open_library
+from clipdex.search.errors import ClipdexError
 
 TOKEN_ENV = "CLIPDEX_TOKEN"
 
@@ -31,7 +31,7 @@ def serve(
     device: str = DeviceOption,
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /."""
-    from search.http import LOOPBACK_HOSTS, create_app, is_loopback, run_server
+    from clipdex.search.http import LOOPBACK_HOSTS, create_app, is_loopback, run_server
 
     if token is not None and not token.strip():
         raise ClipdexError(f"--token (or ${TOKEN_ENV}) is empty; give a token or leave it unset")

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
-from cli.progress import finish_run, indexing_run
+from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
+from clipdex.cli.progress import finish_run, indexing_run
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +30,7 @@ def index_texts_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Index texts; re-runs update changed texts, skip unchanged ones and remove vanished ones."""
-    from indexer.texts import index_texts
+    from clipdex.indexer.texts import index_texts
 
     lib = open_library(library, model, pretrained, device, create=True)
     with indexing_run(lib, "Embedding texts", quiet) as (stop, progress):

@@ -1,5 +1,5 @@
 """clipdex indexer: turns files into catalog rows and vectors."""
 
-from indexer.pipeline import Failure, IndexReport, index_paths
+from clipdex.indexer.pipeline import Failure, IndexReport, index_paths
 
 __all__ = ["Failure", "IndexReport", "index_paths"]

@@ -19,14 +19,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from indexer.scan import ScannedFile, scan
-from search.catalog import FileRecord, NewItem
-from search.encoder import available_cores
-from search.errors import ClipdexError, UnreadableImage
-from search.fileid import content_hash as hash_bytes
-from search.imaging import decode_image
-from search.library import Library
-from search.vectors import faiss_module
+from clipdex.indexer.scan import ScannedFile, scan
+from clipdex.search.catalog import FileRecord, NewItem
+from clipdex.search.encoder import available_cores
+from clipdex.search.errors import ClipdexError, UnreadableImage
+from clipdex.search.fileid import content_hash as hash_bytes
+from clipdex.search.imaging import decode_image
+from clipdex.search.library import Library
+from clipdex.search.vectors import faiss_module
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -140,7 +140,7 @@ def index_paths(
     `prune_empty_roots`: a root folder with no images at all normally keeps its indexed
     items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
-    (once; `search.text_export`) so that later text queries need neither torch nor open_clip.
+    (once; `clipdex.search.text_export`) so that later text queries need neither torch nor open_clip.
     """
     started = time.monotonic()
     report = IndexReport()

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from search.errors import ClipdexError
-from search.imaging import IMAGE_EXTENSIONS
+from clipdex.search.errors import ClipdexError
+from clipdex.search.imaging import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)

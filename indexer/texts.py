@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from indexer.pipeline import Failure
-from search.catalog import NewItem
-from search.errors import UnreadableCorpus
-from search.library import Library
+from clipdex.indexer.pipeline import Failure
+from clipdex.search.catalog import NewItem
+from clipdex.search.errors import UnreadableCorpus
+from clipdex.search.library import Library
 
 TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".ndjson")
 DEFAULT_COLUMN = "text"
@@ -142,7 +142,7 @@ def index_texts(
     """Index each corpus file's texts; a file that cannot be parsed is reported, not indexed.
 
     Texts are embedded with the library's exported text encoder when it has one (no torch,
-    no open_clip; see `search.text_export`), else with the open_clip model, whose text
+    no open_clip; see `clipdex.search.text_export`), else with the open_clip model, whose text
     tower is then exported for later runs and queries (unless `export_text` is False).
     """
     report = TextReport()

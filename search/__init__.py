@@ -1,11 +1,11 @@
 """clipdex search library: everything needed to answer a query, and the on-disk format.
 
-    from search import open_library
+    from clipdex.search import open_library
     library = open_library("~/.local/share/clipdex/library")
     hits = library.search(text="a dog on the beach", k=5)
 """
 
-from search.errors import (
+from clipdex.search.errors import (
     ClipdexError,
     CorruptLibrary,
     InvalidQuery,
@@ -17,9 +17,9 @@ from search.errors import (
     UnreadableCorpus,
     UnreadableImage,
 )
-from search.library import Library, open_library
-from search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
-from search.query import Filters, Hit, Query, Term
+from clipdex.search.library import Library, open_library
+from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.query import Filters, Hit, Query, Term
 
 __all__ = [
     "ClipdexError",

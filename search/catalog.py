@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from search.errors import CorruptLibrary
+from clipdex.search.errors import CorruptLibrary
 
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")

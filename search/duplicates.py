@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from search.library import Library
+from clipdex.search.library import Library
 
 NEIGHBOURS = 16  # how many nearest neighbours of each image are compared with the threshold
 

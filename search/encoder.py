@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from search.errors import ModelUnavailable
-from search.model import ResolvedModel, file_sha256
+from clipdex.search.errors import ModelUnavailable
+from clipdex.search.model import ResolvedModel, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -161,7 +161,7 @@ class Encoder:
     def encode_files(self, paths: Sequence[Any], batch_size: int = 64,
                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Decode (EXIF-oriented RGB) and encode image files; an unreadable one raises UnreadableImage."""
-        from search.imaging import decode_image
+        from clipdex.search.imaging import decode_image
 
         parts = []
         for start in range(0, len(paths), batch_size):

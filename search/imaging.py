@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from search.errors import UnreadableImage
+from clipdex.search.errors import UnreadableImage
 
 try:  # HEIC/HEIF through pillow-heif; AVIF is Pillow's own (>= 11.3)
     import pillow_heif

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import and_, select
 
-from search.catalog import Item, NewItem
-from search.errors import ClipdexError, ModelMismatch
-from search.model import ResolvedModel
+from clipdex.search.catalog import Item, NewItem
+from clipdex.search.errors import ClipdexError, ModelMismatch
+from clipdex.search.model import ResolvedModel
 
 if TYPE_CHECKING:
-    from search.library import Library
+    from clipdex.search.library import Library
 
 NORM_TOLERANCE = 1e-3
 EXPORT_ARRAYS = ("ids", "kinds", "paths", "texts", "vectors", "model")
@@ -79,7 +79,7 @@ def import_vectors(
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Import every embeddings file or clip-retrieval folder in `sources` into `library`."""
-    from search.index_choice import rebuild_if_outgrown
+    from clipdex.search.index_choice import rebuild_if_outgrown
 
     started = time.perf_counter()
     report = ImportReport()

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from search.errors import ClipdexError
-from search.vectors import GpuSettings, IndexSpec, VectorIndex, faiss_module
+from clipdex.search.errors import ClipdexError
+from clipdex.search.vectors import GpuSettings, IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
-    from search.library import Library
+    from clipdex.search.library import Library
 
 FLAT_MAX_VECTORS = 50_000
 HNSW_MAX_VECTORS = 250_000

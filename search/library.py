@@ -14,15 +14,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from sqlalchemy import and_, or_
 
-from search.catalog import Catalog, Item, NewItem
-from search.encoder import Encoder
-from search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable
-from search.imaging import decode_image
-from search.model import ModelSpec, ResolvedModel
-from search.paths import resolve_library_path
-from search.query import Filters, Hit, Query, Term, combine
-from search.sharedlock import SharedLock
-from search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex, write_json_atomic
+from clipdex.search.catalog import Catalog, Item, NewItem
+from clipdex.search.encoder import Encoder
+from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable
+from clipdex.search.imaging import decode_image
+from clipdex.search.model import ModelSpec, ResolvedModel
+from clipdex.search.paths import resolve_library_path
+from clipdex.search.query import Filters, Hit, Query, Term, combine
+from clipdex.search.sharedlock import SharedLock
+from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -214,7 +214,7 @@ class Library:
                 self._vectors.add(ids, vectors)
 
     def _build_vectors(self) -> VectorIndex:
-        from search.index_choice import build_index
+        from clipdex.search.index_choice import build_index
 
         ids, vectors = self.catalog.all_vectors()
         return build_index(self.dim, self.manifest.index, ids, vectors)
@@ -286,19 +286,19 @@ class Library:
     def text_encoder(self) -> Any:
         """The encoder for text queries: the open_clip model when it is loaded, else the
         library's exported text encoder (ONNX, imports neither torch nor open_clip; see
-        `search.text_export`), else the open_clip model."""
+        `clipdex.search.text_export`), else the open_clip model."""
         if self._encoder is not None and self._encoder.loaded:
             return self._encoder
         if self._text_export is None:
-            from search.text_export import load_text_export
+            from clipdex.search.text_export import load_text_export
 
             self._text_export = load_text_export(self.path, self.model, self.dim) or False
         return self._text_export or self.encoder
 
     def export_text_encoder(self) -> None:
-        """Store the loaded model's text tower in the library as ONNX, once (see `search.text_export`)."""
+        """Store the loaded model's text tower in the library as ONNX, once (see `clipdex.search.text_export`)."""
         if self._encoder is not None and self._encoder.loaded:
-            from search.text_export import ensure_text_export
+            from clipdex.search.text_export import ensure_text_export
 
             ensure_text_export(self.path, self._encoder, self.dim)
 

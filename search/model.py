@@ -1,6 +1,6 @@
 """Which open_clip model a library uses, and how it is recorded in the manifest.
 
-Nothing here imports torch or open_clip: a model is only loaded by `search.encoder`.
+Nothing here imports torch or open_clip: a model is only loaded by `clipdex.search.encoder`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.errors import ModelMismatch, ModelUnavailable
+from clipdex.search.errors import ModelMismatch, ModelUnavailable
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from search.errors import ClipdexError
-from search.index_choice import build_index, choose_spec, training_rows, training_size
-from search.vectors import IndexSpec, VectorIndex, faiss_module
+from clipdex.search.errors import ClipdexError
+from clipdex.search.index_choice import build_index, choose_spec, training_rows, training_size
+from clipdex.search.vectors import IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
-    from search.library import Library
+    from clipdex.search.library import Library
 
 RECALL_K = 10
 HELD_OUT_QUERIES = 400  # split in two halves: tuning and reporting

@@ -9,7 +9,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from search.errors import InvalidQuery
+from clipdex.search.errors import InvalidQuery
 
 TermKind = Literal["text", "image", "like", "vector"]
 KIND_CHOICES = ("image", "text", "any")

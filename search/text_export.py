@@ -9,7 +9,7 @@ stores it in the library:
     LIBRARY/text_encoder/
       text_encoder.json            settings: model, dim, context length, how it was verified
       text_encoder.onnx (+ .data)  the text tower, graph already optimized by onnxruntime
-      bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `search.clip_tokenizer`
+      bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `clipdex.search.clip_tokenizer`
 
 An export is used only after it has been checked against open_clip: the torch-free
 tokenizer must give open_clip's tokens on every probe text, and the ONNX vectors must
@@ -33,10 +33,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from search.clip_tokenizer import ClipTokenizer
-from search.encoder import Encoder, available_cores
-from search.errors import ClipdexError
-from search.model import ResolvedModel
+from clipdex.search.clip_tokenizer import ClipTokenizer
+from clipdex.search.encoder import Encoder, available_cores
+from clipdex.search.errors import ClipdexError
+from clipdex.search.model import ResolvedModel
 
 EXPORT_VERSION = 1
 EXPORT_FOLDER = "text_encoder"
@@ -251,7 +251,7 @@ def _export_verified(
     encoder: Encoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer, reference: np.ndarray
 ) -> None:
     """Export the trimmed graph when the model allows it, else the full one; keep the first that matches."""
-    from search.text_towers import trimmable
+    from clipdex.search.text_towers import trimmable
 
     problem = ""
     for trimmed in ([True, False] if trimmable(encoder.model) else [False]):
@@ -284,7 +284,7 @@ def _export_onnx(encoder: Encoder, scratch: Path, trimmed: bool, sample: np.ndar
         import copy
 
         model = copy.deepcopy(model).float().cpu()
-    from search.text_towers import FullTextTower, TrimmedTextTower
+    from clipdex.search.text_towers import FullTextTower, TrimmedTextTower
 
     # eval() first: torch.onnx.export restores the wrapper's mode afterwards, recursively, and a
     # new module is in training mode - which would leave the library's model in training mode too.

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from search.errors import InvalidQuery
+from clipdex.search.errors import InvalidQuery
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # CLIP's learned logit scale is about 100; softmax over cosine * 100 gives CLIP-style probabilities.

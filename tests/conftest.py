@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.library import Library
-from search.model import ModelSpec
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
 
 TINY_CONFIG = {
     "embed_dim": 32,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from indexer import index_paths
-from search.duplicates import find_duplicates
-from search.library import Library
-from search.zero_shot import classify, label_vectors
+from clipdex.cli.main import app
+from clipdex.indexer import index_paths
+from clipdex.search.duplicates import find_duplicates
+from clipdex.search.library import Library
+from clipdex.search.zero_shot import classify, label_vectors
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_classify_softmax() -> None:
 
 
 def test_bad_template_and_no_labels(library: Library) -> None:
-    from search.errors import InvalidQuery
+    from clipdex.search.errors import InvalidQuery
 
     with pytest.raises(InvalidQuery, match="no {}"):
         label_vectors(library.encoder, ["cat"], ["a photo"])

@@ -13,11 +13,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from indexer import index_paths
-from search.catalog import NewItem
-from search.http import create_app, serve_in_thread
-from search.library import Library
-from search.model import ModelSpec
+from clipdex.indexer import index_paths
+from clipdex.search.catalog import NewItem
+from clipdex.search.http import create_app, serve_in_thread
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
 from tests.conftest import write_image
 
 CHROMIUM = Path(os.environ.get("CLIPDEX_CHROMIUM", "/usr/bin/chromium"))

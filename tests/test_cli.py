@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from clipdex.cli.main import app
 
 runner = CliRunner()
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import index_paths
-from search import Hit, LibraryNotFound, ModelMismatch, ModelSpec, open_library
-from search.library import CATALOG_FILE, MANIFEST_FILE, Library
-from search.vectors import INDEX_FILE, STAMP_FILE
+from clipdex.indexer import index_paths
+from clipdex.search import Hit, LibraryNotFound, ModelMismatch, ModelSpec, open_library
+from clipdex.search.library import CATALOG_FILE, MANIFEST_FILE, Library
+from clipdex.search.vectors import INDEX_FILE, STAMP_FILE
 
 
 def test_library_files_and_manifest(library: Library, tmp_path: Path, make_images) -> None:

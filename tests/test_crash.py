@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.library import CATALOG_FILE, Library
-from search.vectors import INDEX_FILE
+from clipdex.search.library import CATALOG_FILE, Library
+from clipdex.search.vectors import INDEX_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_search_while_indexing_never_fails(tmp_path: Path, model_args: list[str]
 
 
 def test_check_repair_rebuilds_a_broken_index(tmp_path: Path, library: Library, make_images) -> None:
-    from indexer import index_paths
+    from clipdex.indexer import index_paths
 
     make_images(tmp_path / "pics", 4)
     index_paths(library, [tmp_path / "pics"])

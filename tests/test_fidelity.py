@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageOps
 
-from indexer import index_paths
-from search.library import Library
-from search.model import ModelSpec
+from clipdex.indexer import index_paths
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
 
 
 def photo_like(path: Path, seed: int, size: tuple[int, int], orientation: int | None = None) -> Path:

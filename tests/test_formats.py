@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import index_paths
-from search.imaging import decode_image, to_rgb
-from search.library import Library
+from clipdex.indexer import index_paths
+from clipdex.search.imaging import decode_image, to_rgb
+from clipdex.search.library import Library
 from tests.conftest import write_image
 
 
@@ -132,7 +132,7 @@ def test_bad_files_are_reported_and_the_rest_indexed(library: Library, tmp_path:
 
 
 def test_file_vanishing_mid_run_is_reported(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
-    import indexer.pipeline as pipeline
+    import clipdex.indexer.pipeline as pipeline
 
     paths = make_images(tmp_path / "pics", 4)
     real_scan = pipeline.scan
@@ -153,7 +153,7 @@ def test_image_between_one_and_two_bomb_limits_is_refused(tmp_path: Path) -> Non
     path = tmp_path / "big.png"
     header = struct.pack(">IIBBBBB", 15_000, 15_000, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
-    from search.errors import UnreadableImage
+    from clipdex.search.errors import UnreadableImage
 
     with pytest.raises(UnreadableImage, match="decompression bomb"):
         decode_image(path)

@@ -1,4 +1,4 @@
-"""The HTTP API (search.http) through FastAPI's TestClient, and `clipdex serve`."""
+"""The HTTP API (clipdex.search.http) through FastAPI's TestClient, and `clipdex serve`."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-import search.http
-import search.http.guard
-import search.http.media
-from indexer import index_paths
-from search.catalog import Item, NewItem
-from search.http import create_app, serve_in_thread
-from search.library import Library
-from search.model import ModelSpec
+import clipdex.search.http
+import clipdex.search.http.guard
+import clipdex.search.http.media
+from clipdex.indexer import index_paths
+from clipdex.search.catalog import Item, NewItem
+from clipdex.search.http import create_app, serve_in_thread
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
 from tests.conftest import write_image
 
 TOKEN = "correct-horse-battery-staple"
@@ -322,7 +322,7 @@ def test_thumbnail_is_made_once_and_cached(client: TestClient, indexed: Library,
     def must_not_run(*_args: Any, **_kwargs: Any) -> bytes:
         raise AssertionError("the thumbnail was made again")
 
-    monkeypatch.setattr(search.http.media, "thumbnail_jpeg", must_not_run)
+    monkeypatch.setattr(clipdex.search.http.media, "thumbnail_jpeg", must_not_run)
     again = client.get(f"/items/{item}/thumbnail", params={"size": 64})
     assert again.status_code == 200 and again.content == first.content
 
@@ -613,7 +613,7 @@ def test_token_is_compared_in_constant_time(secured: TestClient, monkeypatch: py
         calls.append((left, right))
         return compare_digest(left, right)
 
-    monkeypatch.setattr(search.http.guard.hmac, "compare_digest", spy)
+    monkeypatch.setattr(clipdex.search.http.guard.hmac, "compare_digest", spy)
     assert secured.get("/stats", headers={"Authorization": "Bearer guess"}).status_code == 401
     assert calls == [(b"guess", TOKEN.encode())]
 
@@ -652,12 +652,12 @@ def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def fake_run_server(app: Any, host: str, port: int) -> None:
         captured.update(app=app, host=host, port=port)
 
-    monkeypatch.setattr(search.http, "run_server", fake_run_server)
+    monkeypatch.setattr(clipdex.search.http, "run_server", fake_run_server)
     return captured
 
 
 def invoke_serve(*args: str, env: dict[str, str] | None = None) -> Any:
-    from cli.main import app
+    from clipdex.cli.main import app
 
     return CliRunner().invoke(app, ["serve", *args], env=env)
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import search.index_choice as choice
-from cli.main import app
-from search.catalog import NewItem
-from search.errors import ModelMismatch
-from search.import_vectors import InvalidVectors, MissingDependency, import_vectors
-from search.library import Library
-from search.model import ModelSpec
+import clipdex.search.index_choice as choice
+from clipdex.cli.main import app
+from clipdex.search.catalog import NewItem
+from clipdex.search.errors import ModelMismatch
+from clipdex.search.import_vectors import InvalidVectors, MissingDependency, import_vectors
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
 
 DIM = 32
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import indexer.pipeline as pipeline
-from indexer import index_paths
-from indexer.scan import scan
-from search.library import Library
+import clipdex.indexer.pipeline as pipeline
+from clipdex.indexer import index_paths
+from clipdex.indexer.scan import scan
+from clipdex.search.library import Library
 from tests.conftest import write_image
 
 
@@ -135,7 +135,7 @@ def test_unreadable_folder_is_reported_and_its_items_kept(library: Library, tmp_
 
 
 def test_missing_root_is_an_error(library: Library, tmp_path: Path) -> None:
-    from search.errors import ClipdexError
+    from clipdex.search.errors import ClipdexError
 
     with pytest.raises(ClipdexError, match="does not exist"):
         index_paths(library, [tmp_path / "nope"])
@@ -175,7 +175,7 @@ def test_library_inside_an_indexed_folder_is_not_indexed(tmp_path: Path, tiny_mo
 
 
 def test_concurrent_run_is_refused_cleanly(library: Library, tmp_path: Path, make_images) -> None:
-    from search.errors import LibraryBusy
+    from clipdex.search.errors import LibraryBusy
 
     make_images(tmp_path / "pics", 2)
     with library.writer():

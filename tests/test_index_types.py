@@ -9,11 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
-import search.vectors as vectors_module
-from search.catalog import NewItem
-from search.index_choice import build_index
-from search.library import Library
-from search.vectors import GpuSettings, GpuUnavailable, IndexSpec, VectorIndex
+import clipdex.search.vectors as vectors_module
+from clipdex.search.catalog import NewItem
+from clipdex.search.index_choice import build_index
+from clipdex.search.library import Library
+from clipdex.search.vectors import GpuSettings, GpuUnavailable, IndexSpec, VectorIndex
 
 DIM = 32
 COUNT = 3000

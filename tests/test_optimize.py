@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import search.index_choice as choice
-import search.optimize as optimize_module
-from cli.main import app
-from search.catalog import NewItem
-from search.index_choice import (
+import clipdex.search.index_choice as choice
+import clipdex.search.optimize as optimize_module
+from clipdex.cli.main import app
+from clipdex.search.catalog import NewItem
+from clipdex.search.index_choice import (
     MemoryBudgetError,
     build_index,
     choose_spec,
@@ -22,9 +22,9 @@ from search.index_choice import (
     rebuild_if_outgrown,
     resolve_spec,
 )
-from search.library import MANIFEST_FILE, Library
-from search.optimize import evaluate, held_out_evaluation, optimize_library, recall_at_k, tune
-from search.vectors import STAMP_FILE, IndexSpec
+from clipdex.search.library import MANIFEST_FILE, Library
+from clipdex.search.optimize import evaluate, held_out_evaluation, optimize_library, recall_at_k, tune
+from clipdex.search.vectors import STAMP_FILE, IndexSpec
 
 MiB = 1 << 20
 

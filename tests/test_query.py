@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import index_paths
-from indexer.texts import index_texts, read_corpus
-from search.errors import InvalidQuery, ItemNotFound, UnreadableCorpus
-from search.library import Library
-from search.query import Query, combine
+from clipdex.indexer import index_paths
+from clipdex.indexer.texts import index_texts, read_corpus
+from clipdex.search.errors import InvalidQuery, ItemNotFound, UnreadableCorpus
+from clipdex.search.library import Library
+from clipdex.search.query import Query, combine
 from tests.conftest import write_image
 
 

@@ -10,11 +10,11 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from indexer import index_paths
-from search.catalog import NewItem
-from search.library import Library
-from search.sharedlock import SharedLock
-from search.vectors import VectorIndex
+from clipdex.indexer import index_paths
+from clipdex.search.catalog import NewItem
+from clipdex.search.library import Library
+from clipdex.search.sharedlock import SharedLock
+from clipdex.search.vectors import VectorIndex
 
 
 def test_readers_share_and_a_writer_is_alone() -> None:
@@ -145,8 +145,8 @@ def test_a_commit_waits_for_a_search_in_progress(indexed: Library, monkeypatch: 
 
 
 def test_the_http_service_searches_at_the_same_time(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
-    from search.http.service import SearchService
-    from search.query import Query
+    from clipdex.search.http.service import SearchService
+    from clipdex.search.query import Query
 
     service = SearchService(indexed)
     searches_must_meet(monkeypatch)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import indexer.pipeline as pipeline
-from indexer import index_paths
-from search.library import Library
-from search.text_export import EXPORT_FOLDER
+import clipdex.indexer.pipeline as pipeline
+from clipdex.indexer import index_paths
+from clipdex.search.library import Library
+from clipdex.search.text_export import EXPORT_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "open_clip", "onnxruntime")
@@ -49,7 +49,7 @@ def indexed(library: Library, tmp_path: Path, make_images) -> Library:
 
 def test_a_no_op_rerun_imports_no_model_code(indexed: Library, tmp_path: Path) -> None:
     code = (
-        "from indexer import index_paths\nfrom search.library import Library\n"
+        "from clipdex.indexer import index_paths\nfrom search.library import Library\n"
         f"report = index_paths(Library.open({str(indexed.path)!r}), [{str(tmp_path / 'pics')!r}])\n"
         "result = [report.unchanged, report.added, report.model_loaded]"
     )
@@ -59,7 +59,7 @@ def test_a_no_op_rerun_imports_no_model_code(indexed: Library, tmp_path: Path) -
 def test_a_cached_query_loads_no_encoder(indexed: Library) -> None:
     expected = indexed.encode_text("a cached query")  # asked once: now in the query cache
     code = (
-        "from search.library import Library\n"
+        "from clipdex.search.library import Library\n"
         f"library = Library.open({str(indexed.path)!r})\n"
         "result = [library.encode_text('a cached query').tolist(), library.search(text='a cached query', k=2)[0].id]"
     )
@@ -70,7 +70,7 @@ def test_a_cached_query_loads_no_encoder(indexed: Library) -> None:
 
 def test_a_new_text_query_runs_on_the_export_without_torch(indexed: Library) -> None:
     code = (
-        "from search.library import Library\n"
+        "from clipdex.search.library import Library\n"
         f"library = Library.open({str(indexed.path)!r})\n"
         "result = library.encode_text('a text nobody asked before').tolist()"
     )
@@ -84,7 +84,7 @@ def test_a_new_text_query_runs_on_the_export_without_torch(indexed: Library) -> 
 @pytest.mark.parametrize("arguments", [["search", "a brand new text"], ["search", "a brand new text", "--json"]])
 def test_cold_cli_search_imports_neither_torch_nor_open_clip(indexed: Library, arguments: list[str]) -> None:
     code = (
-        "from cli.main import main\n"
+        "from clipdex.cli.main import main\n"
         f"sys.argv = ['clipdex', *{arguments!r}, '--library', {str(indexed.path)!r}, '-k', '2']\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "result = None"

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import index_paths
-from search import text_export
-from search.clip_tokenizer import ClipTokenizer
-from search.encoder import Encoder
-from search.library import Library
-from search.model import ModelSpec
-from search.text_export import (
+from clipdex.indexer import index_paths
+from clipdex.search import text_export
+from clipdex.search.clip_tokenizer import ClipTokenizer
+from clipdex.search.encoder import Encoder
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
+from clipdex.search.text_export import (
     EXPORT_FOLDER,
     MODEL_FILE,
     REFUSED_FILE,
@@ -197,7 +197,7 @@ def test_index_runs_can_skip_the_export(library: Library, tmp_path: Path, make_i
 def test_export_leaves_the_model_in_eval_mode(tiny_model, tmp_path) -> None:
     """torch.onnx.export restores the wrapper's (training) mode recursively; batch-norm models
     such as the demo model's ResNet would then embed each batch differently."""
-    from search.encoder import Encoder
+    from clipdex.search.encoder import Encoder
 
     encoder = Encoder(tiny_model.resolve(), "cpu")
     export_text_encoder(encoder, tmp_path)
@@ -205,7 +205,7 @@ def test_export_leaves_the_model_in_eval_mode(tiny_model, tmp_path) -> None:
 
 
 def test_index_texts_uses_the_export_and_never_loads_the_model(library: Library, tmp_path: Path) -> None:
-    from indexer.texts import index_texts
+    from clipdex.indexer.texts import index_texts
 
     library.encode_text("a query that makes the export")  # loads the model once, exports its text tower
     corpus = tmp_path / "notes.txt"
@@ -224,7 +224,7 @@ def test_index_texts_uses_the_export_and_never_loads_the_model(library: Library,
 
 
 def test_index_texts_without_an_export_makes_one(library: Library, tmp_path: Path) -> None:
-    from indexer.texts import index_texts
+    from clipdex.indexer.texts import index_texts
 
     corpus = tmp_path / "notes.txt"
     corpus.write_text("a red circle\n")
@@ -242,7 +242,7 @@ def test_the_exports_token_count_equals_open_clips(tiny_model: ModelSpec, tmp_pa
 
 
 def test_index_texts_can_skip_the_export(library: Library, tmp_path: Path) -> None:
-    from indexer.texts import index_texts
+    from clipdex.indexer.texts import index_texts
 
     corpus = tmp_path / "notes.txt"
     corpus.write_text("a red circle\n")

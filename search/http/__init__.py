@@ -1,11 +1,11 @@
 """The HTTP backend: a FastAPI app over one library, and its web page.
 
-    from search.http import create_app
+    from clipdex.search.http import create_app
     app = create_app("~/.local/share/clipdex/library", token="s3cret")  # mount it, or:
     # uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
-from search.http.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
-from search.http.server import LOOPBACK_HOSTS, is_loopback, run_server, serve_in_thread
+from clipdex.search.http.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+from clipdex.search.http.server import LOOPBACK_HOSTS, is_loopback, run_server, serve_in_thread
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LOOPBACK_HOSTS", "create_app", "is_loopback", "run_server", "serve_in_thread"]

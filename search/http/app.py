@@ -17,10 +17,10 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from search.errors import ClipdexError, InvalidQuery, ItemNotFound, LibraryBusy, ModelUnavailable, UnreadableImage
-from search.http.guard import RequestGuard
-from search.http.media import FileUnavailable, ThumbnailCache, open_indexed_file, thumbnail_size
-from search.http.schemas import (
+from clipdex.search.errors import ClipdexError, InvalidQuery, ItemNotFound, LibraryBusy, ModelUnavailable, UnreadableImage
+from clipdex.search.http.guard import RequestGuard
+from clipdex.search.http.media import FileUnavailable, ThumbnailCache, open_indexed_file, thumbnail_size
+from clipdex.search.http.schemas import (
     EmbedRequest,
     EmbedResponse,
     Health,
@@ -33,9 +33,9 @@ from search.http.schemas import (
     SearchResponse,
     decode_base64_image,
 )
-from search.http.service import SearchService
-from search.library import Library
-from search.query import Query
+from clipdex.search.http.service import SearchService
+from clipdex.search.library import Library
+from clipdex.search.query import Query
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"

@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from search.catalog import Item
-from search.errors import UnreadableImage
-from search.fileid import content_hash
-from search.imaging import thumbnail_jpeg
+from clipdex.search.catalog import Item
+from clipdex.search.errors import UnreadableImage
+from clipdex.search.fileid import content_hash
+from clipdex.search.imaging import thumbnail_jpeg
 
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # a requested size is rounded up to one of these

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
-from search.query import Hit, Query
+from clipdex.search.query import Hit, Query
 
 MAX_TERMS = 16  # per kind of term; a query is a handful of terms, not a payload
 MAX_TEXT_CHARS = 2_000  # CLIP reads ~77 tokens; more is never useful

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from search.catalog import Item
-from search.errors import ItemNotFound
-from search.imaging import decode_image
-from search.library import Library
-from search.query import Hit, Query
+from clipdex.search.catalog import Item
+from clipdex.search.errors import ItemNotFound
+from clipdex.search.imaging import decode_image
+from clipdex.search.library import Library
+from clipdex.search.query import Hit, Query
 
 
 class SearchService:

@@ -1,0 +1,52 @@
+"""The distribution: one import package, `clipdex`, and nothing generic in site-packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    # --no-build-isolation: the build needs setuptools only, already in the environment (no network)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(out), str(ROOT)], check=True, cwd=out)
+    (built,) = out.glob("clipdex-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_clipdex(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (top_level,) = [name for name in names if name.endswith(".dist-info/top_level.txt")]
+        assert archive.read(top_level).decode().split() == ["clipdex"]
+        entry_points = archive.read(top_level.replace("top_level.txt", "entry_points.txt")).decode()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"clipdex"}
+    for module in ("clipdex/__init__.py", "clipdex/search/library.py", "clipdex/search/http/app.py",
+                   "clipdex/search/static/index.html", "clipdex/indexer/pipeline.py", "clipdex/cli/main.py"):
+        assert module in names
+    assert "clipdex = clipdex.cli.main:main" in entry_points
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_imports_from_anywhere(wheel: Path, tmp_path: Path) -> None:
+    """Installed alone (no checkout on the path), `from clipdex import ...` works and `search` is not installed."""
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    code = ("import importlib.util, clipdex; from clipdex import open_library, Library, ModelSpec; "
+            "assert clipdex.__file__.startswith(%r), clipdex.__file__; "
+            "print([name for name in ('search', 'indexer', 'cli') if importlib.util.find_spec(name)])") % str(target)
+    result = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(target)!r}] + "
+                             f"[p for p in {sys.path!r} if 'site-packages' in p and 'clipdex' not in p]; {code}"],
+                            capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
