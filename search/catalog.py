@@ -1,14 +1,20 @@
-"""The catalog: SQLite (WAL) through SQLAlchemy 2.0, the library's source of truth.
+"""The catalog, the library's source of truth: items, their metadata and vectors.
 
-Every item, its metadata and its vector live here. Each committed change bumps the
-`generation` and logs the touched item ids in `changes`, so a derived FAISS index can
-catch up from the generation it was saved at.
+Every SQL statement of clipdex lives here. The catalog is opened from a SQLAlchemy URL
+(default: the library's SQLite file, in WAL mode); the schema is made by numbered
+migrations in SQLAlchemy Core, so the same statements serve any backend SQLAlchemy
+speaks; upserts go through the dialect's `on_conflict_do_update`; path globs are
+translated here. Each committed change bumps the `generation` (in the same transaction,
+by an UPDATE that serializes concurrent writers) and logs the touched item ids in
+`changes`, so a derived FAISS index can catch up from the generation it was saved at.
+Database errors leave this module as the project's own exceptions.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,27 +24,43 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
     Float,
+    Index,
     Integer,
     LargeBinary,
+    MetaData,
     String,
+    Table,
     Text,
+    and_,
+    cast,
     create_engine,
     delete,
     event,
     func,
+    insert,
+    or_,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import ExceptionContext
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from clipdex.search.errors import CorruptLibrary
+from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
+from clipdex.search.query import Filters
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
+QUERY_CACHE_SIZE = 10_000  # text queries kept, least recently used evicted
+QUERY_CACHE_TOUCH_SECONDS = 3600.0  # a cache hit refreshes its use time at most this often
 
 
 class Base(DeclarativeBase):
@@ -54,8 +76,8 @@ class Item(Base):
     kind: Mapped[str] = mapped_column(String)  # "image" | "text"
     # images
     path: Mapped[str | None] = mapped_column(Text)
-    size: Mapped[int | None] = mapped_column(Integer)
-    mtime_ns: Mapped[int | None] = mapped_column(Integer)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     content_hash: Mapped[str | None] = mapped_column(String)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
@@ -63,8 +85,8 @@ class Item(Base):
     camera_make: Mapped[str | None] = mapped_column(String)
     camera_model: Mapped[str | None] = mapped_column(String)
     # the file's identity when it was read (st_dev, st_ino): the server serves only that file
-    device: Mapped[int | None] = mapped_column(Integer)
-    inode: Mapped[int | None] = mapped_column(Integer)
+    device: Mapped[int | None] = mapped_column(BigInteger)
+    inode: Mapped[int | None] = mapped_column(BigInteger)
     # texts
     text: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str | None] = mapped_column(Text)  # corpus file
@@ -107,45 +129,64 @@ class QueryCache(Base):
     used_at: Mapped[float] = mapped_column(Float)
 
 
-# -- migrations: numbered, never edited once released -------------------------------
+# -- migrations: numbered, never edited once released ------------------------------
+# Each migration describes its own tables (SQLAlchemy Core), so that later changes to the
+# ORM classes above never change what an old migration does.
+
+_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite: INTEGER PRIMARY KEY is the rowid
 
 
-def _migration_001_initial(connection: Any) -> None:
-    for statement in (
-        """CREATE TABLE items (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            kind TEXT NOT NULL CHECK (kind IN ('image', 'text')),
-            path TEXT, size INTEGER, mtime_ns INTEGER, content_hash TEXT,
-            width INTEGER, height INTEGER, taken_at TEXT, camera_make TEXT, camera_model TEXT,
-            text TEXT, source TEXT, source_key TEXT, extra TEXT,
-            vector BLOB NOT NULL, indexed_at REAL NOT NULL)""",
-        "CREATE UNIQUE INDEX items_path ON items(path) WHERE path IS NOT NULL",
-        "CREATE UNIQUE INDEX items_source_key ON items(source, source_key) WHERE source IS NOT NULL",
-        "CREATE INDEX items_content_hash ON items(content_hash)",
-        "CREATE INDEX items_kind ON items(kind)",
-        "CREATE INDEX items_taken_at ON items(taken_at)",
-        "CREATE TABLE changes (rowid INTEGER PRIMARY KEY, generation INTEGER NOT NULL, item_id INTEGER NOT NULL)",
-        "CREATE INDEX changes_generation ON changes(generation)",
-        "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "INSERT INTO state (key, value) VALUES ('generation', '0'), ('changes_floor', '0')",
-        "CREATE TABLE query_cache (query TEXT PRIMARY KEY, vector BLOB NOT NULL, used_at REAL NOT NULL)",
-    ):
-        connection.exec_driver_sql(statement)
+def _migration_001_initial(connection: Connection) -> None:
+    metadata = MetaData()
+    items = Table(
+        "items", metadata,
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("kind", Text, CheckConstraint("kind IN ('image', 'text')"), nullable=False),
+        Column("path", Text), Column("size", BigInteger), Column("mtime_ns", BigInteger),
+        Column("content_hash", Text), Column("width", Integer), Column("height", Integer),
+        Column("taken_at", Text), Column("camera_make", Text), Column("camera_model", Text),
+        Column("text", Text), Column("source", Text), Column("source_key", Text), Column("extra", Text),
+        Column("vector", LargeBinary, nullable=False), Column("indexed_at", Float, nullable=False),
+        sqlite_autoincrement=True,  # ids are never reused: they are the vector index's ids
+    )
+    Index("items_path", items.c.path, unique=True,
+          sqlite_where=items.c.path.isnot(None), postgresql_where=items.c.path.isnot(None))
+    Index("items_source_key", items.c.source, items.c.source_key, unique=True,
+          sqlite_where=items.c.source.isnot(None), postgresql_where=items.c.source.isnot(None))
+    Index("items_content_hash", items.c.content_hash)
+    Index("items_kind", items.c.kind)
+    Index("items_taken_at", items.c.taken_at)
+    changes = Table(
+        "changes", metadata,
+        Column("rowid", _ID, primary_key=True, autoincrement=True),
+        Column("generation", BigInteger, nullable=False), Column("item_id", BigInteger, nullable=False),
+    )
+    Index("changes_generation", changes.c.generation)
+    state = Table("state", metadata, Column("key", Text, primary_key=True), Column("value", Text, nullable=False))
+    Table(
+        "query_cache", metadata,
+        Column("query", Text, primary_key=True), Column("vector", LargeBinary, nullable=False),
+        Column("used_at", Float, nullable=False),
+    )
+    metadata.create_all(connection)
+    connection.execute(insert(state), [{"key": "generation", "value": "0"}, {"key": "changes_floor", "value": "0"}])
 
 
-def _migration_002_file_identity(connection: Any) -> None:
+def _migration_002_file_identity(connection: Connection) -> None:
     """The device and inode of each image file as it was read (NULL for rows indexed before)."""
-    connection.exec_driver_sql("ALTER TABLE items ADD COLUMN device INTEGER")
-    connection.exec_driver_sql("ALTER TABLE items ADD COLUMN inode INTEGER")
+    connection.execute(text("ALTER TABLE items ADD COLUMN device BIGINT"))
+    connection.execute(text("ALTER TABLE items ADD COLUMN inode BIGINT"))
 
 
 MIGRATIONS = [_migration_001_initial, _migration_002_file_identity]
 
+_versions = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
+
 
 def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
-        connection.exec_driver_sql("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        current = connection.exec_driver_sql("SELECT max(version) FROM schema_version").scalar() or 0
+        _versions.create(connection, checkfirst=True)
+        current = connection.execute(select(func.max(_versions.c.version))).scalar() or 0
         if current > len(MIGRATIONS):
             raise CorruptLibrary(
                 f"catalog schema version {current} is newer than this clipdex understands "
@@ -153,7 +194,7 @@ def migrate(engine: Engine) -> None:
             )
         for number, migration in enumerate(MIGRATIONS[current:], start=current + 1):
             migration(connection)
-            connection.exec_driver_sql("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            connection.execute(insert(_versions).values(version=number))
 
 
 # -- the catalog ----------------------------------------------------------------------
@@ -224,23 +265,45 @@ class BatchResult:
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-        event.listen(self.engine, "connect", _configure_connection)
+    """The catalog behind a SQLAlchemy URL (a `Path` means that SQLite file)."""
+
+    def __init__(self, url: str | Path) -> None:
+        self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
+        self.engine = create_engine(self.url, **_engine_options(self.url))
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _configure_sqlite)
+        event.listen(self.engine, "handle_error", self._map_error)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        try:
-            migrate(self.engine)
-        except OperationalError as error:
-            raise CorruptLibrary(f"cannot open catalog {path}: {error.orig}") from error
+        migrate(self.engine)
+
+    def describe(self) -> str:
+        """The catalog's URL without its password, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def _map_error(self, context: ExceptionContext) -> None:
+        """Database errors become the project's own: a busy writer, a damaged or unreachable catalog."""
+        original = context.original_exception
+        message = str(original).strip() or type(original).__name__
+        lowered = message.lower()
+        if "database is locked" in lowered or "lock timeout" in lowered:
+            raise LibraryBusy(f"catalog {self.describe()} is busy (locked by a writer): {message}") from original
+        if "disk is full" in lowered or "no space left" in lowered:
+            raise CatalogUnavailable(f"catalog {self.describe()}: the disk is full ({message})") from original
+        if any(sign in lowered for sign in ("unable to open", "not a database", "malformed", "disk i/o", "readonly",
+                                            "read-only", "connection", "could not connect", "no such table")):
+            raise CatalogUnavailable(f"catalog {self.describe()}: {message}") from original
+
     # -- state --------------------------------------------------------------------
 
     def _state(self, session: Session, key: str) -> int:
-        return int(session.get(State, key).value)  # type: ignore[union-attr]
+        value = session.scalar(select(State.value).where(State.key == key))
+        if value is None:
+            raise CorruptLibrary(f"catalog {self.describe()} has no {key!r} in its state table")
+        return int(value)
 
     def generation(self) -> int:
         with self.sessions() as session:
@@ -250,6 +313,12 @@ class Catalog:
         """Changes of generations at or below this were trimmed from the log."""
         with self.sessions() as session:
             return self._state(session, "changes_floor")
+
+    def _next_generation(self, session: Session) -> int:
+        """Bump the generation in this transaction; the UPDATE's row lock orders concurrent writers."""
+        bumped = cast(cast(State.value, BigInteger) + 1, Text)
+        session.execute(update(State).where(State.key == "generation").values(value=bumped))
+        return self._state(session, "generation")
 
     # -- writing --------------------------------------------------------------------
 
@@ -266,12 +335,11 @@ class Catalog:
         """
         remove_ids = list(remove_ids)
         with self.sessions.begin() as session:
-            generation = self._state(session, "generation") + 1
+            generation = self._next_generation(session)
             touched: list[int] = []
-            if remove_ids:
-                for chunk in _chunks(remove_ids, 500):
-                    session.execute(delete(Item).where(Item.id.in_(chunk)))
-                touched.extend(remove_ids)
+            for chunk in _chunks(remove_ids, 500):
+                session.execute(delete(Item).where(Item.id.in_(chunk)))
+            touched.extend(remove_ids)
             for item_id, columns in moves:
                 session.execute(update(Item).where(Item.id == item_id).values(**columns))
             ids: list[int] = []
@@ -281,14 +349,10 @@ class Catalog:
                     session.execute(update(Item).where(Item.id == item.id).values(**values))
                     ids.append(item.id)
                 else:
-                    row = Item(**values)
-                    session.add(row)
-                    session.flush()
-                    ids.append(row.id)
+                    ids.append(int(session.execute(insert(Item).values(**values).returning(Item.id)).scalar_one()))
             touched.extend(ids)
             if touched:
-                session.add_all(Change(generation=generation, item_id=item_id) for item_id in touched)
-            session.execute(update(State).where(State.key == "generation").values(value=str(generation)))
+                session.execute(insert(Change), [{"generation": generation, "item_id": item_id} for item_id in touched])
         return BatchResult(generation=generation, ids=ids)
 
     def trim_changes(self, up_to_generation: int) -> None:
@@ -326,6 +390,23 @@ class Catalog:
                 for row in session.execute(select(*columns).where(Item.path.in_(chunk))):
                     records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
         return records
+
+    def ids_at_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        """Item ids by image path, for the paths that are in the catalog."""
+        found: dict[str, int] = {}
+        with self.sessions() as session:
+            for chunk in _chunks(list(paths), 500):
+                found.update((row.path, row.id) for row in session.execute(select(Item.path, Item.id).where(Item.path.in_(chunk))))
+        return found
+
+    def ids_of_keys(self, source: str, keys: Sequence[str]) -> dict[str, int]:
+        """Item ids by source key, for the texts of corpus `source` that are in the catalog."""
+        found: dict[str, int] = {}
+        with self.sessions() as session:
+            for chunk in _chunks(list(keys), 500):
+                query = select(Item.source_key, Item.id).where(and_(Item.source == source, Item.source_key.in_(chunk)))
+                found.update((row.source_key, row.id) for row in session.execute(query))
+        return found
 
     def texts_from(self, source: str) -> dict[str, tuple[int, str, str | None]]:
         """Indexed texts of one corpus file: source_key -> (id, text, extra JSON)."""
@@ -377,41 +458,131 @@ class Catalog:
 
     def counts(self) -> dict[str, int]:
         with self.sessions() as session:
-            rows = session.execute(select(Item.kind, func.count()).group_by(Item.kind)).all()
+            rows = [(row[0], int(row[1])) for row in session.execute(select(Item.kind, func.count()).group_by(Item.kind))]
         counts = {kind: 0 for kind in KINDS}
         counts.update({kind: number for kind, number in rows})
         return counts
 
-    def ids(self, where: Any = None) -> np.ndarray:
+    def ids(self, kind: str = "any") -> np.ndarray:
+        """Every item id, or those of one kind ("image", "text"; "any" for all)."""
         query = select(Item.id)
-        if where is not None:
-            query = query.where(where)
+        if kind != "any":
+            query = query.where(Item.kind == kind)
         with self.sessions() as session:
             return np.fromiter(session.scalars(query), dtype=np.int64)
+
+    def filtered_ids(self, filters: Filters) -> np.ndarray | None:
+        """The ids that pass `filters`, or None when every item does (no filter narrows them)."""
+        conditions: list[Any] = []
+        if filters.kind != "any":
+            counts = self.counts()
+            if counts[filters.kind] < sum(counts.values()):
+                conditions.append(Item.kind == filters.kind)
+        if filters.path:
+            conditions.append(or_(self._glob(Item.path, filters.path), self._glob(Item.source, filters.path)))
+        if filters.after:
+            conditions.append(Item.taken_at >= filters.after.isoformat())
+        if filters.before:
+            conditions.append(Item.taken_at < filters.before.isoformat())
+        if filters.min_width is not None:
+            conditions.append(Item.width >= filters.min_width)
+        if filters.min_height is not None:
+            conditions.append(Item.height >= filters.min_height)
+        if not conditions:
+            return None
+        with self.sessions() as session:
+            return np.fromiter(session.scalars(select(Item.id).where(and_(*conditions))), dtype=np.int64)
+
+    def _glob(self, column: Any, pattern: str) -> Any:
+        """`column` matches the shell glob `pattern` (`*`, `?`, `[...]`; case-sensitive), in this dialect."""
+        if self.dialect == "sqlite":
+            return column.op("GLOB")(pattern)
+        return column.op("~")(glob_to_regex(pattern))
 
     # -- the text query cache ------------------------------------------------------------
 
     def cached_query(self, query: str) -> np.ndarray | None:
         with self.sessions() as session:
             row = session.get(QueryCache, query)
-            return None if row is None else np.frombuffer(row.vector, dtype=np.float32).copy()
+            if row is None:
+                return None
+            vector = np.frombuffer(row.vector, dtype=np.float32).copy()
+            stale_use = row.used_at < time.time() - QUERY_CACHE_TOUCH_SECONDS
+        if stale_use:  # recently used, for the eviction; not on every hit, which would write on each query
+            self._best_effort(lambda connection: connection.execute(
+                update(QueryCache).where(QueryCache.query == query).values(used_at=time.time())))
+        return vector
 
-    def cache_query(self, query: str, vector: np.ndarray) -> None:
-        """Best effort: a cache write never waits long for a busy writer."""
+    def cache_query(self, query: str, vector: np.ndarray, keep: int = QUERY_CACHE_SIZE) -> None:
+        """Remember a text query's vector; the least recently used beyond `keep` are evicted.
+
+        Best effort: a cache write never waits long for a busy writer, and a failure is only logged.
+        """
+        values = {"query": query, "vector": np.asarray(vector, dtype=np.float32).tobytes(), "used_at": time.time()}
+
+        def write(connection: Connection) -> None:
+            connection.execute(self._upsert(QueryCache.__table__, values, ["query"]))
+            oldest_kept = (select(QueryCache.used_at).order_by(QueryCache.used_at.desc())
+                           .offset(keep - 1).limit(1).scalar_subquery())
+            connection.execute(delete(QueryCache).where(QueryCache.used_at < oldest_kept))
+
+        self._best_effort(write)
+
+    def _best_effort(self, write: Any) -> None:
         try:
             with self.engine.connect() as connection:
-                connection.exec_driver_sql("PRAGMA busy_timeout = 2000")
-                connection.execute(
-                    text("INSERT OR REPLACE INTO query_cache (query, vector, used_at) VALUES (:q, :v, :t)"),
-                    {"q": query, "v": np.asarray(vector, dtype=np.float32).tobytes(), "t": time.time()},
-                )
-                connection.commit()
-                connection.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        except OperationalError:
-            pass
+                if self.dialect == "sqlite":
+                    connection.exec_driver_sql("PRAGMA busy_timeout = 2000")
+                try:
+                    write(connection)
+                    connection.commit()
+                finally:
+                    if self.dialect == "sqlite":
+                        connection.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except (SQLAlchemyError, LibraryBusy, CatalogUnavailable) as error:
+            log.info("query cache not written (%s)", error)
+
+    def _upsert(self, table: Any, values: dict[str, Any], keys: list[str]) -> Any:
+        """INSERT ... ON CONFLICT (keys) DO UPDATE, in this dialect."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = dialect_insert(table).values(**values)
+        return statement.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in values.items() if k not in keys})
 
 
-def _configure_connection(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+def glob_to_regex(pattern: str) -> str:
+    """A shell glob as an anchored POSIX regular expression, matching what SQLite's GLOB does."""
+    out, position = ["^"], 0
+    while position < len(pattern):
+        char = pattern[position]
+        position += 1
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[":
+            negate = pattern[position:position + 1] == "^"  # as in SQLite; "!" is an ordinary character there
+            start = position + (1 if negate else 0)
+            end = pattern.find("]", start + 1)  # a "]" first in the set is one of its characters
+            if end == -1:
+                out.append(re.escape(char))
+                continue
+            body = pattern[start:end].replace("\\", "\\\\")
+            out.append("[" + ("^" if negate else "") + body + "]")
+            position = end + 1
+        else:
+            out.append(re.escape(char))
+    return "".join(out) + "$"
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": BUSY_TIMEOUT_MS / 1000}}
+    return {"pool_pre_ping": True}
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, like the fsynced index

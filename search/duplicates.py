@@ -24,7 +24,7 @@ class DuplicateGroup:
 
 def find_duplicates(library: Library, threshold: float = 0.95, kind: str = "image") -> list[DuplicateGroup]:
     """Connected groups of items linked by cosine >= threshold, largest first."""
-    ids = library.catalog.ids(library.catalog_kind_condition(kind))
+    ids = library.catalog.ids(kind)
     if len(ids) < 2:
         return []
     parent = {int(i): int(i) for i in ids}

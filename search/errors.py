@@ -51,3 +51,11 @@ class ItemNotFound(ClipdexError):
     def __init__(self, item_id: object) -> None:
         super().__init__(f"no item with id {item_id} in this library")
         self.item_id = item_id
+
+
+class CatalogUnavailable(ClipdexError):
+    """The catalog's database cannot be reached or written (a disk error, a dead server)."""
+
+
+class FileUnavailable(ClipdexError):
+    """An item has no file to serve (a text), or its file is gone or changed since indexing."""

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import and_, select
 
-from clipdex.search.catalog import Item, NewItem
+from clipdex.search.catalog import NewItem
 from clipdex.search.errors import ClipdexError, ModelMismatch
 from clipdex.search.model import ResolvedModel
 
@@ -79,8 +78,6 @@ def import_vectors(
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Import every embeddings file or clip-retrieval folder in `sources` into `library`."""
-    from clipdex.search.index_choice import rebuild_if_outgrown
-
     started = time.perf_counter()
     report = ImportReport()
     batches = [batch for source in sources for batch in read_source(Path(source), library, model_name, report)]
@@ -99,7 +96,7 @@ def import_vectors(
             report.files.append(str(batch.origin))
     if report.normalized:
         report.notes.append(f"{report.normalized} vectors were not of unit length and were normalized")
-    report.index_rebuilt = rebuild_if_outgrown(library)
+    report.index_rebuilt = library.rebuild_if_outgrown()
     report.index_type = library.vectors.spec.type
     report.seconds = round(time.perf_counter() - started, 2)
     return report
@@ -259,12 +256,8 @@ def _new_items(library: "Library", batch: VectorBatch, rows: slice) -> list[NewI
 
 def _match_existing(library: "Library", origin: str, items: list[NewItem]) -> None:
     """Set the id of items whose image path or (source, key) is already in the catalog."""
-    paths = [item.path for item in items if item.kind == "image"]
-    keys = [item.source_key for item in items if item.kind == "text"]
-    with library.catalog.sessions() as session:
-        by_path = dict(session.execute(select(Item.path, Item.id).where(Item.path.in_(paths))).all()) if paths else {}
-        condition = and_(Item.source == origin, Item.source_key.in_(keys))
-        by_key = dict(session.execute(select(Item.source_key, Item.id).where(condition)).all()) if keys else {}
+    by_path = library.catalog.ids_at_paths([item.path for item in items if item.kind == "image" and item.path])
+    by_key = library.catalog.ids_of_keys(origin, [item.source_key for item in items if item.kind == "text" and item.source_key])
     for item in items:
         item.id = by_path.get(item.path) if item.kind == "image" else by_key.get(item.source_key)
 

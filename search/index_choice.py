@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipdex.search.errors import ClipdexError
 from clipdex.search.vectors import GpuSettings, IndexSpec, VectorIndex, faiss_module
 
-if TYPE_CHECKING:
-    from clipdex.search.library import Library
 
 FLAT_MAX_VECTORS = 50_000
 HNSW_MAX_VECTORS = 250_000
@@ -132,16 +129,6 @@ def trainable(spec: IndexSpec, count: int) -> bool:
     nlist = _list_count_of(spec)
     pq = re.search(r"PQ\d+(?:x(\d+))?", spec.factory or "")
     return count >= nlist and (pq is None or count >= 2 ** int(pq.group(1) or 8))
-
-
-def rebuild_if_outgrown(library: "Library") -> bool:
-    """Rebuild the library's index when its size now calls for another type; True if it did."""
-    current = library.vectors.spec
-    chosen = resolve_spec(library.manifest.index, library.vectors.ntotal, library.dim)
-    if (chosen.type, chosen.factory) == (current.type, current.factory):
-        return False
-    library.rebuild_vectors(chosen)
-    return True
 
 
 def build_index(dim: int, spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray, seed: int = 0, resolve: bool = True) -> VectorIndex:

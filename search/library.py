@@ -1,73 +1,36 @@
-"""The library: manifest + catalog + vector index, opened or created as one thing."""
+"""The library: one directory, opened or created as one thing.
+
+`Library` puts the parts together and keeps little logic of its own: the manifest
+(`manifest`), the catalog (`catalog`, the source of truth), the FAISS index kept in step
+with it (`store`), the write lock (`locks`), the model (`encoder`, loaded on first use) and
+the searcher (`searcher`). Its methods are the public API over those parts.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
-from sqlalchemy import and_, or_
 
-from clipdex.search.catalog import Catalog, Item, NewItem
+from clipdex.search.catalog import Catalog
 from clipdex.search.encoder import Encoder
-from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable
+from clipdex.search.errors import CorruptLibrary, LibraryNotFound
 from clipdex.search.imaging import decode_image
+from clipdex.search.locks import FileWriteLock, WriteLock
+from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
 from clipdex.search.model import ModelSpec, ResolvedModel
 from clipdex.search.paths import resolve_library_path
-from clipdex.search.query import Filters, Hit, Query, Term, combine
-from clipdex.search.sharedlock import SharedLock
-from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex, write_json_atomic
+from clipdex.search.query import Filters, Hit, Query, Term
+from clipdex.search.searcher import Searcher
+from clipdex.search.store import LibraryWriter, VectorStore
+from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
 CATALOG_FILE = "catalog.sqlite"
-LOCK_FILE = "write.lock"
-
-
-@dataclass
-class Manifest:
-    format_version: int
-    model: ResolvedModel
-    dim: int
-    index: IndexSpec
-    created_at: float
-    extra: dict[str, Any]
-
-    @classmethod
-    def read(cls, path: Path) -> "Manifest":
-        try:
-            data = json.loads(path.read_text())
-            version = int(data["format_version"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CorruptLibrary(f"cannot read {path}: {error}") from error
-        if version > FORMAT_VERSION:
-            raise CorruptLibrary(f"{path} has format version {version}; this clipdex reads up to {FORMAT_VERSION}")
-        known = {"format_version", "model", "dim", "index", "created_at"}
-        return cls(
-            format_version=version,
-            model=ResolvedModel.from_json(data["model"]),
-            dim=int(data["dim"]),
-            index=IndexSpec.from_json(data.get("index")),
-            created_at=float(data.get("created_at", 0)),
-            extra={key: value for key, value in data.items() if key not in known},
-        )
-
-    def write(self, path: Path) -> None:
-        data = {
-            "format_version": self.format_version,
-            "model": self.model.to_json(),
-            "dim": self.dim,
-            "index": self.index.to_json(),
-            "created_at": self.created_at,
-            **self.extra,
-        }
-        write_json_atomic(path, data)
 
 
 class Library:
@@ -78,12 +41,11 @@ class Library:
         self.manifest = manifest
         self.device = device
         self.catalog = Catalog(path / CATALOG_FILE)
-        self._vectors: VectorIndex | None = None
-        self._vectors_generation = -1
+        self.write_lock: WriteLock = FileWriteLock(path)
+        self.store = VectorStore(path, self.catalog, manifest, self.write_lock)
+        self.searcher = Searcher(self.catalog, self.store, self.encode_text, self.encode_image)
         self._encoder: Encoder | None = None
         self._text_export: Any = None  # the exported text encoder once looked up; False when there is none
-        self._sync_lock = threading.RLock()  # changes to the in-memory index and its generation
-        self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
         self.created = False  # made by this open() call
 
     # -- opening ------------------------------------------------------------------
@@ -116,7 +78,7 @@ class Library:
         if directory.exists() and any(directory.iterdir()):
             raise CorruptLibrary(f"{directory} is not empty and holds no {MANIFEST_FILE}; refusing to make a library there")
         resolved = (model or ModelSpec()).resolve()
-        manifest = Manifest(FORMAT_VERSION, resolved, _embedding_dim(resolved), IndexSpec(), time.time(), {})
+        manifest = Manifest(FORMAT_VERSION, resolved, embedding_dim(resolved), IndexSpec(), time.time(), {})
         directory.mkdir(parents=True, exist_ok=True)
         manifest.write(manifest_path)
         library = cls(directory, manifest, device)
@@ -152,118 +114,30 @@ class Library:
     @property
     def vectors(self) -> VectorIndex:
         """The FAISS index, caught up with the catalog."""
-        self.sync_vectors()
-        assert self._vectors is not None
-        return self._vectors
-
-    def sync_vectors(self) -> bool:
-        """Bring the in-memory index up to the catalog's generation. True if anything changed."""
-        with self._sync_lock:
-            generation = self.catalog.generation()
-            if self._vectors is not None and self._vectors_generation == generation:
-                return False
-            first_load = self._vectors is None
-            if self._vectors is None or self._vectors_generation > generation:
-                self._load_or_build_vectors(generation)
-            for _attempt in range(2):
-                if self._vectors_generation >= generation or self._catch_up(generation):
-                    break
-                self._load_or_build_vectors(generation)  # the log was trimmed: the saved index is newer
-            else:
-                self._vectors, self._vectors_generation = self._build_vectors(), generation
-            if first_load and self._vectors_generation > _saved_generation(self.path):
-                self._save_if_no_writer()
-            return True
-
-    def _load_or_build_vectors(self, generation: int) -> None:
-        loaded = VectorIndex.load(self.path)
-        # An index ahead of the catalog (its last commits lost) or of another dimension is not trusted.
-        if loaded is not None and loaded[0].dim == self.dim and loaded[1] <= generation:
-            self._vectors, self._vectors_generation = loaded
-        else:
-            self._vectors, self._vectors_generation = self._build_vectors(), generation
-
-    def _catch_up(self, generation: int) -> bool:
-        """Apply the change log since the index's generation; False if the log no longer reaches back."""
-        since = self._vectors_generation
-        if since < self.catalog.changes_floor():
-            return False
-        changed = self.catalog.changed_since(since)
-        if since < self.catalog.changes_floor():  # trimmed while we read: `changed` may be incomplete
-            return False
-        self._apply_changes(changed)
-        self._vectors_generation = generation
-        return True
-
-    def _save_if_no_writer(self) -> None:
-        """Persist a caught-up index (after a crash, say) so later readers need not redo it."""
-        try:
-            with _write_lock(self.path):
-                self.save_vectors()
-        except (LibraryBusy, OSError):
-            pass  # a writer will save it, or the library is read-only
-
-    def _apply_changes(self, item_ids: Sequence[int]) -> None:
-        assert self._vectors is not None
-        if not item_ids:
-            return
-        changes = list(self.catalog.iter_vectors(item_ids))
-        with self._index_lock.exclusive():
-            self._vectors.remove(np.asarray(item_ids, dtype=np.int64))
-            for ids, vectors in changes:
-                self._vectors.add(ids, vectors)
-
-    def _build_vectors(self) -> VectorIndex:
-        from clipdex.search.index_choice import build_index
-
-        ids, vectors = self.catalog.all_vectors()
-        return build_index(self.dim, self.manifest.index, ids, vectors)
+        return self.store.index
 
     def rebuild_vectors(self, spec: IndexSpec | None = None) -> VectorIndex:
         """Rebuild the FAISS index from the catalog (optionally of another type) and save it."""
         with self.writer():
-            with self._sync_lock:
-                if spec is not None:
-                    self.manifest.index = spec
-                    self.manifest.write(self.path / MANIFEST_FILE)
-                generation = self.catalog.generation()
-                self._vectors = self._build_vectors()
-                self._vectors_generation = generation
-                self.save_vectors()
-        return self._vectors
+            return self.store.rebuild(spec)
+
+    def rebuild_if_outgrown(self) -> bool:
+        """Rebuild the index when the library's size now calls for another type; True if it did."""
+        with self.writer():
+            return self.store.rebuild_if_outgrown()
 
     def adopt_vectors(self, index: VectorIndex, generation: int) -> None:
-        """Make `index`, built from the catalog as of `generation`, the library's index: catch
-        it up from the change log (or rebuild it with its spec when the log no longer reaches
-        back), save it, and record its spec in the manifest."""
+        """Make `index`, built from the catalog as of `generation`, the library's index (see `VectorStore.adopt`)."""
         with self.writer():
-            with self._sync_lock:
-                self.manifest.index = index.spec
-                self.manifest.write(self.path / MANIFEST_FILE)
-                self._vectors, self._vectors_generation = index, generation
-                current = self.catalog.generation()
-                if current > generation and not self._catch_up(current):
-                    self._vectors, self._vectors_generation = self._build_vectors(), current
-                self.save_vectors()
-
-    def save_vectors(self) -> None:
-        """Save the in-memory index (the caller holds the write lock) and trim the change log."""
-        with self._sync_lock:
-            if self._vectors is None:
-                return
-            generation = self._vectors_generation
-            for leftover in self.path.glob(".vectors.*.tmp"):  # from a writer killed mid-save
-                leftover.unlink(missing_ok=True)
-            self._vectors.save(self.path, generation)
-            self.catalog.trim_changes(generation)
+            self.store.adopt(index, generation)
 
     # -- writing ----------------------------------------------------------------------
 
     @contextmanager
-    def writer(self) -> Iterator["LibraryWriter"]:
+    def writer(self) -> Iterator[LibraryWriter]:
         """Hold the library's write lock; the index is saved when the block ends."""
-        with _write_lock(self.path):
-            writer = LibraryWriter(self)
+        with self.write_lock.held():
+            writer = LibraryWriter(self.store)
             try:
                 yield writer
             finally:
@@ -307,32 +181,10 @@ class Library:
         return self.encoder.encode_images([decoded.image])[0]
 
     def term_vector(self, term: Term) -> np.ndarray:
-        if term.kind == "text":
-            return self.encode_text(str(term.value))
-        if term.kind == "image":
-            return self.encode_image(term.value)
-        if term.kind == "like":
-            item = self.catalog.get_item(int(term.value))
-            if item is None:
-                raise ItemNotFound(term.value)
-            return item.vector_array()
-        return self._vector_term(term.value)
-
-    def _vector_term(self, value: Any) -> np.ndarray:
-        if isinstance(value, (str, os.PathLike)):
-            try:
-                value = np.load(value, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise InvalidQuery(f"cannot read vector file {value}: {error}") from error
-        vector = np.asarray(value, dtype=np.float32).reshape(-1)
-        if vector.shape[0] != self.dim:
-            raise InvalidQuery(f"the query vector has {vector.shape[0]} dimensions; this library's model has {self.dim}")
-        if not np.all(np.isfinite(vector)):
-            raise InvalidQuery("the query vector holds NaN or infinite values")
-        return vector
+        return self.searcher.term_vector(term)
 
     def query_vector(self, query: Query) -> np.ndarray:
-        return combine([self.term_vector(term) for term in query.terms], [term.weight for term in query.terms])
+        return self.searcher.query_vector(query)
 
     def search(self, query: Query | None = None, **options: Any) -> list[Hit]:
         """Ranked hits for a query: `library.search(text="a dog", k=5, kind="image")`.
@@ -345,26 +197,10 @@ class Library:
             query = Query.build(**options)
         elif options:
             raise TypeError("pass either a Query or keyword options, not both")
-        return self.search_vector(self.query_vector(query), query)
+        return self.searcher.search(query)
 
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
-        allowed = self.allowed_ids(query.filters)
-        if allowed is not None and len(allowed) == 0:
-            return []
-        wanted = query.k + query.offset
-        scores, ids = self.search_index(vector[None, :], wanted, allowed)
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        pairs = pairs[query.offset : query.offset + query.k]
-        if query.threshold is not None:
-            pairs = [(s, i) for s, i in pairs if s >= query.threshold]
-        items = self.catalog.get_items(i for _, i in pairs)
-        hits = []
-        for score, item_id in pairs:
-            item = items.get(item_id)
-            if item is None:  # removed since the index was read
-                continue
-            hits.append(_hit(len(hits) + 1 + query.offset, score, item))
-        return hits
+        return self.searcher.search_vector(vector, query)
 
     def search_index(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Search the vector index, caught up with the catalog (see `VectorIndex.search`).
@@ -372,41 +208,14 @@ class Library:
         Searches from several threads run at the same time; a catch-up or commit that
         changes the index waits for them, and they for it.
         """
-        self.sync_vectors()
-        with self._index_lock.shared():
-            assert self._vectors is not None
-            return self._vectors.search(queries, k, allowed, source=self.catalog)
-
-    def catalog_kind_condition(self, kind: str) -> Any:
-        """A SQL condition selecting items of `kind` (None for any)."""
-        return None if kind == "any" else Item.kind == kind
+        return self.store.search(queries, k, allowed)
 
     def allowed_ids(self, filters: Filters) -> np.ndarray | None:
         """The ids a search may return, or None when every item may be returned."""
-        conditions = []
-        if filters.kind != "any":
-            counts = self.catalog.counts()
-            if counts[filters.kind] < sum(counts.values()):
-                conditions.append(Item.kind == filters.kind)
-        if filters.path:
-            conditions.append(or_(Item.path.op("GLOB")(filters.path), Item.source.op("GLOB")(filters.path)))
-        if filters.after:
-            conditions.append(Item.taken_at >= filters.after.isoformat())
-        if filters.before:
-            conditions.append(Item.taken_at < filters.before.isoformat())
-        if filters.min_width is not None:
-            conditions.append(Item.width >= filters.min_width)
-        if filters.min_height is not None:
-            conditions.append(Item.height >= filters.min_height)
-        if not conditions:
-            return None
-        return self.catalog.ids(and_(*conditions))
+        return self.catalog.filtered_ids(filters)
 
     def get_item(self, item_id: int) -> Hit:
-        item = self.catalog.get_item(item_id)
-        if item is None:
-            raise ItemNotFound(item_id)
-        return _hit(0, 1.0, item)
+        return self.searcher.get_item(item_id)
 
     # -- reports ----------------------------------------------------------------------
 
@@ -470,111 +279,6 @@ class Library:
         return len(ids)
 
 
-class LibraryWriter:
-    """Commits batches to the catalog and keeps the in-memory index in step."""
-
-    SAVE_EVERY_SECONDS = 30.0
-
-    def __init__(self, library: Library) -> None:
-        self.library = library
-        self._synced = False  # the index is caught up on the first commit, not before
-        self._dirty = False
-        self._last_save = time.monotonic()
-
-    def commit(
-        self,
-        items: Sequence[NewItem] = (),
-        remove_ids: Sequence[int] = (),
-        moves: Sequence[tuple[int, dict[str, Any]]] = (),
-    ) -> list[int]:
-        """Durably commit one batch; returns the ids of `items`."""
-        for item in items:
-            if item.vector.shape != (self.library.dim,):
-                raise CorruptLibrary(f"vector of shape {item.vector.shape} does not fit this library (dim {self.library.dim})")
-        library = self.library
-        with library._sync_lock:
-            if not self._synced:
-                library.sync_vectors()
-                self._synced = True
-            result = library.catalog.commit_batch(items, remove_ids, moves)
-            vectors = library._vectors
-            assert vectors is not None
-            replaced = [item.id for item in items if item.id is not None]
-            gone = list(remove_ids) + replaced
-            with library._index_lock.exclusive():
-                if gone:
-                    vectors.remove(np.asarray(gone, dtype=np.int64))
-                if items:
-                    vectors.add(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
-            if library._vectors_generation == result.generation - 1:
-                library._vectors_generation = result.generation
-            else:  # another process wrote in between (cannot happen under the lock): catch up
-                library.sync_vectors()
-        self._dirty = True
-        if time.monotonic() - self._last_save > self.SAVE_EVERY_SECONDS:
-            self.flush()
-        return result.ids
-
-    def flush(self) -> None:
-        if self._dirty:
-            self.library.save_vectors()
-            self._dirty = False
-            self._last_save = time.monotonic()
-
-
 def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | None = None, device: str = "auto") -> Library:
     """Open an existing library (see `Library.open`)."""
     return Library.open(path, model=model, device=device)
-
-
-def _hit(rank: int, score: float, item: Item) -> Hit:
-    return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict())
-
-
-def _embedding_dim(model: ResolvedModel) -> int:
-    if model.config is not None:
-        return int(model.config["embed_dim"])
-    import open_clip
-
-    config = open_clip.get_model_config(model.name)
-    if config is None:
-        raise ModelUnavailable(
-            f"unknown open_clip model {model.name!r}; pass a model name open_clip knows "
-            "(open_clip.list_models()) or the path of a model-config JSON file"
-        )
-    return int(config["embed_dim"])
-
-
-def _saved_generation(directory: Path) -> int:
-    """The generation the saved vector index reflects, or -1 when there is none."""
-    try:
-        return int(json.loads((directory / STAMP_FILE).read_text())["generation"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
-@contextmanager
-def _write_lock(directory: Path) -> Iterator[None]:
-    lock_path = directory / LOCK_FILE
-    handle = open(lock_path, "a+")
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
-            pass
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise LibraryBusy(
-                f"library {directory} is being written by {holder}; wait for that run to finish "
-                "(searching it meanwhile works)"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()

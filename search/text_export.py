@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from clipdex.search.atomic import write_json_atomic
 from clipdex.search.clip_tokenizer import ClipTokenizer
 from clipdex.search.encoder import Encoder, available_cores
 from clipdex.search.errors import ClipdexError
@@ -207,7 +208,7 @@ def ensure_text_export(library_path: Path, encoder: Encoder, dim: int) -> TextEx
 def _remember_refusal(library_path: Path, model: ResolvedModel, reason: str) -> None:
     refusal = {"version": EXPORT_VERSION, "model": model.to_json(), "reason": reason[:500], "at": time.time()}
     try:
-        _write_json(library_path / REFUSED_FILE, refusal)
+        write_json_atomic(library_path / REFUSED_FILE, refusal)
     except OSError:
         pass  # a read-only library: the next process tries again
 
@@ -232,7 +233,7 @@ def export_text_encoder(encoder: Encoder, library_path: Path) -> TextExportSetti
             open_clip_version=open_clip.__version__, onnxruntime_version=onnxruntime.__version__, created_at=time.time(),
         )
         _export_verified(encoder, scratch, settings, tokenizer, reference)
-        _write_json(scratch / SETTINGS_FILE, asdict(settings))
+        write_json_atomic(scratch / SETTINGS_FILE, asdict(settings))
         _install(scratch, library_path / EXPORT_FOLDER)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -330,12 +331,6 @@ def _inference_session(path: Path, threads: int) -> Any:
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores to FAISS
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
 
 
 def _install(scratch: Path, target: Path) -> None:

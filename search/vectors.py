@@ -34,6 +34,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from clipdex.search.atomic import write_atomic, write_json_atomic
 from clipdex.search.errors import ClipdexError, CorruptLibrary
 
 INDEX_FILE = "vectors.faiss"
@@ -424,11 +425,7 @@ class VectorIndex:
     def save(self, directory: Path, generation: int) -> None:
         """Write the index atomically, then its stamp (never ahead of the index)."""
         faiss = faiss_module()
-        target = directory / INDEX_FILE
-        temporary = directory / f".{INDEX_FILE}.{os.getpid()}.tmp"
-        faiss.write_index(self.index, str(temporary))
-        _fsync_file(temporary)
-        os.replace(temporary, target)
+        write_atomic(directory / INDEX_FILE, lambda temporary: faiss.write_index(self.index, str(temporary)))
         stamp = {"generation": generation, "ntotal": self.ntotal, "dim": self.dim, "spec": self.spec.to_json()}
         write_json_atomic(directory / STAMP_FILE, stamp)
 
@@ -526,13 +523,3 @@ def _inverted_list_ids(ivf: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync_file(temporary)
-    os.replace(temporary, path)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

@@ -23,7 +23,7 @@ import clipdex.search.http
 import clipdex.search.http.guard
 import clipdex.search.http.media
 from clipdex.indexer import index_paths
-from clipdex.search.catalog import Item, NewItem
+from clipdex.search.catalog import NewItem
 from clipdex.search.http import create_app, serve_in_thread
 from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
@@ -714,7 +714,7 @@ def load_module() -> Any:
 
 def test_concurrent_clients_get_no_errors(indexed: Library, photos: list[Path]) -> None:
     load = load_module()
-    ids = indexed.catalog.ids(Item.kind == "image").tolist()
+    ids = indexed.catalog.ids("image").tolist()
     with serve_in_thread(create_app(indexed, token=TOKEN)) as url:
         report = load.run_load(url, ids, photos[0].read_bytes(), clients=6, queries=8, token=TOKEN)
     assert report.errors == [] and report.requests == 48

@@ -19,7 +19,6 @@ from clipdex.search.index_choice import (
     choose_spec,
     list_count,
     parse_size,
-    rebuild_if_outgrown,
     resolve_spec,
 )
 from clipdex.search.library import MANIFEST_FILE, Library
@@ -184,9 +183,9 @@ def test_optimize_catches_up_with_commits_made_while_it_ran(
 def test_rebuild_if_outgrown_switches_types(library: Library, small_thresholds: None) -> None:
     fill(library, 150)
     assert library.vectors.spec.type == "flat"
-    assert rebuild_if_outgrown(library) is True
+    assert library.rebuild_if_outgrown() is True
     assert library.vectors.spec.type == "hnsw" and library.vectors.ntotal == 150
-    assert rebuild_if_outgrown(library) is False
+    assert library.rebuild_if_outgrown() is False
 
 
 def test_optimize_command(library: Library, small_thresholds: None) -> None:

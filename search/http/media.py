@@ -17,11 +17,11 @@ import errno
 import hashlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from clipdex.search.catalog import Item
+from clipdex.search.atomic import write_bytes_atomic
 from clipdex.search.errors import UnreadableImage
 from clipdex.search.fileid import content_hash
 from clipdex.search.imaging import thumbnail_jpeg
@@ -104,19 +104,7 @@ class ThumbnailCache:
         except UnreadableImage as error:
             raise FileUnavailable(f"the file of item {item.id} cannot be decoded: {error.reason}") from None
         try:
-            _write_atomic(cached, data)
+            write_bytes_atomic(cached, data)
         except OSError:  # a read-only library still gets its thumbnails, made each time
             pass
         return data
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jpg")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,95 @@
+"""Answering a query: its terms become one vector, the vector finds filtered hits.
+
+The searcher turns each term (a text, an image, a stored item's vector, a raw vector)
+into a vector, combines them (`query.combine`), asks the catalog which items pass the
+filters and the vector store for the best of those, and returns typed `Hit`s.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from clipdex.search.catalog import Catalog, Item
+from clipdex.search.errors import InvalidQuery, ItemNotFound
+from clipdex.search.query import Hit, Query, Term, combine
+from clipdex.search.store import VectorStore
+
+TextEncoder = Callable[[str], np.ndarray]
+ImageEncoder = Callable[[Any], np.ndarray]
+
+
+class Searcher:
+    def __init__(self, catalog: Catalog, store: VectorStore, encode_text: TextEncoder, encode_image: ImageEncoder) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.encode_text = encode_text
+        self.encode_image = encode_image
+
+    # -- query terms to one vector ------------------------------------------------------------
+
+    def term_vector(self, term: Term) -> np.ndarray:
+        if term.kind == "text":
+            return self.encode_text(str(term.value))
+        if term.kind == "image":
+            return self.encode_image(term.value)
+        if term.kind == "like":
+            item = self.catalog.get_item(int(term.value))
+            if item is None:
+                raise ItemNotFound(term.value)
+            return item.vector_array()
+        return self.vector_term(term.value)
+
+    def vector_term(self, value: Any) -> np.ndarray:
+        """A raw query vector (an array, or the path of a .npy file), checked against the library."""
+        if isinstance(value, (str, os.PathLike)):
+            try:
+                value = np.load(value, allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise InvalidQuery(f"cannot read vector file {value}: {error}") from error
+        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != self.store.dim:
+            raise InvalidQuery(f"the query vector has {vector.shape[0]} dimensions; this library's model has {self.store.dim}")
+        if not np.all(np.isfinite(vector)):
+            raise InvalidQuery("the query vector holds NaN or infinite values")
+        return vector
+
+    def query_vector(self, query: Query) -> np.ndarray:
+        return combine([self.term_vector(term) for term in query.terms], [term.weight for term in query.terms])
+
+    # -- one vector to hits -----------------------------------------------------------------
+
+    def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
+        """The query's page of hits for `vector`: the best k among the items that pass its filters."""
+        allowed = self.catalog.filtered_ids(query.filters)
+        if allowed is not None and len(allowed) == 0:
+            return []
+        wanted = query.k + query.offset
+        scores, ids = self.store.search(vector[None, :], wanted, allowed)
+        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        pairs = pairs[query.offset : query.offset + query.k]
+        if query.threshold is not None:
+            pairs = [(s, i) for s, i in pairs if s >= query.threshold]
+        items = self.catalog.get_items(i for _, i in pairs)
+        hits: list[Hit] = []
+        for score, item_id in pairs:
+            item = items.get(item_id)
+            if item is None:  # removed since the index was read
+                continue
+            hits.append(hit_of(len(hits) + 1 + query.offset, score, item))
+        return hits
+
+    def search(self, query: Query) -> list[Hit]:
+        return self.search_vector(self.query_vector(query), query)
+
+    def get_item(self, item_id: int) -> Hit:
+        item = self.catalog.get_item(item_id)
+        if item is None:
+            raise ItemNotFound(item_id)
+        return hit_of(0, 1.0, item)
+
+
+def hit_of(rank: int, score: float, item: Item) -> Hit:
+    return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict())

@@ -1,0 +1,242 @@
+"""The vector store: a library's FAISS index, kept in step with its catalog.
+
+The catalog is the source of truth; the FAISS file is derived. The store loads the saved
+index, catches it up from the catalog's change log (or rebuilds it when the log no
+longer reaches back), applies each commit of this process's writer, and saves it under
+the write lock. Searches from several threads share the index; changing it in place
+waits for them, and they for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from clipdex.search.atomic import leftovers
+from clipdex.search.catalog import BatchResult, Catalog, NewItem
+from clipdex.search.errors import CorruptLibrary, LibraryBusy
+from clipdex.search.index_choice import build_index, resolve_spec
+from clipdex.search.locks import WriteLock
+from clipdex.search.manifest import MANIFEST_FILE, Manifest
+from clipdex.search.sharedlock import SharedLock
+from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
+
+log = logging.getLogger(__name__)
+
+
+class VectorStore:
+    """The FAISS index of the library at `directory`, as of a catalog generation."""
+
+    def __init__(self, directory: Path, catalog: Catalog, manifest: Manifest, write_lock: WriteLock) -> None:
+        self.directory = directory
+        self.catalog = catalog
+        self.manifest = manifest  # the index spec is recorded there; the store rewrites it when the spec changes
+        self.write_lock = write_lock
+        self._index: VectorIndex | None = None
+        self._generation = -1  # of the catalog, that the in-memory index reflects
+        self._sync_lock = threading.RLock()  # changes to the in-memory index and its generation
+        self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def index(self) -> VectorIndex:
+        """The FAISS index, caught up with the catalog."""
+        self.sync()
+        assert self._index is not None
+        return self._index
+
+    # -- keeping up with the catalog ---------------------------------------------------
+
+    def sync(self) -> bool:
+        """Bring the in-memory index up to the catalog's generation. True if anything changed."""
+        with self._sync_lock:
+            generation = self.catalog.generation()
+            if self._index is not None and self._generation == generation:
+                return False
+            first_load = self._index is None
+            if self._index is None or self._generation > generation:
+                self._load_or_build(generation)
+            for _attempt in range(2):
+                if self._generation >= generation or self._catch_up(generation):
+                    break
+                self._load_or_build(generation)  # the log was trimmed: the saved index is newer
+            else:
+                self._index, self._generation = self._build(), generation
+            if first_load and self._generation > saved_generation(self.directory):
+                self._save_if_no_writer()
+            return True
+
+    def _load_or_build(self, generation: int) -> None:
+        loaded = VectorIndex.load(self.directory)
+        # An index ahead of the catalog (its last commits lost) or of another dimension is not trusted.
+        if loaded is not None and loaded[0].dim == self.dim and loaded[1] <= generation:
+            self._index, self._generation = loaded
+        else:
+            self._index, self._generation = self._build(), generation
+
+    def _catch_up(self, generation: int) -> bool:
+        """Apply the change log since the index's generation; False if the log no longer reaches back."""
+        since = self._generation
+        if since < self.catalog.changes_floor():
+            return False
+        changed = self.catalog.changed_since(since)
+        if since < self.catalog.changes_floor():  # trimmed while we read: `changed` may be incomplete
+            return False
+        self._apply_changes(changed)
+        self._generation = generation
+        return True
+
+    def _apply_changes(self, item_ids: Sequence[int]) -> None:
+        assert self._index is not None
+        if not item_ids:
+            return
+        changes = list(self.catalog.iter_vectors(item_ids))
+        with self._index_lock.exclusive():
+            self._index.remove(np.asarray(item_ids, dtype=np.int64))
+            for ids, vectors in changes:
+                self._index.add(ids, vectors)
+
+    def _build(self) -> VectorIndex:
+        ids, vectors = self.catalog.all_vectors()
+        return build_index(self.dim, self.manifest.index, ids, vectors)
+
+    def _save_if_no_writer(self) -> None:
+        """Persist a caught-up index (after a crash, say) so later readers need not redo it.
+
+        Best effort: a reader never needs to write, so a busy or read-only library just skips it.
+        """
+        try:
+            with self.write_lock.held():
+                self.save()
+        except (LibraryBusy, OSError) as error:
+            log.info("caught-up vector index of %s not saved: %s", self.directory, error)
+
+    # -- searching -------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Search the index, caught up with the catalog first (see `VectorIndex.search`)."""
+        self.sync()
+        with self._index_lock.shared():
+            assert self._index is not None
+            return self._index.search(queries, k, allowed, source=self.catalog)
+
+    # -- changing it (the caller holds the write lock) ---------------------------------------
+
+    def apply_commit(self, result: BatchResult, items: Sequence[NewItem], remove_ids: Sequence[int]) -> None:
+        """Mirror one catalog commit of this process in the in-memory index."""
+        with self._sync_lock:
+            assert self._index is not None
+            replaced = [item.id for item in items if item.id is not None]
+            gone = list(remove_ids) + replaced
+            with self._index_lock.exclusive():
+                if gone:
+                    self._index.remove(np.asarray(gone, dtype=np.int64))
+                if items:
+                    self._index.add(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
+            if self._generation == result.generation - 1:
+                self._generation = result.generation
+            else:  # another process wrote in between (cannot happen under the lock): catch up
+                self.sync()
+
+    def commit(self, items: Sequence[NewItem], remove_ids: Sequence[int], moves: Sequence[tuple[int, dict[str, Any]]]) -> list[int]:
+        """Commit a batch to the catalog and mirror it here, as one step for other threads."""
+        for item in items:
+            if item.vector.shape != (self.dim,):
+                raise CorruptLibrary(f"vector of shape {item.vector.shape} does not fit this library (dim {self.dim})")
+        with self._sync_lock:
+            self.sync()
+            result = self.catalog.commit_batch(items, remove_ids, moves)
+            self.apply_commit(result, items, remove_ids)
+        return result.ids
+
+    def rebuild(self, spec: IndexSpec | None = None) -> VectorIndex:
+        """Rebuild from the catalog (optionally of another type, recorded in the manifest) and save."""
+        with self._sync_lock:
+            if spec is not None:
+                self._record_spec(spec)
+            generation = self.catalog.generation()
+            self._index, self._generation = self._build(), generation
+            self.save()
+            return self._index
+
+    def rebuild_if_outgrown(self) -> bool:
+        """Rebuild when the library's size now calls for another index type; True if it did."""
+        current = self.index.spec
+        chosen = resolve_spec(self.manifest.index, self.index.ntotal, self.dim)
+        if chosen.type == current.type and chosen.factory == current.factory:
+            return False
+        self.rebuild(chosen)
+        return True
+
+    def adopt(self, index: VectorIndex, generation: int) -> None:
+        """Make `index`, built from the catalog as of `generation`, the library's index: catch
+        it up from the change log (or rebuild it with its spec when the log no longer reaches
+        back), save it, and record its spec in the manifest."""
+        with self._sync_lock:
+            self._record_spec(index.spec)
+            self._index, self._generation = index, generation
+            current = self.catalog.generation()
+            if current > generation and not self._catch_up(current):
+                self._index, self._generation = self._build(), current
+            self.save()
+
+    def save(self) -> None:
+        """Save the in-memory index and trim the change log it makes redundant."""
+        with self._sync_lock:
+            if self._index is None:
+                return
+            for leftover in leftovers(self.directory, INDEX_FILE):  # from a writer killed mid-save
+                leftover.unlink(missing_ok=True)
+            self._index.save(self.directory, self._generation)
+            self.catalog.trim_changes(self._generation)
+
+    def _record_spec(self, spec: IndexSpec) -> None:
+        self.manifest.index = spec
+        self.manifest.write(self.directory / MANIFEST_FILE)
+
+
+class LibraryWriter:
+    """Commits batches to the catalog and keeps the in-memory index in step; saves it now and then."""
+
+    SAVE_EVERY_SECONDS = 30.0
+
+    def __init__(self, store: VectorStore) -> None:
+        self.store = store
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def commit(
+        self,
+        items: Sequence[NewItem] = (),
+        remove_ids: Sequence[int] = (),
+        moves: Sequence[tuple[int, dict[str, Any]]] = (),
+    ) -> list[int]:
+        """Durably commit one batch; returns the ids of `items`."""
+        ids = self.store.commit(items, list(remove_ids), moves)
+        self._dirty = True
+        if time.monotonic() - self._last_save > self.SAVE_EVERY_SECONDS:
+            self.flush()
+        return ids
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.store.save()
+            self._dirty = False
+            self._last_save = time.monotonic()
+
+
+def saved_generation(directory: Path) -> int:
+    """The generation the saved vector index reflects, or -1 when there is none."""
+    try:
+        return int(json.loads((directory / STAMP_FILE).read_text())["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
