@@ -195,7 +195,7 @@ def free_loopback_port() -> int:
 
 
 def start_server(library: Path, port: int, token: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "cli", "serve", "--library", str(library), "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "clipdex.cli", "serve", "--library", str(library), "--host", "127.0.0.1",
                "--port", str(port), "--device", "cpu"]
     environment = {**os.environ, "CLIPDEX_TOKEN": token}
     server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

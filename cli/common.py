@@ -40,6 +40,13 @@ PretrainedOption = typer.Option(
 )
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available, fp16 there), cpu or cuda")
 JsonOption = typer.Option(False, "--json", help="Print JSON on stdout")
+CatalogOption = typer.Option(
+    None, "--catalog",
+    help="When making a library: a shared PostgreSQL catalog (postgresql+psycopg://user@host:5432/db) instead of its "
+         "own SQLite file; one that holds a library already is attached to. The password comes from "
+         "$CLIPDEX_CATALOG_URL, PGPASSWORD or ~/.pgpass, never from this option's record",
+    show_default=False,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,13 +102,13 @@ def discard_new_library_on_error(lib: Library) -> Iterator[None]:
 
 
 def open_library(library: Optional[Path], model: Optional[str] = None, pretrained: Optional[str] = None,
-                 device: str = "auto", create: bool = False) -> Library:
+                 device: str = "auto", create: bool = False, catalog: Optional[str] = None) -> Library:
     if model is not None and pretrained is None and model != DEFAULT_MODEL:
         raise ClipdexError(
             f"--model {model} needs --pretrained: a pretrained tag, a local checkpoint file, "
             "or 'none' for random weights"
         )
-    return Library.open(library, model=model_spec(model, pretrained), create=create, device=device)
+    return Library.open(library, model=model_spec(model, pretrained), create=create, device=device, catalog=catalog)
 
 
 def print_json(data: Any) -> None:

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from clipdex.cli.common import (
+    CatalogOption,
     DeviceOption,
     JsonOption,
     LibraryOption,
@@ -32,6 +33,7 @@ def index(
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     device: str = DeviceOption,
+    catalog: Optional[str] = CatalogOption,
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per model batch and commit"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: one per core; on the CPU they take turns with the model's lanes]"),
     exclude: List[str] = typer.Option([], "--exclude", help="Skip files and folders matching this glob (repeatable)"),
@@ -46,7 +48,7 @@ def index(
     """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
     from clipdex.indexer import index_paths
 
-    lib = open_library(library, model, pretrained, device, create=True)
+    lib = open_library(library, model, pretrained, device, create=True, catalog=catalog)
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,

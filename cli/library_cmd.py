@@ -7,13 +7,54 @@ from typing import Optional
 
 import typer
 
-from clipdex.cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
+from clipdex.cli.common import (
+    CatalogOption,
+    JsonOption,
+    LibraryOption,
+    ModelOption,
+    PretrainedOption,
+    err,
+    handles_errors,
+    open_library,
+    out,
+    print_json,
+)
+from clipdex.search.errors import ClipdexError
+from clipdex.search.manifest import MANIFEST_FILE
+from clipdex.search.paths import resolve_library_path
 
 
 def register(app: typer.Typer) -> None:
+    app.command("init")(init)
     app.command("stats")(stats)
     app.command("check")(check)
     app.command("export")(export)
+
+
+@handles_errors
+def init(
+    library: Optional[Path] = LibraryOption,
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    catalog: Optional[str] = CatalogOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Make an empty library for a model, or attach a new folder to a shared catalog (a replica)."""
+    directory = resolve_library_path(library)
+    if (directory / MANIFEST_FILE).exists():
+        raise ClipdexError(f"{directory} is a library already; `clipdex stats --library {directory}` describes it")
+    lib = open_library(directory, model, pretrained, create=True, catalog=catalog)
+    counts = lib.catalog.counts()
+    report = {
+        "library": str(lib.path), "model": lib.model.name, "weights": lib.model.weights, "dim": lib.dim,
+        "catalog": lib.manifest.catalog or str(lib.path / "catalog.sqlite"), "items": sum(counts.values()),
+    }
+    if json_output:
+        print_json(report)
+        return
+    verb = "attached" if lib.attached else "made"
+    out.print(f"{verb} library {lib.path}: model {report['model']} ({report['weights']}, {lib.dim}-d), "
+              f"catalog {report['catalog']}, {report['items']} items", markup=False)
 
 
 @handles_errors
@@ -23,7 +64,7 @@ def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOptio
     if json_output:
         print_json(data)
         return
-    for key in ("library", "items", "images", "texts", "vectors", "model", "weights", "dim", "index_type"):
+    for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "dim", "index_type"):
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         out.print(f"{'optimized':>10}: {data['optimized']}")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import (
@@ -54,6 +55,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
+
+if TYPE_CHECKING:
+    from clipdex.search.locks import WriteLock
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +273,14 @@ class Catalog:
 
     def __init__(self, url: str | Path) -> None:
         self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
-        self.engine = create_engine(self.url, **_engine_options(self.url))
+        try:
+            self.engine = create_engine(self.url, **_engine_options(self.url))
+        except ModuleNotFoundError as error:
+            raise CatalogUnavailable(
+                f"catalog {public_url(self.url)} needs the {error.name} package: pip install 'clipdex[postgres]'"
+            ) from None
+        except SQLAlchemyError as error:
+            raise CatalogUnavailable(f"cannot use catalog URL {public_url(self.url)!r}: {error}") from None
         self.dialect = self.engine.dialect.name
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _configure_sqlite)
@@ -287,7 +298,7 @@ class Catalog:
     def _map_error(self, context: ExceptionContext) -> None:
         """Database errors become the project's own: a busy writer, a damaged or unreachable catalog."""
         original = context.original_exception
-        message = str(original).strip() or type(original).__name__
+        message = " ".join(str(original).split()) or type(original).__name__  # one line: drivers add hints below
         lowered = message.lower()
         if "database is locked" in lowered or "lock timeout" in lowered:
             raise LibraryBusy(f"catalog {self.describe()} is busy (locked by a writer): {message}") from original
@@ -313,6 +324,31 @@ class Catalog:
         """Changes of generations at or below this were trimmed from the log."""
         with self.sessions() as session:
             return self._state(session, "changes_floor")
+
+    @property
+    def shared(self) -> bool:
+        """A catalog on a server, which several library folders (replicas) may follow."""
+        return self.dialect != "sqlite"
+
+    def recorded_model(self) -> dict[str, Any] | None:
+        """The model (and dimension) the catalog's vectors belong to, as recorded at creation."""
+        with self.sessions() as session:
+            value = session.scalar(select(State.value).where(State.key == "model"))
+        return None if value is None else dict(json.loads(value))
+
+    def record_model(self, model: dict[str, Any]) -> None:
+        """Record the library's model once; an existing record is kept."""
+        with self.sessions.begin() as session:
+            if session.scalar(select(State.value).where(State.key == "model")) is None:
+                session.execute(insert(State).values(key="model", value=json.dumps(model, sort_keys=True)))
+
+    def writer_lock(self) -> "WriteLock | None":
+        """The lock that makes one writer per library across machines, when the backend needs its own."""
+        if self.dialect == "postgresql":
+            from clipdex.search.locks import AdvisoryWriteLock
+
+            return AdvisoryWriteLock(self.engine, self.describe())
+        return None
 
     def _next_generation(self, session: Session) -> int:
         """Bump the generation in this transaction; the UPDATE's row lock orders concurrent writers."""
@@ -342,14 +378,15 @@ class Catalog:
             touched.extend(remove_ids)
             for item_id, columns in moves:
                 session.execute(update(Item).where(Item.id == item_id).values(**columns))
-            ids: list[int] = []
             for item in items:
-                values = item.columns()
                 if item.id is not None:
-                    session.execute(update(Item).where(Item.id == item.id).values(**values))
-                    ids.append(item.id)
-                else:
-                    ids.append(int(session.execute(insert(Item).values(**values).returning(Item.id)).scalar_one()))
+                    session.execute(update(Item).where(Item.id == item.id).values(**item.columns()))
+            new_rows = [item.columns() for item in items if item.id is None]
+            new_ids: Iterator[int] = iter(())
+            if new_rows:  # one multi-row INSERT ... RETURNING (SQLAlchemy's insertmanyvalues), ids in row order
+                returned = session.execute(insert(Item).returning(Item.id, sort_by_parameter_order=True), new_rows)
+                new_ids = iter([int(row[0]) for row in returned])
+            ids = [item.id if item.id is not None else next(new_ids) for item in items]
             touched.extend(ids)
             if touched:
                 session.execute(insert(Change), [{"generation": generation, "item_id": item_id} for item_id in touched])
@@ -603,3 +640,34 @@ def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def _separator(root: str) -> str:
     return "\\" if "\\" in root and "/" not in root else "/"
+
+
+CATALOG_URL_ENV = "CLIPDEX_CATALOG_URL"
+
+
+def public_url(url: str) -> str:
+    """The URL as recorded and shown: never with its password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise CatalogUnavailable(f"{url!r} is not a database URL (like postgresql+psycopg://user@host:5432/db)") from None
+    # URL is a named tuple; URL.set(password=None) would keep the password
+    return parsed._replace(password=None).render_as_string(hide_password=False)
+
+
+def connect_url(recorded: str) -> str:
+    """The URL to connect with: `$CLIPDEX_CATALOG_URL` when it names the same catalog (it may
+    carry the password), else the recorded one (PostgreSQL then reads the password from
+    `PGPASSWORD` or `~/.pgpass`)."""
+    configured = os.environ.get(CATALOG_URL_ENV)
+    if configured:
+        try:
+            if public_url(configured) == public_url(recorded):
+                return configured
+        except CatalogUnavailable:  # a malformed variable is the recorded URL's business, not a crash
+            log.warning("$%s is not a database URL; ignored", CATALOG_URL_ENV)
+    public_url(recorded)  # raises on a malformed URL
+    return recorded

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from clipdex.search.catalog import Catalog
+from clipdex.search.catalog import Catalog, connect_url, public_url
 from clipdex.search.encoder import Encoder
-from clipdex.search.errors import CorruptLibrary, LibraryNotFound
+from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound
 from clipdex.search.imaging import decode_image
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
@@ -36,17 +36,21 @@ CATALOG_FILE = "catalog.sqlite"
 class Library:
     """A clipdex library directory. Any number of readers; one writer at a time."""
 
-    def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto", catalog: Catalog | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.device = device
-        self.catalog = Catalog(path / CATALOG_FILE)
-        self.write_lock: WriteLock = FileWriteLock(path)
+        if catalog is None:
+            catalog = Catalog(connect_url(manifest.catalog) if manifest.catalog else path / CATALOG_FILE)
+        self.catalog = catalog
+        self.write_lock: WriteLock = FileWriteLock(path)  # this folder's files (the vector index)
+        self.catalog_lock: WriteLock | None = catalog.writer_lock()  # a shared catalog's one writer
         self.store = VectorStore(path, self.catalog, manifest, self.write_lock)
         self.searcher = Searcher(self.catalog, self.store, self.encode_text, self.encode_image)
         self._encoder: Encoder | None = None
         self._text_export: Any = None  # the exported text encoder once looked up; False when there is none
         self.created = False  # made by this open() call
+        self.attached = False  # made by this open() call, as a replica of a shared catalog that held a library
 
     # -- opening ------------------------------------------------------------------
 
@@ -57,17 +61,25 @@ class Library:
         model: ModelSpec | None = None,
         create: bool = False,
         device: str = "auto",
+        catalog: str | None = None,
     ) -> "Library":
         """Open the library at `path` (default: $CLIPDEX_LIBRARY or the user data dir).
 
         With `model`, the library must have been built with that model (else
         ModelMismatch). With `create`, a missing library is made for `model` (default
-        ViT-B-32 / laion2b_s34b_b79k).
+        ViT-B-32 / laion2b_s34b_b79k). `catalog`, when making one: the URL of a shared
+        PostgreSQL catalog instead of LIBRARY/catalog.sqlite; a catalog that already holds
+        a library is attached to (a replica), its model read from the catalog.
         """
         directory = resolve_library_path(path)
         manifest_path = directory / MANIFEST_FILE
         if manifest_path.exists():
             manifest = Manifest.read(manifest_path)
+            if catalog is not None and public_url(catalog) != manifest.catalog:
+                raise ClipdexError(
+                    f"library {directory} already uses {manifest.catalog or 'its own catalog.sqlite'}, "
+                    f"not {public_url(catalog)}; attach another folder to that catalog instead"
+                )
             if model is not None:
                 manifest.model.check_compatible(model.resolve(), directory)
             return cls(directory, manifest, device)
@@ -77,12 +89,17 @@ class Library:
             raise CorruptLibrary(f"{directory} exists and is not a directory")
         if directory.exists() and any(directory.iterdir()):
             raise CorruptLibrary(f"{directory} is not empty and holds no {MANIFEST_FILE}; refusing to make a library there")
-        resolved = (model or ModelSpec()).resolve()
-        manifest = Manifest(FORMAT_VERSION, resolved, embedding_dim(resolved), IndexSpec(), time.time(), {})
+        shared = _shared_catalog(catalog) if catalog is not None else None
+        attached = shared is not None and shared.recorded_model() is not None
+        resolved, dim = _model_for(shared, model, catalog)
+        manifest = Manifest(FORMAT_VERSION, resolved, dim, IndexSpec(), time.time(), {},
+                            catalog=public_url(catalog) if catalog else None)
         directory.mkdir(parents=True, exist_ok=True)
         manifest.write(manifest_path)
-        library = cls(directory, manifest, device)
+        library = cls(directory, manifest, device, shared)
+        library.catalog.record_model({"model": resolved.to_json(), "dim": dim})
         library.created = True
+        library.attached = attached
         return library
 
     def close(self) -> None:
@@ -135,8 +152,11 @@ class Library:
 
     @contextmanager
     def writer(self) -> Iterator[LibraryWriter]:
-        """Hold the library's write lock; the index is saved when the block ends."""
-        with self.write_lock.held():
+        """Hold the library's write lock (and a shared catalog's); the index is saved when the block ends."""
+        with ExitStack() as locks:
+            if self.catalog_lock is not None:
+                locks.enter_context(self.catalog_lock.held())
+            locks.enter_context(self.write_lock.held())
             writer = LibraryWriter(self.store)
             try:
                 yield writer
@@ -235,6 +255,7 @@ class Library:
             "index": vectors.spec.to_json(),
             "index_device": vectors.device,
             "generation": self.catalog.generation(),
+            "catalog": self.manifest.catalog or str(self.path / CATALOG_FILE),
             **({"optimized": self.manifest.extra["optimized"]} if "optimized" in self.manifest.extra else {}),
         }
 
@@ -282,3 +303,24 @@ class Library:
 def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | None = None, device: str = "auto") -> Library:
     """Open an existing library (see `Library.open`)."""
     return Library.open(path, model=model, device=device)
+
+
+def _shared_catalog(url: str) -> Catalog:
+    if url.split(":", 1)[0].split("+", 1)[0] != "postgresql":
+        raise ClipdexError(
+            f"--catalog takes a PostgreSQL URL (postgresql+psycopg://user@host:5432/db), not {public_url(url)!r}; "
+            "without it a library keeps its own SQLite catalog"
+        )
+    return Catalog(connect_url(url))
+
+
+def _model_for(shared: Catalog | None, model: ModelSpec | None, url: str | None) -> tuple[ResolvedModel, int]:
+    """The model of a new library: the one a shared catalog records (a replica), else the one asked for."""
+    recorded = shared.recorded_model() if shared is not None else None
+    if recorded is not None:
+        resolved = ResolvedModel.from_json(recorded["model"])
+        if model is not None:
+            resolved.check_compatible(model.resolve(), f"catalog {public_url(url or '')}")
+        return resolved, int(recorded["dim"])
+    resolved = (model or ModelSpec()).resolve()
+    return resolved, embedding_dim(resolved)

@@ -10,7 +10,7 @@ import os
 import socket
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from filelock import FileLock, Timeout
 
@@ -59,3 +59,62 @@ class FileWriteLock:
             return (self.directory / HOLDER_FILE).read_text().strip() or "another process"
         except OSError:
             return "another process"
+
+
+# One library per database: one key for its writer (any constant; this one spells "clipdex").
+ADVISORY_KEY = 0x636C6970646578
+
+
+class AdvisoryWriteLock:
+    """A PostgreSQL session-level advisory lock: one writer per shared catalog, across machines.
+
+    Held on a connection of its own for the whole run; the server lets go when that
+    session ends, so a writer killed on any machine never leaves the catalog locked.
+    """
+
+    def __init__(self, engine: Any, catalog: str) -> None:
+        self.engine = engine
+        self.catalog = catalog
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        from sqlalchemy import text
+
+        me = f"clipdex writer pid {os.getpid()} on {socket.gethostname()}"
+        connection = self.engine.connect()
+        try:
+            connection.execute(text("SELECT set_config('application_name', :me, false)"), {"me": me})
+            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar()
+            connection.commit()
+            if not got:
+                raise LibraryBusy(
+                    f"catalog {self.catalog} is being written by {self._holder(connection)}; wait for that run "
+                    "to finish (searching it meanwhile works)"
+                )
+        except BaseException:
+            connection.close()
+            raise
+        try:
+            yield
+        finally:
+            try:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})
+                connection.commit()
+                connection.close()
+            except Exception:  # the session is unusable: drop it, the server then lets go of the lock
+                connection.invalidate()
+
+    def _holder(self, connection: Any) -> str:
+        from sqlalchemy import text
+
+        query = text(
+            "SELECT a.application_name, a.client_addr, a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"
+        )
+        row = connection.execute(query, {"high": ADVISORY_KEY >> 32, "low": ADVISORY_KEY & 0xFFFFFFFF}).first()
+        connection.rollback()
+        if row is None:
+            return "another process"
+        name = row[0] or "a client"
+        where = f" from {row[1]}" if row[1] else ""
+        return f"{name}{where} (server pid {row[2]})"

@@ -27,6 +27,7 @@ class Manifest:
     index: IndexSpec
     created_at: float
     extra: dict[str, Any]  # keys this version does not know, kept as they are (and "optimized")
+    catalog: str | None = None  # a shared catalog's URL, without its password; None: LIBRARY/catalog.sqlite
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
@@ -37,7 +38,7 @@ class Manifest:
             raise CorruptLibrary(f"cannot read {path}: {error}") from error
         if version > FORMAT_VERSION:
             raise CorruptLibrary(f"{path} has format version {version}; this clipdex reads up to {FORMAT_VERSION}")
-        known = {"format_version", "model", "dim", "index", "created_at"}
+        known = {"format_version", "model", "dim", "index", "created_at", "catalog"}
         try:
             return cls(
                 format_version=version,
@@ -46,6 +47,7 @@ class Manifest:
                 index=IndexSpec.from_json(data.get("index")),
                 created_at=float(data.get("created_at", 0)),
                 extra={key: value for key, value in data.items() if key not in known},
+                catalog=data.get("catalog"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptLibrary(f"cannot read {path}: {type(error).__name__}: {error}") from error
@@ -57,6 +59,7 @@ class Manifest:
             "dim": self.dim,
             "index": self.index.to_json(),
             "created_at": self.created_at,
+            **({"catalog": self.catalog} if self.catalog else {}),
             **self.extra,
         }
         write_json_atomic(path, data)

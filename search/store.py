@@ -197,7 +197,8 @@ class VectorStore:
             for leftover in leftovers(self.directory, INDEX_FILE):  # from a writer killed mid-save
                 leftover.unlink(missing_ok=True)
             self._index.save(self.directory, self._generation)
-            self.catalog.trim_changes(self._generation)
+            if not self.catalog.shared:  # replicas elsewhere still catch up from a shared catalog's log
+                self.catalog.trim_changes(self._generation)
 
     def _record_spec(self, spec: IndexSpec) -> None:
         self.manifest.index = spec

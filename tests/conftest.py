@@ -4,8 +4,10 @@ real loading path), small images, and a default library pointed at a temp folder
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from PIL import Image
 
 from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -78,3 +83,38 @@ def library(tmp_path: Path, tiny_model: ModelSpec) -> Library:
 def model_args(tiny_model: ModelSpec) -> list[str]:
     """CLI options selecting the tiny model."""
     return ["--model", tiny_model.name, "--pretrained", tiny_model.pretrained]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["PostgresServer"]:
+    """One PostgreSQL server for the whole session (tests/postgres.py). Clients find its
+    password in PGPASSWORD, as a user's would; the URLs the tests use carry none."""
+    from tests.postgres import PASSWORD, start_server
+
+    try:
+        server = start_server()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or ""
+        pytest.fail(f"cannot start a PostgreSQL server for the tests: {error} {detail}".strip())
+    before = os.environ.get("PGPASSWORD")
+    os.environ["PGPASSWORD"] = PASSWORD
+    yield server
+    server.stop()
+    if before is None:
+        os.environ.pop("PGPASSWORD", None)
+    else:
+        os.environ["PGPASSWORD"] = before
+
+
+@pytest.fixture
+def postgres_url(postgres: "PostgresServer") -> str:
+    """A fresh, empty database on the session's server (its URL, without password)."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_backend(request: pytest.FixtureRequest) -> str | None:
+    """Run a test on each catalog backend: None (the library's own SQLite file) or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine
 from clipdex.search.catalog import MIGRATIONS, Catalog, NewItem, glob_to_regex
 from clipdex.search.errors import CatalogUnavailable, LibraryBusy
 from clipdex.search.locks import FileWriteLock
+from clipdex.search.query import Filters
 
 
 def image(path: str, seed: int = 0) -> NewItem:
@@ -42,8 +43,28 @@ def test_glob_translation_matches_sqlite_glob(pattern: str) -> None:
     assert by_regex == by_sqlite
 
 
-def test_query_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.sqlite")
+@pytest.fixture
+def target(tmp_path: Path, catalog_backend: str | None) -> Path | str:
+    """Where a test's catalog lives: a SQLite file, or a fresh PostgreSQL database."""
+    return catalog_backend or tmp_path / "catalog.sqlite"
+
+
+def test_globs_select_the_same_paths_on_every_backend(postgres_url: str, tmp_path: Path) -> None:
+    """PostgreSQL gets the translated regex; it must select what SQLite's GLOB selects."""
+    catalogs = [Catalog(tmp_path / "catalog.sqlite"), Catalog(postgres_url)]
+    for catalog in catalogs:
+        catalog.commit_batch([image(path, number) for number, path in enumerate(PATHS)])
+    for pattern in GLOBS:
+        found = []
+        for catalog in catalogs:
+            ids = catalog.filtered_ids(Filters(path=pattern))
+            assert ids is not None
+            found.append({item.path for item in catalog.get_items(ids.tolist()).values()})
+        assert found[0] == found[1], pattern
+
+
+def test_query_cache_keeps_the_most_recently_used(target: Path | str) -> None:
+    catalog = Catalog(target)
     for number in range(5):
         catalog.cache_query(f"query {number}", np.full(4, number, np.float32), keep=3)
     kept = [number for number in range(5) if catalog.cached_query(f"query {number}") is not None]
@@ -56,10 +77,9 @@ def test_query_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
     assert catalog.cached_query("query 2") is not None and catalog.cached_query("query 3") is None
 
 
-def test_generations_stay_distinct_under_concurrent_writers(tmp_path: Path) -> None:
+def test_generations_stay_distinct_under_concurrent_writers(target: Path | str) -> None:
     """Each commit gets its own generation and its changes are logged under it, whoever commits."""
-    path = tmp_path / "catalog.sqlite"
-    catalogs = [Catalog(path), Catalog(path)]
+    catalogs = [Catalog(target), Catalog(target)]
     generations: list[int] = []
     lock = threading.Lock()
 
@@ -96,8 +116,8 @@ def test_an_old_catalog_is_migrated_and_keeps_its_items(tmp_path: Path) -> None:
         assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
 
 
-def test_ids_are_not_reused_after_a_delete(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.sqlite")
+def test_ids_are_not_reused_after_a_delete(target: Path | str) -> None:
+    catalog = Catalog(target)
     first = catalog.commit_batch([image("/a.jpg"), image("/b.jpg")]).ids
     catalog.commit_batch(remove_ids=[first[1]])
     assert catalog.commit_batch([image("/c.jpg")]).ids[0] == first[1] + 1

@@ -33,10 +33,19 @@ def many_images(folder: Path, count: int, size: int = 500) -> list[Path]:
 
 
 def clipdex(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *args]
+    return [sys.executable, "-m", "clipdex.cli", *args]
 
 
-def committed_items(library: Path) -> int:
+def committed_items(library: Path, catalog: str | None = None) -> int:
+    """Items committed so far, read straight from the catalog (no clipdex code in between)."""
+    if catalog is not None:
+        import psycopg
+
+        try:
+            with psycopg.connect(catalog.replace("postgresql+psycopg", "postgresql"), connect_timeout=5) as connection:
+                return int(connection.execute("SELECT count(*) FROM items").fetchone()[0])
+        except psycopg.Error:
+            return 0
     try:
         with sqlite3.connect(library / CATALOG_FILE, timeout=5) as connection:
             return connection.execute("SELECT count(*) FROM items").fetchone()[0]
@@ -44,17 +53,20 @@ def committed_items(library: Path) -> int:
         return 0
 
 
-def start_index(folder: Path, library: Path, model_args: list[str]) -> subprocess.Popen:
+def start_index(folder: Path, library: Path, model_args: list[str], catalog: str | None = None) -> subprocess.Popen:
+    shared = ["--catalog", catalog] if catalog else []
     return subprocess.Popen(
-        clipdex("index", str(folder), "--library", str(library), "--batch-size", "2", "--workers", "1", "--quiet", "--json", *model_args),
+        clipdex("index", str(folder), "--library", str(library), "--batch-size", "2", "--workers", "1", "--quiet", "--json",
+                *model_args, *shared),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
-def wait_for_items(library: Path, at_least: int, process: subprocess.Popen, timeout: float = 120) -> int:
+def wait_for_items(library: Path, at_least: int, process: subprocess.Popen, timeout: float = 120,
+                   catalog: str | None = None) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        count = committed_items(library)
+        count = committed_items(library, catalog)
         if count >= at_least:
             return count
         assert process.poll() is None, process.communicate()
@@ -62,14 +74,15 @@ def wait_for_items(library: Path, at_least: int, process: subprocess.Popen, time
     raise AssertionError("indexer made no progress")
 
 
-def test_sigkill_midway_then_rerun_is_consistent_and_complete(tmp_path: Path, model_args: list[str]) -> None:
+def test_sigkill_midway_then_rerun_is_consistent_and_complete(tmp_path: Path, model_args: list[str],
+                                                              catalog_backend: str | None) -> None:
     folder, library = tmp_path / "pics", tmp_path / "lib"
     paths = many_images(folder, 120)
-    process = start_index(folder, library, model_args)
-    wait_for_items(library, 10, process)
+    process = start_index(folder, library, model_args, catalog_backend)
+    wait_for_items(library, 10, process, catalog=catalog_backend)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = committed_items(library)
+    killed_at = committed_items(library, catalog_backend)
     assert 10 <= killed_at < len(paths), "the run was not killed partway"
 
     rerun = subprocess.run(clipdex("index", str(folder), "--library", str(library), "--json", "--quiet"), capture_output=True, text=True)
@@ -81,8 +94,8 @@ def test_sigkill_midway_then_rerun_is_consistent_and_complete(tmp_path: Path, mo
     assert stats["images"] == stats["vectors"] == len(paths)
     check = subprocess.run(clipdex("check", "--library", str(library)), capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    with sqlite3.connect(library / CATALOG_FILE) as connection:
-        assert connection.execute("SELECT count(DISTINCT path) FROM items").fetchone()[0] == len(paths)
+    paths_indexed = {item.path for item in Library.open(library).catalog.get_items(Library.open(library).catalog.ids().tolist()).values()}
+    assert paths_indexed == {str(path) for path in paths}
 
 
 def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path, model_args: list[str]) -> None:

@@ -15,6 +15,14 @@ from clipdex.search.library import Library
 from tests.conftest import write_image
 
 
+@pytest.fixture
+def library(tmp_path: Path, tiny_model, catalog_backend: str | None):
+    """Each test runs on each catalog backend: the library's own SQLite file, and PostgreSQL."""
+    lib = Library.open(tmp_path / "library", model=tiny_model, create=True, device="cpu", catalog=catalog_backend)
+    yield lib
+    lib.close()
+
+
 def test_second_run_decodes_and_embeds_nothing(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
     make_images(tmp_path / "pics", 5)
     index_paths(library, [tmp_path / "pics"])
@@ -180,7 +188,7 @@ def test_concurrent_run_is_refused_cleanly(library: Library, tmp_path: Path, mak
     make_images(tmp_path / "pics", 2)
     with library.writer():
         other = Library.open(library.path)
-        with pytest.raises(LibraryBusy, match="is being written by pid"):
+        with pytest.raises(LibraryBusy, match="is being written by .*pid"):
             index_paths(other, [tmp_path / "pics"])
 
 

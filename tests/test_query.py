@@ -19,11 +19,13 @@ from clipdex.search.query import Query, combine
 from tests.conftest import write_image
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Library:
-    """24 images (sizes, folders, capture dates vary) and 10 texts; shared by the module's tests."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mixed(tmp_path_factory: pytest.TempPathFactory, tiny_model, request: pytest.FixtureRequest) -> Library:
+    """24 images (sizes, folders, capture dates vary) and 10 texts; shared by the module's tests,
+    once with each catalog backend."""
     tmp_path = tmp_path_factory.mktemp("mixed")
-    library = Library.open(tmp_path / "library", model=tiny_model, create=True, device="cpu")
+    catalog = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    library = Library.open(tmp_path / "library", model=tiny_model, create=True, device="cpu", catalog=catalog)
     for i in range(24):
         folder = tmp_path / "pics" / ("2023" if i % 3 == 0 else "2024")
         path = write_image(folder / f"im{i:02d}.jpg", seed=i, size=(40 + 8 * (i % 4), 30 + 10 * (i % 5)))
