@@ -6,7 +6,7 @@ Writes COUNT photo-like 12 MP JPEGs (about 3.7 MB each) to a temporary folder an
 ViT-B-32 at random weights on the CPU (the compute of the pretrained model), measures
 in one run:
 
-- the model's own forward throughput on ready tensors (`Encoder.encode_tensors`, the
+- the model's own forward throughput on ready tensors (`TorchClipEncoder.encode_tensors`, the
   call the indexer makes) at the batch size, in its best arrangement: one forward on all
   cores, or the indexer's lanes (several batches at once on few threads each), whichever
   is faster; measured before and after the rest, averaged;
@@ -43,14 +43,15 @@ from speed_data import write_photos  # noqa: E402
 from speed_report import at_least, info, report  # noqa: E402
 
 from clipdex.indexer import index_paths  # noqa: E402
-from clipdex.search.encoder import Encoder, available_cores  # noqa: E402
+from clipdex.search.cores import available_cores  # noqa: E402
+from clipdex.search.encoders.torch_clip import TorchClipEncoder  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
 from clipdex.search.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 
 
-def forward_throughput(encoder: Encoder, batch_size: int, lanes: int = 1, repeats: int = 3) -> float:
+def forward_throughput(encoder: TorchClipEncoder, batch_size: int, lanes: int = 1, repeats: int = 3) -> float:
     """Images per second of `encode_tensors` on ready batches, `lanes` threads each running its own batch."""
     import torch
 
@@ -73,7 +74,7 @@ def forward_throughput(encoder: Encoder, batch_size: int, lanes: int = 1, repeat
     return lanes * repeats * batch_size / (time.perf_counter() - started)
 
 
-def best_forward_throughput(encoder: Encoder, batch_size: int) -> tuple[float, str]:
+def best_forward_throughput(encoder: TorchClipEncoder, batch_size: int) -> tuple[float, str]:
     """The model's forward throughput in its best arrangement, and that arrangement.
 
     Arrangements: one forward on all cores (torch's default), and the lanes the indexer
@@ -137,12 +138,12 @@ def prepare_cpu_seconds(library: Library, folder: Path, sample: int = 16) -> flo
     _prepare(jobs[0], library.encoder, lookup)  # warm-up
     started = time.thread_time()
     for job in jobs:
-        if _prepare(job, library.encoder, lookup).tensor is None:
+        if _prepare(job, library.encoder, lookup).pixels is None:
             raise SystemExit(f"{job.file.path} was not decoded")
     return (time.thread_time() - started) / len(jobs)
 
 
-def straightforward_throughput(encoder: Encoder, paths: Sequence[Path], batch_size: int) -> float:
+def straightforward_throughput(encoder: TorchClipEncoder, paths: Sequence[Path], batch_size: int) -> float:
     """Images per second of the plain loop: PIL open, open_clip preprocess, encode_image per batch."""
     import torch
     from PIL import Image

@@ -21,7 +21,7 @@ import numpy as np
 
 from clipdex.indexer.scan import ScannedFile, scan
 from clipdex.search.catalog import FileRecord, NewItem
-from clipdex.search.encoder import available_cores
+from clipdex.search.cores import available_cores
 from clipdex.search.errors import ClipdexError, UnreadableImage
 from clipdex.search.fileid import content_hash as hash_bytes
 from clipdex.search.imaging import decode_image
@@ -77,7 +77,7 @@ class _Job:
 class _Prepared:
     job: _Job
     content_hash: str | None = None
-    tensor: Any = None  # preprocessed image tensor, when it had to be decoded
+    pixels: np.ndarray | None = None  # the model's preprocessing of the image, when it had to be decoded
     metadata: dict[str, Any] = field(default_factory=dict)
     reuse_id: int | None = None  # an item with the same bytes: its vector is reused
     error: str | None = None
@@ -169,13 +169,13 @@ def index_paths(
             if path not in seen and path not in kept and not _inside_any(path, result.unreadable_dirs)
         }
         if jobs:
-            plan = plan_threads(library.encoder.requested_device, workers)
+            plan = plan_threads(library.encoders.requested_device, workers)
             with _model_threads(library, plan.model_threads):
                 _run_jobs(library, writer, jobs, vanished, report, batch_size, plan, progress, stop)
         if not report.interrupted and vanished:
             writer.commit(remove_ids=[record.id for record in vanished.values()])
             report.removed = len(vanished)
-    report.model_loaded = library._encoder is not None and library._encoder.loaded
+    report.model_loaded = library.encoders.model_loaded
     if report.model_loaded and export_text and not report.interrupted:
         library.export_text_encoder()
     report.seconds = time.monotonic() - started
@@ -272,15 +272,13 @@ def _run_jobs(
 
 def _embed(library: Library, batch: list[_Prepared]) -> dict[int, np.ndarray]:
     """The vectors of the batch's decoded files, by `id` of their _Prepared (runs on a model lane)."""
-    to_embed = [prepared for prepared in batch if prepared.tensor is not None]
+    to_embed = [(prepared, prepared.pixels) for prepared in batch if prepared.pixels is not None]
     if not to_embed:
         return {}
-    import torch
-
-    encoded = library.encoder.encode_tensors(torch.stack([prepared.tensor for prepared in to_embed]))
-    for prepared in to_embed:
-        prepared.tensor = None  # embedded: let the memory go
-    return {id(prepared): vector for prepared, vector in zip(to_embed, encoded)}
+    encoded = library.encoder.encode_prepared(np.stack([pixels for _, pixels in to_embed]))
+    for prepared, _ in to_embed:
+        prepared.pixels = None  # embedded: let the memory go
+    return {id(prepared): vector for (prepared, _), vector in zip(to_embed, encoded)}
 
 
 class _HashLookup:
@@ -350,14 +348,14 @@ def _read_file(path: str) -> tuple[bytes, tuple[int, int]]:
 
 
 def _decode_into(prepared: _Prepared, data: bytes, encoder: Any) -> None:
-    """Decode and preprocess the file's bytes into `prepared` (tensor and metadata, or error)."""
+    """Decode and preprocess the file's bytes into `prepared` (pixels and metadata, or error)."""
     if not data:
         prepared.error = "empty file (0 bytes)"
         return
     try:
-        preprocess = encoder.preprocess
-        decoded = decode_image(data, draft_size=2 * encoder.image_size, name=prepared.job.file.path)
-        prepared.tensor = preprocess(decoded.image)
+        draft_size = 2 * encoder.image_size  # loads the model first: its errors are not this file's
+        decoded = decode_image(data, draft_size=draft_size, name=prepared.job.file.path)
+        prepared.pixels = encoder.prepare(decoded.image)
     except UnreadableImage as error:
         prepared.error = error.reason
         return
@@ -415,7 +413,7 @@ def _commit(
     for prepared in [p for p in batch if p.error is not None]:
         report.failed.append(Failure(prepared.job.file.path, prepared.error or ""))
     batch = [prepared for prepared in batch if prepared.error is None]
-    if any(prepared.tensor is not None for prepared in batch):  # files the recheck had to decode after all
+    if any(prepared.pixels is not None for prepared in batch):  # files the recheck had to decode after all
         vectors = {**vectors, **_embed(library, batch)}
     items: list[NewItem] = []
     moves: list[tuple[int, dict[str, Any]]] = []

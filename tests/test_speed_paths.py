@@ -15,8 +15,8 @@ import pytest
 
 import clipdex.indexer.pipeline as pipeline
 from clipdex.indexer import index_paths
+from clipdex.search.encoders.onnx_text import EXPORT_FOLDER
 from clipdex.search.library import Library
-from clipdex.search.text_export import EXPORT_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "open_clip", "onnxruntime")
