@@ -35,7 +35,7 @@ from speed_data import write_photos  # noqa: E402
 from speed_index import forward_throughput, indexing_throughput, straightforward_throughput  # noqa: E402
 from speed_report import at_least, at_most, report  # noqa: E402
 
-from clipdex.indexer.pipeline import plan_threads  # noqa: E402
+from clipdex.indexer.local import plan_threads  # noqa: E402
 from clipdex.search.encoders.torch_clip import TorchClipEncoder  # noqa: E402
 from clipdex.search.imaging import decode_image  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402

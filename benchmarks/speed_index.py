@@ -80,7 +80,7 @@ def best_forward_throughput(encoder: TorchClipEncoder, batch_size: int) -> tuple
     Arrangements: one forward on all cores (torch's default), and the lanes the indexer
     runs (`plan_threads`: several batches at once, each on few threads).
     """
-    from clipdex.indexer.pipeline import plan_threads
+    from clipdex.indexer.local import plan_threads
 
     plan = plan_threads("cpu")
     arrangements = {(available_cores(), 1), (plan.model_threads or available_cores(), plan.model_lanes)}
@@ -102,9 +102,9 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
     the cores to themselves). It starts and ends on commits that complete a round of the
     model's lanes, so it spans whole rounds however the lanes interleave.
     """
-    import clipdex.indexer.pipeline as pipeline
+    import clipdex.indexer.local as local
 
-    commit = pipeline._commit
+    commit = local._commit
     marks: list[tuple[int, float]] = []
 
     def timed_commit(*args: Any) -> Any:
@@ -112,14 +112,14 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
         marks.append((len(args[2]), time.perf_counter()))  # args[2]: the batch
         return result
 
-    pipeline._commit = timed_commit
+    local._commit = timed_commit
     try:
         report = index_paths(library, [folder], batch_size=batch_size, export_text=False)
     finally:
-        pipeline._commit = commit
+        local._commit = commit
     if report.failed:
         raise SystemExit(f"indexing failed on {report.failed[0].path}: {report.failed[0].error}")
-    lanes = pipeline.plan_threads(library.encoder.requested_device).model_lanes
+    lanes = local.plan_threads(library.encoders.requested_device).model_lanes
     rounds = len(marks) // lanes
     if rounds < 4:
         raise SystemExit(f"too few batches for a steady state: use --count of at least {4 * lanes * batch_size}")
@@ -130,7 +130,7 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
 
 def prepare_cpu_seconds(library: Library, folder: Path, sample: int = 16) -> float:
     """CPU seconds per file of the indexer's own read, hash, decode and preprocess step, on one thread."""
-    from clipdex.indexer.pipeline import _HashLookup, _Job, _prepare
+    from clipdex.indexer.rules import _HashLookup, _Job, _prepare
     from clipdex.indexer.scan import scan
 
     jobs = [_Job(file, None) for file in scan([folder]).files[:sample]]
@@ -160,14 +160,14 @@ def straightforward_throughput(encoder: TorchClipEncoder, paths: Sequence[Path],
 
 def force_plan(text: str) -> None:
     """Make the indexer use the thread plan DxLxT, to compare arrangements."""
-    import clipdex.indexer.pipeline as pipeline
+    import clipdex.indexer.local as local
 
     try:
         decode, lanes, threads = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise SystemExit(f"--plan {text!r}: expected DxLxT, for example 2x2x1") from None
-    plan = pipeline.ThreadPlan(decode, threads, lanes)
-    pipeline.plan_threads = lambda device, workers=None: plan
+    plan = local.ThreadPlan(decode, threads, lanes)
+    local.plan_threads = lambda device, workers=None: plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

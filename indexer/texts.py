@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from clipdex.indexer.pipeline import Failure
+from clipdex.indexer.report import Failure
 from clipdex.search.catalog import NewItem
 from clipdex.search.errors import UnreadableCorpus
 from clipdex.search.library import Library
