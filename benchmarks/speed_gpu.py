@@ -35,8 +35,8 @@ from speed_data import write_photos  # noqa: E402
 from speed_index import forward_throughput, indexing_throughput, straightforward_throughput  # noqa: E402
 from speed_report import at_least, at_most, report  # noqa: E402
 
-from clipdex.indexer.pipeline import plan_threads  # noqa: E402
-from clipdex.search.encoder import Encoder  # noqa: E402
+from clipdex.indexer.local import plan_threads  # noqa: E402
+from clipdex.search.encoders.torch_clip import TorchClipEncoder  # noqa: E402
 from clipdex.search.imaging import decode_image  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
 from clipdex.search.model import ModelSpec  # noqa: E402
@@ -54,7 +54,7 @@ def require_gpus() -> None:
         raise SystemExit("FAISS sees no GPU: install faiss-gpu with a CUDA driver")
 
 
-def decode_capacity(encoder: Encoder, paths: Sequence[Path], workers: int) -> float:
+def decode_capacity(encoder: TorchClipEncoder, paths: Sequence[Path], workers: int) -> float:
     """Images per second that `workers` threads read, hash, draft-decode and preprocess, without the model."""
     import hashlib
 

@@ -6,7 +6,7 @@ Writes COUNT photo-like 12 MP JPEGs (about 3.7 MB each) to a temporary folder an
 ViT-B-32 at random weights on the CPU (the compute of the pretrained model), measures
 in one run:
 
-- the model's own forward throughput on ready tensors (`Encoder.encode_tensors`, the
+- the model's own forward throughput on ready tensors (`TorchClipEncoder.encode_tensors`, the
   call the indexer makes) at the batch size, in its best arrangement: one forward on all
   cores, or the indexer's lanes (several batches at once on few threads each), whichever
   is faster; measured before and after the rest, averaged;
@@ -43,14 +43,15 @@ from speed_data import write_photos  # noqa: E402
 from speed_report import at_least, info, report  # noqa: E402
 
 from clipdex.indexer import index_paths  # noqa: E402
-from clipdex.search.encoder import Encoder, available_cores  # noqa: E402
+from clipdex.search.cores import available_cores  # noqa: E402
+from clipdex.search.encoders.torch_clip import TorchClipEncoder  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
 from clipdex.search.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 
 
-def forward_throughput(encoder: Encoder, batch_size: int, lanes: int = 1, repeats: int = 3) -> float:
+def forward_throughput(encoder: TorchClipEncoder, batch_size: int, lanes: int = 1, repeats: int = 3) -> float:
     """Images per second of `encode_tensors` on ready batches, `lanes` threads each running its own batch."""
     import torch
 
@@ -73,13 +74,13 @@ def forward_throughput(encoder: Encoder, batch_size: int, lanes: int = 1, repeat
     return lanes * repeats * batch_size / (time.perf_counter() - started)
 
 
-def best_forward_throughput(encoder: Encoder, batch_size: int) -> tuple[float, str]:
+def best_forward_throughput(encoder: TorchClipEncoder, batch_size: int) -> tuple[float, str]:
     """The model's forward throughput in its best arrangement, and that arrangement.
 
     Arrangements: one forward on all cores (torch's default), and the lanes the indexer
     runs (`plan_threads`: several batches at once, each on few threads).
     """
-    from clipdex.indexer.pipeline import plan_threads
+    from clipdex.indexer.local import plan_threads
 
     plan = plan_threads("cpu")
     arrangements = {(available_cores(), 1), (plan.model_threads or available_cores(), plan.model_lanes)}
@@ -101,9 +102,9 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
     the cores to themselves). It starts and ends on commits that complete a round of the
     model's lanes, so it spans whole rounds however the lanes interleave.
     """
-    import clipdex.indexer.pipeline as pipeline
+    import clipdex.indexer.local as local
 
-    commit = pipeline._commit
+    commit = local._commit
     marks: list[tuple[int, float]] = []
 
     def timed_commit(*args: Any) -> Any:
@@ -111,14 +112,14 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
         marks.append((len(args[2]), time.perf_counter()))  # args[2]: the batch
         return result
 
-    pipeline._commit = timed_commit
+    local._commit = timed_commit
     try:
         report = index_paths(library, [folder], batch_size=batch_size, export_text=False)
     finally:
-        pipeline._commit = commit
+        local._commit = commit
     if report.failed:
         raise SystemExit(f"indexing failed on {report.failed[0].path}: {report.failed[0].error}")
-    lanes = pipeline.plan_threads(library.encoder.requested_device).model_lanes
+    lanes = local.plan_threads(library.encoders.requested_device).model_lanes
     rounds = len(marks) // lanes
     if rounds < 4:
         raise SystemExit(f"too few batches for a steady state: use --count of at least {4 * lanes * batch_size}")
@@ -129,7 +130,7 @@ def indexing_throughput(library: Library, folder: Path, batch_size: int) -> floa
 
 def prepare_cpu_seconds(library: Library, folder: Path, sample: int = 16) -> float:
     """CPU seconds per file of the indexer's own read, hash, decode and preprocess step, on one thread."""
-    from clipdex.indexer.pipeline import _HashLookup, _Job, _prepare
+    from clipdex.indexer.rules import _HashLookup, _Job, _prepare
     from clipdex.indexer.scan import scan
 
     jobs = [_Job(file, None) for file in scan([folder]).files[:sample]]
@@ -137,12 +138,12 @@ def prepare_cpu_seconds(library: Library, folder: Path, sample: int = 16) -> flo
     _prepare(jobs[0], library.encoder, lookup)  # warm-up
     started = time.thread_time()
     for job in jobs:
-        if _prepare(job, library.encoder, lookup).tensor is None:
+        if _prepare(job, library.encoder, lookup).pixels is None:
             raise SystemExit(f"{job.file.path} was not decoded")
     return (time.thread_time() - started) / len(jobs)
 
 
-def straightforward_throughput(encoder: Encoder, paths: Sequence[Path], batch_size: int) -> float:
+def straightforward_throughput(encoder: TorchClipEncoder, paths: Sequence[Path], batch_size: int) -> float:
     """Images per second of the plain loop: PIL open, open_clip preprocess, encode_image per batch."""
     import torch
     from PIL import Image
@@ -159,14 +160,14 @@ def straightforward_throughput(encoder: Encoder, paths: Sequence[Path], batch_si
 
 def force_plan(text: str) -> None:
     """Make the indexer use the thread plan DxLxT, to compare arrangements."""
-    import clipdex.indexer.pipeline as pipeline
+    import clipdex.indexer.local as local
 
     try:
         decode, lanes, threads = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise SystemExit(f"--plan {text!r}: expected DxLxT, for example 2x2x1") from None
-    plan = pipeline.ThreadPlan(decode, threads, lanes)
-    pipeline.plan_threads = lambda device, workers=None: plan
+    plan = local.ThreadPlan(decode, threads, lanes)
+    local.plan_threads = lambda device, workers=None: plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

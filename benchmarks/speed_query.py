@@ -66,7 +66,7 @@ def build_library(path: Path, items: int, index: str) -> Library:
     (what `clipdex optimize` and `clipdex check --repair` build); "flat": keep the exact
     index that incremental commits grow.
     """
-    from clipdex.search.encoder import Encoder
+    from clipdex.search.encoders.torch_clip import TorchClipEncoder
     from clipdex.search.text_export import export_text_encoder
 
     library = Library.open(path, model=MODEL, create=True, device="cpu")
@@ -80,7 +80,7 @@ def build_library(path: Path, items: int, index: str) -> Library:
                                  for row, vector in enumerate(vectors)])
     if index == "auto":
         library.rebuild_vectors()
-    encoder = Encoder(library.model, "cpu").load()
+    encoder = TorchClipEncoder(library.model, "cpu").load()
     export_text_encoder(encoder, library.path)
     return library
 

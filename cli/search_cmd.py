@@ -9,7 +9,7 @@ import typer
 
 from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, open_library, out, print_json
 from clipdex.cli.render import FORMATS, render_hits
-from clipdex.search.encoder import Encoder
+from clipdex.search.encoders import ImageTextEncoder, create_encoder
 from clipdex.search.errors import ClipdexError, LibraryNotFound
 from clipdex.search.library import Library
 from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
@@ -97,13 +97,13 @@ def embed(
         out.print(" ".join(f"{x:.7g}" for x in vector))
 
 
-def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str) -> Encoder:
+def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str) -> ImageTextEncoder:
     """The named model's encoder; else the library's (when it exists); else the default model's."""
     if model is None and pretrained is None:
         try:
             return Library.open(library, device=device).encoder
         except LibraryNotFound:
-            return Encoder(ModelSpec().resolve(), device)
+            return create_encoder(ModelSpec().resolve(), device)
     if model is not None and pretrained is None:
         raise ClipdexError(f"--model {model} needs --pretrained (a tag, a checkpoint file, or 'none')")
-    return Encoder(ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED).resolve(), device)
+    return create_encoder(ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED).resolve(), device)

@@ -1,5 +1,6 @@
 """clipdex indexer: turns files into catalog rows and vectors."""
 
-from clipdex.indexer.pipeline import Failure, IndexReport, index_paths
+from clipdex.indexer.pipeline import index_paths
+from clipdex.indexer.report import Failure, IndexReport
 
 __all__ = ["Failure", "IndexReport", "index_paths"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from clipdex.indexer.pipeline import Failure
+from clipdex.indexer.report import Failure
 from clipdex.search.catalog import NewItem
 from clipdex.search.errors import UnreadableCorpus
 from clipdex.search.library import Library
@@ -172,9 +172,9 @@ def _index_file(library: Library, writer: Any, source: str, rows: list[TextRow],
             report.unchanged += 1
         else:
             pending.append((row, old[0] if old else None))
-    encoder = library.text_encoder() if pending else None
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
+        encoder = library.text_encoder()  # the same each batch: the library keeps its choice
         vectors = encoder.encode_texts([row.text for row, _ in batch])
         limit = encoder.context_length
         report.context_length = limit

@@ -2,8 +2,9 @@
 
 `Library` puts the parts together and keeps little logic of its own: the manifest
 (`manifest`), the catalog (`catalog`, the source of truth), the FAISS index kept in step
-with it (`store`), the write lock (`locks`), the model (`encoder`, loaded on first use) and
-the searcher (`searcher`). Its methods are the public API over those parts.
+with it (`store`), the write lock (`locks`), the encoders (`encoders`: the model, loaded on
+first use, and what answers text queries) and the searcher (`searcher`). Its methods are
+the public API over those parts.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from clipdex.search.catalog import Catalog, connect_url, public_url
-from clipdex.search.encoder import Encoder
+from clipdex.search.encoders import ImageTextEncoder, LibraryEncoders, TextEncoder
 from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound
-from clipdex.search.imaging import decode_image
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
 from clipdex.search.model import ModelSpec, ResolvedModel
@@ -46,9 +46,8 @@ class Library:
         self.write_lock: WriteLock = FileWriteLock(path)  # this folder's files (the vector index)
         self.catalog_lock: WriteLock | None = catalog.writer_lock()  # a shared catalog's one writer
         self.store = VectorStore(path, self.catalog, manifest, self.write_lock)
+        self.encoders = LibraryEncoders(path, manifest.model, manifest.dim, device, _CatalogQueryCache(self.catalog))
         self.searcher = Searcher(self.catalog, self.store, self.encode_text, self.encode_image)
-        self._encoder: Encoder | None = None
-        self._text_export: Any = None  # the exported text encoder once looked up; False when there is none
         self.created = False  # made by this open() call
         self.attached = False  # made by this open() call, as a replica of a shared catalog that held a library
 
@@ -122,11 +121,9 @@ class Library:
         return self.manifest.dim
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> ImageTextEncoder:
         """The model, loaded on first use."""
-        if self._encoder is None:
-            self._encoder = Encoder(self.model, self.device)
-        return self._encoder
+        return self.encoders.image_text
 
     @property
     def vectors(self) -> VectorIndex:
@@ -167,38 +164,18 @@ class Library:
 
     def encode_text(self, text: str) -> np.ndarray:
         """A text's vector, from the library's query cache when it was asked before."""
-        cached = self.catalog.cached_query(text)
-        if cached is not None and cached.shape == (self.dim,):
-            return cached
-        encoder = self.text_encoder()
-        vector = encoder.encode_texts([text])[0]
-        self.catalog.cache_query(text, vector)
-        if encoder is self._encoder:
-            self.export_text_encoder()
-        return vector
+        return self.encoders.encode_text(text)
 
-    def text_encoder(self) -> Any:
-        """The encoder for text queries: the open_clip model when it is loaded, else the
-        library's exported text encoder (ONNX, imports neither torch nor open_clip; see
-        `clipdex.search.text_export`), else the open_clip model."""
-        if self._encoder is not None and self._encoder.loaded:
-            return self._encoder
-        if self._text_export is None:
-            from clipdex.search.text_export import load_text_export
-
-            self._text_export = load_text_export(self.path, self.model, self.dim) or False
-        return self._text_export or self.encoder
+    def text_encoder(self) -> TextEncoder:
+        """The encoder for text queries (see `LibraryEncoders.text`)."""
+        return self.encoders.text()
 
     def export_text_encoder(self) -> None:
         """Store the loaded model's text tower in the library as ONNX, once (see `clipdex.search.text_export`)."""
-        if self._encoder is not None and self._encoder.loaded:
-            from clipdex.search.text_export import ensure_text_export
-
-            ensure_text_export(self.path, self._encoder, self.dim)
+        self.encoders.export_text()
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
-        decoded = decode_image(image if isinstance(image, bytes) else Path(image))
-        return self.encoder.encode_images([decoded.image])[0]
+        return self.encoders.encode_image(image)
 
     def term_vector(self, term: Term) -> np.ndarray:
         return self.searcher.term_vector(term)
@@ -324,3 +301,16 @@ def _model_for(shared: Catalog | None, model: ModelSpec | None, url: str | None)
         return resolved, int(recorded["dim"])
     resolved = (model or ModelSpec()).resolve()
     return resolved, embedding_dim(resolved)
+
+
+class _CatalogQueryCache:
+    """The catalog's cache of query vectors, as `LibraryEncoders` uses it."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def get(self, text: str) -> np.ndarray | None:
+        return self.catalog.cached_query(text)
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        self.catalog.cache_query(text, vector)

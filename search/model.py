@@ -1,6 +1,6 @@
 """Which open_clip model a library uses, and how it is recorded in the manifest.
 
-Nothing here imports torch or open_clip: a model is only loaded by `clipdex.search.encoder`.
+Nothing here imports torch or open_clip: a model is only loaded by `clipdex.search.encoders`.
 """
 
 from __future__ import annotations

@@ -4,12 +4,8 @@ Importing torch and open_clip and loading the model takes seconds; answering a t
 query needs only the text tower. So once per library, while the open_clip model is
 loaded anyway (at the end of an index run that embedded something, or at the first text
 query that had to load it), clipdex exports the text tower with `torch.onnx.export` and
-stores it in the library:
-
-    LIBRARY/text_encoder/
-      text_encoder.json            settings: model, dim, context length, how it was verified
-      text_encoder.onnx (+ .data)  the text tower, graph already optimized by onnxruntime
-      bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `clipdex.search.clip_tokenizer`
+stores it in the library, in `LIBRARY/text_encoder/` (laid out as
+`clipdex.search.encoders.onnx_text`, which runs it, describes).
 
 An export is used only after it has been checked against open_clip: the torch-free
 tokenizer must give open_clip's tokens on every probe text, and the ONNX vectors must
@@ -27,25 +23,30 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from clipdex.search.atomic import write_json_atomic
 from clipdex.search.clip_tokenizer import ClipTokenizer
-from clipdex.search.encoder import Encoder, available_cores
+from clipdex.search.encoders.onnx_text import (
+    EXPORT_FOLDER,
+    EXPORT_VERSION,
+    MODEL_FILE,
+    SETTINGS_FILE,
+    VOCAB_FILE,
+    OnnxTextEncoder,
+    TextExportSettings,
+    installed_export,
+)
+from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.model import ResolvedModel
 
-EXPORT_VERSION = 1
-EXPORT_FOLDER = "text_encoder"
 REFUSED_FILE = "text_encoder.refused.json"
-SETTINGS_FILE = "text_encoder.json"
-MODEL_FILE = "text_encoder.onnx"
 WEIGHTS_FILE = "text_encoder.onnx.data"
-VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MIN_COSINE = 0.999
 OPSET = 17
 
@@ -76,104 +77,6 @@ class TextExportRefused(ClipdexError):
     """The text tower cannot be exported faithfully; queries keep using the open_clip model."""
 
 
-@dataclass
-class TextExportSettings:
-    """What `text_encoder.json` records about an export."""
-
-    version: int
-    model: dict[str, Any]  # the library manifest's model (ResolvedModel.to_json())
-    dim: int
-    context_length: int
-    # True: the graph accepts token arrays cut after the longest text's end token (a causal
-    # text tower pooled at the end token ignores what follows it); False: always context_length.
-    trimmed: bool
-    min_cosine: float  # lowest cosine to open_clip on PROBE_TEXTS when exported
-    open_clip_version: str
-    onnxruntime_version: str
-    created_at: float
-
-    @classmethod
-    def read(cls, path: Path) -> "TextExportSettings":
-        data = json.loads(path.read_text())
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
-
-
-class OnnxTextEncoder:
-    """Encodes texts with the exported text tower on onnxruntime: no torch, no open_clip."""
-
-    def __init__(self, folder: Path, settings: TextExportSettings, threads: int | None = None,
-                 tokenizer: ClipTokenizer | None = None) -> None:
-        self.folder = folder
-        self.settings = settings
-        self.threads = threads or available_cores()
-        self.tokenizer = tokenizer or ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
-        self._session: Any = None
-
-    @property
-    def dim(self) -> int:
-        return self.settings.dim
-
-    @property
-    def context_length(self) -> int:
-        return self.tokenizer.context_length
-
-    def count_tokens(self, text: str) -> int:
-        """How many BPE tokens `text` takes, start and end tokens included (as `Encoder.count_tokens`)."""
-        return len(self.tokenizer.encode(text)) + 2
-
-    @property
-    def session(self) -> Any:
-        if self._session is None:
-            self._session = _inference_session(self.folder / MODEL_FILE, self.threads)
-        return self._session
-
-    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids as the graph takes them: cut after the longest text when trimmed."""
-        if not self.settings.trimmed:
-            return self.tokenizer(texts)
-        longest = max(len(tokens) for tokens in self.tokenizer.token_lists(texts))
-        return self.tokenizer(texts, length=longest)
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.tokenize(texts[start : start + batch_size])
-            features = self.session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)
-            norms = np.linalg.norm(features, axis=1, keepdims=True)
-            parts.append(features / np.maximum(norms, 1e-12))
-        if not parts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate(parts)
-
-
-def load_text_export(library_path: Path, model: ResolvedModel, dim: int) -> OnnxTextEncoder | None:
-    """The library's exported text encoder, ready to run, or None when there is none usable here."""
-    settings = installed_export(library_path, model, dim)
-    if settings is None:
-        return None
-    encoder = OnnxTextEncoder(library_path / EXPORT_FOLDER, settings)
-    try:
-        encoder.session
-    except Exception:  # onnxruntime's own errors (a damaged file, an older runtime): use open_clip instead
-        return None
-    return encoder
-
-
-def installed_export(library_path: Path, model: ResolvedModel, dim: int) -> TextExportSettings | None:
-    """The settings of the library's export when it fits `model` and onnxruntime is installed."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    try:
-        settings = TextExportSettings.read(library_path / EXPORT_FOLDER / SETTINGS_FILE)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if settings.version != EXPORT_VERSION or settings.dim != dim:
-        return None
-    if not ResolvedModel.from_json(settings.model).same_model(model):
-        return None
-    return settings
-
-
 def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
     """Why an earlier export of this model (by this version of the exporter) was refused, or None."""
     try:
@@ -185,7 +88,7 @@ def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
     return None
 
 
-def ensure_text_export(library_path: Path, encoder: Encoder, dim: int) -> TextExportSettings | None:
+def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) -> TextExportSettings | None:
     """Export the text tower of the loaded `encoder` into the library unless done or refused before.
 
     Never fails the caller: a refusal is recorded (and not retried), other errors (a
@@ -213,7 +116,7 @@ def _remember_refusal(library_path: Path, model: ResolvedModel, reason: str) -> 
         pass  # a read-only library: the next process tries again
 
 
-def export_text_encoder(encoder: Encoder, library_path: Path) -> TextExportSettings:
+def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextExportSettings:
     """Export, verify and install the text tower of `encoder`; raises TextExportRefused."""
     import open_clip
     import onnxruntime
@@ -240,7 +143,7 @@ def export_text_encoder(encoder: Encoder, library_path: Path) -> TextExportSetti
     return settings
 
 
-def _check_tokens(tokenizer: ClipTokenizer, encoder: Encoder) -> None:
+def _check_tokens(tokenizer: ClipTokenizer, encoder: TorchClipEncoder) -> None:
     expected = encoder.tokenize(list(PROBE_TEXTS)).cpu().numpy()
     ours = tokenizer(PROBE_TEXTS)
     if expected.shape != ours.shape or not np.array_equal(expected, ours):
@@ -249,7 +152,7 @@ def _check_tokens(tokenizer: ClipTokenizer, encoder: Encoder) -> None:
 
 
 def _export_verified(
-    encoder: Encoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer, reference: np.ndarray
+    encoder: TorchClipEncoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer, reference: np.ndarray
 ) -> None:
     """Export the trimmed graph when the model allows it, else the full one; keep the first that matches."""
     from clipdex.search.text_towers import trimmable
@@ -277,7 +180,7 @@ def _worst_cosine(encoder: OnnxTextEncoder, reference: np.ndarray) -> float:
     return float(min(np.min(np.sum(together * reference, axis=1)), np.min(np.sum(alone * reference, axis=1))))
 
 
-def _export_onnx(encoder: Encoder, scratch: Path, trimmed: bool, sample: np.ndarray) -> None:
+def _export_onnx(encoder: TorchClipEncoder, scratch: Path, trimmed: bool, sample: np.ndarray) -> None:
     import torch
 
     model = encoder.model
@@ -321,16 +224,6 @@ def _optimize(source: Path, target: Path) -> None:
     onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
-def _inference_session(path: Path, threads: int) -> Any:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # done at export
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores to FAISS
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _install(scratch: Path, target: Path) -> None:

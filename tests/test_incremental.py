@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import clipdex.indexer.pipeline as pipeline
+import clipdex.indexer.rules as rules
 from clipdex.indexer import index_paths
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
@@ -27,7 +27,7 @@ def test_second_run_decodes_and_embeds_nothing(library: Library, tmp_path: Path,
     make_images(tmp_path / "pics", 5)
     index_paths(library, [tmp_path / "pics"])
     fresh = Library.open(library.path)
-    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: pytest.fail("decoded on a no-op run"))
+    monkeypatch.setattr(rules, "decode_image", lambda *a, **k: pytest.fail("decoded on a no-op run"))
     report = index_paths(fresh, [tmp_path / "pics"])
     assert (report.unchanged, report.added, report.updated, report.removed) == (5, 0, 0, 0)
     assert not report.model_loaded
@@ -49,7 +49,7 @@ def test_touched_file_keeps_vector_without_decoding(library: Library, tmp_path: 
     paths = make_images(tmp_path / "pics", 2)
     index_paths(library, [tmp_path / "pics"])
     os.utime(paths[0], ns=(1, 1_000_000_000))
-    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: pytest.fail("decoded an unchanged file"))
+    monkeypatch.setattr(rules, "decode_image", lambda *a, **k: pytest.fail("decoded an unchanged file"))
     report = index_paths(library, [tmp_path / "pics"])
     assert (report.updated, report.unchanged) == (1, 1)
     assert index_paths(library, [tmp_path / "pics"]).unchanged == 2
@@ -77,7 +77,7 @@ def test_moved_and_copied_files_reuse_vectors(library: Library, tmp_path: Path, 
     shutil.move(paths[0], moved)
     copy = tmp_path / "pics" / "copy.jpg"
     shutil.copy(paths[1], copy)
-    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: pytest.fail("decoded a known file"))
+    monkeypatch.setattr(rules, "decode_image", lambda *a, **k: pytest.fail("decoded a known file"))
     report = index_paths(library, [tmp_path / "pics"])
     assert (report.moved, report.added, report.removed, report.unchanged) == (1, 1, 0, 2)
     item = library.catalog.get_item(original.id)

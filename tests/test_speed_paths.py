@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import clipdex.indexer.pipeline as pipeline
+import clipdex.indexer.local as local
 from clipdex.indexer import index_paths
+from clipdex.search.encoders.onnx_text import EXPORT_FOLDER
 from clipdex.search.library import Library
-from clipdex.search.text_export import EXPORT_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "open_clip", "onnxruntime")
@@ -95,7 +95,7 @@ def test_cold_cli_search_imports_neither_torch_nor_open_clip(indexed: Library, a
 
 def test_decoding_keeps_a_bounded_number_of_files_in_flight(library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch) -> None:
     make_images(tmp_path / "pics", 40)
-    prepare = pipeline._prepare
+    prepare = local._prepare
     lock = threading.Lock()
     state = {"started": 0, "most": 0}
 
@@ -110,9 +110,9 @@ def test_decoding_keeps_a_bounded_number_of_files_in_flight(library: Library, tm
                 state["most"] = max(state["most"], state["started"] - done + 1)
             yield prepared
 
-    generator = pipeline._prepare_all
-    monkeypatch.setattr(pipeline, "_prepare", counting_prepare)
-    monkeypatch.setattr(pipeline, "_prepare_all", counting_consumer)
+    generator = local._prepare_all
+    monkeypatch.setattr(local, "_prepare", counting_prepare)
+    monkeypatch.setattr(local, "_prepare_all", counting_consumer)
     report = index_paths(library, [tmp_path / "pics"], batch_size=4, workers=2, export_text=False)
     assert report.added == 40
     assert 4 < state["most"] <= 4 + 2 * 2  # more than a batch ahead, never more than a batch + 2 per worker
@@ -122,8 +122,8 @@ def test_model_lanes_embed_batches_at_once_and_each_file_gets_its_own_vector(
     library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = make_images(tmp_path / "pics", 11)
-    monkeypatch.setattr(pipeline, "plan_threads", lambda device, workers=None: pipeline.ThreadPlan(2, 1, 3))
-    embed = pipeline._embed
+    monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(2, 1, 3))
+    embed = local._embed
     lock = threading.Lock()
     state = {"running": 0, "most": 0}
 
@@ -138,7 +138,7 @@ def test_model_lanes_embed_batches_at_once_and_each_file_gets_its_own_vector(
             with lock:
                 state["running"] -= 1
 
-    monkeypatch.setattr(pipeline, "_embed", slow_embed)
+    monkeypatch.setattr(local, "_embed", slow_embed)
     report = index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
     assert report.added == 11 and not report.failed
     assert state["most"] >= 2  # lanes overlap
@@ -154,8 +154,8 @@ def test_an_error_on_a_model_lane_ends_the_run_and_keeps_what_was_committed(
     library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_images(tmp_path / "pics", 12)
-    monkeypatch.setattr(pipeline, "plan_threads", lambda device, workers=None: pipeline.ThreadPlan(2, 1, 2))
-    embed = pipeline._embed
+    monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(2, 1, 2))
+    embed = local._embed
     calls = {"count": 0}
 
     def failing_embed(library_, batch):  # type: ignore[no-untyped-def]
@@ -164,12 +164,12 @@ def test_an_error_on_a_model_lane_ends_the_run_and_keeps_what_was_committed(
             raise RuntimeError("the model failed")
         return embed(library_, batch)
 
-    monkeypatch.setattr(pipeline, "_embed", failing_embed)
+    monkeypatch.setattr(local, "_embed", failing_embed)
     with pytest.raises(RuntimeError, match="the model failed"):
         index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
     kept = len(library.catalog.ids())
     assert kept % 2 == 0 and kept < 12  # whole batches only
     assert library.check()["ok"]
-    monkeypatch.setattr(pipeline, "_embed", embed)
+    monkeypatch.setattr(local, "_embed", embed)
     report = index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
     assert report.added == 12 - kept and report.unchanged == kept

@@ -11,19 +11,11 @@ import pytest
 from clipdex.indexer import index_paths
 from clipdex.search import text_export
 from clipdex.search.clip_tokenizer import ClipTokenizer
-from clipdex.search.encoder import Encoder
+from clipdex.search.encoders.onnx_text import EXPORT_FOLDER, MODEL_FILE, SETTINGS_FILE, OnnxTextEncoder, load_text_export
+from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
-from clipdex.search.text_export import (
-    EXPORT_FOLDER,
-    MODEL_FILE,
-    REFUSED_FILE,
-    SETTINGS_FILE,
-    OnnxTextEncoder,
-    ensure_text_export,
-    export_text_encoder,
-    load_text_export,
-)
+from clipdex.search.text_export import REFUSED_FILE, ensure_text_export, export_text_encoder
 
 VARIED_TEXTS = [
     "a dog on the beach",
@@ -103,7 +95,7 @@ def test_over_long_texts_end_with_the_end_token(vocabulary: Path) -> None:
     assert list(tokens[1, 3:]) == [0] * 13
 
 
-def reference_text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
+def reference_text_vectors(encoder: TorchClipEncoder, texts: list[str]) -> np.ndarray:
     """open_clip's own `encode_text(normalize=True)`, on tokens padded to the full context."""
     import torch
 
@@ -112,7 +104,7 @@ def reference_text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
 
 
 def test_export_matches_open_clip_on_new_texts(tiny_model: ModelSpec, tmp_path: Path) -> None:
-    encoder = Encoder(tiny_model.resolve(), "cpu").load()
+    encoder = TorchClipEncoder(tiny_model.resolve(), "cpu").load()
     settings = export_text_encoder(encoder, tmp_path)
     assert settings.trimmed and settings.min_cosine >= text_export.MIN_COSINE
     assert sorted(path.name for path in tmp_path.iterdir()) == [EXPORT_FOLDER]
@@ -136,7 +128,7 @@ def test_a_tower_that_cannot_be_trimmed_is_exported_whole(tmp_path: Path) -> Non
     }
     path = tmp_path / "bidirectional-clip.json"
     path.write_text(json.dumps(config))
-    encoder = Encoder(ModelSpec(str(path), "none").resolve(), "cpu").load()
+    encoder = TorchClipEncoder(ModelSpec(str(path), "none").resolve(), "cpu").load()
     settings = export_text_encoder(encoder, tmp_path)
     assert not settings.trimmed
     exported = load_text_export(tmp_path, encoder.spec, settings.dim)
@@ -146,7 +138,7 @@ def test_a_tower_that_cannot_be_trimmed_is_exported_whole(tmp_path: Path) -> Non
 
 
 def test_a_refused_export_is_recorded_and_not_retried(tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    encoder = Encoder(tiny_model.resolve(), "cpu").load()
+    encoder = TorchClipEncoder(tiny_model.resolve(), "cpu").load()
     monkeypatch.setattr(text_export, "MIN_COSINE", 1.5)  # no export can reach it
     assert ensure_text_export(tmp_path, encoder, 32) is None
     refusal = json.loads((tmp_path / REFUSED_FILE).read_text())
@@ -158,7 +150,7 @@ def test_a_refused_export_is_recorded_and_not_retried(tiny_model: ModelSpec, tmp
 
 
 def test_an_export_of_another_model_or_a_damaged_one_is_not_used(tiny_model: ModelSpec, tmp_path: Path) -> None:
-    encoder = Encoder(tiny_model.resolve(), "cpu").load()
+    encoder = TorchClipEncoder(tiny_model.resolve(), "cpu").load()
     export_text_encoder(encoder, tmp_path)
     other = ModelSpec("ViT-B-32", "none").resolve()
     assert load_text_export(tmp_path, other, 32) is None
@@ -177,11 +169,11 @@ def test_the_first_index_run_exports_and_queries_then_use_the_export(library: Li
     vector = reopened.encode_text("a small green triangle")
     reference = library.encoder.encode_texts(["a small green triangle"])[0]
     assert float(vector @ reference) >= 0.999
-    assert reopened._encoder is None  # the open_clip model was never needed
+    assert not reopened.encoders.model_loaded  # the open_clip model was never needed
 
 
 def test_a_text_query_without_an_export_makes_one(library: Library) -> None:
-    assert isinstance(library.text_encoder(), Encoder)
+    assert isinstance(library.text_encoder(), TorchClipEncoder)
     library.encode_text("a query that loads the model")
     assert (library.path / EXPORT_FOLDER / SETTINGS_FILE).exists()
     assert isinstance(Library.open(library.path).text_encoder(), OnnxTextEncoder)
@@ -197,9 +189,7 @@ def test_index_runs_can_skip_the_export(library: Library, tmp_path: Path, make_i
 def test_export_leaves_the_model_in_eval_mode(tiny_model, tmp_path) -> None:
     """torch.onnx.export restores the wrapper's (training) mode recursively; batch-norm models
     such as the demo model's ResNet would then embed each batch differently."""
-    from clipdex.search.encoder import Encoder
-
-    encoder = Encoder(tiny_model.resolve(), "cpu")
+    encoder = TorchClipEncoder(tiny_model.resolve(), "cpu")
     export_text_encoder(encoder, tmp_path)
     assert not encoder._model.training
 
@@ -214,7 +204,7 @@ def test_index_texts_uses_the_export_and_never_loads_the_model(library: Library,
     reopened = Library.open(library.path)
     report = index_texts(reopened, [corpus])
     assert report.added == 3 and report.truncated == 1 and report.context_length == library.encoder.context_length
-    assert reopened._encoder is None  # torch and open_clip were never needed
+    assert not reopened.encoders.model_loaded  # torch and open_clip were never needed
     texts = ["a red circle", "a blue square on grey", long_text]
     reference = library.encoder.encode_texts(texts)
     items = reopened.catalog.get_items(reopened.catalog.ids().tolist()).values()
@@ -233,7 +223,7 @@ def test_index_texts_without_an_export_makes_one(library: Library, tmp_path: Pat
 
 
 def test_the_exports_token_count_equals_open_clips(tiny_model: ModelSpec, tmp_path: Path) -> None:
-    encoder = Encoder(tiny_model.resolve(), "cpu").load()
+    encoder = TorchClipEncoder(tiny_model.resolve(), "cpu").load()
     export_text_encoder(encoder, tmp_path)
     exported = load_text_export(tmp_path, encoder.spec, 32)
     assert exported is not None and exported.context_length == encoder.context_length

@@ -1,6 +1,8 @@
-"""The open_clip encoder: loaded lazily, on first use, and only when something must be embedded.
+"""The open_clip model on torch: loaded lazily, on first use, and only when something must be embedded.
 
-Importing this module is cheap; torch and open_clip are imported inside `Encoder.load`.
+Importing this module is cheap; torch and open_clip are imported inside `TorchClipEncoder.load`.
+On CUDA the model runs in fp16, on the CPU in fp32; a checkpoint file must have the
+sha256 the library recorded when it was made.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from clipdex.search.cores import available_cores
+from clipdex.search.encoders.base import ImageTextEncoder, normalized
 from clipdex.search.errors import ModelUnavailable
 from clipdex.search.model import ResolvedModel, file_sha256
 
@@ -24,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class Encoder:
-    """Turns images and texts into normalized float32 vectors of one CLIP space."""
+class TorchClipEncoder(ImageTextEncoder):
+    """Turns images and texts into normalized float32 vectors of one CLIP space, with open_clip."""
 
     def __init__(self, model: ResolvedModel, device: str = "auto", threads: int | None = None) -> None:
         if device not in DEVICES:
@@ -39,7 +43,7 @@ class Encoder:
         self._preprocess: Any = None
         self._tokenizer: Any = None
         self._dim = 0
-        self.device = "cpu"
+        self._device = "cpu"
         self.dtype_name = "fp32"
 
     # -- loading -----------------------------------------------------------------
@@ -48,7 +52,7 @@ class Encoder:
     def loaded(self) -> bool:
         return self._model is not None
 
-    def load(self) -> "Encoder":
+    def load(self) -> "TorchClipEncoder":
         with self._lock:
             if self._model is None:
                 self._load()
@@ -97,7 +101,7 @@ class Encoder:
         self._tokenizer = open_clip.get_tokenizer(spec.name)
         self._dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
         self._preprocess = preprocess
-        self.device = device
+        self._device = device
         self.dtype_name = precision
         self._model = model
 
@@ -110,6 +114,11 @@ class Encoder:
             torch.set_num_threads(count)
 
     # -- properties of the loaded model --------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """cpu or cuda once loaded (cpu before)."""
+        return self._device
 
     @property
     def model(self) -> Any:
@@ -158,18 +167,14 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.encode_tensors(torch.stack([preprocess(image) for image in images]))
 
-    def encode_files(self, paths: Sequence[Any], batch_size: int = 64,
-                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Decode (EXIF-oriented RGB) and encode image files; an unreadable one raises UnreadableImage."""
-        from clipdex.search.imaging import decode_image
+    def prepare(self, image: "Image.Image") -> np.ndarray:
+        """open_clip's preprocessing of one image, as a float32 (3, H, W) array."""
+        return np.asarray(self.preprocess(image).numpy(), dtype=np.float32)
 
-        parts = []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            parts.append(self.encode_images([decode_image(path, draft_size=2 * self.image_size).image for path in chunk]))
-            if progress:
-                progress(start + len(chunk), len(paths))
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+    def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self.encode_tensors(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
 
     def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
         self.load()
@@ -197,18 +202,8 @@ class Encoder:
         return len(encode(text)) + 2
 
 
-def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity, not the machine's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _normalized_numpy(features: "torch.Tensor") -> np.ndarray:
-    array = features.float().cpu().numpy().astype(np.float32, copy=False)
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return array / np.maximum(norms, 1e-12)
+    return normalized(features.float().cpu().numpy())
 
 
 _registered: dict[str, dict[str, Any]] = {}

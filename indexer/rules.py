@@ -1,0 +1,289 @@
+"""The rules of an index run, apart from how it is run (threads, lanes: `clipdex.indexer.local`).
+
+- what to do: the scan diffed against the catalog (`diff_scan`): new and changed files
+  are jobs, known files the scan no longer found have vanished (removed at the end,
+  unless their bytes turn up at a new path: a move), a root with no images left keeps its
+  items;
+- when a stored vector can be reused instead of decoding and embedding a file
+  (`_prepare`, and `_recheck_reuse` in commit order);
+- what a batch commits (`_commit`): moves, touched files, new and changed items.
+
+Everything here works on one file or one batch at a time, with plain data and the
+library; another runner (a cluster, say) can call the same functions from its own workers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from clipdex.indexer.report import Failure, IndexReport
+from clipdex.indexer.scan import ScannedFile, ScanResult
+from clipdex.search.catalog import FileRecord, NewItem
+from clipdex.search.encoders import ImageTextEncoder
+from clipdex.search.errors import ClipdexError, UnreadableImage
+from clipdex.search.fileid import content_hash as hash_bytes
+from clipdex.search.imaging import decode_image
+from clipdex.search.library import Library
+
+
+@dataclass
+class _Job:
+    """A file that needs work: new (`record` None) or changed (`record` its old row)."""
+
+    file: ScannedFile
+    record: FileRecord | None
+
+
+@dataclass
+class _Prepared:
+    job: _Job
+    content_hash: str | None = None
+    pixels: np.ndarray | None = None  # the model's preprocessing of the image, when it had to be decoded
+    metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_id: int | None = None  # an item with the same bytes: its vector is reused
+    error: str | None = None
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file that was read
+
+
+# -- what to do -------------------------------------------------------------------------
+
+
+@dataclass
+class ScanDiff:
+    """The scan against the catalog: what a run must do."""
+
+    jobs: list[_Job]
+    # indexed files the scan did not find again, by path; a batch that finds one's bytes at a
+    # new path takes it out (a move), the rest are removed once all jobs are committed
+    vanished: dict[str, FileRecord]
+    unchanged: int
+    failures: list[Failure]  # what the scan could not read, roots kept although empty
+    vanished_by_id: dict[int, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vanished_by_id = {record.id: path for path, record in self.vanished.items()}
+
+    def hash_lookup(self, library: Library) -> "_HashLookup":
+        """Where a job's bytes are stored already: the vanished files first (moves), then any item (copies)."""
+        return _HashLookup(library, {record.content_hash: record.id for record in self.vanished.values() if record.content_hash})
+
+
+def diff_scan(library: Library, result: ScanResult, prune_empty_roots: bool = False) -> ScanDiff:
+    """Diff `result` against the catalog (under the write lock, so that no run slips in between).
+
+    A root with no images at all keeps its indexed items (an unmounted drive looks just
+    like that) unless `prune_empty_roots`.
+    """
+    failures = [Failure(path, reason) for path, reason in result.errors]
+    known = library.catalog.files_under(result.roots)
+    direct = [f.path for f in result.files if f.path not in known and not _inside_any(f.path, result.roots)]
+    known.update(library.catalog.files_at(direct))  # single files given directly
+
+    jobs: list[_Job] = []
+    unchanged = 0
+    for scanned in result.files:
+        record = known.get(scanned.path)
+        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns:
+            unchanged += 1
+        else:
+            jobs.append(_Job(scanned, record))
+    seen = {scanned.path for scanned in result.files}
+    kept = {path for path, _ in result.errors}
+    unreadable = list(result.unreadable_dirs)
+    if not prune_empty_roots:
+        unreadable += _empty_roots(result.roots, seen, known, failures)
+    vanished = {
+        path: record
+        for path, record in known.items()
+        if path not in seen and path not in kept and not _inside_any(path, unreadable)
+    }
+    return ScanDiff(jobs, vanished, unchanged, failures)
+
+
+def _empty_roots(roots: Sequence[str], seen: set[str], known: dict[str, FileRecord], failures: list[Failure]) -> list[str]:
+    """Roots where no image was found but items are indexed: kept, and reported."""
+    empty = []
+    for root in roots:
+        indexed = sum(1 for path in known if _inside_any(path, [root]))
+        if indexed and not any(_inside_any(path, [root]) for path in seen):
+            empty.append(root)
+            failures.append(Failure(root, f"no images found here, but {indexed} are indexed: kept them "
+                                          "(is a drive unmounted?); --prune-empty-roots removes them"))
+    return empty
+
+
+def _inside_any(path: str, directories: Iterable[str]) -> bool:
+    return any(path.startswith(directory.rstrip(os.sep) + os.sep) for directory in directories)
+
+
+def remove_vanished(writer: Any, diff: ScanDiff, report: IndexReport) -> None:
+    """Remove the vanished files that did not move (after all jobs; not after an interrupted run)."""
+    if not report.interrupted and diff.vanished:
+        writer.commit(remove_ids=[record.id for record in diff.vanished.values()])
+        report.removed = len(diff.vanished)
+
+
+# -- one file: reuse a stored vector, or decode --------------------------------------------
+
+
+class _HashLookup:
+    """Which stored item has given bytes: vanished files first (moves), then any (copies)."""
+
+    def __init__(self, library: Library, vanished_hashes: dict[str, int]) -> None:
+        self.library = library
+        self.vanished = vanished_hashes
+        self.lock = threading.Lock()
+
+    def find(self, content_hash: str) -> int | None:
+        if content_hash in self.vanished:
+            return self.vanished[content_hash]
+        with self.lock:
+            return self.library.catalog.id_with_hash(content_hash)
+
+
+def _prepare(job: _Job, encoder: ImageTextEncoder, hashes: _HashLookup) -> _Prepared:
+    path = job.file.path
+    try:
+        data, identity = _read_file(path)
+    except FileNotFoundError:
+        return _Prepared(job, error="file vanished before it could be read")
+    except OSError as error:
+        return _Prepared(job, error=f"cannot read: {error.strerror or error}")
+    content_hash = hash_bytes(data)
+    prepared = _Prepared(job, content_hash=content_hash, identity=identity)
+    if job.record is not None and job.record.content_hash == content_hash:
+        prepared.reuse_id = job.record.id  # touched, not changed
+        return prepared
+    reuse = hashes.find(content_hash)
+    if reuse is not None:
+        prepared.reuse_id = reuse
+        return prepared
+    _decode_into(prepared, data, encoder)
+    return prepared
+
+
+def _read_file(path: str) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes and its (device, inode), both of the one file that was opened."""
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        return handle.read(), (info.st_dev, info.st_ino)
+
+
+def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder) -> None:
+    """Decode and preprocess the file's bytes into `prepared` (pixels and metadata, or error)."""
+    if not data:
+        prepared.error = "empty file (0 bytes)"
+        return
+    try:
+        draft_size = 2 * encoder.image_size  # loads the model first: its errors are not this file's
+        decoded = decode_image(data, draft_size=draft_size, name=prepared.job.file.path)
+        prepared.pixels = encoder.prepare(decoded.image)
+    except UnreadableImage as error:
+        prepared.error = error.reason
+        return
+    except ClipdexError:  # the model cannot load: that ends the run, it is no file's fault
+        raise
+    except Exception as error:  # a decoder bug must not end the run: report the file
+        prepared.error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return
+    prepared.metadata = {
+        "width": decoded.width,
+        "height": decoded.height,
+        "taken_at": decoded.taken_at,
+        "camera_make": decoded.camera_make,
+        "camera_model": decoded.camera_model,
+    }
+
+
+def _embed(library: Library, batch: list[_Prepared]) -> dict[int, np.ndarray]:
+    """The vectors of the batch's decoded files, by `id` of their _Prepared."""
+    to_embed = [(prepared, prepared.pixels) for prepared in batch if prepared.pixels is not None]
+    if not to_embed:
+        return {}
+    encoded = library.encoder.encode_prepared(np.stack([pixels for _, pixels in to_embed]))
+    for prepared, _ in to_embed:
+        prepared.pixels = None  # embedded: let the memory go
+    return {id(prepared): vector for (prepared, _), vector in zip(to_embed, encoded)}
+
+
+# -- one batch: what it commits ----------------------------------------------------------
+
+
+def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
+    """The stored items whose vectors the batch reuses, still holding the same bytes.
+
+    The decision to reuse was made before earlier batches of this run committed; if one of
+    them changed or removed that item (two files swapped contents, say), decode instead.
+    """
+    reused = [prepared.reuse_id for prepared in batch if prepared.reuse_id is not None]
+    stored = library.catalog.get_items(reused) if reused else {}
+    for prepared in batch:
+        if prepared.reuse_id is None:
+            continue
+        source = stored.get(prepared.reuse_id)
+        if source is None or source.content_hash != prepared.content_hash:
+            prepared.reuse_id = None
+            try:
+                data, prepared.identity = _read_file(prepared.job.file.path)
+            except OSError as error:
+                prepared.error = f"cannot read: {error.strerror or error}"
+                continue
+            if hash_bytes(data) != prepared.content_hash:
+                prepared.error = "file changed during the run; run index again"
+                continue
+            _decode_into(prepared, data, library.encoder)
+    return stored
+
+
+def _commit(
+    library: Library,
+    writer: Any,
+    batch: list[_Prepared],
+    vectors: dict[int, np.ndarray],
+    vanished: dict[str, FileRecord],
+    vanished_by_id: dict[int, str],
+    report: IndexReport,
+) -> None:
+    """Commit a batch whose decoded files are embedded (`vectors`); reuse is rechecked here, in commit order."""
+    stored = _recheck_reuse(library, batch)
+    for prepared in [p for p in batch if p.error is not None]:
+        report.failed.append(Failure(prepared.job.file.path, prepared.error or ""))
+    batch = [prepared for prepared in batch if prepared.error is None]
+    if any(prepared.pixels is not None for prepared in batch):  # files the recheck had to decode after all
+        vectors = {**vectors, **_embed(library, batch)}
+    items: list[NewItem] = []
+    moves: list[tuple[int, dict[str, Any]]] = []
+    counts = {"added": 0, "updated": 0, "moved": 0}
+    for prepared in batch:
+        job = prepared.job
+        device, inode = prepared.identity or (None, None)
+        file_columns: dict[str, Any] = {"path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns,
+                                        "content_hash": prepared.content_hash, "device": device, "inode": inode}
+        source_id = prepared.reuse_id
+        if source_id is not None and source_id in vanished_by_id and job.record is None:
+            moves.append((source_id, file_columns))  # same bytes at a new path: keep id and vector
+            vanished.pop(vanished_by_id.pop(source_id), None)
+            counts["moved"] += 1
+            continue
+        if source_id is not None and job.record is not None and source_id == job.record.id:
+            moves.append((source_id, file_columns))  # touched: only size/mtime changed
+            counts["updated"] += 1
+            continue
+        if source_id is not None:
+            source = stored[source_id]
+            metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
+            vector = source.vector_array().copy()
+        else:
+            metadata = prepared.metadata
+            vector = vectors[id(prepared)]
+        items.append(NewItem(kind="image", vector=vector, id=job.record.id if job.record else None, **file_columns, **metadata))
+        counts["updated" if job.record else "added"] += 1
+    writer.commit(items=items, moves=moves)
+    report.added += counts["added"]
+    report.updated += counts["updated"]
+    report.moved += counts["moved"]
