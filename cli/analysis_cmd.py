@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
@@ -51,7 +51,7 @@ def tag(
     names = read_labels(labels)
     encoder = encoder_for(library, model, pretrained, device)
     vectors = label_vectors(encoder, names, template or DEFAULT_TEMPLATES)
-    results = []
+    results: list[dict[str, Any]] = []
     for image in images:
         try:
             image_vector = encoder.encode_images([decode_image(image).image])

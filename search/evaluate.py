@@ -24,7 +24,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -142,7 +142,7 @@ def retrieval_recall(
     text_vectors: np.ndarray,
     text_to_image: np.ndarray,
     ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Recall@k in both directions (COCO / Flickr30k protocol, see module doc).
 
     Args:

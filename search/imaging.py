@@ -23,7 +23,7 @@ try:  # HEIC/HEIF through pillow-heif; AVIF is Pillow's own (>= 11.3)
 
     pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
-    pillow_heif = None
+    pass
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}

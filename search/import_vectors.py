@@ -259,7 +259,7 @@ def _match_existing(library: "Library", origin: str, items: list[NewItem]) -> No
     by_path = library.catalog.ids_at_paths([item.path for item in items if item.kind == "image" and item.path])
     by_key = library.catalog.ids_of_keys(origin, [item.source_key for item in items if item.kind == "text" and item.source_key])
     for item in items:
-        item.id = by_path.get(item.path) if item.kind == "image" else by_key.get(item.source_key)
+        item.id = by_path.get(item.path or "") if item.kind == "image" else by_key.get(item.source_key or "")
 
 
 def _local_path(value: str) -> str:

@@ -114,7 +114,8 @@ class ResolvedModel:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ResolvedModel":
-        return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+        values: dict[str, Any] = {key: data.get(key) for key in cls.__dataclass_fields__}
+        return cls(**values)
 
     def same_model(self, other: "ResolvedModel") -> bool:
         """True when both would produce the same vectors."""
