@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from clipdex.search.errors import CorruptLibrary
+from clipdex.search.vector_rows import stack_rows
 
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
@@ -224,8 +225,9 @@ class BatchResult:
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, vector_dim: int | None = None) -> None:
         self.path = path
+        self.vector_dim = vector_dim  # the library's dimension: a stored vector of another length is damaged
         self.engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(self.engine, "connect", _configure_connection)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -240,7 +242,10 @@ class Catalog:
     # -- state --------------------------------------------------------------------
 
     def _state(self, session: Session, key: str) -> int:
-        return int(session.get(State, key).value)  # type: ignore[union-attr]
+        row = session.get(State, key)
+        if row is None:
+            raise CorruptLibrary(f"{self.path}: its state table has no {key!r} row; run `clipdex check --repair` to re-create it")
+        return int(row.value)
 
     def generation(self) -> int:
         with self.sessions() as session:
@@ -358,7 +363,7 @@ class Catalog:
                 for chunk in _chunks(sorted(ids), 500):
                     rows = session.execute(select(Item.id, Item.vector).where(Item.id.in_(chunk)).order_by(Item.id)).all()
                     if rows:
-                        yield _stack(rows)
+                        yield _stack(rows, self)
                 return
             last = 0
             while True:
@@ -366,7 +371,7 @@ class Catalog:
                 rows = session.execute(query).all()
                 if not rows:
                     return
-                yield _stack(rows)
+                yield _stack(rows, self)
                 last = rows[-1][0]
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -419,10 +424,8 @@ def _configure_connection(dbapi_connection: sqlite3.Connection, _record: Any) ->
     cursor.close()
 
 
-def _stack(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
-    return ids, vectors
+def _stack(rows: Sequence[Any], catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    return stack_rows(rows, catalog.path, catalog.vector_dim)
 
 
 def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

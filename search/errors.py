@@ -51,3 +51,12 @@ class ItemNotFound(ClipdexError):
     def __init__(self, item_id: object) -> None:
         super().__init__(f"no item with id {item_id} in this library")
         self.item_id = item_id
+
+
+class DamagedVectors(CorruptLibrary):
+    """A vector stored in the catalog is not one of the library's dimension (a damaged row, or a
+    manifest whose `dim` disagrees with the catalog); `clipdex check` tells which."""
+
+
+class ReadOnlyLibrary(ClipdexError):
+    """The library can be searched but not written (a read-only mount, a folder of another user)."""

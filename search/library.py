@@ -18,10 +18,12 @@ from clipdex.search.catalog import Catalog, Item, NewItem
 from clipdex.search.encoder import Encoder
 from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable
 from clipdex.search.imaging import decode_image
+from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.model import ModelSpec, ResolvedModel
 from clipdex.search.paths import resolve_library_path
 from clipdex.search.query import Filters, Hit, Query, Term, combine
 from clipdex.search.sharedlock import SharedLock
+from clipdex.search.vector_rows import vector_of
 from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex, write_json_atomic
 
 FORMAT_VERSION = 1
@@ -77,7 +79,7 @@ class Library:
         self.path = path
         self.manifest = manifest
         self.device = device
-        self.catalog = Catalog(path / CATALOG_FILE)
+        self.catalog = Catalog(path / CATALOG_FILE, manifest.dim)
         self._vectors: VectorIndex | None = None
         self._vectors_generation = -1
         self._encoder: Encoder | None = None
@@ -106,6 +108,7 @@ class Library:
         manifest_path = directory / MANIFEST_FILE
         if manifest_path.exists():
             manifest = Manifest.read(manifest_path)
+            require_catalog(directory / CATALOG_FILE)  # a lost catalog is an error, never a new empty one
             if model is not None:
                 manifest.model.check_compatible(model.resolve(), directory)
             return cls(directory, manifest, device)
@@ -315,7 +318,7 @@ class Library:
             item = self.catalog.get_item(int(term.value))
             if item is None:
                 raise ItemNotFound(term.value)
-            return item.vector_array()
+            return vector_of(item.id, item.vector, self.catalog.path, self.dim)
         return self._vector_term(term.value)
 
     def _vector_term(self, value: Any) -> np.ndarray:
@@ -430,8 +433,12 @@ class Library:
         }
 
     def check(self, repair: bool = False) -> dict[str, Any]:
-        """Compare catalog, saved vector index and manifest; with `repair`, rebuild the index."""
-        problems: list[str] = []
+        """Compare catalog, saved vector index and manifest; with `repair`, rebuild the index (and
+        fix the catalog's own damage where it can: see `clipdex.search.integrity`)."""
+        catalog_check = check_catalog(self, repair)
+        if catalog_check.blocking:
+            return catalog_check.report()
+        problems: list[str] = list(catalog_check.problems)
         generation = self.catalog.generation()
         catalog_ids, catalog_vectors = self.catalog.all_vectors()
         if len(catalog_vectors) and catalog_vectors.shape[1] != self.dim:
@@ -455,7 +462,7 @@ class Library:
         if problems and repair:
             self.rebuild_vectors()
             repaired = True
-        return {"ok": not problems, "problems": problems, "repaired": repaired, "items": int(len(catalog_ids))}
+        return {"ok": not problems, "problems": problems, "repaired": repaired, "items": int(len(catalog_ids)), **catalog_check.details()}
 
     def export(self, out: str | os.PathLike[str]) -> int:
         """Write ids, kinds, paths (texts: ''), texts and vectors (float32, as stored) to an .npz."""
