@@ -27,6 +27,8 @@ def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOptio
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         out.print(f"{'optimized':>10}: {data['optimized']}")
+    if data.get("read_only"):
+        out.print(f"{'read-only':>10}: yes (cannot be written here: searches work, nothing is saved)")
 
 
 @handles_errors

@@ -23,9 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    create_engine,
     delete,
-    event,
     func,
     select,
     text,
@@ -36,6 +34,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from clipdex.search.errors import CorruptLibrary
+from clipdex.search.readonly import check_schema, open_catalog_engine
 from clipdex.search.vector_rows import stack_rows
 
 BUSY_TIMEOUT_MS = 60_000
@@ -228,11 +227,11 @@ class Catalog:
     def __init__(self, path: Path, vector_dim: int | None = None) -> None:
         self.path = path
         self.vector_dim = vector_dim  # the library's dimension: a stored vector of another length is damaged
-        self.engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-        event.listen(self.engine, "connect", _configure_connection)
+        # read_only: the file or its folder cannot be written here; opened mode=ro, never written
+        self.engine, self.read_only = open_catalog_engine(path, BUSY_TIMEOUT_MS, _configure_connection)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            migrate(self.engine)
+            check_schema(self.engine, len(MIGRATIONS), path) if self.read_only else migrate(self.engine)
         except OperationalError as error:
             raise CorruptLibrary(f"cannot open catalog {path}: {error.orig}") from error
 
@@ -402,7 +401,9 @@ class Catalog:
             return None if row is None else np.frombuffer(row.vector, dtype=np.float32).copy()
 
     def cache_query(self, query: str, vector: np.ndarray) -> None:
-        """Best effort: a cache write never waits long for a busy writer."""
+        """Best effort: a cache write never waits long for a busy writer, and a read-only catalog has none."""
+        if self.read_only:
+            return
         try:
             with self.engine.connect() as connection:
                 connection.exec_driver_sql("PRAGMA busy_timeout = 2000")

@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_
 
 from clipdex.search.catalog import Catalog, Item, NewItem
 from clipdex.search.encoder import Encoder
-from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable
+from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable, ReadOnlyLibrary
 from clipdex.search.imaging import decode_image
 from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.model import ModelSpec, ResolvedModel
@@ -200,6 +200,8 @@ class Library:
 
     def _save_if_no_writer(self) -> None:
         """Persist a caught-up index (after a crash, say) so later readers need not redo it."""
+        if self.catalog.read_only:
+            return
         try:
             with _write_lock(self.path):
                 self.save_vectors()
@@ -265,6 +267,8 @@ class Library:
     @contextmanager
     def writer(self) -> Iterator["LibraryWriter"]:
         """Hold the library's write lock; the index is saved when the block ends."""
+        if self.catalog.read_only:
+            raise ReadOnlyLibrary(f"library {self.path} cannot be written here (read-only); it can only be searched")
         with _write_lock(self.path):
             writer = LibraryWriter(self)
             try:
@@ -300,7 +304,7 @@ class Library:
 
     def export_text_encoder(self) -> None:
         """Store the loaded model's text tower in the library as ONNX, once (see `clipdex.search.text_export`)."""
-        if self._encoder is not None and self._encoder.loaded:
+        if self._encoder is not None and self._encoder.loaded and not self.catalog.read_only:
             from clipdex.search.text_export import ensure_text_export
 
             ensure_text_export(self.path, self._encoder, self.dim)
@@ -430,6 +434,7 @@ class Library:
             "index_device": vectors.device,
             "generation": self.catalog.generation(),
             **({"optimized": self.manifest.extra["optimized"]} if "optimized" in self.manifest.extra else {}),
+            **({"read_only": True} if self.catalog.read_only else {}),
         }
 
     def check(self, repair: bool = False) -> dict[str, Any]:
