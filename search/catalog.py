@@ -228,7 +228,8 @@ class Catalog:
         self.path = path
         self.vector_dim = vector_dim  # the library's dimension: a stored vector of another length is damaged
         # read_only: the file or its folder cannot be written here; opened mode=ro, never written
-        self.engine, self.read_only = open_catalog_engine(path, BUSY_TIMEOUT_MS, _configure_connection)
+        self.engine, self.read_only_reason = open_catalog_engine(path, BUSY_TIMEOUT_MS, _configure_connection)
+        self.read_only = self.read_only_reason is not None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
             check_schema(self.engine, len(MIGRATIONS), path) if self.read_only else migrate(self.engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import and_, or_
+from sqlalchemy.exc import SQLAlchemyError
 
 from clipdex.search.catalog import Catalog, Item, NewItem
 from clipdex.search.encoder import Encoder
@@ -30,6 +32,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 CATALOG_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,8 +209,8 @@ class Library:
         try:
             with _write_lock(self.path):
                 self.save_vectors()
-        except (LibraryBusy, OSError):
-            pass  # a writer will save it, or the library is read-only
+        except (LibraryBusy, OSError, SQLAlchemyError) as error:  # a writer will save it; a full disk or read-only folder
+            logger.info("the caught-up vector index of %s was not saved (%s); searches go on", self.path, error)
 
     def _apply_changes(self, item_ids: Sequence[int]) -> None:
         assert self._vectors is not None
@@ -268,7 +272,7 @@ class Library:
     def writer(self) -> Iterator["LibraryWriter"]:
         """Hold the library's write lock; the index is saved when the block ends."""
         if self.catalog.read_only:
-            raise ReadOnlyLibrary(f"library {self.path} cannot be written here (read-only); it can only be searched")
+            raise ReadOnlyLibrary(f"library {self.path} cannot be written here ({self.catalog.read_only_reason}); it can only be searched")
         with _write_lock(self.path):
             writer = LibraryWriter(self)
             try:

@@ -24,7 +24,9 @@ from clipdex.search.errors import CorruptLibrary
 logger = logging.getLogger(__name__)
 
 # OSError numbers that mean "the environment cannot take a write here", not "the data is bad".
-UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+# Less free space than this, and a failed write is taken for a full disk.
+LOW_SPACE_BYTES = 1 << 20
 
 
 def sqlite_uri(path: Path, read_only: bool = True, immutable: bool = False) -> str:
@@ -40,38 +42,56 @@ def can_write(path: Path) -> bool:
     return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
 
-def open_catalog_engine(path: Path, busy_timeout_ms: int, configure: Callable[[Any, Any], None]) -> tuple[Engine, bool]:
-    """An engine for the catalog at `path`, and whether it is read-only.
+def open_catalog_engine(path: Path, busy_timeout_ms: int, configure: Callable[[Any, Any], None]) -> tuple[Engine, str | None]:
+    """An engine for the catalog at `path`, and why it is read-only (None: it is not).
 
     Where the file and its folder take writes, the ordinary read-write engine (`configure`
-    sets WAL and durability on each connection). Elsewhere a `mode=ro` engine that never
-    writes (`PRAGMA query_only`), `immutable=1` when SQLite cannot read the WAL file's
-    index without creating it; the library says so once, in the log.
+    sets WAL and durability on each connection). Elsewhere, or when SQLite cannot open it
+    for writing (a full disk: it cannot even create its shared-memory file), a `mode=ro`
+    engine that never writes (`PRAGMA query_only`), `immutable=1` when SQLite cannot read
+    the WAL file's index without writing; the library says so once, in the log.
     """
+    problem: Exception | None = None
     if can_write(path):
         engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": busy_timeout_ms / 1000})
         event.listen(engine, "connect", configure)
-        return engine, False
-    last_error: Exception | None = None
+        try:
+            _probe(engine)
+            return engine, None
+        except OperationalError as error:  # read-only to SQLite after all, a full disk - or a damaged file
+            engine.dispose()
+            problem = error
+    reason = _why_unwritable(path, problem)
     for immutable in (False, True):
-        if immutable and Path(f"{path}-wal").exists():
-            break  # a WAL file may hold commits that immutable=1 would not see
+        if immutable and _wal_holds_commits(path):
+            break  # commits in the WAL file that immutable=1 would not see
         engine = create_engine(f"sqlite:///{sqlite_uri(path, immutable=immutable)}&uri=true",
                                connect_args={"timeout": busy_timeout_ms / 1000})
         event.listen(engine, "connect", _read_only_connection(busy_timeout_ms))
         try:
-            with engine.connect() as connection:
-                connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+            _probe(engine)
         except OperationalError as error:
             engine.dispose()
-            last_error = error
+            problem = problem or error
             continue
         logger.warning(
             "library %s cannot be written here (%s): opened read-only - searches work, nothing is saved%s",
-            path.parent, _why_unwritable(path), " (immutable: a writer elsewhere would not be seen)" if immutable else "",
+            path.parent, reason, " (immutable: a writer elsewhere would not be seen)" if immutable else "",
         )
-        return engine, True
-    raise CorruptLibrary(f"cannot open catalog {path} read-only: {getattr(last_error, 'orig', last_error)}")
+        return engine, reason
+    raise CorruptLibrary(f"cannot open catalog {path}: {getattr(problem, 'orig', problem)}")
+
+
+def _probe(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+
+
+def _wal_holds_commits(path: Path) -> bool:
+    try:
+        return Path(f"{path}-wal").stat().st_size > 0
+    except OSError:
+        return False
 
 
 def check_schema(engine: Engine, known_versions: int, path: Path) -> None:
@@ -100,11 +120,38 @@ def _read_only_connection(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
     return configure
 
 
-def _why_unwritable(path: Path) -> str:
+def _why_unwritable(path: Path, problem: Exception | None = None) -> str:
+    """In words: a read-only file system, a full disk (ENOSPC), missing permission, or SQLite's reason."""
     probe = path if path.exists() and not os.access(path, os.W_OK) else path.parent
     try:
-        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        status = os.statvfs(probe)
+        if status.f_flag & os.ST_RDONLY:
             return "a read-only file system"
+        if status.f_bavail * status.f_frsize < LOW_SPACE_BYTES:
+            return f"no space left on device (ENOSPC) on {probe}: free some space"
     except (OSError, AttributeError):
         pass
+    if problem is not None:
+        return f"SQLite: {getattr(problem, 'orig', problem)}"
     return f"no write permission on {probe}"
+
+
+def environment_error(error: BaseException) -> bool:
+    """True when `error` (or what caused it) says the environment cannot take a write - a full
+    disk, a read-only file system, no permission - rather than that the data or model is at fault.
+    Libraries that wrap an OSError in their own exception (onnxruntime, torch) keep its words."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in UNWRITABLE:
+            return True
+        if environment_reason(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def environment_reason(text: str) -> bool:
+    """True when a message carries the words of an environment error (ENOSPC, EROFS, ...)."""
+    return any(os.strerror(number) in text for number in UNWRITABLE)

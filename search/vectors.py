@@ -28,6 +28,7 @@ import json
 import math
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -426,9 +427,14 @@ class VectorIndex:
         faiss = faiss_module()
         target = directory / INDEX_FILE
         temporary = directory / f".{INDEX_FILE}.{os.getpid()}.tmp"
-        faiss.write_index(self.index, str(temporary))
-        _fsync_file(temporary)
-        os.replace(temporary, target)
+        # Written through Python, not by FAISS to a path: FAISS reports a failed write at close
+        # (a full disk) only on stderr, leaving a truncated file; here it raises OSError(ENOSPC).
+        with _removed_on_error(temporary, target):
+            with open(temporary, "wb") as handle:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
         stamp = {"generation": generation, "ntotal": self.ntotal, "dim": self.dim, "spec": self.spec.to_json()}
         write_json_atomic(directory / STAMP_FILE, stamp)
 
@@ -528,9 +534,33 @@ def _inverted_list_ids(ivf: Any) -> np.ndarray:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync_file(temporary)
-    os.replace(temporary, path)
+    with _removed_on_error(temporary, path):
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _fsync_file(temporary)
+        os.replace(temporary, path)
+
+
+@contextmanager
+def _removed_on_error(temporary: Path, target: Path) -> Iterator[None]:
+    """Remove a half-written temporary file when writing fails (on a full disk it holds the
+    space others need); an OSError names the file being written, e.g. ENOSPC on vectors.faiss."""
+    try:
+        yield
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:
+            raise OSError(error.errno, error.strerror or str(error), str(target)) from error
+        number = _errno_in(error) if isinstance(error, RuntimeError) else None  # FAISS's own I/O errors
+        if number is not None:
+            raise OSError(number, os.strerror(number), str(target)) from error
+        raise
+
+
+def _errno_in(error: BaseException) -> int | None:
+    """The errno whose words (e.g. "No space left on device") a FAISS RuntimeError carries."""
+    from clipdex.search.readonly import UNWRITABLE
+
+    return next((number for number in sorted(UNWRITABLE) if os.strerror(number) in str(error)), None)
 
 
 def _fsync_file(path: Path) -> None:

@@ -88,7 +88,7 @@ def test_a_read_only_mount_is_searched_and_never_written(read_only_mount: Path, 
     result = runner.invoke(app, ["stats", "--library", str(read_only_mount)])
     assert "read-only: yes" in result.stdout
     result = runner.invoke(app, ["index", str(tmp_path / "photos"), "--library", str(read_only_mount), "--quiet"])
-    assert result.exit_code == 1 and f"library {read_only_mount} cannot be written here (read-only)" in result.stderr
+    assert result.exit_code == 1 and f"library {read_only_mount} cannot be written here (a read-only file system)" in result.stderr
     assert snapshot(stale_library) == before  # not one byte, not one new file
 
 
