@@ -130,7 +130,7 @@ def _check_vector_lengths(library: "Library", repair: bool, check: CatalogCheck)
     catalog = library.catalog
     length = func.length(Item.vector)
     with catalog.sessions() as session:
-        lengths = Counter(dict(session.execute(select(length, func.count()).group_by(length)).all()))
+        lengths: Counter[int] = Counter(dict(session.execute(select(length, func.count()).group_by(length)).all()))
     if not lengths:
         return
     expected = 4 * library.dim

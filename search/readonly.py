@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # OSError numbers that mean "the environment cannot take a write here", not "the data is bad".
 UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+# SQLite's words when it cannot write where the catalog is (it gives no errno).
+SQLITE_UNWRITABLE = ("unable to open database file", "readonly database", "disk I/O error", "database or disk is full")
 # Less free space than this, and a failed write is taken for a full disk.
 LOW_SPACE_BYTES = 1 << 20
 
@@ -58,8 +60,10 @@ def open_catalog_engine(path: Path, busy_timeout_ms: int, configure: Callable[[A
         try:
             _probe(engine)
             return engine, None
-        except OperationalError as error:  # read-only to SQLite after all, a full disk - or a damaged file
+        except OperationalError as error:  # read-only to SQLite after all, or a full disk
             engine.dispose()
+            if not any(words in str(error.orig) for words in SQLITE_UNWRITABLE):
+                raise CorruptLibrary(f"cannot open catalog {path}: {error.orig}") from error
             problem = error
     reason = _why_unwritable(path, problem)
     for immutable in (False, True):
