@@ -232,7 +232,10 @@ class Catalog:
         self.read_only = self.read_only_reason is not None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            check_schema(self.engine, len(MIGRATIONS), path) if self.read_only else migrate(self.engine)
+            if self.read_only:
+                check_schema(self.engine, len(MIGRATIONS), path)
+            else:
+                migrate(self.engine)
         except OperationalError as error:
             raise CorruptLibrary(f"cannot open catalog {path}: {error.orig}") from error
 
@@ -399,7 +402,9 @@ class Catalog:
     def cached_query(self, query: str) -> np.ndarray | None:
         with self.sessions() as session:
             row = session.get(QueryCache, query)
-            return None if row is None else np.frombuffer(row.vector, dtype=np.float32).copy()
+            if row is None or len(row.vector) % 4:  # none, or damaged: encode the text again
+                return None
+            return np.frombuffer(row.vector, dtype=np.float32).copy()
 
     def cache_query(self, query: str, vector: np.ndarray) -> None:
         """Best effort: a cache write never waits long for a busy writer, and a read-only catalog has none."""

@@ -122,6 +122,14 @@ def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
     return (total / norm).astype(np.float32)
 
 
+def real_vector(value: Any, origin: str = "the query vector") -> np.ndarray:
+    """`value` as a flat float32 vector; strings, complex numbers and objects are refused, not coerced."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise InvalidQuery(f"{origin} holds {array.dtype} values; a vector is real numbers (e.g. float32)")
+    return array.astype(np.float32).reshape(-1)
+
+
 @dataclass
 class Hit:
     """One search result."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -67,3 +68,28 @@ def test_good_templates(template: str) -> None:
     from clipdex.search.zero_shot import check_template
 
     check_template(template)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array(["x"] * 32), "holds <U1 values; a vector is real numbers"),
+        (np.array(["0.5"] * 32), "holds <U3 values; a vector is real numbers"),  # not silently parsed either
+        (np.ones(32, np.complex64), "holds complex64 values; a vector is real numbers"),
+    ],
+)
+def test_a_query_vector_file_of_strings_or_complex_numbers(library: Library, tmp_path: Path, values: np.ndarray, message: str) -> None:
+    np.save(tmp_path / "query.npy", values)
+    result = runner.invoke(app, ["search", "--vector", str(tmp_path / "query.npy"), "--library", str(library.path)])
+    assert f"vector file {tmp_path / 'query.npy'} {message}" in one_line_error(result)
+
+
+def test_a_damaged_query_cache_row_is_encoded_again(library: Library) -> None:
+    import sqlite3
+
+    expected = library.encode_text("a dog")
+    connection = sqlite3.connect(library.path / "catalog.sqlite")
+    connection.execute("UPDATE query_cache SET vector = ? WHERE query = 'a dog'", (b"\0" * 13,))
+    connection.commit()
+    connection.close()
+    np.testing.assert_allclose(library.encode_text("a dog"), expected, atol=1e-6)
