@@ -48,9 +48,9 @@ MODEL_FILE = "text_encoder.onnx"
 WEIGHTS_FILE = "text_encoder.onnx.data"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MIN_COSINE = 0.999
+OPSET = 17
 
 logger = logging.getLogger(__name__)
-OPSET = 17
 
 # Texts the export is verified on: plain, punctuated, numeric, accented, non-Latin,
 # emoji, HTML entities, mojibake, odd whitespace, empty, a special token's name, and
