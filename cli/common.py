@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import shutil
@@ -76,9 +77,17 @@ def describe_error(error: BaseException) -> str:
         return escape(str(error))
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
+        if error.errno in DISK_FULL:
+            return escape(f"{where}{DISK_FULL[error.errno]}: {DISK_FULL_HINT}")
         return escape(f"{where}{error.strerror or error}")
     original = getattr(error, "orig", None) or error
+    if "database or disk is full" in str(original):
+        return escape(f"catalog: {DISK_FULL[errno.ENOSPC]} (SQLite: {original}): {DISK_FULL_HINT}")
     return escape(f"catalog database error: {str(original).splitlines()[0]} (run with --debug for details)")
+
+
+DISK_FULL = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
+DISK_FULL_HINT = "free some space and run the same command again; everything committed so far is kept"
 
 
 def model_spec(model: Optional[str], pretrained: Optional[str]) -> Optional[ModelSpec]:

@@ -68,6 +68,8 @@ def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOptio
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         out.print(f"{'optimized':>10}: {data['optimized']}")
+    if data.get("read_only"):
+        out.print(f"{'read-only':>10}: yes (cannot be written here: searches work, nothing is saved)")
 
 
 @handles_errors
@@ -83,12 +85,16 @@ def check(
     else:
         for problem in report["problems"]:
             err.print(f"problem: {problem}", markup=False)
+        for repair_done in report.get("repairs", []):
+            out.print(f"repaired: {repair_done}", markup=False)
+        for cannot in report.get("unrepairable", []):
+            err.print(f"cannot repair: {cannot}", markup=False)
         if report["ok"]:
             out.print(f"ok: {report['items']} items, catalog and vectors agree")
         elif report["repaired"]:
             out.print("repaired: the vector index was rebuilt from the catalog")
-        else:
-            out.print("run `clipdex check --repair` to rebuild the vector index from the catalog")
+        elif not report.get("unrepairable"):
+            out.print("run `clipdex check --repair` to repair the catalog and rebuild the vector index from it")
     if not report["ok"] and not report["repaired"]:
         raise typer.Exit(1)
 

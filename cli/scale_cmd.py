@@ -67,4 +67,5 @@ def import_vectors(
         print_json(report.to_json())
         return
     rebuilt = f", index rebuilt as {report.index_type}" if report.index_rebuilt else ""
-    out.print(f"{report.added} added, {report.replaced} replaced from {len(report.files)} files ({report.seconds:.1f}s){rebuilt}")
+    kept = f", {report.kept} kept (indexed from their files)" if report.kept else ""
+    out.print(f"{report.added} added, {report.replaced} replaced{kept} from {len(report.files)} files ({report.seconds:.1f}s){rebuilt}")

@@ -55,6 +55,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
+from clipdex.search.readonly import check_schema, open_catalog_engine
+from clipdex.search.vector_rows import stack_rows
 
 if TYPE_CHECKING:
     from clipdex.search.locks import WriteLock
@@ -269,28 +271,45 @@ class BatchResult:
 
 
 class Catalog:
-    """The catalog behind a SQLAlchemy URL (a `Path` means that SQLite file)."""
+    """The catalog behind a SQLAlchemy URL (a `Path` means that SQLite file).
 
-    def __init__(self, url: str | Path) -> None:
-        self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
-        try:
-            self.engine = create_engine(self.url, **_engine_options(self.url))
-        except ModuleNotFoundError as error:
-            raise CatalogUnavailable(
-                f"catalog {public_url(self.url)} needs the {error.name} package: pip install 'clipdex[postgres]'"
-            ) from None
-        except SQLAlchemyError as error:
-            raise CatalogUnavailable(f"cannot use catalog URL {public_url(self.url)!r}: {error}") from None
+    `vector_dim`: the library's dimension; a stored vector of another length is damaged.
+    A SQLite file that cannot be written here (a read-only mount, a full disk) is opened
+    read-only (`read_only`, and why in `read_only_reason`) and never written.
+    """
+
+    def __init__(self, url: str | Path, vector_dim: int | None = None) -> None:
+        self.vector_dim = vector_dim
+        self.read_only_reason: str | None = None
+        if isinstance(url, Path):
+            self.url = f"sqlite:///{url}"
+            self.engine, self.read_only_reason = open_catalog_engine(url, BUSY_TIMEOUT_MS, _configure_sqlite)
+        else:
+            self.url = url
+            try:
+                self.engine = create_engine(self.url, **_engine_options(self.url))
+            except ModuleNotFoundError as error:
+                raise CatalogUnavailable(
+                    f"catalog {public_url(self.url)} needs the {error.name} package: pip install 'clipdex[postgres]'"
+                ) from None
+            except SQLAlchemyError as error:
+                raise CatalogUnavailable(f"cannot use catalog URL {public_url(self.url)!r}: {error}") from None
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _configure_sqlite)
+        self.read_only = self.read_only_reason is not None
         self.dialect = self.engine.dialect.name
-        if self.dialect == "sqlite":
-            event.listen(self.engine, "connect", _configure_sqlite)
         event.listen(self.engine, "handle_error", self._map_error)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        migrate(self.engine)
+        if self.read_only:
+            check_schema(self.engine, len(MIGRATIONS), Path(self.engine.url.database or ""))
+        else:
+            migrate(self.engine)
 
     def describe(self) -> str:
-        """The catalog's URL without its password, for messages."""
-        return self.engine.url.render_as_string(hide_password=True)
+        """The catalog for messages: a SQLite file's path, else the URL without its password."""
+        if self.dialect == "sqlite" and self.engine.url.database:
+            return self.engine.url.database.split("?")[0].removeprefix("file:")
+        return public_url(self.engine.url.render_as_string(hide_password=False))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -303,7 +322,10 @@ class Catalog:
         if "database is locked" in lowered or "lock timeout" in lowered:
             raise LibraryBusy(f"catalog {self.describe()} is busy (locked by a writer): {message}") from original
         if "disk is full" in lowered or "no space left" in lowered:
-            raise CatalogUnavailable(f"catalog {self.describe()}: the disk is full ({message})") from original
+            raise CatalogUnavailable(
+                f"catalog {self.describe()}: no space left on device (ENOSPC) ({message}): free some space and run "
+                "the same command again; everything committed so far is kept"
+            ) from original
         if any(sign in lowered for sign in ("unable to open", "not a database", "malformed", "disk i/o", "readonly",
                                             "read-only", "connection", "could not connect", "no such table")):
             raise CatalogUnavailable(f"catalog {self.describe()}: {message}") from original
@@ -313,7 +335,8 @@ class Catalog:
     def _state(self, session: Session, key: str) -> int:
         value = session.scalar(select(State.value).where(State.key == key))
         if value is None:
-            raise CorruptLibrary(f"catalog {self.describe()} has no {key!r} in its state table")
+            raise CorruptLibrary(f"catalog {self.describe()}: its state table has no {key!r} row; "
+                                 "run `clipdex check --repair` to re-create it")
         return int(value)
 
     def generation(self) -> int:
@@ -436,6 +459,17 @@ class Catalog:
                 found.update((row.path, row.id) for row in session.execute(select(Item.path, Item.id).where(Item.path.in_(chunk))))
         return found
 
+    def images_at_paths(self, paths: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """(id, indexed from its file) by image path, for the paths that are in the catalog; an item
+        indexed from its file has its size, time or hash (an imported one has none of them)."""
+        from_file = Item.size.is_not(None) | Item.mtime_ns.is_not(None) | Item.content_hash.is_not(None)
+        found: dict[str, tuple[int, bool]] = {}
+        with self.sessions() as session:
+            for chunk in _chunks(list(paths), 500):
+                for row in session.execute(select(Item.path, Item.id, from_file).where(Item.path.in_(chunk))):
+                    found[str(row[0])] = (int(row[1]), bool(row[2]))
+        return found
+
     def ids_of_keys(self, source: str, keys: Sequence[str]) -> dict[str, int]:
         """Item ids by source key, for the texts of corpus `source` that are in the catalog."""
         found: dict[str, int] = {}
@@ -476,7 +510,7 @@ class Catalog:
                 for chunk in _chunks(sorted(ids), 500):
                     rows = session.execute(select(Item.id, Item.vector).where(Item.id.in_(chunk)).order_by(Item.id)).all()
                     if rows:
-                        yield _stack(rows)
+                        yield _stack(rows, self)
                 return
             last = 0
             while True:
@@ -484,7 +518,7 @@ class Catalog:
                 rows = session.execute(query).all()
                 if not rows:
                     return
-                yield _stack(rows)
+                yield _stack(rows, self)
                 last = rows[-1][0]
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -536,12 +570,45 @@ class Catalog:
             return column.op("GLOB")(pattern)
         return column.op("~")(glob_to_regex(pattern))
 
+    # -- integrity (clipdex check) ---------------------------------------------------------
+
+    STATE_KEYS = ("generation", "changes_floor")
+
+    def missing_state(self) -> list[str]:
+        """The state rows that are not there (an emptied state table)."""
+        with self.sessions() as session:
+            present = set(session.scalars(select(State.key)))
+        return [key for key in self.STATE_KEYS if key not in present]
+
+    def restore_state(self, at_least: int) -> int:
+        """Re-create the state rows past every generation the change log, the state and `at_least`
+        know of, with the log's floor there too: every reader then rebuilds its index."""
+        with self.sessions.begin() as session:
+            logged = session.scalar(select(func.max(Change.generation))) or 0
+            known = [int(value) for value in session.scalars(select(State.value).where(State.key.in_(self.STATE_KEYS)))]
+            generation = max([logged, at_least, *known]) + 1
+            for key in self.STATE_KEYS:
+                session.merge(State(key=key, value=str(generation)))
+        return generation
+
+    def vector_lengths(self) -> dict[int, int]:
+        """How many stored vectors have each byte length."""
+        length = func.length(Item.vector)
+        with self.sessions() as session:
+            return {int(size): int(count) for size, count in session.execute(select(length, func.count()).group_by(length))}
+
+    def items_with_vector_length_other_than(self, expected: int) -> list[Any]:
+        """(id, kind, path, text, source) of the items whose stored vector is not `expected` bytes."""
+        query = select(Item.id, Item.kind, Item.path, Item.text, Item.source).where(func.length(Item.vector) != expected)
+        with self.sessions() as session:
+            return list(session.execute(query).all())
+
     # -- the text query cache ------------------------------------------------------------
 
     def cached_query(self, query: str) -> np.ndarray | None:
         with self.sessions() as session:
             row = session.get(QueryCache, query)
-            if row is None:
+            if row is None or len(row.vector) % 4:  # none, or damaged: encode the text again
                 return None
             vector = np.frombuffer(row.vector, dtype=np.float32).copy()
             stale_use = row.used_at < time.time() - QUERY_CACHE_TOUCH_SECONDS
@@ -553,7 +620,8 @@ class Catalog:
     def cache_query(self, query: str, vector: np.ndarray, keep: int = QUERY_CACHE_SIZE) -> None:
         """Remember a text query's vector; the least recently used beyond `keep` are evicted.
 
-        Best effort: a cache write never waits long for a busy writer, and a failure is only logged.
+        Best effort: a cache write never waits long for a busy writer, a failure is only logged,
+        and a read-only catalog has no cache writes.
         """
         values = {"query": query, "vector": np.asarray(vector, dtype=np.float32).tobytes(), "used_at": time.time()}
 
@@ -566,6 +634,8 @@ class Catalog:
         self._best_effort(write)
 
     def _best_effort(self, write: Any) -> None:
+        if self.read_only:
+            return
         try:
             with self.engine.connect() as connection:
                 if self.dialect == "sqlite":
@@ -627,10 +697,8 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _stack(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
-    return ids, vectors
+def _stack(rows: Sequence[Any], catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    return stack_rows(rows, catalog.describe(), catalog.vector_dim)
 
 
 def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -59,3 +59,12 @@ class CatalogUnavailable(ClipdexError):
 
 class FileUnavailable(ClipdexError):
     """An item has no file to serve (a text), or its file is gone or changed since indexing."""
+
+
+class DamagedVectors(CorruptLibrary):
+    """A vector stored in the catalog is not one of the library's dimension (a damaged row, or a
+    manifest whose `dim` disagrees with the catalog); `clipdex check` tells which."""
+
+
+class ReadOnlyLibrary(ClipdexError):
+    """The library can be searched but not written (a read-only mount, a folder of another user)."""

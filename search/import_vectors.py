@@ -10,6 +10,10 @@ Images become image items under their path (made absolute when it names an exist
 file), texts become text items keyed by the file they came from and their row or
 original id, so importing the same file again replaces rather than duplicates. Vectors
 are stored as given, except that rows off unit length are normalized (and counted).
+
+An import never degrades an item indexed from its file: a row naming the path of an
+image that `clipdex index` read (it has the file's size, mtime and hash) leaves that item
+as it is and is counted as `kept` - only items an earlier import made are replaced.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog import KINDS, NewItem
 from clipdex.search.errors import ClipdexError, ModelMismatch
 from clipdex.search.model import ResolvedModel
 
@@ -59,6 +63,7 @@ class VectorBatch:
 class ImportReport:
     added: int = 0
     replaced: int = 0
+    kept: int = 0  # rows naming an image indexed from its file: that item was left as it is
     normalized: int = 0
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -86,16 +91,23 @@ def import_vectors(
     with library.writer() as writer:
         for batch in batches:
             for start in range(0, len(batch.kinds), batch_size):
-                items = _new_items(library, batch, slice(start, start + batch_size))
+                items, kept = _new_items(library, batch, slice(start, start + batch_size))
+                report.kept += kept
                 report.replaced += sum(item.id is not None for item in items)
                 report.added += sum(item.id is None for item in items)
-                writer.commit(items=items)
-                done += len(items)
+                if items:
+                    writer.commit(items=items)
+                done += min(batch_size, len(batch.kinds) - start)
                 if progress:
                     progress(done, total)
             report.files.append(str(batch.origin))
     if report.normalized:
         report.notes.append(f"{report.normalized} vectors were not of unit length and were normalized")
+    if report.kept:
+        report.notes.append(
+            f"{report.kept} rows name images already indexed from their files; those items were kept as they are "
+            "(vector, size, mtime, hash, dimensions, capture time and camera)"
+        )
     report.index_rebuilt = library.rebuild_if_outgrown()
     report.index_type = library.vectors.spec.type
     report.seconds = round(time.perf_counter() - started, 2)
@@ -120,7 +132,7 @@ def read_export(path: Path, dim: int, model: ResolvedModel, model_name: str | No
         data = np.load(path, allow_pickle=False)
         missing = [name for name in EXPORT_ARRAYS if name not in data.files]
         exported = ResolvedModel.from_json(json.loads(str(data["model"]))) if "model" in data.files else None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise InvalidVectors(f"{path}: cannot read it as a clipdex export: {error}") from error
     if missing or exported is None:
         raise InvalidVectors(f"{path}: not a clipdex export, it lacks the arrays {', '.join(missing)}")
@@ -129,17 +141,49 @@ def read_export(path: Path, dim: int, model: ResolvedModel, model_name: str | No
             f"{path} holds vectors of model {exported.describe()}; this library uses {model.describe()}. "
             "Import it into a library of that model (clipdex index --model/--pretrained makes one)"
         )
-    vectors = _check_dim(np.asarray(data["vectors"]), dim, path)
-    kinds = [str(kind) for kind in data["kinds"]]
+    arrays = _export_arrays(data, path)
+    vectors = _check_dim(arrays["vectors"], dim, path)
+    kinds = [str(kind) for kind in arrays["kinds"]]
+    unknown = next((row for row, kind in enumerate(kinds) if kind not in KINDS), None)
+    if unknown is not None:
+        raise InvalidVectors(f"{path}: row {unknown} has kind {kinds[unknown]!r}; clipdex knows {' and '.join(KINDS)}")
     return VectorBatch(
         origin=path,
         kinds=kinds,
         vectors=vectors,
-        paths=[str(p) if kind == "image" else None for p, kind in zip(data["paths"], kinds)],
-        texts=[str(t) if kind == "text" else None for t, kind in zip(data["texts"], kinds)],
-        keys=[str(int(i)) for i in data["ids"]],
+        paths=[str(p) if kind == "image" else None for p, kind in zip(arrays["paths"], kinds)],
+        texts=[str(t) if kind == "text" else None for t, kind in zip(arrays["texts"], kinds)],
+        keys=[str(int(i)) for i in arrays["ids"]],
         extras=[{} for _ in kinds],
     )
+
+
+def _export_arrays(data: Any, path: Path) -> dict[str, np.ndarray]:
+    """The row arrays of an export, each one-dimensional (vectors: two) of one length and the expected type."""
+    expected = {"ids": "iu", "kinds": "U", "paths": "U", "texts": "U", "vectors": "fiu"}
+    arrays = {}
+    for name, kinds in expected.items():
+        try:
+            array = np.asarray(data[name])
+        except (OSError, ValueError) as error:  # object arrays need pickle, which stays off
+            raise InvalidVectors(f"{path}: cannot read its array {name!r}: {error}") from error
+        if array.dtype.kind not in kinds or array.ndim != (2 if name == "vectors" else 1):
+            raise InvalidVectors(f"{path}: its array {name!r} holds {array.ndim}-dimensional {array.dtype} values, not {_TYPE_NAMES[name]}")
+        arrays[name] = array
+    lengths = {name: len(array) for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name} {length}" for name, length in lengths.items())
+        raise InvalidVectors(f"{path}: its arrays disagree in length ({described}); every array needs one entry per item")
+    return arrays
+
+
+_TYPE_NAMES = {
+    "ids": "a list of integers",
+    "kinds": "a list of strings",
+    "paths": "a list of strings",
+    "texts": "a list of strings",
+    "vectors": "a table of real numbers",
+}
 
 
 def read_clip_retrieval(
@@ -168,7 +212,7 @@ def read_clip_retrieval(
 
 
 def _image_rows(path: Path, rows: list[dict[str, Any]], dim: int, metadata_path: Path) -> VectorBatch:
-    vectors = _check_rows(_check_dim(np.load(path, mmap_mode="r"), dim, path), rows, path, metadata_path)
+    vectors = _check_rows(_check_dim(_load_npy(path), dim, path), rows, path, metadata_path)
     column = next((name for name in ("image_path", "url") if rows and name in rows[0]), None)
     if column is None:
         raise InvalidVectors(f"{metadata_path}: no image_path (or url) column to name the images by")
@@ -178,7 +222,7 @@ def _image_rows(path: Path, rows: list[dict[str, Any]], dim: int, metadata_path:
 
 
 def _text_rows(path: Path, rows: list[dict[str, Any]], dim: int, metadata_path: Path) -> VectorBatch:
-    vectors = _check_rows(_check_dim(np.load(path, mmap_mode="r"), dim, path), rows, path, metadata_path)
+    vectors = _check_rows(_check_dim(_load_npy(path), dim, path), rows, path, metadata_path)
     if rows and "caption" not in rows[0]:
         raise InvalidVectors(f"{metadata_path}: no caption column for the text embeddings in {path}")
     texts = [None if row["caption"] is None else str(row["caption"]) for row in rows]
@@ -211,7 +255,16 @@ def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
     return found
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:  # not an .npy, truncated, or objects (pickle stays off)
+        raise InvalidVectors(f"{path}: cannot read it as an .npy array: {error}") from error
+
+
 def _check_dim(vectors: np.ndarray, dim: int, path: Path) -> np.ndarray:
+    if vectors.dtype.kind not in "fiu":  # strings, complex numbers, booleans, records
+        raise InvalidVectors(f"{path}: holds {vectors.dtype} values; embeddings must be real numbers (e.g. float32)")
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         shape = "x".join(str(size) for size in vectors.shape)
         raise InvalidVectors(f"{path}: vectors of shape {shape}; this library's model has {dim} dimensions")
@@ -237,8 +290,9 @@ def _normalize(batch: VectorBatch) -> int:
     return int(np.count_nonzero(off))
 
 
-def _new_items(library: "Library", batch: VectorBatch, rows: slice) -> list[NewItem]:
-    """Catalog items for `rows` of the batch; rows naming an existing image or text replace it."""
+def _new_items(library: "Library", batch: VectorBatch, rows: slice) -> tuple[list[NewItem], int]:
+    """Catalog items for `rows` of the batch, and how many rows were left out because they name
+    an image indexed from its file. Rows naming an item an earlier import made replace it."""
     origin = str(batch.origin.resolve())
     items: dict[tuple[str, str], NewItem] = {}  # the last row wins among duplicates
     for row in range(*rows.indices(len(batch.kinds))):
@@ -250,16 +304,23 @@ def _new_items(library: "Library", batch: VectorBatch, rows: slice) -> list[NewI
         else:
             key = batch.keys[row]
             items[("text", key)] = NewItem("text", vector, text=batch.texts[row], source=origin, source_key=key, extra=extra)
-    _match_existing(library, origin, list(items.values()))
-    return list(items.values())
+    indexed = _match_existing(library, origin, list(items.values()))
+    kept = [item for item in items.values() if item.id in indexed]
+    return [item for item in items.values() if item.id not in indexed], len(kept)
 
 
-def _match_existing(library: "Library", origin: str, items: list[NewItem]) -> None:
-    """Set the id of items whose image path or (source, key) is already in the catalog."""
-    by_path = library.catalog.ids_at_paths([item.path for item in items if item.kind == "image" and item.path])
+def _match_existing(library: "Library", origin: str, items: list[NewItem]) -> set[int]:
+    """Set the id of items whose image path or (source, key) is already in the catalog; return
+    the ids among them of images indexed from their files (which an import must not replace)."""
+    by_path = library.catalog.images_at_paths([item.path for item in items if item.kind == "image" and item.path])
     by_key = library.catalog.ids_of_keys(origin, [item.source_key for item in items if item.kind == "text" and item.source_key])
     for item in items:
-        item.id = by_path.get(item.path or "") if item.kind == "image" else by_key.get(item.source_key or "")
+        if item.kind == "image":
+            found = by_path.get(item.path or "")
+            item.id = found[0] if found else None
+        else:
+            item.id = by_key.get(item.source_key or "")
+    return {item_id for item_id, from_file in by_path.values() if from_file}
 
 
 def _local_path(value: str) -> str:

@@ -20,7 +20,8 @@ import numpy as np
 
 from clipdex.search.catalog import Catalog, connect_url, public_url
 from clipdex.search.encoders import ImageTextEncoder, LibraryEncoders, TextEncoder
-from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound
+from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound, ReadOnlyLibrary
+from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
 from clipdex.search.model import ModelSpec, ResolvedModel
@@ -41,7 +42,7 @@ class Library:
         self.manifest = manifest
         self.device = device
         if catalog is None:
-            catalog = Catalog(connect_url(manifest.catalog) if manifest.catalog else path / CATALOG_FILE)
+            catalog = Catalog(connect_url(manifest.catalog) if manifest.catalog else path / CATALOG_FILE, manifest.dim)
         self.catalog = catalog
         self.write_lock: WriteLock = FileWriteLock(path)  # this folder's files (the vector index)
         self.catalog_lock: WriteLock | None = catalog.writer_lock()  # a shared catalog's one writer
@@ -74,6 +75,8 @@ class Library:
         manifest_path = directory / MANIFEST_FILE
         if manifest_path.exists():
             manifest = Manifest.read(manifest_path)
+            if manifest.catalog is None:
+                require_catalog(directory / CATALOG_FILE)  # a lost catalog is an error, never a new empty one
             if catalog is not None and public_url(catalog) != manifest.catalog:
                 raise ClipdexError(
                     f"library {directory} already uses {manifest.catalog or 'its own catalog.sqlite'}, "
@@ -150,6 +153,9 @@ class Library:
     @contextmanager
     def writer(self) -> Iterator[LibraryWriter]:
         """Hold the library's write lock (and a shared catalog's); the index is saved when the block ends."""
+        if self.catalog.read_only:
+            raise ReadOnlyLibrary(f"library {self.path} cannot be written here ({self.catalog.read_only_reason}); "
+                                  "it can only be searched")
         with ExitStack() as locks:
             if self.catalog_lock is not None:
                 locks.enter_context(self.catalog_lock.held())
@@ -172,7 +178,8 @@ class Library:
 
     def export_text_encoder(self) -> None:
         """Store the loaded model's text tower in the library as ONNX, once (see `clipdex.search.text_export`)."""
-        self.encoders.export_text()
+        if not self.catalog.read_only:  # a read-only library is never written
+            self.encoders.export_text()
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
         return self.encoders.encode_image(image)
@@ -233,12 +240,17 @@ class Library:
             "index_device": vectors.device,
             "generation": self.catalog.generation(),
             "catalog": self.manifest.catalog or str(self.path / CATALOG_FILE),
+            **({"read_only": True} if self.catalog.read_only else {}),
             **({"optimized": self.manifest.extra["optimized"]} if "optimized" in self.manifest.extra else {}),
         }
 
     def check(self, repair: bool = False) -> dict[str, Any]:
-        """Compare catalog, saved vector index and manifest; with `repair`, rebuild the index."""
-        problems: list[str] = []
+        """Compare catalog, saved vector index and manifest; with `repair`, rebuild the index (and
+        fix the catalog's own damage where it can: see `clipdex.search.integrity`)."""
+        catalog_check = check_catalog(self, repair)
+        if catalog_check.blocking:
+            return catalog_check.report()
+        problems: list[str] = list(catalog_check.problems)
         generation = self.catalog.generation()
         catalog_ids, catalog_vectors = self.catalog.all_vectors()
         if len(catalog_vectors) and catalog_vectors.shape[1] != self.dim:
@@ -262,7 +274,8 @@ class Library:
         if problems and repair:
             self.rebuild_vectors()
             repaired = True
-        return {"ok": not problems, "problems": problems, "repaired": repaired, "items": int(len(catalog_ids))}
+        return {"ok": not problems, "problems": problems, "repaired": repaired, "items": int(len(catalog_ids)),
+                **catalog_check.details()}
 
     def export(self, out: str | os.PathLike[str]) -> int:
         """Write ids, kinds, paths (texts: ''), texts and vectors (float32, as stored) to an .npz."""

@@ -13,6 +13,8 @@ from clipdex.search.errors import InvalidQuery
 
 TermKind = Literal["text", "image", "like", "vector"]
 KIND_CHOICES = ("image", "text", "any")
+# The largest integer the catalog (SQLite INTEGER) holds: item ids and pixel sizes beyond it are user errors.
+MAX_INTEGER = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Filters:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidQuery(f"{name} must not be negative")
+            if value is not None and value > MAX_INTEGER:
+                raise InvalidQuery(f"--{name.replace('_', '-')} {value} is too large (at most {MAX_INTEGER})")
 
     @property
     def narrows_items(self) -> bool:
@@ -92,7 +96,7 @@ class Query:
         terms: list[tuple[TermKind, Any, int]] = []
         terms += [("text", value, 1) for value in _as_list(text)]
         terms += [("image", value, 1) for value in _as_list(image)]
-        terms += [("like", int(value), 1) for value in _as_list(like)]
+        terms += [("like", _item_id(value), 1) for value in _as_list(like)]
         terms += [("vector", value, 1) for value in _as_vector_list(vector)]
         terms += [("text", value, -1) for value in _as_list(minus)]
         weights = list(weights or [])
@@ -116,6 +120,14 @@ def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
     if norm < 1e-6:
         raise InvalidQuery("the query terms cancel each other out (their weighted sum is zero)")
     return (total / norm).astype(np.float32)
+
+
+def real_vector(value: Any, origin: str = "the query vector") -> np.ndarray:
+    """`value` as a flat float32 vector; strings, complex numbers and objects are refused, not coerced."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise InvalidQuery(f"{origin} holds {array.dtype} values; a vector is real numbers (e.g. float32)")
+    return array.astype(np.float32).reshape(-1)
 
 
 @dataclass
@@ -151,6 +163,17 @@ def parse_time(value: Any, name: str) -> datetime | None:
         return datetime.fromisoformat(str(value))
     except ValueError:
         raise InvalidQuery(f"--{name} wants a date or time like 2024-07-31 or 2024-07-31T18:30, not {value!r}") from None
+
+
+def _item_id(value: Any) -> int:
+    """An item id for --like: a positive integer the catalog can hold."""
+    try:
+        item_id = int(value)
+    except (TypeError, ValueError):
+        raise InvalidQuery(f"--like wants an item id (a positive integer), not {value!r}") from None
+    if not 1 <= item_id <= MAX_INTEGER:
+        raise InvalidQuery(f"--like {item_id}: item ids are between 1 and {MAX_INTEGER}")
+    return item_id
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -14,8 +14,9 @@ import numpy as np
 
 from clipdex.search.catalog import Catalog, Item
 from clipdex.search.errors import InvalidQuery, ItemNotFound
-from clipdex.search.query import Hit, Query, Term, combine
+from clipdex.search.query import Hit, Query, Term, combine, real_vector
 from clipdex.search.store import VectorStore
+from clipdex.search.vector_rows import vector_of
 
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]
@@ -39,17 +40,18 @@ class Searcher:
             item = self.catalog.get_item(int(term.value))
             if item is None:
                 raise ItemNotFound(term.value)
-            return item.vector_array()
+            return vector_of(item.id, item.vector, self.catalog.describe(), self.store.dim)
         return self.vector_term(term.value)
 
     def vector_term(self, value: Any) -> np.ndarray:
         """A raw query vector (an array, or the path of a .npy file), checked against the library."""
+        origin = str(value) if isinstance(value, (str, os.PathLike)) else None
         if isinstance(value, (str, os.PathLike)):
             try:
                 value = np.load(value, allow_pickle=False)
             except (OSError, ValueError) as error:
                 raise InvalidQuery(f"cannot read vector file {value}: {error}") from error
-        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+        vector = real_vector(value, f"vector file {origin}" if origin else "the query vector")
         if vector.shape[0] != self.store.dim:
             raise InvalidQuery(f"the query vector has {vector.shape[0]} dimensions; this library's model has {self.store.dim}")
         if not np.all(np.isfinite(vector)):

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from clipdex.search.atomic import leftovers
 from clipdex.search.catalog import BatchResult, Catalog, NewItem
-from clipdex.search.errors import CorruptLibrary, LibraryBusy
+from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.index_choice import build_index, resolve_spec
 from clipdex.search.locks import WriteLock
 from clipdex.search.manifest import MANIFEST_FILE, Manifest
@@ -114,10 +115,12 @@ class VectorStore:
 
         Best effort: a reader never needs to write, so a busy or read-only library just skips it.
         """
+        if self.catalog.read_only:
+            return
         try:
             with self.write_lock.held():
                 self.save()
-        except (LibraryBusy, OSError) as error:
+        except (LibraryBusy, OSError, SQLAlchemyError, CatalogUnavailable) as error:
             log.info("caught-up vector index of %s not saved: %s", self.directory, error)
 
     # -- searching -------------------------------------------------------------------------

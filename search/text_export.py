@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,11 +45,14 @@ from clipdex.search.encoders.onnx_text import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.model import ResolvedModel
+from clipdex.search.readonly import environment_error, environment_reason
 
 REFUSED_FILE = "text_encoder.refused.json"
 WEIGHTS_FILE = "text_encoder.onnx.data"
 MIN_COSINE = 0.999
 OPSET = 17
+
+logger = logging.getLogger(__name__)
 
 # Texts the export is verified on: plain, punctuated, numeric, accented, non-Latin,
 # emoji, HTML entities, mojibake, odd whitespace, empty, a special token's name, and
@@ -82,7 +86,7 @@ def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
     try:
         data = json.loads((library_path / REFUSED_FILE).read_text())
         if data["version"] == EXPORT_VERSION and ResolvedModel.from_json(data["model"]).same_model(model):
-            return str(data["reason"])
+            return None if environment_reason(str(data["reason"])) else str(data["reason"])  # such refusals were recorded by mistake
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
@@ -91,8 +95,9 @@ def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
 def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) -> TextExportSettings | None:
     """Export the text tower of the loaded `encoder` into the library unless done or refused before.
 
-    Never fails the caller: a refusal is recorded (and not retried), other errors (a
-    read-only library, a full disk) leave things as they were.
+    Never fails the caller: a refusal is recorded (and not retried) when the model itself
+    cannot be reproduced; errors of the environment (a read-only library, a full disk,
+    ENOSPC/EROFS/EACCES anywhere in the export) leave things as they were, to be retried.
     """
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None  # not installed here: no export, and no refusal to remember either
@@ -100,9 +105,10 @@ def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) 
         return None
     try:
         return export_text_encoder(encoder, library_path)
-    except OSError:
-        return None
     except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
+        if isinstance(error, OSError) or environment_error(error):
+            logger.info("the text encoder of %s was not exported (%s); the next run tries again", library_path, error)
+            return None
         reason = str(error) if isinstance(error, TextExportRefused) else f"{type(error).__name__}: {error}"
         _remember_refusal(library_path, encoder.spec, reason)
     return None
@@ -164,6 +170,8 @@ def _export_verified(
             _export_onnx(encoder, scratch, trimmed, tokenizer(PROBE_TEXTS[:2]))
             worst = _worst_cosine(OnnxTextEncoder(scratch, settings, tokenizer=tokenizer), reference)
         except Exception as error:  # the exporter and onnxruntime raise many types; any means "not this way"
+            if environment_error(error):
+                raise  # a full disk, a read-only folder: not the model's fault, so not a refusal
             problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
             continue
         if worst >= MIN_COSINE:

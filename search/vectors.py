@@ -28,6 +28,7 @@ import json
 import math
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -425,9 +426,18 @@ class VectorIndex:
     def save(self, directory: Path, generation: int) -> None:
         """Write the index atomically, then its stamp (never ahead of the index)."""
         faiss = faiss_module()
-        write_atomic(directory / INDEX_FILE, lambda temporary: faiss.write_index(self.index, str(temporary)))
+
+        def write(temporary: Path) -> None:
+            # Through Python, not by FAISS to a path: FAISS reports a failed write at close (a full
+            # disk) only on stderr, leaving a truncated file; this way it raises OSError(ENOSPC).
+            with open(temporary, "wb") as handle:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
+
+        with _as_os_error(directory / INDEX_FILE):
+            write_atomic(directory / INDEX_FILE, write)
         stamp = {"generation": generation, "ntotal": self.ntotal, "dim": self.dim, "spec": self.spec.to_json()}
-        write_json_atomic(directory / STAMP_FILE, stamp)
+        with _as_os_error(directory / STAMP_FILE):
+            write_json_atomic(directory / STAMP_FILE, stamp)
 
     @classmethod
     def load(cls, directory: Path, mmap: bool | None = None) -> tuple["VectorIndex", int] | None:
@@ -523,3 +533,25 @@ def _inverted_list_ids(ivf: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+@contextmanager
+def _as_os_error(target: Path) -> Iterator[None]:
+    """A failed write as an OSError naming the file being written (e.g. ENOSPC on vectors.faiss),
+    also when FAISS reports it as a RuntimeError carrying the errno's words."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(target)) from error
+    except RuntimeError as error:
+        number = _errno_in(error)
+        if number is None:
+            raise
+        raise OSError(number, os.strerror(number), str(target)) from error
+
+
+def _errno_in(error: BaseException) -> int | None:
+    """The errno whose words (e.g. "No space left on device") a FAISS RuntimeError carries."""
+    from clipdex.search.readonly import UNWRITABLE
+
+    return next((number for number in sorted(UNWRITABLE) if os.strerror(number) in str(error)), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,11 +30,27 @@ def label_vectors(encoder: Any, labels: Sequence[str], templates: Sequence[str] 
     if not labels:
         raise InvalidQuery("no labels given")
     for template in templates:
-        if "{}" not in template:
-            raise InvalidQuery(f"template {template!r} has no {{}} for the label")
+        check_template(template)
     prompts = [template.format(label) for label in labels for template in templates]
     vectors = encoder.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def check_template(template: str) -> None:
+    """A prompt template holds `{}` (or `{0}`) for the label and no other field; `{{`/`}}` are literal braces."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:  # a lone { or }
+        raise InvalidQuery(f"template {template!r}: {error}; write {{}} for the label and {{{{ or }}}} for a literal brace") from None
+    unknown = [name for name in fields if name not in ("", "0")]
+    if unknown:
+        raise InvalidQuery(f"template {template!r} has the unknown field {{{unknown[0]}}}; use {{}} for the label")
+    if not fields:
+        raise InvalidQuery(f"template {template!r} has no {{}} for the label")
+    try:
+        template.format("label")
+    except (ValueError, IndexError, KeyError) as error:  # a format spec or conversion that does not apply to a text
+        raise InvalidQuery(f"template {template!r} cannot be filled with a label: {error}") from None
 
 
 def classify(image_vectors: np.ndarray, labels: Sequence[str], vectors: np.ndarray, top: int = 5) -> list[list[Label]]:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from clipdex.search.catalog import MIGRATIONS, Catalog, NewItem, glob_to_regex
-from clipdex.search.errors import CatalogUnavailable, LibraryBusy
+from clipdex.search.errors import CorruptLibrary, LibraryBusy
 from clipdex.search.locks import FileWriteLock
 from clipdex.search.query import Filters
 
@@ -126,7 +126,7 @@ def test_ids_are_not_reused_after_a_delete(target: Path | str) -> None:
 def test_a_damaged_catalog_file_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     path.write_bytes(b"this is not a database, just bytes" * 100)
-    with pytest.raises(CatalogUnavailable, match=re.escape(str(path)) + ".*not a database"):
+    with pytest.raises(CorruptLibrary, match=re.escape(str(path)) + ".*not a database"):
         Catalog(path)
 
 

@@ -172,3 +172,91 @@ def test_import_vectors_command_refusal(other_library: Library, tmp_path: Path) 
     folder = clip_retrieval_folder(tmp_path / "e", dim=16)
     result = CliRunner().invoke(app, ["import-vectors", str(folder), "--library", str(other_library.path)])
     assert result.exit_code == 1 and "this library's model has 32 dimensions" in result.stderr
+
+
+# -- data integrity: an import never degrades what was indexed from files; bad files are one line --
+
+
+def test_import_into_the_same_library_keeps_items_indexed_from_files(library: Library, tmp_path: Path, make_images) -> None:  # type: ignore[no-untyped-def]
+    from clipdex.indexer import index_paths
+
+    make_images(tmp_path / "photos", 3)
+    index_paths(library, [tmp_path / "photos"], export_text=False)
+    before = {item.path: item for item in library.catalog.get_items(library.catalog.ids().tolist()).values()}
+    library.export(tmp_path / "out.npz")
+    report = import_vectors(library, [tmp_path / "out.npz"])
+    assert (report.added, report.replaced, report.kept) == (0, 0, 3)
+    assert any("3 rows name images already indexed from their files" in note for note in report.notes)
+    after = {item.path: item for item in library.catalog.get_items(library.catalog.ids().tolist()).values()}
+    assert sorted(after) == sorted(before)
+    for path, item in after.items():
+        old = before[path]
+        columns = ("id", "size", "mtime_ns", "content_hash", "width", "height", "device", "inode", "vector", "extra")
+        assert [getattr(item, c) for c in columns] == [getattr(old, c) for c in columns]
+    rerun = index_paths(library, [tmp_path / "photos"], export_text=False)
+    assert (rerun.added, rerun.updated, rerun.unchanged) == (0, 0, 3)  # nothing to re-embed
+
+
+def test_import_command_reports_kept_items(library: Library, tmp_path: Path, make_images) -> None:  # type: ignore[no-untyped-def]
+    from clipdex.indexer import index_paths
+
+    make_images(tmp_path / "photos", 2)
+    index_paths(library, [tmp_path / "photos"], export_text=False)
+    library.export(tmp_path / "out.npz")
+    result = CliRunner().invoke(app, ["import-vectors", str(tmp_path / "out.npz"), "--library", str(library.path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("0 added, 0 replaced, 2 kept (indexed from their files) from 1 files")
+
+
+def export_file(path: Path, library: Library, **overrides: np.ndarray) -> Path:
+    arrays = {
+        "ids": np.arange(1, 4, dtype=np.int64),
+        "kinds": np.array(["image", "text", "image"]),
+        "paths": np.array(["/a.jpg", "", "/b.jpg"]),
+        "texts": np.array(["", "hello", ""]),
+        "vectors": unit(3),
+        "model": np.array(json.dumps(library.model.to_json())),
+    }
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kinds": np.array(["image", "video", "image"])}, r"row 1 has kind 'video'; clipdex knows image and text"),
+        ({"ids": np.arange(1, 3, dtype=np.int64)}, r"arrays disagree in length \(ids 2, kinds 3, paths 3, texts 3, vectors 3\)"),
+        ({"vectors": unit(2)}, r"arrays disagree in length .*vectors 2"),
+        ({"kinds": np.array(["image", "text", "image"], dtype=object)}, r"cannot read its array 'kinds': Object arrays cannot be loaded"),
+        ({"vectors": unit(3).astype(np.complex64)}, r"its array 'vectors' holds 2-dimensional complex64 values, not a table of real numbers"),
+        ({"vectors": unit(3).astype(str)}, r"its array 'vectors' holds 2-dimensional <U\d+ values"),
+    ],
+)
+def test_bad_export_files_are_one_line_errors(other_library: Library, tmp_path: Path, overrides, message) -> None:  # type: ignore[no-untyped-def]
+    path = export_file(tmp_path / "bad.npz", other_library, **overrides)
+    with pytest.raises(InvalidVectors, match=message):
+        import_vectors(other_library, [path])
+    assert other_library.vectors.ntotal == 0
+    result = CliRunner().invoke(app, ["import-vectors", str(path), "--library", str(other_library.path), "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and str(path) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (lambda: np.array([["x"] * DIM] * 12), r"holds <U1 values; embeddings must be real numbers"),
+        (lambda: unit(12).astype(np.complex64), r"holds complex64 values; embeddings must be real numbers"),
+        (lambda: np.array([[object()] * DIM] * 12, dtype=object), r"cannot read it as an .npy array: .*Python objects"),
+    ],
+)
+def test_npy_of_strings_complex_or_objects_is_refused(other_library: Library, tmp_path: Path, values, message) -> None:  # type: ignore[no-untyped-def]
+    folder = clip_retrieval_folder(tmp_path / "e")
+    np.save(folder / "img_emb" / "img_emb_0.npy", values(), allow_pickle=True)
+    result = CliRunner().invoke(app, ["import-vectors", str(folder), "--library", str(other_library.path), "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "img_emb_0.npy: " in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(InvalidVectors, match=message):
+        import_vectors(other_library, [folder])
+    assert other_library.vectors.ntotal == 0

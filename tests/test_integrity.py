@@ -1,0 +1,145 @@
+"""A damaged library says what is wrong in one line; `check` finds it, `check --repair` fixes
+what can be fixed; a lost catalog is an error, never a new empty library."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipdex.cli.main import app
+from clipdex.indexer import index_paths
+from clipdex.search.errors import CorruptLibrary
+from clipdex.search.library import Library
+
+runner = CliRunner()
+
+
+def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def indexed(library: Library, tmp_path: Path, make_images) -> Path:  # type: ignore[no-untyped-def]
+    make_images(tmp_path / "photos", 3)
+    index_paths(library, [tmp_path / "photos"], export_text=False)
+    library.close()
+    return library.path
+
+
+def sql(library_path: Path, statement: str, *parameters: object) -> None:
+    connection = sqlite3.connect(library_path / "catalog.sqlite")
+    connection.execute(statement, parameters)
+    connection.commit()
+    connection.close()
+
+
+def invoke(*arguments: str, library: Path):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [*arguments, "--library", str(library)])
+
+
+# -- a lost catalog ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_a_lost_catalog_is_an_error_for_search_index_and_check(indexed: Path, tmp_path: Path, damage: str, model_args) -> None:  # type: ignore[no-untyped-def]
+    catalog = indexed / "catalog.sqlite"
+    for leftover in (indexed / "catalog.sqlite-wal", indexed / "catalog.sqlite-shm"):
+        leftover.unlink(missing_ok=True)
+    if damage == "deleted":
+        catalog.unlink()
+        expected = f"{catalog} is missing: this library's catalog (its items and vectors) is gone"
+    else:
+        catalog.write_bytes(b"")
+        expected = f"{catalog} holds no catalog (it is empty or has no items table)"
+    vectors_before = (indexed / "vectors.faiss").read_bytes()
+    for arguments in (["search", "a dog"], ["index", str(tmp_path / "photos"), *model_args], ["check"], ["check", "--repair"]):
+        assert expected in one_line_error(invoke(*arguments, library=indexed)), arguments
+    assert catalog.exists() == (damage == "emptied") and (not catalog.exists() or catalog.stat().st_size == 0)
+    assert (indexed / "vectors.faiss").read_bytes() == vectors_before  # nothing discarded
+    with pytest.raises(CorruptLibrary, match="catalog"):
+        Library.open(indexed)
+
+
+def test_only_a_new_library_makes_a_catalog(tmp_path: Path, make_images, model_args) -> None:  # type: ignore[no-untyped-def]
+    make_images(tmp_path / "photos", 1)
+    result = invoke("index", str(tmp_path / "photos"), *model_args, library=tmp_path / "new")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "catalog.sqlite").exists()
+
+
+# -- damaged rows, a wrong manifest, an emptied state table -----------------------------
+
+
+def test_a_damaged_vector_blob(indexed: Path, tmp_path: Path, model_args) -> None:  # type: ignore[no-untyped-def]
+    sql(indexed, "UPDATE items SET vector = ? WHERE id = 2", b"\0" * 130)
+    (indexed / "vectors.faiss").unlink()  # the next reader rebuilds from the catalog
+    message = one_line_error(invoke("search", "a dog", library=indexed))
+    assert "catalog.sqlite: the stored vector of item 2 has 130 bytes, not 128 (32 float32 values" in message
+    assert "the stored vector of item 2 has 130 bytes" in one_line_error(invoke("search", "--like", "2", library=indexed))
+    result = invoke("check", "--json", library=indexed)
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["problems"] == [f"{indexed / 'catalog.sqlite'}: 1 items have damaged vectors (not 32 float32 values): ids 2"]
+    result = invoke("check", "--repair", library=indexed)
+    assert result.exit_code == 0, result.output
+    assert "repaired: removed the 1 items whose vectors were damaged (" in result.stdout and "img001.jpg" in result.stdout
+    assert invoke("check", library=indexed).exit_code == 0
+    assert invoke("search", "a dog", library=indexed).exit_code == 0
+    rerun = invoke("index", str(tmp_path / "photos"), *model_args, "--json", library=indexed)
+    assert json.loads(rerun.stdout)["added"] == 1  # the removed file comes back whole
+    with Library.open(indexed) as lib:
+        assert lib.vectors.ntotal == 3 and sum(lib.catalog.counts().values()) == 3
+
+
+def test_a_manifest_whose_dim_disagrees_with_the_catalog(indexed: Path) -> None:
+    manifest = json.loads((indexed / "manifest.json").read_text())
+    manifest["dim"] = 16
+    (indexed / "manifest.json").write_text(json.dumps(manifest))
+    assert "the stored vector of item 1 has 128 bytes, not 64 (16 float32 values" in one_line_error(invoke("search", "a dog", library=indexed))
+    result = invoke("check", library=indexed)
+    assert result.exit_code == 1
+    assert f"problem: {indexed / 'manifest.json'} gives dimension 16, but 3 of the catalog's vectors have 32" in result.stderr
+    result = invoke("check", "--repair", library=indexed)
+    assert result.exit_code == 0, result.output
+    assert "repaired: set dimension 32 in manifest.json" in result.stdout
+    assert json.loads((indexed / "manifest.json").read_text())["dim"] == 32
+    assert invoke("check", library=indexed).exit_code == 0
+    with Library.open(indexed) as lib:
+        ids, vectors = lib.catalog.all_vectors()
+        assert lib.search(vector=vectors[1], k=1)[0].id == ids[1]
+
+
+def test_a_manifest_dim_that_fits_neither_catalog_nor_model_cannot_be_repaired(indexed: Path) -> None:
+    sql(indexed, "UPDATE items SET vector = ?", np.ones(8, np.float32).tobytes())  # every vector 8-dimensional
+    result = invoke("check", "--repair", library=indexed)
+    assert result.exit_code == 1
+    assert "gives dimension 32, but 3 of the catalog's vectors have 8" in result.stderr
+    assert "cannot repair: the model tiny-clip" in result.stderr and "gives 32 dimensions" in result.stderr
+    assert json.loads((indexed / "manifest.json").read_text())["dim"] == 32
+
+
+def test_an_emptied_state_table(indexed: Path, tmp_path: Path, make_images, model_args) -> None:  # type: ignore[no-untyped-def]
+    sql(indexed, "DELETE FROM state")
+    (indexed / "vectors.json").unlink()  # force readers to the catalog's generation
+    message = one_line_error(invoke("search", "a dog", library=indexed))
+    assert message.endswith("catalog.sqlite: its state table has no 'generation' row; run `clipdex check --repair` to re-create it")
+    result = invoke("check", library=indexed)
+    assert result.exit_code == 1 and "its state table lacks the rows generation, changes_floor" in result.stderr
+    result = invoke("check", "--repair", library=indexed)
+    assert result.exit_code == 0, result.output
+    assert "repaired: re-created the state rows at generation" in result.stdout
+    assert invoke("check", library=indexed).exit_code == 0
+    assert invoke("search", "a dog", library=indexed).exit_code == 0
+    make_images(tmp_path / "photos", 1, start=10)
+    assert json.loads(invoke("index", str(tmp_path / "photos"), *model_args, "--json", library=indexed).stdout)["added"] == 1
+    with Library.open(indexed) as lib:
+        assert lib.vectors.ntotal == 4
