@@ -17,7 +17,7 @@ from sqlalchemy import and_, or_
 from clipdex.search.catalog import Catalog, Item, NewItem
 from clipdex.search.encoder import Encoder
 from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, LibraryBusy, LibraryNotFound, ModelUnavailable
-from clipdex.search.imaging import decode_image
+from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 from clipdex.search.model import ModelSpec, ResolvedModel
 from clipdex.search.paths import resolve_library_path
 from clipdex.search.query import Filters, Hit, Query, Term, combine
@@ -303,7 +303,7 @@ class Library:
             ensure_text_export(self.path, self._encoder, self.dim)
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
-        decoded = decode_image(image if isinstance(image, bytes) else Path(image))
+        decoded = decode_image(image if isinstance(image, bytes) else Path(image), max_pixels=MAX_QUERY_IMAGE_PIXELS)
         return self.encoder.encode_images([decoded.image])[0]
 
     def term_vector(self, term: Term) -> np.ndarray:
