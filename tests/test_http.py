@@ -757,6 +757,16 @@ def test_the_document_lists_every_status_with_one_error_model(secured: TestClien
     schemas = document["components"]["schemas"]
     assert {"required": ["text"]} in schemas["SearchRequest"]["anyOf"]
     assert schemas["EmbedRequest"]["oneOf"] == [{"required": ["text"]}, {"required": ["image"]}]
+    assert not {"ge", "le", "gt", "lt"} & schema_keys(document), "a bound the schema does not say as minimum/maximum"
+
+
+def schema_keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node).union(*(schema_keys(value) for key, value in node.items() if key != "properties"),
+                               *(schema_keys(value) for value in node.get("properties", {}).values()))
+    if isinstance(node, list):
+        return set().union(*(schema_keys(value) for value in node))
+    return set()
 
 
 # -- a library that changes while the server runs -----------------------------------------------

@@ -38,6 +38,13 @@ def _valid_unicode(value: str) -> str:
     return value
 
 
+def _whole_number(value: Any) -> Any:
+    """857.0 is an integer to JSON Schema (and to the OpenAPI document); strict pydantic wants 857."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _no_default(schema: dict[str, Any]) -> None:
     """For a field that is either given or left out: its Python default None is not a value to send."""
     schema.pop("default", None)
@@ -45,7 +52,10 @@ def _no_default(schema: dict[str, Any]) -> None:
 
 UnicodeText = Annotated[str, AfterValidator(_valid_unicode)]
 QueryText = Annotated[UnicodeText, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
-ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID)]
+# The bounds come before the validator that wraps them, so the schema says them as minimum and maximum.
+Count = Annotated[int, BeforeValidator(_whole_number)]
+ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID), BeforeValidator(_whole_number)]
+Pixels = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole_number)]
 Weight = Annotated[float, Field(allow_inf_nan=False)]
 # Lists of 1..N that also accept one value; json_schema_input_type makes the schema say both.
 TextList = Annotated[list[QueryText], Field(min_length=1, max_length=MAX_TERMS)]
@@ -81,10 +91,10 @@ class QueryOptions(BaseModel):
     before: Annotated[UnicodeText, StringConstraints(max_length=40)] | None = Field(
         None, description="Captured before (ISO date/time)"
     )
-    min_width: int | None = Field(None, ge=0, le=1_000_000, description="Minimum image width in pixels")
-    min_height: int | None = Field(None, ge=0, le=1_000_000, description="Minimum image height in pixels")
-    k: int = Field(10, ge=1, le=MAX_HITS, description="How many hits")
-    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
+    min_width: Pixels | None = Field(None, description="Minimum image width in pixels")
+    min_height: Pixels | None = Field(None, description="Minimum image height in pixels")
+    k: Count = Field(10, ge=1, le=MAX_HITS, description="How many hits")
+    offset: Count = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Minimum cosine score")
 
     def to_query(self, images: Sequence[bytes] = (), vector: list[float] | None = None) -> Query:
