@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic.json_schema import SkipJsonSchema
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from clipdex.search.query import Hit, Query
 
@@ -56,14 +56,14 @@ QueryText = Annotated[UnicodeText, StringConstraints(min_length=1, max_length=MA
 Count = Annotated[int, BeforeValidator(_whole_number)]
 ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID), BeforeValidator(_whole_number)]
 Pixels = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole_number)]
-Weight = Annotated[float, Field(allow_inf_nan=False)]
+FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
 # Lists of 1..N that also accept one value; json_schema_input_type makes the schema say both.
 TextList = Annotated[list[QueryText], Field(min_length=1, max_length=MAX_TERMS)]
 Texts = Annotated[TextList, BeforeValidator(_as_list, json_schema_input_type=QueryText | TextList)]
 ItemIdList = Annotated[list[ItemId], Field(min_length=1, max_length=MAX_TERMS)]
 ItemIds = Annotated[ItemIdList, BeforeValidator(_as_list, json_schema_input_type=ItemId | ItemIdList)]
-WeightList = Annotated[list[Weight], Field(min_length=1, max_length=4 * MAX_TERMS)]
-Weights = Annotated[WeightList, BeforeValidator(_as_list, json_schema_input_type=Weight | WeightList)]
+WeightList = Annotated[list[FiniteNumber], Field(min_length=1, max_length=4 * MAX_TERMS)]
+Weights = Annotated[WeightList, BeforeValidator(_as_list, json_schema_input_type=FiniteNumber | WeightList)]
 Base64Image = Annotated[str, StringConstraints(min_length=1)]
 ImageList = Annotated[list[Base64Image], Field(min_length=1, max_length=4)]
 Base64Images = Annotated[ImageList, BeforeValidator(_as_list, json_schema_input_type=Base64Image | ImageList)]
@@ -119,7 +119,7 @@ class SearchRequest(QueryOptions):
     })
 
     image: Base64Images = Field(default_factory=list, description="Images as base64 (a data: URL prefix is allowed)")
-    vector: list[Weight] = Field(
+    vector: list[FiniteNumber] = Field(
         default_factory=list, min_length=1, max_length=8_192, description="A query vector of the library's dimension"
     )
 
