@@ -87,9 +87,9 @@ def embed(
     if text is not None:
         vector = encoder.encode_texts([text])[0]
     else:
-        from clipdex.search.imaging import decode_image
+        from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 
-        vector = encoder.encode_images([decode_image(image).image])[0]  # type: ignore[arg-type]
+        vector = encoder.encode_images([decode_image(image, max_pixels=MAX_QUERY_IMAGE_PIXELS).image])[0]  # type: ignore[arg-type]
     if json_output:
         print_json({"model": encoder.spec.name, "weights": encoder.spec.weights, "dim": int(vector.shape[0]),
                     "vector": [float(x) for x in vector]})

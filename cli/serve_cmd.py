@@ -31,19 +31,24 @@ def serve(
     device: str = DeviceOption,
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /."""
-    from clipdex.search.http import LOOPBACK_HOSTS, create_app, is_loopback, run_server
+    from clipdex.search.http import LOOPBACK_HOSTS, create_app, is_loopback, open_listener, run_server
 
     if token is not None and not token.strip():
         raise ClipdexError(f"--token (or ${TOKEN_ENV}) is empty; give a token or leave it unset")
     lib = open_library(library, device=device)
-    loopback = is_loopback(host)
-    if not loopback and not token:
-        err.print(f"[bold yellow]Warning:[/] serving on {host} without a token: anyone who can reach it can search "
-                  f"this library and read its images. Set ${TOKEN_ENV} or --token.", markup=True)
-    app = create_app(lib, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else None)
-    err.print(f"Loading model {lib.model.name}...")
-    app.state.service.load_model()
-    shown_host = f"[{host}]" if ":" in host else host
-    err.print(f"Serving {lib.path} on http://{shown_host}:{port}/" + (" (token required)" if token else ""))
-    run_server(app, host=host.strip("[]"), port=port)
+    listener = open_listener(host.strip("[]"), port)  # a busy port fails here, before anything says "Serving"
+    try:
+        loopback = is_loopback(host)
+        if not loopback and not token:
+            err.print(f"[bold yellow]Warning:[/] serving on {host} without a token: anyone who can reach it can search "
+                      f"this library and read its images. Set ${TOKEN_ENV} or --token.", markup=True)
+        app = create_app(lib, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                         allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+        err.print(f"Loading model {lib.model.name}...")
+        app.state.service.load_model()
+        shown_host = f"[{host.strip('[]')}]" if ":" in host else host
+        bound_port = listener.getsockname()[1]
+        err.print(f"Serving {lib.path} on http://{shown_host}:{bound_port}/" + (" (token required)" if token else ""))
+        run_server(app, listener)
+    finally:
+        listener.close()

@@ -35,6 +35,10 @@ class UnreadableImage(ClipdexError):
         self.reason = reason
 
 
+class ImageTooLarge(UnreadableImage):
+    """An image with more pixels than a query image may have (see imaging.MAX_QUERY_IMAGE_PIXELS)."""
+
+
 class UnreadableCorpus(ClipdexError):
     """A text corpus file cannot be parsed (the message names file and line)."""
 

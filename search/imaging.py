@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipdex.search.errors import UnreadableImage
+from clipdex.search.errors import ImageTooLarge, UnreadableImage
 
 try:  # HEIC/HEIF through pillow-heif; AVIF is Pillow's own (>= 11.3)
     import pillow_heif
@@ -33,6 +33,11 @@ MAX_IMAGE_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 # _decode_opened refuses such images itself; Pillow's own warning would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# A query image (a search or an embedding, from the CLI or over HTTP) is decoded whole into
+# memory, 3 bytes a pixel, for the model to shrink it to a few hundred pixels: 50 MP (a
+# full-resolution phone or camera photo, 150 MB as RGB) is plenty, where the indexing limit
+# above would let one request take half a gigabyte.
+MAX_QUERY_IMAGE_PIXELS = 50_000_000
 
 EXIF_DATETIME_ORIGINAL = 0x9003
 EXIF_DATETIME = 0x0132
@@ -55,11 +60,15 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(source: str | Path | bytes, draft_size: int | None = None, name: str | None = None) -> DecodedImage:
+def decode_image(
+    source: str | Path | bytes, draft_size: int | None = None, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> DecodedImage:
     """Decode an image file (or its bytes) into RGB with EXIF orientation applied.
 
     `draft_size`: for JPEGs, let the decoder scale down by a power of two while both
     sides stay at least this large (the model then resizes with its own transform).
+    `max_pixels`: a lower limit than the decompression-bomb one (MAX_QUERY_IMAGE_PIXELS
+    for query images); an image over it raises ImageTooLarge before its pixels are read.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image")
     if isinstance(source, bytes):
@@ -70,6 +79,7 @@ def decode_image(source: str | Path | bytes, draft_size: int | None = None, name
         handle = source
     try:
         with Image.open(handle) as opened:
+            _refuse_over(opened, max_pixels, label)
             return _decode_opened(opened, draft_size)
     except UnreadableImage:
         raise
@@ -88,6 +98,13 @@ def decode_image(source: str | Path | bytes, draft_size: int | None = None, name
 
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _refuse_over(opened: Image.Image, max_pixels: int, label: str) -> None:
+    width, height = opened.size
+    if max_pixels < MAX_IMAGE_PIXELS and width * height > max_pixels:
+        raise ImageTooLarge(label, f"{width}x{height} pixels is more than the {max_pixels:,} a query image may have; "
+                                   "scale it down (the model sees a few hundred pixels a side)")
 
 
 def _decode_opened(opened: Image.Image, draft_size: int | None) -> DecodedImage:

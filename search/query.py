@@ -68,6 +68,9 @@ class Query:
     def __post_init__(self) -> None:
         if not self.terms:
             raise InvalidQuery("a query needs at least one term: a text, an image, --like ID or --vector FILE")
+        for term in self.terms:
+            if term.kind == "text" and not str(term.value).strip():
+                raise InvalidQuery(f"the query text {term.value!r} is empty or only whitespace: give words to look for")
         if not 1 <= self.k <= 10_000:
             raise InvalidQuery(f"k must be between 1 and 10000, not {self.k}")
         if self.offset < 0:
@@ -156,13 +159,17 @@ def parse_time(value: Any, name: str) -> datetime | None:
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
-        return value
-    if isinstance(value, date):
+        parsed = value
+    elif isinstance(value, date):
         return datetime(value.year, value.month, value.day)
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        raise InvalidQuery(f"--{name} wants a date or time like 2024-07-31 or 2024-07-31T18:30, not {value!r}") from None
+    else:
+        try:
+            parsed = datetime.fromisoformat(str(value))
+        except ValueError:
+            raise InvalidQuery(f"--{name} wants a date or time like 2024-07-31 or 2024-07-31T18:30, not {value!r}") from None
+    if parsed.tzinfo is not None:  # capture times are the camera's local time, with no zone to convert from
+        raise InvalidQuery(f"--{name} takes a local date or time without a time zone (as cameras record it), not {value!r}")
+    return parsed
 
 
 def _item_id(value: Any) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import struct
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -62,6 +64,19 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: s
         image = image.convert(mode)
     image.save(path, format=format)
     return path
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid, all-black 1-bit PNG: tens of megapixels in a few kilobytes, the shape of a decompression bomb."""
+    row = b"\x00" + bytes((width + 7) // 8)  # filter type 0, then the packed pixels
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 @pytest.fixture

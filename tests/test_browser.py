@@ -186,3 +186,31 @@ def test_page_asks_for_the_token(page: Any, photos_and_server: tuple[list[Path],
     page.fill("#query", "anything")
     page.press("#query", "Enter")
     page.wait_for_function(ALL_THUMBNAILS_SHOWN)
+
+
+def test_api_docs_render_offline_under_their_content_security_policy(
+    page: Any, photos_and_server: tuple[list[Path], str, Library]
+) -> None:
+    """/docs: Swagger UI from this server only; a request anywhere else is cut, and the CSP refuses nothing."""
+    from playwright.sync_api import expect
+
+    _photos, url, _library = photos_and_server
+    elsewhere: list[str] = []
+    refused: list[str] = []
+
+    def only_this_server(route: Any) -> None:
+        if route.request.url.startswith(url + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_server)
+    page.on("console", lambda message: refused.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    page.goto(f"{url}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("clipdex")
+    expect(page.locator(".opblock-summary-path", has_text="/search/image")).to_be_visible()
+    page.locator(".opblock-summary-path", has_text="/health").click()  # opens the operation: React renders more
+    expect(page.locator(".opblock-body").first).to_be_visible()
+    assert elsewhere == [] and refused == []

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clipdex.cli.main import app
+from tests.conftest import huge_png
 
 runner = CliRunner()
 
@@ -158,3 +159,22 @@ def test_readme_documents_every_command() -> None:
     assert len(names) >= 6
     missing = [name for name in names if f"clipdex {name}" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("args", [["   "], ["\t\n"], ["a photo", "--minus", "  "]])
+def test_search_refuses_a_blank_text(indexed, args: list[str]) -> None:
+    """As "" is refused; the rule lives in the Query, so the HTTP API refuses the same texts."""
+    library, _ = indexed
+    result = run("search", *args, "--library", str(library))
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "is empty or only whitespace: give words to look for" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["search", "embed"])
+def test_query_image_over_the_pixel_limit_is_refused(indexed, tmp_path: Path, command: str) -> None:
+    library, _ = indexed
+    big = tmp_path / "big.png"
+    big.write_bytes(huge_png(7_100, 7_100))
+    result = run(command, "--image", str(big), "--library", str(library))
+    assert result.exit_code == 1 and result.stdout == ""
+    assert f"{big}: 7100x7100 pixels is more than the 50,000,000 a query image may have" in result.stderr

@@ -6,11 +6,14 @@ import base64
 import hmac
 import importlib.util
 import io
+import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import pytest
@@ -27,7 +30,7 @@ from clipdex.search.catalog import NewItem
 from clipdex.search.http import create_app, serve_in_thread
 from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
-from tests.conftest import write_image
+from tests.conftest import huge_png, write_image
 
 TOKEN = "correct-horse-battery-staple"
 TEXTS = ("a sunny beach with palm trees", "minutes of the board meeting")
@@ -108,6 +111,41 @@ def test_health_stats_and_docs(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
 
 
+DOCS_REFERENCES = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']""")
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+def test_docs_load_nothing_from_another_site(indexed: Library, mounted: bool) -> None:
+    """/docs works offline: Swagger UI's script and style come from this server, and its CSP allows only them."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    if mounted:
+        outer = FastAPI()
+        outer.mount("/clipdex", create_app(indexed, token=TOKEN))
+        client, docs_url = TestClient(outer), "http://testserver/clipdex/docs"
+    else:
+        client, docs_url = TestClient(create_app(indexed, token=TOKEN)), "http://testserver/docs"
+    page = client.get(docs_url)  # no token: the docs hold no library data
+    assert page.status_code == 200
+    references = DOCS_REFERENCES.findall(page.text)
+    assert {"docs/assets/swagger-ui-bundle.js", "docs/assets/swagger-ui.css", "static/docs.js"} <= set(references)
+    assert re.findall(r"<script(?![^>]*\bsrc=)", page.text) == []  # no inline script for the CSP to allow
+    for reference in references:
+        url = urljoin(docs_url, reference)
+        assert urlsplit(url).netloc == "testserver", reference  # nothing from a CDN
+        asset = client.get(url)
+        assert asset.status_code == 200, reference
+        if reference.startswith("docs/assets/"):
+            assert asset.content == (Path(str(swagger_ui_path)) / reference.removeprefix("docs/assets/")).read_bytes()
+    openapi_url = urljoin(docs_url, "openapi.json")
+    assert client.get(openapi_url).json()["info"]["title"] == "clipdex"
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "style-src 'self';" in policy and "connect-src 'self';" in policy
+    assert "unsafe-inline" not in policy and "http" not in policy
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get(urljoin(docs_url, "redoc"), headers=headers).status_code == 404  # ReDoc would load from a CDN
+
+
 def test_app_from_a_library_directory(indexed: Library) -> None:
     with TestClient(create_app(indexed.path, device="cpu")) as client:
         assert client.post("/search", json={"text": "beach", "k": 3}).status_code == 200
@@ -144,6 +182,13 @@ def test_multipart_image_search_with_options(client: TestClient, photos: list[Pa
     assert response.status_code == 200, response.text
     hits = response.json()["hits"]
     assert len(hits) == 2 and hits[0]["path"] == str(photos[1]) and all(hit["kind"] == "image" for hit in hits)
+
+
+@pytest.mark.parametrize("text", ["   ", "\t\n"])
+def test_multipart_blank_text_is_refused(client: TestClient, photos: list[Path], text: str) -> None:
+    files = {"image": ("q.jpg", photos[1].read_bytes(), "image/jpeg")}
+    response = client.post("/search/image", files=files, data={"text": text})
+    assert response.status_code == 400 and "only whitespace" in response.json()["detail"]
 
 
 def test_text_and_like_combine(client: TestClient, indexed: Library, photos: list[Path]) -> None:
@@ -192,31 +237,50 @@ def test_offset_pages_and_threshold(client: TestClient) -> None:
     [
         {"text": "x", "k": 0},
         {"text": "x", "k": 10_001},
+        {"text": "x", "k": "5"},
+        {"text": "x", "k": True},
         {"text": "x", "offset": -1},
         {"text": "x", "kind": "video"},
         {"text": "x", "threshold": 1.5},
-        {"text": "x", "after": "last tuesday"},
-        {"text": "x", "after": "2024-05-01", "before": "2024-01-01"},
         {"text": "x", "min_width": -1},
         {"text": "x", "colour": "red"},
         {"text": ""},
+        {"text": None},
+        {"text": []},
         {"text": "x" * 2_001},
         {},
         {"k": 5},
-        {"text": "x", "weights": [1, 2]},
-        {"text": "x", "weights": [0]},
+        {"vector": []},
         {"like": "abc"},
         {"like": [0]},
         {"like": [10**20]},
-        {"vector": [0.1, 0.2]},
         {"vector": "/etc/passwd"},
-        {"text": "x", "minus": "x"},
     ],
 )
-def test_bad_queries_are_422(client: TestClient, body: dict[str, Any]) -> None:
+def test_requests_that_do_not_fit_the_schema_are_422(client: TestClient, body: dict[str, Any]) -> None:
     response = client.post("/search", json=body)
     assert response.status_code == 422, response.text
-    assert response.json()["detail"]
+    assert response.json()["detail"] and response.json()["errors"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"text": "x", "after": "last tuesday"}, "--after wants a date"),
+        ({"text": "x", "after": "2024-05-01", "before": "2024-01-01"}, "is not before"),
+        ({"text": "x", "weights": [1, 2]}, "2 weights given for 1 query terms"),
+        ({"text": "x", "weights": [0]}, "weight 0"),
+        ({"vector": [0.1, 0.2]}, "2 dimensions"),
+        ({"text": "x", "minus": "x"}, "cancel each other out"),
+        ({"text": "   "}, "only whitespace"),
+        ({"text": "a dog", "minus": ["\t\n"]}, "only whitespace"),
+    ],
+)
+def test_queries_the_library_cannot_answer_are_400(client: TestClient, body: dict[str, Any], reason: str) -> None:
+    """They fit the schema: the library's own checks (search/query.py) refuse them, with the reason."""
+    response = client.post("/search", json=body)
+    assert response.status_code == 400, response.text
+    assert list(response.json()) == ["detail"] and reason in response.json()["detail"]
 
 
 def test_vector_search(client: TestClient, indexed: Library, photos: list[Path]) -> None:
@@ -278,6 +342,30 @@ def test_uploads_over_the_limit_are_413(indexed: Library, photos: list[Path]) ->
     chunked = client.post("/search", content=iter([b'{"text": "', b"y" * 200_000, b'"}']),
                           headers={"Content-Type": "application/json"})
     assert chunked.status_code == 413
+
+
+@pytest.fixture(scope="module")
+def over_query_limit() -> bytes:
+    """Just over MAX_QUERY_IMAGE_PIXELS (and well under the indexing limit): 150 MB of RGB once decoded."""
+    from clipdex.search.imaging import MAX_IMAGE_PIXELS, MAX_QUERY_IMAGE_PIXELS
+
+    data = huge_png(7_100, 7_100)
+    assert MAX_QUERY_IMAGE_PIXELS < 7_100 * 7_100 < MAX_IMAGE_PIXELS and len(data) < 20_000
+    return data
+
+
+@pytest.mark.parametrize("endpoint", ["json", "multipart", "embed"])
+def test_query_images_over_the_pixel_limit_are_413(client: TestClient, over_query_limit: bytes, endpoint: str) -> None:
+    """Refused from the image's header, before its pixels are decoded."""
+    if endpoint == "json":
+        response = client.post("/search", json={"image": b64(over_query_limit)})
+    elif endpoint == "multipart":
+        response = client.post("/search/image", files={"image": ("big.png", over_query_limit, "image/png")})
+    else:
+        response = client.post("/embed", json={"image": b64(over_query_limit)})
+    assert response.status_code == 413, response.text
+    assert list(response.json()) == ["detail"]
+    assert "7100x7100 pixels is more than the 50,000,000 a query image may have" in response.json()["detail"]
 
 
 # -- items, thumbnails, files -----------------------------------------------------------------
@@ -540,6 +628,147 @@ def test_embed_needs_exactly_one_input(client: TestClient, body: dict[str, Any])
     assert client.post("/embed", json=body).status_code == 422
 
 
+# -- every error is small JSON ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        (b'{"text": "\\ud800"}', "body.text.0"),
+        (b'{"text": "a dog", "minus": ["\\udfff"]}', "body.minus.0"),
+        (b'{"text": "a dog", "path": "*\\ud83d*"}', "body.path"),
+        (b'{"text": "a dog", "threshold": NaN}', "body.threshold"),
+        (b'{"text": "a dog", "threshold": -Infinity}', "body.threshold"),
+        (b'{"text": "a dog", "weights": [NaN]}', "body.weights"),
+        (b'{"text": "a dog", "weights": Infinity}', "body.weights"),
+        (b'{"vector": [NaN, 1.0]}', "body.vector.0"),
+        (b'{"text": "a dog"', "body"),
+        (b"\xff\xfe not JSON at all", "body"),
+    ],
+)
+def test_malformed_values_are_a_json_422(client: TestClient, body: bytes, where: str) -> None:
+    """Lone surrogates and NaN/Infinity (which Python's JSON reader accepts) were plain-text 500s."""
+    response = client.post("/search", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.headers["content-type"] == "application/json"
+    error = response.json()
+    assert error["detail"].startswith(where) and error["errors"][0]["loc"][0] == "body"
+    assert "input" not in error["errors"][0]
+
+
+def test_embed_lone_surrogate_is_a_json_422(client: TestClient) -> None:
+    response = client.post("/embed", content=b'{"text": "\\ud800"}', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "surrogate" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"vector": [0.5] * 600_000},  # over maxItems: pydantic used to echo all of it back
+        {"vector": ["x"] * 20_000},  # 20,000 errors: the first few are listed
+        {"text": "a dog", "x" * 500_000: 1},  # an unknown field's name is the client's too
+        {"text": ["y" * 3_000] * 16},
+    ],
+)
+def test_validation_errors_do_not_echo_the_request(client: TestClient, body: dict[str, Any]) -> None:
+    content = json.dumps(body).encode()
+    response = client.post("/search", content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert len(response.content) < 4_000 < len(content)
+    error = response.json()
+    assert set(error) == {"detail", "errors"} and 1 <= len(error["errors"]) <= 10
+    assert all(set(problem) == {"loc", "msg", "type"} for problem in error["errors"])
+
+
+def test_a_bad_host_gets_json(indexed: Library) -> None:
+    app = create_app(indexed, allowed_hosts=clipdex.search.http.LOOPBACK_HOSTS)
+    for host in ("rebound.example", "127.0.0.1.rebound.example:8000", "[::2]:8000", "", "a b"):
+        response = TestClient(app).get("/health", headers={"Host": host})
+        assert response.status_code == 400, host
+        assert response.json() == {"detail": "invalid Host header: this server answers only its own names"}
+    for host in ("127.0.0.1:8000", "LOCALHOST", "[::1]:8000", "localhost"):
+        assert TestClient(app).get("/health", headers={"Host": host}).status_code == 200, host
+    patterns = TestClient(create_app(indexed, allowed_hosts=["*.photos.example"]))
+    assert patterns.get("/health", headers={"Host": "home.photos.example"}).status_code == 200
+    assert patterns.get("/health", headers={"Host": "photos.example.evil"}).status_code == 400
+
+
+def test_an_unexpected_failure_is_a_json_500(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(indexed)
+
+    def broken(_query: Any) -> None:
+        raise RuntimeError("a bug, with /secret/paths in its message")
+
+    monkeypatch.setattr(app.state.service, "search", broken)
+    response = TestClient(app, raise_server_exceptions=False).post("/search", json={"text": "a dog"})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "internal server error (the server's log has the details)"}
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs", "status"),
+    [
+        ("POST", "/search", {"json": {}}, 422),
+        ("POST", "/search", {"json": {"text": "   "}}, 400),
+        ("POST", "/search", {"json": {"like": [987654]}}, 404),
+        ("POST", "/search", {"json": {"text": "x", "after": "2024-01-01T00:00:00+05:00", "before": "2024-06-01"}}, 400),
+        ("POST", "/search/image", {"data": {"text": "a dog"}}, 422),
+        ("POST", "/search/image", {"files": {"image": ("x.jpg", b"", "image/jpeg")}, "data": {"text": " "}}, 400),
+        ("POST", "/embed", {"json": {"text": None, "image": "aGk="}}, 422),
+        ("POST", "/embed", {"json": {"image": "aGk="}}, 400),
+        ("GET", "/items/987654", {}, 404),
+        ("GET", "/items/0/thumbnail", {}, 422),
+        ("DELETE", "/stats", {}, 405),
+        ("GET", "/no/such/endpoint", {}, 404),
+        ("GET", "/static/no-such-file.js", {}, 404),
+    ],
+)
+def test_every_error_has_the_documented_shape(client: TestClient, method: str, url: str, kwargs: dict[str, Any],
+                                              status: int) -> None:
+    from clipdex.search.http.schemas import ErrorOut
+
+    response = client.request(method, url, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    ErrorOut.model_validate(response.json(), strict=True)
+    assert set(response.json()) == ({"detail", "errors"} if status == 422 else {"detail"})
+
+
+def test_the_document_lists_every_status_with_one_error_model(secured: TestClient) -> None:
+    document = secured.get("/openapi.json").json()
+    expected = {
+        ("/health", "get"): {"200", "400", "413"},
+        ("/stats", "get"): {"200", "400", "401", "413", "503"},
+        ("/search", "post"): {"200", "400", "401", "404", "413", "422", "503"},
+        ("/search/image", "post"): {"200", "400", "401", "404", "413", "422", "503"},
+        ("/embed", "post"): {"200", "400", "401", "413", "422", "503"},
+        ("/items/{item_id}", "get"): {"200", "400", "401", "404", "413", "422"},
+        ("/items/{item_id}/thumbnail", "get"): {"200", "400", "401", "404", "413", "422"},
+        ("/items/{item_id}/file", "get"): {"200", "400", "401", "404", "413", "422"},
+    }
+    for (path, method), statuses in expected.items():
+        responses = document["paths"][path][method]["responses"]
+        assert set(responses) == statuses, (path, method)
+        for status in statuses - {"200"}:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (path, method, status)
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    body = document["paths"]["/search/image"]["post"]["requestBody"]["content"]
+    assert list(body) == ["multipart/form-data"]
+    schemas = document["components"]["schemas"]
+    assert {"required": ["text"]} in schemas["SearchRequest"]["anyOf"]
+    assert schemas["EmbedRequest"]["oneOf"] == [{"required": ["text"]}, {"required": ["image"]}]
+    assert not {"ge", "le", "gt", "lt"} & schema_keys(document), "a bound the schema does not say as minimum/maximum"
+
+
+def schema_keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node).union(*(schema_keys(value) for key, value in node.items() if key != "properties"),
+                               *(schema_keys(value) for value in node.get("properties", {}).values()))
+    if isinstance(node, list):
+        return set().union(*(schema_keys(value) for value in node))
+    return set()
+
+
 # -- a library that changes while the server runs -----------------------------------------------
 
 
@@ -644,14 +873,28 @@ def test_mounted_in_another_app(indexed: Library) -> None:
 # -- clipdex serve ----------------------------------------------------------------------------------
 
 
+class FakeListener:
+    """What `open_listener` would bind, without binding it (the tests must not need port 8000 free)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = (host, port)
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.address
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """What `clipdex serve` would run, instead of running it."""
     captured: dict[str, Any] = {}
 
-    def fake_run_server(app: Any, host: str, port: int) -> None:
-        captured.update(app=app, host=host, port=port)
+    def fake_run_server(app: Any, listener: FakeListener) -> None:
+        captured.update(app=app, host=listener.address[0], port=listener.address[1])
 
+    monkeypatch.setattr(clipdex.search.http, "open_listener", FakeListener)
     monkeypatch.setattr(clipdex.search.http, "run_server", fake_run_server)
     return captured
 
@@ -720,3 +963,32 @@ def test_concurrent_clients_get_no_errors(indexed: Library, photos: list[Path]) 
     assert report.errors == [] and report.requests == 48
     assert 0 < report.percentile(0.5) <= report.percentile(0.95)
     assert "p95 ms" in report.table()
+
+
+def test_serve_on_a_busy_port_says_so_before_serving(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port is bound before "Serving ..." is printed: a busy one is one line and exit 1."""
+    ran: list[Any] = []
+    monkeypatch.setattr(clipdex.search.http, "run_server", lambda *args: ran.append(args))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = invoke_serve("--library", str(indexed.path), "--port", str(port))
+    assert result.exit_code == 1 and not ran
+    assert result.output.strip().splitlines() == [
+        f"Error: port {port} is already in use on 127.0.0.1: stop the server there or choose another --port"
+    ]
+
+
+def test_serve_binds_the_port_it_announces(indexed: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --port 0 the system picks a port; the announced URL is the one really bound."""
+    bound: list[tuple[str, int]] = []
+
+    def fake_run_server(app: Any, listener: socket.socket) -> None:
+        bound.append(listener.getsockname()[:2])
+
+    monkeypatch.setattr(clipdex.search.http, "run_server", fake_run_server)
+    result = invoke_serve("--library", str(indexed.path), "--port", "0")
+    assert result.exit_code == 0, result.output
+    host, port = bound[0]
+    assert host == "127.0.0.1" and port > 0 and f"http://127.0.0.1:{port}/" in result.output

@@ -122,6 +122,13 @@ def test_invalid_queries() -> None:
         Query.build(text="x", kind="video")
     with pytest.raises(InvalidQuery, match="date"):
         Query.build(text="x", after="last tuesday")
+    for blank in ("", " ", "\t\n"):
+        with pytest.raises(InvalidQuery, match="only whitespace"):
+            Query.build(text=blank)
+        with pytest.raises(InvalidQuery, match="only whitespace"):
+            Query.build(text="a dog", minus=[blank])
+    with pytest.raises(InvalidQuery, match="without a time zone"):
+        Query.build(text="x", after="2024-01-01T00:00:00+05:00", before="2024-06-01")
     with pytest.raises(InvalidQuery, match="cancel"):
         combine([np.ones(4), np.ones(4)], [1.0, -1.0])
 

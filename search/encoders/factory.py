@@ -89,10 +89,11 @@ class LibraryEncoders:
         return vector
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
-        """The vector of an image file or of an image's bytes (EXIF-oriented RGB)."""
-        from clipdex.search.imaging import decode_image
+        """The vector of a query image, a file or its bytes (EXIF-oriented RGB; at most
+        MAX_QUERY_IMAGE_PIXELS, lower than for indexing: a query must not cost gigabytes)."""
+        from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 
-        decoded = decode_image(image if isinstance(image, bytes) else Path(image))
+        decoded = decode_image(image if isinstance(image, bytes) else Path(image), max_pixels=MAX_QUERY_IMAGE_PIXELS)
         return self.image_text.encode_images([decoded.image])[0]
 
     def export_text(self) -> None:

@@ -5,30 +5,42 @@ from __future__ import annotations
 import mimetypes
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Query as QueryParam, Request, Security
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from swagger_ui_bundle import swagger_ui_path
 
-from clipdex.search.errors import ClipdexError, InvalidQuery, ItemNotFound, LibraryBusy, ModelUnavailable, UnreadableImage
+from clipdex.search.errors import (
+    ClipdexError,
+    ImageTooLarge,
+    InvalidQuery,
+    ItemNotFound,
+    LibraryBusy,
+    ModelUnavailable,
+    UnreadableImage,
+)
 from clipdex.search.http.guard import RequestGuard
 from clipdex.search.http.media import FileUnavailable, ThumbnailCache, open_indexed_file, thumbnail_size
 from clipdex.search.http.schemas import (
     EmbedRequest,
     EmbedResponse,
+    ErrorOut,
     Health,
     HitOut,
     InvalidBase64,
     MAX_ITEM_ID,
     ItemOut,
     ImageSearchForm,
+    MAX_REPORTED_PROBLEMS,
+    FieldProblem,
     SearchRequest,
     SearchResponse,
     decode_base64_image,
@@ -39,9 +51,10 @@ from clipdex.search.query import Query
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-ERROR_STATUS: tuple[tuple[type[ClipdexError], int], ...] = (
+ERROR_STATUS: tuple[tuple[type[ClipdexError], int], ...] = (  # the first that matches
     (ItemNotFound, 404),
-    (InvalidQuery, 422),
+    (InvalidQuery, 400),
+    (ImageTooLarge, 413),
     (UnreadableImage, 400),
     (ModelUnavailable, 503),
     (LibraryBusy, 503),
@@ -51,6 +64,23 @@ PAGE_SECURITY_POLICY = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 FILE_SECURITY_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
+# /docs: Swagger UI's script and style from this server (docs/assets), its icons as data: URLs
+DOCS_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# What each error status means, for the OpenAPI document; every one answers ErrorOut.
+ERROR_MEANINGS = {
+    400: "The request cannot be used as sent: an image that is not base64 or does not decode; a query the "
+         "library cannot answer (a blank text, dates in the wrong order, more weights than terms, terms that "
+         "cancel out, a vector of another dimension); a bad Host or Content-Length header",
+    401: "No token or the wrong one: send 'Authorization: Bearer <token>'",
+    404: "No item with that id (also an id in `like`), or its file is gone or changed since it was indexed",
+    413: "The body or the image is over the server's upload limit, or the image has more pixels than a query image may",
+    422: "The request does not fit this document's schema; `errors` says where (the value sent is not echoed)",
+    503: "The model cannot be loaded, or the library is busy",
+}
+INTERNAL_ERROR = "internal server error (the server's log has the details)"
 
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID, description="The item's id")]
 
@@ -66,27 +96,38 @@ def create_app(
 
     `token`: when set, every request but /health and the page's static code needs
     `Authorization: Bearer <token>`. `max_upload_bytes`: the largest image accepted.
-    `allowed_hosts`: Host header values to answer (None: any); a server on loopback
-    should list its loopback names, which stops DNS-rebinding pages from reading it.
+    `allowed_hosts`: Host header values to answer (None: any; `*.example.com` patterns
+    allowed); a server on loopback should list its loopback names, which stops
+    DNS-rebinding pages from reading it.
     """
     if not isinstance(library, Library):
         library = Library.open(library, device=device)
     service = SearchService(library)
-    app = FastAPI(title="clipdex", version=_version(), summary="Cross-modal CLIP search over a clipdex library")
+    app = FastAPI(
+        title="clipdex", version=_version(), summary="Cross-modal CLIP search over a clipdex library",
+        docs_url=None, redoc_url=None,  # /docs is served below from local files; ReDoc would load from a CDN
+        responses=error_responses(400, 413),  # any request: a bad Host or Content-Length, a body over the limit
+    )
     app.state.service = service
     _add_error_handlers(app)
     app.get("/health", response_model=Health, tags=["server"])(_health)
     security = [Security(HTTPBearer(auto_error=False, description="The server's --token"))] if token else []
-    api = APIRouter(dependencies=security)
+    api = APIRouter(dependencies=security, responses=error_responses(401) if token else {})
     _add_search_routes(api, service, max_upload_bytes)
     _add_item_routes(api, service)
     app.include_router(api)
     _add_page(app)
+    _add_docs(app)
+    app.openapi = _openapi_with_multipart(app)  # type: ignore[method-assign]
     # The request body may carry the image as base64 (4/3 of its size) plus the other fields.
-    app.add_middleware(RequestGuard, token=token or None, max_body_bytes=max_upload_bytes * 4 // 3 + 64 * 1024)
-    if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(RequestGuard, token=token or None, max_body_bytes=max_upload_bytes * 4 // 3 + 64 * 1024,
+                       allowed_hosts=allowed_hosts)
     return app
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` for these error statuses: each one's meaning, and the one error model."""
+    return {status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
 def _health() -> Health:
@@ -94,19 +135,56 @@ def _health() -> Health:
     return Health()
 
 
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is small JSON, `ErrorOut`; nothing a client sent is echoed back whole."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error_body(error.errors()), status_code=422)
+
     @app.exception_handler(ClipdexError)
     async def library_error(_request: Request, error: ClipdexError) -> JSONResponse:
         status = next((code for kind, code in ERROR_STATUS if isinstance(error, kind)), 500)
-        return JSONResponse({"detail": str(error)}, status_code=status)
+        return _error(status, str(error))
 
     @app.exception_handler(InvalidBase64)
     async def invalid_base64(_request: Request, error: InvalidBase64) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=400)
+        return _error(400, str(error))
 
     @app.exception_handler(FileUnavailable)
     async def file_unavailable(_request: Request, error: FileUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=404)
+        return _error(404, str(error))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, _exception: Exception) -> JSONResponse:
+        return _error(500, INTERNAL_ERROR)  # Starlette re-raises it after, for the server's log
+
+
+def validation_error_body(errors: Sequence[Any]) -> dict[str, Any]:
+    """A 422's body: the first few problems, their place and message, never the input (which may be megabytes)."""
+    problems = [
+        FieldProblem(loc=[_short(part) for part in problem.get("loc", ())], msg=_short(str(problem.get("msg", "")), 300),
+                     type=_short(str(problem.get("type", "")))).model_dump()
+        for problem in list(errors)[:MAX_REPORTED_PROBLEMS]
+    ]
+    if not problems:
+        return {"detail": "the request does not fit the API's schema"}
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"]) or "request"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return {"detail": f"{where}: {first['msg']}{more}", "errors": problems}
+
+
+def _short(value: Any, limit: int = 80) -> Any:
+    """A location part or message cut to `limit` characters (an unknown field's name is the client's)."""
+    if isinstance(value, int):
+        return value
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _add_search_routes(api: APIRouter, service: SearchService, max_upload_bytes: int) -> None:
@@ -114,26 +192,28 @@ def _add_search_routes(api: APIRouter, service: SearchService, max_upload_bytes:
         if sum(len(image) for image in images) > max_upload_bytes:
             raise HTTPException(413, f"images larger than the server's limit of {max_upload_bytes} bytes")
 
-    @api.get("/stats", tags=["library"])
+    searching = error_responses(404, 422, 503)
+
+    @api.get("/stats", tags=["library"], responses=error_responses(503))
     def stats() -> dict[str, Any]:
         """Counts of items, images, texts and vectors; the model; the index type."""
         return service.stats()
 
-    @api.post("/search", response_model=SearchResponse, tags=["search"])
+    @api.post("/search", response_model=SearchResponse, tags=["search"], responses=searching)
     def search(request: SearchRequest) -> SearchResponse:
         """Rank the library against texts, base64 images, item ids (`like`) and/or a vector, with filters."""
         images = [decode_base64_image(image) for image in request.image]
         check_size(images)
         return _search(service, request.to_query(images, request.vector))
 
-    @api.post("/search/image", response_model=SearchResponse, tags=["search"])
+    @api.post("/search/image", response_model=SearchResponse, tags=["search"], responses=searching)
     def search_image(options: Annotated[ImageSearchForm, Form()]) -> SearchResponse:
         """Rank the library against an uploaded image (multipart), with the other terms and filters as form fields."""
         data = options.image.file.read(max_upload_bytes + 1)
         check_size([data])
         return _search(service, options.to_query([data]))
 
-    @api.post("/embed", response_model=EmbedResponse, tags=["search"])
+    @api.post("/embed", response_model=EmbedResponse, tags=["search"], responses=error_responses(422, 503))
     def embed(request: EmbedRequest) -> EmbedResponse:
         """The normalized vector of a text or a base64 image, with the library's model."""
         if request.text is not None:
@@ -155,21 +235,22 @@ def _search(service: SearchService, query: Query) -> SearchResponse:
 
 def _add_item_routes(api: APIRouter, service: SearchService) -> None:
     thumbnails = ThumbnailCache(service.library.path)
+    missing = error_responses(404, 422)
 
-    @api.get("/items/{item_id}", response_model=ItemOut, tags=["items"])
+    @api.get("/items/{item_id}", response_model=ItemOut, tags=["items"], responses=missing)
     def get_item(item_id: ItemId) -> ItemOut:
         """An item's kind, path or text, and metadata."""
         return ItemOut.from_hit(service.library.get_item(item_id))
 
     @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}}})
+             responses={200: {"content": {"image/jpeg": {}}}, **missing})
     def get_thumbnail(item_id: ItemId, size: Annotated[int, QueryParam(ge=16, le=1024)] = 256) -> Response:
         """A JPEG thumbnail, made once and cached under LIBRARY/thumbnails/. `size` is rounded up to 64, 128, 256, 512 or 1024."""
         data = thumbnails.get(service.item(item_id), thumbnail_size(size))
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/items/{item_id}/file", tags=["items"], response_class=StreamingResponse,
-             responses={200: {"content": {"image/*": {}}}})
+             responses={200: {"content": {"image/*": {}}}, **missing})
     def get_file(item_id: ItemId) -> StreamingResponse:
         """The item's original image file, while it is still the file that was indexed."""
         item = service.item(item_id)
@@ -197,6 +278,36 @@ def _add_page(app: FastAPI) -> None:
         return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_SECURITY_POLICY, "X-Frame-Options": "DENY"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs, all of it from this server (the swagger-ui-bundle-v2 package): it works offline."""
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        html = (STATIC_DIR / "docs.html").read_text(encoding="utf-8")
+        return HTMLResponse(html, headers={"Content-Security-Policy": DOCS_SECURITY_POLICY, "X-Frame-Options": "DENY"})
+
+    app.mount("/docs/assets", StaticFiles(directory=Path(str(swagger_ui_path))), name="docs-assets")
+
+
+def _openapi_with_multipart(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """app.openapi, with /search/image's body declared as the multipart upload it is.
+
+    FastAPI declares a form model that holds an UploadFile as urlencoded, which cannot carry a file.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()  # cached in app.openapi_schema: the change below is made once
+            content = document["paths"]["/search/image"]["post"]["requestBody"]["content"]
+            if "application/x-www-form-urlencoded" in content:
+                content["multipart/form-data"] = content.pop("application/x-www-form-urlencoded")
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    return openapi
 
 
 def _version() -> str:

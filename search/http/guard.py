@@ -1,36 +1,50 @@
-"""What every request passes before the app sees it: the access token and the body size limit.
+"""What every request passes before the app sees it: the Host, the access token and the body size limit.
 
-Both are checked on the headers alone, before a byte of the body is read, so an
-unauthenticated or oversized upload costs the server nothing.
+All are checked on the headers alone, before a byte of the body is read, so an
+unauthenticated or oversized upload costs the server nothing. Each refusal is JSON,
+`{"detail": ...}`, like every other error of the API.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Code and docs that hold no library data: the page must load to ask for the token.
-PUBLIC_PATHS = frozenset({"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PATHS = frozenset({"/health", "/", "/docs", "/openapi.json"})
+PUBLIC_PREFIXES = ("/static/", "/docs/assets/")
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.
+HOST_HEADER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/@]+)(?::\d{1,5})?")
 
 
 class RequestGuard:
-    """ASGI middleware: `Authorization: Bearer <token>` on all but the public paths, and a body limit."""
+    """ASGI middleware: the Host, `Authorization: Bearer <token>` on all but the public paths, and a body limit.
 
-    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int) -> None:
+    `allowed_hosts`: the Host names to answer (None or "*": any); "*.example.com" allows its subdomains.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int,
+                 allowed_hosts: Sequence[str] | None = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
+        hosts = [host.lower() for host in allowed_hosts or ["*"]]
+        self.allowed_hosts = None if "*" in hosts else hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         send = _with_security_headers(send)
+        if self.allowed_hosts is not None and not self._host_allowed(scope):
+            await _respond(send, 400, "invalid Host header: this server answers only its own names")
+            return
         if self.token is not None and not _is_public(scope) and not self._authorized(scope):
             await _respond(send, 401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
                            [(b"www-authenticate", b"Bearer")])
@@ -56,6 +70,15 @@ class RequestGuard:
         # compare_digest takes the same time wherever the first difference is
         sent = credentials.strip().encode("latin-1")  # the header's own bytes back
         return scheme.lower() == "bearer" and hmac.compare_digest(sent, self.token)
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        assert self.allowed_hosts is not None
+        match = HOST_HEADER.fullmatch(_header(scope, b"host") or "")
+        if match is None:
+            return False
+        host = match["host"].lower()
+        return any(host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+                   for pattern in self.allowed_hosts)
 
     def _too_large(self) -> str:
         return f"request body larger than the server's limit of {self.max_body_bytes} bytes"

@@ -1,4 +1,5 @@
-"""The JSON shapes of the HTTP API: requests are validated here, so bad input is a 422."""
+"""The JSON shapes of the HTTP API: requests are validated here, so a request that does not
+fit them is a 422, and the OpenAPI document describes exactly what is accepted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from clipdex.search.query import Hit, Query
 
@@ -16,23 +18,56 @@ MAX_TERMS = 16  # per kind of term; a query is a handful of terms, not a payload
 MAX_TEXT_CHARS = 2_000  # CLIP reads ~77 tokens; more is never useful
 MAX_HITS = 10_000
 MAX_OFFSET = 100_000
-MAX_ITEM_ID = 2**63 - 1  # SQLite's largest integer
+MAX_ITEM_ID = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
+MAX_REPORTED_PROBLEMS = 10  # a 422 lists this many fields that do not fit, not all of a huge body's
 
 
 def _as_list(value: Any) -> Any:
     """Accept one value where a list is expected: `"text": "a dog"` as well as `["a dog"]`."""
-    if value is None:
-        return []
     if isinstance(value, (list, tuple)):
-        return value
+        return list(value)
     return [value]
 
 
-QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
-Texts = Annotated[list[QueryText], BeforeValidator(_as_list), Field(max_length=MAX_TERMS)]
-ItemIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ITEM_ID)]], BeforeValidator(_as_list), Field(max_length=MAX_TERMS)]
-Weights = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], BeforeValidator(_as_list), Field(max_length=4 * MAX_TERMS)]
-Base64Images = Annotated[list[str], BeforeValidator(_as_list), Field(max_length=4)]
+def _valid_unicode(value: str) -> str:
+    """Refuse lone surrogates (`"\\ud800"` in JSON): they cannot be encoded, stored or tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (an invalid \\uD800-\\uDFFF escape)") from None
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    """857.0 is an integer to JSON Schema (and to the OpenAPI document); strict pydantic wants 857."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """For a field that is either given or left out: its Python default None is not a value to send."""
+    schema.pop("default", None)
+
+
+UnicodeText = Annotated[str, AfterValidator(_valid_unicode)]
+QueryText = Annotated[UnicodeText, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+# The bounds come before the validator that wraps them, so the schema says them as minimum and maximum.
+Count = Annotated[int, BeforeValidator(_whole_number)]
+ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID), BeforeValidator(_whole_number)]
+Pixels = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole_number)]
+FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
+# Lists of 1..N that also accept one value; json_schema_input_type makes the schema say both.
+TextList = Annotated[list[QueryText], Field(min_length=1, max_length=MAX_TERMS)]
+Texts = Annotated[TextList, BeforeValidator(_as_list, json_schema_input_type=QueryText | TextList)]
+ItemIdList = Annotated[list[ItemId], Field(min_length=1, max_length=MAX_TERMS)]
+ItemIds = Annotated[ItemIdList, BeforeValidator(_as_list, json_schema_input_type=ItemId | ItemIdList)]
+WeightList = Annotated[list[FiniteNumber], Field(min_length=1, max_length=4 * MAX_TERMS)]
+Weights = Annotated[WeightList, BeforeValidator(_as_list, json_schema_input_type=FiniteNumber | WeightList)]
+Base64Image = Annotated[str, StringConstraints(min_length=1)]
+ImageList = Annotated[list[Base64Image], Field(min_length=1, max_length=4)]
+Base64Images = Annotated[ImageList, BeforeValidator(_as_list, json_schema_input_type=Base64Image | ImageList)]
+TERM_FIELDS = ("text", "image", "like", "vector", "minus")
 
 
 class QueryOptions(BaseModel):
@@ -47,19 +82,23 @@ class QueryOptions(BaseModel):
         default_factory=list, description="Weights of the terms in order: texts, images, likes, vector, minus texts (default 1 each)"
     )
     kind: Literal["image", "text", "any"] = Field("any", description="What to return")
-    path: Annotated[str, StringConstraints(max_length=1_000)] | None = Field(
+    path: Annotated[UnicodeText, StringConstraints(max_length=1_000)] | None = Field(
         None, description="Only items whose path matches this glob (SQLite GLOB, e.g. '*/2024/*')"
     )
-    after: Annotated[str, StringConstraints(max_length=40)] | None = Field(None, description="Captured at or after (ISO date/time)")
-    before: Annotated[str, StringConstraints(max_length=40)] | None = Field(None, description="Captured before (ISO date/time)")
-    min_width: int | None = Field(None, ge=0, le=1_000_000, description="Minimum image width in pixels")
-    min_height: int | None = Field(None, ge=0, le=1_000_000, description="Minimum image height in pixels")
-    k: int = Field(10, ge=1, le=MAX_HITS, description="How many hits")
-    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="Minimum cosine score")
+    after: Annotated[UnicodeText, StringConstraints(max_length=40)] | None = Field(
+        None, description="Captured at or after (ISO date/time)"
+    )
+    before: Annotated[UnicodeText, StringConstraints(max_length=40)] | None = Field(
+        None, description="Captured before (ISO date/time)"
+    )
+    min_width: Pixels | None = Field(None, description="Minimum image width in pixels")
+    min_height: Pixels | None = Field(None, description="Minimum image height in pixels")
+    k: Count = Field(10, ge=1, le=MAX_HITS, description="How many hits")
+    offset: Count = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Minimum cosine score")
 
     def to_query(self, images: Sequence[bytes] = (), vector: list[float] | None = None) -> Query:
-        """The library's Query; its own checks (dates, weights, empty queries) raise InvalidQuery."""
+        """The library's Query; its own checks (dates, weights, blank texts) raise InvalidQuery (a 400)."""
         return Query.build(
             text=self.text, image=list(images), like=self.like, vector=[vector] if vector else None, minus=self.minus,
             weights=self.weights, k=self.k, offset=self.offset, threshold=self.threshold,
@@ -69,16 +108,42 @@ class QueryOptions(BaseModel):
 
 
 class SearchRequest(QueryOptions):
-    """`POST /search`: any mix of texts, base64 images, item ids and a raw vector, with filters."""
+    """`POST /search`: any mix of texts, base64 images, item ids and a raw vector, with filters.
+
+    At least one term (text, image, like, vector or minus). Strict: JSON's types as the
+    schema says them, no `"5"` for 5 or `true` for 1.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "anyOf": [{"required": [name]} for name in TERM_FIELDS],
+    })
 
     image: Base64Images = Field(default_factory=list, description="Images as base64 (a data: URL prefix is allowed)")
-    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
-        None, max_length=8_192, description="A query vector of the library's dimension"
+    vector: list[FiniteNumber] = Field(
+        default_factory=list, min_length=1, max_length=8_192, description="A query vector of the library's dimension"
     )
+
+    @model_validator(mode="after")
+    def _some_term(self) -> "SearchRequest":
+        if not any(getattr(self, name) for name in TERM_FIELDS):
+            raise ValueError(f"give at least one term: {', '.join(TERM_FIELDS)}")
+        return self
+
+
+def _form_fields_are_never_null(schema: dict[str, Any]) -> None:
+    """A form field is sent or left out; it has no null (the JSON body's `"path": null` is a left-out field here)."""
+    for name, field_schema in schema.get("properties", {}).items():
+        branches = [branch for branch in field_schema.get("anyOf", ()) if branch != {"type": "null"}]
+        if len(branches) == 1 and len(field_schema["anyOf"]) == 2:
+            del field_schema["anyOf"]
+            field_schema.pop("default", None)
+            schema["properties"][name] = {**branches[0], **field_schema}
 
 
 class ImageSearchForm(QueryOptions):
     """`POST /search/image`: a multipart upload; repeat a field (`-F minus=a -F minus=b`) for a list."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_form_fields_are_never_null)
 
     image: UploadFile = Field(description="The query image")
 
@@ -86,10 +151,22 @@ class ImageSearchForm(QueryOptions):
 class EmbedRequest(BaseModel):
     """`POST /embed`: exactly one of a text or a base64 image."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["text"]}, {"required": ["image"]}],
+    })
 
-    text: QueryText | None = None
-    image: str | None = Field(None, description="An image as base64 (a data: URL prefix is allowed)")
+    # SkipJsonSchema: null is not a value the schema offers; _no_null refuses it when sent
+    text: QueryText | SkipJsonSchema[None] = Field(None, json_schema_extra=_no_default, description="A text")
+    image: Base64Image | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=_no_default, description="An image as base64 (a data: URL prefix is allowed)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(name, "") is None for name in ("text", "image")):
+            raise ValueError("text and image are strings; leave out the one not given rather than send null")
+        return data
 
     @model_validator(mode="after")
     def _one_input(self) -> "EmbedRequest":
@@ -129,6 +206,24 @@ class EmbedResponse(BaseModel):
     weights: str | None
     dim: int
     vector: list[float]
+
+
+class FieldProblem(BaseModel):
+    """One way a request does not fit the schema. The value sent is never echoed back."""
+
+    loc: list[str | int] = Field(description="Where: ['body', 'k'], ['query', 'size'], ['path', 'item_id']")
+    msg: str = Field(description="What is wrong with it")
+    type: str = Field(description="Pydantic's error type, e.g. less_than_equal")
+
+
+class ErrorOut(BaseModel):
+    """Every error answer of the API, whatever its status."""
+
+    detail: str = Field(description="What went wrong, in one line")
+    errors: list[FieldProblem] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=_no_default,
+        description=f"422 only: the fields that do not fit the schema (the first {MAX_REPORTED_PROBLEMS})",
+    )
 
 
 class Health(BaseModel):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +12,8 @@ from contextlib import contextmanager
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from clipdex.search.errors import ClipdexError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 STARTUP_TIMEOUT_SECONDS = 30.0
@@ -25,9 +29,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run_server(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
+class AddressUnavailable(ClipdexError):
+    """The server cannot listen on the address it was given (a port in use, a host not of this machine)."""
+
+
+def open_listener(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A socket bound to host:port, so that a busy port is known before the server says it serves."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a just-closed port is free
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if error.errno == errno.EADDRINUSE:
+            raise AddressUnavailable(f"port {port} is already in use on {host}: stop the server there "
+                                     "or choose another --port") from None
+        raise AddressUnavailable(f"cannot listen on {shown}: {error.strerror or error}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def run_server(app: ASGIApp, listener: socket.socket, log_level: str = "info") -> None:
+    """Serve on an `open_listener` socket until interrupted."""
+    host, port = listener.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 @contextmanager

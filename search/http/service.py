@@ -9,7 +9,7 @@ import numpy as np
 
 from clipdex.search.catalog import Item
 from clipdex.search.errors import ItemNotFound
-from clipdex.search.imaging import decode_image
+from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 from clipdex.search.library import Library
 from clipdex.search.query import Hit, Query
 
@@ -36,7 +36,7 @@ class SearchService:
             return self.library.encode_text(text)
 
     def embed_image(self, data: bytes) -> np.ndarray:
-        image = decode_image(data, name="uploaded image").image
+        image = decode_image(data, name="uploaded image", max_pixels=MAX_QUERY_IMAGE_PIXELS).image
         with self._model_lock:
             return self.library.encoder.encode_images([image])[0]
 
