@@ -1,0 +1,174 @@
+"""The tensor decode path (nvJPEG on a GPU) run on the CPU: open_clip's vectors, EXIF, per-file fallbacks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from clipdex.search.encoder import Encoder
+from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, gpu_header, orient
+from clipdex.search.imaging import decode_image, read_header
+from clipdex.search.model import ModelSpec
+from test_fidelity import photo_like, reference_image_vectors
+
+
+def jpeg_bytes(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def smooth_image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "RGB")
+    return small.resize(size, Image.Resampling.BICUBIC).convert(mode)
+
+
+def encoder_for(spec: ModelSpec) -> Encoder:
+    return Encoder(spec.resolve(), device="cpu").load()
+
+
+def decoded(encoder: Encoder, datas: list[bytes]) -> DecodedBatch:
+    transform = TensorTransform.from_open_clip(encoder.preprocess)
+    assert transform is not None
+    batch = decode_batch(datas, "cpu", transform.resize_to, transform.mean, transform.std, transform.crop_size)
+    assert batch.rows == [index for index in range(len(datas)) if index not in batch.fallbacks]
+    return batch
+
+
+def tensor_vectors(encoder: Encoder, datas: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
+    batch = decoded(encoder, datas)
+    return encoder.encode_tensors(batch.tensors), batch.fallbacks
+
+
+def assert_faithful(spec: ModelSpec, paths: list[Path]) -> None:
+    """The tensor path's vectors of `paths` are at cosine >= 0.999 of open_clip's preprocess on the full image.
+
+    Its model inputs, too, stay within 3 grey levels of open_clip's (0.012 per level after
+    normalization): the cosine alone would let a small brightness error through.
+    """
+    import torch
+
+    encoder = encoder_for(spec)
+    batch = decoded(encoder, [path.read_bytes() for path in paths])
+    assert batch.fallbacks == {}
+    reference_inputs = torch.stack([encoder.preprocess(ImageOps.exif_transpose(Image.open(p)).convert("RGB")) for p in paths])
+    worst = (batch.tensors - reference_inputs).abs().amax(dim=(1, 2, 3)) * 0.27 * 255
+    assert float(worst.max()) <= 3.0, dict(zip([p.name for p in paths], worst.tolist()))
+    vectors = encoder.encode_tensors(batch.tensors)
+    expected = reference_image_vectors(spec, paths)
+    cosines = {path.name: float(np.dot(vector, reference)) for path, vector, reference in zip(paths, vectors, expected)}
+    assert min(cosines.values()) >= 0.999, cosines
+
+
+def test_tensor_path_matches_open_clip(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    sizes = [(1200, 900), (900, 1200), (50, 40), (641, 479), (224, 224), (33, 500)]
+    paths = [photo_like(tmp_path / f"p{i}.jpg", i, size) for i, size in enumerate(sizes)]
+    paths += [photo_like(tmp_path / f"turned{o}.jpg", 10 + o, (640, 360), orientation=o) for o in range(1, 9)]
+    assert_faithful(tiny_model, paths)
+
+
+@pytest.mark.slow
+def test_tensor_path_matches_open_clip_at_vit_b_32(tmp_path: Path) -> None:
+    """The full-size architecture (random weights) on camera-sized photos, turned and not."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(1)
+    checkpoint = tmp_path / "vit-b-32-random.pt"
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), checkpoint)
+    sizes = [(4000, 3000), (3000, 4000), (1024, 512), (300, 200)]
+    paths = [photo_like(tmp_path / f"p{i}.jpg", i, size, orientation=(6 if i == 1 else None)) for i, size in enumerate(sizes)]
+    assert_faithful(ModelSpec("ViT-B-32", str(checkpoint)), paths)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_as_pillow_applies_it(orientation: int) -> None:
+    import torch
+
+    rng = np.random.default_rng(orientation)
+    image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.info["exif"] = exif.tobytes()
+    image.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(image))
+    stored = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    assert np.array_equal(orient(stored, orientation).permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_header_metadata_equals_the_cpu_paths(tmp_path: Path, orientation: int) -> None:
+    data = photo_like(tmp_path / "p.jpg", 3, (64, 40), orientation=orientation).read_bytes()
+    header = gpu_header(data)
+    assert not isinstance(header, str)
+    decoded = decode_image(data)
+    assert header.orientation == orientation
+    assert header.metadata() == {"width": decoded.width, "height": decoded.height, "taken_at": decoded.taken_at,
+                                 "camera_make": decoded.camera_make, "camera_model": decoded.camera_model}
+
+
+def test_grayscale_and_progressive_jpegs_are_decoded_as_tensors(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    gray = tmp_path / "gray.jpg"
+    gray.write_bytes(jpeg_bytes(smooth_image(1, (300, 200), "L")))
+    progressive = tmp_path / "progressive.jpg"
+    progressive.write_bytes(jpeg_bytes(smooth_image(2, (300, 200)), progressive=True, quality=90))
+    assert read_header(gray.read_bytes()).mode == "L"
+    assert_faithful(tiny_model, [gray, progressive])
+
+
+def test_what_the_tensor_path_cannot_take_falls_back_per_file(tiny_model: ModelSpec) -> None:
+    good = jpeg_bytes(smooth_image(3, (120, 90)))
+    png = io.BytesIO()
+    smooth_image(4, (40, 30)).save(png, "PNG")
+    cmyk = jpeg_bytes(smooth_image(5, (40, 30), "CMYK"))
+    truncated = jpeg_bytes(smooth_image(6, (120, 90)))[:-300]  # header intact, scan data cut short
+    datas = [good, png.getvalue(), cmyk, truncated, b"", b"not an image", good]
+    encoder = encoder_for(tiny_model)
+    vectors, fallbacks = tensor_vectors(encoder, datas)
+    assert sorted(fallbacks) == [1, 2, 3, 4, 5]
+    assert fallbacks[1] == "PNG image, not a JPEG"
+    assert fallbacks[2].startswith("CMYK JPEG")
+    assert fallbacks[3] == "the JPEG decoder refused it"
+    assert len(vectors) == 2 and float(np.dot(vectors[0], vectors[1])) > 0.9999
+    expected = encoder.encode_images([decode_image(good).image])[0]
+    assert float(np.dot(vectors[0], expected)) >= 0.999
+
+
+def test_transform_is_read_only_from_open_clips_usual_pipeline() -> None:
+    import open_clip
+
+    usual = open_clip.image_transform(224, is_train=False)
+    assert TensorTransform.from_open_clip(usual) == TensorTransform(
+        224, 224, tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
+    assert TensorTransform.from_open_clip(open_clip.image_transform(224, is_train=False, resize_mode="squash")) is None
+    assert TensorTransform.from_open_clip(open_clip.image_transform(224, is_train=False, interpolation="bilinear")) is None
+
+
+def test_decode_chunks_bound_the_full_resolution_pixels_of_a_call(tmp_path: Path) -> None:
+    headers = [read_header(jpeg_bytes(smooth_image(i, size))) for i, size in enumerate([(10, 10), (10, 10), (20, 10), (5, 2)])]
+    assert decode_chunks(headers, 3 * 200) == [[0, 1], [2], [3]]
+    assert decode_chunks(headers, 3 * 100) == [[0], [1], [2], [3]]  # an image over the budget goes alone
+    assert decode_chunks(headers, 10**9) == [[0, 1, 2, 3]]
+
+
+def test_feeder_pipelines_batches_and_keeps_their_order(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    encoder = encoder_for(tiny_model)
+    assert GpuFeeder.for_encoder(encoder) is None  # on the CPU, the indexer keeps its own path
+    transform = TensorTransform.from_open_clip(encoder.preprocess)
+    assert transform is not None
+    feeder = GpuFeeder(encoder.model, transform, "cpu")
+    feeder.decode_budget = 3 * 120 * 90  # one image per decode call
+    datas = [jpeg_bytes(smooth_image(i, (120, 90))) for i in range(5)]
+    batches = [datas[:2], [b"broken", datas[2]], datas[3:]]
+    results = list(feeder.embed_batches(batches))
+    assert [sorted(result.vectors) for result in results] == [[0, 1], [1], [0, 1]]
+    assert results[1].fallbacks == {0: "not an image Pillow can identify (wrong extension or unsupported format)"}
+    expected = encoder.encode_images([decode_image(data).image for data in datas])
+    got = [results[0].vectors[0], results[0].vectors[1], results[1].vectors[1], results[2].vectors[0], results[2].vectors[1]]
+    assert min(float(np.dot(a, b)) for a, b in zip(got, expected)) >= 0.999
+    assert results[2].headers[1].metadata()["width"] == 120
