@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from clipdex.search.encoder import Encoder
 from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, gpu_header, orient
@@ -26,6 +26,19 @@ def smooth_image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.I
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "RGB")
     return small.resize(size, Image.Resampling.BICUBIC).convert(mode)
+
+
+def grainy_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """Sharp-edged shapes under fine grain, like a camera photo at full resolution."""
+    rng = np.random.default_rng(seed)
+    image = smooth_image(seed, size)
+    draw = ImageDraw.Draw(image)
+    for _ in range(20):
+        x, y, radius = (int(v) for v in rng.integers(0, size[0], 3) // (1, 1, 4))
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    grain = rng.normal(0.0, 12.0, (size[1], size[0], 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+    return jpeg_bytes(Image.fromarray(pixels, "RGB"), quality=90)
 
 
 def encoder_for(spec: ModelSpec) -> Encoder:
@@ -69,7 +82,9 @@ def test_tensor_path_matches_open_clip(tiny_model: ModelSpec, tmp_path: Path) ->
     sizes = [(1200, 900), (900, 1200), (50, 40), (641, 479), (224, 224), (33, 500)]
     paths = [photo_like(tmp_path / f"p{i}.jpg", i, size) for i, size in enumerate(sizes)]
     paths += [photo_like(tmp_path / f"turned{o}.jpg", 10 + o, (640, 360), orientation=o) for o in range(1, 9)]
-    assert_faithful(tiny_model, paths)
+    grainy = tmp_path / "grainy.jpg"  # sharp edges and sensor grain: a resize without antialiasing would alias
+    grainy.write_bytes(grainy_jpeg(0, (1600, 1200)))
+    assert_faithful(tiny_model, paths + [grainy])
 
 
 @pytest.mark.slow
