@@ -265,6 +265,20 @@ def pinned_bytes(data: bytes) -> "torch.Tensor":
 
 
 @dataclass
+class EncodedImage:
+    """A file's bytes ready for the tensor path, with its header read (both done on a reader thread)."""
+
+    data: Any  # bytes, or a 1-D uint8 tensor in pinned memory (see `encoded_image`)
+    header: ImageHeader | str  # `gpu_header(data)`: the header, or why the CPU path must decode it
+
+
+def encoded_image(data: bytes) -> EncodedImage:
+    """Read the header of a file's bytes and, if the tensor path will decode them, put them in pinned memory."""
+    header = gpu_header(data)
+    return EncodedImage(data if isinstance(header, str) else pinned_bytes(data), header)
+
+
+@dataclass
 class Embedded:
     """The vectors of one batch given to `GpuFeeder`: by input index, and the inputs for the CPU path."""
 
@@ -309,12 +323,18 @@ class GpuFeeder:
         transform = TensorTransform.from_open_clip(encoder.preprocess)
         return cls(encoder.model, transform, "cuda") if transform is not None else None
 
-    def embed(self, datas: Sequence[Any]) -> Embedded:
-        """Embed one batch of files' bytes (see `embed_batches`)."""
-        return next(self.embed_batches([datas]))
+    def embed(self, images: Sequence[EncodedImage | bytes]) -> Embedded:
+        """Embed one batch of files (see `embed_batches`)."""
+        return next(self.embed_batches([images]))
 
-    def embed_batches(self, batches: Iterable[Sequence[Any]]) -> Iterator[Embedded]:
-        """Embed batches of files' bytes in order, decoding batch k+1 while the model runs batch k."""
+    def embed_batches(self, batches: Iterable[Sequence[EncodedImage | bytes]]) -> Iterator[Embedded]:
+        """Embed batches of files in order, decoding batch k+1 while the model runs batch k.
+
+        Each file is an `EncodedImage` (from `encoded_image`, on the caller's reader
+        threads) or plain bytes (their header is then read here). Each result says, by
+        index in its batch, the vectors and headers of the files decoded here and the
+        reason for each file that the CPU path must decode instead.
+        """
         pending: tuple[DecodedBatch, Any, Any] | None = None
         for datas in batches:
             decoded = self._decode(datas)  # overlaps the forward launched last round
@@ -324,26 +344,29 @@ class GpuFeeder:
         if pending is not None:
             yield self._collect(*pending)
 
-    def _decode(self, datas: Sequence[Any]) -> DecodedBatch:
+    def _decode(self, images: Sequence[EncodedImage | bytes]) -> DecodedBatch:
         import torch
 
-        headers_of = {index: gpu_header(_as_bytes(data)) for index, data in enumerate(datas)}
-        good = [index for index, header in headers_of.items() if not isinstance(header, str)]
+        encoded = [image if isinstance(image, EncodedImage) else encoded_image(image) for image in images]
+        datas = [image.data for image in encoded]
+        headers_of = {index: image.header for index, image in enumerate(encoded)}
+        accepted = {index: header for index, header in headers_of.items() if not isinstance(header, str)}
         fallbacks = {index: header for index, header in headers_of.items() if isinstance(header, str)}
+        good = list(accepted)
         parts: list[DecodedBatch] = []
-        for chunk in decode_chunks([headers_of[index] for index in good], self.decode_budget):  # type: ignore[misc]
-            members = [good[position] for position in chunk]
-            with _on_stream(self.decode_stream):
+        with _on_stream(self.decode_stream):  # every kernel of the batch, the final cat too, on the decode stream
+            for chunk in decode_chunks(list(accepted.values()), self.decode_budget):
+                members = [good[position] for position in chunk]
                 part = decode_batch([datas[index] for index in members], self.device, self.transform.resize_to,
                                     self.transform.mean, self.transform.std, self.transform.crop_size,
                                     headers={position: headers_of[index] for position, index in enumerate(members)})
-            part.rows = [members[row] for row in part.rows]
-            part.headers = {members[row]: header for row, header in part.headers.items()}
-            fallbacks.update({members[row]: reason for row, reason in part.fallbacks.items()})
-            parts.append(part)
-        tensors = [part.tensors for part in parts if len(part.rows)]
-        crop = self.transform.crop_size
-        batch = torch.cat(tensors) if tensors else torch.zeros((0, 3, crop, crop), device=self.device)
+                part.rows = [members[row] for row in part.rows]
+                part.headers = {members[row]: header for row, header in part.headers.items()}
+                fallbacks.update({members[row]: reason for row, reason in part.fallbacks.items()})
+                parts.append(part)
+            tensors = [part.tensors for part in parts if len(part.rows)]
+            crop = self.transform.crop_size
+            batch = torch.cat(tensors) if tensors else torch.zeros((0, 3, crop, crop), device=self.device)
         rows = [row for part in parts for row in part.rows]
         headers = {index: header for part in parts for index, header in part.headers.items()}
         return DecodedBatch(batch, rows, headers, dict(sorted(fallbacks.items())))

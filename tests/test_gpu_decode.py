@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from clipdex.search.encoder import Encoder
-from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, gpu_header, orient
+from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient
 from clipdex.search.imaging import decode_image, read_header
 from clipdex.search.model import ModelSpec
 from test_fidelity import photo_like, reference_image_vectors
@@ -179,7 +179,7 @@ def test_feeder_pipelines_batches_and_keeps_their_order(tiny_model: ModelSpec, t
     feeder = GpuFeeder(encoder.model, transform, "cpu")
     feeder.decode_budget = 3 * 120 * 90  # one image per decode call
     datas = [jpeg_bytes(smooth_image(i, (120, 90))) for i in range(5)]
-    batches = [datas[:2], [b"broken", datas[2]], datas[3:]]
+    batches = [datas[:2], [b"broken", datas[2]], [encoded_image(data) for data in datas[3:]]]  # as reader threads give them
     results = list(feeder.embed_batches(batches))
     assert [sorted(result.vectors) for result in results] == [[0, 1], [1], [0, 1]]
     assert results[1].fallbacks == {0: "not an image Pillow can identify (wrong extension or unsupported format)"}
