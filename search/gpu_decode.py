@@ -72,10 +72,10 @@ class TensorTransform:
         from torchvision import transforms
 
         steps = list(getattr(preprocess, "transforms", []))
-        kinds = [type(step).__name__ for step in steps]
-        if kinds != ["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"]:
-            if kinds != ["Resize", "CenterCrop", "_convert_to_rgb", "ToTensor", "Normalize"]:
-                return None
+        kinds = [getattr(step, "__name__", type(step).__name__) for step in steps]  # older open_clip: a function
+        if kinds not in (["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"],
+                         ["Resize", "CenterCrop", "_convert_to_rgb", "ToTensor", "Normalize"]):
+            return None
         resize, crop, normalize = steps[0], steps[1], steps[-1]
         size = resize.size[0] if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1 else resize.size
         if not isinstance(size, int) or resize.max_size is not None:

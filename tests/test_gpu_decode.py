@@ -136,6 +136,21 @@ def test_grayscale_and_progressive_jpegs_are_decoded_as_tensors(tiny_model: Mode
     assert_faithful(tiny_model, [gray, progressive])
 
 
+def test_a_camera_mpo_decodes_its_first_picture(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    """Cameras append a second picture to some JPEGs (MPO); Pillow and the CPU path use the first."""
+    first, second = smooth_image(7, (160, 120)), smooth_image(8, (160, 120))
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    data = buffer.getvalue()
+    assert read_header(data).format == "MPO"
+    encoder = encoder_for(tiny_model)
+    vectors, fallbacks = tensor_vectors(encoder, [data])
+    assert fallbacks == {}
+    expected = encoder.encode_images([decode_image(data).image, decode_image(jpeg_bytes(second)).image])
+    assert float(np.dot(vectors[0], expected[0])) >= 0.999
+    assert float(np.dot(vectors[0], expected[0])) > float(np.dot(vectors[0], expected[1]))
+
+
 def test_what_the_tensor_path_cannot_take_falls_back_per_file(tiny_model: ModelSpec) -> None:
     good = jpeg_bytes(smooth_image(3, (120, 90)))
     png = io.BytesIO()
@@ -162,6 +177,7 @@ def test_transform_is_read_only_from_open_clips_usual_pipeline() -> None:
         224, 224, tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
     assert TensorTransform.from_open_clip(open_clip.image_transform(224, is_train=False, resize_mode="squash")) is None
     assert TensorTransform.from_open_clip(open_clip.image_transform(224, is_train=False, interpolation="bilinear")) is None
+    assert TensorTransform.from_open_clip(object()) is None
 
 
 def test_decode_chunks_bound_the_full_resolution_pixels_of_a_call(tmp_path: Path) -> None:
