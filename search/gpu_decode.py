@@ -29,6 +29,7 @@ CPU. torch and torchvision are imported inside the functions.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -271,6 +272,10 @@ class EncodedImage:
     data: Any  # bytes, or a 1-D uint8 tensor in pinned memory (see `encoded_image`)
     header: ImageHeader | str  # `gpu_header(data)`: the header, or why the CPU path must decode it
 
+    def as_bytes(self) -> bytes:
+        """The file's bytes, for the CPU path when the tensor path sends the file back."""
+        return _as_bytes(self.data)
+
 
 def encoded_image(data: bytes) -> EncodedImage:
     """Read the header of a file's bytes and, if the tensor path will decode them, put them in pinned memory."""
@@ -398,6 +403,22 @@ class GpuFeeder:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True) if len(vectors) else vectors
         vectors = vectors / np.maximum(norms, 1e-12) if len(vectors) else vectors
         return Embedded({index: vectors[row] for row, index in enumerate(decoded.rows)}, decoded.headers, decoded.fallbacks)
+
+
+_feeders = threading.local()
+
+
+def thread_feeder(encoder: Any) -> GpuFeeder | None:
+    """This thread's `GpuFeeder` for `encoder` (`GpuFeeder.for_encoder`: None unless it runs on CUDA).
+
+    One per thread: each model lane gets its own pair of streams, so one lane's decoding
+    overlaps another's forward.
+    """
+    cached = getattr(_feeders, "value", None)
+    if cached is None or cached[0] is not encoder:
+        cached = (encoder, GpuFeeder.for_encoder(encoder))
+        _feeders.value = cached
+    return cached[1]
 
 
 class _on_stream:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from clipdex.search.encoder import Encoder
-from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient
+from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient, thread_feeder
 from clipdex.search.imaging import decode_image, read_header
 from clipdex.search.model import ModelSpec
 from test_fidelity import photo_like, reference_image_vectors
@@ -190,6 +190,7 @@ def test_decode_chunks_bound_the_full_resolution_pixels_of_a_call(tmp_path: Path
 def test_feeder_pipelines_batches_and_keeps_their_order(tiny_model: ModelSpec, tmp_path: Path) -> None:
     encoder = encoder_for(tiny_model)
     assert GpuFeeder.for_encoder(encoder) is None  # on the CPU, the indexer keeps its own path
+    assert thread_feeder(encoder) is None
     transform = TensorTransform.from_open_clip(encoder.preprocess)
     assert transform is not None
     feeder = GpuFeeder(encoder.model, transform, "cpu")
@@ -203,3 +204,4 @@ def test_feeder_pipelines_batches_and_keeps_their_order(tiny_model: ModelSpec, t
     got = [results[0].vectors[0], results[0].vectors[1], results[1].vectors[1], results[2].vectors[0], results[2].vectors[1]]
     assert min(float(np.dot(a, b)) for a, b in zip(got, expected)) >= 0.999
     assert results[2].headers[1].metadata()["width"] == 120
+    assert encoded_image(datas[3]).as_bytes() == datas[3]  # what the CPU path decodes when a file is sent back
