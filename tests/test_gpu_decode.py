@@ -205,3 +205,48 @@ def test_feeder_pipelines_batches_and_keeps_their_order(tiny_model: ModelSpec, t
     assert min(float(np.dot(a, b)) for a, b in zip(got, expected)) >= 0.999
     assert results[2].headers[1].metadata()["width"] == 120
     assert encoded_image(datas[3]).as_bytes() == datas[3]  # what the CPU path decodes when a file is sent back
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (nvJPEG)")
+
+
+@needs_cuda
+def test_nvjpeg_agrees_with_the_cpu_decoder(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    """On a GPU: the same inputs decoded by nvJPEG and by libjpeg-turbo, the same fallbacks and close vectors."""
+    paths = [photo_like(tmp_path / f"turned{o}.jpg", 20 + o, (640, 360), orientation=o) for o in range(1, 9)]
+    datas = [path.read_bytes() for path in paths]
+    datas += [jpeg_bytes(smooth_image(1, (300, 200), "L")), jpeg_bytes(smooth_image(2, (300, 200)), progressive=True),
+              grainy_jpeg(3, (1600, 1200)), jpeg_bytes(smooth_image(4, (40, 30), "CMYK")),
+              jpeg_bytes(smooth_image(5, (120, 90)))[:-300], b"not an image"]
+    encoder = encoder_for(tiny_model)
+    transform = TensorTransform.from_open_clip(encoder.preprocess)
+    assert transform is not None
+    on_cpu = decode_batch(datas, "cpu", transform.resize_to, transform.mean, transform.std)
+    on_gpu = decode_batch(datas, "cuda", transform.resize_to, transform.mean, transform.std)
+    assert on_gpu.tensors.device.type == "cuda"
+    assert on_gpu.rows == on_cpu.rows and sorted(on_gpu.fallbacks) == sorted(on_cpu.fallbacks) == [11, 12, 13]
+    worst = (on_gpu.tensors.cpu() - on_cpu.tensors).abs().amax(dim=(1, 2, 3)) * 0.27 * 255
+    assert float(worst.max()) <= 8.0, worst.tolist()  # nvJPEG's IDCT and upsampling differ from libjpeg's a little
+    gpu_vectors, cpu_vectors = encoder.encode_tensors(on_gpu.tensors.cpu()), encoder.encode_tensors(on_cpu.tensors)
+    assert min(float(np.dot(a, b)) for a, b in zip(gpu_vectors, cpu_vectors)) >= 0.999
+
+
+@needs_cuda
+def test_feeder_on_cuda_embeds_like_the_cpu_path(tiny_model: ModelSpec) -> None:
+    encoder = Encoder(tiny_model.resolve(), device="cuda").load()
+    feeder = thread_feeder(encoder)
+    assert feeder is not None and feeder.dtype == next(encoder.model.parameters()).dtype
+    datas = [jpeg_bytes(smooth_image(i, (120 + 8 * i, 90))) for i in range(6)]
+    batches = [[encoded_image(data) for data in datas[:3]], [b"broken", *datas[3:]]]
+    results = list(feeder.embed_batches(batches))
+    assert sorted(results[0].vectors) == [0, 1, 2] and sorted(results[1].vectors) == [1, 2, 3]
+    assert list(results[1].fallbacks) == [0]
+    expected = encoder_for(tiny_model).encode_images([decode_image(data).image for data in datas])
+    got = [results[0].vectors[i] for i in range(3)] + [results[1].vectors[i] for i in range(1, 4)]
+    assert min(float(np.dot(a, b)) for a, b in zip(got, expected)) >= 0.99  # fp16 weights on the GPU, fp32 here
