@@ -405,6 +405,16 @@ class GpuFeeder:
         return Embedded({index: vectors[row] for row, index in enumerate(decoded.rows)}, decoded.headers, decoded.fallbacks)
 
 
+def uses_gpu_decoding(encoder: Any) -> bool:
+    """Whether files for `encoder` go to the tensor path: its model runs on CUDA with open_clip's usual transform.
+
+    Loads the model (its device is known only then). Reader threads ask this before
+    `encoded_image`; model lanes then embed through `thread_feeder`.
+    """
+    return encoder.preprocess is not None and encoder.device == "cuda" and (
+        TensorTransform.from_open_clip(encoder.preprocess) is not None)
+
+
 _feeders = threading.local()
 
 

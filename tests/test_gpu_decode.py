@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from clipdex.search.encoder import Encoder
-from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient, thread_feeder
+from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient, thread_feeder, uses_gpu_decoding
 from clipdex.search.imaging import decode_image, read_header
 from clipdex.search.model import ModelSpec
 from test_fidelity import photo_like, reference_image_vectors
@@ -190,7 +190,7 @@ def test_decode_chunks_bound_the_full_resolution_pixels_of_a_call(tmp_path: Path
 def test_feeder_pipelines_batches_and_keeps_their_order(tiny_model: ModelSpec, tmp_path: Path) -> None:
     encoder = encoder_for(tiny_model)
     assert GpuFeeder.for_encoder(encoder) is None  # on the CPU, the indexer keeps its own path
-    assert thread_feeder(encoder) is None
+    assert thread_feeder(encoder) is None and not uses_gpu_decoding(encoder)
     transform = TensorTransform.from_open_clip(encoder.preprocess)
     assert transform is not None
     feeder = GpuFeeder(encoder.model, transform, "cpu")
@@ -241,6 +241,7 @@ def test_nvjpeg_agrees_with_the_cpu_decoder(tiny_model: ModelSpec, tmp_path: Pat
 def test_feeder_on_cuda_embeds_like_the_cpu_path(tiny_model: ModelSpec) -> None:
     encoder = Encoder(tiny_model.resolve(), device="cuda").load()
     feeder = thread_feeder(encoder)
+    assert uses_gpu_decoding(encoder)
     assert feeder is not None and feeder.dtype == next(encoder.model.parameters()).dtype
     datas = [jpeg_bytes(smooth_image(i, (120 + 8 * i, 90))) for i in range(6)]
     batches = [[encoded_image(data) for data in datas[:3]], [b"broken", *datas[3:]]]
