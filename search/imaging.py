@@ -147,6 +147,8 @@ def read_header(data: bytes, name: str = "image") -> ImageHeader:
             stored_width, stored_height = opened.size
             exif = opened.getexif()
             image_format, mode = opened.format or "", opened.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(name, f"refused as a decompression bomb ({_first_line(error)})") from None
     except UnidentifiedImageError:
         raise UnreadableImage(name, "not an image Pillow can identify (wrong extension or unsupported format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:

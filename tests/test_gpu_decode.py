@@ -10,10 +10,12 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from clipdex.search.encoder import Encoder
+from clipdex.search.errors import UnreadableImage
 from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient, thread_feeder, uses_gpu_decoding
 from clipdex.search.imaging import decode_image, read_header
 from clipdex.search.model import ModelSpec
 from test_fidelity import photo_like, reference_image_vectors
+from test_formats import bomb_png
 
 
 def jpeg_bytes(image: Image.Image, **options: object) -> bytes:
@@ -167,6 +169,25 @@ def test_what_the_tensor_path_cannot_take_falls_back_per_file(tiny_model: ModelS
     assert len(vectors) == 2 and float(np.dot(vectors[0], vectors[1])) > 0.9999
     expected = encoder.encode_images([decode_image(good).image])[0]
     assert float(np.dot(vectors[0], expected)) >= 0.999
+
+
+def with_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header (SOF0) claiming another size."""
+    at = jpeg.index(b"\xff\xc0") + 5  # marker, length (2), precision (1), then height and width
+    return jpeg[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[at + 4 :]
+
+
+def test_decompression_bombs_go_to_the_cpu_path_which_refuses_them(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    small = jpeg_bytes(smooth_image(9, (40, 30)))
+    beyond_twice, beyond_once = with_size(small, 40_000, 40_000), with_size(small, 15_000, 15_000)
+    png = bomb_png(tmp_path / "bomb.png").read_bytes()
+    _, fallbacks = tensor_vectors(encoder_for(tiny_model), [small, beyond_twice, beyond_once, png])
+    assert sorted(fallbacks) == [1, 2, 3]
+    assert fallbacks[1].startswith("refused as a decompression bomb") and fallbacks[3].startswith("refused as a")
+    assert fallbacks[2] == "more pixels than allowed (the CPU path says how many)"
+    for data in (beyond_twice, beyond_once, png):
+        with pytest.raises(UnreadableImage, match="decompression bomb"):
+            decode_image(data)
 
 
 def test_transform_is_read_only_from_open_clips_usual_pipeline() -> None:
