@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -131,7 +131,7 @@ class ImageHeader:
     camera_make: str | None = None
     camera_model: str | None = None
 
-    def metadata(self) -> dict[str, object]:
+    def metadata(self) -> dict[str, Any]:
         """The catalog's image columns, the same keys and values decode_image's result gives."""
         return {"width": self.width, "height": self.height, "taken_at": self.taken_at,
                 "camera_make": self.camera_make, "camera_model": self.camera_model}
