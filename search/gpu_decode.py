@@ -7,12 +7,12 @@ transform would run on Pillow images on the CPU. The same code runs on "cpu" (th
 torchvision decodes with libjpeg-turbo): that is how the tests check, without a GPU,
 that its vectors stay at cosine >= 0.999 of open_clip's preprocess.
 
-Why torchvision's decoder and not TorchCodec's: torchvision 0.29 is already a dependency
-and its batched CUDA decode works with the pinned torch; TorchCodec would be one more
-binary package that must match torch's exact version, and its image decoders (0.16+)
-are the same nvJPEG underneath. torchvision deprecates its decoders in 0.29 but still
-ships them; the one call is in `_decode_jpegs` so that moving to TorchCodec's
-`decode_jpeg(..., device="cuda")` later changes one function.
+Why torchvision's decoder and not TorchCodec's: torchvision 0.29 is already a dependency,
+built for the pinned torch, and its batched CUDA decode needs nothing more. TorchCodec
+(0.16+ decodes JPEGs, on CUDA too) would be one more binary package that must match
+torch's exact build, its CUDA builds included, for no gain here. torchvision deprecates
+its decoders in 0.29 but still ships them; the one call is in `_decode_jpegs`, so that
+moving to TorchCodec's `decode_jpeg(..., device="cuda")` later changes one function.
 
 What is not decoded here falls back to the CPU path (Pillow, `imaging.decode_image`)
 file by file, with the reason: other formats, CMYK/YCCK JPEGs (Adobe's inverted CMYK is
