@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -127,6 +127,62 @@ def _decode_opened(opened: Image.Image, draft_size: int | None) -> DecodedImage:
         image=to_rgb(oriented),
         width=width,
         height=height,
+        taken_at=_exif_datetime(exif),
+        camera_make=_exif_text(exif, EXIF_MAKE),
+        camera_model=_exif_text(exif, EXIF_MODEL),
+    )
+
+
+@dataclass
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels (see `read_header`)."""
+
+    format: str  # Pillow's name: "JPEG", "MPO", "PNG", ...
+    mode: str  # Pillow's mode of the stored pixels: "RGB", "L", "CMYK", ...
+    stored_width: int  # as stored, before EXIF orientation
+    stored_height: int
+    orientation: int  # EXIF orientation 1-8 (1 when absent or invalid)
+    width: int  # after orientation, as DecodedImage gives them
+    height: int
+    taken_at: datetime | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """The catalog's image columns, the same keys and values decode_image's result gives."""
+        return {"width": self.width, "height": self.height, "taken_at": self.taken_at,
+                "camera_make": self.camera_make, "camera_model": self.camera_model}
+
+
+def read_header(data: bytes, name: str = "image") -> ImageHeader:
+    """Format, size, EXIF orientation and metadata of an image's bytes, without decoding its pixels.
+
+    Raises UnreadableImage when Pillow cannot identify the bytes or they hold no pixels.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            stored_width, stored_height = opened.size
+            exif = opened.getexif()
+            image_format, mode = opened.format or "", opened.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(name, f"refused as a decompression bomb ({_first_line(error)})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(name, "not an image Pillow can identify (wrong extension or unsupported format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
+        raise UnreadableImage(name, _first_line(error) or type(error).__name__) from None
+    if stored_width * stored_height == 0:
+        raise UnreadableImage(name, "image has no pixels")
+    orientation = exif.get(EXIF_ORIENTATION, 1)
+    orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+    turned = orientation in TRANSPOSING_ORIENTATIONS
+    return ImageHeader(
+        format=image_format,
+        mode=mode,
+        stored_width=stored_width,
+        stored_height=stored_height,
+        orientation=orientation,
+        width=stored_height if turned else stored_width,
+        height=stored_width if turned else stored_height,
         taken_at=_exif_datetime(exif),
         camera_make=_exif_text(exif, EXIF_MAKE),
         camera_model=_exif_text(exif, EXIF_MODEL),
