@@ -54,11 +54,12 @@ print("IMPORTED", sorted(name for name in ("torch", "open_clip") if name in sys.
 """
 
 
-def build_library(folder: Path, library_path: Path, scratch: Path) -> Library:
-    """A library that already holds every image under `folder`, made without the model."""
+def build_library(folder: Path, library_path: Path, scratch: Path, catalog: str | None = None) -> Library:
+    """A library that already holds every image under `folder`, made without the model
+    (on the PostgreSQL catalog at `catalog`, if given)."""
     config = scratch / "small-clip.json"
     config.write_text(json.dumps(SMALL_MODEL))
-    library = Library.open(library_path, model=ModelSpec(str(config), "none"), create=True, device="cpu")
+    library = Library.open(library_path, model=ModelSpec(str(config), "none"), create=True, device="cpu", catalog=catalog)
     files = scan([folder]).files
     rng = np.random.default_rng(0)
     with library.writer() as writer:
