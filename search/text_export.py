@@ -110,6 +110,7 @@ def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) 
             logger.info("the text encoder of %s was not exported (%s); the next run tries again", library_path, error)
             return None
         reason = str(error) if isinstance(error, TextExportRefused) else f"{type(error).__name__}: {error}"
+        logger.warning("the text encoder of %s was not exported, and will not be again: %s", library_path, reason)
         _remember_refusal(library_path, encoder.spec, reason)
     return None
 
@@ -118,8 +119,8 @@ def _remember_refusal(library_path: Path, model: ResolvedModel, reason: str) -> 
     refusal = {"version": EXPORT_VERSION, "model": model.to_json(), "reason": reason[:500], "at": time.time()}
     try:
         write_json_atomic(library_path / REFUSED_FILE, refusal)
-    except OSError:
-        pass  # a read-only library: the next process tries again
+    except OSError as error:  # a read-only library: the next process tries again
+        logger.info("the refusal of %s's text export was not recorded (%s)", library_path, error)
 
 
 def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextExportSettings:
