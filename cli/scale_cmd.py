@@ -9,6 +9,7 @@ import typer
 
 from clipdex.cli.common import JsonOption, LibraryOption, err, handles_errors, open_library, out, print_json
 from clipdex.cli.progress import progress_bar
+from clipdex.search.errors import ClipdexError, LibraryNotFound
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +59,13 @@ def import_vectors(
     """Import precomputed embeddings as catalog items (images by path, texts by caption)."""
     from clipdex.search.import_vectors import import_vectors as run_import
 
-    lib = open_library(library)
+    try:
+        lib = open_library(library)
+    except LibraryNotFound as error:  # someone else's vectors: there is no index run to make the library
+        raise ClipdexError(
+            f"no clipdex library at {error.path}: make one for the vectors' model first, e.g. "
+            f"clipdex init --library {error.path} --model ViT-B-32 --pretrained laion2b_s34b_b79k"
+        ) from None
     with progress_bar("Importing", enabled=not quiet and not json_output) as progress:
         report = run_import(lib, sources, model_name=model_name, progress=progress)
     for note in report.notes:
