@@ -72,3 +72,27 @@ class DamagedVectors(CorruptLibrary):
 
 class ReadOnlyLibrary(ClipdexError):
     """The library can be searched but not written (a read-only mount, a folder of another user)."""
+
+
+class AddressUnavailable(ClipdexError):
+    """The server cannot listen on the address it was given (a port in use, a host not of this machine)."""
+
+
+class TextExportRefused(ClipdexError):
+    """The text tower cannot be exported faithfully; queries keep using the open_clip model."""
+
+
+class InvalidVectors(ClipdexError):
+    """An embeddings file that cannot be imported as it is (the message names file and reason)."""
+
+
+class MissingDependency(ClipdexError):
+    """An optional package is needed for this input."""
+
+
+class MemoryBudgetError(ClipdexError):
+    """A memory budget that cannot be read, or that no index type fits into."""
+
+
+class GpuUnavailable(ClipdexError):
+    """The GPU was required (CLIPDEX_GPU=on) but FAISS cannot search there."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from clipdex.search.catalog import KINDS, NewItem
-from clipdex.search.errors import ClipdexError, ModelMismatch
+from clipdex.search.errors import InvalidVectors, MissingDependency, ModelMismatch
 from clipdex.search.model import ResolvedModel
 
 if TYPE_CHECKING:
@@ -36,14 +36,6 @@ if TYPE_CHECKING:
 
 NORM_TOLERANCE = 1e-3
 EXPORT_ARRAYS = ("ids", "kinds", "paths", "texts", "vectors", "model")
-
-
-class InvalidVectors(ClipdexError):
-    """An embeddings file that cannot be imported as it is (the message names file and reason)."""
-
-
-class MissingDependency(ClipdexError):
-    """An optional package is needed for this input."""
 
 
 @dataclass

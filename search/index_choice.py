@@ -28,7 +28,7 @@ import re
 
 import numpy as np
 
-from clipdex.search.errors import ClipdexError
+from clipdex.search.errors import MemoryBudgetError
 from clipdex.search.vectors import GpuSettings, IndexSpec, VectorIndex, faiss_module
 
 
@@ -42,10 +42,6 @@ PQ_MIN_TRAINING = 9_984  # 39 points for each of a PQ sub-quantizer's 256 centro
 PQ_SUBQUANTIZERS = (64, 48, 32, 24, 16, 12, 8)  # code bytes a vector; FAISS GPUs take all of these
 ID_BYTES = 8
 ADD_CHUNK = 100_000
-
-
-class MemoryBudgetError(ClipdexError):
-    """A memory budget that cannot be read, or that no index type fits into."""
 
 
 def parse_size(text: str) -> int:

@@ -26,7 +26,6 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -43,7 +42,7 @@ from clipdex.search.encoders.onnx_text import (
     installed_export,
 )
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
-from clipdex.search.errors import ClipdexError
+from clipdex.search.errors import TextExportRefused
 from clipdex.search.model import ResolvedModel
 from clipdex.search.readonly import environment_error, environment_reason
 
@@ -75,10 +74,6 @@ PROBE_TEXTS = (
     " ".join(f"word{number} and" for number in range(60)),
     "supercalifragilisticexpialidocious " * 30,
 )
-
-
-class TextExportRefused(ClipdexError):
-    """The text tower cannot be exported faithfully; queries keep using the open_clip model."""
 
 
 def export_refused(library_path: Path, model: ResolvedModel) -> str | None:

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from clipdex.search.atomic import write_atomic, write_json_atomic
-from clipdex.search.errors import ClipdexError, CorruptLibrary
+from clipdex.search.errors import CorruptLibrary, GpuUnavailable
 
 INDEX_FILE = "vectors.faiss"
 STAMP_FILE = "vectors.json"
@@ -57,10 +57,6 @@ DEFAULT_EF_SEARCH = 64
 GPU_ENV = "CLIPDEX_GPU"  # auto (default): use GPUs when FAISS sees one; on: require one; off: never
 GPU_MULTI_ENV = "CLIPDEX_GPU_MULTI"  # replicate (default): a full copy per GPU; shard: split across GPUs
 GPU_FP16_ENV = "CLIPDEX_GPU_FP16"  # 1: float16 storage for flat vectors (and IVF-PQ lookup tables)
-
-
-class GpuUnavailable(ClipdexError):
-    """The GPU was required (CLIPDEX_GPU=on) but FAISS cannot search there."""
 
 
 @dataclass

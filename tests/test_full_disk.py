@@ -18,7 +18,6 @@ from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from clipdex.cli.main import app
-from clipdex.indexer import index_paths
 from clipdex.search import text_export
 from clipdex.search.catalog import Catalog, NewItem
 from clipdex.search.encoders.torch_clip import TorchClipEncoder as Encoder

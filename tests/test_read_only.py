@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -22,16 +22,12 @@ from typing import BinaryIO
 
 from clipdex.search.catalog import Item
 from clipdex.search.atomic import write_bytes_atomic
-from clipdex.search.errors import UnreadableImage
+from clipdex.search.errors import FileUnavailable, UnreadableImage
 from clipdex.search.fileid import content_hash
 from clipdex.search.imaging import thumbnail_jpeg
 
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # a requested size is rounded up to one of these
-
-
-class FileUnavailable(Exception):
-    """The item has no file to serve (a text), or its file is gone or changed since indexing."""
 
 
 def open_indexed_file(item: Item) -> BinaryIO:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import uvicorn
 from starlette.types import ASGIApp
 
-from clipdex.search.errors import ClipdexError
+from clipdex.search.errors import AddressUnavailable
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 STARTUP_TIMEOUT_SECONDS = 30.0
@@ -27,10 +27,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class AddressUnavailable(ClipdexError):
-    """The server cannot listen on the address it was given (a port in use, a host not of this machine)."""
 
 
 def open_listener(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
