@@ -22,10 +22,11 @@ import numpy as np
 from clipdex.indexer.scan import ScannedFile, scan
 from clipdex.search.catalog import FileRecord, NewItem
 from clipdex.search.encoder import available_cores
-from clipdex.search.errors import ClipdexError, UnreadableImage
+from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
 from clipdex.search.fileid import content_hash as hash_bytes
 from clipdex.search.imaging import decode_image
 from clipdex.search.library import Library
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, max_file_bytes, read_regular_file
 from clipdex.search.vectors import faiss_module
 
 ProgressCallback = Callable[[int, int], None]
@@ -133,6 +134,7 @@ def index_paths(
     stop: threading.Event | None = None,
     export_text: bool = True,
     prune_empty_roots: bool = False,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
@@ -141,12 +143,14 @@ def index_paths(
     items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
     (once; `clipdex.search.text_export`) so that later text queries need neither torch nor open_clip.
+    `max_file_mb`: larger files are reported as failed, never read (`clipdex.search.safe_read`).
     """
     started = time.monotonic()
     report = IndexReport()
     # The diff and the commits happen under the write lock: another run cannot slip in between.
     with library.writer() as writer:
-        result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)])
+        result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)],
+                      max_file_bytes=max_file_bytes(max_file_mb))
         report.failed += [Failure(path, reason) for path, reason in result.errors]
         known = library.catalog.files_under(result.roots)
         direct = [f.path for f in result.files if f.path not in known and not _inside_any(f.path, result.roots)]
@@ -324,9 +328,11 @@ def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, worker
 def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
     path = job.file.path
     try:
-        data, identity = _read_file(path)
+        data, identity = _read_file(path, job.file.size)
     except FileNotFoundError:
         return _Prepared(job, error="file vanished before it could be read")
+    except UnreadableFile as error:
+        return _Prepared(job, error=error.reason)
     except OSError as error:
         return _Prepared(job, error=f"cannot read: {error.strerror or error}")
     content_hash = hash_bytes(data)
@@ -342,11 +348,11 @@ def _prepare(job: _Job, encoder: Any, hashes: _HashLookup) -> _Prepared:
     return prepared
 
 
-def _read_file(path: str) -> tuple[bytes, tuple[int, int]]:
-    """The file's bytes and its (device, inode), both of the one file that was opened."""
-    with open(path, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        return handle.read(), (info.st_dev, info.st_ino)
+def _read_file(path: str, scanned_size: int) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes and its (device, inode), both of the one file that was opened: a
+    regular file, read up to one byte past the size the scan saw (which was within the limit)."""
+    data, info = read_regular_file(path, scanned_size, larger="file changed during the run; run index again")
+    return data, (info.st_dev, info.st_ino)
 
 
 def _decode_into(prepared: _Prepared, data: bytes, encoder: Any) -> None:
@@ -390,7 +396,10 @@ def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
         if source is None or source.content_hash != prepared.content_hash:
             prepared.reuse_id = None
             try:
-                data, prepared.identity = _read_file(prepared.job.file.path)
+                data, prepared.identity = _read_file(prepared.job.file.path, prepared.job.file.size)
+            except UnreadableFile as error:
+                prepared.error = error.reason
+                continue
             except OSError as error:
                 prepared.error = f"cannot read: {error.strerror or error}"
                 continue

@@ -51,3 +51,12 @@ class ItemNotFound(ClipdexError):
     def __init__(self, item_id: object) -> None:
         super().__init__(f"no item with id {item_id} in this library")
         self.item_id = item_id
+
+
+class UnreadableFile(ClipdexError):
+    """A file clipdex will not read: not a regular file, or over the size limit."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -20,7 +20,7 @@ from clipdex.search.errors import CorruptLibrary, InvalidQuery, ItemNotFound, Li
 from clipdex.search.imaging import decode_image
 from clipdex.search.model import ModelSpec, ResolvedModel
 from clipdex.search.paths import resolve_library_path
-from clipdex.search.query import Filters, Hit, Query, Term, combine
+from clipdex.search.query import Filters, Hit, Query, Term, combine, vector_from
 from clipdex.search.sharedlock import SharedLock
 from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex, write_json_atomic
 
@@ -319,12 +319,7 @@ class Library:
         return self._vector_term(term.value)
 
     def _vector_term(self, value: Any) -> np.ndarray:
-        if isinstance(value, (str, os.PathLike)):
-            try:
-                value = np.load(value, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise InvalidQuery(f"cannot read vector file {value}: {error}") from error
-        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+        vector = vector_from(value)  # a .npy read safely, numbers checked
         if vector.shape[0] != self.dim:
             raise InvalidQuery(f"the query vector has {vector.shape[0]} dimensions; this library's model has {self.dim}")
         if not np.all(np.isfinite(vector)):

@@ -157,3 +157,42 @@ def test_image_between_one_and_two_bomb_limits_is_refused(tmp_path: Path) -> Non
 
     with pytest.raises(UnreadableImage, match="decompression bomb"):
         decode_image(path)
+
+
+def test_a_file_grown_since_the_scan_is_not_read_past_its_scanned_size(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
+    import clipdex.indexer.pipeline as pipeline
+
+    paths = make_images(tmp_path / "pics", 3)
+    real_scan = pipeline.scan
+
+    def scan_then_grow(*args, **kwargs):
+        result = real_scan(*args, **kwargs)
+        with open(paths[1], "r+b") as handle:
+            handle.truncate(64 << 20)  # sparse; a JPEG with zeros after its end still decodes
+        return result
+
+    monkeypatch.setattr(pipeline, "scan", scan_then_grow)
+    read = []
+    real_read = pipeline.read_regular_file
+    monkeypatch.setattr(pipeline, "read_regular_file", lambda *a, **k: read.append(a[1]) or real_read(*a, **k))
+    report = index_paths(library, [tmp_path / "pics"])
+    assert report.added == 2
+    assert [(Path(f.path).name, f.error) for f in report.failed] == [("img001.jpg", "file changed during the run; run index again")]
+    assert max(read) < 1 << 20  # each read was bounded by the size the scan saw
+
+
+def test_pillow_warnings_are_logged_with_the_file_not_printed(library: Library, tmp_path: Path, caplog, capsys, monkeypatch) -> None:
+    import logging
+    import warnings
+
+    from clipdex.search import imaging
+    from tests.test_cli import corrupt_exif_jpeg
+
+    monkeypatch.setattr(warnings, "showwarning", imaging._show_warning)  # pytest swaps in its own recorder per test
+    path = corrupt_exif_jpeg(tmp_path / "pics" / "warns.jpg") if (tmp_path / "pics").mkdir() is None else None
+    caplog.set_level(logging.DEBUG, logger="clipdex.search.imaging")
+    report = index_paths(library, [tmp_path / "pics"], workers=2)
+    assert report.added == 1
+    logged = [record.getMessage() for record in caplog.records if record.name == "clipdex.search.imaging"]
+    assert logged and all(message.startswith(f"{path}: UserWarning: ") for message in logged), logged
+    assert "Warning" not in capsys.readouterr().err
