@@ -31,6 +31,19 @@ def read_labels(values: List[str]) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
+def _check_images_exist(images: List[Path], labels: List[str]) -> None:
+    """Before any work: `--labels cat dog` makes `dog` an image; say how to give several labels."""
+    from clipdex.search.imaging import is_image_path
+
+    for image in images:
+        if not image.exists() and not image.is_symlink():
+            hint = ""
+            if not is_image_path(image):
+                hint = (f"; to give several labels repeat the option (--labels {labels[-1]} --labels {image}) "
+                        "or pass a file with one label per line")
+            raise ClipdexError(f"{image}: no such image file{hint}")
+
+
 @handles_errors
 def tag(
     images: List[Path] = typer.Argument(..., help="Image files to label"),
@@ -49,6 +62,7 @@ def tag(
     from clipdex.search.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
 
     names = read_labels(labels)
+    _check_images_exist(images, labels)
     encoder = encoder_for(library, model, pretrained, device)
     vectors = label_vectors(encoder, names, template or DEFAULT_TEMPLATES)
     results = []
