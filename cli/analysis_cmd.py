@@ -18,14 +18,20 @@ def register(app: typer.Typer) -> None:
 
 
 def read_labels(values: List[str]) -> list[str]:
-    """Each value is a label, or a file with one label per line."""
+    """Each value is a label, or a (regular, UTF-8) file with one label per line."""
+    from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
+
     labels: list[str] = []
     for value in values:
         path = Path(value)
-        if path.is_file():
-            labels += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
+        if not path.is_file():
             labels.append(value)
+            continue
+        try:
+            text = read_regular_file(path, DEFAULT_MAX_FILE_MB * MB)[0].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ClipdexError(f"{path}: labels file is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        labels += [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise ClipdexError("no labels: pass --labels FILE (a label per line) or --labels TEXT (repeatable)")
     return list(dict.fromkeys(labels))

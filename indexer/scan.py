@@ -159,7 +159,7 @@ def _add_file(path: str, result: ScanResult, seen: set[str], max_file_bytes: int
         return
     problem = not_regular_reason(info.st_mode)
     if problem is None and info.st_size > max_file_bytes:
-        problem = too_large_reason(info.st_size, max_file_bytes)
+        problem = too_large_reason(info.st_size, max_file_bytes, setting="--max-file-mb")
     if problem is None and not recordable_name(path):
         problem = NOT_UTF8_NAME
     if problem is None and not os.access(path, os.R_OK):

@@ -78,7 +78,7 @@ def read_corpus(path: Path, column: str | None = None, id_column: str | None = N
     if suffix == ".txt" and (column or id_column):
         raise UnreadableCorpus(f"{path}: --column and --id-column apply to .csv, .tsv and .jsonl files")
     try:
-        data, _ = read_regular_file(path, max_bytes)
+        data, _ = read_regular_file(path, max_bytes, setting="--max-file-mb")
     except UnreadableFile as error:
         raise UnreadableCorpus(f"{path}: {error.reason}") from None
     except OSError as error:

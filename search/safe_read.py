@@ -42,37 +42,40 @@ def describe_size(size: int) -> str:
     return f"{size} bytes"
 
 
-def too_large_reason(size: int, limit: int, claimed: bool = True) -> str:
-    """`claimed`: the size is what stat says; else the file only turned out larger when read."""
+def too_large_reason(size: int, limit: int, claimed: bool = True, setting: str | None = None) -> str:
+    """`claimed`: the size is what stat says; else the file only turned out larger when read.
+    `setting`: the option that sets the limit, named in the reason."""
     said = describe_size(size) if claimed else "larger when read than its size said"
-    return f"{said}, over the {describe_size(limit)} size limit (--max-file-mb)"
+    return f"{said}, over the {describe_size(limit)} size limit" + (f" ({setting})" if setting else "")
 
 
-def read_regular_file(path: str | os.PathLike[str], max_bytes: int, larger: str | None = None) -> tuple[bytes, os.stat_result]:
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int, larger: str | None = None,
+                      setting: str | None = None) -> tuple[bytes, os.stat_result]:
     """The bytes of the regular file at `path` (links followed) and its fstat, reading at most
     `max_bytes` + 1 bytes. Raises UnreadableFile for anything else or anything larger (with
-    the reason `larger` when given, else its size and the limit); OSError
-    (FileNotFoundError, PermissionError...) as opening and reading raise it."""
-    _check(path, os.stat(path), max_bytes, larger)
+    the reason `larger` when given, else its size, the limit and the `setting` that sets
+    it); OSError (FileNotFoundError, PermissionError...) as opening and reading raise it."""
+    name = os.fspath(path)
+
+    def check(info: os.stat_result) -> None:
+        reason = not_regular_reason(info.st_mode)
+        if reason is not None:
+            raise UnreadableFile(name, reason)
+        if info.st_size > max_bytes:
+            raise UnreadableFile(name, larger or too_large_reason(info.st_size, max_bytes, setting=setting))
+
+    check(os.stat(path))
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
                          | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
         info = os.fstat(descriptor)
-        _check(path, info, max_bytes, larger)
+        check(info)
         data = _read_at_most(descriptor, max_bytes + 1, info.st_size + 1)
     finally:
         os.close(descriptor)
     if len(data) > max_bytes:
-        raise UnreadableFile(os.fspath(path), larger or too_large_reason(len(data), max_bytes, claimed=False))
+        raise UnreadableFile(name, larger or too_large_reason(len(data), max_bytes, claimed=False, setting=setting))
     return data, info
-
-
-def _check(path: str | os.PathLike[str], info: os.stat_result, max_bytes: int, larger: str | None) -> None:
-    reason = not_regular_reason(info.st_mode)
-    if reason is not None:
-        raise UnreadableFile(os.fspath(path), reason)
-    if info.st_size > max_bytes:
-        raise UnreadableFile(os.fspath(path), larger or too_large_reason(info.st_size, max_bytes))
 
 
 def _read_at_most(descriptor: int, limit: int, expected: int) -> bytes:

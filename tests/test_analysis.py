@@ -85,3 +85,15 @@ def test_labels_after_one_option_say_to_repeat_it(library: Library, tmp_path: Pa
                              "(--labels cat --labels dog) or pass a file with one label per line\n")
     missing = runner.invoke(app, ["tag", str(tmp_path / "gone.jpg"), "--labels", "cat", "--library", str(library.path)])
     assert missing.exit_code == 1 and missing.stderr == f"Error: {tmp_path / 'gone.jpg'}: no such image file\n"
+
+
+def test_a_labels_file_over_the_size_limit_is_an_error(library: Library, tmp_path: Path, make_images) -> None:
+    from tests.test_cli import clipdex_process
+
+    images = make_images(tmp_path / "pics", 1)
+    labels = tmp_path / "labels.txt"
+    with open(labels, "wb") as handle:
+        handle.truncate(600 << 20)  # sparse, over the 512 MB limit
+    result = clipdex_process("tag", str(images[0]), "--labels", str(labels), "--library", str(library.path), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {labels}: 600.0 MB, over the 512.0 MB size limit\n", result.stderr
