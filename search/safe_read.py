@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from clipdex.search.errors import UnreadableFile
+from clipdex.search.errors import ClipdexError, UnreadableFile
 
 DEFAULT_MAX_FILE_MB = 512  # far above any real photo or query vector
 MB = 1024 * 1024
@@ -21,7 +21,7 @@ _FIRST_READ = 1 << 16  # when the size claims less: read on in steps of this
 
 def max_file_bytes(megabytes: float) -> int:
     if megabytes <= 0:
-        raise ValueError(f"the file size limit must be positive, not {megabytes} MB")
+        raise ClipdexError(f"the file size limit must be positive, not {megabytes} MB")
     return int(megabytes * MB)
 
 

@@ -196,3 +196,33 @@ def test_pillow_warnings_are_logged_with_the_file_not_printed(library: Library, 
     logged = [record.getMessage() for record in caplog.records if record.name == "clipdex.search.imaging"]
     assert logged and all(message.startswith(f"{path}: UserWarning: ") for message in logged), logged
     assert "Warning" not in capsys.readouterr().err
+
+
+def test_a_file_swapped_for_a_fifo_after_its_stat_is_refused_without_blocking(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import threading
+
+    from clipdex.search import safe_read
+    from clipdex.search.errors import UnreadableFile
+
+    photo = write_image(tmp_path / "photo.jpg", seed=1)
+    swapped = tmp_path / "swapped.jpg"
+    os.mkfifo(swapped)
+    real_stat = os.stat
+    monkeypatch.setattr(safe_read.os, "stat", lambda path, *args, **kwargs: real_stat(photo))  # the stat saw a photo
+    outcome: list[str] = []
+
+    def read() -> None:
+        try:
+            safe_read.read_regular_file(swapped, 1 << 20)
+            outcome.append("read")
+        except UnreadableFile as error:
+            outcome.append(error.reason)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(swapped, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open return
+        pytest.fail("opening the FIFO blocked")
+    assert outcome == ["a FIFO (named pipe), not a regular file: only regular files are read"]
