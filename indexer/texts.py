@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
