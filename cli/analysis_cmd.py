@@ -18,17 +18,36 @@ def register(app: typer.Typer) -> None:
 
 
 def read_labels(values: List[str]) -> list[str]:
-    """Each value is a label, or a file with one label per line."""
+    """Each value is a label, or a (regular, UTF-8) file with one label per line."""
+    from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
+
     labels: list[str] = []
     for value in values:
         path = Path(value)
-        if path.is_file():
-            labels += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
+        if not path.is_file():
             labels.append(value)
+            continue
+        try:
+            text = read_regular_file(path, DEFAULT_MAX_FILE_MB * MB)[0].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ClipdexError(f"{path}: labels file is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        labels += [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise ClipdexError("no labels: pass --labels FILE (a label per line) or --labels TEXT (repeatable)")
     return list(dict.fromkeys(labels))
+
+
+def _check_images_exist(images: List[Path], labels: List[str]) -> None:
+    """Before any work: `--labels cat dog` makes `dog` an image; say how to give several labels."""
+    from clipdex.search.imaging import is_image_path
+
+    for image in images:
+        if not image.exists() and not image.is_symlink():
+            hint = ""
+            if not is_image_path(image):
+                hint = (f"; to give several labels repeat the option (--labels {labels[-1]} --labels {image}) "
+                        "or pass a file with one label per line")
+            raise ClipdexError(f"{image}: no such image file{hint}")
 
 
 @handles_errors
@@ -49,6 +68,7 @@ def tag(
     from clipdex.search.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
 
     names = read_labels(labels)
+    _check_images_exist(images, labels)
     encoder = encoder_for(library, model, pretrained, device)
     vectors = label_vectors(encoder, names, template or DEFAULT_TEMPLATES)
     results: list[dict[str, Any]] = []

@@ -20,6 +20,7 @@ from clipdex.cli.common import (
     print_json,
 )
 from clipdex.cli.progress import finish_run, indexing_run
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +43,9 @@ def index(
     prune_empty_roots: bool = typer.Option(
         False, "--prune-empty-roots", help="Remove the items of a folder that has no images left (kept by default: it may be an unmounted drive)"
     ),
+    max_file_mb: int = typer.Option(
+        DEFAULT_MAX_FILE_MB, "--max-file-mb", min=1, help="Report larger files as failed instead of reading them"
+    ),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
@@ -52,7 +56,7 @@ def index(
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
-            workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots,
+            workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots, max_file_mb=max_file_mb,
         )
     if json_output:
         print_json(report.to_json())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
@@ -43,7 +45,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
 
 @contextmanager
 def stop_on_interrupt() -> Iterator[threading.Event]:
-    """The first Ctrl-C sets the event (stop after this batch); a second one aborts."""
+    """The first Ctrl-C sets the event (stop after this batch); a second one ends the process at once."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -51,7 +53,11 @@ def stop_on_interrupt() -> Iterator[threading.Event]:
 
     def handler(_signum: int, _frame: object) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
+            # At once, like a kill: a thread stuck in a read (a hung network drive) would hold up
+            # any unwinding. Commits are atomic and the write lock is released with the process.
+            err.print("Aborted: everything committed so far is kept. Run the same command again to resume.")
+            sys.stderr.flush()
+            os._exit(130)
         stop.set()
         err.print("Stopping once the batches in flight are committed (Ctrl-C again to abort)...")
 

@@ -9,6 +9,7 @@ import typer
 
 from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
 from clipdex.cli.progress import finish_run, indexing_run
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +26,8 @@ def index_texts_command(
     pretrained: Optional[str] = PretrainedOption,
     device: str = DeviceOption,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Texts per model batch and commit"),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file failed"),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file or row failed"),
+    max_file_mb: int = typer.Option(DEFAULT_MAX_FILE_MB, "--max-file-mb", min=1, help="Report larger files as failed instead of reading them"),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
@@ -34,7 +36,8 @@ def index_texts_command(
 
     lib = open_library(library, model, pretrained, device, create=True)
     with indexing_run(lib, "Embedding texts", quiet) as (stop, progress):
-        report = index_texts(lib, files, column=column, id_column=id_column, batch_size=batch_size, progress=progress, stop=stop)
+        report = index_texts(lib, files, column=column, id_column=id_column, batch_size=batch_size, progress=progress, stop=stop,
+                             max_file_mb=max_file_mb)
     if json_output:
         print_json(report.to_json())
     else:

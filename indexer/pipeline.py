@@ -22,6 +22,7 @@ from clipdex.indexer.report import IndexReport
 from clipdex.indexer.rules import diff_scan, remove_vanished
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, max_file_bytes
 
 
 def index_paths(
@@ -36,6 +37,7 @@ def index_paths(
     stop: threading.Event | None = None,
     export_text: bool = True,
     prune_empty_roots: bool = False,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
@@ -44,12 +46,14 @@ def index_paths(
     items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
     (once; `clipdex.search.text_export`) so that later text queries need neither torch nor open_clip.
+    `max_file_mb`: larger files are reported as failed, never read (`clipdex.search.safe_read`).
     """
     started = time.monotonic()
     report = IndexReport()
     # The diff and the commits happen under the write lock: another run cannot slip in between.
     with library.writer() as writer:
-        result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)])
+        result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)],
+                      max_file_bytes=max_file_bytes(max_file_mb))
         diff = diff_scan(library, result, prune_empty_roots)
         report.failed += diff.failures
         report.unchanged = diff.unchanged

@@ -25,10 +25,11 @@ from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.scan import ScannedFile, ScanResult
 from clipdex.search.catalog import FileRecord, NewItem
 from clipdex.search.encoders import ImageTextEncoder
-from clipdex.search.errors import ClipdexError, UnreadableImage
+from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
 from clipdex.search.fileid import content_hash as hash_bytes
 from clipdex.search.imaging import decode_image
 from clipdex.search.library import Library
+from clipdex.search.safe_read import read_regular_file
 
 
 @dataclass
@@ -149,9 +150,11 @@ class _HashLookup:
 def _prepare(job: _Job, encoder: ImageTextEncoder, hashes: _HashLookup) -> _Prepared:
     path = job.file.path
     try:
-        data, identity = _read_file(path)
+        data, identity = _read_file(path, job.file.size)
     except FileNotFoundError:
         return _Prepared(job, error="file vanished before it could be read")
+    except UnreadableFile as error:
+        return _Prepared(job, error=error.reason)
     except OSError as error:
         return _Prepared(job, error=f"cannot read: {error.strerror or error}")
     content_hash = hash_bytes(data)
@@ -167,11 +170,11 @@ def _prepare(job: _Job, encoder: ImageTextEncoder, hashes: _HashLookup) -> _Prep
     return prepared
 
 
-def _read_file(path: str) -> tuple[bytes, tuple[int, int]]:
-    """The file's bytes and its (device, inode), both of the one file that was opened."""
-    with open(path, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        return handle.read(), (info.st_dev, info.st_ino)
+def _read_file(path: str, scanned_size: int) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes and its (device, inode), both of the one file that was opened: a
+    regular file, read up to one byte past the size the scan saw (which was within the limit)."""
+    data, info = read_regular_file(path, scanned_size, larger="file changed during the run; run index again")
+    return data, (info.st_dev, info.st_ino)
 
 
 def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder) -> None:
@@ -229,7 +232,10 @@ def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
         if source is None or source.content_hash != prepared.content_hash:
             prepared.reuse_id = None
             try:
-                data, prepared.identity = _read_file(prepared.job.file.path)
+                data, prepared.identity = _read_file(prepared.job.file.path, prepared.job.file.size)
+            except UnreadableFile as error:
+                prepared.error = error.reason
+                continue
             except OSError as error:
                 prepared.error = f"cannot read: {error.strerror or error}"
                 continue

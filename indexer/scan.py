@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from clipdex.search.errors import ClipdexError
 from clipdex.search.imaging import IMAGE_EXTENSIONS
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, not_regular_reason, too_large_reason
+
+NOT_UTF8_NAME = "file name is not valid UTF-8, which the catalog cannot record: rename the file to index it"
 
 
 @dataclass(frozen=True)
@@ -37,24 +41,52 @@ def scan(
     exclude: Sequence[str] = (),
     include_hidden: bool = False,
     skip_dirs: Sequence[str] = (),
+    max_file_bytes: int = DEFAULT_MAX_FILE_MB * MB,
 ) -> ScanResult:
     """Find the image files under `paths` (directories, recursively, or single files).
 
+    Only regular files are indexed: a FIFO, device or socket met in a folder, a file over
+    `max_file_bytes`, or one whose name is not UTF-8 is reported in `errors`; a path given
+    that is neither a folder nor a regular file raises ClipdexError.
     `skip_dirs` are never entered (the library's own folder, for one).
     """
     normalized = [normalize(path) for path in paths]
     for path in normalized:
-        if not os.path.exists(path):
-            raise ClipdexError(f"{path} does not exist")
+        _check_given(path)
     result = ScanResult(roots=[path for path in normalized if os.path.isdir(path)])
     seen: set[str] = set()
     skipped = {normalize(path) for path in skip_dirs}
     for path in normalized:
         if os.path.isdir(path):
-            _walk(path, exclude, include_hidden, result, seen, skipped)
+            _walk(path, exclude, include_hidden, result, seen, skipped, max_file_bytes)
         else:
-            _add_file(path, result, seen, explicit=True)
+            _add_file(path, result, seen, max_file_bytes, explicit=True)
     return result
+
+
+def _check_given(path: str) -> None:
+    """A path named by the user must be a folder or a regular file, with a name the catalog can record."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ClipdexError(f"{path} does not exist") from None
+    except OSError as error:
+        raise ClipdexError(f"{path}: {error.strerror or error}") from None
+    reason = None if stat.S_ISDIR(info.st_mode) else not_regular_reason(info.st_mode)
+    if reason is not None:
+        raise ClipdexError(f"{path}: {reason}")
+    if stat.S_ISDIR(info.st_mode) and not recordable_name(path):
+        raise ClipdexError(f"{path!r}: folder name is not valid UTF-8, which the catalog cannot record: "
+                           "rename it, or index its parent folder (its files are then reported)")
+
+
+def recordable_name(path: str) -> bool:
+    """Whether the name can be stored: os.fsdecode keeps bytes that are not UTF-8 as lone surrogates."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
@@ -69,7 +101,8 @@ def is_excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
     )
 
 
-def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanResult, seen: set[str], skipped: set[str]) -> None:
+def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanResult, seen: set[str], skipped: set[str],
+          max_file_bytes: int) -> None:
     visited: set[tuple[int, int]] = set()  # (device, inode) of directories: symlink loops end here
     stack = [root]
     while stack:
@@ -106,11 +139,11 @@ def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanR
             if is_directory:
                 subdirectories.append(entry.path)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                _add_file(entry.path, result, seen)
+                _add_file(entry.path, result, seen, max_file_bytes)
         stack.extend(reversed(subdirectories))
 
 
-def _add_file(path: str, result: ScanResult, seen: set[str], explicit: bool = False) -> None:
+def _add_file(path: str, result: ScanResult, seen: set[str], max_file_bytes: int, explicit: bool = False) -> None:
     if path in seen:
         return
     if explicit and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -124,8 +157,15 @@ def _add_file(path: str, result: ScanResult, seen: set[str], explicit: bool = Fa
     except OSError as error:
         result.errors.append((path, error.strerror or str(error)))
         return
-    if not os.access(path, os.R_OK):
-        result.errors.append((path, "permission denied"))
+    problem = not_regular_reason(info.st_mode)
+    if problem is None and info.st_size > max_file_bytes:
+        problem = too_large_reason(info.st_size, max_file_bytes, setting="--max-file-mb")
+    if problem is None and not recordable_name(path):
+        problem = NOT_UTF8_NAME
+    if problem is None and not os.access(path, os.R_OK):
+        problem = "permission denied"
+    if problem is not None:
+        result.errors.append((path, problem))
         return
     seen.add(path)
     result.files.append(ScannedFile(path, info.st_size, info.st_mtime_ns))

@@ -96,3 +96,12 @@ class MemoryBudgetError(ClipdexError):
 
 class GpuUnavailable(ClipdexError):
     """The GPU was required (CLIPDEX_GPU=on) but FAISS cannot search there."""
+
+
+class UnreadableFile(ClipdexError):
+    """A file clipdex will not read: not a regular file, or over the size limit."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

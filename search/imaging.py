@@ -6,17 +6,23 @@ Every failure becomes `UnreadableImage(path, reason)` with a one-line reason.
 from __future__ import annotations
 
 import io
+import logging
 import struct
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Iterator, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipdex.search.errors import ImageTooLarge, UnreadableImage
+from clipdex.search.errors import ImageTooLarge, UnreadableFile, UnreadableImage
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
+
+logger = logging.getLogger(__name__)
 
 try:  # HEIC/HEIF through pillow-heif; AVIF is Pillow's own (>= 11.3)
     import pillow_heif
@@ -60,31 +66,28 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(
-    source: str | Path | bytes, draft_size: int | None = None, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS
-) -> DecodedImage:
+def decode_image(source: str | Path | bytes, draft_size: int | None = None, name: str | None = None,
+                 max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = DEFAULT_MAX_FILE_MB * MB) -> DecodedImage:
     """Decode an image file (or its bytes) into RGB with EXIF orientation applied.
 
     `draft_size`: for JPEGs, let the decoder scale down by a power of two while both
     sides stay at least this large (the model then resizes with its own transform).
     `max_pixels`: a lower limit than the decompression-bomb one (MAX_QUERY_IMAGE_PIXELS
     for query images); an image over it raises ImageTooLarge before its pixels are read.
+    A file is read only if it is a regular file of at most `max_bytes` (`clipdex.search.safe_read`).
+    Pillow's warnings about the file (corrupt EXIF, say) are logged at DEBUG level, not printed.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image")
-    if isinstance(source, bytes):
-        if not source:
-            raise UnreadableImage(label, "empty file (0 bytes)")
-        handle: BinaryIO | str | Path = io.BytesIO(source)
-    else:
-        handle = source
+    if not isinstance(source, bytes):
+        source = _read_image_file(source, label, max_bytes)
+    if not source:
+        raise UnreadableImage(label, "empty file (0 bytes)")
     try:
-        with Image.open(handle) as opened:
+        with _warnings_logged(label), Image.open(io.BytesIO(source)) as opened:
             _refuse_over(opened, max_pixels, label)
             return _decode_opened(opened, draft_size)
     except UnreadableImage:
         raise
-    except FileNotFoundError:
-        raise UnreadableImage(label, "no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(label, f"refused as a decompression bomb ({_first_line(error)})") from None
     except UnidentifiedImageError:
@@ -94,6 +97,48 @@ def decode_image(
         if "truncated" in reason.lower() or isinstance(error, EOFError):
             reason = f"truncated or corrupt image data ({reason})"
         raise UnreadableImage(label, reason) from None
+
+
+def _read_image_file(path: str | Path, label: str, max_bytes: int) -> bytes:
+    try:
+        return read_regular_file(path, max_bytes)[0]
+    except UnreadableFile as error:
+        raise UnreadableImage(label, error.reason) from None
+    except FileNotFoundError:
+        raise UnreadableImage(label, "no such file") from None
+    except OSError as error:
+        raise UnreadableImage(label, f"cannot read: {error.strerror or error}") from None
+
+
+# Pillow warns about damaged files (corrupt EXIF data, say) with warnings.warn. Those of a
+# decode are logged with the file's name instead of printed. warnings.catch_warnings cannot
+# do it: it swaps process-wide state, and decodes run on many threads at once (one thread
+# leaving the block would restore the state under another, and leave a recorder installed
+# for good). So one hook, installed once, looks up which file this thread is decoding.
+_decoding = threading.local()
+_show_warning_before = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    name = getattr(_decoding, "name", None)
+    if name is None:
+        _show_warning_before(message, category, filename, lineno, file, line)
+    else:
+        logger.debug("%s: %s: %s", name, category.__name__, message)
+
+
+warnings.showwarning = _show_warning
+
+
+@contextmanager
+def _warnings_logged(name: str) -> Iterator[None]:
+    before = getattr(_decoding, "name", None)
+    _decoding.name = name
+    try:
+        yield
+    finally:
+        _decoding.name = before
 
 
 EXIF_ORIENTATION = 0x0112

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -9,7 +11,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from clipdex.search.errors import InvalidQuery
+from clipdex.search.errors import InvalidQuery, UnreadableFile
+from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
 
 TermKind = Literal["text", "image", "like", "vector"]
 KIND_CHOICES = ("image", "text", "any")
@@ -40,6 +43,8 @@ class Filters:
     def __post_init__(self) -> None:
         if self.kind not in KIND_CHOICES:
             raise InvalidQuery(f"kind must be one of {', '.join(KIND_CHOICES)}, not {self.kind!r}")
+        if self.path is not None and not self.path.strip():
+            raise InvalidQuery("the path filter is empty: give a glob such as '*/2024/*', or leave it out to search everything")
         self.after = parse_time(self.after, "after")
         self.before = parse_time(self.before, "before")
         if self.after and self.before and self.after >= self.before:
@@ -125,14 +130,6 @@ def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
     return (total / norm).astype(np.float32)
 
 
-def real_vector(value: Any, origin: str = "the query vector") -> np.ndarray:
-    """`value` as a flat float32 vector; strings, complex numbers and objects are refused, not coerced."""
-    array = np.asarray(value)
-    if array.dtype.kind not in "fiu":
-        raise InvalidQuery(f"{origin} holds {array.dtype} values; a vector is real numbers (e.g. float32)")
-    return array.astype(np.float32).reshape(-1)
-
-
 @dataclass
 class Hit:
     """One search result."""
@@ -181,6 +178,48 @@ def _item_id(value: Any) -> int:
     if not 1 <= item_id <= MAX_INTEGER:
         raise InvalidQuery(f"--like {item_id}: item ids are between 1 and {MAX_INTEGER}")
     return item_id
+
+
+# what a .npy may hold instead of numbers, by numpy dtype kind
+_NOT_NUMBERS = {"U": "text", "S": "bytes", "c": "complex numbers", "b": "booleans", "O": "Python objects",
+                "M": "dates", "m": "time spans", "V": "records"}
+
+
+def vector_from(value: Any) -> np.ndarray:
+    """A query vector given as numbers or a .npy file, as a flat float32 array (of any length:
+    the library checks it against its model's)."""
+    name = "the query vector"
+    if isinstance(value, (str, os.PathLike)):
+        name = f"vector file {os.fspath(value)}"
+        value = _load_npy(value)
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise InvalidQuery(f"{name} holds {_NOT_NUMBERS.get(array.dtype.kind, array.dtype.name)}, not real numbers")
+    if array.size == 0:
+        raise InvalidQuery(f"{name} is empty: an array of no numbers")
+    return array.astype(np.float32).reshape(-1)
+
+
+def _load_npy(path: str | os.PathLike[str]) -> Any:
+    try:
+        data, _ = read_regular_file(path, DEFAULT_MAX_FILE_MB * MB)
+    except UnreadableFile as error:
+        raise InvalidQuery(f"vector file {error}") from None
+    except FileNotFoundError:
+        raise InvalidQuery(f"vector file {os.fspath(path)}: no such file") from None
+    except OSError as error:
+        raise InvalidQuery(f"vector file {os.fspath(path)}: cannot read: {error.strerror or error}") from None
+    if not data:
+        raise InvalidQuery(f"vector file {os.fspath(path)} is empty (0 bytes), not a .npy array")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InvalidQuery(f"vector file {os.fspath(path)} is not a .npy array ({reason})") from None
+    if not isinstance(loaded, np.ndarray):
+        loaded.close()
+        raise InvalidQuery(f"vector file {os.fspath(path)} is an .npz archive; save one array with numpy.save")
+    return loaded
 
 
 def _as_list(value: Any) -> list[Any]:

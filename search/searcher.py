@@ -7,14 +7,13 @@ filters and the vector store for the best of those, and returns typed `Hit`s.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import numpy as np
 
 from clipdex.search.catalog import Catalog, Item
 from clipdex.search.errors import InvalidQuery, ItemNotFound
-from clipdex.search.query import Hit, Query, Term, combine, real_vector
+from clipdex.search.query import Hit, Query, Term, combine, vector_from
 from clipdex.search.store import VectorStore
 from clipdex.search.vector_rows import vector_of
 
@@ -45,13 +44,7 @@ class Searcher:
 
     def vector_term(self, value: Any) -> np.ndarray:
         """A raw query vector (an array, or the path of a .npy file), checked against the library."""
-        origin = str(value) if isinstance(value, (str, os.PathLike)) else None
-        if isinstance(value, (str, os.PathLike)):
-            try:
-                value = np.load(value, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise InvalidQuery(f"cannot read vector file {value}: {error}") from error
-        vector = real_vector(value, f"vector file {origin}" if origin else "the query vector")
+        vector = vector_from(value)  # a .npy read safely; strings, complex numbers and empty arrays refused
         if vector.shape[0] != self.store.dim:
             raise InvalidQuery(f"the query vector has {vector.shape[0]} dimensions; this library's model has {self.store.dim}")
         if not np.all(np.isfinite(vector)):

@@ -75,3 +75,25 @@ def test_duplicates_groups_exact_copies(library: Library, tmp_path: Path, make_i
         ["copy-a.jpg", "copy-b.jpg", "img000.jpg"], ["copy-c.jpg", "img002.jpg"]]
     result = runner.invoke(app, ["duplicates", "--threshold", str(threshold), "--json", "--library", str(library.path)])
     assert [len(g["ids"]) for g in json.loads(result.stdout)] == [3, 2]
+
+
+def test_labels_after_one_option_say_to_repeat_it(library: Library, tmp_path: Path, make_images) -> None:
+    images = make_images(tmp_path / "pics", 1)
+    result = runner.invoke(app, ["tag", str(images[0]), "--labels", "cat", "dog", "--library", str(library.path)])
+    assert result.exit_code == 1
+    assert result.stderr == ("Error: dog: no such image file; to give several labels repeat the option "
+                             "(--labels cat --labels dog) or pass a file with one label per line\n")
+    missing = runner.invoke(app, ["tag", str(tmp_path / "gone.jpg"), "--labels", "cat", "--library", str(library.path)])
+    assert missing.exit_code == 1 and missing.stderr == f"Error: {tmp_path / 'gone.jpg'}: no such image file\n"
+
+
+def test_a_labels_file_over_the_size_limit_is_an_error(library: Library, tmp_path: Path, make_images) -> None:
+    from tests.test_cli import clipdex_process
+
+    images = make_images(tmp_path / "pics", 1)
+    labels = tmp_path / "labels.txt"
+    with open(labels, "wb") as handle:
+        handle.truncate(600 << 20)  # sparse, over the 512 MB limit
+    result = clipdex_process("tag", str(images[0]), "--labels", str(labels), "--library", str(library.path), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {labels}: 600.0 MB, over the 512.0 MB size limit\n", result.stderr

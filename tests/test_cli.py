@@ -178,3 +178,121 @@ def test_query_image_over_the_pixel_limit_is_refused(indexed, tmp_path: Path, co
     result = run(command, "--image", str(big), "--library", str(library))
     assert result.exit_code == 1 and result.stdout == ""
     assert f"{big}: 7100x7100 pixels is more than the 50,000,000 a query image may have" in result.stderr
+
+
+# -- hazardous input: FIFOs, devices, sparse giants, names that are not UTF-8 -------------
+# These run the command in a child process with a timeout and a memory limit: should a
+# FIFO be opened or /dev/zero be read again, the test fails instead of hanging or
+# exhausting the machine.
+
+NOT_REGULAR = "not a regular file: only regular files are read"
+
+
+def limited_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
+
+
+def clipdex_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                              timeout=timeout, preexec_fn=limited_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"clipdex {' '.join(args)} did not finish in {timeout} s")
+
+
+def corrupt_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose EXIF claims more data than it has: Pillow warns while decoding it."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"
+    raw = bytearray(exif.tobytes())
+    raw[20:24] = (0x100).to_bytes(4, "big")  # the Make tag's count: 256 bytes, past the end
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path, exif=bytes(raw))
+    return path
+
+
+def test_special_and_giant_files_in_a_folder_are_reported_not_read(tmp_path: Path, make_images, model_args: list[str]) -> None:
+    pics = tmp_path / "pics"
+    make_images(pics, 2)
+    corrupt_exif_jpeg(pics / "warns.jpg")
+    os.mkfifo(pics / "pipe.jpg")
+    (pics / "zero.jpg").symlink_to("/dev/zero")
+    with open(pics / "huge.jpg", "wb") as handle:
+        handle.truncate(50 << 30)  # sparse: 50 GB claimed, nothing written
+    command = ("index", str(pics), "--library", str(tmp_path / "lib"), "--json", "--quiet", *model_args)
+    first = clipdex_process(*command)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    expected = {
+        str(pics / "pipe.jpg"): f"a FIFO (named pipe), {NOT_REGULAR}",
+        str(pics / "zero.jpg"): f"a character device, {NOT_REGULAR}",
+        str(pics / "huge.jpg"): "50.0 GB, over the 512.0 MB size limit (--max-file-mb)",
+    }
+    assert report["added"] == 3 and {f["path"]: f["error"] for f in report["failed"]} == expected
+    assert "Warning" not in first.stderr and "EXIF" not in first.stderr, first.stderr  # Pillow's, kept off the terminal
+    again = clipdex_process(*command)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["added"], report["unchanged"], report["removed"], len(report["failed"])) == (0, 3, 0, 3)
+
+
+def test_max_file_mb_sets_the_limit(tmp_path: Path, make_images, model_args: list[str]) -> None:
+    make_images(tmp_path / "pics", 1)
+    with open(tmp_path / "pics" / "big.png", "wb") as handle:
+        handle.truncate(3 << 20)
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--json", "--quiet", "--max-file-mb", "2", *model_args)
+    assert json.loads(result.stdout)["failed"] == [
+        {"path": str(tmp_path / "pics" / "big.png"), "error": "3.0 MB, over the 2.0 MB size limit (--max-file-mb)"}]
+
+
+@pytest.mark.parametrize("special", ["fifo", "device"])
+@pytest.mark.parametrize("command", ["index", "search --image", "search --vector", "index-texts"])
+def test_a_special_file_named_on_the_command_line_is_a_one_line_error(indexed, tmp_path: Path, model_args: list[str],
+                                                                      command: str, special: str) -> None:
+    library, _ = indexed
+    suffix = {"search --vector": ".npy", "index-texts": ".txt"}.get(command, ".jpg")
+    path = tmp_path / f"special{suffix}"
+    if special == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    args = {"index": ["index", str(path), *model_args], "index-texts": ["index-texts", str(path)],
+            "search --image": ["search", "--image", str(path)], "search --vector": ["search", "--vector", str(path)]}[command]
+    result = clipdex_process(*args, "--library", str(library), timeout=60)
+    assert result.returncode == 1, result.stderr
+    kind = "a FIFO (named pipe)" if special == "fifo" else "a character device"
+    named = path.resolve() if command == "index-texts" else path  # corpora are recorded by their real path
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and last.endswith(f" {named}: {kind}, {NOT_REGULAR}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_empty_path_filter_is_an_error(indexed) -> None:
+    library, _ = indexed
+    result = run("search", "a photo", "--path", "", "--library", str(library))
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "Error: the path filter is empty: give a glob such as '*/2024/*', or leave it out to search everything\n"
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    np.save(path, array)
+
+
+@pytest.mark.parametrize("name,make,reason", [
+    ("zero-bytes.npy", lambda p: p.write_bytes(b""), "is empty (0 bytes), not a .npy array"),
+    ("no-numbers.npy", lambda p: write_npy(p, np.zeros(0, dtype=np.float32)), "is empty: an array of no numbers"),
+    ("strings.npy", lambda p: write_npy(p, np.array(["a", "b"])), "holds text, not real numbers"),
+    ("complex.npy", lambda p: write_npy(p, np.ones(32, dtype=np.complex64)), "holds complex numbers, not real numbers"),
+    ("garbage.npy", lambda p: p.write_bytes(b"not numpy at all"), "is not a .npy array"),
+    ("archive.npy", lambda p: np.savez(open(p, "wb"), v=np.ones(32)), "is an .npz archive"),
+])
+def test_a_bad_vector_file_is_a_one_line_error(indexed, tmp_path: Path, name: str, make, reason: str) -> None:
+    library, _ = indexed
+    path = tmp_path / name
+    make(path)
+    result = run("search", "--vector", str(path), "--library", str(library))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: vector file {path} {reason}") and result.stderr.count("\n") == 1, result.stderr

@@ -145,3 +145,50 @@ def test_check_repair_rebuilds_a_broken_index(tmp_path: Path, library: Library, 
     result = subprocess.run(clipdex("check", "--repair", "--library", str(library.path)), capture_output=True, text=True)
     assert result.returncode == 0 and "repaired" in result.stdout
     assert Library.open(library.path).check()["ok"]
+
+
+STUCK_READ = """
+import sys, threading, time
+from pathlib import Path
+import clipdex.indexer.rules as rules
+
+MARKER = Path(sys.argv[1])
+
+
+def stuck_read(path, size):  # a read that never returns, as on a hung network drive
+    MARKER.touch()
+    threading.Event().wait()
+
+rules._read_file = stuck_read
+sys.argv = ["clipdex", *sys.argv[2:]]
+from clipdex.cli.main import main
+main()
+"""
+
+
+def test_a_second_ctrl_c_aborts_at_once_even_while_a_read_hangs(tmp_path: Path, model_args: list[str], make_images) -> None:
+    make_images(tmp_path / "pics", 2)
+    marker = tmp_path / "reading"
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK_READ, str(marker), "index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"),
+         "--quiet", *model_args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None, "the run ended before it read a file"
+            assert time.monotonic() < deadline, "the run never read a file"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the second Ctrl-C did not end the run")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, stderr
+    assert "Aborted: everything committed so far is kept" in stderr and "Traceback" not in stderr

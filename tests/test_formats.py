@@ -157,3 +157,73 @@ def test_image_between_one_and_two_bomb_limits_is_refused(tmp_path: Path) -> Non
 
     with pytest.raises(UnreadableImage, match="decompression bomb"):
         decode_image(path)
+
+
+def test_a_file_grown_since_the_scan_is_not_read_past_its_scanned_size(library: Library, tmp_path: Path, make_images, monkeypatch) -> None:
+    import clipdex.indexer.pipeline as pipeline
+    import clipdex.indexer.rules as rules
+
+    paths = make_images(tmp_path / "pics", 3)
+    real_scan = pipeline.scan
+
+    def scan_then_grow(*args, **kwargs):
+        result = real_scan(*args, **kwargs)
+        with open(paths[1], "r+b") as handle:
+            handle.truncate(64 << 20)  # sparse; a JPEG with zeros after its end still decodes
+        return result
+
+    monkeypatch.setattr(pipeline, "scan", scan_then_grow)
+    read = []
+    real_read = rules.read_regular_file
+    monkeypatch.setattr(rules, "read_regular_file", lambda *a, **k: read.append(a[1]) or real_read(*a, **k))
+    report = index_paths(library, [tmp_path / "pics"])
+    assert report.added == 2
+    assert [(Path(f.path).name, f.error) for f in report.failed] == [("img001.jpg", "file changed during the run; run index again")]
+    assert max(read) < 1 << 20  # each read was bounded by the size the scan saw
+
+
+def test_pillow_warnings_are_logged_with_the_file_not_printed(library: Library, tmp_path: Path, caplog, capsys, monkeypatch) -> None:
+    import logging
+    import warnings
+
+    from clipdex.search import imaging
+    from tests.test_cli import corrupt_exif_jpeg
+
+    monkeypatch.setattr(warnings, "showwarning", imaging._show_warning)  # pytest swaps in its own recorder per test
+    path = corrupt_exif_jpeg(tmp_path / "pics" / "warns.jpg") if (tmp_path / "pics").mkdir() is None else None
+    caplog.set_level(logging.DEBUG, logger="clipdex.search.imaging")
+    report = index_paths(library, [tmp_path / "pics"], workers=2)
+    assert report.added == 1
+    logged = [record.getMessage() for record in caplog.records if record.name == "clipdex.search.imaging"]
+    assert logged and all(message.startswith(f"{path}: UserWarning: ") for message in logged), logged
+    assert "Warning" not in capsys.readouterr().err
+
+
+def test_a_file_swapped_for_a_fifo_after_its_stat_is_refused_without_blocking(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import threading
+
+    from clipdex.search import safe_read
+    from clipdex.search.errors import UnreadableFile
+
+    photo = write_image(tmp_path / "photo.jpg", seed=1)
+    swapped = tmp_path / "swapped.jpg"
+    os.mkfifo(swapped)
+    real_stat = os.stat
+    monkeypatch.setattr(safe_read.os, "stat", lambda path, *args, **kwargs: real_stat(photo))  # the stat saw a photo
+    outcome: list[str] = []
+
+    def read() -> None:
+        try:
+            safe_read.read_regular_file(swapped, 1 << 20)
+            outcome.append("read")
+        except UnreadableFile as error:
+            outcome.append(error.reason)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(swapped, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open return
+        pytest.fail("opening the FIFO blocked")
+    assert outcome == ["a FIFO (named pipe), not a regular file: only regular files are read"]

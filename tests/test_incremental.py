@@ -223,3 +223,19 @@ def test_a_stop_request_is_seen_between_files_even_when_no_batch_fills(library: 
     check = library.check()
     assert check["ok"], check
     assert len(library.catalog.ids()) == report.added
+
+
+def test_a_name_that_is_not_utf8_is_reported_alone(library: Library, tmp_path: Path, make_images) -> None:
+    pics = tmp_path / "pics"
+    make_images(pics, 2)
+    odd = os.fsdecode(os.path.join(os.fsencode(pics), b"caf\xe9.jpg"))  # 'caf\udce9.jpg'
+    write_image(Path(odd), seed=7)
+    write_image(Path(os.fsdecode(os.path.join(os.fsencode(pics), b"d\xefr"))) / "inside.jpg", seed=8)
+    report = index_paths(library, [pics])
+    assert (report.added, report.unchanged) == (2, 0)
+    not_utf8 = "file name is not valid UTF-8, which the catalog cannot record: rename the file to index it"
+    assert [(failure.path, failure.error) for failure in report.failed] == [
+        (odd, not_utf8), (os.fsdecode(os.path.join(os.fsencode(pics), b"d\xefr", b"inside.jpg")), not_utf8)]
+    again = index_paths(library, [pics])
+    assert (again.added, again.updated, again.removed, again.unchanged, len(again.failed)) == (0, 0, 0, 2, 2)
+    assert library.stats()["images"] == 2

@@ -172,7 +172,7 @@ def test_long_texts_are_truncated_and_said_so(library: Library, tmp_path: Path) 
 
 @pytest.mark.parametrize("content,suffix,message", [
     ("a,b\n1,2\n", ".csv", "no column 'text'"),
-    ('{"text": "ok"}\nnot json\n', ".jsonl", ":2: not valid JSON"),
+    ('{"title": "no text"}\n', ".jsonl", ":1: no column 'text'"),
     ("x\n", ".pdf", "not a text corpus"),
 ])
 def test_bad_corpora_name_file_and_line(tmp_path: Path, content: str, suffix: str, message: str, library: Library) -> None:
@@ -184,11 +184,39 @@ def test_bad_corpora_name_file_and_line(tmp_path: Path, content: str, suffix: st
     assert report.failed and message.strip(":") in report.failed[0].error
 
 
-def test_csv_field_too_large_is_reported_not_raised(library: Library, tmp_path: Path) -> None:
-    path = tmp_path / "huge.csv"
-    path.write_text("text\n\"" + "x" * 200_000 + "\"\n")
+def test_bad_rows_are_reported_by_line_and_the_others_indexed(library: Library, tmp_path: Path) -> None:
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"text": "first"}\nnot json\n[1, 2]\n{"title": "no text"}\n{"text": "last"}\n')
+    table = tmp_path / "t.csv"
+    huge = "x" * 200_000  # over the csv module's default field limit of 131,072 characters
+    table.write_text(f'text,note\nalpha,1\n"{huge}",2\nbeta,3,extra\ngamma,4\n')
+    report = index_texts(library, [jsonl, table])
+    assert report.added == 5
+    assert [(f.path, f.error.split(" (")[0]) for f in report.failed] == [
+        (str(jsonl), "line 2: not valid JSON"), (str(jsonl), "line 3: expected a JSON object per line"),
+        (str(jsonl), "line 4: no column 'text'"), (str(table), "line 4: more fields than the header has")]
+    texts = {hit.text for hit in library.search(text="x", kind="text", k=10)}
+    assert texts == {"first", "last", "alpha", huge, "gamma"}
+
+
+def test_a_row_gone_bad_keeps_its_indexed_text(library: Library, tmp_path: Path) -> None:
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert index_texts(library, [jsonl]).added == 2
+    jsonl.write_text('{"text": "one"}\n{"text": "two"\n')
+    report = index_texts(library, [jsonl])
+    assert (report.unchanged, report.removed, len(report.failed)) == (1, 0, 1)
+    assert library.stats()["texts"] == 2
+    jsonl.write_text('{"text": "one"}\n')
+    assert index_texts(library, [jsonl]).removed == 1
+
+
+def test_a_corpus_over_the_size_limit_is_reported_unread(library: Library, tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as handle:
+        handle.truncate(3 << 20)  # sparse
     good = tmp_path / "good.txt"
     good.write_text("fine\n")
-    report = index_texts(library, [path, good])
+    report = index_texts(library, [big, good], max_file_mb=2)
     assert report.added == 1
-    assert report.failed[0].path == str(path) and "field larger than field limit" in report.failed[0].error
+    assert [(f.path, f.error) for f in report.failed] == [(str(big), "3.0 MB, over the 2.0 MB size limit (--max-file-mb)")]
