@@ -550,6 +550,15 @@ class Catalog:
         statement = dialect_insert(table).values(**values)
         return statement.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in values.items() if k not in keys})
 
+    # -- bulk work: samples for tuning, bulk imports (clipdex optimize, import-vectors) ------
+
+    def cached_query_vectors(self, dim: int, limit: int) -> np.ndarray:
+        """Up to `limit` vectors of past text queries (of `dim` dimensions), most recently used first."""
+        query = select(QueryCache.vector).order_by(QueryCache.used_at.desc()).limit(limit)
+        with self.sessions() as session:
+            blobs = [blob for blob in session.scalars(query) if len(blob) == 4 * dim]
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()
+
 
 def glob_to_regex(pattern: str) -> str:
     """A shell glob as an anchored POSIX regular expression, matching what SQLite's GLOB does."""

@@ -122,12 +122,14 @@ class VectorStore:
 
     # -- searching -------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, query_kind: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Search the index, caught up with the catalog first (see `VectorIndex.search`)."""
         self.sync()
         with self._index_lock.shared():
             assert self._index is not None
-            return self._index.search(queries, k, allowed, source=self.catalog)
+            return self._index.search(queries, k, allowed, source=self.catalog, query_kind=query_kind)
 
     # -- changing it (the caller holds the write lock) ---------------------------------------
 
