@@ -21,7 +21,7 @@ import numpy as np
 from clipdex.search.atomic import leftovers
 from clipdex.search.catalog import BatchResult, Catalog, NewItem
 from clipdex.search.errors import CorruptLibrary, LibraryBusy
-from clipdex.search.index_choice import build_index, resolve_spec
+from clipdex.search.index_choice import build_index_from, resolve_spec
 from clipdex.search.locks import WriteLock
 from clipdex.search.manifest import MANIFEST_FILE, Manifest
 from clipdex.search.sharedlock import SharedLock
@@ -106,8 +106,7 @@ class VectorStore:
                 self._index.add(ids, vectors)
 
     def _build(self) -> VectorIndex:
-        ids, vectors = self.catalog.all_vectors()
-        return build_index(self.dim, self.manifest.index, ids, vectors)
+        return build_index_from(self.dim, self.manifest.index, self.catalog)
 
     def _save_if_no_writer(self) -> None:
         """Persist a caught-up index (after a crash, say) so later readers need not redo it.
