@@ -60,6 +60,10 @@ def print_optimize_report(report: "OptimizeReport") -> None:
         out.print(f"{kind + ' queries':>16}: recall@10 {figures['recall_at_10']:.3f} with {params}, "
                   f"{figures['queries_per_second']:.0f}/s ({figures['speedup']:.1f}x exact); "
                   f"{figures['queries']} queries: {figures['source']}{best}")
+    for other in report.alternatives:
+        slower = min(other["by_query_kind"].values(), key=lambda figures: figures["queries_per_second"])
+        out.print(f"{'also tried':>16}: {other['factory']} (slower kind {slower['queries_per_second']:.0f}/s at recall@10 "
+                  f"{slower['recall_at_10']:.3f}{'' if all(f['target_met'] for f in other['by_query_kind'].values()) else ', target NOT met'})")
     out.print(f"{'exact queries/s':>16}: {report.exact_queries_per_second:.0f}")
     out.print(f"{'bytes/vector':>16}: {report.bytes_per_vector:.0f} ({report.vectors} vectors of {report.dim} dimensions)")
     out.print(f"{'time':>16}: {report.seconds:.1f}s (build {report.build_seconds:.1f}s)")

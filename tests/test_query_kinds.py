@@ -200,6 +200,7 @@ def test_exit_1_when_only_text_queries_miss(library: Library, small_thresholds: 
     neighbours, far text-like queries do not; the command says so and exits 1."""
     monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", 5000)
     monkeypatch.setattr(vectors_module, "HNSW_MAX_EF_SEARCH", 16)
+    monkeypatch.setattr(optimize_module, "candidate_specs", lambda count, dim, budget: [choice.choose_spec(count, dim, budget)])
     fill(library, 1500)
     runner = CliRunner()
     result = runner.invoke(app, ["optimize", "--library", str(library.path), "--target-recall", "0.9", "--json"])
@@ -211,3 +212,16 @@ def test_exit_1_when_only_text_queries_miss(library: Library, small_thresholds: 
     stats = runner.invoke(app, ["stats", "--library", str(library.path)])
     assert stats.exit_code == 0
     assert "     image: recall@10" in stats.stdout and "      text: recall@10" in stats.stdout and "NOT met" in stats.stdout
+
+
+def test_ivf_is_kept_over_hnsw_when_only_it_meets_the_target_for_text_queries(
+    library: Library, small_thresholds: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", 5000)
+    monkeypatch.setattr(vectors_module, "HNSW_MAX_EF_SEARCH", 16)  # a graph search too narrow for far queries
+    fill(library, 1500)
+    report = optimize_library(library, target_recall=0.9)
+    assert report.target_met and (report.index_type, report.factory) == ("ivf", "IVF32,Flat")
+    assert [other["factory"] for other in report.alternatives] == ["HNSW32,Flat"]
+    assert not report.alternatives[0]["by_query_kind"]["text"]["target_met"]
+    assert library.vectors.spec.factory == "IVF32,Flat"
