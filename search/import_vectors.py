@@ -215,25 +215,28 @@ def plan_clip_retrieval(
         metadata = parquet.ParquetFile(metadata_path)
         rows, columns = metadata.metadata.num_rows, list(metadata.schema_arrow.names)
         if number in images:
-            vectors = _check_rows(_check_dim(np.load(images[number], mmap_mode="r"), dim, images[number]), rows, images[number], metadata_path)
+            _check_rows(_check_dim(np.load(images[number], mmap_mode="r"), dim, images[number]), rows, images[number], metadata_path)
             column = next((name for name in ("image_path", "url") if name in columns), None)
             if column is None:
                 raise InvalidVectors(f"{metadata_path}: no image_path (or url) column to name the images by")
-            planned.append(Part(images[number], rows, _reader(_image_rows, images[number], vectors, metadata_path, column, paths, chunk_rows)))
+            planned.append(Part(images[number], rows, _reader(_image_rows, images[number], metadata_path, column, paths, chunk_rows)))
         if number in texts:
-            vectors = _check_rows(_check_dim(np.load(texts[number], mmap_mode="r"), dim, texts[number]), rows, texts[number], metadata_path)
+            _check_rows(_check_dim(np.load(texts[number], mmap_mode="r"), dim, texts[number]), rows, texts[number], metadata_path)
             if "caption" not in columns:
                 raise InvalidVectors(f"{metadata_path}: no caption column for the text embeddings in {texts[number]}")
-            planned.append(Part(texts[number], rows, _reader(_text_rows, texts[number], vectors, metadata_path, "caption", paths, chunk_rows)))
+            planned.append(Part(texts[number], rows, _reader(_text_rows, texts[number], metadata_path, "caption", paths, chunk_rows)))
     return planned
 
 
 def _reader(
-    make: Callable[..., VectorBatch], path: Path, vectors: np.ndarray, metadata_path: Path, column: str, paths: "LocalPaths", chunk_rows: int
+    make: Callable[..., VectorBatch], path: Path, metadata_path: Path, column: str, paths: "LocalPaths", chunk_rows: int
 ) -> Callable[[], Iterator[VectorBatch]]:
-    """Read a part: its metadata once (columns), its vectors and rows a chunk at a time."""
+    """Read a part: its metadata once (columns), its vectors and rows a chunk at a time from
+    a memory map that lives only while the part is read (its pages count as the process's
+    memory while mapped)."""
 
     def read() -> Iterator[VectorBatch]:
+        vectors = np.load(path, mmap_mode="r")
         table = _parquet().read_table(metadata_path)
         for start in range(0, table.num_rows, chunk_rows):
             chunk = table.slice(start, chunk_rows).to_pydict()
