@@ -202,13 +202,16 @@ class Library:
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
         return self.searcher.search_vector(vector, query)
 
-    def search_index(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Search the vector index, caught up with the catalog (see `VectorIndex.search`).
+    def search_index(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, query_kind: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search the vector index, caught up with the catalog (see `VectorIndex.search`;
+        `query_kind` "image" or "text" picks the breadth tuned for such queries).
 
         Searches from several threads run at the same time; a catch-up or commit that
         changes the index waits for them, and they for it.
         """
-        return self.store.search(queries, k, allowed)
+        return self.store.search(queries, k, allowed, query_kind)
 
     def allowed_ids(self, filters: Filters) -> np.ndarray | None:
         """The ids a search may return, or None when every item may be returned."""

@@ -134,6 +134,20 @@ def test_searches_use_the_breadth_of_their_kind(library: Library, monkeypatch: p
     reopened.close()
 
 
+def test_duplicates_search_with_the_image_breadth(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.search.duplicates import find_duplicates
+
+    fill(library, 600)
+    spec = IndexSpec("ivf", "IVF16,Flat", {"nprobe": 16}, pinned=True)
+    spec.search_params_by_kind = {"image": {"nprobe": 2}, "text": {"nprobe": 9}}
+    library.rebuild_vectors(spec)
+    breadths: list[int] = []
+    original = VectorIndex.search_with
+    monkeypatch.setattr(VectorIndex, "search_with", lambda self, *args, **kwargs: breadths.append(args[2]) or original(self, *args, **kwargs))
+    find_duplicates(library, 0.95)
+    assert breadths and set(breadths) == {2}
+
+
 def test_manifests_without_kinds_use_their_one_breadth_for_every_query() -> None:
     spec = IndexSpec.from_json({"type": "ivf", "factory": "IVF16,Flat", "search_params": {"nprobe": 5}})
     assert spec.params_for("text") == spec.params_for("image") == spec.params_for(None) == {"nprobe": 5}
