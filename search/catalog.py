@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -279,18 +280,17 @@ class ImportRows:
     texts: list[str] | None = None
     source: str | None = None
 
-    def values(self, row: int, now: float) -> dict[str, Any]:
-        image = self.kind == "image"
-        return {
-            "kind": self.kind,
-            "path": self.keys[row] if image else None,
-            "text": None if image or self.texts is None else self.texts[row],
-            "source": None if image else self.source,
-            "source_key": None if image else self.keys[row],
-            "extra": self.extras[row],
-            "vector": self.vectors[row].tobytes(),
-            "indexed_at": now,
-        }
+    COLUMNS = ("kind", "path", "text", "source", "source_key", "extra", "vector", "indexed_at")
+
+    def rows(self, now: float) -> list[tuple[Any, ...]]:
+        """The rows as tuples of `COLUMNS` (built column-wise: a million rows are a few seconds of Python)."""
+        count = len(self.keys)
+        blobs = [vector.tobytes() for vector in self.vectors]
+        nothing = repeat(None, count)
+        if self.kind == "image":
+            return list(zip(repeat("image", count), self.keys, nothing, repeat(None), repeat(None), self.extras, blobs, repeat(now)))
+        texts = self.texts if self.texts is not None else nothing
+        return list(zip(repeat("text", count), nothing, texts, repeat(self.source), self.keys, self.extras, blobs, repeat(now)))
 
 
 @dataclass(frozen=True)
@@ -612,16 +612,10 @@ class Catalog:
             connection = session.connection()
             for chunk in chunks:
                 existing = self._ids_of_rows(connection, chunk)
-                now = time.time()
-                new_rows, updates = [], []
-                for row, key in enumerate(chunk.keys):
-                    values = chunk.values(row, now)
-                    item_id = existing.get(key)
-                    if item_id is None:
-                        new_rows.append(values)
-                    else:
-                        values["item_id"] = item_id
-                        updates.append(values)
+                rows = chunk.rows(time.time())
+                new_rows = [row for row, key in zip(rows, chunk.keys) if key not in existing] if existing else rows
+                updates = [{**dict(zip(ImportRows.COLUMNS, row)), "item_id": existing[key]}
+                           for row, key in zip(rows, chunk.keys) if key in existing]
                 if new_rows:
                     self._insert_many(connection, new_rows)
                 if updates:
@@ -634,15 +628,15 @@ class Catalog:
                 session.execute(update(State).where(State.key == "changes_floor").values(value=str(generation)))
         return ImportResult(generation, added, replaced)
 
-    def _insert_many(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
-        """INSERT of many rows with the same keys. SQLite: straight through the driver's
+    def _insert_many(self, connection: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """INSERT of many rows of `ImportRows.COLUMNS`. SQLite: straight through the driver's
         executemany, which costs a fifth of SQLAlchemy's per-row parameter processing."""
+        names = ImportRows.COLUMNS
         if self.dialect != "sqlite":
-            connection.execute(insert(Item), rows)
+            connection.execute(insert(Item), [dict(zip(names, row)) for row in rows])
             return
-        names = list(rows[0])
         statement = f"INSERT INTO items ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        connection.exec_driver_sql(statement, [tuple(row[name] for name in names) for row in rows])
+        connection.exec_driver_sql(statement, rows)
 
     def truncate_log(self) -> None:
         """Copy SQLite's write-ahead log into the catalog and empty it (after a bulk import,
