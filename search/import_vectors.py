@@ -15,8 +15,9 @@ The import is a bulk path, at the speed of the disk: every file's shape, row cou
 columns are checked first; then the rows stream in chunks of `CHUNK_ROWS` (vectors read
 from memory maps, metadata a chunk at a time) into one catalog transaction and one
 generation (`Catalog.import_rows`), so a bad row anywhere leaves nothing imported; and the
-vector index is built once at the end, streamed from the catalog. Only an import smaller
-than the library is logged row by row and caught up into the existing index instead.
+vector index is built once: into an empty library while the rows go in (`StreamedIndex`),
+else at the end, streamed from the catalog. Only an import smaller than the library is
+logged row by row and caught up into the existing index instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import json
 import os
 import re
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -33,8 +36,9 @@ import numpy as np
 
 from clipdex.search.catalog import ImportRows
 from clipdex.search.errors import ClipdexError, ModelMismatch
-from clipdex.search.index_choice import resolve_spec
+from clipdex.search.index_choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
 from clipdex.search.model import ResolvedModel
+from clipdex.search.vectors import IndexSpec, VectorIndex
 
 if TYPE_CHECKING:
     from clipdex.search.library import Library
@@ -105,9 +109,20 @@ def import_vectors(
     with library.write_lock.held():
         existing = sum(library.catalog.counts().values())
         log_changes = 0 < total < existing  # a small addition: catch the index up; else build it once
-        result = library.catalog.import_rows(_rows(parts, report, total, progress), log_changes)
+        recorded = library.manifest.index
+        spec = resolve_spec(recorded, existing + total, library.dim)
+        streamed = StreamedIndex.start(library.dim, spec, parts) if existing == 0 and total else None
+        try:
+            result = library.catalog.import_rows(_rows(parts, report, total, progress), log_changes,
+                                                 inserted=streamed.add if streamed else None)
+        finally:
+            index = streamed.finish() if streamed else None
         report.added, report.replaced = result.added, result.replaced
-        report.index_rebuilt = _update_index(library, log_changes)
+        if index is not None and result.replaced == 0 and index.ntotal == result.added:
+            library.store.adopt(index, result.generation)
+            report.index_rebuilt = (spec.type, spec.factory) != (recorded.type, recorded.factory)
+        else:
+            report.index_rebuilt = _update_index(library, log_changes)
         library.catalog.truncate_log()
     if report.normalized:
         report.notes.append(f"{report.normalized} vectors were not of unit length and were normalized")
@@ -142,6 +157,61 @@ def _update_index(library: "Library", log_changes: bool) -> bool:
     spec = resolve_spec(recorded, sum(library.catalog.counts().values()), library.dim)
     store.rebuild(spec)
     return (spec.type, spec.factory) != (recorded.type, recorded.factory)
+
+
+class StreamedIndex:
+    """The vector index of an import into an empty library, built while the rows go into
+    the catalog: a worker thread trains the quantizers on a sample read from the files
+    (the rows a rebuild from the catalog would draw), then adds each chunk as the catalog
+    assigns its ids. FAISS and SQLite release the GIL, so building overlaps inserting."""
+
+    MAX_PENDING = 8  # chunks handed to the worker and not yet added (bounds the memory they hold)
+
+    def __init__(self, index: VectorIndex, training: np.ndarray | None) -> None:
+        self.index = index
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="clipdex-index")
+        self._pending: deque[Future[None]] = deque()
+        if training is not None:
+            self._pending.append(self._worker.submit(index.train, training))
+
+    @classmethod
+    def start(cls, dim: int, spec: IndexSpec, parts: list[Part]) -> "StreamedIndex | None":
+        """None unless every part is a .npy file (a sample can be read from it at random)."""
+        if not all(part.origin.suffix == ".npy" for part in parts):
+            return None
+        index = VectorIndex(dim, spec)
+        if spec.type == "hnsw":
+            index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        total = sum(part.rows for part in parts)
+        training = None if index.is_trained else _sample_rows(parts, training_rows(total, training_size(spec, total)))
+        return cls(index, training)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        while len(self._pending) >= self.MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._worker.submit(self.index.add, ids, np.array(vectors, dtype=np.float32)))
+
+    def finish(self) -> VectorIndex:
+        """The index once every chunk is in (raises what the worker raised)."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._worker.shutdown(cancel_futures=True)
+        return self.index
+
+
+def _sample_rows(parts: list[Part], rows: np.ndarray) -> np.ndarray:
+    """Rows of the parts taken as one sequence of rows (sorted), read from memory maps and normalized."""
+    pieces, start = [], 0
+    for part in parts:
+        local = rows[(rows >= start) & (rows < start + part.rows)] - start
+        if len(local):
+            pieces.append(np.asarray(np.load(part.origin, mmap_mode="r")[local], dtype=np.float32))
+        start += part.rows
+    sample = np.concatenate(pieces)
+    norms = np.linalg.norm(sample, axis=1, keepdims=True)
+    return sample / np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
 
 
 def plan_source(source: Path, library: "Library", model_name: str | None, report: ImportReport, chunk_rows: int) -> list[Part]:

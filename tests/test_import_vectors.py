@@ -198,8 +198,12 @@ def test_an_import_is_one_generation_and_one_index_build(other_library: Library,
     before = other_library.catalog.generation()
     report = import_vectors(other_library, [clip_retrieval_folder(tmp_path / "e", count=12)], batch_size=5)  # 6 chunks
     assert (report.added, report.replaced) == (24, 0)
-    assert other_library.catalog.generation() == before + 1 and len(builds) == 1
+    assert other_library.catalog.generation() == before + 1
+    assert builds == []  # into an empty library the index is built while the rows go in, not rebuilt after
     assert other_library.vectors.ntotal == 24 and other_library.check()["ok"]
+    rows = [{"image_path": f"/again/{i}.jpg"} for i in range(30)]  # not smaller than the library: one rebuild
+    import_vectors(other_library, [clip_retrieval_parts(tmp_path / "again", rows)], batch_size=5)
+    assert other_library.catalog.generation() == before + 2 and len(builds) == 1 and other_library.check()["ok"]
     assert not (other_library.path / "catalog.sqlite-wal").exists() or (other_library.path / "catalog.sqlite-wal").stat().st_size == 0
 
 
@@ -269,3 +273,20 @@ def test_a_catalog_of_512_d_vectors_is_little_larger_than_the_vectors(tmp_path: 
     size = sum(path.stat().st_size for path in library.path.glob("catalog.sqlite*"))
     assert size <= 1.3 * 3000 * 512 * 4
     library.close()
+
+
+@pytest.mark.parametrize("thresholds", [(10, 20), (10, 5000)], ids=["ivf", "hnsw"])
+def test_the_index_built_while_importing_is_the_one_a_rebuild_makes(
+    other_library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thresholds: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(choice, "FLAT_MAX_VECTORS", thresholds[0])
+    monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", thresholds[1])
+    folder = clip_retrieval_folder(tmp_path / "e", count=400, scale=2.0)  # off unit length: the sample is normalized too
+    report = import_vectors(other_library, [folder], batch_size=64)
+    streamed = other_library.vectors
+    assert report.index_rebuilt and streamed.spec.type == ("ivf" if thresholds[1] == 20 else "hnsw") and streamed.ntotal == 800
+    queries = unit(20, seed=8)
+    expected = other_library.rebuild_vectors()
+    if streamed.spec.type == "ivf":  # the same training sample: the same lists, the same results
+        assert np.array_equal(streamed.search(queries, 10)[1], expected.search(queries, 10)[1])
+    assert sorted(streamed.ids().tolist()) == sorted(expected.ids().tolist())
