@@ -115,8 +115,11 @@ def import_vectors(
         try:
             result = library.catalog.import_rows(_rows(parts, report, total, progress), log_changes,
                                                  inserted=streamed.add if streamed else None)
-        finally:
-            index = streamed.finish() if streamed else None
+        except BaseException:
+            if streamed:
+                streamed.abandon()
+            raise
+        index = streamed.finish() if streamed else None
         report.added, report.replaced = result.added, result.replaced
         if index is not None and result.replaced == 0 and index.ntotal == result.added:
             library.store.adopt(index, result.generation)
@@ -190,6 +193,10 @@ class StreamedIndex:
         while len(self._pending) >= self.MAX_PENDING:
             self._pending.popleft().result()
         self._pending.append(self._worker.submit(self.index.add, ids, np.array(vectors, dtype=np.float32)))
+
+    def abandon(self) -> None:
+        """Stop after the chunk in progress; the import failed."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     def finish(self) -> VectorIndex:
         """The index once every chunk is in (raises what the worker raised)."""
