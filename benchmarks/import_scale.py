@@ -13,6 +13,10 @@ measured independently of both.
    direction and other noise, searched through the Python API with each kind's tuned
    breadth, against exact search; and single-query throughput against exact search.
 
+Exits 1 when a target is missed: >= 20,000 vectors/s, catalog <= 1.3x and peak memory
+<= 2x the raw float32 bytes, and for each query kind recall@10 >= 0.95, >= 10x exact
+search's queries/s, and the recall `optimize` reported within 0.03 of the independent one.
+
     .venv/bin/python benchmarks/import_scale.py [--count 1000000] [--data DIR] [--library DIR]
 """
 
@@ -96,6 +100,7 @@ def main() -> None:
     if result.returncode:
         sys.exit(f"import-vectors failed: {result.stderr}")
     catalog = sum(path.stat().st_size for path in args.library.glob("catalog.sqlite*"))
+    met = [count / seconds >= 20_000, catalog <= 1.3 * raw, 0 < peak <= 2 * raw]
     print(f"import-vectors: {count:,} vectors in {seconds:.1f}s = {count / seconds:,.0f} vectors/s (target >= 20,000); "
           f"catalog {catalog / 2**30:.2f} GiB = {catalog / raw:.2f}x the raw float32 bytes (target <= 1.3); "
           f"peak memory {peak / 2**30:.2f} GiB = {peak / raw:.2f}x (target <= 2)", flush=True)
@@ -123,11 +128,13 @@ def main() -> None:
         recall = recall_at_k(found, evaluation)
         qps = queries_per_second(lambda query: library.store.search(query, RECALL_K, None, kind), evaluation.queries, 3.0)
         reported = report["by_query_kind"][kind]["recall_at_10"]
+        met += [recall >= 0.95, qps >= 10 * exact, abs(recall - reported) <= 0.03]
         print(f"independent {kind}-like: recall@10 {recall:.3f} (optimize reported {reported:.3f}, difference {abs(recall - reported):.3f}; "
               f"best match at cosine {np.median(evaluation.best_cosine):.2f}); {qps:.0f} queries/s = {qps / exact:.1f}x exact search's "
               f"{exact:.1f}", flush=True)
     library.close()
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; every target met: {'yes' if all(met) else 'NO'}")
+    sys.exit(0 if all(met) else 1)
 
 
 if __name__ == "__main__":
