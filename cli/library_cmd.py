@@ -67,7 +67,15 @@ def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOptio
     for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "dim", "index_type"):
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
-        out.print(f"{'optimized':>10}: {data['optimized']}")
+        optimized = data["optimized"]
+        out.print(f"{'optimized':>10}: {optimized['optimized_at']}, target recall@10 {optimized['target_recall']:.2f}"
+                  f" {'met' if optimized['target_met'] else 'NOT met'}")
+        for kind, figures in optimized.get("by_query_kind", {}).items():
+            params = ", ".join(f"{key}={value}" for key, value in figures["search_params"].items()) or "exact"
+            out.print(f"{kind:>10}: recall@10 {figures['recall_at_10']:.3f} with {params} ({figures['source']})")
+        if not optimized.get("by_query_kind"):  # optimized by a clipdex that tuned one breadth for all queries
+            out.print(f"{'':>10}  recall@10 {optimized['recall_at_10']:.3f}, one breadth for all queries: "
+                      "run `clipdex optimize` again to tune text queries on their own")
     if data.get("read_only"):
         out.print(f"{'read-only':>10}: yes (cannot be written here: searches work, nothing is saved)")
 

@@ -37,7 +37,7 @@ def find_duplicates(library: Library, threshold: float = 0.95, kind: str = "imag
 
     allowed = ids if len(ids) < library.vectors.ntotal else None
     for chunk_ids, vectors in library.catalog.iter_vectors(ids.tolist()):
-        scores, neighbours = library.search_index(vectors, NEIGHBOURS, allowed)
+        scores, neighbours = library.search_index(vectors, NEIGHBOURS, allowed, query_kind="image")
         for source, row_scores, row_ids in zip(chunk_ids.tolist(), scores, neighbours):
             for score, other in zip(row_scores.tolist(), row_ids.tolist()):
                 if other < 0 or other == source or score < threshold or other not in parent:

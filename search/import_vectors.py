@@ -14,27 +14,41 @@ are stored as given, except that rows off unit length are normalized (and counte
 An import never degrades an item indexed from its file: a row naming the path of an
 image that `clipdex index` read (it has the file's size, mtime and hash) leaves that item
 as it is and is counted as `kept` - only items an earlier import made are replaced.
+
+The import is a bulk path, at the speed of the disk: every file's shape, row count and
+columns are checked first; then the rows stream in chunks of `CHUNK_ROWS` (vectors read
+from memory maps, metadata a chunk at a time) into one catalog transaction and one
+generation (`Catalog.import_rows`), so a bad row anywhere leaves nothing imported; and the
+vector index is built once: into an empty library while the rows go in (`StreamedIndex`),
+else at the end, streamed from the catalog. Only an import smaller than the library is
+logged row by row and caught up into the existing index instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from clipdex.search.catalog import KINDS, NewItem
+from clipdex.search.catalog import KINDS, ImportRows
 from clipdex.search.errors import InvalidVectors, MissingDependency, ModelMismatch
+from clipdex.search.index_choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
 from clipdex.search.model import ResolvedModel
+from clipdex.search.vectors import IndexSpec, VectorIndex
 
 if TYPE_CHECKING:
     from clipdex.search.library import Library
 
 NORM_TOLERANCE = 1e-3
+CHUNK_ROWS = 20_000  # rows read, checked and inserted at a time
 EXPORT_ARRAYS = ("ids", "kinds", "paths", "texts", "vectors", "model")
 
 
@@ -67,32 +81,49 @@ class ImportReport:
         return asdict(self)
 
 
+@dataclass
+class Part:
+    """One embeddings file, checked up front (`rows` known), read chunk by chunk by `read`."""
+
+    origin: Path
+    rows: int
+    read: Callable[[], Iterator[VectorBatch]]
+
+
 def import_vectors(
     library: "Library",
     sources: Sequence[str | Path],
     model_name: str | None = None,
-    batch_size: int = 500,
+    batch_size: int = CHUNK_ROWS,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
-    """Import every embeddings file or clip-retrieval folder in `sources` into `library`."""
+    """Import every embeddings file or clip-retrieval folder in `sources` into `library`
+    (see the module docstring: one transaction, the index built once at the end)."""
     started = time.perf_counter()
     report = ImportReport()
-    batches = [batch for source in sources for batch in read_source(Path(source), library, model_name, report)]
-    report.normalized = sum(_normalize(batch) for batch in batches)  # every file checked before any commit
-    total, done = sum(len(batch.kinds) for batch in batches), 0
-    with library.writer() as writer:
-        for batch in batches:
-            for start in range(0, len(batch.kinds), batch_size):
-                items, kept = _new_items(library, batch, slice(start, start + batch_size))
-                report.kept += kept
-                report.replaced += sum(item.id is not None for item in items)
-                report.added += sum(item.id is None for item in items)
-                if items:
-                    writer.commit(items=items)
-                done += min(batch_size, len(batch.kinds) - start)
-                if progress:
-                    progress(done, total)
-            report.files.append(str(batch.origin))
+    parts = [part for source in sources for part in plan_source(Path(source), library, model_name, report, batch_size)]
+    total = sum(part.rows for part in parts)
+    with library.locked():
+        existing = sum(library.catalog.counts().values())
+        log_changes = 0 < total < existing  # a small addition: catch the index up; else build it once
+        recorded = library.manifest.index
+        spec = resolve_spec(recorded, existing + total, library.dim)
+        streamed = StreamedIndex.start(library.dim, spec, parts) if existing == 0 and total else None
+        try:
+            result = library.catalog.import_rows(_rows(parts, report, total, progress), log_changes,
+                                                 inserted=streamed.add if streamed else None)
+        except BaseException:
+            if streamed:
+                streamed.abandon()
+            raise
+        index = streamed.finish() if streamed else None
+        report.added, report.replaced, report.kept = result.added, result.replaced, result.kept
+        if index is not None and result.replaced == 0 and index.ntotal == result.added:
+            library.store.adopt(index, result.generation)
+            report.index_rebuilt = (spec.type, spec.factory) != (recorded.type, recorded.factory)
+        else:
+            report.index_rebuilt = _update_index(library, log_changes)
+        library.catalog.truncate_log()
     if report.normalized:
         report.notes.append(f"{report.normalized} vectors were not of unit length and were normalized")
     if report.kept:
@@ -100,22 +131,115 @@ def import_vectors(
             f"{report.kept} rows name images already indexed from their files; those items were kept as they are "
             "(vector, size, mtime, hash, dimensions, capture time and camera)"
         )
-    report.index_rebuilt = library.rebuild_if_outgrown()
     report.index_type = library.vectors.spec.type
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 
 
-def read_source(source: Path, library: "Library", model_name: str | None, report: ImportReport) -> Iterator[VectorBatch]:
+def _rows(parts: list[Part], report: ImportReport, total: int, progress: Callable[[int, int], None] | None) -> Iterator[ImportRows]:
+    done = 0
+    for part in parts:
+        origin = str(part.origin.resolve())
+        for batch in part.read():
+            report.normalized += _normalize(batch)
+            yield from _import_rows(batch, origin)
+            done += len(batch.kinds)
+            if progress:
+                progress(done, total)
+        report.files.append(str(part.origin))
+
+
+def _update_index(library: "Library", log_changes: bool) -> bool:
+    """Bring the vector index up to the import (the write lock is held); True if its type changed."""
+    store = library.store
+    if log_changes:
+        store.sync()
+        if store.rebuild_if_outgrown():
+            return True
+        store.save()
+        return False
+    recorded = library.manifest.index
+    spec = resolve_spec(recorded, sum(library.catalog.counts().values()), library.dim)
+    store.rebuild(spec)
+    return (spec.type, spec.factory) != (recorded.type, recorded.factory)
+
+
+class StreamedIndex:
+    """The vector index of an import into an empty library, built while the rows go into
+    the catalog: a worker thread trains the quantizers on a sample read from the files
+    (the rows a rebuild from the catalog would draw), then adds each chunk as the catalog
+    assigns its ids. FAISS and SQLite release the GIL, so building overlaps inserting."""
+
+    MAX_PENDING = 8  # chunks handed to the worker and not yet added (bounds the memory they hold)
+
+    def __init__(self, index: VectorIndex, training: np.ndarray | None) -> None:
+        self.index = index
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="clipdex-index")
+        self._pending: deque[Future[None]] = deque()
+        if training is not None:
+            self._pending.append(self._worker.submit(index.train, training))
+
+    @classmethod
+    def start(cls, dim: int, spec: IndexSpec, parts: list[Part]) -> "StreamedIndex | None":
+        """None unless every part is a .npy file (a sample can be read from it at random)."""
+        if not all(part.origin.suffix == ".npy" for part in parts):
+            return None
+        index = VectorIndex(dim, spec)
+        if spec.type == "hnsw":
+            index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        total = sum(part.rows for part in parts)
+        training = None if index.is_trained else _sample_rows(parts, training_rows(total, training_size(spec, total)))
+        return cls(index, training)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        while len(self._pending) >= self.MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._worker.submit(self.index.add, ids, np.array(vectors, dtype=np.float32)))
+
+    def abandon(self) -> None:
+        """Stop after the chunk in progress; the import failed."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def finish(self) -> VectorIndex:
+        """The index once every chunk is in (raises what the worker raised)."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._worker.shutdown(cancel_futures=True)
+        return self.index
+
+
+def _sample_rows(parts: list[Part], rows: np.ndarray) -> np.ndarray:
+    """Rows of the parts taken as one sequence of rows (sorted), read from memory maps and normalized."""
+    pieces, start = [], 0
+    for part in parts:
+        local = rows[(rows >= start) & (rows < start + part.rows)] - start
+        if len(local):
+            pieces.append(np.asarray(np.load(part.origin, mmap_mode="r")[local], dtype=np.float32))
+        start += part.rows
+    sample = np.concatenate(pieces)
+    norms = np.linalg.norm(sample, axis=1, keepdims=True)
+    return sample / np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
+
+
+def plan_source(source: Path, library: "Library", model_name: str | None, report: ImportReport, chunk_rows: int) -> list[Part]:
     if source.is_dir():
-        yield from read_clip_retrieval(source, library.dim, library.model, model_name, report)
-    elif source.suffix == ".npz" and source.is_file():
-        yield read_export(source, library.dim, library.model, model_name)
-    else:
-        raise InvalidVectors(
-            f"{source}: not a clipdex export (.npz) nor a clip-retrieval output folder "
-            "(with img_emb/, text_emb/ and metadata/)"
-        )
+        return plan_clip_retrieval(source, library.dim, library.model, model_name, report, chunk_rows)
+    if source.suffix == ".npz" and source.is_file():
+        batch = read_export(source, library.dim, library.model, model_name)
+        return [Part(source, len(batch.kinds), lambda: _slices(batch, chunk_rows))]
+    raise InvalidVectors(
+        f"{source}: not a clipdex export (.npz) nor a clip-retrieval output folder "
+        "(with img_emb/, text_emb/ and metadata/)"
+    )
+
+
+def _slices(batch: VectorBatch, chunk_rows: int) -> Iterator[VectorBatch]:
+    for start in range(0, len(batch.kinds), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        yield VectorBatch(batch.origin, batch.kinds[rows], batch.vectors[rows], batch.paths[rows], batch.texts[rows],
+                          batch.keys[rows], batch.extras[rows])
 
 
 def read_export(path: Path, dim: int, model: ResolvedModel, model_name: str | None) -> VectorBatch:
@@ -178,10 +302,11 @@ _TYPE_NAMES = {
 }
 
 
-def read_clip_retrieval(
-    folder: Path, dim: int, model: ResolvedModel, model_name: str | None, report: ImportReport
-) -> Iterator[VectorBatch]:
-    """Image and text rows of a clip-retrieval inference output folder."""
+def plan_clip_retrieval(
+    folder: Path, dim: int, model: ResolvedModel, model_name: str | None, report: ImportReport, chunk_rows: int = CHUNK_ROWS
+) -> list[Part]:
+    """The image and text files of a clip-retrieval inference output folder, each checked
+    against its metadata file (dimension, row count, columns) without reading the rows."""
     parts = sorted(_numbered(folder / "metadata", "metadata", ".parquet").items())
     if not parts:
         raise InvalidVectors(f"{folder}: no metadata/metadata_N.parquet files: not a clip-retrieval output folder")
@@ -195,35 +320,66 @@ def read_clip_retrieval(
     images = _numbered(folder / "img_emb", "img_emb", ".npy")
     texts = _numbered(folder / "text_emb", "text_emb", ".npy")
     parquet = _parquet()
+    planned: list[Part] = []
+    paths = LocalPaths()
     for number, metadata_path in parts:
-        rows = parquet.read_table(metadata_path).to_pylist()
+        metadata = parquet.ParquetFile(metadata_path)
+        rows, columns = metadata.metadata.num_rows, list(metadata.schema_arrow.names)
         if number in images:
-            yield _image_rows(images[number], rows, dim, metadata_path)
+            _check_rows(_check_dim(_load_npy(images[number]), dim, images[number]), rows, images[number], metadata_path)
+            column = next((name for name in ("image_path", "url") if name in columns), None)
+            if column is None:
+                raise InvalidVectors(f"{metadata_path}: no image_path (or url) column to name the images by")
+            planned.append(Part(images[number], rows, _reader(_image_rows, images[number], metadata_path, column, paths, chunk_rows)))
         if number in texts:
-            yield _text_rows(texts[number], rows, dim, metadata_path)
+            _check_rows(_check_dim(_load_npy(texts[number]), dim, texts[number]), rows, texts[number], metadata_path)
+            if "caption" not in columns:
+                raise InvalidVectors(f"{metadata_path}: no caption column for the text embeddings in {texts[number]}")
+            planned.append(Part(texts[number], rows, _reader(_text_rows, texts[number], metadata_path, "caption", paths, chunk_rows)))
+    return planned
 
 
-def _image_rows(path: Path, rows: list[dict[str, Any]], dim: int, metadata_path: Path) -> VectorBatch:
-    vectors = _check_rows(_check_dim(_load_npy(path), dim, path), rows, path, metadata_path)
-    column = next((name for name in ("image_path", "url") if rows and name in rows[0]), None)
-    if column is None:
-        raise InvalidVectors(f"{metadata_path}: no image_path (or url) column to name the images by")
-    paths = [_local_path(str(row[column])) for row in rows]
-    extras = [{key: value for key, value in row.items() if key != column and value is not None} for row in rows]
-    return VectorBatch(path, ["image"] * len(rows), vectors, list(paths), [None] * len(rows), [""] * len(rows), extras)
+def _reader(
+    make: Callable[..., VectorBatch], path: Path, metadata_path: Path, column: str, paths: "LocalPaths", chunk_rows: int
+) -> Callable[[], Iterator[VectorBatch]]:
+    """Read a part: its metadata once (columns), its vectors and rows a chunk at a time from
+    a memory map that lives only while the part is read (its pages count as the process's
+    memory while mapped)."""
+
+    def read() -> Iterator[VectorBatch]:
+        vectors = np.load(path, mmap_mode="r")
+        table = _parquet().read_table(metadata_path)
+        for start in range(0, table.num_rows, chunk_rows):
+            chunk = table.slice(start, chunk_rows).to_pydict()
+            yield make(path, vectors[start : start + chunk_rows], chunk, column, start, metadata_path, paths)
+
+    return read
 
 
-def _text_rows(path: Path, rows: list[dict[str, Any]], dim: int, metadata_path: Path) -> VectorBatch:
-    vectors = _check_rows(_check_dim(_load_npy(path), dim, path), rows, path, metadata_path)
-    if rows and "caption" not in rows[0]:
-        raise InvalidVectors(f"{metadata_path}: no caption column for the text embeddings in {path}")
-    texts = [None if row["caption"] is None else str(row["caption"]) for row in rows]
+def _extras(columns: dict[str, list[Any]], skip: str, count: int) -> list[dict[str, Any]]:
+    """Each row's other metadata columns, leaving out missing values."""
+    others = [(name, values) for name, values in columns.items() if name != skip]
+    return [{name: values[row] for name, values in others if values[row] is not None} for row in range(count)]
+
+
+def _image_rows(
+    path: Path, vectors: np.ndarray, columns: dict[str, list[Any]], column: str, start: int, metadata_path: Path, paths: "LocalPaths"
+) -> VectorBatch:
+    count = len(vectors)
+    names = [paths.local(str(value)) for value in columns[column]]
+    return VectorBatch(path, ["image"] * count, vectors, list(names), [None] * count, [""] * count, _extras(columns, column, count))
+
+
+def _text_rows(
+    path: Path, vectors: np.ndarray, columns: dict[str, list[Any]], column: str, start: int, metadata_path: Path, paths: "LocalPaths"
+) -> VectorBatch:
+    count = len(vectors)
+    texts = [None if text is None else str(text) for text in columns[column]]
     missing = [number for number, text in enumerate(texts) if text is None]
     if missing:
-        raise InvalidVectors(f"{metadata_path}: row {missing[0]} has no caption for its text embedding")
-    extras = [{key: value for key, value in row.items() if key != "caption" and value is not None} for row in rows]
-    keys = [str(number) for number in range(len(rows))]
-    return VectorBatch(path, ["text"] * len(rows), vectors, [None] * len(rows), list(texts), keys, extras)
+        raise InvalidVectors(f"{metadata_path}: row {start + missing[0]} has no caption for its text embedding; nothing was imported")
+    keys = [str(start + number) for number in range(count)]
+    return VectorBatch(path, ["text"] * count, vectors, [None] * count, list(texts), keys, _extras(columns, column, count))
 
 
 def _parquet() -> Any:
@@ -248,9 +404,10 @@ def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    """A memory map of an .npy file (objects refused: pickle stays off)."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:  # not an .npy, truncated, or objects (pickle stays off)
+    except (OSError, ValueError) as error:  # not an .npy, truncated, or objects
         raise InvalidVectors(f"{path}: cannot read it as an .npy array: {error}") from error
 
 
@@ -263,56 +420,79 @@ def _check_dim(vectors: np.ndarray, dim: int, path: Path) -> np.ndarray:
     return vectors
 
 
-def _check_rows(vectors: np.ndarray, rows: list[dict[str, Any]], path: Path, metadata_path: Path) -> np.ndarray:
-    if len(vectors) != len(rows):
-        raise InvalidVectors(f"{path} has {len(vectors)} vectors but {metadata_path} has {len(rows)} rows")
+def _check_rows(vectors: np.ndarray, rows: int, path: Path, metadata_path: Path) -> np.ndarray:
+    if len(vectors) != rows:
+        raise InvalidVectors(f"{path} has {len(vectors)} vectors but {metadata_path} has {rows} rows")
     return vectors
 
 
 def _normalize(batch: VectorBatch) -> int:
-    """Normalize the rows off unit length (in place); the number normalized."""
+    """Normalize the rows off unit length (in place, as float32); the number normalized."""
     vectors = np.array(batch.vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1)
     bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
     if len(bad):
-        raise InvalidVectors(f"{batch.origin}: row {bad[0]} is a zero or non-finite vector; nothing from this file was imported")
+        raise InvalidVectors(f"{batch.origin}: row {bad[0]} is a zero or non-finite vector; nothing was imported")
     off = np.abs(norms - 1) > NORM_TOLERANCE
     vectors[off] /= norms[off, None]
     batch.vectors = vectors
     return int(np.count_nonzero(off))
 
 
-def _new_items(library: "Library", batch: VectorBatch, rows: slice) -> tuple[list[NewItem], int]:
-    """Catalog items for `rows` of the batch, and how many rows were left out because they name
-    an image indexed from its file. Rows naming an item an earlier import made replace it."""
-    origin = str(batch.origin.resolve())
-    items: dict[tuple[str, str], NewItem] = {}  # the last row wins among duplicates
-    for row in range(*rows.indices(len(batch.kinds))):
-        kind = batch.kinds[row]
-        extra = {**batch.extras[row], "imported_from": origin}
-        vector = batch.vectors[row]
-        if kind == "image":
-            items[("image", str(batch.paths[row]))] = NewItem("image", vector, path=batch.paths[row], extra=extra)
-        else:
-            key = batch.keys[row]
-            items[("text", key)] = NewItem("text", vector, text=batch.texts[row], source=origin, source_key=key, extra=extra)
-    indexed = _match_existing(library, origin, list(items.values()))
-    kept = [item for item in items.values() if item.id in indexed]
-    return [item for item in items.values() if item.id not in indexed], len(kept)
+def _import_rows(batch: VectorBatch, origin: str) -> Iterator[ImportRows]:
+    """The batch as catalog rows, one `ImportRows` per kind; the last row wins among rows
+    naming the same image path or text key."""
+    by_kind: dict[str, dict[str, int]] = {"image": {}, "text": {}}
+    for row, kind in enumerate(batch.kinds):
+        by_kind[kind][str(batch.paths[row]) if kind == "image" else batch.keys[row]] = row
+    suffix = f'"imported_from": {json.dumps(origin)}}}'
+    for kind, rows in by_kind.items():
+        if not rows:
+            continue
+        chosen = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
+        extras: list[str | None] = []
+        for row in chosen:
+            extra = batch.extras[row]
+            extras.append(json.dumps(extra, default=str)[:-1] + ", " + suffix if extra else "{" + suffix)
+        texts = [str(batch.texts[row]) for row in chosen] if kind == "text" else None
+        yield ImportRows(kind, batch.vectors[chosen], list(rows), extras, texts, origin if kind == "text" else None)
 
 
-def _match_existing(library: "Library", origin: str, items: list[NewItem]) -> set[int]:
-    """Set the id of items whose image path or (source, key) is already in the catalog; return
-    the ids among them of images indexed from their files (which an import must not replace)."""
-    by_path = library.catalog.images_at_paths([item.path for item in items if item.kind == "image" and item.path])
-    by_key = library.catalog.ids_of_keys(origin, [item.source_key for item in items if item.kind == "text" and item.source_key])
-    for item in items:
-        if item.kind == "image":
-            found = by_path.get(item.path or "")
-            item.id = found[0] if found else None
-        else:
-            item.id = by_key.get(item.source_key or "")
-    return {item_id for item_id, from_file in by_path.values() if from_file}
+class LocalPaths:
+    """Image names as `_local_path` makes them, a folder listed once rather than a file
+    looked up per row: an existing local file becomes its resolved absolute path; anything
+    else (a URL, a missing file) stays as given."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, tuple[str, set[str], set[str]] | None] = {}  # folder -> (real path, files, links)
+
+    def local(self, value: str) -> str:
+        if "://" in value:
+            return value
+        parent, name = os.path.split(os.path.expanduser(value))
+        folder = self._folder(parent or ".")
+        if folder is None:
+            return value
+        real, files, links = folder
+        if name in links:
+            return _local_path(value)
+        return os.path.join(real, name) if name in files else value
+
+    def _folder(self, folder: str) -> tuple[str, set[str], set[str]] | None:
+        if folder not in self._folders:
+            files: set[str] = set()
+            links: set[str] = set()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.is_symlink():
+                            links.add(entry.name)
+                        elif entry.is_file():
+                            files.add(entry.name)
+                self._folders[folder] = (os.path.realpath(folder), files, links)
+            except OSError:
+                self._folders[folder] = None
+        return self._folders[folder]
 
 
 def _local_path(value: str) -> str:

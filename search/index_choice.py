@@ -25,11 +25,18 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Protocol
 
 import numpy as np
 
 from clipdex.search.errors import MemoryBudgetError
-from clipdex.search.vectors import GpuSettings, IndexSpec, VectorIndex, faiss_module
+from clipdex.search.vectors import GpuSettings, IndexSpec, VectorIndex, VectorSource, faiss_module
+
+
+class VectorCollection(VectorSource, Protocol):
+    """Every stored vector, streamed (the catalog)."""
+
+    def ids(self, kind: str = "any") -> np.ndarray: ...
 
 
 FLAT_MAX_VECTORS = 50_000
@@ -140,6 +147,23 @@ def build_index(dim: int, spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray,
         index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     for start in range(0, len(ids), ADD_CHUNK):
         index.add(ids[start : start + ADD_CHUNK], vectors[start : start + ADD_CHUNK])
+    return index
+
+
+def build_index_from(dim: int, spec: IndexSpec, source: VectorCollection, seed: int = 0) -> VectorIndex:
+    """`build_index` over every vector of `source` (the catalog), streamed: the quantizers
+    train on the same random sample `build_index` draws, then the vectors are added a
+    chunk at a time, so memory holds the index and one chunk, never a copy of them all."""
+    ids = np.sort(np.asarray(source.ids(), dtype=np.int64))
+    spec = resolve_spec(spec, len(ids), dim)
+    index = VectorIndex(dim, spec)
+    if not index.is_trained:
+        rows = training_rows(len(ids), training_size(spec, len(ids)), seed)
+        index.train(np.concatenate([vectors for _, vectors in source.iter_vectors(ids[rows].tolist())]))
+    if spec.type == "hnsw":
+        index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    for chunk_ids, vectors in source.iter_vectors():
+        index.add(chunk_ids, vectors)
     return index
 
 

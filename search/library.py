@@ -151,8 +151,8 @@ class Library:
     # -- writing ----------------------------------------------------------------------
 
     @contextmanager
-    def writer(self) -> Iterator[LibraryWriter]:
-        """Hold the library's write lock (and a shared catalog's); the index is saved when the block ends."""
+    def locked(self) -> Iterator[None]:
+        """Hold the library's write lock (and a shared catalog's), for a writer of any kind."""
         if self.catalog.read_only:
             raise ReadOnlyLibrary(f"library {self.path} cannot be written here ({self.catalog.read_only_reason}); "
                                   "it can only be searched")
@@ -160,6 +160,12 @@ class Library:
             if self.catalog_lock is not None:
                 locks.enter_context(self.catalog_lock.held())
             locks.enter_context(self.write_lock.held())
+            yield
+
+    @contextmanager
+    def writer(self) -> Iterator[LibraryWriter]:
+        """Hold the library's write lock (and a shared catalog's); the index is saved when the block ends."""
+        with self.locked():
             writer = LibraryWriter(self.store)
             try:
                 yield writer
@@ -206,13 +212,16 @@ class Library:
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
         return self.searcher.search_vector(vector, query)
 
-    def search_index(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Search the vector index, caught up with the catalog (see `VectorIndex.search`).
+    def search_index(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, query_kind: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search the vector index, caught up with the catalog (see `VectorIndex.search`;
+        `query_kind` "image" or "text" picks the breadth tuned for such queries).
 
         Searches from several threads run at the same time; a catch-up or commit that
         changes the index waits for them, and they for it.
         """
-        return self.store.search(queries, k, allowed)
+        return self.store.search(queries, k, allowed, query_kind)
 
     def allowed_ids(self, filters: Filters) -> np.ndarray | None:
         """The ids a search may return, or None when every item may be returned."""

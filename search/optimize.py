@@ -1,24 +1,35 @@
 """`clipdex optimize`: rebuild the index for the library's size, tune it, measure it.
 
-Recall@10 is measured against exact search on held-out queries: stored vectors drawn
-at random and kept out of the quantizer's training sample, each query's own item left
-out of both result lists. Half of them tune the search breadth (nprobe for IVF,
-efSearch for HNSW) to the smallest value reaching the target plus a small margin; the
-other half measure the recall that is reported, so the figure is not the one tuned on.
+The search breadth (nprobe for IVF, efSearch for HNSW) is tuned per query kind, because
+the kinds lie at very different distances from the stored vectors:
+
+- image-like queries (an image, a stored item, a raw vector) are stored vectors drawn at
+  random and kept out of the quantizer's training sample, each query's own item left out
+  of both result lists;
+- text-like queries come from the sources of `clipdex.search.query_sample` (a queries
+  file, the query cache, text items, prompts), filled up with generated queries as far
+  from their best match as CLIP's modality gap puts a text when too few real ones exist.
+
+For each kind, half of its queries tune the breadth to the smallest value reaching the
+target plus a small margin; the other half measure the recall that is reported, so the
+figure is not the one tuned on. The overall recall is the lower of the kinds'.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from clipdex.search.errors import ClipdexError
-from clipdex.search.index_choice import build_index, choose_spec, training_rows, training_size
+from clipdex.search.index_choice import build_index, choose_spec, list_count, training_rows, training_size
+from clipdex.search.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, text_query_sample
 from clipdex.search.vectors import IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
@@ -27,6 +38,7 @@ if TYPE_CHECKING:
 RECALL_K = 10
 HELD_OUT_QUERIES = 400  # split in two halves: tuning and reporting
 TUNING_MARGIN = 0.01
+TUNING_ERRORS = 3.0  # standard errors of the tuning sample's mean recall added to the margin
 MEASURE_SECONDS = 1.0  # time spent timing each throughput (approximate, exact)
 
 
@@ -37,23 +49,45 @@ class Evaluation:
     queries: np.ndarray
     truth: np.ndarray
     own_ids: np.ndarray | None = None
+    best_cosine: np.ndarray | None = None  # each query's cosine with its best match, when known
 
     def half(self, second: bool) -> "Evaluation":
         cut = len(self.queries) // 2
         part = slice(cut, None) if second else slice(0, cut)
         own = None if self.own_ids is None else self.own_ids[part]
-        return Evaluation(self.queries[part], self.truth[part], own)
+        best = None if self.best_cosine is None else self.best_cosine[part]
+        return Evaluation(self.queries[part], self.truth[part], own, best)
+
+
+@dataclass
+class KindReport:
+    """How searches of one query kind fare with the breadth tuned for them."""
+
+    recall_at_10: float  # on the queries held out from tuning
+    search_params: dict[str, Any]
+    target_met: bool
+    queries: int  # tuned on half, measured on the other half
+    source: str  # where the queries came from
+    best_match_cosine: float | None  # median cosine of a query with its best match: how far queries lie
+    queries_per_second: float
+    speedup: float  # against exact search's queries/s
+    widest_recall_at_10: float | None = None  # at the widest breadth, when the target was missed
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(self.search_params)  # "nprobe"/"efSearch" next to the recall they give
+        return data
 
 
 @dataclass
 class OptimizeReport:
     index_type: str
     factory: str | None
-    search_params: dict[str, Any]
+    search_params: dict[str, Any]  # for queries of no known kind: the widest of the kinds'
     target_recall: float
-    recall_at_10: float
-    target_met: bool
-    queries_per_second: float  # single queries, one at a time
+    recall_at_10: float  # the lower of the kinds'
+    target_met: bool  # by every kind
+    queries_per_second: float  # single queries, one at a time; the slower kind's
     exact_queries_per_second: float  # the same, by exact flat search
     speedup: float
     bytes_per_vector: float
@@ -65,6 +99,9 @@ class OptimizeReport:
     build_seconds: float
     seconds: float
     optimized_at: str
+    by_query_kind: dict[str, dict[str, Any]] = field(default_factory=dict)  # "image", "text": KindReport.to_json()
+    advice: list[str] = field(default_factory=list)  # what would meet a missed target
+    alternatives: list[dict[str, Any]] = field(default_factory=list)  # index types also tried, not kept
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,11 +109,26 @@ class OptimizeReport:
 
 def held_out_evaluation(ids: np.ndarray, vectors: np.ndarray, count: int, exclude_rows: np.ndarray, seed: int = 0) -> Evaluation:
     """`count` stored vectors outside `exclude_rows` (the training sample) as queries."""
+    rows = held_out_rows(len(ids), count, exclude_rows, seed)
+    return exact_evaluation(np.ascontiguousarray(vectors[rows]), ids, vectors, ids[rows])
+
+
+def held_out_rows(total: int, count: int, exclude_rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """`count` random rows outside `exclude_rows` (all rows when that leaves none)."""
     rng = np.random.default_rng(seed + 1)
-    candidates = np.setdiff1d(np.arange(len(ids)), exclude_rows) if len(exclude_rows) < len(ids) else np.arange(len(ids))
-    rows = rng.choice(candidates, size=min(count, len(candidates)), replace=False)
-    queries = np.ascontiguousarray(vectors[rows])
-    return Evaluation(queries, exact_neighbours(queries, ids, vectors, RECALL_K, ids[rows]), ids[rows])
+    candidates = np.setdiff1d(np.arange(total), exclude_rows) if len(exclude_rows) < total else np.arange(total)
+    return rng.choice(candidates, size=min(count, len(candidates)), replace=False)
+
+
+def exact_evaluation(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, own_ids: np.ndarray | None = None) -> Evaluation:
+    """Queries with their exact top-k and best-match cosine; `own_ids` (-1: none) left out of both."""
+    faiss = faiss_module()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    extra = 0 if own_ids is None else 1
+    scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), RECALL_K + extra, metric=faiss.METRIC_INNER_PRODUCT)
+    found = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+    best = scores[:, 0] if own_ids is None else np.where(found[:, 0] == own_ids, scores[:, min(1, scores.shape[1] - 1)], scores[:, 0])
+    return Evaluation(queries, _drop_own(found, own_ids, RECALL_K), own_ids, best)
 
 
 def exact_neighbours(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int, own_ids: np.ndarray | None = None) -> np.ndarray:
@@ -89,9 +141,14 @@ def exact_neighbours(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, 
 
 def recall_at_k(found: np.ndarray, evaluation: Evaluation, k: int = RECALL_K) -> float:
     """The mean share of each query's exact top-k found in its approximate top-k."""
+    return float(np.mean(recalls_per_query(found, evaluation, k)))
+
+
+def recalls_per_query(found: np.ndarray, evaluation: Evaluation, k: int = RECALL_K) -> np.ndarray:
+    """Each query's share of its exact top-k found in its approximate top-k."""
     found = _drop_own(found, evaluation.own_ids, k)
     hits = [len(np.intersect1d(row[row >= 0], truth)) for row, truth in zip(found, evaluation.truth[:, :k])]
-    return float(np.sum(hits) / (k * len(found)))
+    return np.asarray(hits, dtype=np.float64) / k
 
 
 def _drop_own(rows: np.ndarray, own_ids: np.ndarray | None, k: int) -> np.ndarray:
@@ -102,9 +159,25 @@ def _drop_own(rows: np.ndarray, own_ids: np.ndarray | None, k: int) -> np.ndarra
 
 
 def evaluate(index: VectorIndex, evaluation: Evaluation, breadth: int) -> float:
+    return float(np.mean(evaluate_per_query(index, evaluation, breadth)))
+
+
+def evaluate_per_query(index: VectorIndex, evaluation: Evaluation, breadth: int) -> np.ndarray:
     extra = 0 if evaluation.own_ids is None else 1
     _, found = index.search_with(evaluation.queries, RECALL_K + extra, breadth)
-    return recall_at_k(found, evaluation)
+    return recalls_per_query(found, evaluation)
+
+
+def tuning_target(index: VectorIndex, tuning: Evaluation, target: float) -> tuple[int, float]:
+    """The breadth tuned on `tuning` and the recall it gave, with a margin that covers the
+    sampling error of the tuning queries: the recall must clear `target` by
+    `TUNING_MARGIN`, and by `TUNING_ERRORS` standard errors of the mean per-query recall
+    (far, text-like queries vary much more from one query to the next)."""
+    breadth, recall = tune(index, tuning, min(1.0, target + TUNING_MARGIN))
+    spread = float(np.std(evaluate_per_query(index, tuning, breadth))) / math.sqrt(max(1, len(tuning.queries)))
+    if TUNING_ERRORS * spread > TUNING_MARGIN:
+        breadth, recall = tune(index, tuning, min(1.0, target + TUNING_ERRORS * spread))
+    return breadth, recall
 
 
 def tune(index: VectorIndex, evaluation: Evaluation, target: float) -> tuple[int, float]:
@@ -171,68 +244,202 @@ def optimize_vectors(
     spec: IndexSpec | None = None,
     seed: int = 0,
     min_seconds: float | None = None,
+    text_queries: QuerySample | None = None,
+    text_evaluation: Evaluation | None = None,
+    sources: dict[str, str] | None = None,
 ) -> tuple[VectorIndex, OptimizeReport]:
-    """Build the chosen index (or `spec`) over the vectors, tune it to `target_recall` and measure it.
+    """Build the chosen index (or `spec`) over the vectors, tune it to `target_recall` per
+    query kind and measure it.
 
-    `evaluation` defaults to held-out stored vectors (see the module docstring); the
-    benchmark passes its own queries."""
+    Image-like queries: `evaluation`, by default held-out stored vectors (see the module
+    docstring). Text-like queries: `text_evaluation`, else `text_queries` (see
+    `clipdex.search.query_sample`), filled up with generated gap queries when fewer than
+    `MIN_TEXT_QUERIES`. `sources` names where given evaluations came from. The benchmark
+    passes its own evaluations.
+
+    When the size calls for HNSW (and no `spec` is given), IVF-Flat is built and tuned too:
+    a graph search finds far, text-like queries' neighbours only at a very wide efSearch,
+    where an inverted file may well be faster. The candidate whose slower kind is fastest,
+    among those meeting the target for both kinds, is kept (`alternatives` reports the other)."""
     started = time.perf_counter()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
-    spec = spec or choose_spec(len(ids), vectors.shape[1], memory_budget)
-    index = build_index(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
-    build_seconds = time.perf_counter() - started
+    candidates = [spec] if spec is not None else candidate_specs(len(ids), vectors.shape[1], memory_budget)
+    ivf = next((candidate for candidate in candidates if candidate.type == "ivf"), None)
+    trained = training_rows(len(ids), training_size(ivf, len(ids)), seed) if ivf is not None else np.zeros(0, np.int64)
+    named = dict(sources or {})
     if evaluation is None:
-        trained = training_rows(len(ids), training_size(spec, len(ids)), seed) if spec.type == "ivf" else np.zeros(0, np.int64)
         evaluation = held_out_evaluation(ids, vectors, HELD_OUT_QUERIES, trained, seed)
-    recall = tune_spec(index, evaluation, target_recall)
+        named.setdefault("image", f"stored vectors held out from training ({len(evaluation.queries)})")
+    if text_evaluation is None and candidates[0].type != "flat":
+        sample = with_gap_queries(text_queries or QuerySample.empty(vectors.shape[1]), ids, vectors, trained, seed).shuffled(seed)
+        own = sample.own_ids if np.any(sample.own_ids >= 0) else None
+        text_evaluation = exact_evaluation(sample.vectors, ids, vectors, own)
+        named.setdefault("text", sample.describe())
+    evaluations = {"image": evaluation, "text": text_evaluation}
     min_seconds = MEASURE_SECONDS if min_seconds is None else min_seconds
-    qps = queries_per_second(lambda query: index.search(query, RECALL_K), evaluation.queries, min_seconds)
     exact_qps = exact_queries_per_second(vectors, evaluation.queries, min_seconds)
+    tried = [_build_and_tune(candidate, ids, vectors, evaluations, named, target_recall, exact_qps, min_seconds, seed)
+             for candidate in candidates]
+    index, kinds, build_seconds = max(tried, key=lambda attempt: _preference(attempt[1]))
+    recall = min(figures.recall_at_10 for figures in kinds.values())
+    slowest = min(figures.queries_per_second for figures in kinds.values())
     report = OptimizeReport(
         index_type=index.spec.type,
         factory=index.spec.factory,
         search_params=dict(index.spec.search_params),
         target_recall=target_recall,
-        recall_at_10=round(recall, 4),
-        target_met=recall >= target_recall,
-        queries_per_second=round(qps, 1),
+        recall_at_10=recall,
+        target_met=all(figures.target_met for figures in kinds.values()),
+        queries_per_second=slowest,
         exact_queries_per_second=round(exact_qps, 1),
-        speedup=round(qps / exact_qps, 1),
+        speedup=round(slowest / exact_qps, 1),
         bytes_per_vector=round(index.bytes_per_vector(), 1),
         vectors=len(ids),
         dim=vectors.shape[1],
-        held_out_queries=len(evaluation.queries),
+        held_out_queries=sum(figures.queries for figures in kinds.values()),
         memory_budget=memory_budget,
         device=index.device,
         build_seconds=round(build_seconds, 2),
         seconds=round(time.perf_counter() - started, 2),
         optimized_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        by_query_kind={kind: figures.to_json() for kind, figures in kinds.items()},
+        advice=advice(index, kinds, target_recall, len(ids), vectors.shape[1]),
+        alternatives=[_summary(other, other_kinds) for other, other_kinds, _ in tried if other is not index],
     )
     return index, report
 
 
+def candidate_specs(count: int, dim: int, memory_budget: int | None) -> list[IndexSpec]:
+    """The chosen spec, and IVF-Flat beside it when the choice is HNSW (see `optimize_vectors`)."""
+    chosen = choose_spec(count, dim, memory_budget)
+    if chosen.type != "hnsw":
+        return [chosen]
+    return [chosen, IndexSpec("ivf", f"IVF{list_count(count)},Flat", memory_budget=memory_budget)]
+
+
+def _build_and_tune(
+    spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray, evaluations: dict[str, Evaluation | None], named: dict[str, str],
+    target_recall: float, exact_qps: float, min_seconds: float, seed: int,
+) -> tuple[VectorIndex, dict[str, KindReport], float]:
+    started = time.perf_counter()
+    index = build_index(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
+    build_seconds = time.perf_counter() - started
+    kinds = tune_kinds(index, evaluations, target_recall)
+    for kind, figures in kinds.items():
+        queries = evaluations[kind] or evaluations["image"]
+        assert queries is not None
+        qps = queries_per_second(lambda query: index.search(query, RECALL_K, query_kind=kind), queries.queries, min_seconds)
+        figures.queries_per_second, figures.speedup = round(qps, 1), round(qps / exact_qps, 1)
+        figures.source = named.get(kind, "given") if evaluations[kind] is not None else "not needed: exact search"
+    return index, kinds, build_seconds
+
+
+def _preference(kinds: dict[str, KindReport]) -> tuple[bool, float, float]:
+    """Meeting the target for every kind first, then the slower kind's speed, then recall."""
+    return (all(figures.target_met for figures in kinds.values()),
+            min(figures.queries_per_second for figures in kinds.values()),
+            min(figures.recall_at_10 for figures in kinds.values()))
+
+
+def _summary(index: VectorIndex, kinds: dict[str, KindReport]) -> dict[str, Any]:
+    return {"factory": index.spec.factory, "by_query_kind": {kind: figures.to_json() for kind, figures in kinds.items()}}
+
+
+def with_gap_queries(sample: QuerySample, ids: np.ndarray, vectors: np.ndarray, exclude_rows: np.ndarray, seed: int) -> QuerySample:
+    """`sample`, filled up to `HELD_OUT_QUERIES` with generated text-like queries (see
+    `clipdex.search.query_sample.gap_queries`) when it holds fewer than `MIN_TEXT_QUERIES`."""
+    if len(sample) >= MIN_TEXT_QUERIES:
+        return sample
+    rows = held_out_rows(len(ids), HELD_OUT_QUERIES - len(sample), exclude_rows, seed + 7)
+    sample.extend(GENERATED, gap_queries(vectors[rows], seed))
+    return sample
+
+
+def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], target_recall: float) -> dict[str, KindReport]:
+    """Tune each kind on the first half of its queries; its recall on the second half.
+
+    The tuned breadths go into `index.spec`: per kind, and the widest as the kind-less one."""
+    reports: dict[str, KindReport] = {}
+    name = "nprobe" if index.spec.type == "ivf" else "efSearch"
+    for kind, evaluation in evaluations.items():
+        best = None if evaluation is None or evaluation.best_cosine is None else round(float(np.median(evaluation.best_cosine)), 3)
+        queries = 0 if evaluation is None else len(evaluation.queries)
+        if index.spec.type == "flat" or evaluation is None:
+            reports[kind] = KindReport(1.0, {}, True, queries, "", best, 0.0, 0.0)
+            continue
+        breadth, _ = tuning_target(index, evaluation.half(second=False), target_recall)
+        recall = evaluate(index, evaluation.half(second=True), breadth)
+        widest = None
+        if recall < target_recall:
+            widest = round(evaluate(index, evaluation.half(second=True), index.max_breadth()), 4)
+        reports[kind] = KindReport(round(recall, 4), {name: breadth}, recall >= target_recall, queries, "", best, 0.0, 0.0, widest)
+    if index.spec.type != "flat":
+        index.spec.search_params_by_kind = {kind: dict(report.search_params) for kind, report in reports.items()}
+        index.spec.search_params = {name: max(int(report.search_params.get(name, 0)) for report in reports.values())}
+    return reports
+
+
 def tune_spec(index: VectorIndex, evaluation: Evaluation, target_recall: float) -> float:
-    """Tune on the first half of the queries into `index.spec.search_params`; the recall on the second half."""
-    if index.spec.type == "flat":
-        return 1.0
-    breadth, _ = tune(index, evaluation.half(second=False), min(1.0, target_recall + TUNING_MARGIN))
-    index.spec.search_params = {"nprobe" if index.spec.type == "ivf" else "efSearch": breadth}
-    return evaluate(index, evaluation.half(second=True), breadth)
+    """Tune one kind-less breadth on the first half of the queries; the recall on the second half."""
+    return tune_kinds(index, {"image": evaluation}, target_recall)["image"].recall_at_10
 
 
-def optimize_library(library: "Library", target_recall: float = 0.95, memory_budget: int | None = None, seed: int = 0) -> OptimizeReport:
-    """Rebuild the library's index from its catalog, tuned and measured, and record the report.
+def advice(index: VectorIndex, kinds: dict[str, KindReport], target_recall: float, count: int, dim: int) -> list[str]:
+    """For each kind that missed the target: what would meet it."""
+    lines = []
+    nlist = faiss_module().extract_index_ivf(index.index).nlist if index.spec.type == "ivf" else 0
+    whole_bytes = count * (4 * dim + 8) + nlist * dim * 4
+    for kind, report in kinds.items():
+        if report.target_met:
+            continue
+        widest = report.widest_recall_at_10
+        missed = f"{kind}-like queries reach recall@10 {report.recall_at_10:.3f} < {target_recall:.2f}"
+        if widest is not None and widest >= target_recall:
+            lines.append(f"{missed} on the held-out queries: a wider search reaches it (the widest gives {widest:.3f}); "
+                         f"rerun with a higher --target-recall (e.g. {min(1.0, target_recall + 0.02):.2f}) to tune a wider one")
+        elif not index.keeps_whole_vectors:
+            lines.append(f"{missed}, {widest or 0:.3f} at the widest search of {index.spec.factory}: its quantized codes lose too much; "
+                         f"IVF{nlist},Flat keeps whole vectors and reaches any recall, in about {_size(whole_bytes)} "
+                         f"(--memory-budget {_size(whole_bytes)} or more)")
+        else:
+            lines.append(f"{missed}, {widest or 0:.3f} at the widest search of {index.spec.factory}; an IVF,Flat index "
+                         f"reaches any recall at a wide enough nprobe (about {_size(whole_bytes)}), exact search always")
+    return lines
 
-    The index is built from a snapshot while searches (and writers) go on; it is then
-    caught up with any commits made meanwhile and saved under the write lock."""
+
+def _size(size: int) -> str:
+    """Bytes rounded up, in the units `--memory-budget` reads (e.g. 204K, 1953M)."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= 10 * scale or unit == "K":
+            return f"{math.ceil(size / scale)}{unit}"
+    return f"{size}"
+
+
+def optimize_library(
+    library: "Library",
+    target_recall: float = 0.95,
+    memory_budget: int | None = None,
+    seed: int = 0,
+    queries_file: str | Path | None = None,
+) -> OptimizeReport:
+    """Rebuild the library's index from its catalog, tuned per query kind and measured, and record the report.
+
+    Text-like queries come from `queries_file` and the library itself (see
+    `clipdex.search.query_sample`). The index is built from a snapshot while searches (and
+    writers) go on; it is then caught up with any commits made meanwhile and saved under
+    the write lock."""
     if not 0.0 < target_recall <= 1.0:
         raise ClipdexError(f"the target recall must be in (0, 1], not {target_recall}")
     generation = library.catalog.generation()
     ids, vectors = library.catalog.all_vectors()
     if len(ids) == 0:
         raise ClipdexError(f"library {library.path} is empty: index something before optimizing it")
-    index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed)
+    spec = choose_spec(len(ids), library.dim, memory_budget)
+    text_queries = None
+    if spec.type != "flat" or queries_file is not None:
+        text_queries = text_query_sample(library, HELD_OUT_QUERIES, queries_file, seed)
+    index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries)
     library.manifest.extra["optimized"] = report.to_json()
     library.adopt_vectors(index, generation)
     return report

@@ -51,6 +51,21 @@ class Searcher:
             raise InvalidQuery("the query vector holds NaN or infinite values")
         return vector
 
+    def query_kind(self, query: Query) -> str:
+        """Which tuned search breadth fits the query (see `IndexSpec.search_params_by_kind`):
+        "text" when a term is a text or a stored text item, which lie far from the images in
+        CLIP space; "image" for images, stored images and raw vectors, which lie among them."""
+        for term in query.terms:
+            if term.weight == 0:
+                continue
+            if term.kind == "text":
+                return "text"
+            if term.kind == "like":
+                item = self.catalog.get_item(int(term.value))
+                if item is not None and item.kind == "text":
+                    return "text"
+        return "image"
+
     def query_vector(self, query: Query) -> np.ndarray:
         return combine([self.term_vector(term) for term in query.terms], [term.weight for term in query.terms])
 
@@ -62,7 +77,7 @@ class Searcher:
         if allowed is not None and len(allowed) == 0:
             return []
         wanted = query.k + query.offset
-        scores, ids = self.store.search(vector[None, :], wanted, allowed)
+        scores, ids = self.store.search(vector[None, :], wanted, allowed, self.query_kind(query))
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         pairs = pairs[query.offset : query.offset + query.k]
         if query.threshold is not None:

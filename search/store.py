@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clipdex.search.atomic import leftovers
 from clipdex.search.catalog import BatchResult, Catalog, NewItem
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
-from clipdex.search.index_choice import build_index, resolve_spec
+from clipdex.search.index_choice import build_index_from, resolve_spec
 from clipdex.search.locks import WriteLock
 from clipdex.search.manifest import MANIFEST_FILE, Manifest
 from clipdex.search.sharedlock import SharedLock
@@ -107,8 +107,7 @@ class VectorStore:
                 self._index.add(ids, vectors)
 
     def _build(self) -> VectorIndex:
-        ids, vectors = self.catalog.all_vectors()
-        return build_index(self.dim, self.manifest.index, ids, vectors)
+        return build_index_from(self.dim, self.manifest.index, self.catalog)
 
     def _save_if_no_writer(self) -> None:
         """Persist a caught-up index (after a crash, say) so later readers need not redo it.
@@ -125,12 +124,14 @@ class VectorStore:
 
     # -- searching -------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, query_kind: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Search the index, caught up with the catalog first (see `VectorIndex.search`)."""
         self.sync()
         with self._index_lock.shared():
             assert self._index is not None
-            return self._index.search(queries, k, allowed, source=self.catalog)
+            return self._index.search(queries, k, allowed, source=self.catalog, query_kind=query_kind)
 
     # -- changing it (the caller holds the write lock) ---------------------------------------
 

@@ -54,6 +54,9 @@ GPU_MAX_K = 2048
 DEFAULT_NPROBE_FRACTION = 1 / 16
 DEFAULT_EF_SEARCH = 64
 
+# Query kinds with search breadths of their own (see `IndexSpec.search_params_by_kind`).
+QUERY_KINDS = ("image", "text")
+
 GPU_ENV = "CLIPDEX_GPU"  # auto (default): use GPUs when FAISS sees one; on: require one; off: never
 GPU_MULTI_ENV = "CLIPDEX_GPU_MULTI"  # replicate (default): a full copy per GPU; shard: split across GPUs
 GPU_FP16_ENV = "CLIPDEX_GPU_FP16"  # 1: float16 storage for flat vectors (and IVF-PQ lookup tables)
@@ -67,8 +70,13 @@ class IndexSpec:
     type: str = "flat"
     # The FAISS factory string, for types built through `faiss.index_factory`.
     factory: str | None = None
-    # Search-time parameters (nprobe, efSearch) tuned by `clipdex optimize`.
+    # Search-time parameters (nprobe, efSearch) tuned by `clipdex optimize`: for queries of
+    # a kind without its own entry below (and for clipdex versions that know no kinds).
     search_params: dict[str, Any] = field(default_factory=dict)
+    # The same, tuned separately per query kind (`QUERY_KINDS`): "image" for queries that lie
+    # among the stored vectors (an image, a stored item, a raw vector), "text" for texts,
+    # which sit far from every image in CLIP space and need a wider search for the same recall.
+    search_params_by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The memory budget in bytes the type was chosen under; later rebuilds keep to it.
     memory_budget: int | None = None
     # True when asked for explicitly: rebuilds keep the type whatever the library's size
@@ -77,6 +85,10 @@ class IndexSpec:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def params_for(self, query_kind: str | None) -> dict[str, Any]:
+        """The search parameters for queries of `query_kind` (None: the kind-less ones)."""
+        return self.search_params_by_kind.get(query_kind or "", self.search_params)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> "IndexSpec":
@@ -240,8 +252,12 @@ class VectorIndex:
         k: int,
         allowed_ids: np.ndarray | None = None,
         source: VectorSource | None = None,
+        query_kind: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row; missing places have id -1.
+
+        `query_kind` ("image", "text"; see `QUERY_KINDS`) picks the search breadth tuned
+        for such queries; None uses the kind-less parameters.
 
         With `allowed_ids`, only those ids can be returned, and each row holds
         min(k, matches) hits: the best-scoring among them (the filter works inside the
@@ -260,23 +276,25 @@ class VectorIndex:
             return self._search_flat(queries, k, allowed_ids)
         if allowed_ids is not None and len(allowed_ids) <= EXACT_FILTER_MAX:
             return self._search_exact(queries, k, allowed_ids, source)
-        return self._search_approximate(queries, k, allowed_ids)
+        return self._search_approximate(queries, k, allowed_ids, query_kind)
 
     def _search_flat(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if allowed is None and self._gpu_ready(k):
-            return self._gpu_search(queries, k)
+            return self._gpu_search(queries, k, 0)
         if allowed is None:
             return self.index.search(queries, k)
         selector = faiss_module().IDSelectorBatch(allowed)
         return self.index.search(queries, k, params=faiss_module().SearchParameters(sel=selector))
 
-    def _search_approximate(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_approximate(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, query_kind: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Widen nprobe/efSearch until every row has min(k, matches) hits, then fall back to exact."""
         matches = self.ntotal if allowed is None else len(allowed)
         wanted = min(k, matches)
-        breadth = self.search_breadth(matches / max(1, self.ntotal))
+        breadth = self.search_breadth(matches / max(1, self.ntotal), query_kind)
         if allowed is None and self._gpu_ready(k):
-            scores, ids = self._gpu_search(queries, k)
+            scores, ids = self._gpu_search(queries, k, breadth)
             if _enough(ids, wanted):
                 return scores, ids
         while True:
@@ -287,17 +305,19 @@ class VectorIndex:
                 return self._search_exact(queries, k, allowed, None)
             breadth = min(breadth * 4, self.max_breadth())
 
-    def search_breadth(self, fraction: float = 1.0) -> int:
-        """nprobe (IVF) or efSearch (HNSW) for a search among `fraction` of the vectors.
+    def search_breadth(self, fraction: float = 1.0, query_kind: str | None = None) -> int:
+        """nprobe (IVF) or efSearch (HNSW) for a search among `fraction` of the vectors, for
+        queries of `query_kind` (see `IndexSpec.params_for`).
 
         A filter matching a fraction f of the items needs about 1/f times the breadth to
         see as many matches as an unfiltered search does.
         """
+        params = self.spec.params_for(query_kind)
         if self.spec.type == "ivf":
             nlist = faiss_module().extract_index_ivf(self.index).nlist
-            base = int(self.spec.search_params.get("nprobe") or max(1, round(nlist * DEFAULT_NPROBE_FRACTION)))
+            base = int(params.get("nprobe") or max(1, round(nlist * DEFAULT_NPROBE_FRACTION)))
         else:
-            base = int(self.spec.search_params.get("efSearch") or DEFAULT_EF_SEARCH)
+            base = int(params.get("efSearch") or DEFAULT_EF_SEARCH)
         return min(self.max_breadth(), max(1, math.ceil(base / max(fraction, 1e-9))))
 
     def max_breadth(self) -> int:
@@ -385,17 +405,17 @@ class VectorIndex:
     def _gpu_ready(self, k: int) -> bool:
         return k <= GPU_MAX_K and self._gpu_wanted()
 
-    def _gpu_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _gpu_search(self, queries: np.ndarray, k: int, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the GPU copy; IVF with nprobe = `breadth` (set per search: it depends on the query kind)."""
         with self._gpu_lock:
-            return self._gpu().search(queries, k)
+            index = self._gpu()
+            if self.spec.type == "ivf":
+                faiss_module().GpuParameterSpace().set_index_parameter(index, "nprobe", max(1, min(breadth, GPU_MAX_K)))
+            return index.search(queries, k)
 
     def _gpu(self) -> Any:
         if self._gpu_index is None:
-            faiss = faiss_module()
             self._gpu_index, self._gpu_resources = clone_to_gpus(self.index, self.gpu, self._gpus())
-            if self.spec.type == "ivf":
-                nprobe = min(self.search_breadth(), GPU_MAX_K)
-                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", nprobe)
         return self._gpu_index
 
     # -- reports ------------------------------------------------------------------------

@@ -260,3 +260,121 @@ def test_npy_of_strings_complex_or_objects_is_refused(other_library: Library, tm
     with pytest.raises(InvalidVectors, match=message):
         import_vectors(other_library, [folder])
     assert other_library.vectors.ntotal == 0
+
+
+# -- the bulk path: one transaction and generation, the index built once, compact catalog --------
+
+
+def clip_retrieval_parts(root: Path, rows: list[dict], dim: int = DIM, seed: int = 1) -> Path:
+    """A clip-retrieval folder with one image part of the given metadata rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name in ("img_emb", "metadata"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    np.save(root / "img_emb" / "img_emb_0.npy", unit(len(rows), seed=seed, dim=dim))
+    pq.write_table(pa.Table.from_pylist(rows), root / "metadata" / "metadata_0.parquet")
+    return root
+
+
+def test_an_import_is_one_generation_and_one_index_build(other_library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipdex.search.store as store_module
+
+    builds: list[int] = []
+    original = store_module.build_index_from
+    monkeypatch.setattr(store_module, "build_index_from", lambda *args, **kwargs: builds.append(1) or original(*args, **kwargs))
+    before = other_library.catalog.generation()
+    report = import_vectors(other_library, [clip_retrieval_folder(tmp_path / "e", count=12)], batch_size=5)  # 6 chunks
+    assert (report.added, report.replaced) == (24, 0)
+    assert other_library.catalog.generation() == before + 1
+    assert builds == []  # into an empty library the index is built while the rows go in, not rebuilt after
+    assert other_library.vectors.ntotal == 24 and other_library.check()["ok"]
+    rows = [{"image_path": f"/again/{i}.jpg"} for i in range(30)]  # not smaller than the library: one rebuild
+    import_vectors(other_library, [clip_retrieval_parts(tmp_path / "again", rows)], batch_size=5)
+    assert other_library.catalog.generation() == before + 2 and len(builds) == 1 and other_library.check()["ok"]
+    assert not (other_library.path / "catalog.sqlite-wal").exists() or (other_library.path / "catalog.sqlite-wal").stat().st_size == 0
+
+
+def test_a_bad_row_late_in_an_import_leaves_nothing_imported(other_library: Library, tmp_path: Path) -> None:
+    import_vectors(other_library, [clip_retrieval_folder(tmp_path / "first", count=6)])
+    generation, counts = other_library.catalog.generation(), other_library.catalog.counts()
+    rows = [{"image_path": f"/x/{i}.jpg", "caption": None if i == 7 else f"c{i}"} for i in range(12)]
+    good = clip_retrieval_parts(tmp_path / "good", [{"image_path": f"/y/{i}.jpg"} for i in range(12)])
+    bad = clip_retrieval_parts(tmp_path / "bad", rows)
+    (bad / "text_emb").mkdir()
+    np.save(bad / "text_emb" / "text_emb_0.npy", unit(12, seed=5))
+    with pytest.raises(InvalidVectors, match=r"metadata_0.parquet: row 7 has no caption for its text embedding; nothing was imported"):
+        import_vectors(other_library, [good, bad], batch_size=5)
+    assert other_library.catalog.generation() == generation and other_library.catalog.counts() == counts
+    assert other_library.check()["ok"] and other_library.vectors.ntotal == 12
+
+
+def test_the_same_image_twice_in_an_import_is_one_item(other_library: Library, tmp_path: Path) -> None:
+    rows = [{"image_path": f"/x/{i % 9}.jpg", "caption": f"c{i}"} for i in range(12)]  # rows 9-11 repeat 0-2
+    report = import_vectors(other_library, [clip_retrieval_parts(tmp_path / "e", rows)], batch_size=5)
+    assert (report.added, report.replaced) == (9, 3)
+    assert other_library.catalog.counts()["image"] == 9 and other_library.vectors.ntotal == 9
+    hit = other_library.search(vector=unit(12, seed=1)[10], k=1)[0]
+    assert hit.path == "/x/1.jpg" and hit.metadata["caption"] == "c10"  # the last row wins
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["bulk-rebuild", "small-catch-up"])
+def test_readers_see_what_an_import_added(other_library: Library, tmp_path: Path, small: bool) -> None:
+    if small:  # an import smaller than the library is logged row by row and caught up, not rebuilt
+        import_vectors(other_library, [clip_retrieval_folder(tmp_path / "big", count=30)])
+    reader = Library.open(other_library.path, device="cpu")
+    reader.vectors  # loaded before the import
+    rows = [{"image_path": f"/new/{i}.jpg"} for i in range(8)]
+    report = import_vectors(other_library, [clip_retrieval_parts(tmp_path / "e", rows, seed=9)])
+    assert report.added == 8 and report.index_rebuilt is False
+    hit = reader.search(vector=unit(8, seed=9)[3], k=1)[0]
+    assert hit.path == "/new/3.jpg" and reader.check()["ok"]
+    reader.close()
+
+
+def test_image_paths_are_resolved_as_before_with_one_listing_a_folder(tmp_path: Path) -> None:
+    from clipdex.search.import_vectors import LocalPaths, _local_path
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "photos" / "link.jpg").symlink_to(tmp_path / "photos" / "a.jpg")
+    (tmp_path / "photos" / "sub").mkdir()
+    values = [str(tmp_path / "photos" / name) for name in ("a.jpg", "link.jpg", "missing.jpg", "sub")]
+    values += [str(tmp_path / "photos" / ".." / "photos" / "a.jpg"), "https://example.com/a.jpg", str(tmp_path / "nowhere" / "a.jpg")]
+    paths = LocalPaths()
+    assert [paths.local(value) for value in values] == [_local_path(value) for value in values]
+
+
+def test_a_catalog_of_512_d_vectors_is_little_larger_than_the_vectors(tmp_path: Path) -> None:
+    """4 KiB SQLite pages fit one row of a 512-d vector each: a catalog twice the vectors' size."""
+    import json as json_module
+
+    from clipdex.search.model import ModelSpec
+
+    config = tmp_path / "wide-clip.json"
+    config.write_text(json_module.dumps({"embed_dim": 512, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8},
+                                         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    library = Library.open(tmp_path / "wide", model=ModelSpec(str(config), "none"), create=True, device="cpu")
+    rows = [{"image_path": f"/data/laion/shard{i // 1000:05d}/{i:09d}.jpg", "caption": f"a photo of item {i} in a nice place"}
+            for i in range(3000)]
+    import_vectors(library, [clip_retrieval_parts(tmp_path / "e", rows, dim=512)])
+    size = sum(path.stat().st_size for path in library.path.glob("catalog.sqlite*"))
+    assert size <= 1.3 * 3000 * 512 * 4
+    library.close()
+
+
+@pytest.mark.parametrize("thresholds", [(10, 20), (10, 5000)], ids=["ivf", "hnsw"])
+def test_the_index_built_while_importing_is_the_one_a_rebuild_makes(
+    other_library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thresholds: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(choice, "FLAT_MAX_VECTORS", thresholds[0])
+    monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", thresholds[1])
+    folder = clip_retrieval_folder(tmp_path / "e", count=400, scale=2.0)  # off unit length: the sample is normalized too
+    report = import_vectors(other_library, [folder], batch_size=64)
+    streamed = other_library.vectors
+    assert report.index_rebuilt and streamed.spec.type == ("ivf" if thresholds[1] == 20 else "hnsw") and streamed.ntotal == 800
+    queries = unit(20, seed=8)
+    expected = other_library.rebuild_vectors()
+    if streamed.spec.type == "ivf":  # the same training sample: the same lists, the same results
+        assert np.array_equal(streamed.search(queries, 10)[1], expected.search(queries, 10)[1])
+    assert sorted(streamed.ids().tolist()) == sorted(expected.ids().tolist())

@@ -205,10 +205,18 @@ def test_optimize_command_memory_budget(library: Library, small_thresholds: None
     fill(library, 1500)
     runner = CliRunner()
     result = runner.invoke(app, ["optimize", "--library", str(library.path), "--memory-budget", "50K", "--json"])
-    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["factory"] == "IVF32,SQ4" and report["memory_budget"] == 50 * 1024
     assert report["bytes_per_vector"] * 1500 <= 50 * 1024
+    # 4-bit codes cap the recall below the target, for both kinds: exit 1, with what would meet it
+    assert result.exit_code == 1 and not report["target_met"]
+    assert all(not figures["target_met"] for figures in report["by_query_kind"].values())
+    assert "target missed: image-like queries reach recall@10" in result.stderr
+    assert "target missed: text-like queries reach recall@10" in result.stderr
+    assert "IVF32,Flat keeps whole vectors and reaches any recall, in about 204K (--memory-budget 204K or more)" in result.stderr
+    advised = runner.invoke(app, ["optimize", "--library", str(library.path), "--memory-budget", "204K", "--json"])
+    assert advised.exit_code == 0, advised.output
+    assert json.loads(advised.stdout)["factory"] == "IVF32,Flat"
     refused = runner.invoke(app, ["optimize", "--library", str(library.path), "--memory-budget", "1K"])
     assert refused.exit_code == 1 and "need at least" in refused.stderr
 
