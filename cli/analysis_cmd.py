@@ -8,7 +8,17 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
+from clipdex.cli.common import (
+    DeviceOption,
+    JsonOption,
+    LibraryOption,
+    ModelOption,
+    PretrainedOption,
+    RuntimeOption,
+    handles_errors,
+    out,
+    print_json,
+)
 from clipdex.search.errors import ClipdexError, UnreadableImage
 
 
@@ -41,6 +51,7 @@ def tag(
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Zero-shot labels for images: the best labels, with probabilities and cosine scores."""
@@ -49,7 +60,7 @@ def tag(
     from clipdex.search.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
 
     names = read_labels(labels)
-    encoder = encoder_for(library, model, pretrained, device)
+    encoder = encoder_for(library, model, pretrained, device, runtime)
     vectors = label_vectors(encoder, names, template or DEFAULT_TEMPLATES)
     results: list[dict[str, Any]] = []
     for image in images:

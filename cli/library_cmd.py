@@ -13,6 +13,7 @@ from clipdex.cli.common import (
     LibraryOption,
     ModelOption,
     PretrainedOption,
+    RuntimeOption,
     err,
     handles_errors,
     open_library,
@@ -58,13 +59,13 @@ def init(
 
 
 @handles_errors
-def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOption) -> None:
-    """Counts of items, images, texts and vectors; the model and the index type."""
-    data = open_library(library).stats()
+def stats(library: Optional[Path] = LibraryOption, runtime: str = RuntimeOption, json_output: bool = JsonOption) -> None:
+    """Counts of items, images, texts and vectors; the model, what runs it, and the index type."""
+    data = open_library(library, runtime=runtime).stats()
     if json_output:
         print_json(data)
         return
-    for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "dim", "index_type"):
+    for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "runtime", "dim", "index_type"):
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         out.print(f"{'optimized':>10}: {data['optimized']}")
