@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -108,18 +109,19 @@ def make_model(folder: Path) -> tuple[Path, Path]:
     (datadir / "tokenizer").mkdir()
     shutil.copyfile(open_clip.tokenizer.default_bpe(), datadir / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz")
 
-    class Visual(torch.nn.Module):
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return model.encode_image(pixels)
+    class Tower(torch.nn.Module):
+        def __init__(self, method: str) -> None:
+            super().__init__()
+            self.model, self.method = model, method
 
-    class Textual(torch.nn.Module):
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return model.encode_text(tokens)
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return getattr(self.model, self.method)(inputs)
 
-    torch.backends.mha.set_fastpath_enabled(False)
-    with torch.no_grad():
-        for tower, sample, name in ((Visual(), torch.zeros(2, 3, 256, 256), "visual.onnx"),
-                                    (Textual(), open_clip.tokenize(["a", "b"]), "textual.onnx")):
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for tower, sample, name in ((Tower("encode_image"), torch.zeros(2, 3, 256, 256), "visual.onnx"),
+                                    (Tower("encode_text"), open_clip.tokenize(["a", "b"]), "textual.onnx")):
             torch.onnx.export(tower.eval(), (sample,), str(target / name), dynamo=False, input_names=["input"],
                               output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                               opset_version=17)
@@ -127,11 +129,12 @@ def make_model(folder: Path) -> tuple[Path, Path]:
 
 
 def write_photos(folder: Path, numbers: range, renderings: list[bytes]) -> list[Path]:
+    """12 MP JPEGs, each with bytes of its own (a comment naming folder and number): nothing is reused."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for number in numbers:
         path = folder / f"photo{number:05d}.jpg"
-        path.write_bytes(with_comment(renderings[number % len(renderings)], f"peer benchmark {number}"))
+        path.write_bytes(with_comment(renderings[number % len(renderings)], f"peer benchmark {folder.name} {number}"))
         paths.append(path)
     return paths
 

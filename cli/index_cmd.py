@@ -52,6 +52,9 @@ def index(
     from clipdex.indexer import index_paths
 
     lib = open_library(library, model, pretrained, device, create=True, catalog=catalog, runtime=runtime)
+    if lib.encoders.export_pending() and not quiet:
+        err.print("This run also exports the model to ONNX, once for this library: later runs and queries then "
+                  "need neither torch nor open_clip")
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,

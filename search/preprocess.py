@@ -10,7 +10,7 @@ an ONNX image export records it beside the graph (`clipdex.search.encoders.onnx_
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
@@ -44,8 +44,8 @@ class ImagePreprocess:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ImagePreprocess":
-        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),  # type: ignore[arg-type]
-                   str(data["interpolation"]), str(data["resize_mode"]))
+        mean, std = (float(value) for value in data["mean"]), (float(value) for value in data["std"])
+        return cls(int(data["image_size"]), _triple(mean), _triple(std), str(data["interpolation"]), str(data["resize_mode"]))
 
     @classmethod
     def of_open_clip_model(cls, model: Any) -> "ImagePreprocess":
@@ -60,7 +60,7 @@ class ImagePreprocess:
             size = size[0]
         if config.get("mode", "RGB") != "RGB":
             raise UnsupportedPreprocess(f"image mode {config['mode']!r} is not ported (only RGB)")
-        return cls(int(size), tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
+        return cls(int(size), _triple(float(v) for v in config["mean"]), _triple(float(v) for v in config["std"]),
                    str(config.get("interpolation") or "bicubic"), str(config.get("resize_mode") or "shortest"))
 
     def __call__(self, image: Image.Image) -> np.ndarray:
@@ -72,9 +72,14 @@ class ImagePreprocess:
         else:
             image = image.resize(shortest_side_size(image.size, size), resample)
             image = center_crop(image, size)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-        pixels = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        scaled = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        pixels: np.ndarray = (scaled - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _triple(values: Iterable[float]) -> tuple[float, float, float]:
+    first, second, third = values
+    return (first, second, third)
 
 
 def shortest_side_size(size: tuple[int, int], target: int) -> tuple[int, int]:

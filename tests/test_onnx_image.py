@@ -171,3 +171,18 @@ def test_the_checkpoint_is_hashed_again_only_when_its_size_or_mtime_changes(libr
         assert spec.checkpoint_verified() and len(hashed) == 1
     finally:
         os.utime(spec.checkpoint, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def test_the_first_index_run_says_it_exports_and_what_it_cost(tmp_path: Path, make_images, model_args: list[str]) -> None:
+    make_images(tmp_path / "photos", 2)
+    where = ["--library", str(tmp_path / "lib")]
+    first = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, *model_args])
+    assert first.exit_code == 0, first.output
+    said = " ".join(first.output.split())
+    assert "This run also exports the model to ONNX, once for this library" in said
+    assert "exported the model to ONNX in " in said
+    make_images(tmp_path / "photos", 1, start=7)
+    later = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where])
+    assert later.exit_code == 0 and "1 added" in later.output and "ONNX" not in later.output
+    stats = CliRunner().invoke(app, ["stats", *where])
+    assert "runtime: onnx" in stats.output

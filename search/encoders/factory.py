@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -119,6 +120,21 @@ class LibraryEncoders:
             self.library_path, self.model, self.dim)
         return "onnx" if wanted and exported else "torch"
 
+    def export_pending(self) -> bool:
+        """Whether the next run that loads the open_clip model will export it to ONNX (a one-time cost)."""
+        import importlib.util
+
+        from clipdex.search.encoders.onnx_image import installed_image_export
+
+        if self.runtime() == "onnx" or importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+            return False
+        try:
+            if not self._wants_onnx():
+                return False
+        except ClipdexError:
+            return False
+        return installed_image_export(self.library_path, self.model, self.dim) is None and not self.onnx_refusal()
+
     def text_export(self) -> TextEncoder | None:
         """The library's exported text encoder, looked up once, or None."""
         if not self._text_export_looked_up:
@@ -150,7 +166,7 @@ class LibraryEncoders:
         if self.query_cache is not None:
             self.query_cache.put(text, vector)
         if encoder is self._image_text:
-            self.export_text()
+            self.export_text(image=False)  # this query waits for it: the text tower only
         return vector
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
@@ -166,10 +182,11 @@ class LibraryEncoders:
 
         return isinstance(self._image_text, OnnxClipEncoder)
 
-    def export_text(self) -> float:
+    def export_text(self, image: bool = True) -> float:
         """Store the loaded open_clip model's towers in the library as ONNX, once: the text
-        tower (`clipdex.search.text_export`), then the image tower (`clipdex.search.image_export`),
-        unless torch was asked for or runs on a GPU. Returns the seconds this took (0: nothing to do)."""
+        tower (`clipdex.search.text_export`), then with `image` the image tower
+        (`clipdex.search.image_export`), unless torch was asked for or runs on a GPU.
+        Returns the seconds this took (0: nothing to do)."""
         from clipdex.search.encoders.torch_clip import TorchClipEncoder
 
         if not (self.model_loaded and isinstance(self._image_text, TorchClipEncoder)):
@@ -179,6 +196,7 @@ class LibraryEncoders:
         from clipdex.search.text_export import ensure_text_export
 
         exported = ensure_text_export(self.library_path, self._image_text, self.dim) is not None
-        if self.requested_runtime != "torch" and self._image_text.device == "cpu":
+        gc.collect()  # the text export's graphs and sessions: gone before the image export's come
+        if image and self.requested_runtime != "torch" and self._image_text.device == "cpu":
             exported = ensure_image_export(self.library_path, self._image_text, self.dim) is not None or exported
         return time.monotonic() - started if exported else 0.0
