@@ -52,7 +52,7 @@ def index(
     from clipdex.indexer import index_paths
 
     lib = open_library(library, model, pretrained, device, create=True, catalog=catalog, runtime=runtime)
-    if lib.encoders.export_pending() and not quiet:
+    if not quiet and lib.encoders.export_pending():
         err.print("This run also exports the model to ONNX, once for this library: later runs and queries then "
                   "need neither torch nor open_clip")
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):

@@ -15,14 +15,16 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from clipdex.search.clip_tokenizer import ClipTokenizer
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import normalized
 from clipdex.search.model import ResolvedModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.clip_tokenizer import ClipTokenizer
 
 EXPORT_VERSION = 1
 EXPORT_FOLDER = "text_encoder"
@@ -61,7 +63,11 @@ class OnnxTextEncoder:
         self.folder = folder
         self.settings = settings
         self.threads = threads or available_cores()
-        self.tokenizer = tokenizer or ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
+        if tokenizer is None:  # imported here: ftfy and regex are for texts only, not for an image run
+            from clipdex.search.clip_tokenizer import ClipTokenizer
+
+            tokenizer = ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
+        self.tokenizer = tokenizer
         self._session: Any = None
 
     @property
