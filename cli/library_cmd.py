@@ -9,6 +9,7 @@ import typer
 
 from clipdex.cli.common import (
     CatalogOption,
+    DeviceOption,
     JsonOption,
     LibraryOption,
     ModelOption,
@@ -59,9 +60,10 @@ def init(
 
 
 @handles_errors
-def stats(library: Optional[Path] = LibraryOption, runtime: str = RuntimeOption, json_output: bool = JsonOption) -> None:
+def stats(library: Optional[Path] = LibraryOption, device: str = DeviceOption, runtime: str = RuntimeOption,
+          json_output: bool = JsonOption) -> None:
     """Counts of items, images, texts and vectors; the model, what runs it, and the index type."""
-    data = open_library(library, runtime=runtime).stats()
+    data = open_library(library, device=device, runtime=runtime).stats()
     if json_output:
         print_json(data)
         return

@@ -144,7 +144,7 @@ def test_an_exported_library_indexes_and_answers_without_torch(library: Library,
     make_images(photos, 1, start=10)
     labels = tmp_path / "labels.txt"
     labels.write_text("a dog\na cat\n")
-    where = ["--library", str(library.path)]
+    where = ["--library", str(library.path), "--device", "cpu"]  # auto would pick torch on a GPU machine
     runs = [["index", str(photos), *where, "-q"], ["search", "--image", str(photos / "img010.jpg"), *where],
             ["search", "a dog", *where], ["tag", str(photos / "img001.jpg"), "--labels", str(labels), *where],
             ["embed", "--image", str(photos / "img001.jpg"), *where], ["stats", *where]]
@@ -176,13 +176,13 @@ def test_the_checkpoint_is_hashed_again_only_when_its_size_or_mtime_changes(libr
 def test_the_first_index_run_says_it_exports_and_what_it_cost(tmp_path: Path, make_images, model_args: list[str]) -> None:
     make_images(tmp_path / "photos", 2)
     where = ["--library", str(tmp_path / "lib")]
-    first = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, *model_args])
+    first = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, *model_args, "--device", "cpu"])
     assert first.exit_code == 0, first.output
     said = " ".join(first.output.split())
     assert "This run also exports the model to ONNX, once for this library" in said
     assert "exported the model to ONNX in " in said
     make_images(tmp_path / "photos", 1, start=7)
-    later = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where])
+    later = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, "--device", "cpu"])
     assert later.exit_code == 0 and "1 added" in later.output and "ONNX" not in later.output
-    stats = CliRunner().invoke(app, ["stats", *where])
+    stats = CliRunner().invoke(app, ["stats", *where, "--device", "cpu"])
     assert "runtime: onnx" in stats.output
