@@ -8,7 +8,17 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
+from clipdex.cli.common import (
+    DeviceOption,
+    JsonOption,
+    LibraryOption,
+    ModelOption,
+    PretrainedOption,
+    RuntimeOption,
+    handles_errors,
+    out,
+    print_json,
+)
 from clipdex.search.errors import ClipdexError, UnreadableImage
 
 
@@ -60,6 +70,7 @@ def tag(
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Zero-shot labels for images: the best labels, with probabilities and cosine scores."""
@@ -69,7 +80,7 @@ def tag(
 
     names = read_labels(labels)
     _check_images_exist(images, labels)
-    encoder = encoder_for(library, model, pretrained, device)
+    encoder = encoder_for(library, model, pretrained, device, runtime)
     vectors = label_vectors(encoder, names, template or DEFAULT_TEMPLATES)
     results: list[dict[str, Any]] = []
     for image in images:

@@ -40,6 +40,11 @@ PretrainedOption = typer.Option(
     show_default=False,
 )
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available, fp16 there), cpu or cuda")
+RuntimeOption = typer.Option(
+    "auto", "--runtime",
+    help="What runs the model: auto (onnxruntime on the CPU once the library has its verified ONNX export, "
+         "torch on a GPU or before), torch, or onnx", case_sensitive=False,
+)
 JsonOption = typer.Option(False, "--json", help="Print JSON on stdout")
 CatalogOption = typer.Option(
     None, "--catalog",
@@ -111,13 +116,24 @@ def discard_new_library_on_error(lib: Library) -> Iterator[None]:
 
 
 def open_library(library: Optional[Path], model: Optional[str] = None, pretrained: Optional[str] = None,
-                 device: str = "auto", create: bool = False, catalog: Optional[str] = None) -> Library:
+                 device: str = "auto", create: bool = False, catalog: Optional[str] = None,
+                 runtime: str = "auto") -> Library:
     if model is not None and pretrained is None and model != DEFAULT_MODEL:
         raise ClipdexError(
             f"--model {model} needs --pretrained: a pretrained tag, a local checkpoint file, "
             "or 'none' for random weights"
         )
-    return Library.open(library, model=model_spec(model, pretrained), create=create, device=device, catalog=catalog)
+    runtime = check_runtime(runtime)
+    return Library.open(library, model=model_spec(model, pretrained), create=create, device=device, catalog=catalog,
+                        runtime=runtime)
+
+
+def check_runtime(runtime: str) -> str:
+    from clipdex.search.encoders.factory import RUNTIMES
+
+    if runtime.lower() not in RUNTIMES:
+        raise ClipdexError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    return runtime.lower()
 
 
 def print_json(data: Any) -> None:

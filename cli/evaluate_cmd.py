@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, out, print_json
+from clipdex.cli.common import (
+    DeviceOption,
+    JsonOption,
+    LibraryOption,
+    ModelOption,
+    PretrainedOption,
+    RuntimeOption,
+    handles_errors,
+    out,
+    print_json,
+)
 from clipdex.cli.progress import progress_bar
 from clipdex.search.errors import ClipdexError
 
@@ -24,6 +34,7 @@ def evaluate(
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per model batch"),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
@@ -40,7 +51,7 @@ def evaluate(
     missing = [name for name in names if not (images / name).is_file()]
     if missing:
         raise ClipdexError(f"{len(missing)} images named in {captions} are not in {images}, e.g. {missing[0]}")
-    encoder = encoder_for(library, model, pretrained, device)
+    encoder = encoder_for(library, model, pretrained, device, runtime)
     with progress_bar("Encoding images", enabled=not quiet) as progress:
         image_vectors = encoder.encode_files([images / name for name in names], batch_size, progress)
     text_vectors = encoder.encode_texts(texts)

@@ -14,6 +14,8 @@ from clipdex.cli.common import (
     LibraryOption,
     ModelOption,
     PretrainedOption,
+    RuntimeOption,
+    err,
     handles_errors,
     open_library,
     out,
@@ -34,6 +36,7 @@ def index(
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
     catalog: Optional[str] = CatalogOption,
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per model batch and commit"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: one per core; on the CPU they take turns with the model's lanes]"),
@@ -52,12 +55,18 @@ def index(
     """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
     from clipdex.indexer import index_paths
 
-    lib = open_library(library, model, pretrained, device, create=True, catalog=catalog)
+    lib = open_library(library, model, pretrained, device, create=True, catalog=catalog, runtime=runtime)
+    if not quiet and lib.encoders.export_pending():
+        err.print("This run also exports the model to ONNX, once for this library: later runs and queries then "
+                  "need neither torch nor open_clip")
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
             workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots, max_file_mb=max_file_mb,
         )
+    if report.export_seconds and not quiet:
+        err.print(f"exported the model to ONNX in {report.export_seconds:.1f}s (once for this library: "
+                  "later runs and queries need neither torch nor open_clip)")
     if json_output:
         print_json(report.to_json())
     else:

@@ -9,10 +9,12 @@ import typer
 
 from clipdex.cli.common import (
     CatalogOption,
+    DeviceOption,
     JsonOption,
     LibraryOption,
     ModelOption,
     PretrainedOption,
+    RuntimeOption,
     err,
     handles_errors,
     open_library,
@@ -58,13 +60,14 @@ def init(
 
 
 @handles_errors
-def stats(library: Optional[Path] = LibraryOption, json_output: bool = JsonOption) -> None:
-    """Counts of items, images, texts and vectors; the model and the index type."""
-    data = open_library(library).stats()
+def stats(library: Optional[Path] = LibraryOption, device: str = DeviceOption, runtime: str = RuntimeOption,
+          json_output: bool = JsonOption) -> None:
+    """Counts of items, images, texts and vectors; the model, what runs it, and the index type."""
+    data = open_library(library, device=device, runtime=runtime).stats()
     if json_output:
         print_json(data)
         return
-    for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "dim", "index_type"):
+    for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "runtime", "dim", "index_type"):
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         optimized = data["optimized"]

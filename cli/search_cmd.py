@@ -7,7 +7,19 @@ from typing import List, Optional
 
 import typer
 
-from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, handles_errors, open_library, out, print_json
+from clipdex.cli.common import (
+    DeviceOption,
+    JsonOption,
+    LibraryOption,
+    ModelOption,
+    PretrainedOption,
+    RuntimeOption,
+    check_runtime,
+    handles_errors,
+    open_library,
+    out,
+    print_json,
+)
 from clipdex.cli.render import FORMATS, render_hits
 from clipdex.search.encoders import ImageTextEncoder, create_encoder
 from clipdex.search.errors import ClipdexError, LibraryNotFound
@@ -46,6 +58,7 @@ def search(
     json_output: bool = JsonOption,
     library: Optional[Path] = LibraryOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
 ) -> None:
     """Search by text, image, item or vector - or a weighted mix of them."""
     if json_output:
@@ -59,7 +72,7 @@ def search(
         k=k, offset=offset, threshold=threshold,
         kind=kind, path=path, after=after, before=before, min_width=min_width, min_height=min_height,
     )
-    lib = open_library(library, device=device)
+    lib = open_library(library, device=device, runtime=runtime)
     hits = lib.search(query)
     render_hits(hits, format, null=null, html_out=html_out, title=_title(text, image, like, minus))
 
@@ -78,12 +91,13 @@ def embed(
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Print the normalized vector of a text or an image (the library's model unless --model is given)."""
     if (text is None) == (image is None):
         raise ClipdexError("give exactly one of --text or --image")
-    encoder = encoder_for(library, model, pretrained, device)
+    encoder = encoder_for(library, model, pretrained, device, runtime)
     if text is not None:
         vector = encoder.encode_texts([text])[0]
     else:
@@ -97,11 +111,12 @@ def embed(
         out.print(" ".join(f"{x:.7g}" for x in vector))
 
 
-def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str) -> ImageTextEncoder:
-    """The named model's encoder; else the library's (when it exists); else the default model's."""
+def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str,
+                runtime: str = "auto") -> ImageTextEncoder:
+    """The named model's encoder; else the library's (when it exists: on `runtime`); else the default model's."""
     if model is None and pretrained is None:
         try:
-            return Library.open(library, device=device).encoder
+            return Library.open(library, device=device, runtime=check_runtime(runtime)).encoder
         except LibraryNotFound:
             return create_encoder(ModelSpec().resolve(), device)
     if model is not None and pretrained is None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clipdex.cli.common import DeviceOption, LibraryOption, err, handles_errors, open_library
+from clipdex.cli.common import DeviceOption, LibraryOption, RuntimeOption, err, handles_errors, open_library
 from clipdex.search.errors import ClipdexError
 
 TOKEN_ENV = "CLIPDEX_TOKEN"
@@ -29,13 +29,14 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Largest image a request may send, in MiB"),
     library: Optional[Path] = LibraryOption,
     device: str = DeviceOption,
+    runtime: str = RuntimeOption,
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /."""
     from clipdex.search.http import LOOPBACK_HOSTS, create_app, is_loopback, open_listener, run_server
 
     if token is not None and not token.strip():
         raise ClipdexError(f"--token (or ${TOKEN_ENV}) is empty; give a token or leave it unset")
-    lib = open_library(library, device=device)
+    lib = open_library(library, device=device, runtime=runtime)
     listener = open_listener(host.strip("[]"), port)  # a busy port fails here, before anything says "Serving"
     try:
         loopback = is_loopback(host)
@@ -44,7 +45,7 @@ def serve(
                       f"this library and read its images. Set ${TOKEN_ENV} or --token.", markup=True)
         app = create_app(lib, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                          allowed_hosts=LOOPBACK_HOSTS if loopback else None)
-        err.print(f"Loading model {lib.model.name}...")
+        err.print(f"Loading model {lib.model.name} ({lib.encoders.runtime()})...")
         app.state.service.load_model()
         shown_host = f"[{host.strip('[]')}]" if ":" in host else host
         bound_port = listener.getsockname()[1]

@@ -62,6 +62,6 @@ def index_paths(
         remove_vanished(writer, diff, report)
     report.model_loaded = library.encoders.model_loaded
     if report.model_loaded and export_text and not report.interrupted:
-        library.export_text_encoder()
+        report.export_seconds = library.export_text_encoder()
     report.seconds = time.monotonic() - started
     return report

@@ -26,6 +26,7 @@ class IndexReport:
     interrupted: bool = False
     seconds: float = 0.0
     model_loaded: bool = False
+    export_seconds: float = 0.0  # spent exporting the model to ONNX (once per library)
 
     def to_json(self) -> dict[str, Any]:
         return {

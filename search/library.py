@@ -37,7 +37,8 @@ CATALOG_FILE = "catalog.sqlite"
 class Library:
     """A clipdex library directory. Any number of readers; one writer at a time."""
 
-    def __init__(self, path: Path, manifest: Manifest, device: str = "auto", catalog: Catalog | None = None) -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto", catalog: Catalog | None = None,
+                 runtime: str = "auto") -> None:
         self.path = path
         self.manifest = manifest
         self.device = device
@@ -47,7 +48,7 @@ class Library:
         self.write_lock: WriteLock = FileWriteLock(path)  # this folder's files (the vector index)
         self.catalog_lock: WriteLock | None = catalog.writer_lock()  # a shared catalog's one writer
         self.store = VectorStore(path, self.catalog, manifest, self.write_lock)
-        self.encoders = LibraryEncoders(path, manifest.model, manifest.dim, device, _CatalogQueryCache(self.catalog))
+        self.encoders = LibraryEncoders(path, manifest.model, manifest.dim, device, _CatalogQueryCache(self.catalog), runtime)
         self.searcher = Searcher(self.catalog, self.store, self.encode_text, self.encode_image)
         self.created = False  # made by this open() call
         self.attached = False  # made by this open() call, as a replica of a shared catalog that held a library
@@ -62,6 +63,7 @@ class Library:
         create: bool = False,
         device: str = "auto",
         catalog: str | None = None,
+        runtime: str = "auto",
     ) -> "Library":
         """Open the library at `path` (default: $CLIPDEX_LIBRARY or the user data dir).
 
@@ -69,7 +71,8 @@ class Library:
         ModelMismatch). With `create`, a missing library is made for `model` (default
         ViT-B-32 / laion2b_s34b_b79k). `catalog`, when making one: the URL of a shared
         PostgreSQL catalog instead of LIBRARY/catalog.sqlite; a catalog that already holds
-        a library is attached to (a replica), its model read from the catalog.
+        a library is attached to (a replica), its model read from the catalog. `runtime`:
+        what runs the model (auto, torch or onnx; see `LibraryEncoders`).
         """
         directory = resolve_library_path(path)
         manifest_path = directory / MANIFEST_FILE
@@ -83,8 +86,8 @@ class Library:
                     f"not {public_url(catalog)}; attach another folder to that catalog instead"
                 )
             if model is not None:
-                manifest.model.check_compatible(model.resolve(), directory)
-            return cls(directory, manifest, device)
+                manifest.model.check_compatible(model.resolve(known=manifest.model), directory)
+            return cls(directory, manifest, device, runtime=runtime)
         if not create:
             raise LibraryNotFound(directory)
         if directory.exists() and not directory.is_dir():
@@ -98,7 +101,7 @@ class Library:
                             catalog=public_url(catalog) if catalog else None)
         directory.mkdir(parents=True, exist_ok=True)
         manifest.write(manifest_path)
-        library = cls(directory, manifest, device, shared)
+        library = cls(directory, manifest, device, shared, runtime)
         library.catalog.record_model({"model": resolved.to_json(), "dim": dim})
         library.created = True
         library.attached = attached
@@ -182,10 +185,12 @@ class Library:
         """The encoder for text queries (see `LibraryEncoders.text`)."""
         return self.encoders.text()
 
-    def export_text_encoder(self) -> None:
-        """Store the loaded model's text tower in the library as ONNX, once (see `clipdex.search.text_export`)."""
+    def export_text_encoder(self) -> float:
+        """Store the loaded model's towers in the library as ONNX, once (see `LibraryEncoders.export_text`);
+        the seconds it took (0: nothing to do)."""
         if not self.catalog.read_only:  # a read-only library is never written
-            self.encoders.export_text()
+            return self.encoders.export_text()
+        return 0.0
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
         return self.encoders.encode_image(image)
@@ -247,6 +252,7 @@ class Library:
             "index_type": vectors.spec.type,
             "index": vectors.spec.to_json(),
             "index_device": vectors.device,
+            "runtime": self.encoders.runtime(),
             "generation": self.catalog.generation(),
             "catalog": self.manifest.catalog or str(self.path / CATALOG_FILE),
             **({"read_only": True} if self.catalog.read_only else {}),

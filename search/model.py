@@ -32,7 +32,9 @@ class ModelSpec:
     name: str = DEFAULT_MODEL
     pretrained: str = DEFAULT_PRETRAINED
 
-    def resolve(self) -> "ResolvedModel":
+    def resolve(self, known: "ResolvedModel | None" = None) -> "ResolvedModel":
+        """Pin the model down. A checkpoint file is hashed, unless `known` (a library's model)
+        recorded the same file with the same size and mtime: then its sha256 is taken as recorded."""
         config: dict[str, Any] | None = None
         config_path: str | None = None
         model_name = self.name
@@ -55,6 +57,7 @@ class ModelSpec:
         checkpoint: str | None = None
         checkpoint_sha256: str | None = None
         checkpoint_size: int | None = None
+        checkpoint_mtime_ns: int | None = None
         tag: str | None = self.pretrained
         if self.pretrained.lower() == RANDOM_WEIGHTS:
             tag = None
@@ -63,8 +66,10 @@ class ModelSpec:
             if not path.is_file():
                 raise ModelUnavailable(f"checkpoint file {path} does not exist")
             checkpoint = str(path.resolve())
-            checkpoint_sha256 = file_sha256(path)
-            checkpoint_size = path.stat().st_size
+            info = path.stat()
+            checkpoint_size, checkpoint_mtime_ns = info.st_size, info.st_mtime_ns
+            unchanged = known is not None and known.checkpoint == checkpoint and known.file_unchanged()
+            checkpoint_sha256 = known.checkpoint_sha256 if unchanged and known else file_sha256(path)
             tag = None
         return ResolvedModel(
             name=model_name,
@@ -74,6 +79,7 @@ class ModelSpec:
             checkpoint=checkpoint,
             checkpoint_sha256=checkpoint_sha256,
             checkpoint_size=checkpoint_size,
+            checkpoint_mtime_ns=checkpoint_mtime_ns,
         )
 
 
@@ -88,6 +94,8 @@ class ResolvedModel:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     checkpoint_size: int | None = None
+    # the checkpoint file's mtime when it was hashed: while size and mtime stay, the hash is not redone
+    checkpoint_mtime_ns: int | None = None
 
     @property
     def weights(self) -> str:
@@ -110,12 +118,29 @@ class ResolvedModel:
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256,
             "checkpoint_size": self.checkpoint_size,
+            "checkpoint_mtime_ns": self.checkpoint_mtime_ns,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ResolvedModel":
         values: dict[str, Any] = {key: data.get(key) for key in cls.__dataclass_fields__}
         return cls(**values)
+
+    def file_unchanged(self) -> bool:
+        """Whether the checkpoint file has the size and mtime recorded when it was hashed (no hashing)."""
+        if not self.checkpoint or self.checkpoint_size is None or self.checkpoint_mtime_ns is None:
+            return False
+        try:
+            info = Path(self.checkpoint).stat()
+        except OSError:
+            return False
+        return info.st_size == self.checkpoint_size and info.st_mtime_ns == self.checkpoint_mtime_ns
+
+    def checkpoint_verified(self) -> bool:
+        """Whether the checkpoint file holds the weights recorded: unchanged since hashed, else hashed again now."""
+        if not self.checkpoint or not self.checkpoint_sha256:
+            return True
+        return self.file_unchanged() or file_sha256(Path(self.checkpoint)) == self.checkpoint_sha256
 
     def same_model(self, other: "ResolvedModel") -> bool:
         """True when both would produce the same vectors."""

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clipdex.search.atomic import leftovers
 from clipdex.search.catalog import BatchResult, Catalog, NewItem
+from clipdex.search.exact_small import SmallExactSearch
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.index_choice import build_index_from, resolve_spec
 from clipdex.search.locks import WriteLock
@@ -43,6 +44,7 @@ class VectorStore:
         self._generation = -1  # of the catalog, that the in-memory index reflects
         self._sync_lock = threading.RLock()  # changes to the in-memory index and its generation
         self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
+        self._small = SmallExactSearch(catalog, manifest.dim)  # exact answers without FAISS, while small
 
     @property
     def dim(self) -> int:
@@ -127,7 +129,17 @@ class VectorStore:
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, query_kind: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Search the index, caught up with the catalog first (see `VectorIndex.search`)."""
+        """Search the index, caught up with the catalog first (see `VectorIndex.search`).
+
+        A small library with an exact (flat) index whose FAISS index this process has not
+        loaded, and whose saved index is up to date (else this search catches it up and saves
+        it for later readers), is answered exactly with numpy instead (`clipdex.search.exact_small`).
+        """
+        if self._index is None and self.manifest.index.type == "flat" and \
+                saved_generation(self.directory) == self.catalog.generation():
+            answer = self._small.search(queries, k, allowed)
+            if answer is not None:
+                return answer
         self.sync()
         with self._index_lock.shared():
             assert self._index is not None

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
+from clipdex.search.errors import ClipdexError, ModelUnavailable
 from clipdex.search.model import ResolvedModel
+
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def gpu_likely(device: str) -> bool:
+    """Whether `device` (auto, cpu or cuda) will likely run on CUDA, known without importing torch."""
+    return device == "cuda" or (device == "auto" and os.path.exists("/proc/driver/nvidia/version"))
 
 
 def create_encoder(model: ResolvedModel, device: str = "auto") -> ImageTextEncoder:
@@ -38,14 +48,22 @@ class LibraryEncoders:
     verified ONNX export of the text tower (no torch, no open_clip; see
     `clipdex.search.text_export`), else by the model, whose text tower is then exported
     for the next process.
+
+    The model runs on onnxruntime (`runtime` onnx: the library's verified exports of both
+    towers, see `clipdex.search.image_export`; no torch, no open_clip) or on torch. `auto`
+    picks onnx on the CPU once the library has its exports, torch where a GPU is (fp16
+    there) or before the exports exist (the first run that loads the model makes them).
     """
 
     def __init__(self, library_path: Path, model: ResolvedModel, dim: int, requested_device: str = "auto",
-                 query_cache: QueryVectorCache | None = None) -> None:
+                 query_cache: QueryVectorCache | None = None, requested_runtime: str = "auto") -> None:
+        if requested_runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {requested_runtime!r}")
         self.library_path = library_path
         self.model = model
         self.dim = dim
         self.requested_device = requested_device  # auto, cpu or cuda
+        self.requested_runtime = requested_runtime  # auto, torch or onnx
         self.query_cache = query_cache
         self._image_text: ImageTextEncoder | None = None
         self._text_export: TextEncoder | None = None
@@ -53,10 +71,78 @@ class LibraryEncoders:
 
     @property
     def image_text(self) -> ImageTextEncoder:
-        """The library's model (created now, loaded on its first use)."""
+        """The library's model (created now, loaded on its first use): its ONNX export where the runtime is onnx."""
         if self._image_text is None:
-            self._image_text = create_encoder(self.model, self.requested_device)
+            exported = self._onnx_model() if self._wants_onnx() else None
+            self._image_text = exported or create_encoder(self.model, self.requested_device)
         return self._image_text
+
+    def _wants_onnx(self) -> bool:
+        if self.requested_runtime == "onnx":
+            if self.requested_device == "cuda":
+                raise ClipdexError("--runtime onnx runs the model on the CPU; drop --device cuda, or use --runtime torch")
+            return True
+        return self.requested_runtime == "auto" and self.requested_device != "cuda" and not gpu_likely(self.requested_device)
+
+    def _onnx_model(self) -> ImageTextEncoder | None:
+        from clipdex.search.encoders.onnx_image import load_image_export
+        from clipdex.search.encoders.onnx_text import installed_export
+
+        has_text = installed_export(self.library_path, self.model, self.dim) is not None
+        exported = load_image_export(self.library_path, self.model, self.dim, self.text_export) if has_text else None
+        if exported is None and self.requested_runtime == "onnx":
+            reason = self.onnx_refusal()
+            if reason:
+                raise ModelUnavailable(f"--runtime onnx: this library's model cannot run on onnxruntime ({reason}); "
+                                       "use --runtime torch")
+            # no export yet: the first run loads open_clip once, and exports the model for the next ones
+        return exported
+
+    def onnx_refusal(self) -> str | None:
+        """Why this library's model does not run on onnxruntime (a refused export), or None."""
+        from clipdex.search.image_export import image_export_refused
+        from clipdex.search.text_export import export_refused
+
+        return image_export_refused(self.library_path, self.model) or export_refused(self.library_path, self.model)
+
+    def runtime(self) -> str:
+        """What runs (or would run) the model: onnx, or torch (loads nothing)."""
+        if self._image_text is not None:
+            return "onnx" if self._runs_on_onnx() else "torch"
+        from clipdex.search.encoders.onnx_image import installed_image_export
+        from clipdex.search.encoders.onnx_text import installed_export
+
+        try:
+            wanted = self._wants_onnx()
+        except ClipdexError:
+            return "torch"
+        exported = installed_image_export(self.library_path, self.model, self.dim) and installed_export(
+            self.library_path, self.model, self.dim)
+        return "onnx" if wanted and exported else "torch"
+
+    def export_pending(self) -> bool:
+        """Whether the next run that loads the open_clip model will export it to ONNX (a one-time cost)."""
+        import importlib.util
+
+        from clipdex.search.encoders.onnx_image import installed_image_export
+
+        if self.runtime() == "onnx" or importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+            return False
+        try:
+            if not self._wants_onnx():
+                return False
+        except ClipdexError:
+            return False
+        return installed_image_export(self.library_path, self.model, self.dim) is None and not self.onnx_refusal()
+
+    def text_export(self) -> TextEncoder | None:
+        """The library's exported text encoder, looked up once, or None."""
+        if not self._text_export_looked_up:
+            from clipdex.search.encoders.onnx_text import load_text_export
+
+            self._text_export = load_text_export(self.library_path, self.model, self.dim)
+            self._text_export_looked_up = True
+        return self._text_export
 
     @property
     def model_loaded(self) -> bool:
@@ -66,14 +152,9 @@ class LibraryEncoders:
     def text(self) -> TextEncoder:
         """The encoder for text queries: the model when it is loaded, else the library's
         exported text encoder, else the model."""
-        if self.model_loaded:
+        if self.model_loaded and not self._runs_on_onnx():
             return self.image_text
-        if not self._text_export_looked_up:
-            from clipdex.search.encoders.onnx_text import load_text_export
-
-            self._text_export = load_text_export(self.library_path, self.model, self.dim)
-            self._text_export_looked_up = True
-        return self._text_export or self.image_text
+        return self.text_export() or self.image_text
 
     def encode_text(self, text: str) -> np.ndarray:
         """A text's vector, from the query cache when it was asked before."""
@@ -85,7 +166,7 @@ class LibraryEncoders:
         if self.query_cache is not None:
             self.query_cache.put(text, vector)
         if encoder is self._image_text:
-            self.export_text()
+            self.export_text(image=False)  # this query waits for it: the text tower only
         return vector
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
@@ -96,11 +177,26 @@ class LibraryEncoders:
         decoded = decode_image(image if isinstance(image, bytes) else Path(image), max_pixels=MAX_QUERY_IMAGE_PIXELS)
         return self.image_text.encode_images([decoded.image])[0]
 
-    def export_text(self) -> None:
-        """Store the loaded model's text tower in the library as ONNX, once (see `clipdex.search.text_export`)."""
+    def _runs_on_onnx(self) -> bool:
+        from clipdex.search.encoders.onnx_image import OnnxClipEncoder
+
+        return isinstance(self._image_text, OnnxClipEncoder)
+
+    def export_text(self, image: bool = True) -> float:
+        """Store the loaded open_clip model's towers in the library as ONNX, once: the text
+        tower (`clipdex.search.text_export`), then with `image` the image tower
+        (`clipdex.search.image_export`), unless torch was asked for or runs on a GPU.
+        Returns the seconds this took (0: nothing to do)."""
         from clipdex.search.encoders.torch_clip import TorchClipEncoder
 
-        if self.model_loaded and isinstance(self._image_text, TorchClipEncoder):
-            from clipdex.search.text_export import ensure_text_export
+        if not (self.model_loaded and isinstance(self._image_text, TorchClipEncoder)):
+            return 0.0
+        started = time.monotonic()
+        from clipdex.search.image_export import ensure_image_export
+        from clipdex.search.text_export import ensure_text_export
 
-            ensure_text_export(self.library_path, self._image_text, self.dim)
+        exported = ensure_text_export(self.library_path, self._image_text, self.dim) is not None
+        gc.collect()  # the text export's graphs and sessions: gone before the image export's come
+        if image and self.requested_runtime != "torch" and self._image_text.device == "cpu":
+            exported = ensure_image_export(self.library_path, self._image_text, self.dim) is not None or exported
+        return time.monotonic() - started if exported else 0.0

@@ -15,14 +15,16 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from clipdex.search.clip_tokenizer import ClipTokenizer
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import normalized
 from clipdex.search.model import ResolvedModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.clip_tokenizer import ClipTokenizer
 
 EXPORT_VERSION = 1
 EXPORT_FOLDER = "text_encoder"
@@ -61,7 +63,11 @@ class OnnxTextEncoder:
         self.folder = folder
         self.settings = settings
         self.threads = threads or available_cores()
-        self.tokenizer = tokenizer or ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
+        if tokenizer is None:  # imported here: ftfy and regex are for texts only, not for an image run
+            from clipdex.search.clip_tokenizer import ClipTokenizer
+
+            tokenizer = ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
+        self.tokenizer = tokenizer
         self._session: Any = None
 
     @property
@@ -127,7 +133,9 @@ def installed_export(library_path: Path, model: ResolvedModel, dim: int) -> Text
     return settings
 
 
-def _inference_session(path: Path, threads: int) -> Any:
+def _inference_session(path: Path, threads: int, prepack: bool = False) -> Any:
+    """A CPU session of an exported graph. `prepack`: also keep the weights repacked for the
+    matrix kernels, a few percent faster per batch but slower to load (for long runs)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -136,4 +144,6 @@ def _inference_session(path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores to FAISS
+    if not prepack:  # loads in a tenth of the time (the weights stay a memory map of the file)
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

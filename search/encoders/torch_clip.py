@@ -19,7 +19,7 @@ import numpy as np
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImageTextEncoder, normalized
 from clipdex.search.errors import ModelUnavailable
-from clipdex.search.model import ResolvedModel, file_sha256
+from clipdex.search.model import ResolvedModel
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -76,7 +76,7 @@ class TorchClipEncoder(ImageTextEncoder):
         pretrained = spec.checkpoint or spec.pretrained
         if spec.checkpoint and not os.path.isfile(spec.checkpoint):
             raise ModelUnavailable(f"checkpoint file {spec.checkpoint} of model {spec.name} is missing")
-        if spec.checkpoint and spec.checkpoint_sha256 and file_sha256(Path(spec.checkpoint)) != spec.checkpoint_sha256:
+        if not spec.checkpoint_verified():
             raise ModelUnavailable(
                 f"checkpoint file {spec.checkpoint} is not the one this library was built with "
                 "(its sha256 differs); restore the original weights, or index into a new library"

@@ -1,0 +1,248 @@
+"""The library's image tower exported to ONNX, so indexing and image queries need neither torch nor open_clip.
+
+As `clipdex.search.text_export` does for the text tower, and at the same moments (once per
+library, while the open_clip model is loaded anyway), clipdex exports the image tower
+with `torch.onnx.export` into `LIBRARY/image_encoder/` (laid out as
+`clipdex.search.encoders.onnx_image` describes), with the parameters of open_clip's
+preprocessing, which `clipdex.search.preprocess` reproduces without torch.
+
+An export is used only after it has been checked against open_clip: on probe images that
+cover the cases of the fidelity tests (landscape, portrait, EXIF-rotated, smaller than the
+model's input, very long, grayscale, palette, transparent, 16-bit, CMYK), decoded as the
+indexer decodes them, the numpy preprocessing and the ONNX graph must give vectors at
+cosine >= MIN_COSINE with open_clip's own preprocess + `encode_image(normalize=True)`.
+Otherwise the export is refused, the reason is recorded in
+`LIBRARY/image_encoder.refused.json`, and the library keeps running on torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdex.search.atomic import write_json_atomic
+from clipdex.search.encoders.onnx_image import (
+    IMAGE_EXPORT_FOLDER,
+    IMAGE_EXPORT_VERSION,
+    IMAGE_MODEL_FILE,
+    IMAGE_SETTINGS_FILE,
+    IMAGE_WEIGHTS_FILE,
+    ImageExportSettings,
+    OnnxClipEncoder,
+    installed_image_export,
+)
+from clipdex.search.encoders.torch_clip import TorchClipEncoder
+from clipdex.search.errors import ClipdexError
+from clipdex.search.model import ResolvedModel
+from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
+from clipdex.search.readonly import environment_error, environment_reason
+
+IMAGE_REFUSED_FILE = "image_encoder.refused.json"
+MIN_COSINE = 0.999
+OPSET = 17
+
+logger = logging.getLogger(__name__)
+
+
+class ImageExportRefused(ClipdexError):
+    """The image tower cannot be exported faithfully; the library keeps running the open_clip model."""
+
+
+def probe_images() -> list[tuple[str, bytes]]:
+    """Encoded images covering what the indexer meets: sizes, aspect ratios, EXIF rotation, modes."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(20261129)
+
+    def photo(size: tuple[int, int]) -> Image.Image:
+        small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), "RGB")
+        return small.resize(size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+
+    def encoded(image: Image.Image, format: str, **options: Any) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format, **options)
+        return buffer.getvalue()
+
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    noise = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), "RGB")
+    transparent = photo((320, 240)).convert("RGBA")
+    transparent.putalpha(Image.linear_gradient("L").resize((320, 240)))
+    wide = np.tile(np.linspace(0, 65535, 640, dtype=np.uint16), (400, 1))
+    return [
+        ("landscape.jpg", encoded(photo((1200, 900)), "JPEG", quality=92)),
+        ("portrait.jpg", encoded(photo((900, 1200)), "JPEG", quality=92)),
+        ("exif-rotated.jpg", encoded(photo((1200, 900)), "JPEG", quality=92, exif=rotated.tobytes())),
+        ("small.jpg", encoded(photo((50, 40)), "JPEG", quality=92)),
+        ("long.png", encoded(photo((2000, 90)), "PNG")),
+        ("noise.png", encoded(noise, "PNG")),
+        ("gray.jpg", encoded(photo((640, 480)).convert("L"), "JPEG")),
+        ("palette.gif", encoded(photo((400, 300)).convert("P"), "GIF")),
+        ("transparent.png", encoded(transparent, "PNG")),
+        ("sixteen-bit.png", encoded(Image.fromarray(wide), "PNG")),
+        ("cmyk.jpg", encoded(photo((500, 400)).convert("CMYK"), "JPEG")),
+    ]
+
+
+def image_export_refused(library_path: Path, model: ResolvedModel) -> str | None:
+    """Why an earlier export of this model (by this version of the exporter) was refused, or None."""
+    try:
+        data = json.loads((library_path / IMAGE_REFUSED_FILE).read_text())
+        if data["version"] == IMAGE_EXPORT_VERSION and ResolvedModel.from_json(data["model"]).same_model(model):
+            return None if environment_reason(str(data["reason"])) else str(data["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def ensure_image_export(library_path: Path, encoder: TorchClipEncoder, dim: int) -> ImageExportSettings | None:
+    """Export the image tower of the loaded `encoder` into the library unless done or refused before.
+
+    Never fails the caller: a refusal is recorded (and not retried) when the model itself
+    cannot be reproduced; errors of the environment leave things as they were, to be retried.
+    """
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None
+    if installed_image_export(library_path, encoder.spec, dim) is not None or image_export_refused(library_path, encoder.spec):
+        return None
+    try:
+        return export_image_encoder(encoder, library_path)
+    except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
+        if isinstance(error, OSError) or environment_error(error):
+            logger.info("the image encoder of %s was not exported (%s); the next run tries again", library_path, error)
+            return None
+        reason = str(error) if isinstance(error, ImageExportRefused) else f"{type(error).__name__}: {error}"
+        logger.info("the image encoder of %s was not exported: %s", library_path, reason)
+        refusal = {"version": IMAGE_EXPORT_VERSION, "model": encoder.spec.to_json(), "reason": reason[:500], "at": time.time()}
+        try:
+            write_json_atomic(library_path / IMAGE_REFUSED_FILE, refusal)
+        except OSError:
+            pass  # a read-only library: the next process tries again
+    return None
+
+
+def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> ImageExportSettings:
+    """Export, verify and install the image tower of `encoder`; raises ImageExportRefused."""
+    import onnxruntime
+    import open_clip
+
+    started = time.monotonic()
+    encoder.load()
+    try:
+        preprocess = ImagePreprocess.of_open_clip_model(encoder.model)
+    except UnsupportedPreprocess as error:
+        raise ImageExportRefused(f"open_clip's preprocessing of this model cannot be reproduced without torch: {error}") from None
+    scratch = Path(tempfile.mkdtemp(prefix=".image_encoder-", dir=library_path))
+    os.chmod(scratch, 0o755)  # mkdtemp makes it private; readers of the library need it
+    try:
+        _export_onnx(encoder, scratch, preprocess.image_size)
+        settings = ImageExportSettings(
+            version=IMAGE_EXPORT_VERSION, model=encoder.spec.to_json(), dim=0, preprocess=preprocess.to_json(),
+            min_cosine=0.0, probe_images=0, open_clip_version=open_clip.__version__,
+            onnxruntime_version=onnxruntime.__version__, export_seconds=0.0, created_at=time.time(),
+        )
+        settings.min_cosine, settings.dim, settings.probe_images = verify(encoder, OnnxClipEncoder(scratch, settings, None))
+        if settings.min_cosine < MIN_COSINE:
+            raise ImageExportRefused(f"the image encoder cannot be exported faithfully (cosine {settings.min_cosine:.5f} "
+                                     f"with open_clip, below {MIN_COSINE})")
+        settings.export_seconds = round(time.monotonic() - started, 2)
+        write_json_atomic(scratch / IMAGE_SETTINGS_FILE, asdict(settings))
+        _install(scratch, library_path / IMAGE_EXPORT_FOLDER)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return settings
+
+
+def verify(encoder: TorchClipEncoder, exported: OnnxClipEncoder) -> tuple[float, int, int]:
+    """(lowest cosine, dim, probe count): the export against open_clip on the probe images, decoded as the indexer does."""
+    from clipdex.search.imaging import decode_image
+
+    images = [decode_image(data, draft_size=2 * exported.image_size, name=name).image for name, data in probe_images()]
+    reference = encoder.encode_images(images)  # open_clip's own preprocess and encode_image
+    together = exported.encode_images(images)
+    alone = exported.encode_images(images[2:3])  # a batch of one: the EXIF-rotated photo
+    if together.shape != reference.shape:
+        return 0.0, int(reference.shape[1]), len(images)
+    worst = min(float(np.min(np.sum(together * reference, axis=1))), float(np.dot(alone[0], reference[2])))
+    return worst, int(reference.shape[1]), len(images)
+
+
+class _ImageTower:
+    """open_clip's encode_image as a module (unnormalized: the runner normalizes in float32)."""
+
+    def __new__(cls, model: Any) -> Any:
+        import torch
+
+        class ImageTower(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+                return self.model.encode_image(pixels, normalize=False)
+
+        return ImageTower()
+
+
+def _export_onnx(encoder: TorchClipEncoder, scratch: Path, image_size: int) -> None:
+    import torch
+
+    model = encoder.model
+    if encoder.device != "cpu" or encoder.dtype_name != "fp32":
+        import copy
+
+        model = copy.deepcopy(model).float().cpu()
+    tower = _ImageTower(model).eval()  # eval() first: export restores the wrapper's mode recursively
+    sample = torch.zeros((2, 3, image_size, image_size), dtype=torch.float32)
+    raw = scratch / "raw.onnx"
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                tower, (sample,), str(raw), dynamo=False, input_names=["pixels"], output_names=["embedding"],
+                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=OPSET,
+                do_constant_folding=True,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    _optimize(raw, scratch / IMAGE_MODEL_FILE)
+    raw.unlink()
+    for leftover in scratch.iterdir():  # torch.onnx.export writes large weights beside raw.onnx
+        if leftover.name not in (IMAGE_MODEL_FILE, IMAGE_WEIGHTS_FILE):
+            leftover.unlink()
+
+
+def _optimize(source: Path, target: Path) -> None:
+    """Save onnxruntime's optimized graph, weights in a side file, so loading it skips that work."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", IMAGE_WEIGHTS_FILE)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def _install(scratch: Path, target: Path) -> None:
+    """Move the finished export into place; a concurrent exporter that got there first wins."""
+    try:
+        os.rename(scratch, target)
+    except OSError:
+        if not (target / IMAGE_SETTINGS_FILE).exists():
+            raise

@@ -1,0 +1,100 @@
+"""open_clip's inference preprocessing of an image, ported to Pillow and numpy (no torch).
+
+open_clip's transform for a model is torchvision's `Resize` (shorter side to the model's
+size, bicubic, on the PIL image: Pillow's own resampling), `CenterCrop`, `ToTensor` and
+`Normalize`. `ImagePreprocess` does the same steps with the same arithmetic (Pillow for the
+resize, float32 for the rest), so its arrays equal open_clip's tensors (tests compare them);
+an ONNX image export records it beside the graph (`clipdex.search.encoders.onnx_image`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads; not ported
+
+
+class UnsupportedPreprocess(ValueError):
+    """open_clip preprocesses this model in a way the port does not reproduce."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """The parameters of open_clip's inference transform, and the transform itself."""
+
+    image_size: int  # the side of the square the model sees
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise UnsupportedPreprocess(f"interpolation {self.interpolation!r} is not ported (only {', '.join(INTERPOLATIONS)})")
+        if self.resize_mode not in RESIZE_MODES:
+            raise UnsupportedPreprocess(f"resize mode {self.resize_mode!r} is not ported (only {', '.join(RESIZE_MODES)})")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ImagePreprocess":
+        mean, std = (float(value) for value in data["mean"]), (float(value) for value in data["std"])
+        return cls(int(data["image_size"]), _triple(mean), _triple(std), str(data["interpolation"]), str(data["resize_mode"]))
+
+    @classmethod
+    def of_open_clip_model(cls, model: Any) -> "ImagePreprocess":
+        """The parameters open_clip uses for a loaded model (imports open_clip)."""
+        import open_clip
+
+        config = open_clip.get_model_preprocess_cfg(model)
+        size = config["size"]
+        if isinstance(size, (tuple, list)):
+            if len(set(size)) != 1:
+                raise UnsupportedPreprocess(f"non-square image size {tuple(size)} is not ported")
+            size = size[0]
+        if config.get("mode", "RGB") != "RGB":
+            raise UnsupportedPreprocess(f"image mode {config['mode']!r} is not ported (only RGB)")
+        return cls(int(size), _triple(float(v) for v in config["mean"]), _triple(float(v) for v in config["std"]),
+                   str(config.get("interpolation") or "bicubic"), str(config.get("resize_mode") or "shortest"))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """An RGB image as the model's float32 (3, size, size) input."""
+        size = self.image_size
+        resample = INTERPOLATIONS[self.interpolation]
+        if self.resize_mode == "squash":
+            image = image.resize((size, size), resample)
+        else:
+            image = image.resize(shortest_side_size(image.size, size), resample)
+            image = center_crop(image, size)
+        scaled = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        pixels: np.ndarray = (scaled - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _triple(values: Iterable[float]) -> tuple[float, float, float]:
+    first, second, third = values
+    return (first, second, third)
+
+
+def shortest_side_size(size: tuple[int, int], target: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `target`, as torchvision's Resize(int) computes it."""
+    width, height = size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(target * long / short)
+    return (target, new_long) if width <= height else (new_long, target)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop of an image at least `size` on both sides."""
+    width, height = image.size
+    if width == size and height == size:
+        return image
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))

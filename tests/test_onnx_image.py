@@ -1,0 +1,188 @@
+"""The model on onnxruntime: the numpy preprocessing equals open_clip's, the image export
+is verified (or refused, with the reason recorded), and an exported library indexes and
+answers image queries without importing torch or open_clip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+from clipdex.cli.main import app
+from clipdex.indexer import index_paths
+from clipdex.search import image_export, model as model_module
+from clipdex.search.encoders.onnx_image import IMAGE_EXPORT_FOLDER, OnnxClipEncoder
+from clipdex.search.image_export import IMAGE_REFUSED_FILE, probe_images
+from clipdex.search.imaging import decode_image
+from clipdex.search.library import Library
+from clipdex.search.model import ModelSpec
+from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
+from tests.test_fidelity import photo_like, reference_image_vectors
+
+
+def odd_images() -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    noise = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")  # noqa: E731
+    return [noise(4000, 3000), noise(3000, 4000), noise(7, 5), noise(256, 256), noise(257, 301), noise(1000, 20),
+            noise(33, 1), noise(640, 480).filter(ImageFilter.GaussianBlur(2))]
+
+
+@pytest.mark.parametrize("size, resize_mode", [(224, "shortest"), (256, "shortest"), (32, "shortest"), (224, "squash")])
+def test_numpy_preprocessing_equals_open_clips(size: int, resize_mode: str) -> None:
+    import open_clip
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    theirs = open_clip.image_transform(size, is_train=False, mean=mean, std=std, resize_mode=resize_mode)
+    ours = ImagePreprocess(size, mean, std, "bicubic", resize_mode)
+    for image in odd_images():
+        expected = theirs(image).numpy()
+        assert ours(image).shape == expected.shape == (3, size, size)
+        assert np.abs(ours(image) - expected).max() <= 1e-6, image.size
+
+
+def test_the_recorded_preprocessing_is_open_clips_own(tiny_model: ModelSpec) -> None:
+    import open_clip
+
+    resolved = tiny_model.resolve()
+    open_clip.add_model_config(resolved.config_path)
+    model, _, transform = open_clip.create_model_and_transforms(resolved.name, pretrained=None)
+    ours = ImagePreprocess.of_open_clip_model(model)
+    assert ImagePreprocess.from_json(json.loads(json.dumps(ours.to_json()))) == ours
+    for image in odd_images():
+        assert np.array_equal(ours(image), transform(image).numpy())
+    with pytest.raises(UnsupportedPreprocess):
+        ImagePreprocess(224, (0.5,) * 3, (0.5,) * 3, "bicubic", "longest")  # type: ignore[arg-type]
+
+
+def test_the_probe_images_cover_modes_exif_and_sizes() -> None:
+    decoded = {name: decode_image(data, name=name) for name, data in probe_images()}
+    assert (decoded["exif-rotated.jpg"].width, decoded["exif-rotated.jpg"].height) == (900, 1200)
+    assert all(item.image.mode == "RGB" for item in decoded.values())
+    assert {"gray.jpg", "palette.gif", "transparent.png", "sixteen-bit.png", "cmyk.jpg", "small.jpg", "long.png"} <= set(decoded)
+
+
+def test_the_first_run_exports_and_later_runs_store_open_clips_vectors_on_onnx(library: Library, tiny_model: ModelSpec, tmp_path: Path) -> None:
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir(), later.mkdir()
+    photo_like(first / "a.jpg", 1, (300, 200))
+    report = index_paths(library, [first])
+    assert report.export_seconds > 0 and (library.path / IMAGE_EXPORT_FOLDER / "image_encoder.json").is_file()
+    settings = json.loads((library.path / IMAGE_EXPORT_FOLDER / "image_encoder.json").read_text())
+    assert settings["preprocess"]["image_size"] == 32 and settings["preprocess"]["interpolation"] == "bicubic"
+    assert settings["min_cosine"] >= 0.999 and settings["probe_images"] == len(probe_images())
+
+    reopened = Library.open(library.path, device="cpu")
+    assert reopened.stats()["runtime"] == "onnx"
+    paths = [photo_like(later / f"p{i}.jpg", i, (1200, 900) if i % 2 else (900, 1200), orientation=(6 if i == 3 else None))
+             for i in range(5)]
+    paths.append(photo_like(later / "small.jpg", 99, (50, 40)))
+    index_paths(reopened, [later])
+    assert isinstance(reopened.encoder, OnnxClipEncoder) and reopened.encoders.runtime() == "onnx"
+    expected = reference_image_vectors(tiny_model, paths)
+    stored = {item.path: item.vector_array() for item in reopened.catalog.get_items(list(range(1, 10))).values()}
+    for path, reference in zip(paths, expected):
+        assert float(np.dot(stored[str(path)], reference)) >= 0.999, path.name
+    query = reopened.encode_image(paths[3])
+    assert float(np.dot(query, expected[3])) >= 0.999
+
+
+def test_a_refused_image_export_falls_back_to_torch_with_the_reason(library: Library, tmp_path: Path, make_images,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image_export, "verify", lambda encoder, exported: (0.42, 32, 11))
+    make_images(tmp_path / "photos", 2)
+    index_paths(library, [tmp_path / "photos"])
+    refusal = json.loads((library.path / IMAGE_REFUSED_FILE).read_text())
+    assert "cosine 0.42000" in refusal["reason"] and not (library.path / IMAGE_EXPORT_FOLDER).exists()
+    monkeypatch.undo()  # a refusal is not retried by later runs
+    reopened = Library.open(library.path, device="cpu")
+    assert reopened.stats()["runtime"] == "torch"
+    make_images(tmp_path / "photos", 1, start=5)
+    assert index_paths(reopened, [tmp_path / "photos"]).added == 1
+    assert reopened.encoders.runtime() == "torch" and not (library.path / IMAGE_EXPORT_FOLDER).exists()
+
+    result = CliRunner().invoke(app, ["search", "--image", str(tmp_path / "photos" / "img000.jpg"), "--library",
+                                      str(library.path), "--runtime", "onnx"])
+    assert result.exit_code == 1
+    assert "--runtime onnx: this library's model cannot run on onnxruntime (the image encoder cannot be exported faithfully" \
+        in " ".join(result.output.split())
+
+
+def test_runtime_torch_is_kept_when_asked_for(library: Library, tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "photos", 2)
+    index_paths(library, [tmp_path / "photos"])
+    forced = Library.open(library.path, device="cpu", runtime="torch")
+    assert forced.stats()["runtime"] == "torch" and forced.encoders.runtime() == "torch"
+    assert not isinstance(forced.encoder, OnnxClipEncoder)
+    result = CliRunner().invoke(app, ["stats", "--library", str(library.path), "--runtime", "fast"])
+    assert result.exit_code == 1 and "--runtime must be one of auto, torch, onnx" in result.output
+
+
+NO_TORCH_RUN = """
+import sys
+from clipdex.cli.main import app
+for argv in {runs!r}:
+    sys.argv = ["clipdex", *argv]
+    try:
+        app()
+    except SystemExit as exit:
+        assert not exit.code, (argv, exit.code)
+print("IMPORTED", sorted(name for name in ("torch", "open_clip", "torchvision") if name in sys.modules))
+"""
+
+
+def test_an_exported_library_indexes_and_answers_without_torch(library: Library, tmp_path: Path, make_images) -> None:
+    photos = tmp_path / "photos"
+    make_images(photos, 3)
+    index_paths(library, [photos])
+    assert (library.path / IMAGE_EXPORT_FOLDER).is_dir()
+    make_images(photos, 1, start=10)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a dog\na cat\n")
+    where = ["--library", str(library.path), "--device", "cpu"]  # auto would pick torch on a GPU machine
+    runs = [["index", str(photos), *where, "-q"], ["search", "--image", str(photos / "img010.jpg"), *where],
+            ["search", "a dog", *where], ["tag", str(photos / "img001.jpg"), "--labels", str(labels), *where],
+            ["embed", "--image", str(photos / "img001.jpg"), *where], ["stats", *where]]
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_RUN.format(runs=runs)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IMPORTED []" in result.stdout and "runtime: onnx" in result.stdout
+    assert "1 added" in result.stdout
+
+
+def test_the_checkpoint_is_hashed_again_only_when_its_size_or_mtime_changes(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    hashed: list[Path] = []
+    real = model_module.file_sha256
+    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashed.append(path) or real(path))
+    spec = library.model
+    assert spec.checkpoint_mtime_ns is not None and spec.checkpoint
+    assert spec.checkpoint_verified() and hashed == []
+    same = ModelSpec(spec.config_path or "", spec.checkpoint).resolve(known=spec)
+    assert same.checkpoint_sha256 == spec.checkpoint_sha256 and hashed == []
+    info = os.stat(spec.checkpoint)
+    os.utime(spec.checkpoint, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    try:
+        assert spec.checkpoint_verified() and len(hashed) == 1
+    finally:
+        os.utime(spec.checkpoint, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def test_the_first_index_run_says_it_exports_and_what_it_cost(tmp_path: Path, make_images, model_args: list[str]) -> None:
+    make_images(tmp_path / "photos", 2)
+    where = ["--library", str(tmp_path / "lib")]
+    first = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, *model_args, "--device", "cpu"])
+    assert first.exit_code == 0, first.output
+    said = " ".join(first.output.split())
+    assert "This run also exports the model to ONNX, once for this library" in said
+    assert "exported the model to ONNX in " in said
+    make_images(tmp_path / "photos", 1, start=7)
+    later = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, "--device", "cpu"])
+    assert later.exit_code == 0 and "1 added" in later.output and "ONNX" not in later.output
+    stats = CliRunner().invoke(app, ["stats", *where, "--device", "cpu"])
+    assert "runtime: onnx" in stats.output
