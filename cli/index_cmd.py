@@ -44,15 +44,27 @@ def index(
     ),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS", show_default=False,
+        help="Decode and embed on a Ray cluster: auto (the running cluster), local (one started here), "
+             "ray://host:port or host:port. The files must be at the same paths on every node",
+    ),
+    ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0.0, help="With --ray: GPUs per embedding actor (0: the model runs on the CPUs)"),
 ) -> None:
     """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
     from clipdex.indexer import index_paths
 
+    cluster = None
+    if ray is not None:
+        from clipdex.indexer.cluster import ClusterOptions
+
+        cluster = ClusterOptions(ray, gpus_per_worker=ray_gpus_per_worker)
     lib = open_library(library, model, pretrained, device, create=True, catalog=catalog)
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
             workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots,
+            cluster=cluster,
         )
     if json_output:
         print_json(report.to_json())

@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from clipdex.indexer.local import ProgressCallback, run_jobs
 from clipdex.indexer.report import IndexReport
 from clipdex.indexer.rules import diff_scan, remove_vanished
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
+
+if TYPE_CHECKING:
+    from clipdex.indexer.cluster import ClusterOptions
 
 
 def index_paths(
@@ -36,6 +39,7 @@ def index_paths(
     stop: threading.Event | None = None,
     export_text: bool = True,
     prune_empty_roots: bool = False,
+    cluster: "ClusterOptions | None" = None,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
@@ -44,6 +48,7 @@ def index_paths(
     items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
     (once; `clipdex.search.text_export`) so that later text queries need neither torch nor open_clip.
+    `cluster`: decode and embed on a Ray cluster (`clipdex.indexer.cluster`); all else stays here.
     """
     started = time.monotonic()
     report = IndexReport()
@@ -53,7 +58,11 @@ def index_paths(
         diff = diff_scan(library, result, prune_empty_roots)
         report.failed += diff.failures
         report.unchanged = diff.unchanged
-        if diff.jobs:
+        if diff.jobs and cluster is not None:
+            from clipdex.indexer.cluster import run_jobs_on_cluster
+
+            run_jobs_on_cluster(library, writer, diff, report, batch_size, cluster, progress, stop)
+        elif diff.jobs:
             run_jobs(library, writer, diff, report, batch_size, workers, progress, stop)
         remove_vanished(writer, diff, report)
     report.model_loaded = library.encoders.model_loaded

@@ -72,3 +72,7 @@ class DamagedVectors(CorruptLibrary):
 
 class ReadOnlyLibrary(ClipdexError):
     """The library can be searched but not written (a read-only mount, a folder of another user)."""
+
+
+class ClusterError(ClipdexError):
+    """A Ray cluster cannot be used: Ray missing, no cluster at the address, a node that cannot see the files."""
