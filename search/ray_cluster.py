@@ -41,10 +41,8 @@ def ray_session(address: str) -> Iterator[Any]:
         return
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING, "include_dashboard": False,
                                "configure_logging": True}
-    if address == "local":
-        options["num_cpus"] = os.cpu_count() or 1
-    else:
-        options["address"] = address
+    options["address"] = address  # `local` starts a cluster in this process, whatever runs elsewhere
+    if address != "local":
         options.pop("include_dashboard")  # a setting of the cluster, not of a driver joining it
     try:
         ray.init(**options)
