@@ -171,16 +171,18 @@ def optimize_vectors(
     spec: IndexSpec | None = None,
     seed: int = 0,
     min_seconds: float | None = None,
+    builder: Callable[..., VectorIndex] = build_index,
 ) -> tuple[VectorIndex, OptimizeReport]:
     """Build the chosen index (or `spec`) over the vectors, tune it to `target_recall` and measure it.
 
     `evaluation` defaults to held-out stored vectors (see the module docstring); the
-    benchmark passes its own queries."""
+    benchmark passes its own queries. `builder`: `build_index`, or one that builds the same index elsewhere
+    (`clipdex.search.optimize_cluster`)."""
     started = time.perf_counter()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
     spec = spec or choose_spec(len(ids), vectors.shape[1], memory_budget)
-    index = build_index(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
+    index = builder(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
     build_seconds = time.perf_counter() - started
     if evaluation is None:
         trained = training_rows(len(ids), training_size(spec, len(ids)), seed) if spec.type == "ivf" else np.zeros(0, np.int64)
@@ -221,8 +223,11 @@ def tune_spec(index: VectorIndex, evaluation: Evaluation, target_recall: float) 
     return evaluate(index, evaluation.half(second=True), breadth)
 
 
-def optimize_library(library: "Library", target_recall: float = 0.95, memory_budget: int | None = None, seed: int = 0) -> OptimizeReport:
+def optimize_library(library: "Library", target_recall: float = 0.95, memory_budget: int | None = None, seed: int = 0,
+                     cluster: str | None = None) -> OptimizeReport:
     """Rebuild the library's index from its catalog, tuned and measured, and record the report.
+
+    `cluster`: a Ray address; an IVF index is then built in shards there (`clipdex.search.optimize_cluster`).
 
     The index is built from a snapshot while searches (and writers) go on; it is then
     caught up with any commits made meanwhile and saved under the write lock."""
@@ -232,7 +237,17 @@ def optimize_library(library: "Library", target_recall: float = 0.95, memory_bud
     ids, vectors = library.catalog.all_vectors()
     if len(ids) == 0:
         raise ClipdexError(f"library {library.path} is empty: index something before optimizing it")
-    index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed)
+    if cluster is None:
+        index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed)
+    else:
+        from functools import partial
+
+        from clipdex.search.optimize_cluster import build_index_on_cluster
+        from clipdex.search.ray_cluster import ray_session
+
+        with ray_session(cluster) as ray:
+            index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed,
+                                             builder=partial(build_index_on_cluster, ray))
     library.manifest.extra["optimized"] = report.to_json()
     library.adopt_vectors(index, generation)
     return report

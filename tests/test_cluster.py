@@ -185,3 +185,40 @@ def test_two_nodes_index_through_the_cli(tmp_path: Path, tiny_model: ModelSpec, 
     local = Library.open(tmp_path / "local", model=tiny_model, create=True, device="cpu")
     index_paths(local, [tmp_path / "pics"], batch_size=4)
     assert_same_libraries(Library.open(tmp_path / "cluster", device="cpu"), local)
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,SQ8"])
+def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory: str) -> None:
+    from functools import partial
+
+    from clipdex.search.index_choice import build_index
+    from clipdex.search.optimize import optimize_vectors
+    from clipdex.search.optimize_cluster import build_index_on_cluster
+    from clipdex.search.vectors import IndexSpec
+
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((5_000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(5_000, dtype=np.int64) * 3 + 1
+    single = build_index(32, IndexSpec("ivf", factory), ids, vectors, resolve=False)
+    sharded = build_index_on_cluster(ray_cluster, 32, IndexSpec("ivf", factory), ids, vectors, resolve=False, shards=4)
+    assert sharded.ntotal == single.ntotal == 5_000
+    assert np.array_equal(sharded.ids(), single.ids())  # every list holds the same ids in the same order
+    for nprobe in (1, 4, 32):
+        ours, theirs = sharded.search_with(vectors[:50], 10, nprobe), single.search_with(vectors[:50], 10, nprobe)
+        assert np.array_equal(ours[1], theirs[1]) and np.array_equal(ours[0], theirs[0])
+    _, built_here = optimize_vectors(ids, vectors, spec=IndexSpec("ivf", factory), min_seconds=0.01)
+    _, built_there = optimize_vectors(ids, vectors, spec=IndexSpec("ivf", factory), min_seconds=0.01,
+                                      builder=partial(build_index_on_cluster, ray_cluster, shards=3))
+    assert (built_there.recall_at_10, built_there.search_params) == (built_here.recall_at_10, built_here.search_params)
+
+
+def test_optimize_through_the_cli_on_the_cluster(ray_cluster: Any, tmp_path: Path, make_images, model_args: list[str]) -> None:
+    from tests.test_cli import run as cli
+
+    make_images(tmp_path / "pics", 4)
+    assert cli("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), *model_args, "-q").exit_code == 0
+    result = cli("optimize", "--library", str(tmp_path / "lib"), "--ray", "auto", "--json")
+    assert result.exit_code == 0, result.output
+    assert '"index_type": "flat"' in result.output  # too small to shard: built here
+    assert Library.open(tmp_path / "lib").check()["ok"]
