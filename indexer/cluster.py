@@ -60,6 +60,11 @@ def run_jobs_on_cluster(
     stop: threading.Event | None = None,
 ) -> None:
     """Embed the jobs of `diff` on the cluster at `options.address`, committing batches in order with `writer`."""
+    if library.model.weights == "random weights":
+        raise ClusterError(
+            f"library {library.path} has a model with random weights (--pretrained none): each Ray worker would draw "
+            "weights of its own; index it without --ray, or make a library whose weights are in a checkpoint file"
+        )
     with ray_session(options.address) as ray:
         check_paths_visible(ray, _paths_workers_read(library, diff))
         rows = _embedded_rows(ray, library, diff, batch_size, options)

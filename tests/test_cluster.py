@@ -139,6 +139,14 @@ def test_without_ray_the_option_says_how_to_install_it(monkeypatch: pytest.Monke
     assert "Ray is not installed: pip install 'clipdex[ray]'" in result.output
 
 
+def test_random_weights_are_refused_before_any_work(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 1)
+    library = Library.open(tmp_path / "lib", model=ModelSpec("RN50", "none"), create=True, device="cpu")
+    with pytest.raises(ClusterError, match="random weights .* each Ray worker would draw weights of its own"):
+        index_paths(library, [tmp_path / "pics"], cluster=ClusterOptions("auto"))
+    assert library.stats()["items"] == 0
+
+
 def test_the_local_path_never_imports_ray(tmp_path: Path, tiny_model: ModelSpec, make_images) -> None:
     make_images(tmp_path / "pics", 2)
     script = (
