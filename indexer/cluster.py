@@ -165,7 +165,7 @@ def _embedded_rows(ray: Any, library: Library, diff: ScanDiff, batch_size: int,
         EmbedFiles,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        compute=ray.data.ActorPoolStrategy(size=actors),  # one actor per CPU (or GPU share) of the cluster
         num_cpus=options.cpus_per_worker,
         num_gpus=options.gpus_per_worker or None,
         fn_constructor_kwargs={

@@ -45,6 +45,7 @@ class TwoNodeCluster:
     namespace: str
     log_folder: Path
     address: str = f"{NODE_ADDRESS}:{PORT}"
+    object_store_bytes: int = 80 << 20  # each node's
     temp_dir: str = ""  # Ray's session files, apart from /tmp/ray (short: Unix socket paths are limited)
 
     def command(self, *argv: str) -> list[str]:
@@ -66,7 +67,7 @@ class TwoNodeCluster:
         run("ip", "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo")
         ray = str(Path(sys.executable).with_name("ray"))
         self.temp_dir = tempfile.mkdtemp(prefix="cdx-ray-")
-        common = ["--temp-dir", self.temp_dir, "--block", "--node-ip-address", NODE_ADDRESS, "--num-cpus", "1", "--object-store-memory", str(80 << 20),
+        common = ["--temp-dir", self.temp_dir, "--block", "--node-ip-address", NODE_ADDRESS, "--num-cpus", "1", "--object-store-memory", str(self.object_store_bytes),
                   "--disable-usage-stats"]
         self._launch("head", [ray, "start", "--head", "--port", str(PORT), "--include-dashboard", "false", *common])
         self._wait_for_nodes(1)
