@@ -232,9 +232,10 @@ class EmbedFiles:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = [_prepare(_job_of(batch, row), self.encoder, self.known) for row in range(len(batch["position"]))]  # type: ignore[arg-type]
         vectors = np.zeros((len(prepared), self.encoder.dim), dtype=np.float32)
-        decoded = [row for row, item in enumerate(prepared) if item.pixels is not None]
+        pixels = {row: item.pixels for row, item in enumerate(prepared) if item.pixels is not None}
+        decoded = list(pixels)
         if decoded:
-            vectors[decoded] = self.encoder.encode_prepared(np.stack([prepared[row].pixels for row in decoded]))
+            vectors[decoded] = self.encoder.encode_prepared(np.stack(list(pixels.values())))
         infos = [json.dumps({"content_hash": item.content_hash, "identity": item.identity, "error": item.error,
                              "metadata": item.metadata}) for item in prepared]
         embedded = np.zeros(len(prepared), dtype=bool)
