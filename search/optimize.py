@@ -247,7 +247,7 @@ def optimize_library(library: "Library", target_recall: float = 0.95, memory_bud
 
         with ray_session(cluster) as ray:
             index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed,
-                                             builder=partial(build_index_on_cluster, ray))
+                                             builder=partial(build_index_on_cluster, ray, scratch=library.path))
     library.manifest.extra["optimized"] = report.to_json()
     library.adopt_vectors(index, generation)
     return report

@@ -202,7 +202,7 @@ def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory
     from clipdex.search.index_choice import build_index
     from clipdex.search.optimize import optimize_vectors
     from clipdex.search.optimize_cluster import build_index_on_cluster
-    from clipdex.search.vectors import IndexSpec
+    from clipdex.search.vectors import IndexSpec, faiss_module
 
     rng = np.random.default_rng(7)
     vectors = rng.standard_normal((5_000, 32)).astype(np.float32)
@@ -212,13 +212,41 @@ def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory
     sharded = build_index_on_cluster(ray_cluster, 32, IndexSpec("ivf", factory), ids, vectors, resolve=False, shards=4)
     assert sharded.ntotal == single.ntotal == 5_000
     assert np.array_equal(sharded.ids(), single.ids())  # every list holds the same ids in the same order
+    assert bytes(faiss_module().serialize_index(sharded.index)) == bytes(faiss_module().serialize_index(single.index))
     for nprobe in (1, 4, 32):
         ours, theirs = sharded.search_with(vectors[:50], 10, nprobe), single.search_with(vectors[:50], 10, nprobe)
         assert np.array_equal(ours[1], theirs[1]) and np.array_equal(ours[0], theirs[0])
+    on_disk = build_index_on_cluster(ray_cluster, 32, IndexSpec("ivf", factory), ids, vectors, resolve=False, shards=3,
+                                     on_disk=True)
+    assert on_disk.mapped
+    assert bytes(faiss_module().serialize_index(on_disk.index)) == bytes(faiss_module().serialize_index(single.index))
     _, built_here = optimize_vectors(ids, vectors, spec=IndexSpec("ivf", factory), min_seconds=0.01)
     _, built_there = optimize_vectors(ids, vectors, spec=IndexSpec("ivf", factory), min_seconds=0.01,
                                       builder=partial(build_index_on_cluster, ray_cluster, shards=3))
     assert (built_there.recall_at_10, built_there.search_params) == (built_here.recall_at_10, built_here.search_params)
+
+
+def test_lists_merged_on_disk_are_faiss_own_file_when_most_lists_are_empty(tmp_path: Path) -> None:
+    import io
+
+    from clipdex.search.optimize_cluster import write_merged_ivf
+    from clipdex.search.vectors import faiss_module
+
+    faiss = faiss_module()
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((2_000, 16)).astype(np.float32)
+    trained = faiss.index_factory(16, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    trained.train(vectors)
+    shards = []
+    for start, end in ((0, 5), (5, 8)):  # a few lists filled: FAISS writes them sparse
+        shard = faiss.clone_index(trained)
+        shard.add_with_ids(vectors[start:end], np.arange(start, end, dtype=np.int64))
+        shards.append(shard)
+    whole = faiss.clone_index(trained)
+    whole.add_with_ids(vectors[:8], np.arange(8, dtype=np.int64))
+    written = io.BytesIO()
+    write_merged_ivf(trained, [faiss.extract_index_ivf(shard) for shard in shards], written)
+    assert written.getvalue() == bytes(faiss.serialize_index(whole))
 
 
 def test_optimize_through_the_cli_on_the_cluster(ray_cluster: Any, tmp_path: Path, make_images, model_args: list[str]) -> None:
