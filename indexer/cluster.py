@@ -153,6 +153,7 @@ def _embedded_rows(ray: Any, library: Library, diff: ScanDiff, batch_size: int,
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # commits follow the scan's order, as locally
     actors = options.workers or _actor_count(ray, options)
+    actors = max(1, min(actors, -(-len(diff.jobs) // batch_size)))  # no idle actors for a small run
     jobs = [
         {"position": position, "path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns,
          "record_id": job.record.id if job.record else -1,
