@@ -139,6 +139,19 @@ def test_without_ray_the_option_says_how_to_install_it(monkeypatch: pytest.Monke
     assert "Ray is not installed: pip install 'clipdex[ray]'" in result.output
 
 
+def test_a_model_the_workers_cannot_load_is_one_clear_error(ray_cluster: Any, tmp_path: Path, tiny_model: ModelSpec,
+                                                            make_images) -> None:
+    make_images(tmp_path / "pics", 3)
+    checkpoint = tmp_path / "weights.pt"
+    shutil.copy(tiny_model.pretrained, checkpoint)
+    library = Library.open(tmp_path / "lib", model=ModelSpec(tiny_model.name, str(checkpoint)), create=True, device="cpu")
+    with open(checkpoint, "ab") as handle:
+        handle.write(b"changed")
+    with pytest.raises(ClusterError, match=r"the Ray pipeline failed: .*checkpoint file .* is not the one this library was built with"):
+        index_paths(library, [tmp_path / "pics"], cluster=ClusterOptions("auto"))
+    assert library.stats()["items"] == 0
+
+
 def test_random_weights_are_refused_before_any_work(tmp_path: Path, make_images) -> None:
     make_images(tmp_path / "pics", 1)
     library = Library.open(tmp_path / "lib", model=ModelSpec("RN50", "none"), create=True, device="cpu")
