@@ -115,7 +115,7 @@ def test_stop_ends_a_cluster_run_after_the_committed_batches(ray_cluster: Any, l
     report = index_paths(library, [tmp_path / "pics"], batch_size=2, cluster=ClusterOptions("auto"),
                          progress=lambda done, total: stop.set() if done >= 3 else None, stop=stop)
     assert report.interrupted and report.added == 3  # the files received before the stop, as the local runner does
-    resumed = index_paths(library, [tmp_path / "pics"], batch_size=2, cluster=ClusterOptions("auto"))
+    resumed = index_paths(library, [tmp_path / "pics"], batch_size=2)  # resumed here: the same catalog either way
     assert (resumed.added, resumed.unchanged, resumed.interrupted) == (6, 3, False)
     assert library.check()["ok"]
 
@@ -149,6 +149,14 @@ def test_a_model_the_workers_cannot_load_is_one_clear_error(ray_cluster: Any, tm
         handle.write(b"changed")
     with pytest.raises(ClusterError, match=r"the Ray pipeline failed: .*checkpoint file .* is not the one this library was built with"):
         index_paths(library, [tmp_path / "pics"], cluster=ClusterOptions("auto"))
+    assert library.stats()["items"] == 0
+
+
+def test_gpu_workers_on_a_cluster_without_gpus_is_one_clear_error(ray_cluster: Any, library: Library, tmp_path: Path,
+                                                                   make_images) -> None:
+    make_images(tmp_path / "pics", 2)
+    with pytest.raises(ClusterError, match="--ray-gpus-per-worker was given, but the Ray cluster has no GPUs"):
+        index_paths(library, [tmp_path / "pics"], cluster=ClusterOptions("auto", gpus_per_worker=1))
     assert library.stats()["items"] == 0
 
 
