@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -40,13 +41,15 @@ def ray_cluster() -> Iterator[Any]:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before this fixture ran
+    temp_dir = tempfile.mkdtemp(prefix="cdx-ray-")  # Ray's session files, not /tmp/ray; short: socket paths are limited
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _temp_dir=temp_dir)
     try:
         assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}, "Ray left the loopback"
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if before is None:
             os.environ.pop(LOOPBACK_ONLY, None)
         else:
