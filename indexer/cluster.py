@@ -161,10 +161,10 @@ def _embedded_rows(ray: Any, library: Library, diff: ScanDiff, batch_size: int,
         for position, job in enumerate(diff.jobs)
     ]
     known = sorted({record.content_hash for record in diff.vanished.values() if record.content_hash})
-    blocks = max(1, min(len(jobs), -(-len(jobs) // batch_size)))
+    blocks = max(1, min(len(jobs), -(-len(jobs) // batch_size)))  # blocks of at most batch_size jobs
     dataset = ray.data.from_items(jobs, override_num_blocks=blocks).map_batches(
         EmbedFiles,
-        batch_size=batch_size,
+        batch_size=None,  # a block at a time: a batch_size would bundle small blocks into long tasks that return in bursts
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),  # one actor per CPU (or GPU share) of the cluster
         num_cpus=options.cpus_per_worker,
