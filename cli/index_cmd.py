@@ -51,10 +51,21 @@ def index(
     ),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS", show_default=False,
+        help="Decode and embed on a Ray cluster: auto (the running cluster), local (one started here), "
+             "ray://host:port or host:port. The files must be at the same paths on every node",
+    ),
+    ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0.0, help="With --ray: GPUs per embedding actor (0: the model runs on the CPUs)"),
 ) -> None:
     """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
     from clipdex.indexer import index_paths
 
+    cluster = None
+    if ray is not None:
+        from clipdex.indexer.cluster import ClusterOptions
+
+        cluster = ClusterOptions(ray, gpus_per_worker=ray_gpus_per_worker)
     lib = open_library(library, model, pretrained, device, create=True, catalog=catalog, runtime=runtime)
     if not quiet and lib.encoders.export_pending():
         err.print("This run also exports the model to ONNX, once for this library: later runs and queries then "
@@ -63,6 +74,7 @@ def index(
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
             workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots, max_file_mb=max_file_mb,
+            cluster=cluster,
         )
     if report.export_seconds and not quiet:
         err.print(f"exported the model to ONNX in {report.export_seconds:.1f}s (once for this library: "

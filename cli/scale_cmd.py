@@ -31,6 +31,10 @@ def optimize(
     ),
     library: Optional[Path] = LibraryOption,
     json_output: bool = JsonOption,
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS", show_default=False,
+        help="Add the vectors to an IVF index in shards on a Ray cluster (auto, local, ray://host:port or host:port)",
+    ),
 ) -> None:
     """Rebuild the vector index for the library's size and tune it to a target recall, for image-like and text-like queries."""
     from clipdex.search.index_choice import parse_size
@@ -39,7 +43,7 @@ def optimize(
     budget = parse_size(memory_budget) if memory_budget is not None else None
     lib = open_library(library)
     err.print(f"optimizing the {sum(lib.catalog.counts().values())} vectors of {lib.path} ...", markup=False)
-    report = optimize_library(lib, target_recall, budget, queries_file=queries)
+    report = optimize_library(lib, target_recall, budget, queries_file=queries, cluster=ray)
     if json_output:
         print_json(report.to_json())
     else:

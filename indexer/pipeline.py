@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from clipdex.indexer.local import ProgressCallback, run_jobs
 from clipdex.indexer.report import IndexReport
@@ -23,6 +23,9 @@ from clipdex.indexer.rules import diff_scan, remove_vanished
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
 from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, max_file_bytes
+
+if TYPE_CHECKING:
+    from clipdex.indexer.cluster import ClusterOptions
 
 
 def index_paths(
@@ -38,6 +41,7 @@ def index_paths(
     export_text: bool = True,
     prune_empty_roots: bool = False,
     max_file_mb: float = DEFAULT_MAX_FILE_MB,
+    cluster: "ClusterOptions | None" = None,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
@@ -47,6 +51,7 @@ def index_paths(
     `export_text`: when the run loaded the model, also store its text tower in the library
     (once; `clipdex.search.text_export`) so that later text queries need neither torch nor open_clip.
     `max_file_mb`: larger files are reported as failed, never read (`clipdex.search.safe_read`).
+    `cluster`: decode and embed on a Ray cluster (`clipdex.indexer.cluster`); all else stays here.
     """
     started = time.monotonic()
     report = IndexReport()
@@ -57,7 +62,11 @@ def index_paths(
         diff = diff_scan(library, result, prune_empty_roots)
         report.failed += diff.failures
         report.unchanged = diff.unchanged
-        if diff.jobs:
+        if diff.jobs and cluster is not None:
+            from clipdex.indexer.cluster import run_jobs_on_cluster
+
+            run_jobs_on_cluster(library, writer, diff, report, batch_size, cluster, progress, stop)
+        elif diff.jobs:
             run_jobs(library, writer, diff, report, batch_size, workers, progress, stop)
         remove_vanished(writer, diff, report)
     report.model_loaded = library.encoders.model_loaded

@@ -105,3 +105,7 @@ class UnreadableFile(ClipdexError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class ClusterError(ClipdexError):
+    """A Ray cluster cannot be used: Ray missing, no cluster at the address, a node that cannot see the files."""

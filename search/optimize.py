@@ -247,6 +247,7 @@ def optimize_vectors(
     text_queries: QuerySample | None = None,
     text_evaluation: Evaluation | None = None,
     sources: dict[str, str] | None = None,
+    builder: Callable[..., VectorIndex] = build_index,
 ) -> tuple[VectorIndex, OptimizeReport]:
     """Build the chosen index (or `spec`) over the vectors, tune it to `target_recall` per
     query kind and measure it.
@@ -279,7 +280,7 @@ def optimize_vectors(
     evaluations = {"image": evaluation, "text": text_evaluation}
     min_seconds = MEASURE_SECONDS if min_seconds is None else min_seconds
     exact_qps = exact_queries_per_second(vectors, evaluation.queries, min_seconds)
-    tried = [_build_and_tune(candidate, ids, vectors, evaluations, named, target_recall, exact_qps, min_seconds, seed)
+    tried = [_build_and_tune(candidate, ids, vectors, evaluations, named, target_recall, exact_qps, min_seconds, seed, builder)
              for candidate in candidates]
     index, kinds, build_seconds = max(tried, key=lambda attempt: _preference(attempt[1]))
     recall = min(figures.recall_at_10 for figures in kinds.values())
@@ -321,9 +322,10 @@ def candidate_specs(count: int, dim: int, memory_budget: int | None) -> list[Ind
 def _build_and_tune(
     spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray, evaluations: dict[str, Evaluation | None], named: dict[str, str],
     target_recall: float, exact_qps: float, min_seconds: float, seed: int,
+    builder: Callable[..., VectorIndex] = build_index,
 ) -> tuple[VectorIndex, dict[str, KindReport], float]:
     started = time.perf_counter()
-    index = build_index(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
+    index = builder(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
     build_seconds = time.perf_counter() - started
     kinds = tune_kinds(index, evaluations, target_recall)
     for kind, figures in kinds.items():
@@ -422,11 +424,13 @@ def optimize_library(
     memory_budget: int | None = None,
     seed: int = 0,
     queries_file: str | Path | None = None,
+    cluster: str | None = None,
 ) -> OptimizeReport:
     """Rebuild the library's index from its catalog, tuned per query kind and measured, and record the report.
 
     Text-like queries come from `queries_file` and the library itself (see
-    `clipdex.search.query_sample`). The index is built from a snapshot while searches (and
+    `clipdex.search.query_sample`). `cluster`: a Ray address; an IVF index is then built in
+    shards there (`clipdex.search.optimize_cluster`). The index is built from a snapshot while searches (and
     writers) go on; it is then caught up with any commits made meanwhile and saved under
     the write lock."""
     if not 0.0 < target_recall <= 1.0:
@@ -439,7 +443,17 @@ def optimize_library(
     text_queries = None
     if spec.type != "flat" or queries_file is not None:
         text_queries = text_query_sample(library, HELD_OUT_QUERIES, queries_file, seed)
-    index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries)
+    if cluster is None:
+        index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries)
+    else:
+        from functools import partial
+
+        from clipdex.search.optimize_cluster import build_index_on_cluster
+        from clipdex.search.ray_cluster import ray_session
+
+        with ray_session(cluster) as ray:
+            index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries,
+                                             builder=partial(build_index_on_cluster, ray, scratch=library.path))
     library.manifest.extra["optimized"] = report.to_json()
     library.adopt_vectors(index, generation)
     return report
