@@ -28,7 +28,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from clipdex.indexer.report import Failure, IndexReport
-from clipdex.indexer.rules import ScanDiff, _commit, _decode_into, _HashLookup, _Job, _prepare, _Prepared, _read_file
+from clipdex.indexer.rules import (
+    ScanDiff,
+    _commit,
+    _decode_into,
+    _HashLookup,
+    _Job,
+    _prepare,
+    _Prepared,
+    _read_file,
+    embed_with,
+)
 from clipdex.indexer.scan import ScannedFile
 from clipdex.search.catalog import FileRecord
 from clipdex.search.errors import ClipdexError, ClusterError, UnreadableFile
@@ -236,10 +246,10 @@ class EmbedFiles:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = [_prepare(_job_of(batch, row), self.encoder, self.known) for row in range(len(batch["position"]))]  # type: ignore[arg-type]
         vectors = np.zeros((len(prepared), self.encoder.dim), dtype=np.float32)
-        pixels = {row: item.pixels for row, item in enumerate(prepared) if item.pixels is not None}
-        decoded = list(pixels)
-        if decoded:
-            vectors[decoded] = self.encoder.encode_prepared(np.stack(list(pixels.values())))
+        by_id = embed_with(self.encoder, prepared)  # on a GPU actor, JPEGs decode on the GPU as locally
+        decoded = [row for row, item in enumerate(prepared) if id(item) in by_id]
+        for row in decoded:
+            vectors[row] = by_id[id(prepared[row])]
         infos = [json.dumps({"content_hash": item.content_hash, "identity": item.identity, "error": item.error,
                              "metadata": item.metadata}) for item in prepared]
         embedded = np.zeros(len(prepared), dtype=bool)

@@ -37,7 +37,9 @@ class ThreadPlan:
     decoder preempts holds up the whole region (every thread waits for the slowest at
     each barrier), while single-threaded lanes just take turns with the decoders. So the
     model uses whatever time decoding leaves, and decoding whatever the model leaves.
-    On a GPU the model needs no cores: all decode, one lane.
+    On a GPU the model needs no cores: the threads read files and JPEG headers (JPEGs
+    decode on the GPU, `clipdex.search.gpu_decode`; other files here), and two lanes, each
+    with its own decoder and CUDA streams, let one lane decode while the other embeds.
     """
 
     decode_workers: int
@@ -52,7 +54,8 @@ def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
     """The plan for an encoder on `device` (auto, cpu or cuda), with `workers` decode threads if given."""
     cores = available_cores()
     if device == "cuda" or (device == "auto" and _nvidia_driver_present()):
-        return ThreadPlan(workers or cores, None)
+        # two lanes, each with its own GPU decoder and streams: one decodes while the other embeds
+        return ThreadPlan(workers or cores, None, 2)
     lanes = min(cores, MAX_LANES)
     return ThreadPlan(workers or cores, max(1, cores // lanes), lanes)
 

@@ -27,6 +27,7 @@ from clipdex.search.catalog import FileRecord, NewItem
 from clipdex.search.encoders import ImageTextEncoder
 from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
 from clipdex.search.fileid import content_hash as hash_bytes
+from clipdex.search import gpu_decode
 from clipdex.search.imaging import decode_image
 from clipdex.search.library import Library
 from clipdex.search.safe_read import read_regular_file
@@ -49,6 +50,7 @@ class _Prepared:
     reuse_id: int | None = None  # an item with the same bytes: its vector is reused
     error: str | None = None
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file that was read
+    encoded: Any = None  # a JPEG waiting for the GPU's decoder (`gpu_decode.EncodedImage`), instead of `pixels`
 
 
 # -- what to do -------------------------------------------------------------------------
@@ -177,13 +179,23 @@ def _read_file(path: str, scanned_size: int) -> tuple[bytes, tuple[int, int]]:
     return data, (info.st_dev, info.st_ino)
 
 
-def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder) -> None:
-    """Decode and preprocess the file's bytes into `prepared` (pixels and metadata, or error)."""
+def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder, on_gpu: bool = True) -> None:
+    """Decode and preprocess the file's bytes into `prepared` (pixels and metadata, or error).
+
+    When the model runs on CUDA with open_clip's usual transform, a JPEG is only read
+    here (header, pinned bytes: `prepared.encoded`); the model lane decodes it on the GPU
+    (`clipdex.search.gpu_decode`) and sends back to this path what the GPU refuses.
+    """
     if not data:
         prepared.error = "empty file (0 bytes)"
         return
     try:
         draft_size = 2 * encoder.image_size  # loads the model first: its errors are not this file's
+        if on_gpu and _decodes_on_gpu(encoder):
+            image = gpu_decode.encoded_image(data)
+            if not isinstance(image.header, str):  # else: not for the GPU's decoder (PNG, CMYK...): decode here
+                prepared.encoded, prepared.metadata = image, image.header.metadata()
+                return
         decoded = decode_image(data, draft_size=draft_size, name=prepared.job.file.path)
         prepared.pixels = encoder.prepare(decoded.image)
     except UnreadableImage as error:
@@ -203,15 +215,41 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder) ->
     }
 
 
+def _decodes_on_gpu(encoder: ImageTextEncoder) -> bool:
+    return encoder.device == "cuda" and gpu_decode.uses_gpu_decoding(encoder)
+
+
 def _embed(library: Library, batch: list[_Prepared]) -> dict[int, np.ndarray]:
     """The vectors of the batch's decoded files, by `id` of their _Prepared."""
+    return embed_with(library.encoder, batch)
+
+
+def embed_with(encoder: ImageTextEncoder, batch: list[_Prepared]) -> dict[int, np.ndarray]:
+    """The vectors of the batch's decoded files, by `id` of their _Prepared: JPEGs waiting for
+    the GPU first (what it refuses is decoded on the CPU, or becomes the file's error), then
+    the files decoded on the CPU."""
+    vectors = _embed_on_gpu(encoder, [prepared for prepared in batch if prepared.encoded is not None])
     to_embed = [(prepared, prepared.pixels) for prepared in batch if prepared.pixels is not None]
-    if not to_embed:
+    if to_embed:
+        encoded = encoder.encode_prepared(np.stack([pixels for _, pixels in to_embed]))
+        for prepared, _ in to_embed:
+            prepared.pixels = None  # embedded: let the memory go
+        vectors.update({id(prepared): vector for (prepared, _), vector in zip(to_embed, encoded)})
+    return vectors
+
+
+def _embed_on_gpu(encoder: ImageTextEncoder, batch: list[_Prepared]) -> dict[int, np.ndarray]:
+    if not batch:
         return {}
-    encoded = library.encoder.encode_prepared(np.stack([pixels for _, pixels in to_embed]))
-    for prepared, _ in to_embed:
-        prepared.pixels = None  # embedded: let the memory go
-    return {id(prepared): vector for (prepared, _), vector in zip(to_embed, encoded)}
+    feeder = gpu_decode.thread_feeder(encoder)  # this lane's decoder and streams
+    if feeder is None:
+        raise ClipdexError("files were read for the GPU's decoder, but the model does not run on CUDA")
+    embedded = feeder.embed([prepared.encoded for prepared in batch])
+    for index in embedded.fallbacks:  # refused by the GPU's decoder: the CPU path decodes it (or reports it)
+        _decode_into(batch[index], batch[index].encoded.as_bytes(), encoder, on_gpu=False)
+    for prepared in batch:
+        prepared.encoded = None
+    return {id(batch[index]): vector for index, vector in embedded.vectors.items()}
 
 
 # -- one batch: what it commits ----------------------------------------------------------
@@ -257,11 +295,12 @@ def _commit(
 ) -> None:
     """Commit a batch whose decoded files are embedded (`vectors`); reuse is rechecked here, in commit order."""
     stored = _recheck_reuse(library, batch)
+    decoded_now = [p for p in batch if p.error is None and (p.pixels is not None or p.encoded is not None)]
+    if decoded_now:  # files the recheck had to decode after all (embedding may yet fail one: reported below)
+        vectors = {**vectors, **_embed(library, decoded_now)}
     for prepared in [p for p in batch if p.error is not None]:
         report.failed.append(Failure(prepared.job.file.path, prepared.error or ""))
     batch = [prepared for prepared in batch if prepared.error is None]
-    if any(prepared.pixels is not None for prepared in batch):  # files the recheck had to decode after all
-        vectors = {**vectors, **_embed(library, batch)}
     items: list[NewItem] = []
     moves: list[tuple[int, dict[str, Any]]] = []
     counts = {"added": 0, "updated": 0, "moved": 0}

@@ -272,3 +272,56 @@ def test_feeder_on_cuda_embeds_like_the_cpu_path(tiny_model: ModelSpec) -> None:
     expected = encoder_for(tiny_model).encode_images([decode_image(data).image for data in datas])
     got = [results[0].vectors[i] for i in range(3)] + [results[1].vectors[i] for i in range(1, 4)]
     assert min(float(np.dot(a, b)) for a, b in zip(got, expected)) >= 0.99  # fp16 weights on the GPU, fp32 here
+
+
+def test_the_indexer_embeds_through_the_tensor_path_as_it_would_on_a_gpu(
+    tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The indexer's wiring (rules._decode_into / embed_with / local lanes), forced onto the CPU:
+    JPEGs go through GpuFeeder, what it refuses is decoded by the CPU path or reported, and the
+    library ends up as an index run on the CPU path leaves it."""
+    import clipdex.indexer.rules as rules
+    from clipdex.indexer import index_paths
+    from clipdex.search import gpu_decode
+    from clipdex.search.library import Library
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for number in range(5):
+        (photos / f"p{number}.jpg").write_bytes(jpeg_bytes(smooth_image(number, (120, 90))))
+    smooth_image(7, (40, 30)).save(photos / "drawing.png")
+    (photos / "cmyk.jpg").write_bytes(jpeg_bytes(smooth_image(8, (40, 30), "CMYK")))
+    (photos / "cut.jpg").write_bytes(jpeg_bytes(smooth_image(9, (120, 90)))[:-300])
+
+    reference = Library.open(tmp_path / "cpu", model=tiny_model, create=True, device="cpu")
+    expected_report = index_paths(reference, [photos], export_text=False)
+
+    fed: list[int] = []
+    real_embed = GpuFeeder.embed
+
+    def counting_embed(self: GpuFeeder, images: list) -> object:  # type: ignore[type-arg]
+        fed.append(len(images))
+        return real_embed(self, images)
+
+    def cpu_feeder(encoder: Encoder) -> GpuFeeder:
+        transform = TensorTransform.from_open_clip(encoder.preprocess)
+        assert transform is not None
+        return GpuFeeder(encoder.model, transform, "cpu")
+
+    monkeypatch.setattr(rules, "_decodes_on_gpu", lambda encoder: True)
+    monkeypatch.setattr(gpu_decode, "thread_feeder", cpu_feeder)
+    monkeypatch.setattr(GpuFeeder, "embed", counting_embed)
+    library = Library.open(tmp_path / "gpu", model=tiny_model, create=True, device="cpu")
+    report = index_paths(library, [photos], export_text=False, batch_size=4)
+
+    assert sum(fed) == 6  # five JPEGs and the cut one went to the tensor path; the PNG and CMYK JPEG did not (headers)
+    assert (report.added, sorted(f.path for f in report.failed)) == (
+        expected_report.added, sorted(f.path for f in expected_report.failed))
+    expected = {item.path: item for item in reference.catalog.get_items(reference.catalog.ids().tolist()).values()}
+    got = {item.path: item for item in library.catalog.get_items(library.catalog.ids().tolist()).values()}
+    assert sorted(got) == sorted(expected)
+    for path, item in got.items():
+        assert float(np.dot(item.vector_array(), expected[path].vector_array())) >= 0.999, path
+        assert (item.width, item.height, item.content_hash) == (expected[path].width, expected[path].height,
+                                                                 expected[path].content_hash)
+    assert library.check()["ok"]
