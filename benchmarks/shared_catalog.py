@@ -31,20 +31,13 @@ from typing import Sequence
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from speed_data import photo_jpeg, with_comment, write_small_images  # noqa: E402
+from speed_data import write_photos, write_small_images  # noqa: E402
 from speed_noop import SMALL_MODEL, build_library, timed_run  # noqa: E402
 from speed_report import INFO, Figure, at_least, at_most, report  # noqa: E402
 
 from tests.postgres import PASSWORD, start_server  # noqa: E402
 
 NOOP_LIMIT_SECONDS = 2.0
-
-
-def write_photos(folder: Path, count: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    renderings = [photo_jpeg(seed, size=(1600, 1200)) for seed in range(8)]
-    for number in range(count):
-        (folder / f"photo{number:04d}.jpg").write_bytes(with_comment(renderings[number % 8], f"photo {number}"))
 
 
 def index_seconds(folder: Path, library: Path, model: list[str], catalog: str | None) -> float:
@@ -86,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scratch = Path(scratch_name)
             small = scratch / "small-clip.json"
             small.write_text(json.dumps(SMALL_MODEL))
-            write_photos(scratch / "photos", args.photos)
+            write_photos(scratch / "photos", args.photos, size=(1600, 1200))
             sqlite_rate, postgres_rate = throughput(scratch / "photos", scratch, ["--model", "ViT-B-32", "--pretrained", "none"],
                                                     server.new_database, args.rounds)
             figures.append(at_least(f"indexing {args.photos} 1600x1200 JPEGs, ViT-B-32, PostgreSQL catalog",

@@ -7,6 +7,7 @@ sensor-like grain) so that they compress and decode like real ones, about 3-4 MB
 from __future__ import annotations
 
 import io
+import os
 import struct
 from pathlib import Path
 
@@ -43,10 +44,13 @@ def with_comment(jpeg: bytes, comment: str) -> bytes:
     return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
 
-def write_photos(folder: Path, count: int, distinct: int = 8) -> list[Path]:
-    """`count` distinct 12 MP JPEG files, made from `distinct` renderings (each file has its own bytes)."""
+def write_photos(folder: Path, count: int, distinct: int = 8, size: tuple[int, int] = PHOTO_SIZE) -> list[Path]:
+    """`count` distinct JPEG files of `size` (12 MP), made from `distinct` renderings (each file has its own bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     folder.mkdir(parents=True, exist_ok=True)
-    renderings = [photo_jpeg(seed) for seed in range(distinct)]
+    with ThreadPoolExecutor(max_workers=min(distinct, os.cpu_count() or 1)) as pool:
+        renderings = list(pool.map(lambda seed: photo_jpeg(seed, size), range(distinct)))
     paths = []
     for number in range(count):
         path = folder / f"photo{number:05d}.jpg"

@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from ann import clip_like_vectors  # noqa: E402
-from speed_data import photo_jpeg, with_comment  # noqa: E402
+from speed_data import photo_jpeg, write_photos  # noqa: E402
 from speed_report import Figure, at_least, info, report  # noqa: E402
 
 from clipdex.indexer import index_paths  # noqa: E402
@@ -99,15 +99,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
 
 def write_jpegs(folder: Path, count: int, size: tuple[int, int], distinct: int = 8) -> list[Path]:
     """`count` JPEG files of `size`, from `distinct` renderings, each file with its own bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=min(distinct, available_cores())) as pool:
-        renderings = list(pool.map(lambda seed: photo_jpeg(seed, size), range(distinct)))
-    paths = []
-    for number in range(count):
-        path = folder / f"photo{number:05d}.jpg"
-        path.write_bytes(with_comment(renderings[number % distinct], f"clipdex benchmark {number}"))
-        paths.append(path)
-    return paths
+    return write_photos(folder, count, distinct, size)
 
 
 def odd_files(folder: Path) -> list[Path]:

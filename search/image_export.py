@@ -46,6 +46,7 @@ from clipdex.search.encoders.onnx_image import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.model import ResolvedModel
+from clipdex.search.onnx_files import install_export, optimize_graph
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
 from clipdex.search.readonly import environment_error, environment_reason
 
@@ -159,7 +160,7 @@ def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> Image
                                      f"with open_clip, below {MIN_COSINE})")
         settings.export_seconds = round(time.monotonic() - started, 2)
         write_json_atomic(scratch / IMAGE_SETTINGS_FILE, asdict(settings))
-        _install(scratch, library_path / IMAGE_EXPORT_FOLDER)
+        install_export(scratch, library_path / IMAGE_EXPORT_FOLDER, IMAGE_SETTINGS_FILE)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return settings
@@ -219,30 +220,10 @@ def _export_onnx(encoder: TorchClipEncoder, scratch: Path, image_size: int) -> N
             )
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
-    _optimize(raw, scratch / IMAGE_MODEL_FILE)
+    optimize_graph(raw, scratch / IMAGE_MODEL_FILE, IMAGE_WEIGHTS_FILE)
     raw.unlink()
     for leftover in scratch.iterdir():  # torch.onnx.export writes large weights beside raw.onnx
         if leftover.name not in (IMAGE_MODEL_FILE, IMAGE_WEIGHTS_FILE):
             leftover.unlink()
 
 
-def _optimize(source: Path, target: Path) -> None:
-    """Save onnxruntime's optimized graph, weights in a side file, so loading it skips that work."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", IMAGE_WEIGHTS_FILE)
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-
-
-def _install(scratch: Path, target: Path) -> None:
-    """Move the finished export into place; a concurrent exporter that got there first wins."""
-    try:
-        os.rename(scratch, target)
-    except OSError:
-        if not (target / IMAGE_SETTINGS_FILE).exists():
-            raise

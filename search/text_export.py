@@ -44,6 +44,7 @@ from clipdex.search.encoders.onnx_text import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import TextExportRefused
 from clipdex.search.model import ResolvedModel
+from clipdex.search.onnx_files import install_export, optimize_graph
 from clipdex.search.readonly import environment_error, environment_reason
 
 REFUSED_FILE = "text_encoder.refused.json"
@@ -139,7 +140,7 @@ def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextEx
         )
         _export_verified(encoder, scratch, settings, tokenizer, reference)
         write_json_atomic(scratch / SETTINGS_FILE, asdict(settings))
-        _install(scratch, library_path / EXPORT_FOLDER)
+        install_export(scratch, library_path / EXPORT_FOLDER, SETTINGS_FILE)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return settings
@@ -216,24 +217,4 @@ def _export_onnx(encoder: TorchClipEncoder, scratch: Path, trimmed: bool, sample
 
 
 def _optimize(source: Path, target: Path) -> None:
-    """Save onnxruntime's optimized graph, weights in a side file, so loading it skips that work."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS_FILE)
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-
-
-
-
-def _install(scratch: Path, target: Path) -> None:
-    """Move the finished export into place; a concurrent exporter that got there first wins."""
-    try:
-        os.rename(scratch, target)
-    except OSError:
-        if not (target / SETTINGS_FILE).exists():
-            raise
+    optimize_graph(source, target, WEIGHTS_FILE)
