@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.table import Table
 
 from clipdex.cli.common import (
     DeviceOption,
@@ -116,6 +115,8 @@ def duplicates(
         return
     if not groups:
         out.print(f"no near-duplicates at cosine >= {threshold}")
+    from rich.table import Table
+
     for number, group in enumerate(groups, start=1):
         table = Table(title=f"group {number}: {len(group.ids)} images, min cosine {group.min_score:.4f}", box=None, show_header=False)
         for item_id, path in zip(group.ids, group.paths):

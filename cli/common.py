@@ -13,17 +13,46 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from sqlalchemy.exc import SQLAlchemyError
 
+from clipdex.search.catalog_types import database_errors
 from clipdex.search.errors import ClipdexError
 from clipdex.search.library import Library
 from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 
+
+
+class LazyConsole:
+    """A rich `Console`, made (and rich imported) when first used: a command that writes its
+    results straight to stdout (paths, JSON) and has nothing to report does not pay for it."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    @property
+    def real(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_options", "_console"):
+            raise AttributeError(name)
+        return getattr(self.real, name)
+
+
 # Results go to stdout; progress, warnings and errors to stderr.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = LazyConsole(highlight=False, soft_wrap=True)
+err = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    """`text` with rich markup escaped."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 DEBUG = {"enabled": False}
 
@@ -64,7 +93,9 @@ def handles_errors(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (ClipdexError, OSError, SQLAlchemyError) as error:
+        except Exception as error:
+            if not isinstance(error, (ClipdexError, OSError) + database_errors()):
+                raise
             if DEBUG["enabled"]:
                 traceback.print_exc()
             err.print(f"[bold red]Error:[/] {describe_error(error)}", markup=True, highlight=False)

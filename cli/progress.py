@@ -11,8 +11,6 @@ from typing import Any, Callable, Iterator
 
 import typer
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from clipdex.cli.common import discard_new_library_on_error, err
 from clipdex.search.library import Library
 
@@ -23,6 +21,8 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
     if not enabled:
         yield lambda done, total: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -33,7 +33,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False, refresh_per_second=4) as progress:
+    with Progress(*columns, console=err.real, transient=False, refresh_per_second=4) as progress:
         task = progress.add_task(description, total=None, rate="")
 
         def update(done: int, total: int) -> None:

@@ -8,12 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rich.console import Console
-from rich.table import Table
-
 from clipdex.cli.common import out, print_json
 from clipdex.search.errors import UnreadableImage
-from clipdex.search.imaging import thumbnail_jpeg
 from clipdex.search.query import Hit
 
 FORMATS = ("table", "json", "paths", "html")
@@ -38,6 +34,9 @@ def _table(hits: Sequence[Hit]) -> None:
     if not hits:
         out.print("no hits")
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for column in ("rank", "score", "id", "kind", "path / text"):
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
@@ -52,6 +51,8 @@ def _table(hits: Sequence[Hit]) -> None:
 
 def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str:
     """One HTML file with the thumbnails embedded as data URIs: it can be mailed or moved."""
+    from clipdex.search.imaging import thumbnail_jpeg
+
     cards = []
     for hit in hits:
         caption = html.escape(hit.path or "")

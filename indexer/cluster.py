@@ -40,7 +40,7 @@ from clipdex.indexer.rules import (
     embed_with,
 )
 from clipdex.indexer.scan import ScannedFile
-from clipdex.search.catalog import FileRecord
+from clipdex.search.catalog_types import FileRecord
 from clipdex.search.errors import ClipdexError, ClusterError, UnreadableFile
 from clipdex.search.library import Library
 from clipdex.search.ray_cluster import check_paths_visible, cluster_cpus, cluster_gpus, ray_session

@@ -80,27 +80,30 @@ def run_jobs(
     `stop`: when set (checked after each file), the run ends once the batches in flight are committed.
     """
     plan = plan_threads(library.encoders.requested_device, workers)
-    with _model_threads(library, plan.model_threads):
+    with _model_threads(library, plan.model_threads, faiss_too=not library.store.defers_index(len(diff.jobs))):
         _run_jobs(library, writer, diff, report, batch_size, plan, progress, stop)
 
 
 @contextmanager
-def _model_threads(library: Library, count: int | None) -> Iterator[None]:
-    """Run the model's and FAISS's threads at `count` during the block, then as before."""
+def _model_threads(library: Library, count: int | None, faiss_too: bool = True) -> Iterator[None]:
+    """Run the model's and (`faiss_too`: the run's commits will use it) FAISS's threads at `count`
+    during the block, then as before."""
     if count is None:
         yield
         return
     encoder = library.encoder
     before = encoder.threads
-    faiss = faiss_module()
-    faiss_before = faiss.omp_get_max_threads()
+    faiss = faiss_module() if faiss_too else None
+    faiss_before = faiss.omp_get_max_threads() if faiss is not None else 0
     encoder.set_threads(count)
-    faiss.omp_set_num_threads(count)
+    if faiss is not None:
+        faiss.omp_set_num_threads(count)
     try:
         yield
     finally:
         encoder.set_threads(before)
-        faiss.omp_set_num_threads(faiss_before)
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_before)
 
 
 def _run_jobs(

@@ -23,7 +23,7 @@ import numpy as np
 
 from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.scan import ScannedFile, ScanResult
-from clipdex.search.catalog import FileRecord, NewItem
+from clipdex.search.catalog_types import FileRecord, NewItem
 from clipdex.search.encoders import ImageTextEncoder
 from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
 from clipdex.search.fileid import content_hash as hash_bytes

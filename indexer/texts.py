@@ -20,7 +20,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 
 from clipdex.indexer.report import Failure
 from clipdex.indexer.scan import NOT_UTF8_NAME, recordable_name
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog_types import NewItem
 from clipdex.search.errors import ClipdexError, UnreadableCorpus, UnreadableFile
 from clipdex.search.library import Library
 from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, max_file_bytes, not_regular_reason, read_regular_file

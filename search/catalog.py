@@ -18,8 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +54,18 @@ from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from clipdex.search.catalog_types import (
+    BUSY_TIMEOUT_MS,
+    KINDS,
+    QUERY_CACHE_SIZE,
+    QUERY_CACHE_TOUCH_SECONDS,
+    SCHEMA_VERSION,
+    BatchResult,
+    FileRecord,
+    ItemRow,
+    NewItem,
+    database_error,
+)
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
 from clipdex.search.readonly import check_schema, open_catalog_engine
@@ -65,18 +76,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_MS = 60_000
-KINDS = ("image", "text")
-QUERY_CACHE_SIZE = 10_000  # text queries kept, least recently used evicted
-QUERY_CACHE_TOUCH_SECONDS = 3600.0  # a cache hit refreshes its use time at most this often
-
 
 class Base(DeclarativeBase):
     pass
 
 
 class Item(Base):
-    """One indexed image or text, with its vector."""
+    """One indexed image or text, with its vector (read as `ItemRow`)."""
 
     __tablename__ = "items"
 
@@ -102,19 +108,6 @@ class Item(Base):
     extra: Mapped[str | None] = mapped_column(Text)  # JSON: other columns, truncation notes
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     indexed_at: Mapped[float] = mapped_column(Float)
-
-    def metadata_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for key in ("width", "height", "size", "taken_at", "camera_make", "camera_model", "source", "source_key"):
-            value = getattr(self, key)
-            if value is not None:
-                data[key] = value
-        if self.extra:
-            data.update(json.loads(self.extra))
-        return data
-
-    def vector_array(self) -> np.ndarray:
-        return np.frombuffer(self.vector, dtype=np.float32)
 
 
 class Change(Base):
@@ -187,6 +180,7 @@ def _migration_002_file_identity(connection: Connection) -> None:
 
 
 MIGRATIONS = [_migration_001_initial, _migration_002_file_identity]
+assert len(MIGRATIONS) == SCHEMA_VERSION, "catalog_types.SCHEMA_VERSION counts the migrations"
 
 _versions = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
 
@@ -209,70 +203,6 @@ def migrate(engine: Engine) -> None:
 
 
 @dataclass
-class NewItem:
-    """An item to insert or, with `id` set, to replace."""
-
-    kind: str
-    vector: np.ndarray
-    id: int | None = None
-    path: str | None = None
-    size: int | None = None
-    mtime_ns: int | None = None
-    content_hash: str | None = None
-    width: int | None = None
-    height: int | None = None
-    taken_at: datetime | str | None = None
-    camera_make: str | None = None
-    camera_model: str | None = None
-    device: int | None = None
-    inode: int | None = None
-    text: str | None = None
-    source: str | None = None
-    source_key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def columns(self) -> dict[str, Any]:
-        taken = self.taken_at.isoformat() if isinstance(self.taken_at, datetime) else self.taken_at
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "content_hash": self.content_hash,
-            "width": self.width,
-            "height": self.height,
-            "taken_at": taken,
-            "camera_make": self.camera_make,
-            "camera_model": self.camera_model,
-            "device": self.device,
-            "inode": self.inode,
-            "text": self.text,
-            "source": self.source,
-            "source_key": self.source_key,
-            "extra": json.dumps(self.extra, default=str) if self.extra else None,
-            "vector": np.ascontiguousarray(self.vector, dtype=np.float32).tobytes(),
-            "indexed_at": time.time(),
-        }
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """What the indexer needs to know of an indexed file to decide whether it changed."""
-
-    id: int
-    path: str
-    size: int
-    mtime_ns: int
-    content_hash: str | None
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    generation: int
-    ids: list[int]  # ids of the added or replaced items, in input order
-
-
-@dataclass
 class ImportRows:
     """Rows of one kind to import in bulk (`Catalog.import_rows`), in columns.
 
@@ -288,7 +218,7 @@ class ImportRows:
 
     COLUMNS = ("kind", "path", "text", "source", "source_key", "extra", "vector", "indexed_at")
 
-    def without(self, keys: set[str]) -> "ImportRows":
+    def without(self, keys: set[str]) -> ImportRows:
         """These rows less those with one of `keys`."""
         chosen = [row for row, key in enumerate(self.keys) if key not in keys]
         return ImportRows(self.kind, self.vectors[chosen], [self.keys[row] for row in chosen],
@@ -362,17 +292,9 @@ class Catalog:
         """Database errors become the project's own: a busy writer, a damaged or unreachable catalog."""
         original = context.original_exception
         message = " ".join(str(original).split()) or type(original).__name__  # one line: drivers add hints below
-        lowered = message.lower()
-        if "database is locked" in lowered or "lock timeout" in lowered:
-            raise LibraryBusy(f"catalog {self.describe()} is busy (locked by a writer): {message}") from original
-        if "disk is full" in lowered or "no space left" in lowered:
-            raise CatalogUnavailable(
-                f"catalog {self.describe()}: no space left on device (ENOSPC) ({message}): free some space and run "
-                "the same command again; everything committed so far is kept"
-            ) from original
-        if any(sign in lowered for sign in ("unable to open", "not a database", "malformed", "disk i/o", "readonly",
-                                            "read-only", "connection", "could not connect", "no such table")):
-            raise CatalogUnavailable(f"catalog {self.describe()}: {message}") from original
+        mapped = database_error(message, self.describe())
+        if mapped is not None:
+            raise mapped from original
 
     # -- state --------------------------------------------------------------------
 
@@ -409,7 +331,7 @@ class Catalog:
             if session.scalar(select(State.value).where(State.key == "model")) is None:
                 session.execute(insert(State).values(key="model", value=json.dumps(model, sort_keys=True)))
 
-    def writer_lock(self) -> "WriteLock | None":
+    def writer_lock(self) -> WriteLock | None:
         """The lock that makes one writer per library across machines, when the backend needs its own."""
         if self.dialect == "postgresql":
             from clipdex.search.locks import AdvisoryWriteLock
@@ -535,17 +457,17 @@ class Catalog:
         with self.engine.connect() as connection:
             return connection.execute(query).scalar()
 
-    def get_items(self, ids: Iterable[int]) -> dict[int, Item]:
-        found: dict[int, Item] = {}
+    def get_items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
+        found: dict[int, ItemRow] = {}
+        columns = [getattr(Item, name) for name in ItemRow.FIELDS]
         with self.sessions() as session:
             for chunk in _chunks([int(i) for i in ids], 500):
-                for item in session.scalars(select(Item).where(Item.id.in_(chunk))):
-                    found[item.id] = item
+                for row in session.execute(select(*columns).where(Item.id.in_(chunk))):
+                    found[row[0]] = ItemRow(*row)
         return found
 
-    def get_item(self, item_id: int) -> Item | None:
-        with self.sessions() as session:
-            return session.get(Item, item_id)
+    def get_item(self, item_id: int) -> ItemRow | None:
+        return self.get_items([item_id]).get(item_id)
 
     def iter_vectors(self, ids: Sequence[int] | None = None, chunk_size: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids, vectors) chunks of the stored vectors, in id order."""
@@ -712,10 +634,10 @@ class Catalog:
 
     def import_rows(
         self,
-        chunks: Iterable["ImportRows"],
+        chunks: Iterable[ImportRows],
         log_changes: bool,
         inserted: Callable[[np.ndarray, np.ndarray], None] | None = None,
-    ) -> "ImportResult":
+    ) -> ImportResult:
         """Insert or replace many items in ONE transaction and ONE generation (bulk import).
 
         Rows naming an image path or a text's (source, source_key) already in the catalog,
@@ -788,7 +710,7 @@ class Catalog:
             with self.engine.connect() as connection:
                 connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _indexed_from_files(self, connection: Connection, chunk: "ImportRows", existing: dict[str, int]) -> set[str]:
+    def _indexed_from_files(self, connection: Connection, chunk: ImportRows, existing: dict[str, int]) -> set[str]:
         """The keys (image paths) of `chunk` that name items indexed from their files (they have
         the file's size, time or hash; an imported item has none)."""
         if chunk.kind != "image" or not existing:
@@ -799,7 +721,7 @@ class Catalog:
             ids.update(int(row[0]) for row in connection.execute(select(Item.id).where(Item.id.in_(part), from_file)))
         return {key for key, item_id in existing.items() if item_id in ids}
 
-    def _ids_of_rows(self, connection: Connection, chunk: "ImportRows") -> dict[str, int]:
+    def _ids_of_rows(self, connection: Connection, chunk: ImportRows) -> dict[str, int]:
         """Ids of the items that rows of `chunk` name (by image path, or text source and key)."""
         found: dict[str, int] = {}
         for keys in _chunks(chunk.keys, 500):

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import gzip
 import html
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-import ftfy
 import numpy as np
-import regex
 
 # The merges open_clip's SimpleTokenizer reads from its vocabulary file.
 MERGE_COUNT = 49152 - 256 - 2
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The same on a cleaned text of ASCII alone (letters are a-z, numbers 0-9, the one space is the
+# only whitespace left), for the standard library's `re`: such a text never imports `regex`.
+ASCII_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"""
 
 
 @lru_cache(maxsize=1)
@@ -39,9 +41,17 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(code) for code in characters)))
 
 
+# Characters outside printable ASCII, tab and newline, or an HTML entity's "&": what ftfy.fix_text
+# may change. A text without any (most queries) is its own fix, and skips importing ftfy.
+NEEDS_FTFY = re.compile(r"[^\t\n\x20-\x7e]|&")
+
+
 def clean(text: str) -> str:
     """open_clip's `lower` cleaning: fix mojibake, unescape HTML twice, collapse spaces, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if NEEDS_FTFY.search(text):
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).strip().lower()
 
 
@@ -51,7 +61,7 @@ class ClipTokenizer:
     def __init__(self, vocabulary: Path, context_length: int = 77) -> None:
         # A merge is a line "first second"; BPE symbols hold no whitespace, so the line itself
         # is the pair's key (cheaper to build than tuples: this runs on every cold query).
-        merges = gzip.open(vocabulary).read().decode("utf-8").split("\n")[1 : MERGE_COUNT + 1]
+        merges = _read_merges(vocabulary)
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [symbol + "</w>" for symbol in symbols] + [merge.replace(" ", "") for merge in merges] + list(SPECIAL_TOKENS)
         self.token_ids = {token: index for index, token in enumerate(vocab)}
@@ -62,15 +72,25 @@ class ClipTokenizer:
         self.vocab_size = len(vocab)
         self._byte_symbols = bytes_to_unicode()
         self._cache: dict[str, str] = {token: token for token in SPECIAL_TOKENS}
-        self._pattern = regex.compile("|".join(SPECIAL_TOKENS) + "|" + WORD_PATTERN, regex.IGNORECASE)
+        self._pattern: Any = None  # `regex`'s, compiled for the first text beyond ASCII
+        self._ascii_pattern = re.compile("|".join(SPECIAL_TOKENS) + "|" + ASCII_WORD_PATTERN, re.IGNORECASE)
 
     def encode(self, text: str) -> list[int]:
         """The BPE token ids of `text`, without start and end tokens or truncation."""
         ids: list[int] = []
-        for word in self._pattern.findall(clean(text)):
+        for word in self._words(clean(text)):
             symbols = "".join(self._byte_symbols[byte] for byte in word.encode("utf-8"))
             ids.extend(self.token_ids[piece] for piece in self._bpe(symbols).split(" "))
         return ids
+
+    def _words(self, cleaned: str) -> list[str]:
+        if cleaned.isascii():
+            return self._ascii_pattern.findall(cleaned)
+        if self._pattern is None:
+            import regex
+
+            self._pattern = regex.compile("|".join(SPECIAL_TOKENS) + "|" + WORD_PATTERN, regex.IGNORECASE)
+        return self._pattern.findall(cleaned)
 
     def token_lists(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text as `[start] + tokens + [end]`, cut to the context length (ending in `end`)."""
@@ -125,3 +145,22 @@ def _merge(word: tuple[str, ...], pair: str) -> tuple[str, ...]:
             merged.append(word[index])
             index += 1
     return tuple(merged)
+
+
+def _read_merges(vocabulary: Path) -> list[str]:
+    """The first MERGE_COUNT merge lines of the vocabulary (after its header line), decompressing
+    only as far as they go: a third of the file."""
+    chunks: list[bytes] = []
+    lines = 0
+    with gzip.open(vocabulary) as stream:
+        while lines <= MERGE_COUNT + 1:
+            chunk = stream.read(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            lines += chunk.count(b"\n")
+    # a character cut at the last chunk's end lies past the lines kept
+    merges = b"".join(chunks).decode("utf-8", errors="replace").split("\n", MERGE_COUNT + 1)[1 : MERGE_COUNT + 1]
+    if len(merges) < MERGE_COUNT:
+        raise ValueError(f"{vocabulary}: {len(merges)} BPE merges, not {MERGE_COUNT}")
+    return merges

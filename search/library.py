@@ -14,11 +14,11 @@ import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from clipdex.search.catalog import Catalog, connect_url, public_url
+from clipdex.search.catalog_local import open_catalog
 from clipdex.search.encoders import ImageTextEncoder, LibraryEncoders, TextEncoder
 from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound, ReadOnlyLibrary
 from clipdex.search.integrity import check_catalog, require_catalog
@@ -30,6 +30,9 @@ from clipdex.search.query import Filters, Hit, Query, Term
 from clipdex.search.searcher import Searcher
 from clipdex.search.store import LibraryWriter, VectorStore
 from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.catalog import Catalog
 
 CATALOG_FILE = "catalog.sqlite"
 
@@ -43,7 +46,7 @@ class Library:
         self.manifest = manifest
         self.device = device
         if catalog is None:
-            catalog = Catalog(connect_url(manifest.catalog) if manifest.catalog else path / CATALOG_FILE, manifest.dim)
+            catalog = open_catalog(manifest.catalog, path / CATALOG_FILE, manifest.dim)
         self.catalog = catalog
         self.write_lock: WriteLock = FileWriteLock(path)  # this folder's files (the vector index)
         self.catalog_lock: WriteLock | None = catalog.writer_lock()  # a shared catalog's one writer
@@ -80,10 +83,10 @@ class Library:
             manifest = Manifest.read(manifest_path)
             if manifest.catalog is None:
                 require_catalog(directory / CATALOG_FILE)  # a lost catalog is an error, never a new empty one
-            if catalog is not None and public_url(catalog) != manifest.catalog:
+            if catalog is not None and _public_url(catalog) != manifest.catalog:
                 raise ClipdexError(
                     f"library {directory} already uses {manifest.catalog or 'its own catalog.sqlite'}, "
-                    f"not {public_url(catalog)}; attach another folder to that catalog instead"
+                    f"not {_public_url(catalog)}; attach another folder to that catalog instead"
                 )
             if model is not None:
                 manifest.model.check_compatible(model.resolve(known=manifest.model), directory)
@@ -98,7 +101,7 @@ class Library:
         attached = shared is not None and shared.recorded_model() is not None
         resolved, dim = _model_for(shared, model, catalog)
         manifest = Manifest(FORMAT_VERSION, resolved, dim, IndexSpec(), time.time(), {},
-                            catalog=public_url(catalog) if catalog else None)
+                            catalog=_public_url(catalog) if catalog else None)
         directory.mkdir(parents=True, exist_ok=True)
         manifest.write(manifest_path)
         library = cls(directory, manifest, device, shared, runtime)
@@ -276,6 +279,14 @@ class Library:
                 problems.append(f"{INDEX_FILE} or {STAMP_FILE} is missing or unreadable")
         else:
             index, saved_generation = loaded
+            if saved_generation < generation and self.catalog.changes_floor() <= saved_generation and index.dim == self.dim:
+                # behind, with the change log reaching back to it (a small library's commits leave
+                # the index file as it was, see VectorStore.defers_index): caught up, as every reader does
+                changed = self.catalog.changed_since(saved_generation)
+                index.remove(np.asarray(changed, dtype=np.int64))
+                for ids, vectors in self.catalog.iter_vectors(changed):
+                    index.add(ids, vectors)
+                saved_generation = generation
             if saved_generation != generation:
                 problems.append(f"{INDEX_FILE} reflects generation {saved_generation}, the catalog is at {generation}")
             if index.dim != self.dim:
@@ -310,22 +321,30 @@ def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | 
     return Library.open(path, model=model, device=device)
 
 
-def _shared_catalog(url: str) -> Catalog:
+def _public_url(url: str) -> str:
+    from clipdex.search.catalog import public_url
+
+    return public_url(url)
+
+
+def _shared_catalog(url: str) -> "Catalog":
+    from clipdex.search.catalog import Catalog, connect_url
+
     if url.split(":", 1)[0].split("+", 1)[0] != "postgresql":
         raise ClipdexError(
-            f"--catalog takes a PostgreSQL URL (postgresql+psycopg://user@host:5432/db), not {public_url(url)!r}; "
+            f"--catalog takes a PostgreSQL URL (postgresql+psycopg://user@host:5432/db), not {_public_url(url)!r}; "
             "without it a library keeps its own SQLite catalog"
         )
     return Catalog(connect_url(url))
 
 
-def _model_for(shared: Catalog | None, model: ModelSpec | None, url: str | None) -> tuple[ResolvedModel, int]:
+def _model_for(shared: "Catalog | None", model: ModelSpec | None, url: str | None) -> tuple[ResolvedModel, int]:
     """The model of a new library: the one a shared catalog records (a replica), else the one asked for."""
     recorded = shared.recorded_model() if shared is not None else None
     if recorded is not None:
         resolved = ResolvedModel.from_json(recorded["model"])
         if model is not None:
-            resolved.check_compatible(model.resolve(), f"catalog {public_url(url or '')}")
+            resolved.check_compatible(model.resolve(), f"catalog {_public_url(url or '')}")
         return resolved, int(recorded["dim"])
     resolved = (model or ModelSpec()).resolve()
     return resolved, embedding_dim(resolved)
@@ -334,7 +353,7 @@ def _model_for(shared: Catalog | None, model: ModelSpec | None, url: str | None)
 class _CatalogQueryCache:
     """The catalog's cache of query vectors, as `LibraryEncoders` uses it."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: "Catalog") -> None:
         self.catalog = catalog
 
     def get(self, text: str) -> np.ndarray | None:

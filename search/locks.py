@@ -12,8 +12,6 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from filelock import FileLock, Timeout
-
 from clipdex.search.errors import LibraryBusy
 
 LOCK_FILE = "write.lock"
@@ -37,6 +35,8 @@ class FileWriteLock:
 
     @contextmanager
     def held(self) -> Iterator[None]:
+        from filelock import FileLock, Timeout  # imported by writers only: a search never takes it
+
         lock = FileLock(self.directory / LOCK_FILE, timeout=0)
         try:
             lock.acquire()

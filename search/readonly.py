@@ -12,14 +12,13 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
-
 from clipdex.search.errors import CorruptLibrary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sqlalchemy.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +52,9 @@ def open_catalog_engine(path: Path, busy_timeout_ms: int, configure: Callable[[A
     engine that never writes (`PRAGMA query_only`), `immutable=1` when SQLite cannot read
     the WAL file's index without writing; the library says so once, in the log.
     """
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
     problem: Exception | None = None
     if can_write(path):
         engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": busy_timeout_ms / 1000})
@@ -100,6 +102,8 @@ def _wal_holds_commits(path: Path) -> bool:
 
 def check_schema(engine: Engine, known_versions: int, path: Path) -> None:
     """What `migrate` checks, for a catalog that cannot be migrated because it cannot be written."""
+    from sqlalchemy.exc import OperationalError
+
     try:
         with engine.connect() as connection:
             current = connection.exec_driver_sql("SELECT max(version) FROM schema_version").scalar() or 0

@@ -7,15 +7,18 @@ filters and the vector store for the best of those, and returns typed `Hit`s.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from clipdex.search.catalog import Catalog, Item
+from clipdex.search.catalog_types import ItemRow
 from clipdex.search.errors import InvalidQuery, ItemNotFound
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
 from clipdex.search.store import VectorStore
 from clipdex.search.vector_rows import vector_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.catalog import Catalog
 
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]
@@ -101,5 +104,5 @@ class Searcher:
         return hit_of(0, 1.0, item)
 
 
-def hit_of(rank: int, score: float, item: Item) -> Hit:
+def hit_of(rank: int, score: float, item: ItemRow) -> Hit:
     return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict())

@@ -14,13 +14,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from sqlalchemy.exc import SQLAlchemyError
 
 from clipdex.search.atomic import leftovers
-from clipdex.search.catalog import BatchResult, Catalog, NewItem
+from clipdex.search.catalog_types import BatchResult, NewItem, database_errors
 from clipdex.search.exact_small import SmallExactSearch
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.index_choice import build_index_from, resolve_spec
@@ -28,6 +27,9 @@ from clipdex.search.locks import WriteLock
 from clipdex.search.manifest import MANIFEST_FILE, Manifest
 from clipdex.search.sharedlock import SharedLock
 from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,9 @@ class VectorStore:
         try:
             with self.write_lock.held():
                 self.save()
-        except (LibraryBusy, OSError, SQLAlchemyError, CatalogUnavailable) as error:
+        except Exception as error:
+            if not isinstance(error, (LibraryBusy, OSError, CatalogUnavailable) + database_errors()):
+                raise
             log.info("caught-up vector index of %s not saved: %s", self.directory, error)
 
     # -- searching -------------------------------------------------------------------------
@@ -132,11 +136,10 @@ class VectorStore:
         """Search the index, caught up with the catalog first (see `VectorIndex.search`).
 
         A small library with an exact (flat) index whose FAISS index this process has not
-        loaded, and whose saved index is up to date (else this search catches it up and saves
-        it for later readers), is answered exactly with numpy instead (`clipdex.search.exact_small`).
+        loaded is answered exactly with numpy instead (`clipdex.search.exact_small`), from the
+        catalog: the saved index may lag behind it (see `defers_index`).
         """
-        if self._index is None and self.manifest.index.type == "flat" and \
-                saved_generation(self.directory) == self.catalog.generation():
+        if self._index is None and self.manifest.index.type == "flat":
             answer = self._small.search(queries, k, allowed)
             if answer is not None:
                 return answer
@@ -163,12 +166,28 @@ class VectorStore:
             else:  # another process wrote in between (cannot happen under the lock): catch up
                 self.sync()
 
+    def defers_index(self, adding: int = 0) -> bool:
+        """Whether commits leave the FAISS index as it was saved: while this process has not loaded
+        it, the library's own catalog holds few enough vectors (with `adding` more) to be searched
+        exactly without FAISS, and its index type is exact (flat).
+
+        Adding a photo then never imports FAISS (a fifth of a second) nor rewrites the index file.
+        The change log keeps what the saved index lacks (it is trimmed only when an index is
+        saved), so whoever loads the index - a search of a larger library, `stats`, the next
+        commit once the library outgrows the limit - catches it up from there, as after any crash.
+        """
+        return (self._index is None and self.manifest.index.type == "flat" and not self.catalog.shared
+                and saved_generation(self.directory) >= 0  # a first run saves one: `check` expects it
+                and sum(self.catalog.counts().values()) + adding <= self._small.limit)
+
     def commit(self, items: Sequence[NewItem], remove_ids: Sequence[int], moves: Sequence[tuple[int, dict[str, Any]]]) -> list[int]:
-        """Commit a batch to the catalog and mirror it here, as one step for other threads."""
+        """Commit a batch to the catalog and mirror it here (unless `defers_index`), as one step for other threads."""
         for item in items:
             if item.vector.shape != (self.dim,):
                 raise CorruptLibrary(f"vector of shape {item.vector.shape} does not fit this library (dim {self.dim})")
         with self._sync_lock:
+            if self.defers_index(len(items)):
+                return self.catalog.commit_batch(items, remove_ids, moves).ids
             self.sync()
             result = self.catalog.commit_batch(items, remove_ids, moves)
             self.apply_commit(result, items, remove_ids)

@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,9 @@ from typer.testing import CliRunner
 from clipdex.cli.main import app
 from clipdex.search import text_export
 from clipdex.search.catalog import Catalog, NewItem
+from clipdex.search.catalog_local import LocalCatalog
 from clipdex.search.encoders.torch_clip import TorchClipEncoder as Encoder
+from clipdex.search.exact_small import SmallExactSearch
 from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
 from clipdex.search.text_export import EXPORT_FOLDER, REFUSED_FILE, ensure_text_export
@@ -69,6 +72,8 @@ def test_a_search_answers_when_the_caught_up_index_cannot_be_saved(library: Libr
         raise RuntimeError(FAISS_WRITE_ERROR)
 
     monkeypatch.setattr(faiss, "write_index", full)
+    # as a library too large for the exact search without FAISS: the search loads the index and catches it up
+    monkeypatch.setattr(SmallExactSearch, "search", lambda *args, **kwargs: None)
     np.save(library.path.parent / "q.npy", np.ones(library.dim, np.float32))
     with caplog.at_level(logging.INFO, logger="clipdex.search"):
         result = runner.invoke(app, ["search", "--vector", str(library.path.parent / "q.npy"), "--library", str(library.path), "--json"])
@@ -102,23 +107,35 @@ def test_an_index_run_on_a_full_disk_ends_in_one_line_and_keeps_its_commits(libr
         assert reopened.search(vector=vectors[4], k=1)[0].id == ids[4]
 
 
+def _sqlite_full(catalog: LocalCatalog) -> Exception:
+    """What the everyday catalog raises when SQLite finds the disk full."""
+    try:
+        with catalog._mapped():
+            raise sqlite3.OperationalError("database or disk is full")
+    except Exception as error:
+        return error
+    raise AssertionError("not mapped")
+
+
 def test_a_catalog_commit_on_a_full_disk_is_one_line(library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     make_images(tmp_path / "photos", 4)
     library.close()
-    real_commit = Catalog.commit_batch
-    calls = []
+    for catalog_class, failure in ((Catalog, lambda _: OperationalError("INSERT ...", {}, Exception("database or disk is full"))),
+                                   (LocalCatalog, _sqlite_full)):
+        real_commit = catalog_class.commit_batch
+        calls = []
 
-    def filling(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) > 1:
-            raise OperationalError("INSERT ...", {}, Exception("database or disk is full"))
-        return real_commit(self, *args, **kwargs)
+        def filling(self, *args, real_commit=real_commit, calls=calls, failure=failure, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) > 1:
+                raise failure(self)
+            return real_commit(self, *args, **kwargs)
 
-    monkeypatch.setattr(Catalog, "commit_batch", filling)
+        monkeypatch.setattr(catalog_class, "commit_batch", filling)
     result = runner.invoke(app, ["index", str(tmp_path / "photos"), "--library", str(library.path), "--quiet", "--batch-size", "2"])
     assert one_line_error(result) == (
-        "Error: catalog: no space left on device (ENOSPC) (SQLite: database or disk is full): free some space and run "
-        "the same command again; everything committed so far is kept"
+        f"Error: catalog {library.path / 'catalog.sqlite'}: no space left on device (ENOSPC) (database or disk is full): "
+        "free some space and run the same command again; everything committed so far is kept"
     )
     monkeypatch.undo()
     with Library.open(library.path) as reopened:
@@ -202,8 +219,13 @@ def test_real_full_disk_search_index_and_export(tiny_disk: Path, tiny_model: Mod
     before = {name: (library.path / name).read_bytes() for name in (INDEX_FILE, STAMP_FILE)}
     filler = fill(tiny_disk, 96 << 10)  # room for SQLite's shared memory, not for the index
     np.save(tmp_path / "q.npy", np.ones(library.dim, np.float32))
-    with caplog.at_level(logging.INFO, logger="clipdex.search"):
-        result = runner.invoke(app, ["search", "--vector", str(tmp_path / "q.npy"), "-k", "3", "--library", str(library.path), "--json"])
+    search = ["search", "--vector", str(tmp_path / "q.npy"), "-k", "3", "--library", str(library.path), "--json"]
+    result = runner.invoke(app, search)  # answered exactly from the catalog: nothing to write
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 3
+    with caplog.at_level(logging.INFO, logger="clipdex.search"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SmallExactSearch, "search", lambda *args, **kwargs: None)  # as a larger library: FAISS it is
+        result = runner.invoke(app, search)
     assert result.exit_code == 0, result.output
     assert any("not saved" in r.getMessage() and "No space left on device" in r.getMessage() for r in caplog.records)
     assert len(json.loads(result.stdout)) == 3

@@ -87,6 +87,33 @@ def test_token_ids_without_truncation_equal_open_clips(open_clip_tokenizer, voca
         assert ours.encode(text) == open_clip_tokenizer.encode(text), text
 
 
+def test_plain_ascii_skips_ftfy_with_the_same_result(open_clip_tokenizer, vocabulary: Path) -> None:  # type: ignore[no-untyped-def]
+    """Texts of printable ASCII (the usual query) are cleaned and split without importing ftfy or regex,
+    exactly as with them;
+    control characters, carriage returns and HTML entities still go through ftfy."""
+    import html
+    import string
+    import subprocess
+    import sys
+
+    import ftfy
+
+    from clipdex.search.clip_tokenizer import NEEDS_FTFY, clean
+
+    rng = np.random.default_rng(1)
+    alphabet = list(string.printable + "&\x00\x07\x1b\x7f")
+    texts = ["".join(rng.choice(alphabet, int(rng.integers(0, 50)))) for _ in range(2000)]
+    texts += ["fish &amp;amp; chips", "a\rb", "bell\x07", "tab\tnew\nline", "&lt;3"]
+    for text in texts:
+        assert clean(text) == " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split()).lower(), text
+    assert all(NEEDS_FTFY.search(text) for text in ("a\rb", "bell\x07", "x &amp; y", "café"))
+    probe = ("import sys; from clipdex.search.clip_tokenizer import ClipTokenizer; "
+             f"t = ClipTokenizer({str(vocabulary)!r}); t(['a dog on the beach, at 5pm!']); print('ftfy' in sys.modules, 'regex' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False False"
+    ours = ClipTokenizer(vocabulary)
+    assert ours(texts[:300]).tolist() == open_clip_tokenizer(texts[:300]).numpy().tolist()
+
+
 def test_over_long_texts_end_with_the_end_token(vocabulary: Path) -> None:
     tokenizer = ClipTokenizer(vocabulary, 16)
     tokens = tokenizer(["word " * 100, "short"])

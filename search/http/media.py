@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from clipdex.search.catalog import Item
+from clipdex.search.catalog_types import ItemRow
 from clipdex.search.atomic import write_bytes_atomic
 from clipdex.search.errors import FileUnavailable, UnreadableImage
 from clipdex.search.fileid import content_hash
@@ -30,7 +30,7 @@ THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # a requested size is rounded up to one of these
 
 
-def open_indexed_file(item: Item) -> BinaryIO:
+def open_indexed_file(item: ItemRow) -> BinaryIO:
     """Open the item's file for reading, checking that it is the one that was indexed."""
     if item.kind != "image" or not item.path:
         raise FileUnavailable(f"item {item.id} is a {item.kind}; it has no file")
@@ -52,7 +52,7 @@ def open_indexed_file(item: Item) -> BinaryIO:
     return handle
 
 
-def _is_indexed_file(item: Item, handle: BinaryIO) -> bool:
+def _is_indexed_file(item: ItemRow, handle: BinaryIO) -> bool:
     info = os.fstat(handle.fileno())
     if not stat.S_ISREG(info.st_mode) or info.st_size != item.size or info.st_mtime_ns != item.mtime_ns:
         return False
@@ -65,7 +65,7 @@ def _is_indexed_file(item: Item, handle: BinaryIO) -> bool:
     return content_hash(data) == item.content_hash
 
 
-def _changed(item: Item) -> FileUnavailable:
+def _changed(item: ItemRow) -> FileUnavailable:
     return FileUnavailable(f"the file of item {item.id} changed since it was indexed; re-index it to serve it")
 
 
@@ -80,13 +80,13 @@ class ThumbnailCache:
     def __init__(self, library_path: Path) -> None:
         self.directory = library_path / THUMBNAIL_DIR
 
-    def path_for(self, item: Item, size: int) -> Path:
+    def path_for(self, item: ItemRow, size: int) -> Path:
         # The file's identity is part of the name: a changed file gets a new thumbnail.
         identity = f"{item.id}:{item.content_hash}:{item.size}:{item.mtime_ns}"
         digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
         return self.directory / str(size) / f"{item.id}-{digest}.jpg"
 
-    def get(self, item: Item, size: int) -> bytes:
+    def get(self, item: ItemRow, size: int) -> bytes:
         """The thumbnail's JPEG bytes, made and stored when it is not cached yet."""
         cached = self.path_for(item, size)
         try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdex.search.catalog import Item
+from clipdex.search.catalog_types import ItemRow
 from clipdex.search.errors import ItemNotFound
 from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 from clipdex.search.library import Library
@@ -43,7 +43,7 @@ class SearchService:
     def stats(self) -> dict[str, Any]:
         return self.library.stats()  # its vector count comes from the index, caught up first
 
-    def item(self, item_id: int) -> Item:
+    def item(self, item_id: int) -> ItemRow:
         item = self.library.catalog.get_item(item_id)
         if item is None:
             raise ItemNotFound(item_id)

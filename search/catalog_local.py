@@ -1,0 +1,409 @@
+"""A library's own SQLite catalog on the standard library's sqlite3: the everyday commands' way in.
+
+`clipdex.search.catalog.Catalog` speaks SQLAlchemy, so that one catalog serves SQLite and
+PostgreSQL alike; importing SQLAlchemy (and its ORM) costs a quarter of a second, more than
+a whole cold text query may take. A library's own SQLite file, already made and migrated
+and writable here, is therefore opened as `LocalCatalog`: the statements that `search`,
+`index` of a few new photos, `tag` and the server run on every call (the state, the change
+log, the items, the query cache, committing a batch) are written here for SQLite directly,
+with the same meaning as `Catalog`'s; anything else (integrity checks and repairs, bulk
+imports, tuning samples, ...) is handed to a `Catalog` on the same file, made when first
+needed. Each thread has its own sqlite3 connection. The parity of the two is tested
+statement by statement (tests/test_catalog_local.py), and every library test runs on this.
+
+A new catalog, one with an older schema (which `Catalog` migrates), one that cannot be
+written here (a read-only mount, a full disk: `Catalog` opens those read-only) and every
+shared catalog are opened as `Catalog`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from clipdex.search.catalog_types import (
+    BUSY_TIMEOUT_MS,
+    ITEM_COLUMNS,
+    KINDS,
+    QUERY_CACHE_SIZE,
+    QUERY_CACHE_TOUCH_SECONDS,
+    SCHEMA_VERSION,
+    BatchResult,
+    FileRecord,
+    ItemRow,
+    NewItem,
+    database_error,
+)
+from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
+from clipdex.search.query import Filters
+from clipdex.search.vector_rows import stack_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.catalog import Catalog
+    from clipdex.search.locks import WriteLock
+
+log = logging.getLogger(__name__)
+
+CACHE_BUSY_TIMEOUT_MS = 2_000  # a query-cache write never waits long for a busy writer
+_CHUNK = 500  # ids or paths per IN (...) list
+
+
+class NotCurrent(Exception):
+    """The file is not a catalog this class may open (no schema table, or another version)."""
+
+
+def open_catalog(recorded_url: str | None, path: Path, vector_dim: int | None) -> "Catalog":
+    """The catalog of a library: its own SQLite file as `LocalCatalog` where that can be, else `Catalog`
+    (`recorded_url`: the manifest's shared catalog, or None for `path`)."""
+    from clipdex.search.readonly import can_write
+
+    if recorded_url is None and path.is_file() and can_write(path):
+        try:
+            # duck-typed: LocalCatalog answers every Catalog method, the hot ones itself
+            return cast("Catalog", LocalCatalog(path, vector_dim))
+        except (sqlite3.Error, NotCurrent) as error:  # Catalog migrates it, opens it read-only, or says why not
+            log.debug("catalog %s opened with SQLAlchemy (%s)", path, error)
+    from clipdex.search.catalog import Catalog, connect_url
+
+    return Catalog(connect_url(recorded_url) if recorded_url else path, vector_dim)
+
+
+class LocalCatalog:
+    """A library's own, current, writable SQLite catalog (see the module's description)."""
+
+    dialect = "sqlite"
+    shared = False
+    read_only = False
+    read_only_reason: str | None = None
+
+    def __init__(self, path: Path, vector_dim: int | None = None) -> None:
+        self._full: Catalog | None = None
+        self.path = path
+        self.vector_dim = vector_dim
+        self.url = f"sqlite:///{path}"
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        try:
+            version = self._connection().execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        except sqlite3.OperationalError as error:  # no such table: not made by Catalog yet
+            self.close()
+            raise NotCurrent(str(error)) from None
+        if version != SCHEMA_VERSION:
+            self.close()
+            raise NotCurrent(f"schema version {version}, not {SCHEMA_VERSION}")
+
+    # -- connections, errors, the rest of the catalog -------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            # autocommit: a read holds no snapshot past its statement; writes BEGIN IMMEDIATE themselves
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                         check_same_thread=False)
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=FULL")  # as Catalog: a commit survives power loss
+                connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            except sqlite3.Error:
+                connection.close()
+                raise
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    @contextmanager
+    def _mapped(self) -> Iterator[sqlite3.Connection]:
+        """The thread's connection; sqlite3's errors leave as the project's own (as `Catalog._map_error`)."""
+        try:
+            yield self._connection()
+        except sqlite3.Error as error:
+            mapped = database_error(" ".join(str(error).split()) or type(error).__name__, self.describe())
+            if mapped is not None:
+                raise mapped from error
+            raise
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking SQLite's write lock at its start (as the full catalog's writers do)."""
+        with self._mapped() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    @property
+    def full(self) -> "Catalog":
+        """The SQLAlchemy catalog on the same file, for everything this class does not do itself."""
+        if self._full is None:
+            from clipdex.search.catalog import Catalog
+
+            self._full = Catalog(self.path, self.vector_dim)
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_full", "_local", "_connections"):
+            raise AttributeError(name)
+        return getattr(self.full, name)
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
+        if self._full is not None:
+            self._full.close()
+
+    def writer_lock(self) -> "WriteLock | None":
+        return None  # the library folder's file lock is the one writer's lock
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _state(self, connection: sqlite3.Connection, key: str) -> int:
+        row = connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise CorruptLibrary(f"catalog {self.describe()}: its state table has no {key!r} row; "
+                                 "run `clipdex check --repair` to re-create it")
+        return int(row[0])
+
+    def generation(self) -> int:
+        with self._mapped() as connection:
+            return self._state(connection, "generation")
+
+    def changes_floor(self) -> int:
+        with self._mapped() as connection:
+            return self._state(connection, "changes_floor")
+
+    def recorded_model(self) -> dict[str, Any] | None:
+        with self._mapped() as connection:
+            row = connection.execute("SELECT value FROM state WHERE key = 'model'").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def commit_batch(
+        self,
+        items: Sequence[NewItem] = (),
+        remove_ids: Iterable[int] = (),
+        moves: Sequence[tuple[int, dict[str, Any]]] = (),
+    ) -> BatchResult:
+        """As `Catalog.commit_batch`: insert or replace `items`, delete `remove_ids`, re-describe moves; atomically."""
+        remove_ids = [int(item_id) for item_id in remove_ids]
+        with self._transaction() as connection:
+            connection.execute("UPDATE state SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'")
+            generation = self._state(connection, "generation")
+            for chunk in _chunks(remove_ids, _CHUNK):
+                connection.execute(f"DELETE FROM items WHERE id IN ({_marks(len(chunk))})", chunk)
+            for item_id, columns in moves:
+                _update(connection, int(item_id), columns)
+            ids: list[int] = []
+            for item in items:
+                columns = item.columns()
+                if item.id is not None:
+                    _update(connection, int(item.id), columns)
+                    ids.append(int(item.id))
+                else:
+                    names = list(columns)
+                    cursor = connection.execute(
+                        f"INSERT INTO items ({', '.join(names)}) VALUES ({_marks(len(names))})", [columns[n] for n in names])
+                    ids.append(int(cursor.lastrowid or 0))
+            touched = remove_ids + ids
+            connection.executemany("INSERT INTO changes (generation, item_id) VALUES (?, ?)",
+                                   [(generation, item_id) for item_id in touched])
+        return BatchResult(generation=generation, ids=ids)
+
+    def trim_changes(self, up_to_generation: int) -> None:
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM changes WHERE generation <= ?", (up_to_generation,))
+            floor = max(self._state(connection, "changes_floor"), up_to_generation)
+            connection.execute("UPDATE state SET value = ? WHERE key = 'changes_floor'", (str(floor),))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _rows(self, statement: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        with self._mapped() as connection:
+            return connection.execute(statement, parameters).fetchall()
+
+    def _rows_in(self, statement: str, values: Sequence[Any], before: Sequence[Any] = ()) -> Iterator[Any]:
+        """`statement`'s rows for each chunk of `values` (its `{}` is the chunk's placeholders)."""
+        for chunk in _chunks(list(values), _CHUNK):
+            yield from self._rows(statement.format(_marks(len(chunk))), [*before, *chunk])
+
+    def changed_since(self, generation: int) -> list[int]:
+        return [row[0] for row in self._rows("SELECT DISTINCT item_id FROM changes WHERE generation > ?", (generation,))]
+
+    def files_under(self, roots: Sequence[str]) -> dict[str, FileRecord]:
+        records: dict[str, FileRecord] = {}
+        for root in roots:
+            prefix = root.rstrip("/\\") + ("\\" if "\\" in root and "/" not in root else "/")
+            rows = self._rows("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path >= ? AND path < ?",
+                              (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)))
+            for item_id, path, size, mtime_ns, content_hash in rows:
+                records[path] = FileRecord(item_id, path, size or 0, mtime_ns or 0, content_hash)
+        return records
+
+    def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
+        rows = self._rows_in("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path IN ({})", paths)
+        return {path: FileRecord(item_id, path, size or 0, mtime_ns or 0, content_hash)
+                for item_id, path, size, mtime_ns, content_hash in rows}
+
+    def ids_at_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        return {path: item_id for path, item_id in self._rows_in("SELECT path, id FROM items WHERE path IN ({})", paths)}
+
+    def images_at_paths(self, paths: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        statement = ("SELECT path, id, (size IS NOT NULL OR mtime_ns IS NOT NULL OR content_hash IS NOT NULL) "
+                     "FROM items WHERE path IN ({})")
+        return {str(path): (int(item_id), bool(from_file)) for path, item_id, from_file in self._rows_in(statement, paths)}
+
+    def ids_of_keys(self, source: str, keys: Sequence[str]) -> dict[str, int]:
+        statement = "SELECT source_key, id FROM items WHERE source = ? AND source_key IN ({})"
+        return {key: item_id for key, item_id in self._rows_in(statement, keys, before=(source,))}
+
+    def texts_from(self, source: str) -> dict[str, tuple[int, str, str | None]]:
+        rows = self._rows("SELECT id, source_key, text, extra FROM items WHERE source = ?", (source,))
+        return {key: (item_id, text, extra) for item_id, key, text, extra in rows}
+
+    def id_with_hash(self, content_hash: str) -> int | None:
+        rows = self._rows("SELECT id FROM items WHERE content_hash = ? ORDER BY id LIMIT 1", (content_hash,))
+        return int(rows[0][0]) if rows else None
+
+    def get_items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
+        statement = f"SELECT {', '.join(ItemRow.FIELDS)} FROM items WHERE id IN ({{}})"
+        return {row[0]: ItemRow(*row) for row in self._rows_in(statement, [int(i) for i in ids])}
+
+    def get_item(self, item_id: int) -> ItemRow | None:
+        return self.get_items([item_id]).get(item_id)
+
+    def iter_vectors(self, ids: Sequence[int] | None = None, chunk_size: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids, vectors) chunks of the stored vectors, in id order (as `Catalog.iter_vectors`)."""
+        if ids is not None:
+            for chunk in _chunks(sorted(int(i) for i in ids), _CHUNK):
+                rows = self._rows(f"SELECT id, vector FROM items WHERE id IN ({_marks(len(chunk))}) ORDER BY id", chunk)
+                if rows:
+                    yield stack_rows(rows, self.describe(), self.vector_dim)
+            return
+        last = 0
+        while True:
+            rows = self._rows("SELECT id, vector FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk_size))
+            if not rows:
+                return
+            yield stack_rows(rows, self.describe(), self.vector_dim)
+            last = rows[-1][0]
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(self.iter_vectors())
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def counts(self) -> dict[str, int]:
+        counts = {kind: 0 for kind in KINDS}
+        counts.update({kind: int(number) for kind, number in self._rows("SELECT kind, count(*) FROM items GROUP BY kind")})
+        return counts
+
+    def ids(self, kind: str = "any") -> np.ndarray:
+        rows = self._rows("SELECT id FROM items") if kind == "any" else self._rows("SELECT id FROM items WHERE kind = ?", (kind,))
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    def filtered_ids(self, filters: Filters) -> np.ndarray | None:
+        """As `Catalog.filtered_ids`: the ids that pass `filters`, or None when no filter narrows them."""
+        conditions: list[str] = []
+        parameters: list[Any] = []
+        if filters.kind != "any":
+            counts = self.counts()
+            if counts[filters.kind] < sum(counts.values()):
+                conditions.append("kind = ?")
+                parameters.append(filters.kind)
+        if filters.path:
+            conditions.append("(path GLOB ? OR source GLOB ?)")
+            parameters += [filters.path, filters.path]
+        if filters.after:
+            conditions.append("taken_at >= ?")
+            parameters.append(filters.after.isoformat())
+        if filters.before:
+            conditions.append("taken_at < ?")
+            parameters.append(filters.before.isoformat())
+        if filters.min_width is not None:
+            conditions.append("width >= ?")
+            parameters.append(filters.min_width)
+        if filters.min_height is not None:
+            conditions.append("height >= ?")
+            parameters.append(filters.min_height)
+        if not conditions:
+            return None
+        rows = self._rows(f"SELECT id FROM items WHERE {' AND '.join(conditions)}", parameters)
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    # -- the text query cache ----------------------------------------------------------------
+
+    def cached_query(self, query: str) -> np.ndarray | None:
+        rows = self._rows("SELECT vector, used_at FROM query_cache WHERE query = ?", (query,))
+        if not rows or len(rows[0][0]) % 4:  # none, or damaged: encode the text again
+            return None
+        blob, used_at = rows[0]
+        if used_at < time.time() - QUERY_CACHE_TOUCH_SECONDS:  # for the eviction; not on every hit
+            self._cache_write("UPDATE query_cache SET used_at = ? WHERE query = ?", (time.time(), query))
+        return np.frombuffer(blob, dtype=np.float32).copy()
+
+    def cache_query(self, query: str, vector: np.ndarray, keep: int = QUERY_CACHE_SIZE) -> None:
+        """As `Catalog.cache_query`: remember a text query's vector, evicting the least recently used beyond `keep`."""
+        self._cache_write(
+            "INSERT INTO query_cache (query, vector, used_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (query) DO UPDATE SET vector = excluded.vector, used_at = excluded.used_at",
+            (query, np.asarray(vector, dtype=np.float32).tobytes(), time.time()),
+            ("DELETE FROM query_cache WHERE used_at < "
+             "(SELECT used_at FROM query_cache ORDER BY used_at DESC LIMIT 1 OFFSET ?)", (keep - 1,)),
+        )
+
+    def _cache_write(self, statement: str, parameters: Sequence[Any], *more: tuple[str, Sequence[Any]]) -> None:
+        """Best effort, as `Catalog._best_effort`: waits at most CACHE_BUSY_TIMEOUT_MS, a failure is only
+        logged. Without an fsync (synchronous=NORMAL): the cache can be rebuilt, and SQLite's WAL
+        stays whole either way; a power cut may only forget the last queries cached."""
+        try:
+            with self._mapped() as connection:
+                connection.execute(f"PRAGMA busy_timeout = {CACHE_BUSY_TIMEOUT_MS}")
+                connection.execute("PRAGMA synchronous = NORMAL")
+                try:
+                    with self._transaction() as writing:
+                        for sql, values in ((statement, parameters), *more):
+                            writing.execute(sql, values)
+                finally:
+                    connection.execute("PRAGMA synchronous = FULL")
+                    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except (sqlite3.Error, LibraryBusy, CatalogUnavailable) as error:
+            log.info("query cache not written (%s)", error)
+
+
+def _update(connection: sqlite3.Connection, item_id: int, columns: dict[str, Any]) -> None:
+    unknown = set(columns) - set(ITEM_COLUMNS)
+    if unknown:
+        raise ValueError(f"not item columns: {', '.join(sorted(unknown))}")
+    if columns:
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        connection.execute(f"UPDATE items SET {assignments} WHERE id = ?", [*columns.values(), item_id])
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
