@@ -64,8 +64,8 @@ class ClipTokenizer:
         merges = _read_merges(vocabulary)
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [symbol + "</w>" for symbol in symbols] + [merge.replace(" ", "") for merge in merges] + list(SPECIAL_TOKENS)
-        self.token_ids = {token: index for index, token in enumerate(vocab)}
-        self.merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.token_ids = dict(zip(vocab, range(len(vocab))))
+        self.merge_ranks = dict(zip(merges, range(len(merges))))
         self.start_id = self.token_ids[SPECIAL_TOKENS[0]]
         self.end_id = self.token_ids[SPECIAL_TOKENS[1]]
         self.context_length = context_length
