@@ -140,10 +140,13 @@ class LocalCatalog:
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection
+                connection.execute("COMMIT")
             except BaseException:
-                connection.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk, an I/O error): then the error is
+                # that, not a ROLLBACK finding no transaction; a failed COMMIT is never left open
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
                 raise
-            connection.execute("COMMIT")
 
     @property
     def full(self) -> "Catalog":

@@ -18,7 +18,7 @@ import pytest
 from clipdex.search.catalog import Catalog
 from clipdex.search.catalog_local import LocalCatalog, open_catalog
 from clipdex.search.catalog_types import ItemRow, NewItem
-from clipdex.search.errors import CorruptLibrary, DamagedVectors, LibraryBusy
+from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, DamagedVectors, LibraryBusy
 from clipdex.search.query import Filters
 
 DIM = 4
@@ -196,3 +196,21 @@ def test_a_text_search_and_adding_a_photo_import_neither_sqlalchemy_nor_faiss(tm
         new_id = reopened.catalog.ids_at_paths([str(folder / "new" / "img010.jpg")])[str(folder / "new" / "img010.jpg")]
         ids, vectors = reopened.catalog.all_vectors()
         assert reopened.search_index(vectors[ids == new_id], 1)[1][0, 0] == new_id
+
+
+def test_a_full_disk_in_the_middle_of_a_batch_reads_as_a_full_disk(pair: tuple[Catalog, LocalCatalog]) -> None:
+    """SQLite rolls the whole transaction back itself when a statement finds the disk full (or an
+    I/O error): the error is the full disk, not the ROLLBACK that finds no transaction left."""
+    local = pair[1]
+    local.commit_batch([image("/p/a.jpg", 1)])
+    connection = local._connection()
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    connection.execute(f"PRAGMA max_page_count = {pages}")  # no room for one more page
+    big = [dataclasses.replace(image(f"/p/{number}.jpg", number), extra={"note": "x" * 20_000}) for number in range(2, 6)]
+    with pytest.raises(CatalogUnavailable, match="no space left on device"):
+        local.commit_batch(big)
+    assert not connection.in_transaction
+    connection.execute("PRAGMA max_page_count = 1073741823")
+    assert local.generation() == 1 and sorted(local.files_under(["/p"])) == ["/p/a.jpg"]
+    local.commit_batch([image("/p/b.jpg", 2)])  # the connection is as good as before
+    assert local.generation() == 2
