@@ -214,3 +214,37 @@ def test_a_full_disk_in_the_middle_of_a_batch_reads_as_a_full_disk(pair: tuple[C
     assert local.generation() == 1 and sorted(local.files_under(["/p"])) == ["/p/a.jpg"]
     local.commit_batch([image("/p/b.jpg", 2)])  # the connection is as good as before
     assert local.generation() == 2
+
+
+def test_a_small_library_s_commits_never_trust_an_index_ahead_of_its_catalog(library) -> None:  # type: ignore[no-untyped-def]
+    """A catalog restored from a backup is behind the saved index, which belongs to another history:
+    the first commit rebuilds the index (as every reader does), rather than leaving it for later
+    commits to carry the generation past it, after which it would be caught up and trusted."""
+    from clipdex.search.library import CATALOG_FILE, Library
+
+    dim = library.dim
+
+    def texts(*keys: str) -> list[NewItem]:
+        return [NewItem(kind="text", vector=np.random.default_rng(int(key)).standard_normal(dim).astype(np.float32),
+                        text=f"text {key}", source="s", source_key=key) for key in keys]
+
+    with library.writer() as writer:
+        writer.commit(texts("1"))  # generation 1, saved
+    library.close()
+    backup = sqlite3.connect(":memory:")
+    with sqlite3.connect(library.path / CATALOG_FILE) as catalog:
+        catalog.backup(backup)
+    with Library.open(library.path, device="cpu") as opened:
+        with opened.writer() as writer:
+            writer.commit(texts("2", "3", "4"))  # generation 2
+        opened.rebuild_vectors()  # saved at generation 2: four items
+    with sqlite3.connect(library.path / CATALOG_FILE) as catalog:
+        backup.backup(catalog)  # the catalog as it was at generation 1
+    with Library.open(library.path, device="cpu") as restored:
+        with restored.writer() as writer:
+            writer.commit(remove_ids=[1])  # generation 2 again
+        with restored.writer() as writer:
+            writer.commit(texts("5"))  # generation 3
+    with Library.open(library.path, device="cpu") as reopened:
+        assert sorted(reopened.vectors.ids().tolist()) == sorted(reopened.catalog.ids().tolist())
+        assert reopened.check()["ok"], reopened.check()
