@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -248,3 +249,30 @@ def test_a_small_library_s_commits_never_trust_an_index_ahead_of_its_catalog(lib
     with Library.open(library.path, device="cpu") as reopened:
         assert sorted(reopened.vectors.ids().tolist()) == sorted(reopened.catalog.ids().tolist())
         assert reopened.check()["ok"], reopened.check()
+
+
+def _open_files_of(path: Path) -> int:
+    """Descriptors this process holds on the catalog and its WAL and shared-memory files."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_the_connections_of_ended_threads_are_closed(pair: tuple[Catalog, LocalCatalog]) -> None:
+    """The server's thread pool ends idle threads (anyio: after 10 s) and starts new ones: each opens
+    its own connection, and those of ended threads must not stay open (file descriptors, memory)."""
+    local = pair[1]
+    local.generation()
+    one = _open_files_of(local.path)
+    for _ in range(20):
+        thread = threading.Thread(target=local.generation)
+        thread.start()
+        thread.join()
+    assert _open_files_of(local.path) <= 2 * one  # this thread's, and at most the last ended one's
+    local.close()
+    assert _open_files_of(local.path) == 0
