@@ -91,7 +91,7 @@ class LocalCatalog:
         self.vector_dim = vector_dim
         self.url = f"sqlite:///{path}"
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._connections_lock = threading.Lock()
         try:
             version = self._connection().execute("SELECT max(version) FROM schema_version").fetchone()[0]
@@ -119,7 +119,10 @@ class LocalCatalog:
                 raise
             self._local.connection = connection
             with self._connections_lock:
-                self._connections.append(connection)
+                # those of ended threads (a server's thread pool ends idle ones and starts others)
+                for thread in [thread for thread in self._connections if not thread.is_alive()]:
+                    self._connections.pop(thread).close()
+                self._connections[threading.current_thread()] = connection
         return connection
 
     @contextmanager
@@ -140,10 +143,13 @@ class LocalCatalog:
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection
+                connection.execute("COMMIT")
             except BaseException:
-                connection.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk, an I/O error): then the error is
+                # that, not a ROLLBACK finding no transaction; a failed COMMIT is never left open
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
                 raise
-            connection.execute("COMMIT")
 
     @property
     def full(self) -> "Catalog":
@@ -164,8 +170,8 @@ class LocalCatalog:
 
     def close(self) -> None:
         with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for connection in connections:
+            connections, self._connections = self._connections, {}
+        for connection in connections.values():
             connection.close()
         self._local = threading.local()
         if self._full is not None:

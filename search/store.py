@@ -177,7 +177,9 @@ class VectorStore:
         commit once the library outgrows the limit - catches it up from there, as after any crash.
         """
         return (self._index is None and self.manifest.index.type == "flat" and not self.catalog.shared
-                and saved_generation(self.directory) >= 0  # a first run saves one: `check` expects it
+                # a first run saves one (`check` expects it); one ahead of the catalog (restored from a
+                # backup) is of another history: loading it rebuilds it, which a commit must not put off
+                and 0 <= saved_generation(self.directory) <= self.catalog.generation()
                 and sum(self.catalog.counts().values()) + adding <= self._small.limit)
 
     def commit(self, items: Sequence[NewItem], remove_ids: Sequence[int], moves: Sequence[tuple[int, dict[str, Any]]]) -> list[int]:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,7 @@ import pytest
 from clipdex.search.catalog import Catalog
 from clipdex.search.catalog_local import LocalCatalog, open_catalog
 from clipdex.search.catalog_types import ItemRow, NewItem
-from clipdex.search.errors import CorruptLibrary, DamagedVectors, LibraryBusy
+from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, DamagedVectors, LibraryBusy
 from clipdex.search.query import Filters
 
 DIM = 4
@@ -196,3 +197,82 @@ def test_a_text_search_and_adding_a_photo_import_neither_sqlalchemy_nor_faiss(tm
         new_id = reopened.catalog.ids_at_paths([str(folder / "new" / "img010.jpg")])[str(folder / "new" / "img010.jpg")]
         ids, vectors = reopened.catalog.all_vectors()
         assert reopened.search_index(vectors[ids == new_id], 1)[1][0, 0] == new_id
+
+
+def test_a_full_disk_in_the_middle_of_a_batch_reads_as_a_full_disk(pair: tuple[Catalog, LocalCatalog]) -> None:
+    """SQLite rolls the whole transaction back itself when a statement finds the disk full (or an
+    I/O error): the error is the full disk, not the ROLLBACK that finds no transaction left."""
+    local = pair[1]
+    local.commit_batch([image("/p/a.jpg", 1)])
+    connection = local._connection()
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    connection.execute(f"PRAGMA max_page_count = {pages}")  # no room for one more page
+    big = [dataclasses.replace(image(f"/p/{number}.jpg", number), extra={"note": "x" * 20_000}) for number in range(2, 6)]
+    with pytest.raises(CatalogUnavailable, match="no space left on device"):
+        local.commit_batch(big)
+    assert not connection.in_transaction
+    connection.execute("PRAGMA max_page_count = 1073741823")
+    assert local.generation() == 1 and sorted(local.files_under(["/p"])) == ["/p/a.jpg"]
+    local.commit_batch([image("/p/b.jpg", 2)])  # the connection is as good as before
+    assert local.generation() == 2
+
+
+def test_a_small_library_s_commits_never_trust_an_index_ahead_of_its_catalog(library) -> None:  # type: ignore[no-untyped-def]
+    """A catalog restored from a backup is behind the saved index, which belongs to another history:
+    the first commit rebuilds the index (as every reader does), rather than leaving it for later
+    commits to carry the generation past it, after which it would be caught up and trusted."""
+    from clipdex.search.library import CATALOG_FILE, Library
+
+    dim = library.dim
+
+    def texts(*keys: str) -> list[NewItem]:
+        return [NewItem(kind="text", vector=np.random.default_rng(int(key)).standard_normal(dim).astype(np.float32),
+                        text=f"text {key}", source="s", source_key=key) for key in keys]
+
+    with library.writer() as writer:
+        writer.commit(texts("1"))  # generation 1, saved
+    library.close()
+    backup = sqlite3.connect(":memory:")
+    with sqlite3.connect(library.path / CATALOG_FILE) as catalog:
+        catalog.backup(backup)
+    with Library.open(library.path, device="cpu") as opened:
+        with opened.writer() as writer:
+            writer.commit(texts("2", "3", "4"))  # generation 2
+        opened.rebuild_vectors()  # saved at generation 2: four items
+    with sqlite3.connect(library.path / CATALOG_FILE) as catalog:
+        backup.backup(catalog)  # the catalog as it was at generation 1
+    with Library.open(library.path, device="cpu") as restored:
+        with restored.writer() as writer:
+            writer.commit(remove_ids=[1])  # generation 2 again
+        with restored.writer() as writer:
+            writer.commit(texts("5"))  # generation 3
+    with Library.open(library.path, device="cpu") as reopened:
+        assert sorted(reopened.vectors.ids().tolist()) == sorted(reopened.catalog.ids().tolist())
+        assert reopened.check()["ok"], reopened.check()
+
+
+def _open_files_of(path: Path) -> int:
+    """Descriptors this process holds on the catalog and its WAL and shared-memory files."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_the_connections_of_ended_threads_are_closed(pair: tuple[Catalog, LocalCatalog]) -> None:
+    """The server's thread pool ends idle threads (anyio: after 10 s) and starts new ones: each opens
+    its own connection, and those of ended threads must not stay open (file descriptors, memory)."""
+    local = pair[1]
+    local.generation()
+    one = _open_files_of(local.path)
+    for _ in range(20):
+        thread = threading.Thread(target=local.generation)
+        thread.start()
+        thread.join()
+    assert _open_files_of(local.path) <= 2 * one  # this thread's, and at most the last ended one's
+    local.close()
+    assert _open_files_of(local.path) == 0
