@@ -87,6 +87,7 @@ class LocalCatalog:
 
     def __init__(self, path: Path, vector_dim: int | None = None) -> None:
         self._full: Catalog | None = None
+        self._full_lock = threading.Lock()
         self.path = path
         self.vector_dim = vector_dim
         self.url = f"sqlite:///{path}"
@@ -154,14 +155,15 @@ class LocalCatalog:
     @property
     def full(self) -> "Catalog":
         """The SQLAlchemy catalog on the same file, for everything this class does not do itself."""
-        if self._full is None:
-            from clipdex.search.catalog import Catalog
+        with self._full_lock:  # one, whichever thread asks first
+            if self._full is None:
+                from clipdex.search.catalog import Catalog
 
-            self._full = Catalog(self.path, self.vector_dim)
-        return self._full
+                self._full = Catalog(self.path, self.vector_dim)
+            return self._full
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_full", "_local", "_connections"):
+        if name.startswith("_"):  # its own state, looked up before it is set: never the full catalog's
             raise AttributeError(name)
         return getattr(self.full, name)
 

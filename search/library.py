@@ -283,10 +283,11 @@ class Library:
                 # behind, with the change log reaching back to it (a small library's commits leave
                 # the index file as it was, see VectorStore.defers_index): caught up, as every reader does
                 changed = self.catalog.changed_since(saved_generation)
-                index.remove(np.asarray(changed, dtype=np.int64))
-                for ids, vectors in self.catalog.iter_vectors(changed):
-                    index.add(ids, vectors)
-                saved_generation = generation
+                if self.catalog.changes_floor() <= saved_generation:  # not trimmed meanwhile by a writer's save
+                    index.remove(np.asarray(changed, dtype=np.int64))
+                    for ids, vectors in self.catalog.iter_vectors(changed):
+                        index.add(ids, vectors)
+                    saved_generation = generation
             if saved_generation != generation:
                 problems.append(f"{INDEX_FILE} reflects generation {saved_generation}, the catalog is at {generation}")
             if index.dim != self.dim:
