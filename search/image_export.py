@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from clipdex.search.encoders.onnx_image import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import install_export, optimize_graph
+from clipdex.search.onnx_files import export_optimized, install_export
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
 from clipdex.search.readonly import environment_error, environment_reason
 
@@ -207,23 +206,6 @@ def _export_onnx(encoder: TorchClipEncoder, scratch: Path, image_size: int) -> N
         model = copy.deepcopy(model).float().cpu()
     tower = _ImageTower(model).eval()  # eval() first: export restores the wrapper's mode recursively
     sample = torch.zeros((2, 3, image_size, image_size), dtype=torch.float32)
-    raw = scratch / "raw.onnx"
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
-    try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                tower, (sample,), str(raw), dynamo=False, input_names=["pixels"], output_names=["embedding"],
-                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=OPSET,
-                do_constant_folding=True,
-            )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
-    optimize_graph(raw, scratch / IMAGE_MODEL_FILE, IMAGE_WEIGHTS_FILE)
-    raw.unlink()
-    for leftover in scratch.iterdir():  # torch.onnx.export writes large weights beside raw.onnx
-        if leftover.name not in (IMAGE_MODEL_FILE, IMAGE_WEIGHTS_FILE):
-            leftover.unlink()
-
-
+    export_optimized(tower, sample, scratch, scratch / IMAGE_MODEL_FILE, IMAGE_WEIGHTS_FILE, input_names=["pixels"],
+                     output_names=["embedding"], dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                     opset_version=OPSET)

@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from clipdex.search.encoders.onnx_text import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import TextExportRefused
 from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import install_export, optimize_graph
+from clipdex.search.onnx_files import export_optimized, install_export
 from clipdex.search.readonly import environment_error, environment_reason
 
 REFUSED_FILE = "text_encoder.refused.json"
@@ -200,21 +199,5 @@ def _export_onnx(encoder: TorchClipEncoder, scratch: Path, trimmed: bool, sample
     tower = (TrimmedTextTower(model) if trimmed else FullTextTower(model)).eval()
     tokens = torch.from_numpy(sample[:, :16] if trimmed else sample)  # traced at one length, run at any
     axes = {"tokens": {0: "batch", 1: "length"} if trimmed else {0: "batch"}, "embedding": {0: "batch"}}
-    raw = scratch / "raw.onnx"
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
-    try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                tower, (tokens,), str(raw), dynamo=False, input_names=["tokens"], output_names=["embedding"],
-                dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
-            )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
-    _optimize(raw, scratch / MODEL_FILE)
-    raw.unlink()
-
-
-def _optimize(source: Path, target: Path) -> None:
-    optimize_graph(source, target, WEIGHTS_FILE)
+    export_optimized(tower, tokens, scratch, scratch / MODEL_FILE, WEIGHTS_FILE, input_names=["tokens"],
+                     output_names=["embedding"], dynamic_axes=axes, opset_version=OPSET)

@@ -152,15 +152,15 @@ def test_a_catalog_commit_on_a_full_disk_is_one_line(library: Library, tmp_path:
 )
 def test_a_text_export_that_failed_for_the_environment_is_retried(tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
     encoder = Encoder(tiny_model.resolve(), "cpu").load()
-    real_optimize = text_export._optimize
+    real_export = text_export.export_optimized
 
-    def broken(*args: object) -> None:
+    def broken(*args: object, **options: object) -> None:
         raise failure
 
-    monkeypatch.setattr(text_export, "_optimize", broken)
+    monkeypatch.setattr(text_export, "export_optimized", broken)
     assert ensure_text_export(tmp_path, encoder, 32) is None
     assert not (tmp_path / REFUSED_FILE).exists() and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(text_export, "_optimize", real_optimize)  # space again: the next run exports
+    monkeypatch.setattr(text_export, "export_optimized", real_export)  # space again: the next run exports
     assert ensure_text_export(tmp_path, encoder, 32) is not None and (tmp_path / EXPORT_FOLDER).is_dir()
 
 
