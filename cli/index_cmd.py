@@ -68,8 +68,10 @@ def index(
         cluster = ClusterOptions(ray, gpus_per_worker=ray_gpus_per_worker)
     lib = open_library(library, model, pretrained, device, create=True, catalog=catalog, runtime=runtime)
     if not quiet and lib.encoders.export_pending():
-        err.print("This run also exports the model to ONNX, once for this library: later runs and queries then "
-                  "need neither torch nor open_clip")
+        how = ("also exports the model to ONNX, once for this library" if cluster is not None else
+               "first exports the model to ONNX, once for this library (the photos are decoded meanwhile, then embedded "
+               "with the export)")
+        err.print(f"This run {how}: later runs and queries then need neither torch nor open_clip")
     with indexing_run(lib, "Indexing", quiet) as (stop, progress):
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,

@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from clipdex.indexer.first_export import FirstExport
 from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.rules import ScanDiff, _commit, _embed, _HashLookup, _Job, _prepare, _Prepared
 from clipdex.search.cores import available_cores
+from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.library import Library
 from clipdex.search.vectors import faiss_module
 
@@ -37,6 +39,9 @@ class ThreadPlan:
     decoder preempts holds up the whole region (every thread waits for the slowest at
     each barrier), while single-threaded lanes just take turns with the decoders. So the
     model uses whatever time decoding leaves, and decoding whatever the model leaves.
+    On the CPU each batch is also split across the lanes (`split_batches`): when decoding
+    ends, the last batches keep every lane busy instead of one lane finishing the last
+    full batch alone while the other cores idle.
     On a GPU the model needs no cores: the threads read files and JPEG headers (JPEGs
     decode on the GPU, `clipdex.search.gpu_decode`; other files here), and two lanes, each
     with its own decoder and CUDA streams, let one lane decode while the other embeds.
@@ -44,10 +49,12 @@ class ThreadPlan:
 
     decode_workers: int
     model_threads: int | None  # torch and FAISS threads per lane; None: leave them as they are
-    model_lanes: int = 1  # batches embedded at once
+    model_lanes: int = 1  # batches (or parts of one, with split_batches) embedded at once
+    split_batches: bool = False  # each batch embedded as model_lanes parts, one per lane
 
 
 MAX_LANES = 4  # each lane holds a batch and its activations: bound the memory on many-core machines
+EXPORT_AHEAD_BATCHES = 3  # batches decoded further ahead while a first export runs (`FirstExport`)
 
 
 def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
@@ -57,7 +64,7 @@ def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
         # two lanes, each with its own GPU decoder and streams: one decodes while the other embeds
         return ThreadPlan(workers or cores, None, 2)
     lanes = min(cores, MAX_LANES)
-    return ThreadPlan(workers or cores, max(1, cores // lanes), lanes)
+    return ThreadPlan(workers or cores, max(1, cores // lanes), lanes, split_batches=lanes > 1)
 
 
 def _nvidia_driver_present() -> bool:
@@ -74,34 +81,47 @@ def run_jobs(
     workers: int | None = None,
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
+    export: bool = True,
 ) -> None:
     """Do the jobs of `diff` on this machine's cores (see ThreadPlan), committing batches with `writer`.
 
     `stop`: when set (checked after each file), the run ends once the batches in flight are committed.
+    `export`: a run that must export the model (`LibraryEncoders.export_pending`) exports it
+    first and embeds on the export (`clipdex.indexer.first_export`); without, it exports nothing.
     """
     plan = plan_threads(library.encoders.requested_device, workers)
-    with _model_threads(library, plan.model_threads, faiss_too=not library.store.defers_index(len(diff.jobs))):
-        _run_jobs(library, writer, diff, report, batch_size, plan, progress, stop)
+    first_export = FirstExport.for_run(library, plan.model_threads, len(diff.jobs)) if export else None
+    if first_export is None:
+        library.encoder.expect_images(len(diff.jobs))
+    faiss_too = not library.store.defers_index(len(diff.jobs))
+    try:
+        with _model_threads(library, plan.model_threads, faiss_too=faiss_too, encoder_too=first_export is None):
+            _run_jobs(library, writer, diff, report, batch_size, plan, progress, stop, first_export)
+    finally:
+        if first_export is not None:
+            report.export_seconds = first_export.finish()
 
 
 @contextmanager
-def _model_threads(library: Library, count: int | None, faiss_too: bool = True) -> Iterator[None]:
-    """Run the model's and (`faiss_too`: the run's commits will use it) FAISS's threads at `count`
-    during the block, then as before."""
+def _model_threads(library: Library, count: int | None, faiss_too: bool = True, encoder_too: bool = True) -> Iterator[None]:
+    """Run the model's (`encoder_too`) and FAISS's (`faiss_too`: the run's commits will use it)
+    threads at `count` during the block; then the encoder the run ended with, and FAISS, as
+    before. (A first export sets the model's threads itself, on the encoder it switches to:
+    see `FirstExport`.)"""
     if count is None:
         yield
         return
-    encoder = library.encoder
-    before = encoder.threads
+    before = library.encoder.threads
     faiss = faiss_module() if faiss_too else None
     faiss_before = faiss.omp_get_max_threads() if faiss is not None else 0
-    encoder.set_threads(count)
+    if encoder_too:
+        library.encoder.set_threads(count)
     if faiss is not None:
         faiss.omp_set_num_threads(count)
     try:
         yield
     finally:
-        encoder.set_threads(before)
+        library.encoder.set_threads(before)
         if faiss is not None:
             faiss.omp_set_num_threads(faiss_before)
 
@@ -115,31 +135,46 @@ def _run_jobs(
     plan: ThreadPlan,
     progress: ProgressCallback | None,
     stop: threading.Event | None,
+    first_export: FirstExport | None = None,
 ) -> None:
-    """Prepare the jobs in parallel, embed full batches on the model lanes, commit them in order."""
+    """Prepare the jobs in parallel, embed full batches on the model lanes, commit them in order.
+
+    `first_export`: the decoders preprocess with it, and the lanes wait for its export."""
     jobs = diff.jobs
     known_hashes = diff.hash_lookup(library)
     lanes = plan.model_lanes
-    in_flight: deque[tuple[list[_Prepared], Future[dict[int, np.ndarray]]]] = deque()
+    in_flight: deque[tuple[list[_Prepared], list[Future[dict[int, np.ndarray]]]]] = deque()
+
+    def submit(model_pool: ThreadPoolExecutor, ready: list[_Prepared]) -> None:
+        parts = _split(ready, lanes if plan.split_batches else 1)
+        in_flight.append((ready, [model_pool.submit(_embed_when_ready, first_export, library, part) for part in parts]))
 
     def commit_down_to(limit: int) -> None:
         while len(in_flight) > limit:
             ready, embedded = in_flight.popleft()
-            _commit(library, writer, ready, embedded.result(), diff.vanished, diff.vanished_by_id, report)
+            vectors: dict[int, np.ndarray] = {}
+            for part in embedded:
+                vectors.update(part.result())
+            _commit(library, writer, ready, vectors, diff.vanished, diff.vanished_by_id, report)
 
     batch: list[_Prepared] = []
     done = 0
     ahead = batch_size + 2 * plan.decode_workers  # decoded while the lanes embed: enough for the next batch
+
+    def files_ahead() -> int:  # while a first export runs, the decoders use the cores it leaves
+        exporting = first_export is not None and first_export.exporting
+        return ahead + EXPORT_AHEAD_BATCHES * batch_size if exporting else ahead
     with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="clipdex-model") as model_pool:
         try:
-            for prepared in _prepare_all(library, jobs, known_hashes, plan.decode_workers, ahead):
+            preparer = first_export or library.encoder
+            for prepared in _prepare_all(preparer, jobs, known_hashes, plan.decode_workers, files_ahead, first_export):
                 done += 1
                 if prepared.error is not None:
                     report.failed.append(Failure(prepared.job.file.path, prepared.error))
                 else:
                     batch.append(prepared)
                 if len(batch) >= batch_size:
-                    in_flight.append((batch, model_pool.submit(_embed, library, batch)))
+                    submit(model_pool, batch)
                     batch = []
                     commit_down_to(lanes - 1)
                 if progress:
@@ -148,30 +183,56 @@ def _run_jobs(
                     report.interrupted = True
                     break
             if batch:
-                in_flight.append((batch, model_pool.submit(_embed, library, batch)))
+                submit(model_pool, batch)
             commit_down_to(0)
         finally:
             for _, embedded in in_flight:  # an error ended the run: do not embed what will not be committed
-                embedded.cancel()
+                for part in embedded:
+                    part.cancel()
     if progress:
         progress(done, len(jobs))
 
 
-def _prepare_all(library: Library, jobs: list[_Job], hashes: _HashLookup, workers: int, ahead: int) -> Iterator[_Prepared]:
+def _split(batch: list[_Prepared], parts: int) -> list[list[_Prepared]]:
+    """`batch` in at most `parts` consecutive parts of near-equal size (none empty)."""
+    size, extra = divmod(len(batch), max(1, parts))
+    pieces, start = [], 0
+    for index in range(max(1, parts)):
+        end = start + size + (1 if index < extra else 0)
+        if end > start:
+            pieces.append(batch[start:end])
+        start = end
+    return pieces or [batch]
+
+
+def _embed_when_ready(first_export: FirstExport | None, library: Library, batch: list[_Prepared]) -> dict[int, np.ndarray]:
+    if first_export is not None:
+        first_export.wait()
+    return _embed(library, batch)
+
+
+def _prepare_in_turn(first_export: FirstExport | None, job: _Job, preparer: ImagePreparer, hashes: _HashLookup) -> _Prepared:
+    if first_export is None:
+        return _prepare(job, preparer, hashes)
+    with first_export.decoding_turn():
+        return _prepare(job, preparer, hashes)
+
+
+def _prepare_all(preparer: ImagePreparer, jobs: list[_Job], hashes: _HashLookup, workers: int,
+                 ahead: Callable[[], int], first_export: FirstExport | None = None) -> Iterator[_Prepared]:
     """Read, hash and (when no stored vector fits) decode files in parallel, in order.
 
-    At most `ahead` files are in flight (being read or decoded, or done and waiting), so
-    memory does not grow with the corpus. `ahead` spans more than a batch: while the
+    At most `ahead()` files are in flight (being read or decoded, or done and waiting), so
+    memory does not grow with the corpus. `ahead()` spans more than a batch: while the
     caller embeds one batch, the workers decode the next.
     """
-    encoder = library.encoder
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipdex-decode") as pool:
         pending: deque[Future[_Prepared]] = deque()
         job_iter = iter(jobs)
         try:
             for job in job_iter:
-                pending.append(pool.submit(_prepare, job, encoder, hashes))
-                if len(pending) >= ahead:
+                pending.append(pool.submit(_prepare_in_turn, first_export, job, preparer, hashes))
+                while len(pending) >= ahead():
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

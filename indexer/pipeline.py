@@ -67,10 +67,10 @@ def index_paths(
 
             run_jobs_on_cluster(library, writer, diff, report, batch_size, cluster, progress, stop)
         elif diff.jobs:
-            run_jobs(library, writer, diff, report, batch_size, workers, progress, stop)
+            run_jobs(library, writer, diff, report, batch_size, workers, progress, stop, export=export_text)
         remove_vanished(writer, diff, report)
     report.model_loaded = library.encoders.model_loaded
     if report.model_loaded and export_text and not report.interrupted:
-        report.export_seconds = library.export_text_encoder()
+        report.export_seconds += library.export_text_encoder()  # a first export before the photos counted already
     report.seconds = time.monotonic() - started
     return report

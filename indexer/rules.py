@@ -25,6 +25,7 @@ from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.scan import ScannedFile, ScanResult
 from clipdex.search.catalog_types import FileRecord, NewItem
 from clipdex.search.encoders import ImageTextEncoder
+from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
 from clipdex.search.fileid import content_hash as hash_bytes
 from clipdex.search import gpu_decode
@@ -149,7 +150,7 @@ class _HashLookup:
             return self.library.catalog.id_with_hash(content_hash)
 
 
-def _prepare(job: _Job, encoder: ImageTextEncoder, hashes: _HashLookup) -> _Prepared:
+def _prepare(job: _Job, encoder: ImagePreparer, hashes: _HashLookup) -> _Prepared:
     path = job.file.path
     try:
         data, identity = _read_file(path, job.file.size)
@@ -179,7 +180,7 @@ def _read_file(path: str, scanned_size: int) -> tuple[bytes, tuple[int, int]]:
     return data, (info.st_dev, info.st_ino)
 
 
-def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder, on_gpu: bool = True) -> None:
+def _decode_into(prepared: _Prepared, data: bytes, encoder: ImagePreparer, on_gpu: bool = True) -> None:
     """Decode and preprocess the file's bytes into `prepared` (pixels and metadata, or error).
 
     When the model runs on CUDA with open_clip's usual transform, a JPEG is only read
@@ -215,7 +216,7 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImageTextEncoder, on
     }
 
 
-def _decodes_on_gpu(encoder: ImageTextEncoder) -> bool:
+def _decodes_on_gpu(encoder: ImagePreparer) -> bool:
     return encoder.device == "cuda" and gpu_decode.uses_gpu_decoding(encoder)
 
 

@@ -15,9 +15,12 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from clipdex.cli.main import app
-from clipdex.indexer import index_paths
+from clipdex.indexer import index_paths, local
 from clipdex.search import image_export, model as model_module
+from clipdex.search.encoders import onnx_image
+from clipdex.search.encoders.factory import LibraryEncoders
 from clipdex.search.encoders.onnx_image import IMAGE_EXPORT_FOLDER, OnnxClipEncoder
+from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.image_export import IMAGE_REFUSED_FILE, probe_images
 from clipdex.search.imaging import decode_image
 from clipdex.search.library import Library
@@ -90,6 +93,83 @@ def test_the_first_run_exports_and_later_runs_store_open_clips_vectors_on_onnx(l
         assert float(np.dot(stored[str(path)], reference)) >= 0.999, path.name
     query = reopened.encode_image(paths[3])
     assert float(np.dot(query, expected[3])) >= 0.999
+
+
+def test_the_first_run_exports_first_then_embeds_every_photo_on_onnxruntime(library: Library, tiny_model: ModelSpec, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    paths = [photo_like(photos / f"p{i}.jpg", i, (1200, 900) if i % 2 else (900, 1200), orientation=(6 if i == 3 else None))
+             for i in range(5)]
+    torch_model = library.encoder
+    assert isinstance(torch_model, TorchClipEncoder) and library.encoders.export_pending()
+    embedded_on: list[str] = []
+    embed = local._embed
+    monkeypatch.setattr(local, "_embed", lambda lib, batch: embedded_on.append(type(lib.encoder).__name__) or embed(lib, batch))
+    report = index_paths(library, [photos], batch_size=2)
+    assert report.added == 5 and not report.failed and report.export_seconds > 0
+    assert embedded_on and set(embedded_on) == {"OnnxClipEncoder"}  # every photo on the export, none on torch
+    assert isinstance(library.encoder, OnnxClipEncoder) and library.encoders.runtime() == "onnx"
+    released = weakref.ref(torch_model)
+    del torch_model
+    gc.collect()
+    assert released() is None  # nothing holds the open_clip model any more: its memory went
+    expected = reference_image_vectors(tiny_model, paths)
+    stored = {item.path: item.vector_array() for item in library.catalog.get_items(library.catalog.ids().tolist()).values()}
+    for path, reference in zip(paths, expected):
+        assert float(np.dot(stored[str(path)], reference)) >= 0.999, path.name
+
+
+def test_the_photos_are_decoded_further_ahead_while_the_first_export_runs(library: Library, tmp_path: Path, make_images,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    make_images(tmp_path / "photos", 40)
+    monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(2, 1, 2, split_batches=True))
+    lock, prepared, during_export = threading.Lock(), [0], []
+    prepare, export = local._prepare, LibraryEncoders.export_text
+
+    def counted_prepare(*args):  # type: ignore[no-untyped-def]
+        result = prepare(*args)
+        with lock:
+            prepared[0] += 1
+        return result
+
+    def slow_export(self, image=True):  # type: ignore[no-untyped-def]
+        time.sleep(1.5)  # long enough for the decoders to get as far ahead as they may
+        with lock:
+            during_export.append(prepared[0])
+        return export(self, image)
+
+    monkeypatch.setattr(local, "_prepare", counted_prepare)
+    monkeypatch.setattr(LibraryEncoders, "export_text", slow_export)
+    report = index_paths(library, [tmp_path / "photos"], batch_size=4)
+    assert report.added == 40 and report.export_seconds > 1.5 and isinstance(library.encoder, OnnxClipEncoder)
+    # without the export: two batches held for the lanes and a batch + 2 per worker decoding (16);
+    # while it runs, EXPORT_AHEAD_BATCHES more batches
+    assert 16 < during_export[0] <= 16 + local.EXPORT_AHEAD_BATCHES * 4
+
+
+def test_a_run_of_many_photos_starts_with_prepacked_weights_and_keeps_them(library: Library, tmp_path: Path, make_images,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    make_images(tmp_path / "first", 1)
+    index_paths(library, [tmp_path / "first"])
+    monkeypatch.setattr(onnx_image, "BULK_IMAGES", 4)
+    sessions: list[bool] = []
+    session = onnx_image._inference_session
+    monkeypatch.setattr(onnx_image, "_inference_session",
+                        lambda path, threads, prepack=False: sessions.append(prepack) or session(path, threads, prepack=prepack))
+    make_images(tmp_path / "many", 10, start=10)
+    assert index_paths(Library.open(library.path, device="cpu"), [tmp_path / "many"], batch_size=2).added == 10
+    assert sessions == [True]  # prepacked from the first batch on, never remade midway
+    sessions.clear()
+    make_images(tmp_path / "few", 2, start=50)
+    assert index_paths(Library.open(library.path, device="cpu"), [tmp_path / "few"]).added == 2
+    assert sessions == [False]  # a few photos: the session that loads fast
 
 
 def test_a_refused_image_export_falls_back_to_torch_with_the_reason(library: Library, tmp_path: Path, make_images,
@@ -179,7 +259,7 @@ def test_the_first_index_run_says_it_exports_and_what_it_cost(tmp_path: Path, ma
     first = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, *model_args, "--device", "cpu"])
     assert first.exit_code == 0, first.output
     said = " ".join(first.output.split())
-    assert "This run also exports the model to ONNX, once for this library" in said
+    assert "This run first exports the model to ONNX, once for this library" in said
     assert "exported the model to ONNX in " in said
     make_images(tmp_path / "photos", 1, start=7)
     later = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), *where, "--device", "cpu"])

@@ -173,3 +173,39 @@ def test_an_error_on_a_model_lane_ends_the_run_and_keeps_what_was_committed(
     monkeypatch.setattr(local, "_embed", embed)
     report = index_paths(library, [tmp_path / "pics"], batch_size=2, export_text=False)
     assert report.added == 12 - kept and report.unchanged == kept
+
+
+def test_on_the_cpu_every_lane_embeds_a_part_of_each_batch(library: Library, tmp_path: Path, make_images,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "available_cores", lambda: 2)
+    assert local.plan_threads("cpu") == local.ThreadPlan(2, 1, 2, split_batches=True)
+    monkeypatch.setattr(local, "available_cores", lambda: 1)
+    assert local.plan_threads("cpu") == local.ThreadPlan(1, 1, 1, split_batches=False)
+    paths = make_images(tmp_path / "pics", 5)
+    monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(2, 1, 2, split_batches=True))
+    embed = local._embed
+    lock = threading.Lock()
+    state = {"running": 0, "most": 0}
+    sizes: list[int] = []
+
+    def slow_embed(library_, batch):  # type: ignore[no-untyped-def]
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+            sizes.append(len(batch))
+        try:
+            time.sleep(0.2)  # long enough for the other half to reach the other lane
+            return embed(library_, batch)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(local, "_embed", slow_embed)
+    report = index_paths(library, [tmp_path / "pics"], batch_size=4, export_text=False)
+    assert report.added == 5 and not report.failed
+    assert sorted(sizes) == [1, 2, 2] and state["most"] == 2  # the batch of 4 as two halves at once, then the last photo
+    expected = dict(zip([str(path) for path in paths], library.encoder.encode_files(paths)))
+    for item in library.catalog.get_items(library.catalog.ids().tolist()).values():
+        assert float(np.dot(item.vector_array(), expected[item.path])) > 0.9999, item.path
+    assert [len(part) for part in local._split(list(range(7)), 3)] == [3, 2, 2]  # type: ignore[arg-type]
+    assert [len(part) for part in local._split(list(range(1)), 2)] == [1]  # type: ignore[arg-type]

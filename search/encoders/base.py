@@ -41,6 +41,27 @@ class TextEncoder(Protocol):
         ...
 
 
+class ImagePreparer(Protocol):
+    """What the indexer's decoders need of the model: its input size and preprocessing."""
+
+    @property
+    def device(self) -> str:
+        """Where the model runs once loaded: cpu or cuda."""
+        ...
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square the model sees (decoders may draft-decode to twice that)."""
+        ...
+
+    def prepare(self, image: "Image.Image") -> np.ndarray:
+        """The model's own preprocessing of one RGB image: a float32 (3, H, W) array.
+
+        Thread-safe, and cheap next to `encode_prepared`: the indexer runs it on its decode threads.
+        """
+        ...
+
+
 class ImageTextEncoder(TextEncoder, Protocol):
     """A whole CLIP model: texts and images into one space, loaded lazily on first use.
 
@@ -87,6 +108,11 @@ class ImageTextEncoder(TextEncoder, Protocol):
     def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
         """Normalized float32 vectors of a stack of `prepare` results, (N, 3, H, W)."""
         ...
+
+    def expect_images(self, count: int) -> None:
+        """Say how many images the coming run will embed (the indexer knows from its diff),
+        so that the encoder can load the way that pays for that many; none by default."""
+        return None
 
     def encode_files(self, paths: Sequence[Any], batch_size: int = 64,
                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:

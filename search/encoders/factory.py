@@ -135,6 +135,20 @@ class LibraryEncoders:
             return False
         return installed_image_export(self.library_path, self.model, self.dim) is None and not self.onnx_refusal()
 
+    def run_on_export(self) -> bool:
+        """Once `export_text` has exported both towers: run them from now on instead of the
+        loaded open_clip model, whose memory goes with it. False (nothing changes) when the
+        runtime is not onnx here or the exports are not there (refused, say)."""
+        if not self.model_loaded or self._runs_on_onnx() or not self._wants_onnx():
+            return False
+        exported = self._onnx_model()
+        if exported is None:
+            return False
+        self._image_text = exported
+        self._text_export_looked_up = False  # looked up before the export, it was not there yet
+        gc.collect()
+        return True
+
     def text_export(self) -> TextEncoder | None:
         """The library's exported text encoder, looked up once, or None."""
         if not self._text_export_looked_up:
