@@ -15,6 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+# The process's umask, read once (reading it means setting it): the files written here get
+# the permissions a plain open() would give them, not mkstemp's private 0600, so that other
+# users who may read the library (a shared or read-only copy) can read its manifest and exports.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda temporary: temporary.write_bytes(data))
@@ -32,6 +38,7 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.close(descriptor)
     temporary = Path(name)
     try:
+        os.chmod(temporary, 0o666 & ~_UMASK)
         write(temporary)
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())

@@ -125,3 +125,18 @@ def test_a_writable_library_still_caches_and_saves(stale_library: Path) -> None:
         assert json.loads((stale_library / STAMP_FILE).read_text())["ntotal"] == 3
         assert lib.vectors.ntotal == 4  # loading the index catches it up from the change log...
     assert json.loads((stale_library / STAMP_FILE).read_text())["ntotal"] == 4  # ...and saves it
+
+
+def test_files_written_atomically_get_the_umask_s_permissions_not_private_ones(library: Library, tmp_path: Path) -> None:
+    """Another user reading the library (its owner's umask 022) can read its manifest, stamp and export settings."""
+    import os
+    import stat
+
+    from clipdex.search.atomic import write_json_atomic
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    write_json_atomic(tmp_path / "settings.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "settings.json").stat().st_mode) == expected
+    assert stat.S_IMODE((library.path / "manifest.json").stat().st_mode) == expected
