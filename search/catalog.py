@@ -64,7 +64,9 @@ from clipdex.search.catalog_types import (
     FileRecord,
     ItemRow,
     NewItem,
+    chunks,
     database_error,
+    folder_prefix,
 )
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
@@ -362,7 +364,7 @@ class Catalog:
         with self.sessions.begin() as session:
             generation = self._next_generation(session)
             touched: list[int] = []
-            for chunk in _chunks(remove_ids, 500):
+            for chunk in chunks(remove_ids):
                 session.execute(delete(Item).where(Item.id.in_(chunk)))
             touched.extend(remove_ids)
             for item_id, columns in moves:
@@ -401,7 +403,7 @@ class Catalog:
         columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
         with self.sessions() as session:
             for root in roots:
-                prefix = root.rstrip("/\\") + _separator(root)
+                prefix = folder_prefix(root)
                 query = select(*columns).where(Item.path >= prefix, Item.path < prefix[:-1] + chr(ord(prefix[-1]) + 1))
                 for row in session.execute(query):
                     records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
@@ -412,7 +414,7 @@ class Catalog:
         records: dict[str, FileRecord] = {}
         columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
         with self.sessions() as session:
-            for chunk in _chunks(list(paths), 500):
+            for chunk in chunks(list(paths)):
                 for row in session.execute(select(*columns).where(Item.path.in_(chunk))):
                     records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
         return records
@@ -421,7 +423,7 @@ class Catalog:
         """Item ids by image path, for the paths that are in the catalog."""
         found: dict[str, int] = {}
         with self.sessions() as session:
-            for chunk in _chunks(list(paths), 500):
+            for chunk in chunks(list(paths)):
                 found.update((row.path, row.id) for row in session.execute(select(Item.path, Item.id).where(Item.path.in_(chunk))))
         return found
 
@@ -431,7 +433,7 @@ class Catalog:
         from_file = Item.size.is_not(None) | Item.mtime_ns.is_not(None) | Item.content_hash.is_not(None)
         found: dict[str, tuple[int, bool]] = {}
         with self.sessions() as session:
-            for chunk in _chunks(list(paths), 500):
+            for chunk in chunks(list(paths)):
                 for row in session.execute(select(Item.path, Item.id, from_file).where(Item.path.in_(chunk))):
                     found[str(row[0])] = (int(row[1]), bool(row[2]))
         return found
@@ -440,7 +442,7 @@ class Catalog:
         """Item ids by source key, for the texts of corpus `source` that are in the catalog."""
         found: dict[str, int] = {}
         with self.sessions() as session:
-            for chunk in _chunks(list(keys), 500):
+            for chunk in chunks(list(keys)):
                 query = select(Item.source_key, Item.id).where(and_(Item.source == source, Item.source_key.in_(chunk)))
                 found.update((row.source_key, row.id) for row in session.execute(query))
         return found
@@ -461,7 +463,7 @@ class Catalog:
         found: dict[int, ItemRow] = {}
         columns = [getattr(Item, name) for name in ItemRow.FIELDS]
         with self.sessions() as session:
-            for chunk in _chunks([int(i) for i in ids], 500):
+            for chunk in chunks([int(i) for i in ids]):
                 for row in session.execute(select(*columns).where(Item.id.in_(chunk))):
                     found[row[0]] = ItemRow(*row)
         return found
@@ -473,7 +475,7 @@ class Catalog:
         """Yield (ids, vectors) chunks of the stored vectors, in id order."""
         with self.sessions() as session:
             if ids is not None:
-                for chunk in _chunks(sorted(ids), 500):
+                for chunk in chunks(sorted(ids)):
                     rows = session.execute(select(Item.id, Item.vector).where(Item.id.in_(chunk)).order_by(Item.id)).all()
                     if rows:
                         yield _stack(rows, self)
@@ -717,14 +719,14 @@ class Catalog:
             return set()
         from_file = Item.size.is_not(None) | Item.mtime_ns.is_not(None) | Item.content_hash.is_not(None)
         ids: set[int] = set()
-        for part in _chunks(list(existing.values()), 500):
+        for part in chunks(list(existing.values())):
             ids.update(int(row[0]) for row in connection.execute(select(Item.id).where(Item.id.in_(part), from_file)))
         return {key for key, item_id in existing.items() if item_id in ids}
 
     def _ids_of_rows(self, connection: Connection, chunk: ImportRows) -> dict[str, int]:
         """Ids of the items that rows of `chunk` name (by image path, or text source and key)."""
         found: dict[str, int] = {}
-        for keys in _chunks(chunk.keys, 500):
+        for keys in chunks(chunk.keys):
             if chunk.kind == "image":
                 query = select(Item.path, Item.id).where(Item.path.in_(keys))
             else:
@@ -777,15 +779,6 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 def _stack(rows: Sequence[Any], catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
     return stack_rows(rows, catalog.describe(), catalog.vector_dim)
-
-
-def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
-def _separator(root: str) -> str:
-    return "\\" if "\\" in root and "/" not in root else "/"
 
 
 CATALOG_URL_ENV = "CLIPDEX_CATALOG_URL"

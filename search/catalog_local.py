@@ -41,7 +41,9 @@ from clipdex.search.catalog_types import (
     FileRecord,
     ItemRow,
     NewItem,
+    chunks,
     database_error,
+    folder_prefix,
 )
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
@@ -54,7 +56,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 CACHE_BUSY_TIMEOUT_MS = 2_000  # a query-cache write never waits long for a busy writer
-_CHUNK = 500  # ids or paths per IN (...) list
 
 
 class NotCurrent(Exception):
@@ -217,7 +218,7 @@ class LocalCatalog:
         with self._transaction() as connection:
             connection.execute("UPDATE state SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'")
             generation = self._state(connection, "generation")
-            for chunk in _chunks(remove_ids, _CHUNK):
+            for chunk in chunks(remove_ids):
                 connection.execute(f"DELETE FROM items WHERE id IN ({_marks(len(chunk))})", chunk)
             for item_id, columns in moves:
                 _update(connection, int(item_id), columns)
@@ -251,7 +252,7 @@ class LocalCatalog:
 
     def _rows_in(self, statement: str, values: Sequence[Any], before: Sequence[Any] = ()) -> Iterator[Any]:
         """`statement`'s rows for each chunk of `values` (its `{}` is the chunk's placeholders)."""
-        for chunk in _chunks(list(values), _CHUNK):
+        for chunk in chunks(list(values)):
             yield from self._rows(statement.format(_marks(len(chunk))), [*before, *chunk])
 
     def changed_since(self, generation: int) -> list[int]:
@@ -260,7 +261,7 @@ class LocalCatalog:
     def files_under(self, roots: Sequence[str]) -> dict[str, FileRecord]:
         records: dict[str, FileRecord] = {}
         for root in roots:
-            prefix = root.rstrip("/\\") + ("\\" if "\\" in root and "/" not in root else "/")
+            prefix = folder_prefix(root)
             rows = self._rows("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path >= ? AND path < ?",
                               (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)))
             for item_id, path, size, mtime_ns, content_hash in rows:
@@ -302,7 +303,7 @@ class LocalCatalog:
     def iter_vectors(self, ids: Sequence[int] | None = None, chunk_size: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids, vectors) chunks of the stored vectors, in id order (as `Catalog.iter_vectors`)."""
         if ids is not None:
-            for chunk in _chunks(sorted(int(i) for i in ids), _CHUNK):
+            for chunk in chunks(sorted(int(i) for i in ids)):
                 rows = self._rows(f"SELECT id, vector FROM items WHERE id IN ({_marks(len(chunk))}) ORDER BY id", chunk)
                 if rows:
                     yield stack_rows(rows, self.describe(), self.vector_dim)
@@ -410,8 +411,3 @@ def _update(connection: sqlite3.Connection, item_id: int, columns: dict[str, Any
 
 def _marks(count: int) -> str:
     return ", ".join("?" * count)
-
-
-def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]

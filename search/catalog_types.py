@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,3 +159,14 @@ def database_errors() -> tuple[type[BaseException], ...]:
 
     loaded = sys.modules.get("sqlalchemy.exc")
     return (sqlite3.Error,) + ((loaded.SQLAlchemyError,) if loaded is not None else ())
+
+
+def chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    """`values` in pieces of `size` (ids or paths per IN (...) list)."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def folder_prefix(root: str) -> str:
+    """`root` with one trailing separator (a backslash for a Windows path): the paths inside it start with this."""
+    return root.rstrip("/\\") + ("\\" if "\\" in root and "/" not in root else "/")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import logging
 import os
 import shutil
@@ -45,15 +44,13 @@ from clipdex.search.encoders.onnx_image import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import export_optimized, install_export
+from clipdex.search.onnx_files import export_optimized, export_or_refuse, install_export, recorded_refusal
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
-from clipdex.search.readonly import environment_error, environment_reason
 
 IMAGE_REFUSED_FILE = "image_encoder.refused.json"
 MIN_COSINE = 0.999
 OPSET = 17
 
-logger = logging.getLogger(__name__)
 
 
 class ImageExportRefused(ClipdexError):
@@ -98,13 +95,7 @@ def probe_images() -> list[tuple[str, bytes]]:
 
 def image_export_refused(library_path: Path, model: ResolvedModel) -> str | None:
     """Why an earlier export of this model (by this version of the exporter) was refused, or None."""
-    try:
-        data = json.loads((library_path / IMAGE_REFUSED_FILE).read_text())
-        if data["version"] == IMAGE_EXPORT_VERSION and ResolvedModel.from_json(data["model"]).same_model(model):
-            return None if environment_reason(str(data["reason"])) else str(data["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+    return recorded_refusal(library_path / IMAGE_REFUSED_FILE, IMAGE_EXPORT_VERSION, model)
 
 
 def ensure_image_export(library_path: Path, encoder: TorchClipEncoder, dim: int) -> ImageExportSettings | None:
@@ -117,20 +108,8 @@ def ensure_image_export(library_path: Path, encoder: TorchClipEncoder, dim: int)
         return None
     if installed_image_export(library_path, encoder.spec, dim) is not None or image_export_refused(library_path, encoder.spec):
         return None
-    try:
-        return export_image_encoder(encoder, library_path)
-    except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
-        if isinstance(error, OSError) or environment_error(error):
-            logger.info("the image encoder of %s was not exported (%s); the next run tries again", library_path, error)
-            return None
-        reason = str(error) if isinstance(error, ImageExportRefused) else f"{type(error).__name__}: {error}"
-        logger.info("the image encoder of %s was not exported: %s", library_path, reason)
-        refusal = {"version": IMAGE_EXPORT_VERSION, "model": encoder.spec.to_json(), "reason": reason[:500], "at": time.time()}
-        try:
-            write_json_atomic(library_path / IMAGE_REFUSED_FILE, refusal)
-        except OSError:
-            pass  # a read-only library: the next process tries again
-    return None
+    return export_or_refuse("image encoder", lambda: export_image_encoder(encoder, library_path), ImageExportRefused,
+                            library_path / IMAGE_REFUSED_FILE, IMAGE_EXPORT_VERSION, encoder.spec, logging.INFO)
 
 
 def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> ImageExportSettings:

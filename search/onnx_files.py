@@ -1,13 +1,23 @@
 """What the text and image tower exports share: exporting a tower and saving onnxruntime's
-optimized graph, and moving a finished export into the library."""
+optimized graph, moving a finished export into the library, and remembering a refusal."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from clipdex.search.atomic import write_json_atomic
+from clipdex.search.model import ResolvedModel
+from clipdex.search.readonly import environment_error, environment_reason
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A tower whose module holds at most this many bytes of weights is exported in memory;
 # a larger one (protobuf's 2 GiB limit on one message) through a file.
@@ -75,3 +85,36 @@ def install_export(scratch: Path, target: Path, settings_file: str) -> None:
     except OSError:
         if not (target / settings_file).exists():
             raise
+
+
+def recorded_refusal(refusal_file: Path, version: int, model: ResolvedModel) -> str | None:
+    """Why an earlier export of `model` (by exporter `version`) was refused, as `refusal_file` records, or None."""
+    try:
+        data = json.loads(refusal_file.read_text())
+        if data["version"] == version and ResolvedModel.from_json(data["model"]).same_model(model):
+            return None if environment_reason(str(data["reason"])) else str(data["reason"])  # such refusals were recorded by mistake
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def export_or_refuse(what: str, export: Callable[[], T], refused: type[Exception], refusal_file: Path, version: int,
+                     model: ResolvedModel, refusal_level: int = logging.WARNING) -> T | None:
+    """`export()`, never failing the caller: a refusal (`refused`, or an error of the exporter) is
+    recorded in `refusal_file` and not retried; an error of the environment (a read-only library,
+    a full disk: ENOSPC/EROFS/EACCES anywhere in the export) leaves things as they were, to be retried."""
+    library_path = refusal_file.parent
+    try:
+        return export()
+    except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
+        if isinstance(error, OSError) or environment_error(error):
+            logger.info("the %s of %s was not exported (%s); the next run tries again", what, library_path, error)
+            return None
+        reason = str(error) if isinstance(error, refused) else f"{type(error).__name__}: {error}"
+        logger.log(refusal_level, "the %s of %s was not exported, and will not be again: %s", what, library_path, reason)
+        refusal = {"version": version, "model": model.to_json(), "reason": reason[:500], "at": time.time()}
+        try:
+            write_json_atomic(refusal_file, refusal)
+        except OSError as failure:  # a read-only library: the next process tries again
+            logger.info("the refusal of %s's %s export was not recorded (%s)", library_path, what, failure)
+    return None

@@ -17,8 +17,6 @@ queries keep using the open_clip model.
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
 import os
 import shutil
 import tempfile
@@ -43,15 +41,14 @@ from clipdex.search.encoders.onnx_text import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import TextExportRefused
 from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import export_optimized, install_export
-from clipdex.search.readonly import environment_error, environment_reason
+from clipdex.search.onnx_files import export_optimized, export_or_refuse, install_export, recorded_refusal
+from clipdex.search.readonly import environment_error
 
 REFUSED_FILE = "text_encoder.refused.json"
 WEIGHTS_FILE = "text_encoder.onnx.data"
 MIN_COSINE = 0.999
 OPSET = 17
 
-logger = logging.getLogger(__name__)
 
 # Texts the export is verified on: plain, punctuated, numeric, accented, non-Latin,
 # emoji, HTML entities, mojibake, odd whitespace, empty, a special token's name, and
@@ -78,13 +75,7 @@ PROBE_TEXTS = (
 
 def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
     """Why an earlier export of this model (by this version of the exporter) was refused, or None."""
-    try:
-        data = json.loads((library_path / REFUSED_FILE).read_text())
-        if data["version"] == EXPORT_VERSION and ResolvedModel.from_json(data["model"]).same_model(model):
-            return None if environment_reason(str(data["reason"])) else str(data["reason"])  # such refusals were recorded by mistake
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+    return recorded_refusal(library_path / REFUSED_FILE, EXPORT_VERSION, model)
 
 
 def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) -> TextExportSettings | None:
@@ -98,24 +89,8 @@ def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) 
         return None  # not installed here: no export, and no refusal to remember either
     if installed_export(library_path, encoder.spec, dim) is not None or export_refused(library_path, encoder.spec):
         return None
-    try:
-        return export_text_encoder(encoder, library_path)
-    except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
-        if isinstance(error, OSError) or environment_error(error):
-            logger.info("the text encoder of %s was not exported (%s); the next run tries again", library_path, error)
-            return None
-        reason = str(error) if isinstance(error, TextExportRefused) else f"{type(error).__name__}: {error}"
-        logger.warning("the text encoder of %s was not exported, and will not be again: %s", library_path, reason)
-        _remember_refusal(library_path, encoder.spec, reason)
-    return None
-
-
-def _remember_refusal(library_path: Path, model: ResolvedModel, reason: str) -> None:
-    refusal = {"version": EXPORT_VERSION, "model": model.to_json(), "reason": reason[:500], "at": time.time()}
-    try:
-        write_json_atomic(library_path / REFUSED_FILE, refusal)
-    except OSError as error:  # a read-only library: the next process tries again
-        logger.info("the refusal of %s's text export was not recorded (%s)", library_path, error)
+    return export_or_refuse("text encoder", lambda: export_text_encoder(encoder, library_path), TextExportRefused,
+                            library_path / REFUSED_FILE, EXPORT_VERSION, encoder.spec)
 
 
 def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextExportSettings:

@@ -133,3 +133,12 @@ def catalog_backend(request: pytest.FixtureRequest) -> str | None:
     if request.param == "sqlite":
         return None
     return str(request.getfixturevalue("postgres_url"))
+
+
+def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
+    """The one line a failed CLI command printed on stderr (exit code 1, no traceback)."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]

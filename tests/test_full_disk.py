@@ -28,20 +28,13 @@ from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
 from clipdex.search.text_export import EXPORT_FOLDER, REFUSED_FILE, ensure_text_export
 from clipdex.search.vectors import INDEX_FILE, STAMP_FILE
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 FAISS_WRITE_ERROR = (
     "Error in void faiss::FileIOWriter::operator()(const void*, size_t, size_t) at faiss/impl/io.cpp:120: "
     "Error: 'ret == nitems' failed: write error in vectors.faiss: 0 != 1 (No space left on device)"
 )
-
-
-def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def make_stale(library: Library, count: int, seed: int = 0) -> None:

@@ -15,16 +15,9 @@ from clipdex.cli.main import app
 from clipdex.indexer import index_paths
 from clipdex.search.errors import CorruptLibrary
 from clipdex.search.library import Library
+from tests.conftest import one_line_error
 
 runner = CliRunner()
-
-
-def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture
