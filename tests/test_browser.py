@@ -129,6 +129,37 @@ def test_image_upload_and_filters(page: Any, photos_and_server: tuple[list[Path]
     expect(page.locator(".hit")).to_have_count(0)
 
 
+def test_a_late_answer_never_replaces_a_newer_search(page: Any, photos_and_server: tuple[list[Path], str, Library]) -> None:
+    """Two searches in flight, answered out of order: the page shows the newer one's answer."""
+    from playwright.sync_api import expect
+
+    _photos, url, _library = photos_and_server
+    held: list[Any] = []
+
+    def hold_the_first(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)  # answered only after the newer search has been shown
+
+    open_with_token(page, url)
+    page.route("**/search", hold_the_first)
+    page.fill("#query", "a photo")
+    page.press("#query", "Enter")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'Searching…'")
+    page.click("#filters summary")
+    page.fill("#filter-min-width", "97")
+    page.press("#filter-min-width", "Enter")
+    expect(page.locator("#status")).to_contain_text("No results")
+    assert len(held) == 1
+
+    with page.expect_request_finished(lambda request: request.url.endswith("/search")):
+        held[0].continue_()
+    page.wait_for_timeout(300)  # time for the page to handle the late answer
+    expect(page.locator("#status")).to_contain_text("No results")
+    expect(page.locator(".hit")).to_have_count(0)
+
+
 def test_paging_with_more_results(page: Any, photos_and_server: tuple[list[Path], str, Library]) -> None:
     from playwright.sync_api import expect
 

@@ -16,6 +16,7 @@ const state = {
   imageFile: null, // the image chosen or dropped, until it is cleared
   offset: 0,
   thumbnailUrls: [],
+  searchNumber: 0, // counts searches started; only the latest one may show its answer
 };
 
 const $ = (id) => document.getElementById(id);
@@ -106,15 +107,20 @@ async function runSearch(append = false) {
   state.offset = append ? state.offset + options.k : 0;
   options.offset = state.offset;
   setStatus(append ? "Loading more…" : "Searching…");
+  // Searches overlap (a filter changed while the last one ran; the server may answer them in
+  // any order): an answer is shown only while no newer search has started since it was asked.
+  const number = ++state.searchNumber;
+  const isLatest = () => number === state.searchNumber;
   try {
     const response = await (request.imageFile ? imageSearch(request, options) : jsonSearch(request, options));
     const result = await response.json();
+    if (!isLatest()) return;
     renderHits(result.hits, append);
     $("more-button").hidden = result.hits.length < options.k;
     const shown = $("results").children.length;
     setStatus(shown ? `${shown} results for ${describe(request)} (${result.took_ms} ms)` : `No results for ${describe(request)}.`);
   } catch (error) {
-    setStatus(error.message, true);
+    if (isLatest()) setStatus(error.message, true);
   }
 }
 
