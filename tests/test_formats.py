@@ -227,3 +227,33 @@ def test_a_file_swapped_for_a_fifo_after_its_stat_is_refused_without_blocking(tm
         os.close(os.open(swapped, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open return
         pytest.fail("opening the FIFO blocked")
     assert outcome == ["a FIFO (named pipe), not a regular file: only regular files are read"]
+
+
+def test_a_jpeg_is_handed_to_the_decoder_in_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder releases the GIL while it decodes; a loop over 64 KiB blocks would need it
+    back for every block, and stall behind any thread busy in Python (an import, an export)."""
+    import io
+
+    rng = np.random.default_rng(3)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8), "RGB").save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    assert len(data) > 20 * 65536
+    calls: list[int] = []
+    getdecoder = Image._getdecoder
+
+    class Counted:
+        def __init__(self, decoder):  # type: ignore[no-untyped-def]
+            self.decoder = decoder
+
+        def decode(self, chunk):  # type: ignore[no-untyped-def]
+            calls.append(len(chunk))
+            return self.decoder.decode(chunk)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.decoder, name)
+
+    monkeypatch.setattr(Image, "_getdecoder", lambda *args, **kwargs: Counted(getdecoder(*args, **kwargs)))
+    decoded = decode_image(data, draft_size=512)
+    assert decoded.width == 2000 and decoded.image.size == (1000, 750)  # drafted to a quarter, as before
+    assert 1 <= len(calls) <= 2, calls  # all bytes at once (and the end of the data)
