@@ -65,3 +65,27 @@ def test_text_queries_use_the_cache_then_the_model_then_the_export(tiny_model: M
     assert isinstance(fresh.text(), OnnxTextEncoder)
     assert float(fresh.encode_text("a blue square") @ encoders.image_text.encode_texts(["a blue square"])[0]) >= 0.999
     assert not fresh.model_loaded
+
+
+def test_a_model_with_a_checkpoint_skips_random_init_and_loads_every_weight(tiny_model: ModelSpec) -> None:
+    import threading
+
+    import open_clip
+    import torch
+
+    from clipdex.search.encoders.torch_clip import TorchClipEncoder, _weights_left_uninitialized
+
+    resolved = tiny_model.resolve()
+    ours = TorchClipEncoder(resolved, "cpu").load().model.state_dict()
+    theirs = open_clip.create_model(resolved.name, pretrained=resolved.checkpoint).state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+    elsewhere: list[float] = []
+    with _weights_left_uninitialized(True):
+        here = torch.nn.init.normal_(torch.zeros(1000))
+        thread = threading.Thread(target=lambda: elsewhere.append(float(torch.nn.init.normal_(torch.zeros(1000)).std())))
+        thread.start()
+        thread.join()
+    assert float(here.abs().max()) == 0.0  # skipped in the thread that builds the model
+    assert elsewhere[0] > 0.5  # another thread's initialization is untouched
+    assert float(torch.nn.init.normal_(torch.zeros(1000)).std()) > 0.5  # and so is this one's, afterwards

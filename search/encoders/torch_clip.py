@@ -7,12 +7,14 @@ sha256 the library recorded when it was made.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +28,52 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 DEVICES = ("auto", "cpu", "cuda")
+
+# torch.nn.init's in-place initializers: a model whose weights all come from a checkpoint
+# need not spend a second or more drawing random ones first
+INITIALIZERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+_skip_init = threading.local()
+_patch_lock = threading.Lock()
+_patched = False
+
+
+@contextmanager
+def _weights_left_uninitialized(skip: bool) -> Iterator[None]:
+    """While building a model in this thread (`skip`), torch.nn.init's initializers do nothing.
+
+    Only for a model that then loads a checkpoint strictly (open_clip's `create_model` does,
+    for a file and for a pretrained tag): every parameter and buffer is then overwritten.
+    Other threads are not affected: the initializers are wrapped once, and check whose call it is.
+    """
+    if not skip:
+        yield
+        return
+    import torch.nn.init
+
+    global _patched
+    with _patch_lock:
+        if not _patched:
+            for name in INITIALIZERS:
+                original = getattr(torch.nn.init, name, None)
+                if original is not None:
+                    setattr(torch.nn.init, name, _unless_skipping(original))
+            _patched = True
+    _skip_init.active = True
+    try:
+        yield
+    finally:
+        _skip_init.active = False
+
+
+def _unless_skipping(initializer: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(initializer)
+    def initialize(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_skip_init, "active", False):
+            return tensor
+        return initializer(tensor, *args, **kwargs)
+
+    return initialize
 
 
 class TorchClipEncoder(ImageTextEncoder):
@@ -82,9 +130,10 @@ class TorchClipEncoder(ImageTextEncoder):
                 "(its sha256 differs); restore the original weights, or index into a new library"
             )
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, device=device, precision=precision
-            )
+            with _weights_left_uninitialized(pretrained is not None):  # the weights loaded next replace them all
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=pretrained, device=device, precision=precision
+                )
         except RuntimeError as error:
             message = str(error)
             if spec.pretrained and ("download" in message.lower() or "tag" in message.lower()):
