@@ -2,15 +2,18 @@
 
 A new library's first index run must load the open_clip model anyway, to export it (once
 for the library, see `LibraryEncoders.export_text`); afterwards the library runs on
-onnxruntime. Rather than index on torch and export at the end, such a run exports first,
-on a thread of its own, lets the torch model's memory go and embeds every photo with the
-exported model, the one later runs use. The export is mostly serial work (tracing,
-graph passes, writing files), so the decoders fill the other cores meanwhile (all but
-one, up to EXPORT_AHEAD_BATCHES batches further ahead than usual: `clipdex.indexer.local`):
-they need only open_clip's preprocessing, which `ImagePreprocess` reproduces exactly (the
-same arrays), known as soon as the model is loaded; the model lanes wait for the export.
+onnxruntime. Rather than index on torch and export at the end, such a run loads the model
+and exports its image tower first, on a thread of its own, embeds every photo with that
+export (the one later runs use) as soon as it is verified, and exports the text tower
+meanwhile; the torch model's memory goes after that. Loading and exporting are mostly
+serial work (importing open_clip, tracing, graph passes), so the decoders fill the other
+cores from the start (all but one, up to EXPORT_AHEAD_BATCHES batches further ahead than
+usual: `clipdex.indexer.local`). They need only open_clip's preprocessing, which
+`ImagePreprocess` reproduces exactly (the same arrays): before the model is loaded they use
+what its config says it will be (`expected_preprocess`); once it is loaded, the model's own.
+Should the two differ, the files prepared before are prepared again before they are embedded.
 
-When the export is refused, the run embeds with the torch model as before (the arrays
+When the image export is refused, the run embeds with the torch model as before (the arrays
 the decoders made are the ones its own transform makes).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from clipdex.search.cores import available_cores
 from clipdex.search.library import Library
-from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
+from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess, expected_preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -36,7 +40,7 @@ class FirstExport:
 
     The model is loaded, and the export started, when the first file is decoded (as an
     index run loads the model only when something must be embedded); `wait` holds a model
-    lane until the export is done and the library runs on what it made.
+    lane until the images can be embedded on what the export made (or, refused, on torch).
     """
 
     def __init__(self, library: Library, model_threads: int | None, images: int) -> None:
@@ -45,10 +49,15 @@ class FirstExport:
         self.images = images  # about how many images the run embeds (`expect_images`)
         self.seconds = 0.0  # what the export took (0: nothing was exported)
         self._lock = threading.Lock()
-        self._preprocess: ImagePreprocess | None = None
+        self._expected = expected_preprocess(library.model)  # until the model is loaded
+        self._expected_arrays: dict[int, "weakref.ref[np.ndarray]"] = {}  # made with it, not embedded yet
+        self.expected_wrong = False  # the model's own preprocessing turned out to differ
+        self._preprocess: ImagePreprocess | None = None  # the model's own, once it is loaded
         self._torch_prepare: Any = None  # open_clip's own transform, when the port cannot reproduce it
         self._thread: threading.Thread | None = None
-        self._done = threading.Event()
+        self._loaded = threading.Event()  # the model is loaded (or failed to): its preprocessing known
+        self._ready = threading.Event()  # images can be embedded (or the export failed)
+        self._finished = threading.Event()  # the export thread is done
         self._error: BaseException | None = None
         self._turns = threading.Condition()
         self._decoding = 0
@@ -72,49 +81,83 @@ class FirstExport:
     @property
     def image_size(self) -> int:
         self._begin()
+        if not self._loaded.is_set() and self._expected is not None:
+            return self._expected.image_size
+        self._wait_loaded()
         if self._preprocess is not None:
             return self._preprocess.image_size
         return int(self.library.encoder.image_size)
 
     def prepare(self, image: "Image.Image") -> np.ndarray:
         self._begin()
+        if not self._loaded.is_set() and self._expected is not None:
+            pixels = self._expected(image)
+            with self._lock:
+                self._expected_arrays[id(pixels)] = weakref.ref(pixels)
+            return pixels
+        self._wait_loaded()
         if self._preprocess is not None:
             return self._preprocess(image)
-        self._done.wait()  # open_clip's transform runs on torch: not while the export traces the model
+        self._ready.wait()  # open_clip's transform runs on torch: not while the export traces the model
         return np.asarray(self._torch_prepare(image), dtype=np.float32)
+
+    def prepared_wrongly(self, pixels: np.ndarray) -> bool:
+        """Whether `pixels` were prepared as expected before the model was loaded, and the
+        model's own preprocessing differs (call after `wait`): they must be prepared again."""
+        if not self.expected_wrong:
+            return False
+        with self._lock:
+            made = self._expected_arrays.get(id(pixels))
+            return made is not None and made() is pixels
+
+    def _wait_loaded(self) -> None:
+        self._loaded.wait()
+        if self._error is not None:
+            raise self._error
 
     # -- the export ----------------------------------------------------------------------
 
     def _begin(self) -> None:
-        """Load the model and start the export, once (the first file's decoder does it)."""
+        """Start loading the model and exporting it, once (the first file's decoder does it)."""
         with self._lock:
             if self._thread is not None:
                 return
-            encoder = self.library.encoder
-            encoder.load()  # its errors end the run, as loading the model for the first file always did
-            try:
-                self._preprocess = ImagePreprocess.of_open_clip_model(getattr(encoder, "model"))
-            except UnsupportedPreprocess:
-                self._torch_prepare = encoder.prepare  # the image export will be refused: torch embeds
             self._thread = threading.Thread(target=self._export, name="clipdex-export", daemon=True)
             self._thread.start()
 
     def _export(self) -> None:
         started = time.monotonic()
         try:
-            exported = self.library.export_text_encoder()
-            self.library.encoders.run_on_export()  # the torch model's memory goes here, when it switched
             encoder = self.library.encoder
-            if self.model_threads is not None:
-                encoder.set_threads(self.model_threads)
-            encoder.expect_images(self.images)
+            # the export's own forward passes (its checks) on the core the decoders leave it
+            encoder.set_threads(max(1, available_cores() - self.decoders_while_exporting))
+            try:
+                encoder.load()  # its errors end the run, as loading the model for the first file always did
+                try:
+                    self._preprocess = ImagePreprocess.of_open_clip_model(getattr(encoder, "model"))
+                except UnsupportedPreprocess:
+                    self._torch_prepare = encoder.prepare  # the image export will be refused: torch embeds
+                self.expected_wrong = self._expected is not None and self._expected != self._preprocess
+            finally:
+                self._loaded.set()
+            exported = self.library.encoders.export_images_first(self._images_ready)
             self.seconds = time.monotonic() - started if exported else 0.0
-        except BaseException as error:  # handed to the lanes and to finish(): the run ends with it
+        except BaseException as error:  # handed to the decoders, the lanes and finish(): the run ends with it
             self._error = error
         finally:
-            self._done.set()
+            self._loaded.set()
+            self._ready.set()
+            self._finished.set()
             with self._turns:
                 self._turns.notify_all()
+
+    def _images_ready(self) -> None:
+        """The encoder the lanes embed with is settled: set it up for them, and let them go."""
+        encoder = self.library.encoder
+        if self.model_threads is not None:
+            encoder.set_threads(self.model_threads)
+        encoder.expect_images(self.images)
+        self._ready.set()
 
     @contextmanager
     def decoding_turn(self) -> Iterator[None]:
@@ -132,14 +175,14 @@ class FirstExport:
     @property
     def exporting(self) -> bool:
         """Whether the export has started and is not done yet."""
-        return self._thread is not None and not self._done.is_set()
+        return self._thread is not None and not self._finished.is_set()
 
     def wait(self) -> None:
-        """Until the export is done, if it was started (a model lane calls this before embedding)."""
+        """Until the images can be embedded, if the export was started (a model lane calls this first)."""
         with self._lock:
             started = self._thread is not None
         if started:
-            self._done.wait()
+            self._ready.wait()
             if self._error is not None:
                 raise self._error
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from clipdex.indexer.first_export import FirstExport
 from clipdex.indexer.report import Failure, IndexReport
-from clipdex.indexer.rules import ScanDiff, _commit, _embed, _HashLookup, _Job, _prepare, _Prepared
+from clipdex.indexer.rules import ScanDiff, _commit, _embed, _HashLookup, _Job, _prepare, _prepare_again, _Prepared
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.library import Library
@@ -54,7 +54,10 @@ class ThreadPlan:
 
 
 MAX_LANES = 4  # each lane holds a batch and its activations: bound the memory on many-core machines
-EXPORT_AHEAD_BATCHES = 3  # batches decoded further ahead while a first export runs (`FirstExport`)
+# batches decoded further ahead while a first export runs (`FirstExport`): the decoders have
+# the time (loading open_clip and exporting take 10 s and more); 8 batches of 32 inputs of a
+# 256-pixel model are about 200 MB
+EXPORT_AHEAD_BATCHES = 8
 
 
 def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
@@ -208,6 +211,9 @@ def _split(batch: list[_Prepared], parts: int) -> list[list[_Prepared]]:
 def _embed_when_ready(first_export: FirstExport | None, library: Library, batch: list[_Prepared]) -> dict[int, np.ndarray]:
     if first_export is not None:
         first_export.wait()
+        for prepared in batch:
+            if prepared.pixels is not None and first_export.prepared_wrongly(prepared.pixels):
+                _prepare_again(prepared, first_export)
     return _embed(library, batch)
 
 

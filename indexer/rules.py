@@ -173,6 +173,20 @@ def _prepare(job: _Job, encoder: ImagePreparer, hashes: _HashLookup) -> _Prepare
     return prepared
 
 
+def _prepare_again(prepared: _Prepared, encoder: ImagePreparer) -> None:
+    """Decode and preprocess the file again (its pixels were made in a way that turned out
+    wrong), from its bytes read anew: a file whose bytes changed since is reported as failed."""
+    prepared.pixels = None
+    try:
+        data, identity = _read_file(prepared.job.file.path, prepared.job.file.size)
+    except (OSError, UnreadableFile):
+        data, identity = b"", None
+    if identity != prepared.identity or hash_bytes(data) != prepared.content_hash:
+        prepared.error = "file changed during the run; run index again"
+        return
+    _decode_into(prepared, data, encoder)
+
+
 def _read_file(path: str, scanned_size: int) -> tuple[bytes, tuple[int, int]]:
     """The file's bytes and its (device, inode), both of the one file that was opened: a
     regular file, read up to one byte past the size the scan saw (which was within the limit)."""

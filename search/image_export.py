@@ -132,7 +132,7 @@ def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> Image
             min_cosine=0.0, probe_images=0, open_clip_version=open_clip.__version__,
             onnxruntime_version=onnxruntime.__version__, export_seconds=0.0, created_at=time.time(),
         )
-        settings.min_cosine, settings.dim, settings.probe_images = verify(encoder, OnnxClipEncoder(scratch, settings, None))
+        settings.min_cosine, settings.dim, settings.probe_images = verify(encoder, OnnxClipEncoder(scratch, settings, None, threads=encoder.threads))
         if settings.min_cosine < MIN_COSINE:
             raise ImageExportRefused(f"the image encoder cannot be exported faithfully (cosine {settings.min_cosine:.5f} "
                                      f"with open_clip, below {MIN_COSINE})")

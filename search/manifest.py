@@ -12,7 +12,7 @@ from typing import Any
 
 from clipdex.search.atomic import write_json_atomic
 from clipdex.search.errors import CorruptLibrary, ModelUnavailable
-from clipdex.search.model import ResolvedModel
+from clipdex.search.model import ResolvedModel, architecture_config
 from clipdex.search.vectors import IndexSpec
 
 FORMAT_VERSION = 1
@@ -66,9 +66,11 @@ class Manifest:
 
 
 def embedding_dim(model: ResolvedModel) -> int:
-    """The model's vector dimension, from its config (open_clip's registry for a named model)."""
-    if model.config is not None:
-        return int(model.config["embed_dim"])
+    """The model's vector dimension, from its config (open_clip's registry for a named model:
+    its JSON file, read without importing open_clip where that file is there)."""
+    config = architecture_config(model)
+    if config is not None:
+        return int(config["embed_dim"])
     import open_clip
 
     config = open_clip.get_model_config(model.name)

@@ -83,6 +83,31 @@ class ModelSpec:
         )
 
 
+def architecture_config(model: "ResolvedModel") -> dict[str, Any] | None:
+    """The model's architecture config without importing open_clip: the user's config file,
+    or the JSON file of open_clip's registry (`model_configs/NAME.json`, what
+    `open_clip.get_model_config` reads). None for names the registry does not hold as a file
+    (a schema such as `hf-hub:`), for which open_clip itself must be asked."""
+    if model.config is not None:
+        return model.config
+    import importlib.util
+
+    if not model.name or any(character in model.name for character in ":/\\") or model.name.startswith("."):
+        return None
+    try:
+        spec = importlib.util.find_spec("open_clip")  # finds the package without running it
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        for location in locations:
+            path = Path(location) / "model_configs" / f"{model.name}.json"
+            if path.is_file():
+                config = json.loads(path.read_text())
+                if isinstance(config, dict) and all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+                    return config
+    except (ImportError, OSError, ValueError):
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model pinned down exactly: what the manifest records and the encoder loads."""

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from clipdex.search.model import ResolvedModel, architecture_config
+
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads; not ported
 
@@ -75,6 +77,40 @@ class ImagePreprocess:
         scaled = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255.0)
         pixels: np.ndarray = (scaled - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+
+# open_clip's defaults (`open_clip.transform.PreprocessCfg`: OpenAI's normalization)
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def expected_preprocess(model: ResolvedModel) -> ImagePreprocess | None:
+    """What open_clip's transform for `model` will most likely be, known without importing
+    open_clip: its config's image size with open_clip's default normalization, for weights
+    from a checkpoint file or none (a pretrained tag brings settings of its own: None).
+
+    Only an expectation, for work that may start before the model loads; whoever uses it
+    compares it with `of_open_clip_model` once the model is loaded (`clipdex.indexer.first_export`).
+    """
+    if model.pretrained is not None:
+        return None
+    config = architecture_config(model)
+    if config is None:
+        return None
+    try:
+        size = config["vision_cfg"]["image_size"]
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                return None
+            size = size[0]
+        settings = {"mean": DEFAULT_MEAN, "std": DEFAULT_STD, "interpolation": "bicubic", "resize_mode": "shortest",
+                    **(config.get("preprocess_cfg") or {})}
+        if settings.get("mode", "RGB") != "RGB":
+            return None
+        return ImagePreprocess(int(size), _triple(float(v) for v in settings["mean"]), _triple(float(v) for v in settings["std"]),
+                               str(settings["interpolation"]), str(settings["resize_mode"]))
+    except (KeyError, TypeError, ValueError):  # UnsupportedPreprocess too: the model's own settings decide
+        return None
 
 
 def _triple(values: Iterable[float]) -> tuple[float, float, float]:

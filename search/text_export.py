@@ -139,7 +139,7 @@ def _export_verified(
         settings.trimmed = trimmed
         try:
             _export_onnx(encoder, scratch, trimmed, tokenizer(PROBE_TEXTS[:2]))
-            worst = _worst_cosine(OnnxTextEncoder(scratch, settings, tokenizer=tokenizer), reference)
+            worst = _worst_cosine(OnnxTextEncoder(scratch, settings, threads=encoder.threads, tokenizer=tokenizer), reference)
         except Exception as error:  # the exporter and onnxruntime raise many types; any means "not this way"
             if environment_error(error):
                 raise  # a full disk, a read-only folder: not the model's fault, so not a refusal

@@ -128,10 +128,11 @@ def test_the_photos_are_decoded_further_ahead_while_the_first_export_runs(librar
     import threading
     import time
 
-    make_images(tmp_path / "photos", 40)
+    photos = 16 + local.EXPORT_AHEAD_BATCHES * 4 + 8  # more than the decoders may get ahead
+    make_images(tmp_path / "photos", photos)
     monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(2, 1, 2, split_batches=True))
     lock, prepared, during_export = threading.Lock(), [0], []
-    prepare, export = local._prepare, LibraryEncoders.export_text
+    prepare, export = local._prepare, LibraryEncoders.export_images_first
 
     def counted_prepare(*args):  # type: ignore[no-untyped-def]
         result = prepare(*args)
@@ -139,19 +140,101 @@ def test_the_photos_are_decoded_further_ahead_while_the_first_export_runs(librar
             prepared[0] += 1
         return result
 
-    def slow_export(self, image=True):  # type: ignore[no-untyped-def]
+    def slow_export(self, images_ready):  # type: ignore[no-untyped-def]
         time.sleep(1.5)  # long enough for the decoders to get as far ahead as they may
         with lock:
             during_export.append(prepared[0])
-        return export(self, image)
+        return export(self, images_ready)
 
     monkeypatch.setattr(local, "_prepare", counted_prepare)
-    monkeypatch.setattr(LibraryEncoders, "export_text", slow_export)
+    monkeypatch.setattr(LibraryEncoders, "export_images_first", slow_export)
     report = index_paths(library, [tmp_path / "photos"], batch_size=4)
-    assert report.added == 40 and report.export_seconds > 1.5 and isinstance(library.encoder, OnnxClipEncoder)
+    assert report.added == photos and report.export_seconds > 1.5 and isinstance(library.encoder, OnnxClipEncoder)
     # without the export: two batches held for the lanes and a batch + 2 per worker decoding (16);
     # while it runs, EXPORT_AHEAD_BATCHES more batches
     assert 16 < during_export[0] <= 16 + local.EXPORT_AHEAD_BATCHES * 4
+
+
+def test_the_first_run_embeds_on_the_image_export_while_the_text_tower_exports(library: Library, tmp_path: Path, make_images,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from clipdex.search import text_export
+
+    make_images(tmp_path / "photos", 12)
+    monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(1, 1, 1))
+    embedded, text_export_started, text_export_done = threading.Event(), threading.Event(), threading.Event()
+    during_text_export: list[str] = []
+    embed, export_text_tower = local._embed, text_export.ensure_text_export
+
+    def recorded_embed(lib, batch):  # type: ignore[no-untyped-def]
+        if text_export_started.is_set() and not text_export_done.is_set():
+            during_text_export.append(type(lib.encoder).__name__)
+        vectors = embed(lib, batch)
+        embedded.set()
+        return vectors
+
+    def waiting_text_export(*args):  # type: ignore[no-untyped-def]
+        text_export_started.set()
+        embedded.wait(timeout=10)  # the lanes embed meanwhile: they need only the image export
+        try:
+            return export_text_tower(*args)
+        finally:
+            text_export_done.set()
+
+    monkeypatch.setattr(local, "_embed", recorded_embed)
+    monkeypatch.setattr(text_export, "ensure_text_export", waiting_text_export)
+    report = index_paths(library, [tmp_path / "photos"], batch_size=4)
+    assert report.added == 12 and not report.failed and report.export_seconds > 0
+    assert during_text_export and set(during_text_export) == {"OnnxClipEncoder"}
+    assert isinstance(library.encoder, OnnxClipEncoder) and library.encoders.runtime() == "onnx"
+    assert library.encoders.text_export() is not None  # both towers exported by the one run
+
+
+def test_photos_prepared_before_the_model_loaded_are_prepared_again_when_its_preprocessing_differs(
+        library: Library, tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from clipdex.indexer import first_export, rules
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    paths = [photo_like(photos / f"p{i}.jpg", i, (1200, 900) if i % 2 else (900, 1200)) for i in range(8)]
+    true = ImagePreprocess.of_open_clip_model(TorchClipEncoder(library.model, "cpu").load().model)
+    wrong = ImagePreprocess(2 * true.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), true.interpolation, true.resize_mode)
+    monkeypatch.setattr(first_export, "expected_preprocess", lambda model: wrong)
+    load = TorchClipEncoder.load
+    monkeypatch.setattr(TorchClipEncoder, "load", lambda self: time.sleep(0.5) or load(self))  # decoders go first
+    again: list[str] = []
+    prepare_again = rules._prepare_again
+    monkeypatch.setattr(local, "_prepare_again", lambda prepared, encoder: again.append(prepared.job.file.path)
+                        or prepare_again(prepared, encoder))
+    report = index_paths(library, [photos], batch_size=4)
+    assert report.added == 8 and not report.failed and again
+    expected = reference_image_vectors(tiny_model, paths)
+    stored = {item.path: item.vector_array() for item in library.catalog.get_items(library.catalog.ids().tolist()).values()}
+    for path, reference in zip(paths, expected):
+        assert float(np.dot(stored[str(path)], reference)) >= 0.999, path.name
+
+
+def test_the_expected_preprocessing_is_open_clips_own_and_needs_no_open_clip(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    import open_clip
+
+    from clipdex.search.preprocess import expected_preprocess
+
+    resolved = tiny_model.resolve()
+    open_clip.add_model_config(resolved.config_path)
+    loaded = open_clip.create_model(resolved.name, pretrained=resolved.checkpoint)
+    assert expected_preprocess(resolved) == ImagePreprocess.of_open_clip_model(loaded)
+    for name in ("ViT-B-32-256", "RN50"):  # from open_clip's registry, read without importing it
+        registry = ModelSpec(name, "none").resolve()
+        assert expected_preprocess(registry) == ImagePreprocess.of_open_clip_model(open_clip.create_model(name, pretrained=None))
+    assert expected_preprocess(ModelSpec("ViT-B-32", "laion2b_s34b_b79k").resolve()) is None  # a tag has its own settings
+    code = ("import sys; from clipdex.search.model import ModelSpec; from clipdex.search.preprocess import expected_preprocess; "
+            "from clipdex.search.manifest import embedding_dim; model = ModelSpec('ViT-B-32-256', 'none').resolve(); "
+            "print(expected_preprocess(model).image_size, embedding_dim(model), 'open_clip' in sys.modules, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["256", "512", "False", "False"]
 
 
 def test_a_run_of_many_photos_starts_with_prepacked_weights_and_keeps_them(library: Library, tmp_path: Path, make_images,

@@ -6,7 +6,7 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -148,6 +148,44 @@ class LibraryEncoders:
         self._text_export_looked_up = False  # looked up before the export, it was not there yet
         gc.collect()
         return True
+
+    def export_images_first(self, images_ready: Callable[[], None]) -> float:
+        """`export_text` for a first run that embeds images: the image tower first; as soon as
+        it is exported, the library's images run on it (`images_ready` is called then, or, when
+        it was refused, once the text tower is exported too and the images stay on torch), and
+        the text tower is exported meanwhile, from the torch model, whose memory goes afterwards.
+        Returns the seconds both took (0: nothing was exported)."""
+        from clipdex.search.encoders.onnx_image import load_image_export
+        from clipdex.search.encoders.onnx_text import installed_export
+        from clipdex.search.encoders.torch_clip import TorchClipEncoder
+
+        torch_model = self._image_text
+        if not (self.model_loaded and isinstance(torch_model, TorchClipEncoder)) or torch_model.device != "cpu" \
+                or not self._wants_onnx():
+            images_ready()
+            return self.export_text()
+        started = time.monotonic()
+        from clipdex.search.image_export import ensure_image_export
+        from clipdex.search.text_export import ensure_text_export
+
+        exported = ensure_image_export(self.library_path, torch_model, self.dim) is not None
+        images = load_image_export(self.library_path, self.model, self.dim, self.text_export)
+        if images is not None:
+            self._image_text = images  # its texts: the text export, looked up once it is there
+            gc.collect()
+            images_ready()
+        exported = ensure_text_export(self.library_path, torch_model, self.dim) is not None or exported
+        if images is not None:
+            self._text_export_looked_up = False  # looked up before the export, it was not there yet
+            if installed_export(self.library_path, self.model, self.dim) is None:
+                # no text export after all (refused): the library runs on torch, as the next process will
+                self._image_text = torch_model
+        del torch_model
+        gc.collect()
+        if images is None:
+            self.run_on_export()  # both towers exported only now (the image export was there before)?
+            images_ready()
+        return time.monotonic() - started if exported else 0.0
 
     def text_export(self) -> TextEncoder | None:
         """The library's exported text encoder, looked up once, or None."""
