@@ -155,8 +155,28 @@ def open_library(library: Optional[Path], model: Optional[str] = None, pretraine
             "or 'none' for random weights"
         )
     runtime = check_runtime(runtime)
-    return Library.open(library, model=model_spec(model, pretrained), create=create, device=device, catalog=catalog,
-                        runtime=runtime)
+    return opened(Library.open(library, model=model_spec(model, pretrained), create=create, device=device, catalog=catalog,
+                               runtime=runtime))
+
+
+OPENED: list[Library] = []  # the libraries this command opened, closed when it ends
+
+
+def opened(library: Library) -> Library:
+    """`library`, to be closed when the command ends (`close_opened`)."""
+    OPENED.append(library)
+    return library
+
+
+def close_opened() -> None:
+    """Close the libraries the command opened: their catalogs' connections, whose closing
+    checkpoints SQLite's write-ahead log into the catalog file."""
+    while OPENED:
+        library = OPENED.pop()
+        try:
+            library.close()
+        except Exception as error:  # the command's own outcome stands
+            err.print(f"[dim]closing {library.path}: {error}[/dim]")
 
 
 def check_runtime(runtime: str) -> str:

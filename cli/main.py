@@ -36,10 +36,12 @@ def main() -> None:
     try:
         app()
     finally:
+        common.close_opened()
         # Leave out the interpreter's last garbage collection at exit: after a run that loaded
         # torch and open_clip it walks millions of objects for about a second, only to free
-        # memory that the system takes back anyway. Files, the catalog and locks are closed
-        # by then, and objects still go when their last reference does.
+        # memory that the system takes back anyway. The catalogs are closed just above (the
+        # collection was what closed those held in reference cycles), files and locks by the
+        # commands, and objects still go when their last reference does.
         gc.freeze()
 
 

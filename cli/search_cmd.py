@@ -17,6 +17,7 @@ from clipdex.cli.common import (
     check_runtime,
     handles_errors,
     open_library,
+    opened,
     out,
     print_json,
 )
@@ -116,7 +117,7 @@ def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optio
     """The named model's encoder; else the library's (when it exists: on `runtime`); else the default model's."""
     if model is None and pretrained is None:
         try:
-            return Library.open(library, device=device, runtime=check_runtime(runtime)).encoder
+            return opened(Library.open(library, device=device, runtime=check_runtime(runtime))).encoder
         except LibraryNotFound:
             return create_encoder(ModelSpec().resolve(), device)
     if model is not None and pretrained is None:

@@ -296,3 +296,16 @@ def test_a_bad_vector_file_is_a_one_line_error(indexed, tmp_path: Path, name: st
     result = run("search", "--vector", str(path), "--library", str(library))
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: vector file {path} {reason}") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_command_closes_its_catalog_before_it_exits(tmp_path: Path, model_args: list[str], make_images) -> None:
+    """The CLI leaves out the interpreter's last garbage collection (gc.freeze); the catalogs it
+    opened are closed first, so SQLite folds its write-ahead log into the catalog file."""
+    make_images(tmp_path / "photos", 3)
+    library = tmp_path / "library"
+    for arguments in (["index", str(tmp_path / "photos"), "--library", str(library), *model_args, "--quiet"],
+                      ["search", "a photo", "--library", str(library), "--format", "paths"]):
+        result = subprocess.run([sys.executable, "-m", "clipdex.cli", *arguments], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert (library / "catalog.sqlite").is_file()
+        assert not (library / "catalog.sqlite-wal").exists(), arguments[0]  # checkpointed and removed on close
