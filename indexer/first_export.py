@@ -10,8 +10,9 @@ serial work (importing open_clip, tracing, graph passes), so the decoders fill t
 cores from the start (all but one, up to EXPORT_AHEAD_BATCHES batches further ahead than
 usual: `clipdex.indexer.local`). They need only open_clip's preprocessing, which
 `ImagePreprocess` reproduces exactly (the same arrays): before the model is loaded they use
-what its config says it will be (`expected_preprocess`); once it is loaded, the model's own.
-Should the two differ, the files prepared before are prepared again before they are embedded.
+what its config says it will be (`expected_preprocess`; with a pretrained tag, which has
+settings of its own, they wait for the model); once it is loaded, the model's own. Should
+the two differ, the files prepared before are prepared again before they are embedded.
 
 When the image export is refused, the run embeds with the torch model as before (the arrays
 the decoders made are the ones its own transform makes).
@@ -61,6 +62,7 @@ class FirstExport:
         self._error: BaseException | None = None
         self._turns = threading.Condition()
         self._decoding = 0
+        self._local = threading.local()  # a decoder's: whether its image was decoded for the expected size
         # the export is mostly one thread, with bursts on every core (its forward passes):
         # decoders on the other cores only, so that it always has one to itself
         self.decoders_while_exporting = max(1, available_cores() - 1)
@@ -80,9 +82,13 @@ class FirstExport:
 
     @property
     def image_size(self) -> int:
+        """The model's input size: as expected, until the model is loaded. (The decoder asks
+        this, then `prepare`s the image it decoded for that size: both as expected, or neither.)"""
         self._begin()
         if not self._loaded.is_set() and self._expected is not None:
+            self._local.as_expected = True
             return self._expected.image_size
+        self._local.as_expected = False
         self._wait_loaded()
         if self._preprocess is not None:
             return self._preprocess.image_size
@@ -90,15 +96,20 @@ class FirstExport:
 
     def prepare(self, image: "Image.Image") -> np.ndarray:
         self._begin()
-        if not self._loaded.is_set() and self._expected is not None:
+        as_expected = getattr(self._local, "as_expected", None)
+        if self._expected is not None and (as_expected or (as_expected is None and not self._loaded.is_set())):
+            self._local.as_expected = None
             pixels = self._expected(image)
-            with self._lock:
+            with self._lock:  # noted before the array is handed on: a lane checks it (`prepared_wrongly`)
                 self._expected_arrays[id(pixels)] = weakref.ref(pixels)
             return pixels
+        self._local.as_expected = None
         self._wait_loaded()
         if self._preprocess is not None:
             return self._preprocess(image)
         self._ready.wait()  # open_clip's transform runs on torch: not while the export traces the model
+        if self._error is not None:
+            raise self._error
         return np.asarray(self._torch_prepare(image), dtype=np.float32)
 
     def prepared_wrongly(self, pixels: np.ndarray) -> bool:
@@ -123,33 +134,43 @@ class FirstExport:
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._export, name="clipdex-export", daemon=True)
-            self._thread.start()
+            try:
+                self._thread.start()
+            except BaseException as error:  # no thread: nobody may wait for it
+                self._fail(error)
+                raise
 
     def _export(self) -> None:
-        started = time.monotonic()
         try:
             encoder = self.library.encoder
             # the export's own forward passes (its checks) on the core the decoders leave it
             encoder.set_threads(max(1, available_cores() - self.decoders_while_exporting))
+            encoder.load()  # its errors end the run, as loading the model for the first file always did
             try:
-                encoder.load()  # its errors end the run, as loading the model for the first file always did
-                try:
-                    self._preprocess = ImagePreprocess.of_open_clip_model(getattr(encoder, "model"))
-                except UnsupportedPreprocess:
-                    self._torch_prepare = encoder.prepare  # the image export will be refused: torch embeds
-                self.expected_wrong = self._expected is not None and self._expected != self._preprocess
-            finally:
-                self._loaded.set()
+                self._preprocess = ImagePreprocess.of_open_clip_model(getattr(encoder, "model"))
+            except UnsupportedPreprocess:
+                self._torch_prepare = encoder.prepare  # the image export will be refused: torch embeds
+            del encoder  # the library holds the model while it is needed, and lets it go after the export
+            self.expected_wrong = self._expected is not None and self._expected != self._preprocess
+            self._loaded.set()
+            started = time.monotonic()
             exported = self.library.encoders.export_images_first(self._images_ready)
             self.seconds = time.monotonic() - started if exported else 0.0
-        except BaseException as error:  # handed to the decoders, the lanes and finish(): the run ends with it
-            self._error = error
+        except BaseException as error:  # handed to the decoders, the lanes and the run's end
+            self._fail(error)
         finally:
-            self._loaded.set()
             self._ready.set()
             self._finished.set()
             with self._turns:
                 self._turns.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error  # before anyone waiting is let go
+        self._loaded.set()
+        self._ready.set()
+        self._finished.set()
+        with self._turns:
+            self._turns.notify_all()
 
     def _images_ready(self) -> None:
         """The encoder the lanes embed with is settled: set it up for them, and let them go."""
@@ -190,6 +211,11 @@ class FirstExport:
         """Wait for the export thread (also when the run failed); the seconds the export took."""
         with self._lock:
             thread = self._thread
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join()
         return self.seconds
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the export thread, if anything did (the run must end with it)."""
+        return self._error

@@ -58,6 +58,7 @@ MAX_LANES = 4  # each lane holds a batch and its activations: bound the memory o
 # the time (loading open_clip and exporting take 10 s and more); 8 batches of 32 inputs of a
 # 256-pixel model are about 200 MB
 EXPORT_AHEAD_BATCHES = 8
+EXPORT_AHEAD_FILES = 256  # and at most so many files, whatever the batch size
 
 
 def plan_threads(device: str, workers: int | None = None) -> ThreadPlan:
@@ -103,6 +104,8 @@ def run_jobs(
     finally:
         if first_export is not None:
             report.export_seconds = first_export.finish()
+    if first_export is not None and first_export.error is not None:
+        raise first_export.error  # after the lanes were let go: the text export's, say
 
 
 @contextmanager
@@ -166,7 +169,7 @@ def _run_jobs(
 
     def files_ahead() -> int:  # while a first export runs, the decoders use the cores it leaves
         exporting = first_export is not None and first_export.exporting
-        return ahead + EXPORT_AHEAD_BATCHES * batch_size if exporting else ahead
+        return ahead + min(EXPORT_AHEAD_BATCHES * batch_size, EXPORT_AHEAD_FILES) if exporting else ahead
     with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="clipdex-model") as model_pool:
         try:
             preparer = first_export or library.encoder

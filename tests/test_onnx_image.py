@@ -349,3 +349,41 @@ def test_the_first_index_run_says_it_exports_and_what_it_cost(tmp_path: Path, ma
     assert later.exit_code == 0 and "1 added" in later.output and "ONNX" not in later.output
     stats = CliRunner().invoke(app, ["stats", *where, "--device", "cpu"])
     assert "runtime: onnx" in stats.output
+
+
+def test_an_image_decoded_for_the_expected_size_is_prepared_as_expected_even_if_the_model_loads_between(
+        library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.indexer.first_export import FirstExport
+
+    expected = ImagePreprocess(40, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    own = ImagePreprocess(32, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    export = FirstExport(library, 1, 10)
+    monkeypatch.setattr(export, "_begin", lambda: None)  # no model, no thread: the states are set by hand
+    export._expected = expected
+    assert export.image_size == 40  # the decoder decodes for the expected size...
+    export._preprocess, export.expected_wrong = own, True
+    export._loaded.set()  # ...the model loads meanwhile, its own settings differ...
+    pixels = export.prepare(Image.new("RGB", (90, 60)))
+    assert pixels.shape == (3, 40, 40) and export.prepared_wrongly(pixels)  # ...so it is prepared again later
+    assert export.image_size == 32  # the next image: the model's own, from the start
+    later = export.prepare(Image.new("RGB", (90, 60)))
+    assert later.shape == (3, 32, 32) and not export.prepared_wrongly(later)
+
+
+def test_a_text_export_refused_after_the_photos_started_on_the_image_export_ends_the_run_on_torch(
+        library: Library, tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.search import text_export
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    paths = [photo_like(photos / f"p{i}.jpg", i, (900, 1200)) for i in range(6)]
+    monkeypatch.setattr(text_export, "_worst_cosine", lambda encoder, reference: 0.5)
+    report = index_paths(library, [photos], batch_size=2)
+    assert report.added == 6 and not report.failed
+    assert "cosine 0.50000" in json.loads((library.path / text_export.REFUSED_FILE).read_text())["reason"]
+    assert isinstance(library.encoder, TorchClipEncoder) and library.encoders.runtime() == "torch"
+    expected = reference_image_vectors(tiny_model, paths)
+    stored = {item.path: item.vector_array() for item in library.catalog.get_items(library.catalog.ids().tolist()).values()}
+    for path, reference in zip(paths, expected):
+        assert float(np.dot(stored[str(path)], reference)) >= 0.999, path.name
+    assert library.encode_text("a photo").shape == (library.dim,)  # texts on the torch model

@@ -178,8 +178,12 @@ class LibraryEncoders:
         if images is not None:
             self._text_export_looked_up = False  # looked up before the export, it was not there yet
             if installed_export(self.library_path, self.model, self.dim) is None:
-                # no text export after all (refused): the library runs on torch, as the next process will
+                # no text export after all (refused, or not written: a full disk): the rest of the
+                # run embeds on torch, as the next process will run (--runtime onnx: an error if refused)
+                torch_model.set_threads(images.threads)
                 self._image_text = torch_model
+                if self.requested_runtime == "onnx":
+                    self._onnx_model()
         del torch_model
         gc.collect()
         if images is None:

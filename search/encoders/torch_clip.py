@@ -42,8 +42,9 @@ _patched = False
 def _weights_left_uninitialized(skip: bool) -> Iterator[None]:
     """While building a model in this thread (`skip`), torch.nn.init's initializers do nothing.
 
-    Only for a model that then loads a checkpoint strictly (open_clip's `create_model` does,
-    for a file and for a pretrained tag): every parameter and buffer is then overwritten.
+    Only for a model that then loads its weights strictly (`_loads_every_weight`: open_clip's
+    `create_model` does for a registry name with a file or a pretrained tag): every parameter
+    and buffer is then overwritten.
     Other threads are not affected: the initializers are wrapped once, and check whose call it is.
     """
     if not skip:
@@ -64,6 +65,13 @@ def _weights_left_uninitialized(skip: bool) -> Iterator[None]:
         yield
     finally:
         _skip_init.active = False
+
+
+def _loads_every_weight(name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's create_model replaces every weight of `name` with `pretrained`'s,
+    strictly: a pretrained tag or checkpoint file for a registry name (a schema such as
+    `hf-hub:` ignores `pretrained`; big_vision's .npz/.npy weights load leniently)."""
+    return bool(pretrained) and ":" not in name and Path(str(pretrained)).suffix.lower() not in (".npz", ".npy")
 
 
 def _unless_skipping(initializer: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,7 +138,7 @@ class TorchClipEncoder(ImageTextEncoder):
                 "(its sha256 differs); restore the original weights, or index into a new library"
             )
         try:
-            with _weights_left_uninitialized(pretrained is not None):  # the weights loaded next replace them all
+            with _weights_left_uninitialized(_loads_every_weight(spec.name, pretrained)):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     spec.name, pretrained=pretrained, device=device, precision=precision
                 )
