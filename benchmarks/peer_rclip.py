@@ -64,7 +64,11 @@ class Run:
 
 
 def timed(command: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
-    """Run a whole process under /usr/bin/time: its wall time and peak resident memory."""
+    """Run a whole process under /usr/bin/time: its wall time and peak resident memory.
+
+    Written data still waiting to go to disk (an earlier step's library, the photos just
+    made) is flushed first, so that its writeback does not land in this step's time."""
+    os.sync()
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         started = time.perf_counter()
         result = subprocess.run(["/usr/bin/time", "-o", stats.name, "-f", "%M", *command], cwd=cwd,

@@ -172,7 +172,6 @@ class LibraryEncoders:
         images = load_image_export(self.library_path, self.model, self.dim, self.text_export)
         if images is not None:
             self._image_text = images  # its texts: the text export, looked up once it is there
-            gc.collect()
             images_ready()
         exported = ensure_text_export(self.library_path, torch_model, self.dim) is not None or exported
         if images is not None:
