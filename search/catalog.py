@@ -71,7 +71,7 @@ from clipdex.search.catalog_types import (
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
 from clipdex.search.readonly import check_schema, open_catalog_engine
-from clipdex.search.vector_rows import stack_rows
+from clipdex.search.vector_rows import concatenated, stack_rows
 
 if TYPE_CHECKING:
     from clipdex.search.locks import WriteLock
@@ -490,10 +490,7 @@ class Catalog:
                 last = rows[-1][0]
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = list(self.iter_vectors())
-        if not parts:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return concatenated(self.iter_vectors())
 
     def counts(self) -> dict[str, int]:
         with self.sessions() as session:

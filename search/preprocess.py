@@ -54,7 +54,12 @@ class ImagePreprocess:
         """The parameters open_clip uses for a loaded model (imports open_clip)."""
         import open_clip
 
-        config = open_clip.get_model_preprocess_cfg(model)
+        return cls.of_settings(open_clip.get_model_preprocess_cfg(model))
+
+    @classmethod
+    def of_settings(cls, config: dict[str, Any]) -> "ImagePreprocess":
+        """From open_clip's preprocessing settings (its `PreprocessCfg` as a dict: size, mode,
+        mean, std, interpolation, resize_mode); UnsupportedPreprocess where the port differs."""
         size = config["size"]
         if isinstance(size, (tuple, list)):
             if len(set(size)) != 1:
@@ -98,17 +103,8 @@ def expected_preprocess(model: ResolvedModel) -> ImagePreprocess | None:
     if config is None:
         return None
     try:
-        size = config["vision_cfg"]["image_size"]
-        if isinstance(size, (list, tuple)):
-            if len(set(size)) != 1:
-                return None
-            size = size[0]
-        settings = {"mean": DEFAULT_MEAN, "std": DEFAULT_STD, "interpolation": "bicubic", "resize_mode": "shortest",
-                    **(config.get("preprocess_cfg") or {})}
-        if settings.get("mode", "RGB") != "RGB":
-            return None
-        return ImagePreprocess(int(size), _triple(float(v) for v in settings["mean"]), _triple(float(v) for v in settings["std"]),
-                               str(settings["interpolation"]), str(settings["resize_mode"]))
+        return ImagePreprocess.of_settings({"mean": DEFAULT_MEAN, "std": DEFAULT_STD, **(config.get("preprocess_cfg") or {}),
+                                            "size": config["vision_cfg"]["image_size"]})
     except (KeyError, TypeError, ValueError):  # UnsupportedPreprocess too: the model's own settings decide
         return None
 

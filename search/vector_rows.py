@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -33,3 +33,11 @@ def damaged_message(catalog_path: str | Path, item_id: int, size: int, dim: int 
         f"{catalog_path}: the stored vector of item {item_id} has {size} bytes, not {wanted}; "
         "run `clipdex check` to see the damage and `clipdex check --repair` to fix what can be fixed"
     )
+
+
+def concatenated(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The (ids, vectors) chunks of a catalog's `iter_vectors` as one pair (empty: no rows)."""
+    pieces = list(parts)
+    if not pieces:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate([ids for ids, _ in pieces]), np.concatenate([vectors for _, vectors in pieces])

@@ -185,8 +185,7 @@ class LibraryEncoders:
                     self._onnx_model()
         del torch_model
         gc.collect()
-        if images is None:
-            self.run_on_export()  # both towers exported only now (the image export was there before)?
+        if images is None:  # refused, or not written (a full disk): the run embeds on torch
             images_ready()
         return time.monotonic() - started if exported else 0.0
 
