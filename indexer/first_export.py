@@ -1,25 +1,30 @@
 """The first run of a CPU library that will run on onnxruntime: export the model first, then index on the export.
 
 A new library's first index run must load the open_clip model anyway, to export it (once
-for the library, see `LibraryEncoders.export_text`); afterwards the library runs on
-onnxruntime. Rather than index on torch and export at the end, such a run loads the model
-and exports its image tower first, on a thread of its own, embeds every photo with that
-export (the one later runs use) as soon as it is verified, and exports the text tower
-meanwhile; the torch model's memory goes after that. Loading and exporting are mostly
-serial work (importing open_clip, tracing, graph passes), so the decoders fill the other
-cores from the start (all but one, up to EXPORT_AHEAD_BATCHES batches further ahead than
-usual: `clipdex.indexer.local`). They need only open_clip's preprocessing, which
-`ImagePreprocess` reproduces exactly (the same arrays): before the model is loaded they use
-what its config says it will be (`expected_preprocess`; with a pretrained tag, which has
-settings of its own, they wait for the model); once it is loaded, the model's own. Should
-the two differ, the files prepared before are prepared again before they are embedded.
+for the library); afterwards the library runs on onnxruntime. Rather than index on torch
+and export at the end, such a run has a process of its own (`clipdex.search.export_process`)
+load the model and export its image tower first, embeds every photo with that export (the
+one later runs use) as soon as it is verified, and lets that process export the text tower
+meanwhile; the torch model's memory goes with the process, and this one never imports
+torch. Loading and exporting are mostly serial work (importing open_clip, tracing, graph
+passes), so the decoders fill the other cores from the start (all but one, up to
+EXPORT_AHEAD_BATCHES batches further ahead than usual: `clipdex.indexer.local`). They need
+only open_clip's preprocessing, which `ImagePreprocess` reproduces exactly (the same
+arrays): before the model is loaded they use what its config says it will be
+(`expected_preprocess`; with a pretrained tag, which has settings of its own, they wait for
+the model); once it is loaded, the model's own, as the export process tells it. Should the
+two differ, the files prepared before are prepared again before they are embedded.
 
-When the image export is refused, the run embeds with the torch model as before (the arrays
-the decoders made are the ones its own transform makes).
+When the image export is refused, the run loads the model and embeds with torch as before
+(the arrays the decoders made are the ones its own transform makes). When the export
+process cannot start, or says it failed before the image export was made or refused, this
+process loads the model and exports on a thread of its own (`LibraryEncoders.export_images_first`),
+where the same error, if any, is raised.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -29,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from clipdex.search.cores import available_cores
+from clipdex.search.errors import ClipdexError
+from clipdex.search.export_process import ExportProcess
 from clipdex.search.library import Library
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess, expected_preprocess
 
@@ -36,8 +43,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 
+logger = logging.getLogger(__name__)
+
+# whether the model is exported in a process of its own (`clipdex.search.export_process`)
+EXPORT_PROCESS = True
+
+
 class FirstExport:
-    """The decoders' preprocessing during such a run, and the export thread behind it.
+    """The decoders' preprocessing during such a run, and the export behind it (a thread
+    that runs the export process, or exports itself).
 
     The model is loaded, and the export started, when the first file is decoded (as an
     index run loads the model only when something must be embedded); `wait` holds a model
@@ -142,6 +156,8 @@ class FirstExport:
 
     def _export(self) -> None:
         try:
+            if EXPORT_PROCESS and self._export_in_process():
+                return
             encoder = self.library.encoder
             # the export's own forward passes (its checks) on the core the decoders leave it
             encoder.set_threads(max(1, available_cores() - self.decoders_while_exporting))
@@ -163,6 +179,56 @@ class FirstExport:
             self._finished.set()
             with self._turns:
                 self._turns.notify_all()
+
+    def _export_in_process(self) -> bool:
+        """Have a process of its own load the model and export it (`ExportProcess`), and settle
+        this run by what it tells. False, with nothing settled but the preprocessing, when it
+        could not start, or said it failed before the image tower was exported or refused: this
+        process then does the rest itself (where the same error, if any, is raised)."""
+        try:
+            child = ExportProcess()
+        except OSError:
+            return False
+        threads = max(1, available_cores() - self.decoders_while_exporting)
+        try:
+            settled = self._settle(child.export(self.library.path, self.library.model.to_json(), self.library.encoders.dim,
+                                                threads))
+        finally:
+            status = child.close()
+        if settled is None:  # ended without a word: killed (out of memory, say), or interrupted
+            raise ClipdexError(f"the process exporting the model of {self.library.path} ended unexpectedly "
+                               f"({f'signal {-status}' if status < 0 else f'exit status {status}'})")
+        return settled
+
+    def _settle(self, messages: Iterator[dict[str, Any]]) -> bool | None:
+        """Act on the export process's messages: True when it exported or refused the image
+        tower (the rest of the run follows from that), False when it said it failed before,
+        None when it ended before without a word."""
+        encoders = self.library.encoders
+        loaded = next(messages, None)
+        if loaded is None or "loaded" not in loaded:
+            return None if loaded is None else self._failed(loaded)
+        if loaded.get("preprocess") is None:
+            return False  # the port cannot do it: open_clip's own transform runs here, on torch
+        self._preprocess = ImagePreprocess.from_json(loaded["preprocess"])
+        self.expected_wrong = self._expected is not None and self._expected != self._preprocess
+        self._loaded.set()
+        started = time.monotonic()
+        image = next(messages, None)
+        if image is None or "image" not in image:
+            return None if image is None else self._failed(image)
+        if not (image["image"] and encoders.use_image_export()):
+            self.library.encoder.load()  # refused (the reason is recorded), or not written: embed on torch
+        self._images_ready()
+        text = next(messages, {})  # none: it ended during the text export, which the next run tries again
+        encoders.text_exported()
+        self.seconds = time.monotonic() - started if image.get("exported") or text.get("exported") else 0.0
+        return True
+
+    def _failed(self, message: dict[str, Any]) -> bool:
+        logger.info("the process exporting the model of %s failed (%s); this process exports it",
+                    self.library.path, message.get("error", message))
+        return False
 
     def _fail(self, error: BaseException) -> None:
         self._error = error  # before anyone waiting is let go

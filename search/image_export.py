@@ -6,11 +6,14 @@ with `torch.onnx.export` into `LIBRARY/image_encoder/` (laid out as
 `clipdex.search.encoders.onnx_image` describes), with the parameters of open_clip's
 preprocessing, which `clipdex.search.preprocess` reproduces without torch.
 
-An export is used only after it has been checked against open_clip: on probe images that
+An export is used only after it has been checked against open_clip, on probe images that
 cover the cases of the fidelity tests (landscape, portrait, EXIF-rotated, smaller than the
 model's input, very long, grayscale, palette, transparent, 16-bit, CMYK), decoded as the
-indexer decodes them, the numpy preprocessing and the ONNX graph must give vectors at
-cosine >= MIN_COSINE with open_clip's own preprocess + `encode_image(normalize=True)`.
+indexer decodes them: on every one, the numpy preprocessing must give open_clip's own
+preprocessed arrays (within MAX_PIXEL_DIFFERENCE); on three of them (GRAPH_PROBES: in a batch,
+and alone) the ONNX graph must give vectors at cosine >= MIN_COSINE with open_clip's own
+`encode_image(normalize=True)` of open_clip's arrays. Together: the export's vectors of each
+probe image are open_clip's own.
 Otherwise the export is refused, the reason is recorded in
 `LIBRARY/image_encoder.refused.json`, and the library keeps running on torch.
 """
@@ -50,6 +53,8 @@ from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
 IMAGE_REFUSED_FILE = "image_encoder.refused.json"
 MIN_COSINE = 0.999
 OPSET = 17
+MAX_PIXEL_DIFFERENCE = 1e-4  # between the port's preprocessed arrays and open_clip's (1e-6 measured)
+GRAPH_PROBES = (0, 5, 2)  # the probes the graph is checked on: landscape and noise together, the EXIF-rotated photo alone
 
 
 
@@ -145,16 +150,33 @@ def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> Image
 
 
 def verify(encoder: TorchClipEncoder, exported: OnnxClipEncoder) -> tuple[float, int, int]:
-    """(lowest cosine, dim, probe count): the export against open_clip on the probe images, decoded as the indexer does."""
+    """(lowest cosine, dim, probe count): the export against open_clip on the probe images, decoded as the indexer does.
+
+    The preprocessing is checked on every probe image (its arrays against open_clip's own
+    transform's: a difference over MAX_PIXEL_DIFFERENCE refuses the export), the graph on the
+    GRAPH_PROBES among them (its vectors against open_clip's `encode_image` on open_clip's
+    arrays, in a batch and in a batch of one): the graph computes the same function of any
+    array, so the other probes would only repeat its forward passes, seconds of a first run.
+    """
     from clipdex.search.imaging import decode_image
 
-    images = [decode_image(data, draft_size=2 * exported.image_size, name=name).image for name, data in probe_images()]
-    reference = encoder.encode_images(images)  # open_clip's own preprocess and encode_image
-    together = exported.encode_images(images)
-    alone = exported.encode_images(images[2:3])  # a batch of one: the EXIF-rotated photo
-    if together.shape != reference.shape:
-        return 0.0, int(reference.shape[1]), len(images)
-    worst = min(float(np.min(np.sum(together * reference, axis=1))), float(np.dot(alone[0], reference[2])))
+    probes = probe_images()
+    images = [decode_image(data, draft_size=2 * exported.image_size, name=name).image for name, data in probes]
+    theirs = [encoder.prepare(image) for image in images]  # open_clip's own transform
+    ours = [exported.prepare(image) for image in images]
+    for (name, _), mine, open_clips in zip(probes, ours, theirs):
+        if mine.shape != open_clips.shape:
+            raise ImageExportRefused(f"the preprocessing cannot be reproduced: probe image {name} gives shape "
+                                     f"{mine.shape}, open_clip's {open_clips.shape}")
+        difference = float(np.max(np.abs(mine - open_clips)))
+        if difference > MAX_PIXEL_DIFFERENCE:
+            raise ImageExportRefused(f"the preprocessing cannot be reproduced: probe image {name} differs from "
+                                     f"open_clip's by {difference:.2g} (more than {MAX_PIXEL_DIFFERENCE:g})")
+    together, alone = list(GRAPH_PROBES[:-1]), GRAPH_PROBES[-1]
+    reference = encoder.encode_prepared(np.stack([theirs[index] for index in GRAPH_PROBES]))  # open_clip's encode_image
+    batch = exported.encode_prepared(np.stack([ours[index] for index in together]))
+    single = exported.encode_prepared(ours[alone][None])
+    worst = min(float(np.min(np.sum(batch * reference[:-1], axis=1))), float(np.dot(single[0], reference[-1])))
     return worst, int(reference.shape[1]), len(images)
 
 

@@ -9,7 +9,8 @@ stores it in the library, in `LIBRARY/text_encoder/` (laid out as
 
 An export is used only after it has been checked against open_clip: the torch-free
 tokenizer must give open_clip's tokens on every probe text, and the ONNX vectors must
-have cosine >= MIN_COSINE with open_clip's own `encode_text(normalize=True)`. Otherwise
+have cosine >= MIN_COSINE with open_clip's own `encode_text(normalize=True)` on the probe
+texts of every length (GRAPH_TEXTS, in a batch and alone). Otherwise
 the export is refused, the reason is recorded in `LIBRARY/text_encoder.refused.json`, and
 queries keep using the open_clip model.
 """
@@ -72,6 +73,11 @@ PROBE_TEXTS = (
     "supercalifragilisticexpialidocious " * 30,
 )
 
+# The texts the graph is verified on (every probe text's tokens are): the graph computes the
+# same function of any tokens, but the trimmed one runs at each batch's own length, so these
+# cover the lengths: empty (2 tokens), shorter and longer than the traced 16, and truncated.
+GRAPH_TEXTS = ("", "a dog on the beach", PROBE_TEXTS[2], PROBE_TEXTS[14])
+
 
 def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
     """Why an earlier export of this model (by this version of the exporter) was refused, or None."""
@@ -106,7 +112,7 @@ def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextEx
         shutil.copyfile(vocabulary, scratch / VOCAB_FILE)
         tokenizer = ClipTokenizer(scratch / VOCAB_FILE, encoder.context_length)
         _check_tokens(tokenizer, encoder)
-        reference = encoder.encode_texts(list(PROBE_TEXTS))
+        reference = encoder.encode_texts(list(GRAPH_TEXTS))
         settings = TextExportSettings(
             version=EXPORT_VERSION, model=encoder.spec.to_json(), dim=int(reference.shape[1]),
             context_length=encoder.context_length, trimmed=False, min_cosine=0.0,
@@ -153,9 +159,9 @@ def _export_verified(
 
 
 def _worst_cosine(encoder: OnnxTextEncoder, reference: np.ndarray) -> float:
-    """The lowest cosine to `reference` over the probe texts, encoded together and one by one."""
-    together = encoder.encode_texts(list(PROBE_TEXTS))
-    alone = np.concatenate([encoder.encode_texts([text]) for text in PROBE_TEXTS])
+    """The lowest cosine to `reference` over GRAPH_TEXTS, encoded together and one by one."""
+    together = encoder.encode_texts(list(GRAPH_TEXTS))
+    alone = np.concatenate([encoder.encode_texts([text]) for text in GRAPH_TEXTS])
     return float(min(np.min(np.sum(together * reference, axis=1)), np.min(np.sum(alone * reference, axis=1))))
 
 

@@ -35,6 +35,54 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("CLIPDEX_TOKEN", raising=False)
 
 
+class ThreadExportProcess:
+    """`ExportProcess` with the export process's own code on a thread of this process, so
+    that a test's monkeypatches of the export reach it; the messages as the process tells them."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.messages: "queue.Queue[dict | None]" = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def export(self, library_path: Path, model_json: dict, dim: int, threads: int) -> Iterator[dict]:
+        import threading
+
+        from clipdex.search import export_process
+
+        def run() -> None:
+            try:
+                export_process.export(library_path, model_json, dim, threads, tell=self.messages.put)
+            except Exception as error:  # as the process says it
+                self.messages.put({"error": f"{type(error).__name__}: {error}"})
+            finally:
+                self.messages.put(None)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        while (message := self.messages.get()) is not None:
+            yield message
+
+    def close(self) -> int:
+        if self.thread is not None:
+            self.thread.join()
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def export_on_a_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first index run's export process runs on a thread of the test's process
+    (`ThreadExportProcess`): the same code, told the same way, reached by the test's
+    monkeypatches, without a second import of torch for each test's new library (which
+    took the suite from 8 to 14 minutes). Tests marked `export_process` get the real one, as
+    do the CLI's in subprocesses and the process's own tests (`tests/test_onnx_image.py`)."""
+    if request.node.get_closest_marker("export_process") is None:
+        from clipdex.indexer import first_export
+
+        monkeypatch.setattr(first_export, "ExportProcess", ThreadExportProcess)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     """A 32-dim open_clip model with seeded random weights, as config JSON + checkpoint."""

@@ -118,7 +118,7 @@ def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path, mod
 
 def test_search_while_indexing_never_fails(tmp_path: Path, model_args: list[str], make_images) -> None:
     folder, library = tmp_path / "pics", tmp_path / "lib"
-    many_images(folder, 120)
+    many_images(folder, 360, size=300)  # enough for the run to outlast the reader's first search (it loads a model)
     process = start_index(folder, library, model_args)
     wait_for_items(library, 2, process)
     searches = 0
@@ -131,7 +131,7 @@ def test_search_while_indexing_never_fails(tmp_path: Path, model_args: list[str]
     assert cli.returncode == 0, cli.stderr
     process.wait(timeout=120)
     assert process.returncode == 0, process.stderr.read()
-    assert searches > 3
+    assert searches > 3, searches
 
 
 def test_check_repair_rebuilds_a_broken_index(tmp_path: Path, library: Library, make_images) -> None:

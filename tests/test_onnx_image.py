@@ -70,6 +70,7 @@ def test_the_probe_images_cover_modes_exif_and_sizes() -> None:
     assert {"gray.jpg", "palette.gif", "transparent.png", "sixteen-bit.png", "cmyk.jpg", "small.jpg", "long.png"} <= set(decoded)
 
 
+@pytest.mark.export_process
 def test_the_first_run_exports_and_later_runs_store_open_clips_vectors_on_onnx(library: Library, tiny_model: ModelSpec, tmp_path: Path) -> None:
     first, later = tmp_path / "first", tmp_path / "later"
     first.mkdir(), later.mkdir()
@@ -132,7 +133,7 @@ def test_the_photos_are_decoded_further_ahead_while_the_first_export_runs(librar
     make_images(tmp_path / "photos", photos)
     monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(2, 1, 2, split_batches=True))
     lock, prepared, during_export = threading.Lock(), [0], []
-    prepare, export = local._prepare, LibraryEncoders.export_images_first
+    prepare, export = local._prepare, image_export.ensure_image_export
 
     def counted_prepare(*args):  # type: ignore[no-untyped-def]
         result = prepare(*args)
@@ -140,14 +141,14 @@ def test_the_photos_are_decoded_further_ahead_while_the_first_export_runs(librar
             prepared[0] += 1
         return result
 
-    def slow_export(self, images_ready):  # type: ignore[no-untyped-def]
+    def slow_export(*args):  # type: ignore[no-untyped-def]
         time.sleep(1.5)  # long enough for the decoders to get as far ahead as they may
         with lock:
             during_export.append(prepared[0])
-        return export(self, images_ready)
+        return export(*args)
 
     monkeypatch.setattr(local, "_prepare", counted_prepare)
-    monkeypatch.setattr(LibraryEncoders, "export_images_first", slow_export)
+    monkeypatch.setattr(image_export, "ensure_image_export", slow_export)
     report = index_paths(library, [tmp_path / "photos"], batch_size=4)
     assert report.added == photos and report.export_seconds > 1.5 and isinstance(library.encoder, OnnxClipEncoder)
     # without the export: two batches held for the lanes and a batch + 2 per worker decoding (16);
@@ -387,3 +388,76 @@ def test_a_text_export_refused_after_the_photos_started_on_the_image_export_ends
     for path, reference in zip(paths, expected):
         assert float(np.dot(stored[str(path)], reference)) >= 0.999, path.name
     assert library.encode_text("a photo").shape == (library.dim,)  # texts on the torch model
+
+
+def test_the_first_run_exports_in_a_process_of_its_own_and_never_imports_torch(tmp_path: Path, make_images,
+                                                                                model_args: list[str]) -> None:
+    photos, where = tmp_path / "photos", tmp_path / "library"
+    make_images(photos, 3)
+    runs = [["index", str(photos), "--library", str(where), *model_args, "--device", "cpu", "-q"]]
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_RUN.format(runs=runs)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IMPORTED []" in result.stdout and "3 added" in result.stdout
+    library = Library.open(where)
+    assert library.encoders.runtime() == "onnx" and isinstance(library.encoder, OnnxClipEncoder)
+    assert library.encoders.text_export() is not None
+    assert not [path.name for path in where.iterdir() if path.name.startswith(".")]  # no scratch folder left
+
+
+def test_the_export_process_stops_and_removes_its_scratch_when_the_indexing_process_goes(library: Library) -> None:
+    from clipdex.search.export_process import ExportProcess
+
+    child = ExportProcess()
+    messages = child.export(library.path, library.model.to_json(), library.dim, 1)
+    assert "loaded" in next(messages)  # the image export starts now
+    status = child.close()  # what it sees when the indexing process is gone: its input closes
+    assert status in (130, 0)  # 0: it was done first
+    assert not [path.name for path in library.path.iterdir() if path.name.startswith(".")]
+    if status == 130:
+        assert library.encoders.runtime() == "torch"  # nothing half-made installed
+
+
+class SaysAndEnds:
+    """An export process that tells `messages`, then ends with `status`."""
+
+    def __init__(self, messages: list[dict], status: int) -> None:
+        self.messages, self.status = messages, status
+
+    def export(self, *args):  # type: ignore[no-untyped-def]
+        yield from self.messages
+
+    def close(self) -> int:
+        return self.status
+
+
+def test_the_first_run_exports_here_when_the_export_process_says_it_failed(
+        library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.indexer import first_export
+
+    monkeypatch.setattr(first_export, "ExportProcess", lambda: SaysAndEnds([{"error": "OSError: [Errno 24] Too many open files"}], 1))
+    make_images(tmp_path / "photos", 3)
+    report = index_paths(library, [tmp_path / "photos"])
+    assert report.added == 3 and not report.failed and report.export_seconds > 0
+    assert isinstance(library.encoder, OnnxClipEncoder) and library.encoders.text_export() is not None
+
+
+def test_a_first_run_whose_export_process_is_killed_ends_with_a_clear_error(
+        library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.indexer import first_export
+    from clipdex.search.errors import ClipdexError
+
+    monkeypatch.setattr(first_export, "ExportProcess", lambda: SaysAndEnds([], -9))
+    make_images(tmp_path / "photos", 3)
+    with pytest.raises(ClipdexError, match="exporting the model of .* ended unexpectedly \\(signal 9\\)"):
+        index_paths(library, [tmp_path / "photos"])
+
+
+def test_an_image_export_whose_preprocessing_differs_from_open_clips_is_refused_naming_the_probe(
+        library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    prepare = OnnxClipEncoder.prepare
+    monkeypatch.setattr(OnnxClipEncoder, "prepare", lambda self, image: prepare(self, image) + 0.01)
+    make_images(tmp_path / "photos", 2)
+    report = index_paths(library, [tmp_path / "photos"])
+    assert report.added == 2 and isinstance(library.encoder, TorchClipEncoder)
+    reason = json.loads((library.path / IMAGE_REFUSED_FILE).read_text())["reason"]
+    assert "probe image landscape.jpg differs from open_clip's by 0.01" in reason

@@ -155,8 +155,6 @@ class LibraryEncoders:
         it was refused, once the text tower is exported too and the images stay on torch), and
         the text tower is exported meanwhile, from the torch model, whose memory goes afterwards.
         Returns the seconds both took (0: nothing was exported)."""
-        from clipdex.search.encoders.onnx_image import load_image_export
-        from clipdex.search.encoders.onnx_text import installed_export
         from clipdex.search.encoders.torch_clip import TorchClipEncoder
 
         torch_model = self._image_text
@@ -169,25 +167,43 @@ class LibraryEncoders:
         from clipdex.search.text_export import ensure_text_export
 
         exported = ensure_image_export(self.library_path, torch_model, self.dim) is not None
-        images = load_image_export(self.library_path, self.model, self.dim, self.text_export)
-        if images is not None:
-            self._image_text = images  # its texts: the text export, looked up once it is there
+        on_export = self.use_image_export()
+        if on_export:
             images_ready()
         exported = ensure_text_export(self.library_path, torch_model, self.dim) is not None or exported
-        if images is not None:
-            self._text_export_looked_up = False  # looked up before the export, it was not there yet
-            if installed_export(self.library_path, self.model, self.dim) is None:
-                # no text export after all (refused, or not written: a full disk): the rest of the
-                # run embeds on torch, as the next process will run (--runtime onnx: an error if refused)
-                torch_model.set_threads(images.threads)
-                self._image_text = torch_model
-                if self.requested_runtime == "onnx":
-                    self._onnx_model()
+        if on_export:
+            self.text_exported(torch_model)
         del torch_model
         gc.collect()
-        if images is None:  # refused, or not written (a full disk): the run embeds on torch
+        if not on_export:  # refused, or not written (a full disk): the run embeds on torch
             images_ready()
         return time.monotonic() - started if exported else 0.0
+
+    def use_image_export(self) -> bool:
+        """Run the images on the library's image export from now on (a first run's, just made:
+        `clipdex.indexer.first_export`); False when it is not there."""
+        from clipdex.search.encoders.onnx_image import load_image_export
+
+        images = load_image_export(self.library_path, self.model, self.dim, self.text_export)
+        if images is None:
+            return False
+        self._image_text = images  # its texts: the text export, looked up once it is there
+        return True
+
+    def text_exported(self, torch_model: ImageTextEncoder | None = None) -> None:
+        """The text tower has been exported, or an export tried (after `use_image_export`):
+        look it up again. Without it (refused, or not written: a full disk) the rest of the run
+        embeds on torch, as the next process will run (--runtime onnx: an error if refused), on
+        `torch_model` if this process has it loaded."""
+        from clipdex.search.encoders.onnx_text import installed_export
+
+        self._text_export_looked_up = False  # looked up before the export, it was not there yet
+        if self._runs_on_onnx() and installed_export(self.library_path, self.model, self.dim) is None:
+            if self.requested_runtime == "onnx":
+                self._onnx_model()  # refused: says why
+            torch_model = torch_model or create_encoder(self.model, self.requested_device)
+            torch_model.set_threads(getattr(self._image_text, "threads"))
+            self._image_text = torch_model.load()  # the lanes take it for their next batch
 
     def text_export(self) -> TextEncoder | None:
         """The library's exported text encoder, looked up once, or None."""

@@ -49,8 +49,8 @@ class ImageExportSettings:
     model: dict[str, Any]  # the library manifest's model (ResolvedModel.to_json())
     dim: int
     preprocess: dict[str, Any]  # ImagePreprocess.to_json(): image size, mean, std, interpolation, resize mode
-    min_cosine: float  # lowest cosine to open_clip's encode_image on the exporter's probe images
-    probe_images: int
+    min_cosine: float  # lowest cosine to open_clip's encode_image on the probe images the graph is checked on
+    probe_images: int  # the probe images whose preprocessing was checked (`clipdex.search.image_export.verify`)
     open_clip_version: str
     onnxruntime_version: str
     export_seconds: float

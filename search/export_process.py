@@ -1,0 +1,163 @@
+"""A library's first export of its model, in a process of its own (`ExportProcess`).
+
+A first index run (`clipdex.indexer.first_export`) must import torch and open_clip, load
+the model and trace both of its towers before its photos can be embedded on onnxruntime.
+That work is mostly serial Python, and much of it holds the interpreter's lock for seconds
+at a time (importing, torch's exporter): in the indexing process it stalls the decoders,
+which need the lock between two photos (a trace slowed them down from about 47 to 140 ms a
+photo). In a process of its own it stalls nothing, and the indexing process never imports
+torch: its memory goes with the process.
+
+The process (`python -m clipdex.search.export_process 1`) reads its request, one line of
+JSON on standard input: `library` (its folder), `model` (`ResolvedModel.to_json`), `dim` and
+`threads` (what torch and onnxruntime may use). It tells its progress on standard output,
+one JSON object a line, in this order:
+
+- `{"loaded": SECONDS, "preprocess": {...} | null}`: the model is loaded; its preprocessing
+  (`ImagePreprocess.to_json`), or null where the port cannot reproduce it;
+- `{"image": true | false, "exported": true | false}`: the image tower's export is installed
+  in the library (true), or was refused or not written (false; a refusal is recorded as
+  `ensure_image_export` does); `exported`: whether this process made it;
+- `{"text": true | false, "exported": true | false}`: the same for the text tower.
+
+An error ends it with `{"error": "..."}` and exit status 1: the indexing process then does
+what is left itself (where the same error, if any, is raised as it always was). Whatever
+else writes to the process's standard output goes to its standard error. On Ctrl-C, or when
+its standard input closes (the indexing process is gone), it removes its scratch folders
+and ends (status 130).
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+PROTOCOL_VERSION = 1
+GRACE_SECONDS = 30  # for the export to stop (a trace cannot be interrupted) once the indexing process is gone
+
+
+class ExportProcess:
+    """The indexing process's side: start it, send the request, read what it tells."""
+
+    def __init__(self) -> None:
+        if not sys.executable:  # an embedded interpreter: no way to start another
+            raise OSError("no Python executable to run the export process with")
+        self._process = subprocess.Popen([sys.executable, "-m", "clipdex.search.export_process", str(PROTOCOL_VERSION)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._lines = self._process.stdout
+
+    def export(self, library_path: Path, model_json: dict[str, Any], dim: int, threads: int) -> Iterator[dict[str, Any]]:
+        """Send the request; what the process tells, message by message, until it ends."""
+        assert self._process.stdin is not None
+        request = {"library": str(library_path), "model": model_json, "dim": dim, "threads": threads}
+        try:
+            self._process.stdin.write(json.dumps(request) + "\n")
+            self._process.stdin.flush()
+        except OSError:  # it has ended already: it tells why below, or nothing
+            pass
+        assert self._lines is not None
+        for line in self._lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                yield message
+
+    def close(self) -> int:
+        """Let it end (stopping the export if it is not done: see `_end_with_the_indexer`), and
+        wait for it: its exit status (negative: a signal)."""
+        for stream in (self._process.stdin, self._process.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:  # it had ended already
+                pass
+            if stream is self._process.stdin:
+                self._process.wait()
+        return self._process.returncode
+
+
+# -- the export process itself ---------------------------------------------------------------
+
+_done = threading.Event()  # the export has ended: nothing left to stop
+_channel: TextIO = sys.stdout  # the messages' own (whatever else writes to standard output goes to standard error)
+
+
+def say(message: dict[str, Any]) -> None:
+    _channel.write(json.dumps(message) + "\n")
+    _channel.flush()
+
+
+def _end_with_the_indexer() -> None:
+    """End when the indexing process is gone (standard input closes): nobody waits for the
+    export. As on Ctrl-C, the export's scratch folders go first; exit anyway after a while."""
+    sys.stdin.read()
+    if _done.is_set():
+        return
+    _thread.interrupt_main()
+    time.sleep(GRACE_SECONDS)
+    os._exit(3)
+
+
+def export(library_path: Path, model_json: dict[str, Any], dim: int, threads: int,
+           tell: Callable[[dict[str, Any]], None] = say) -> None:
+    """Load the model, export its towers into the library, and `tell` each step (the messages above)."""
+    from clipdex.search.encoders.onnx_image import installed_image_export
+    from clipdex.search.encoders.onnx_text import installed_export
+    from clipdex.search.encoders.torch_clip import TorchClipEncoder
+    from clipdex.search.image_export import ensure_image_export
+    from clipdex.search.model import ResolvedModel
+    from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
+    from clipdex.search.text_export import ensure_text_export
+
+    model = ResolvedModel.from_json(model_json)
+    encoder = TorchClipEncoder(model, "cpu")
+    encoder.set_threads(threads)
+    started = time.monotonic()
+    encoder.load()
+    try:
+        preprocess: dict[str, Any] | None = ImagePreprocess.of_open_clip_model(encoder.model).to_json()
+    except UnsupportedPreprocess:
+        preprocess = None
+    tell({"loaded": round(time.monotonic() - started, 3), "preprocess": preprocess})
+    exported = ensure_image_export(library_path, encoder, dim) is not None
+    tell({"image": installed_image_export(library_path, model, dim) is not None, "exported": exported})
+    exported = ensure_text_export(library_path, encoder, dim) is not None
+    tell({"text": installed_export(library_path, model, dim) is not None, "exported": exported})
+
+
+def main(argv: list[str]) -> int:
+    global _channel
+    _channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        if argv != [str(PROTOCOL_VERSION)]:
+            raise ValueError(f"protocol {' '.join(argv)!r}, not {PROTOCOL_VERSION}")
+        line = sys.stdin.readline()
+        if not line:
+            return 0  # cancelled before it began
+        threading.Thread(target=_end_with_the_indexer, name="clipdex-export-watch", daemon=True).start()
+        request = json.loads(line)
+        export(Path(request["library"]), request["model"], int(request["dim"]), int(request["threads"]))
+        _done.set()
+    except KeyboardInterrupt:  # Ctrl-C, or the indexing process is gone: its scratch folders are removed by now
+        return 130
+    except Exception as error:  # told to the indexing process, which does the rest itself
+        say({"error": f"{type(error).__name__}: {error}"})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    status = main(sys.argv[1:])
+    for stream in (_channel, sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)  # the export is written and its scratch removed: no second of tearing torch down
