@@ -19,7 +19,8 @@ When the image export is refused, the run loads the model and embeds with torch 
 (the arrays the decoders made are the ones its own transform makes). When the export
 process cannot start, or says it failed before the image export was made or refused, this
 process loads the model and exports on a thread of its own (`LibraryEncoders.export_images_first`),
-where the same error, if any, is raised.
+where the same error, if any, is raised; killed, or failing once the photos are being
+embedded on the export, it ends the run with an error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from clipdex.search.cores import available_cores
 from clipdex.search.errors import ClipdexError
+from clipdex.search import export_process
 from clipdex.search.export_process import ExportProcess
 from clipdex.search.library import Library
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess, expected_preprocess
@@ -183,11 +185,15 @@ class FirstExport:
     def _export_in_process(self) -> bool:
         """Have a process of its own load the model and export it (`ExportProcess`), and settle
         this run by what it tells. False, with nothing settled but the preprocessing, when it
-        could not start, or said it failed before the image tower was exported or refused: this
-        process then does the rest itself (where the same error, if any, is raised)."""
+        could not start (or ended at once without a word, as when it cannot import clipdex),
+        or said it failed before the image tower was exported or refused: this process then
+        does the rest itself (where the same error, if any, is raised). Killed, or failing
+        once the photos are being embedded on the export, it ends the run with an error."""
         try:
             child = ExportProcess()
-        except OSError:
+        except OSError as error:
+            logger.info("no process could be started to export the model of %s (%s); this process exports it",
+                        self.library.path, error)
             return False
         threads = max(1, available_cores() - self.decoders_while_exporting)
         try:
@@ -195,22 +201,27 @@ class FirstExport:
                                                 threads))
         finally:
             status = child.close()
-        if settled is None:  # ended without a word: killed (out of memory, say), or interrupted
-            raise ClipdexError(f"the process exporting the model of {self.library.path} ended unexpectedly "
-                               f"({f'signal {-status}' if status < 0 else f'exit status {status}'})")
+        if settled is None:
+            how = f"signal {-status}" if status < 0 else f"exit status {status}"
+            if not self._loaded.is_set() and status > 0 and status != export_process.INTERRUPTED:
+                return self._failed({"error": f"it ended without a word ({how})"})  # it never got going
+            raise ClipdexError(f"the process exporting the model of {self.library.path} ended unexpectedly ({how})")
         return settled
 
     def _settle(self, messages: Iterator[dict[str, Any]]) -> bool | None:
-        """Act on the export process's messages: True when it exported or refused the image
-        tower (the rest of the run follows from that), False when it said it failed before,
-        None when it ended before without a word."""
+        """Act on the export process's messages: True when it exported or refused both towers
+        (the run follows from that), False when it said it failed before the image tower, None
+        when it ended before it was done without a word."""
         encoders = self.library.encoders
         loaded = next(messages, None)
         if loaded is None or "loaded" not in loaded:
             return None if loaded is None else self._failed(loaded)
-        if loaded.get("preprocess") is None:
-            return False  # the port cannot do it: open_clip's own transform runs here, on torch
-        self._preprocess = ImagePreprocess.from_json(loaded["preprocess"])
+        loading_here = 0.0
+        if loaded.get("preprocess") is None:  # the port cannot do it: open_clip's own transform runs here, on torch
+            loading_here = self._load_here()
+            self._torch_prepare = self.library.encoder.prepare
+        else:
+            self._preprocess = ImagePreprocess.from_json(loaded["preprocess"])
         self.expected_wrong = self._expected is not None and self._expected != self._preprocess
         self._loaded.set()
         started = time.monotonic()
@@ -218,12 +229,23 @@ class FirstExport:
         if image is None or "image" not in image:
             return None if image is None else self._failed(image)
         if not (image["image"] and encoders.use_image_export()):
-            self.library.encoder.load()  # refused (the reason is recorded), or not written: embed on torch
+            loading_here += self._load_here()  # refused (the reason is recorded), or not written: embed on torch
         self._images_ready()
-        text = next(messages, {})  # none: it ended during the text export, which the next run tries again
+        text = next(messages, None)
+        if text is None:
+            return None
+        if "text" not in text:
+            raise ClipdexError(f"the process exporting the model of {self.library.path} failed: {text.get('error', text)}")
         encoders.text_exported()
-        self.seconds = time.monotonic() - started if image.get("exported") or text.get("exported") else 0.0
+        exported = image.get("exported") or text.get("exported")
+        self.seconds = max(0.0, time.monotonic() - started - loading_here) if exported else 0.0
         return True
+
+    def _load_here(self) -> float:
+        """Load the torch model in this process (the images run on it); the seconds it took."""
+        started = time.monotonic()
+        self.library.encoder.load()
+        return time.monotonic() - started
 
     def _failed(self, message: dict[str, Any]) -> bool:
         logger.info("the process exporting the model of %s failed (%s); this process exports it",

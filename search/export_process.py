@@ -22,9 +22,11 @@ one JSON object a line, in this order:
 
 An error ends it with `{"error": "..."}` and exit status 1: the indexing process then does
 what is left itself (where the same error, if any, is raised as it always was). Whatever
-else writes to the process's standard output goes to its standard error. On Ctrl-C, or when
-its standard input closes (the indexing process is gone), it removes its scratch folders
-and ends (status 130).
+else writes to the process's standard output goes to its standard error. It runs in a
+session of its own, so a Ctrl-C at the terminal stops the indexing run (after its batch;
+the run waits for the export to finish) but not the export. When its standard input closes
+before it is done (the indexing process is gone), it removes its scratch folders and ends
+(status 130).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 PROTOCOL_VERSION = 1
+INTERRUPTED = 130  # its exit status when stopped (`_end_with_the_indexer`, or Ctrl-C where it is sent to it)
 GRACE_SECONDS = 30  # for the export to stop (a trace cannot be interrupted) once the indexing process is gone
 
 
@@ -49,12 +52,17 @@ class ExportProcess:
     def __init__(self) -> None:
         if not sys.executable:  # an embedded interpreter: no way to start another
             raise OSError("no Python executable to run the export process with")
-        self._process = subprocess.Popen([sys.executable, "-m", "clipdex.search.export_process", str(PROTOCOL_VERSION)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # the working folder's files shadow no module
+        # a session of its own: Ctrl-C stops the indexing run after its batch, which waits for
+        # the export to finish (as it did for the export thread); the process stops when the
+        # indexing process is gone (its input closes)
+        self._process = subprocess.Popen([sys.executable, *safe_path, "-m", "clipdex.search.export_process",
+                                          str(PROTOCOL_VERSION)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, start_new_session=True)
         self._lines = self._process.stdout
 
     def export(self, library_path: Path, model_json: dict[str, Any], dim: int, threads: int) -> Iterator[dict[str, Any]]:
-        """Send the request; what the process tells, message by message, until it ends."""
+        """Send the request now; what the process tells, message by message, until it ends."""
         assert self._process.stdin is not None
         request = {"library": str(library_path), "model": model_json, "dim": dim, "threads": threads}
         try:
@@ -62,6 +70,9 @@ class ExportProcess:
             self._process.stdin.flush()
         except OSError:  # it has ended already: it tells why below, or nothing
             pass
+        return self._messages()
+
+    def _messages(self) -> Iterator[dict[str, Any]]:
         assert self._lines is not None
         for line in self._lines:
             try:
@@ -146,18 +157,29 @@ def main(argv: list[str]) -> int:
             return 0  # cancelled before it began
         threading.Thread(target=_end_with_the_indexer, name="clipdex-export-watch", daemon=True).start()
         request = json.loads(line)
-        export(Path(request["library"]), request["model"], int(request["dim"]), int(request["threads"]))
-        _done.set()
-    except KeyboardInterrupt:  # Ctrl-C, or the indexing process is gone: its scratch folders are removed by now
-        return 130
+        export(Path(request["library"]), request["model"], int(request["dim"]), int(request["threads"]), _tell)
+    except KeyboardInterrupt:  # the indexing process is gone, or Ctrl-C: its scratch folders are removed by now
+        return INTERRUPTED
     except Exception as error:  # told to the indexing process, which does the rest itself
+        _done.set()
         say({"error": f"{type(error).__name__}: {error}"})
         return 1
     return 0
 
 
+def _tell(message: dict[str, Any]) -> None:
+    if "text" in message:
+        _done.set()  # before the indexing process hears it, and closes this one's input
+    say(message)
+
+
 if __name__ == "__main__":
-    status = main(sys.argv[1:])
-    for stream in (_channel, sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(status)  # the export is written and its scratch removed: no second of tearing torch down
+    status = INTERRUPTED
+    try:
+        status = main(sys.argv[1:])
+        for stream in (_channel, sys.stdout, sys.stderr):
+            stream.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os._exit(status)  # the export is written and its scratch removed: no second of tearing torch down

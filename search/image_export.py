@@ -138,7 +138,7 @@ def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> Image
             onnxruntime_version=onnxruntime.__version__, export_seconds=0.0, created_at=time.time(),
         )
         settings.min_cosine, settings.dim, settings.probe_images = verify(encoder, OnnxClipEncoder(scratch, settings, None, threads=encoder.threads))
-        if settings.min_cosine < MIN_COSINE:
+        if not settings.min_cosine >= MIN_COSINE:  # NaN too
             raise ImageExportRefused(f"the image encoder cannot be exported faithfully (cosine {settings.min_cosine:.5f} "
                                      f"with open_clip, below {MIN_COSINE})")
         settings.export_seconds = round(time.monotonic() - started, 2)
@@ -169,7 +169,7 @@ def verify(encoder: TorchClipEncoder, exported: OnnxClipEncoder) -> tuple[float,
             raise ImageExportRefused(f"the preprocessing cannot be reproduced: probe image {name} gives shape "
                                      f"{mine.shape}, open_clip's {open_clips.shape}")
         difference = float(np.max(np.abs(mine - open_clips)))
-        if difference > MAX_PIXEL_DIFFERENCE:
+        if not difference <= MAX_PIXEL_DIFFERENCE:  # NaN too
             raise ImageExportRefused(f"the preprocessing cannot be reproduced: probe image {name} differs from "
                                      f"open_clip's by {difference:.2g} (more than {MAX_PIXEL_DIFFERENCE:g})")
     together, alone = list(GRAPH_PROBES[:-1]), GRAPH_PROBES[-1]
