@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from clipdex.search import export_process
 from clipdex.search.cores import available_cores
 from clipdex.search.errors import ClipdexError
-from clipdex.search import export_process
 from clipdex.search.export_process import ExportProcess
 from clipdex.search.library import Library
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess, expected_preprocess

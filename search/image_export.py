@@ -23,9 +23,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,7 +45,13 @@ from clipdex.search.encoders.onnx_image import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import export_optimized, export_or_refuse, install_export, recorded_refusal
+from clipdex.search.onnx_files import (
+    export_optimized,
+    export_or_refuse,
+    install_export,
+    recorded_refusal,
+    scratch_folder,
+)
 from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
 
 IMAGE_REFUSED_FILE = "image_encoder.refused.json"
@@ -128,8 +132,7 @@ def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> Image
         preprocess = ImagePreprocess.of_open_clip_model(encoder.model)
     except UnsupportedPreprocess as error:
         raise ImageExportRefused(f"open_clip's preprocessing of this model cannot be reproduced without torch: {error}") from None
-    scratch = Path(tempfile.mkdtemp(prefix=".image_encoder-", dir=library_path))
-    os.chmod(scratch, 0o755)  # mkdtemp makes it private; readers of the library need it
+    scratch = scratch_folder(library_path, ".image_encoder-")
     try:
         _export_onnx(encoder, scratch, preprocess.image_size)
         settings = ImageExportSettings(

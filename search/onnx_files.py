@@ -78,6 +78,28 @@ def optimize_graph(source: Path | bytes, target: Path, weights_file: str) -> Non
     onnxruntime.InferenceSession(source if isinstance(source, bytes) else str(source), options, providers=["CPUExecutionProvider"])
 
 
+# An export's scratch folder older than this was left by an exporter that was killed before
+# it could remove it (no export takes a day); a younger one may be a concurrent exporter's.
+STALE_SCRATCH_SECONDS = 24 * 3600
+
+
+def scratch_folder(library_path: Path, prefix: str) -> Path:
+    """A new scratch folder for an export in `library_path` (`prefix` + random), readable by the
+    library's readers; stale ones of earlier, killed exports (STALE_SCRATCH_SECONDS) go first."""
+    import tempfile
+
+    now = time.time()
+    for old in library_path.glob(f"{prefix}*"):
+        try:
+            if old.is_dir() and not old.is_symlink() and now - old.stat().st_mtime > STALE_SCRATCH_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=library_path))
+    os.chmod(scratch, 0o755)  # mkdtemp makes it private; readers of the library need it
+    return scratch
+
+
 def install_export(scratch: Path, target: Path, settings_file: str) -> None:
     """Move the finished export into place; a concurrent exporter that got there first wins."""
     try:

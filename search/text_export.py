@@ -18,9 +18,7 @@ queries keep using the open_clip model.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,7 +40,13 @@ from clipdex.search.encoders.onnx_text import (
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import TextExportRefused
 from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import export_optimized, export_or_refuse, install_export, recorded_refusal
+from clipdex.search.onnx_files import (
+    export_optimized,
+    export_or_refuse,
+    install_export,
+    recorded_refusal,
+    scratch_folder,
+)
 from clipdex.search.readonly import environment_error
 
 REFUSED_FILE = "text_encoder.refused.json"
@@ -105,8 +109,7 @@ def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextEx
     import onnxruntime
 
     encoder.load()
-    scratch = Path(tempfile.mkdtemp(prefix=".text_encoder-", dir=library_path))
-    os.chmod(scratch, 0o755)  # mkdtemp makes it private; readers of the library need it
+    scratch = scratch_folder(library_path, ".text_encoder-")
     try:
         vocabulary = Path(open_clip.tokenizer.default_bpe())
         shutil.copyfile(vocabulary, scratch / VOCAB_FILE)

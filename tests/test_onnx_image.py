@@ -485,3 +485,24 @@ def test_an_image_export_whose_preprocessing_differs_from_open_clips_is_refused_
     assert report.added == 2 and isinstance(library.encoder, TorchClipEncoder)
     reason = json.loads((library.path / IMAGE_REFUSED_FILE).read_text())["reason"]
     assert "probe image landscape.jpg differs from open_clip's by 0.01" in reason
+
+
+def test_an_export_removes_the_scratch_folders_of_killed_exports_but_not_a_recent_one(
+        library: Library, tmp_path: Path, make_images) -> None:
+    import os
+    import time
+
+    from clipdex.search.onnx_files import STALE_SCRATCH_SECONDS
+
+    stale = [library.path / ".image_encoder-killed", library.path / ".text_encoder-killed"]
+    recent = library.path / ".text_encoder-running"  # another process's export, say
+    for folder in [*stale, recent]:
+        folder.mkdir()
+        (folder / "raw.onnx").write_bytes(b"half")
+    for folder in stale:
+        old = time.time() - STALE_SCRATCH_SECONDS - 60
+        os.utime(folder, (old, old))
+    make_images(tmp_path / "photos", 2)
+    index_paths(library, [tmp_path / "photos"])
+    assert library.encoders.runtime() == "onnx"
+    assert [path.name for path in library.path.iterdir() if path.name.startswith(".")] == [recent.name]
