@@ -161,19 +161,15 @@ class FirstExport:
             if EXPORT_PROCESS and self._export_in_process():
                 return
             encoder = self.library.encoder
-            # the export's own forward passes (its checks) on the core the decoders leave it
-            encoder.set_threads(max(1, available_cores() - self.decoders_while_exporting))
+            encoder.set_threads(self._export_threads)
             encoder.load()  # its errors end the run, as loading the model for the first file always did
             try:
-                self._preprocess = ImagePreprocess.of_open_clip_model(getattr(encoder, "model"))
+                preprocess: ImagePreprocess | None = ImagePreprocess.of_open_clip_model(getattr(encoder, "model"))
             except UnsupportedPreprocess:
-                self._torch_prepare = encoder.prepare  # the image export will be refused: torch embeds
+                preprocess = None  # the image export will be refused: torch embeds
             del encoder  # the library holds the model while it is needed, and lets it go after the export
-            self.expected_wrong = self._expected is not None and self._expected != self._preprocess
-            self._loaded.set()
-            started = time.monotonic()
-            exported = self.library.encoders.export_images_first(self._images_ready)
-            self.seconds = time.monotonic() - started if exported else 0.0
+            self._model_known(preprocess)
+            self.seconds = self.library.encoders.export_images_first(self._images_ready)
         except BaseException as error:  # handed to the decoders, the lanes and the run's end
             self._fail(error)
         finally:
@@ -195,10 +191,9 @@ class FirstExport:
             logger.info("no process could be started to export the model of %s (%s); this process exports it",
                         self.library.path, error)
             return False
-        threads = max(1, available_cores() - self.decoders_while_exporting)
         try:
             settled = self._settle(child.export(self.library.path, self.library.model.to_json(), self.library.encoders.dim,
-                                                threads))
+                                                self._export_threads))
         finally:
             status = child.close()
         if settled is None:
@@ -219,11 +214,9 @@ class FirstExport:
         loading_here = 0.0
         if loaded.get("preprocess") is None:  # the port cannot do it: open_clip's own transform runs here, on torch
             loading_here = self._load_here()
-            self._torch_prepare = self.library.encoder.prepare
+            self._model_known(None)
         else:
-            self._preprocess = ImagePreprocess.from_json(loaded["preprocess"])
-        self.expected_wrong = self._expected is not None and self._expected != self._preprocess
-        self._loaded.set()
+            self._model_known(ImagePreprocess.from_json(loaded["preprocess"]))
         started = time.monotonic()
         image = next(messages, None)
         if image is None or "image" not in image:
@@ -241,10 +234,26 @@ class FirstExport:
         self.seconds = max(0.0, time.monotonic() - started - loading_here) if exported else 0.0
         return True
 
+    @property
+    def _export_threads(self) -> int:
+        """The threads of the export's own forward passes (its checks): the cores the decoders leave it."""
+        return max(1, available_cores() - self.decoders_while_exporting)
+
+    def _model_known(self, preprocess: ImagePreprocess | None) -> None:
+        """The model is loaded, and with it its preprocessing (None: the port cannot reproduce
+        it, and open_clip's own transform runs on the model loaded here): let the decoders on."""
+        self._preprocess = preprocess
+        if preprocess is None:
+            self._torch_prepare = self.library.encoder.prepare
+        self.expected_wrong = self._expected is not None and self._expected != preprocess
+        self._loaded.set()
+
     def _load_here(self) -> float:
         """Load the torch model in this process (the images run on it); the seconds it took."""
         started = time.monotonic()
-        self.library.encoder.load()
+        encoder = self.library.encoder
+        encoder.set_threads(self._export_threads)  # the lanes' threads are set when they are let go
+        encoder.load()
         return time.monotonic() - started
 
     def _failed(self, message: dict[str, Any]) -> bool:

@@ -59,7 +59,6 @@ class ExportProcess:
         self._process = subprocess.Popen([sys.executable, *safe_path, "-m", "clipdex.search.export_process",
                                           str(PROTOCOL_VERSION)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          text=True, start_new_session=True)
-        self._lines = self._process.stdout
 
     def export(self, library_path: Path, model_json: dict[str, Any], dim: int, threads: int) -> Iterator[dict[str, Any]]:
         """Send the request now; what the process tells, message by message, until it ends."""
@@ -73,8 +72,8 @@ class ExportProcess:
         return self._messages()
 
     def _messages(self) -> Iterator[dict[str, Any]]:
-        assert self._lines is not None
-        for line in self._lines:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
             try:
                 message = json.loads(line)
             except ValueError:
@@ -85,14 +84,13 @@ class ExportProcess:
     def close(self) -> int:
         """Let it end (stopping the export if it is not done: see `_end_with_the_indexer`), and
         wait for it: its exit status (negative: a signal)."""
-        for stream in (self._process.stdin, self._process.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:  # it had ended already
-                pass
-            if stream is self._process.stdin:
-                self._process.wait()
+        assert self._process.stdin is not None and self._process.stdout is not None
+        try:
+            self._process.stdin.close()
+        except OSError:  # it had ended already
+            pass
+        self._process.wait()
+        self._process.stdout.close()
         return self._process.returncode
 
 

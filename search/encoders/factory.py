@@ -202,7 +202,7 @@ class LibraryEncoders:
             if self.requested_runtime == "onnx":
                 self._onnx_model()  # refused: says why
             torch_model = torch_model or create_encoder(self.model, self.requested_device)
-            torch_model.set_threads(getattr(self._image_text, "threads"))
+            torch_model.set_threads(self.image_text.threads)
             self._image_text = torch_model.load()  # the lanes take it for their next batch
 
     def text_export(self) -> TextEncoder | None:
