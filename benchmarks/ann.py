@@ -4,10 +4,10 @@ for image-like and for text-like queries.
 Generates CLIP-like vectors (normalized, d=512, a shared mean direction, an anisotropic
 spectrum, topics split into sub-clusters of Zipf-distributed sizes) and two kinds of
 queries: image-like ones, held out from the same distribution, and text-like ones, drawn
-as CLIP's modality gap places a text (`clipdex.search.query_sample.gap_queries`: a stored
+as CLIP's modality gap places a text (`clipdex.search.index.query_sample.gap_queries`: a stored
 vector at cosine 0.3, the rest a direction shared by every query plus noise of its own, so
 the best match lies at a cosine of about 0.3 while an image's neighbours lie at 0.8).
-For each size `clipdex.search.optimize.optimize_vectors` chooses, builds and tunes the
+For each size `clipdex.search.index.optimize.optimize_vectors` chooses, builds and tunes the
 index exactly as `clipdex optimize` does, each kind on half of its queries; recall@10 is
 measured against exact search on the other half. Throughput is single queries one at a
 time on one FAISS thread, with the kind's tuned breadth, against FAISS's exact flat search
@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipdex.search.optimize import OptimizeReport, exact_evaluation, optimize_vectors  # noqa: E402
-from clipdex.search.query_sample import GAP_COSINE, gap_queries  # noqa: E402
-from clipdex.search.vectors import faiss_module  # noqa: E402
+from clipdex.search.index.optimize import OptimizeReport, exact_evaluation, optimize_vectors  # noqa: E402
+from clipdex.search.index.query_sample import GAP_COSINE, gap_queries  # noqa: E402
+from clipdex.search.index.vectors import faiss_module  # noqa: E402
 
 
 def clip_like_vectors(count: int, dim: int = 512, seed: int = 0) -> np.ndarray:

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ann import clip_like_vectors  # noqa: E402
 
 from clipdex.search.library import Library  # noqa: E402
-from clipdex.search.model import ModelSpec  # noqa: E402
-from clipdex.search.optimize import RECALL_K, exact_evaluation, exact_queries_per_second, queries_per_second, recall_at_k  # noqa: E402
-from clipdex.search.query_sample import gap_queries  # noqa: E402
+from clipdex.search.encoders.model import ModelSpec  # noqa: E402
+from clipdex.search.index.optimize import RECALL_K, exact_evaluation, exact_queries_per_second, queries_per_second, recall_at_k  # noqa: E402
+from clipdex.search.index.query_sample import gap_queries  # noqa: E402
 
 PART_ROWS = 100_000
 HELD_OUT = 1000

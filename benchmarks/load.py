@@ -175,7 +175,7 @@ def build_library(folder: Path, images: int, model: str | None, pretrained: str 
     sys.path.insert(0, str(ROOT))
     from clipdex.indexer import index_paths
     from clipdex.search.library import Library
-    from clipdex.search.model import ModelSpec
+    from clipdex.search.encoders.model import ModelSpec
 
     if model is None or pretrained is None:
         model, pretrained = tiny_model(folder)

@@ -60,7 +60,7 @@ import json, resource, sys, time
 import clipdex.indexer.cluster, clipdex.indexer.local
 from clipdex.indexer import index_paths
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 folder, library_path, model, checkpoint, address, batch_size = sys.argv[1:7]
 commits = []  # (time, files committed so far): the steady state is timed by the commits
 def timed(commit):
@@ -88,14 +88,14 @@ from functools import partial
 sys.path.insert(0, "benchmarks")
 import numpy as np
 from ann import clip_like_vectors
-from clipdex.search.index_choice import choose_spec
-from clipdex.search.optimize import optimize_vectors
+from clipdex.search.index.choice import choose_spec
+from clipdex.search.index.optimize import optimize_vectors
 count, address = int(sys.argv[1]), sys.argv[2]
 vectors = clip_like_vectors(count)
 ids = np.arange(count, dtype=np.int64)
 spec = choose_spec(count, vectors.shape[1], gpu=False)
 if address:
-    from clipdex.search.optimize_cluster import build_index_on_cluster
+    from clipdex.search.index.optimize_cluster import build_index_on_cluster
     from clipdex.search.ray_cluster import ray_session
     with ray_session(address) as ray:
         index, report = optimize_vectors(ids, vectors, spec=spec, min_seconds=0.5, builder=partial(build_index_on_cluster, ray))

@@ -10,7 +10,7 @@ Prints, in one table:
 - the model alone: fp16 forward images/s on batches already on the GPU;
 - ingestion images/s of 512-px JPEGs and of 12 MP JPEGs, two ways, each with reader
   threads on every core that read and hash the files (as the indexer does):
-  GPU decode (`clipdex.search.gpu_decode.GpuFeeder`: headers read and bytes pinned on the
+  GPU decode (`clipdex.search.media.gpu_decode.GpuFeeder`: headers read and bytes pinned on the
   reader threads, nvJPEG in batches, resize/crop/normalize as tensors, decode and model on
   two CUDA streams, vectors copied back asynchronously) against CPU decode on all cores
   (Pillow's draft decoding and open_clip's transform on every core, the model on the GPU:
@@ -57,10 +57,10 @@ from speed_report import Figure, at_least, info, report  # noqa: E402
 from clipdex.indexer import index_paths  # noqa: E402
 from clipdex.search.cores import available_cores  # noqa: E402
 from clipdex.search.encoders.torch_clip import TorchClipEncoder as Encoder  # noqa: E402
-from clipdex.search.gpu_decode import EncodedImage, GpuFeeder, TensorTransform, encoded_image  # noqa: E402
-from clipdex.search.imaging import decode_image  # noqa: E402
+from clipdex.search.media.gpu_decode import EncodedImage, GpuFeeder, TensorTransform, encoded_image  # noqa: E402
+from clipdex.search.media.imaging import decode_image  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
-from clipdex.search.model import ModelSpec  # noqa: E402
+from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 # the dry run's model: the tests' tiny open_clip config, random weights

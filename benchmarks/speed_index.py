@@ -46,7 +46,7 @@ from clipdex.indexer import index_paths  # noqa: E402
 from clipdex.search.cores import available_cores  # noqa: E402
 from clipdex.search.encoders.torch_clip import TorchClipEncoder  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
-from clipdex.search.model import ModelSpec  # noqa: E402
+from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 

@@ -37,7 +37,7 @@ INDEX_RUN = """
 import json, resource, sys
 from clipdex.indexer import index_paths
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 library = Library.open(sys.argv[2], model=ModelSpec(sys.argv[3], "none"), create=True, device="cpu")
 report = index_paths(library, [sys.argv[1]], export_text=False)
 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -31,9 +31,9 @@ from speed_data import write_small_images  # noqa: E402
 from speed_report import at_most, report  # noqa: E402
 
 from clipdex.indexer.scan import scan  # noqa: E402
-from clipdex.search.catalog import NewItem  # noqa: E402
+from clipdex.search.catalog.database import NewItem  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
-from clipdex.search.model import ModelSpec  # noqa: E402
+from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 
 SMALL_MODEL = {
     "embed_dim": 64,

@@ -5,7 +5,7 @@
 Builds the library cheaply: ITEMS random normalized vectors committed through the
 library's writer under a ViT-B-32 (random weights) manifest, the vector index rebuilt as
 the type clipdex picks for that size (`--index flat` keeps the exact index), plus the
-library's exported text encoder (`clipdex.search.text_export`). Then measures, in one run:
+library's exported text encoder (`clipdex.search.encoders.text_export`). Then measures, in one run:
 
 3. a cold `clipdex search "a new text"` (a fresh process, a text never asked before) and
    the same query repeated (answered from the query cache), each against the time of
@@ -33,9 +33,9 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 from speed_report import at_most, report  # noqa: E402
 
-from clipdex.search.catalog import NewItem  # noqa: E402
+from clipdex.search.catalog.database import NewItem  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
-from clipdex.search.model import ModelSpec  # noqa: E402
+from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 
 MODEL = ModelSpec("ViT-B-32", "none")
 WARM_MARGIN_SECONDS = 0.020
@@ -67,7 +67,7 @@ def build_library(path: Path, items: int, index: str) -> Library:
     index that incremental commits grow.
     """
     from clipdex.search.encoders.torch_clip import TorchClipEncoder
-    from clipdex.search.text_export import export_text_encoder
+    from clipdex.search.encoders.text_export import export_text_encoder
 
     library = Library.open(path, model=MODEL, create=True, device="cpu")
     rng = np.random.default_rng(0)

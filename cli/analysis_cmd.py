@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
 def read_labels(values: List[str]) -> list[str]:
     """Each value is a label, or a (regular, UTF-8) file with one label per line."""
-    from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
+    from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
 
     labels: list[str] = []
     for value in values:
@@ -48,7 +48,7 @@ def read_labels(values: List[str]) -> list[str]:
 
 def _check_images_exist(images: List[Path], labels: List[str]) -> None:
     """Before any work: `--labels cat dog` makes `dog` an image; say how to give several labels."""
-    from clipdex.search.imaging import is_image_path
+    from clipdex.search.media.imaging import is_image_path
 
     for image in images:
         if not image.exists() and not image.is_symlink():
@@ -74,8 +74,8 @@ def tag(
 ) -> None:
     """Zero-shot labels for images: the best labels, with probabilities and cosine scores."""
     from clipdex.cli.search_cmd import encoder_for
-    from clipdex.search.imaging import decode_image
-    from clipdex.search.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
+    from clipdex.search.media.imaging import decode_image
+    from clipdex.search.analysis.zero_shot import DEFAULT_TEMPLATES, classify, label_vectors
 
     names = read_labels(labels)
     _check_images_exist(images, labels)
@@ -107,7 +107,7 @@ def duplicates(
 ) -> None:
     """Group near-duplicate images of the library (resized, re-encoded, lightly edited copies)."""
     from clipdex.cli.common import open_library
-    from clipdex.search.duplicates import find_duplicates
+    from clipdex.search.analysis.duplicates import find_duplicates
 
     groups = find_duplicates(open_library(library), threshold)
     if json_output:

@@ -14,10 +14,10 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 
-from clipdex.search.catalog_types import database_errors
+from clipdex.search.catalog.types import database_errors
 from clipdex.search.errors import ClipdexError
 from clipdex.search.library import Library
-from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 
 
 

@@ -41,7 +41,7 @@ def evaluate(
 ) -> None:
     """Recall@1/5/10 image->text and text->image of a model on a captioned image set."""
     from clipdex.cli.search_cmd import encoder_for
-    from clipdex.search.evaluate import group_captions, read_captions, retrieval_recall
+    from clipdex.search.analysis.evaluate import group_captions, read_captions, retrieval_recall
 
     try:
         pairs = read_captions(captions)

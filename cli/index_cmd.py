@@ -22,7 +22,7 @@ from clipdex.cli.common import (
     print_json,
 )
 from clipdex.cli.progress import finish_run, indexing_run
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB
 
 
 def register(app: typer.Typer) -> None:

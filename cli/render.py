@@ -51,7 +51,7 @@ def _table(hits: Sequence[Hit]) -> None:
 
 def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str:
     """One HTML file with the thumbnails embedded as data URIs: it can be mailed or moved."""
-    from clipdex.search.imaging import thumbnail_jpeg
+    from clipdex.search.media.imaging import thumbnail_jpeg
 
     cards = []
     for hit in hits:

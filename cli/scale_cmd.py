@@ -12,7 +12,7 @@ from clipdex.cli.progress import progress_bar
 from clipdex.search.errors import ClipdexError, LibraryNotFound
 
 if TYPE_CHECKING:
-    from clipdex.search.optimize import OptimizeReport
+    from clipdex.search.index.optimize import OptimizeReport
 
 
 def register(app: typer.Typer) -> None:
@@ -37,8 +37,8 @@ def optimize(
     ),
 ) -> None:
     """Rebuild the vector index for the library's size and tune it to a target recall, for image-like and text-like queries."""
-    from clipdex.search.index_choice import parse_size
-    from clipdex.search.optimize import optimize_library
+    from clipdex.search.index.choice import parse_size
+    from clipdex.search.index.optimize import optimize_library
 
     budget = parse_size(memory_budget) if memory_budget is not None else None
     lib = open_library(library)
@@ -85,7 +85,7 @@ def import_vectors(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Import precomputed embeddings as catalog items (images by path, texts by caption)."""
-    from clipdex.search.import_vectors import import_vectors as run_import
+    from clipdex.search.index.import_vectors import import_vectors as run_import
 
     try:
         lib = open_library(library)

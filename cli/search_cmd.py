@@ -22,10 +22,11 @@ from clipdex.cli.common import (
     print_json,
 )
 from clipdex.cli.render import FORMATS, render_hits
-from clipdex.search.encoders import ImageTextEncoder, create_encoder
+from clipdex.search.encoders.base import ImageTextEncoder
+from clipdex.search.encoders.factory import create_encoder
 from clipdex.search.errors import ClipdexError, LibraryNotFound
 from clipdex.search.library import Library
-from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 from clipdex.search.query import Query
 
 
@@ -102,7 +103,7 @@ def embed(
     if text is not None:
         vector = encoder.encode_texts([text])[0]
     else:
-        from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
+        from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 
         vector = encoder.encode_images([decode_image(image, max_pixels=MAX_QUERY_IMAGE_PIXELS).image])[0]  # type: ignore[arg-type]
     if json_output:

@@ -9,7 +9,7 @@ import typer
 
 from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
 from clipdex.cli.progress import finish_run, indexing_run
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB
 
 
 def register(app: typer.Typer) -> None:

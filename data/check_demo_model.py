@@ -8,7 +8,7 @@ a seed the training never used, and prints:
    classes with at least 10 held-out images; mean and worst query);
 2. image -> text zero-shot top-1 accuracy against the colour x shape labels
    ("a photo of a <colour> <shape>" prompts, and bare "a <colour> <shape>");
-3. recall@1/5/10 both ways on the held-out captions (``clipdex.search.evaluate``);
+3. recall@1/5/10 both ways on the held-out captions (``clipdex.search.analysis.evaluate``);
 4. image -> image near-duplicates: how often a half-size PNG, a quality-40
    JPEG and a 3-4 pixel crop of a held-out image find that image first.
 
@@ -34,7 +34,7 @@ from PIL import Image
 DATA_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(DATA_DIR), str(DATA_DIR.parent)]
 import shapes  # noqa: E402
-from clipdex.search.evaluate import group_captions, retrieval_recall  # noqa: E402
+from clipdex.search.analysis.evaluate import group_captions, retrieval_recall  # noqa: E402
 
 MODEL_NAME = "clipdex-demo"
 PRECISION_K = 10

@@ -40,7 +40,7 @@ from clipdex.indexer.rules import (
     embed_with,
 )
 from clipdex.indexer.scan import ScannedFile
-from clipdex.search.catalog_types import FileRecord
+from clipdex.search.catalog.types import FileRecord
 from clipdex.search.errors import ClipdexError, ClusterError, UnreadableFile
 from clipdex.search.library import Library
 from clipdex.search.ray_cluster import check_paths_visible, cluster_cpus, cluster_gpus, ray_session
@@ -235,8 +235,8 @@ class EmbedFiles:
     """A Ray Data actor: reads, hashes, decodes and embeds a batch of jobs, as `rules._prepare` and the model do locally."""
 
     def __init__(self, model: dict[str, Any], device: str, threads: int, known_hashes: list[str]) -> None:
-        from clipdex.search.encoders import create_encoder
-        from clipdex.search.model import ResolvedModel
+        from clipdex.search.encoders.factory import create_encoder
+        from clipdex.search.encoders.model import ResolvedModel
 
         self.encoder = create_encoder(ResolvedModel.from_json(model), device)
         self.encoder.load()

@@ -2,7 +2,7 @@
 
 A new library's first index run must load the open_clip model anyway, to export it (once
 for the library); afterwards the library runs on onnxruntime. Rather than index on torch
-and export at the end, such a run has a process of its own (`clipdex.search.export_process`)
+and export at the end, such a run has a process of its own (`clipdex.search.encoders.export_process`)
 load the model and export its image tower first, embeds every photo with that export (the
 one later runs use) as soon as it is verified, and lets that process export the text tower
 meanwhile; the torch model's memory goes with the process, and this one never imports
@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from clipdex.search import export_process
+from clipdex.search.encoders import export_process
 from clipdex.search.cores import available_cores
 from clipdex.search.errors import ClipdexError
-from clipdex.search.export_process import ExportProcess
+from clipdex.search.encoders.export_process import ExportProcess
 from clipdex.search.library import Library
-from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess, expected_preprocess
+from clipdex.search.encoders.preprocess import ImagePreprocess, UnsupportedPreprocess, expected_preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-# whether the model is exported in a process of its own (`clipdex.search.export_process`)
+# whether the model is exported in a process of its own (`clipdex.search.encoders.export_process`)
 EXPORT_PROCESS = True
 
 

@@ -22,7 +22,7 @@ from clipdex.indexer.rules import ScanDiff, _commit, _embed, _HashLookup, _Job, 
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.library import Library
-from clipdex.search.vectors import faiss_module
+from clipdex.search.index.vectors import faiss_module
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -43,7 +43,7 @@ class ThreadPlan:
     ends, the last batches keep every lane busy instead of one lane finishing the last
     full batch alone while the other cores idle.
     On a GPU the model needs no cores: the threads read files and JPEG headers (JPEGs
-    decode on the GPU, `clipdex.search.gpu_decode`; other files here), and two lanes, each
+    decode on the GPU, `clipdex.search.media.gpu_decode`; other files here), and two lanes, each
     with its own decoder and CUDA streams, let one lane decode while the other embeds.
     """
 

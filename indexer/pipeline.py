@@ -22,7 +22,7 @@ from clipdex.indexer.report import IndexReport
 from clipdex.indexer.rules import diff_scan, remove_vanished
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, max_file_bytes
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, max_file_bytes
 
 if TYPE_CHECKING:
     from clipdex.indexer.cluster import ClusterOptions
@@ -49,8 +49,8 @@ def index_paths(
     `prune_empty_roots`: a root folder with no images at all normally keeps its indexed
     items (an unmounted drive looks just like that); with this, they are removed.
     `export_text`: when the run loaded the model, also store its text tower in the library
-    (once; `clipdex.search.text_export`) so that later text queries need neither torch nor open_clip.
-    `max_file_mb`: larger files are reported as failed, never read (`clipdex.search.safe_read`).
+    (once; `clipdex.search.encoders.text_export`) so that later text queries need neither torch nor open_clip.
+    `max_file_mb`: larger files are reported as failed, never read (`clipdex.search.media.safe_read`).
     `cluster`: decode and embed on a Ray cluster (`clipdex.indexer.cluster`); all else stays here.
     """
     started = time.monotonic()

@@ -23,15 +23,15 @@ import numpy as np
 
 from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.scan import ScannedFile, ScanResult
-from clipdex.search.catalog_types import FileRecord, NewItem
-from clipdex.search.encoders import ImageTextEncoder
+from clipdex.search.catalog.types import FileRecord, NewItem
+from clipdex.search.encoders.base import ImageTextEncoder
 from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
-from clipdex.search.fileid import content_hash as hash_bytes
-from clipdex.search import gpu_decode
-from clipdex.search.imaging import decode_image
+from clipdex.search.media.fileid import content_hash as hash_bytes
+from clipdex.search.media import gpu_decode
+from clipdex.search.media.imaging import decode_image
 from clipdex.search.library import Library
-from clipdex.search.safe_read import read_regular_file
+from clipdex.search.media.safe_read import read_regular_file
 
 
 @dataclass
@@ -199,7 +199,7 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImagePreparer, on_gp
 
     When the model runs on CUDA with open_clip's usual transform, a JPEG is only read
     here (header, pinned bytes: `prepared.encoded`); the model lane decodes it on the GPU
-    (`clipdex.search.gpu_decode`) and sends back to this path what the GPU refuses.
+    (`clipdex.search.media.gpu_decode`) and sends back to this path what the GPU refuses.
     """
     if not data:
         prepared.error = "empty file (0 bytes)"

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from clipdex.search.errors import ClipdexError
-from clipdex.search.imaging import IMAGE_EXTENSIONS
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, not_regular_reason, too_large_reason
+from clipdex.search.media.imaging import IMAGE_EXTENSIONS
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, not_regular_reason, too_large_reason
 
 NOT_UTF8_NAME = "file name is not valid UTF-8, which the catalog cannot record: rename the file to index it"
 

@@ -20,10 +20,10 @@ from typing import IO, Any, Callable, Iterator, Sequence
 
 from clipdex.indexer.report import Failure
 from clipdex.indexer.scan import NOT_UTF8_NAME, recordable_name
-from clipdex.search.catalog_types import NewItem
+from clipdex.search.catalog.types import NewItem
 from clipdex.search.errors import ClipdexError, UnreadableCorpus, UnreadableFile
 from clipdex.search.library import Library
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, max_file_bytes, not_regular_reason, read_regular_file
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, max_file_bytes, not_regular_reason, read_regular_file
 
 TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".ndjson")
 DEFAULT_COLUMN = "text"
@@ -194,7 +194,7 @@ def index_texts(
     one over `max_file_mb` is reported, not read.
 
     Texts are embedded with the library's exported text encoder when it has one (no torch,
-    no open_clip; see `clipdex.search.text_export`), else with the open_clip model, whose text
+    no open_clip; see `clipdex.search.encoders.text_export`), else with the open_clip model, whose text
     tower is then exported for later runs and queries (unless `export_text` is False).
     """
     report = TextReport()

@@ -18,7 +18,7 @@ from clipdex.search.errors import (
     UnreadableImage,
 )
 from clipdex.search.library import Library, open_library
-from clipdex.search.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 from clipdex.search.query import Filters, Hit, Query, Term
 
 __all__ = [

@@ -20,14 +20,40 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from clipdex.search.errors import ClipdexError, CorruptLibrary
 from clipdex.search.manifest import MANIFEST_FILE
-from clipdex.search.vectors import STAMP_FILE
+from clipdex.search.index.vectors import STAMP_FILE
 
 if TYPE_CHECKING:
-    from clipdex.search.library import Library
+    from contextlib import AbstractContextManager
+
+    from clipdex.search.catalog.database import Catalog
+    from clipdex.search.encoders.model import ResolvedModel
+    from clipdex.search.manifest import Manifest
+
+
+class CheckedLibrary(Protocol):
+    """What the check reads and repairs of a library (`clipdex.search.library.Library` is one;
+    a protocol, so that this module and the facade do not import each other)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def model(self) -> ResolvedModel: ...
+
+    def writer(self) -> AbstractContextManager[object]: ...
 
 def require_catalog(path: Path) -> None:
     """Raise CorruptLibrary unless `path` is an SQLite file holding clipdex's tables."""
@@ -81,7 +107,7 @@ class CatalogCheck:
         return {key: value for key, value in (("repairs", self.repairs), ("unrepairable", self.unrepairable)) if value}
 
 
-def check_catalog(library: "Library", repair: bool) -> CatalogCheck:
+def check_catalog(library: "CheckedLibrary", repair: bool) -> CatalogCheck:
     """The catalog's state rows and stored vector lengths; with `repair`, fix what can be fixed."""
     check = CatalogCheck()
     _check_state(library, repair, check)
@@ -90,7 +116,7 @@ def check_catalog(library: "Library", repair: bool) -> CatalogCheck:
     return check
 
 
-def _check_state(library: "Library", repair: bool, check: CatalogCheck) -> None:
+def _check_state(library: "CheckedLibrary", repair: bool, check: CatalogCheck) -> None:
     missing = library.catalog.missing_state()
     if not missing:
         return
@@ -102,7 +128,7 @@ def _check_state(library: "Library", repair: bool, check: CatalogCheck) -> None:
     check.repairs.append(f"re-created the state rows at generation {generation}")
 
 
-def restore_state(library: "Library") -> int:
+def restore_state(library: "CheckedLibrary") -> int:
     """Re-create the state rows past every generation the catalog's log, its state and the saved
     index know of, with the change log's floor there too: every reader rebuilds its index."""
     try:
@@ -114,7 +140,7 @@ def restore_state(library: "Library") -> int:
     return generation
 
 
-def _check_vector_lengths(library: "Library", repair: bool, check: CatalogCheck) -> None:
+def _check_vector_lengths(library: "CheckedLibrary", repair: bool, check: CatalogCheck) -> None:
     lengths: Counter[int] = Counter(library.catalog.vector_lengths())
     if not lengths:
         return
@@ -129,7 +155,7 @@ def _check_vector_lengths(library: "Library", repair: bool, check: CatalogCheck)
         _check_damaged_rows(library, expected, damaged, repair, check)
 
 
-def _check_manifest_dim(library: "Library", stored: int, count: int, repair: bool, check: CatalogCheck) -> bool:
+def _check_manifest_dim(library: "CheckedLibrary", stored: int, count: int, repair: bool, check: CatalogCheck) -> bool:
     """The manifest's dim against the catalog's vectors (most of them of `stored` dimensions);
     True when they agree now (repaired)."""
     check.problems.append(
@@ -154,7 +180,7 @@ def _check_manifest_dim(library: "Library", stored: int, count: int, repair: boo
     return True
 
 
-def _check_damaged_rows(library: "Library", expected: int, damaged: int, repair: bool, check: CatalogCheck) -> None:
+def _check_damaged_rows(library: "CheckedLibrary", expected: int, damaged: int, repair: bool, check: CatalogCheck) -> None:
     catalog = library.catalog
     rows = catalog.items_with_vector_length_other_than(expected)
     shown = ", ".join(str(row.id) for row in rows[:10]) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
@@ -174,7 +200,7 @@ def _check_damaged_rows(library: "Library", expected: int, damaged: int, repair:
     )
 
 
-def _model_dim(library: "Library") -> int | None:
+def _model_dim(library: "CheckedLibrary") -> int | None:
     """The library's model's own embedding dimension, or None when it cannot be told here."""
     from clipdex.search.manifest import embedding_dim  # the one place that knows how
 

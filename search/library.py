@@ -18,21 +18,22 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from clipdex.search.catalog_local import open_catalog
-from clipdex.search.encoders import ImageTextEncoder, LibraryEncoders, TextEncoder
+from clipdex.search.catalog.local import open_catalog
+from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
+from clipdex.search.encoders.factory import LibraryEncoders
 from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound, ReadOnlyLibrary
 from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
-from clipdex.search.model import ModelSpec, ResolvedModel
+from clipdex.search.encoders.model import ModelSpec, ResolvedModel
 from clipdex.search.paths import resolve_library_path
 from clipdex.search.query import Filters, Hit, Query, Term
 from clipdex.search.searcher import Searcher
-from clipdex.search.store import LibraryWriter, VectorStore
-from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
+from clipdex.search.index.store import LibraryWriter, VectorStore
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipdex.search.catalog import Catalog
+    from clipdex.search.catalog.database import Catalog
 
 CATALOG_FILE = "catalog.sqlite"
 
@@ -323,13 +324,13 @@ def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | 
 
 
 def _public_url(url: str) -> str:
-    from clipdex.search.catalog import public_url
+    from clipdex.search.catalog.database import public_url
 
     return public_url(url)
 
 
 def _shared_catalog(url: str) -> "Catalog":
-    from clipdex.search.catalog import Catalog, connect_url
+    from clipdex.search.catalog.database import Catalog, connect_url
 
     if url.split(":", 1)[0].split("+", 1)[0] != "postgresql":
         raise ClipdexError(

@@ -12,8 +12,8 @@ from typing import Any
 
 from clipdex.search.atomic import write_json_atomic
 from clipdex.search.errors import CorruptLibrary, ModelUnavailable
-from clipdex.search.model import ResolvedModel, architecture_config
-from clipdex.search.vectors import IndexSpec
+from clipdex.search.encoders.model import ResolvedModel, architecture_config
+from clipdex.search.index.vectors import IndexSpec
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -63,6 +63,11 @@ class Manifest:
             **self.extra,
         }
         write_json_atomic(path, data)
+
+    def record_index(self, directory: Path, spec: IndexSpec) -> None:
+        """Record `spec` as the index of the library at `directory` (the vector store's `IndexRecord`)."""
+        self.index = spec
+        self.write(directory / MANIFEST_FILE)
 
 
 def embedding_dim(model: ResolvedModel) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from clipdex.search.errors import InvalidQuery, UnreadableFile
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
 
 TermKind = Literal["text", "image", "like", "vector"]
 KIND_CHOICES = ("image", "text", "any")

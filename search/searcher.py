@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from clipdex.search.catalog_types import ItemRow
+from clipdex.search.catalog.types import ItemRow
 from clipdex.search.errors import InvalidQuery, ItemNotFound
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
-from clipdex.search.store import VectorStore
-from clipdex.search.vector_rows import vector_of
+from clipdex.search.index.store import VectorStore
+from clipdex.search.catalog.vector_rows import vector_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipdex.search.catalog import Catalog
+    from clipdex.search.catalog.database import Catalog
 
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 
 if TYPE_CHECKING:
     from tests.postgres import PostgresServer
@@ -49,7 +49,7 @@ class ThreadExportProcess:
     def export(self, library_path: Path, model_json: dict, dim: int, threads: int) -> Iterator[dict]:
         import threading
 
-        from clipdex.search import export_process
+        from clipdex.search.encoders import export_process
 
         def run() -> None:
             try:

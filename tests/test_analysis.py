@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from clipdex.cli.main import app
 from clipdex.indexer import index_paths
-from clipdex.search.duplicates import find_duplicates
+from clipdex.search.analysis.duplicates import find_duplicates
 from clipdex.search.library import Library
-from clipdex.search.zero_shot import classify, label_vectors
+from clipdex.search.analysis.zero_shot import classify, label_vectors
 
 runner = CliRunner()
 

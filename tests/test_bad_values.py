@@ -47,7 +47,7 @@ def test_overflowing_integers(library: Library, tmp_path: Path, make_images, arg
     ],
 )
 def test_bad_templates(library: Library, tmp_path: Path, make_images, template: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    from clipdex.search.zero_shot import check_template
+    from clipdex.search.analysis.zero_shot import check_template
 
     with pytest.raises(InvalidQuery):
         check_template(template)
@@ -58,7 +58,7 @@ def test_bad_templates(library: Library, tmp_path: Path, make_images, template: 
 
 @pytest.mark.parametrize("template", ["{}", "a photo of a {0}.", "{{literal}} {}", "{!s}"])
 def test_good_templates(template: str) -> None:
-    from clipdex.search.zero_shot import check_template
+    from clipdex.search.analysis.zero_shot import check_template
 
     check_template(template)
 

@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import pytest
 
 from clipdex.indexer import index_paths
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog.database import NewItem
 from clipdex.search.http import create_app, serve_in_thread
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from tests.conftest import write_image
 
 CHROMIUM = Path(os.environ.get("CLIPDEX_CHROMIUM", "/usr/bin/chromium"))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine
 
-from clipdex.search.catalog import MIGRATIONS, Catalog, NewItem, glob_to_regex
+from clipdex.search.catalog.database import MIGRATIONS, Catalog, NewItem, glob_to_regex
 from clipdex.search.errors import CorruptLibrary, LibraryBusy
 from clipdex.search.locks import FileWriteLock
 from clipdex.search.query import Filters

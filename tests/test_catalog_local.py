@@ -16,9 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from clipdex.search.catalog import Catalog
-from clipdex.search.catalog_local import LocalCatalog, open_catalog
-from clipdex.search.catalog_types import ItemRow, NewItem
+from clipdex.search.catalog.database import Catalog
+from clipdex.search.catalog.local import LocalCatalog, open_catalog
+from clipdex.search.catalog.types import ItemRow, NewItem
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, DamagedVectors, LibraryBusy
 from clipdex.search.query import Filters
 
@@ -169,7 +169,7 @@ def test_a_text_search_and_adding_a_photo_import_neither_sqlalchemy_nor_faiss(tm
     the change log brings whoever loads it up to date, and `check` finds nothing wrong."""
     from clipdex.indexer import index_paths
     from clipdex.search.library import Library
-    from clipdex.search.vectors import STAMP_FILE
+    from clipdex.search.index.vectors import STAMP_FILE
 
     folder = tmp_path / "photos"
     make_images(folder, 3)

@@ -25,7 +25,7 @@ from clipdex.indexer import index_paths
 from clipdex.indexer.cluster import ClusterOptions
 from clipdex.search.errors import ClusterError
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from tests.conftest import write_image
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray stays on 127.0.0.1, one node only
@@ -177,7 +177,7 @@ def test_the_local_path_never_imports_ray(tmp_path: Path, tiny_model: ModelSpec,
         "import sys\n"
         "from clipdex.indexer import index_paths\n"
         "from clipdex.search.library import Library\n"
-        "from clipdex.search.model import ModelSpec\n"
+        "from clipdex.search.encoders.model import ModelSpec\n"
         f"library = Library.open({str(tmp_path / 'lib')!r}, model=ModelSpec({tiny_model.name!r}, {tiny_model.pretrained!r}), "
         "create=True, device='cpu')\n"
         f"assert index_paths(library, [{str(tmp_path / 'pics')!r}]).added == 2\n"
@@ -223,10 +223,10 @@ def test_two_nodes_index_through_the_cli(tmp_path: Path, tiny_model: ModelSpec, 
 def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory: str) -> None:
     from functools import partial
 
-    from clipdex.search.index_choice import build_index
-    from clipdex.search.optimize import optimize_vectors
-    from clipdex.search.optimize_cluster import build_index_on_cluster
-    from clipdex.search.vectors import IndexSpec, faiss_module
+    from clipdex.search.index.choice import build_index
+    from clipdex.search.index.optimize import optimize_vectors
+    from clipdex.search.index.optimize_cluster import build_index_on_cluster
+    from clipdex.search.index.vectors import IndexSpec, faiss_module
 
     rng = np.random.default_rng(7)
     vectors = rng.standard_normal((5_000, 32)).astype(np.float32)
@@ -253,8 +253,8 @@ def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory
 def test_lists_merged_on_disk_are_faiss_own_file_when_most_lists_are_empty(tmp_path: Path) -> None:
     import io
 
-    from clipdex.search.optimize_cluster import write_merged_ivf
-    from clipdex.search.vectors import faiss_module
+    from clipdex.search.index.optimize_cluster import write_merged_ivf
+    from clipdex.search.index.vectors import faiss_module
 
     faiss = faiss_module()
     rng = np.random.default_rng(3)

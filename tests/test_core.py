@@ -11,7 +11,7 @@ import pytest
 from clipdex.indexer import index_paths
 from clipdex.search import Hit, LibraryNotFound, ModelMismatch, ModelSpec, open_library
 from clipdex.search.library import CATALOG_FILE, MANIFEST_FILE, Library
-from clipdex.search.vectors import INDEX_FILE, STAMP_FILE
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE
 
 
 def test_library_files_and_manifest(library: Library, tmp_path: Path, make_images) -> None:

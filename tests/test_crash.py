@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from clipdex.search.library import CATALOG_FILE, Library
-from clipdex.search.vectors import INDEX_FILE
+from clipdex.search.index.vectors import INDEX_FILE
 
 pytestmark = pytest.mark.slow
 

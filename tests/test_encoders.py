@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdex.search.encoders import LibraryEncoders, create_encoder
+from clipdex.search.encoders.factory import LibraryEncoders, create_encoder
 from clipdex.search.encoders.onnx_text import OnnxTextEncoder
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from tests.conftest import write_image
 
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from clipdex.indexer import index_paths
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 
 
 def photo_like(path: Path, seed: int, size: tuple[int, int], orientation: int | None = None) -> Path:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from clipdex.indexer import index_paths
-from clipdex.search.imaging import decode_image, to_rgb
+from clipdex.search.media.imaging import decode_image, to_rgb
 from clipdex.search.library import Library
 from tests.conftest import write_image
 
@@ -186,15 +186,15 @@ def test_pillow_warnings_are_logged_with_the_file_not_printed(library: Library, 
     import logging
     import warnings
 
-    from clipdex.search import imaging
+    from clipdex.search.media import imaging
     from tests.test_cli import corrupt_exif_jpeg
 
     monkeypatch.setattr(warnings, "showwarning", imaging._show_warning)  # pytest swaps in its own recorder per test
     path = corrupt_exif_jpeg(tmp_path / "pics" / "warns.jpg") if (tmp_path / "pics").mkdir() is None else None
-    caplog.set_level(logging.DEBUG, logger="clipdex.search.imaging")
+    caplog.set_level(logging.DEBUG, logger="clipdex.search.media.imaging")
     report = index_paths(library, [tmp_path / "pics"], workers=2)
     assert report.added == 1
-    logged = [record.getMessage() for record in caplog.records if record.name == "clipdex.search.imaging"]
+    logged = [record.getMessage() for record in caplog.records if record.name == "clipdex.search.media.imaging"]
     assert logged and all(message.startswith(f"{path}: UserWarning: ") for message in logged), logged
     assert "Warning" not in capsys.readouterr().err
 
@@ -203,7 +203,7 @@ def test_a_file_swapped_for_a_fifo_after_its_stat_is_refused_without_blocking(tm
     import os
     import threading
 
-    from clipdex.search import safe_read
+    from clipdex.search.media import safe_read
     from clipdex.search.errors import UnreadableFile
 
     photo = write_image(tmp_path / "photo.jpg", seed=1)

@@ -19,15 +19,15 @@ from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from clipdex.cli.main import app
-from clipdex.search import text_export
-from clipdex.search.catalog import Catalog, NewItem
-from clipdex.search.catalog_local import LocalCatalog
+from clipdex.search.encoders import text_export
+from clipdex.search.catalog.database import Catalog, NewItem
+from clipdex.search.catalog.local import LocalCatalog
 from clipdex.search.encoders.torch_clip import TorchClipEncoder as Encoder
-from clipdex.search.exact_small import SmallExactSearch
+from clipdex.search.index.exact_small import SmallExactSearch
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
-from clipdex.search.text_export import EXPORT_FOLDER, REFUSED_FILE, ensure_text_export
-from clipdex.search.vectors import INDEX_FILE, STAMP_FILE
+from clipdex.search.encoders.model import ModelSpec
+from clipdex.search.encoders.text_export import EXPORT_FOLDER, REFUSED_FILE, ensure_text_export
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE
 from tests.conftest import one_line_error
 
 runner = CliRunner()

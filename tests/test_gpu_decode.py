@@ -11,9 +11,9 @@ from PIL import Image, ImageDraw, ImageOps
 
 from clipdex.search.encoders.torch_clip import TorchClipEncoder as Encoder
 from clipdex.search.errors import UnreadableImage
-from clipdex.search.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient, thread_feeder, uses_gpu_decoding
-from clipdex.search.imaging import decode_image, read_header
-from clipdex.search.model import ModelSpec
+from clipdex.search.media.gpu_decode import DecodedBatch, GpuFeeder, TensorTransform, decode_batch, decode_chunks, encoded_image, gpu_header, orient, thread_feeder, uses_gpu_decoding
+from clipdex.search.media.imaging import decode_image, read_header
+from clipdex.search.encoders.model import ModelSpec
 from test_fidelity import photo_like, reference_image_vectors
 from test_formats import bomb_png
 
@@ -282,7 +282,7 @@ def test_the_indexer_embeds_through_the_tensor_path_as_it_would_on_a_gpu(
     library ends up as an index run on the CPU path leaves it."""
     import clipdex.indexer.rules as rules
     from clipdex.indexer import index_paths
-    from clipdex.search import gpu_decode
+    from clipdex.search.media import gpu_decode
     from clipdex.search.library import Library
 
     photos = tmp_path / "photos"

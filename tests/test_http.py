@@ -26,10 +26,10 @@ import clipdex.search.http
 import clipdex.search.http.guard
 import clipdex.search.http.media
 from clipdex.indexer import index_paths
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog.database import NewItem
 from clipdex.search.http import create_app, serve_in_thread
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from tests.conftest import huge_png, write_image
 
 TOKEN = "correct-horse-battery-staple"
@@ -347,7 +347,7 @@ def test_uploads_over_the_limit_are_413(indexed: Library, photos: list[Path]) ->
 @pytest.fixture(scope="module")
 def over_query_limit() -> bytes:
     """Just over MAX_QUERY_IMAGE_PIXELS (and well under the indexing limit): 150 MB of RGB once decoded."""
-    from clipdex.search.imaging import MAX_IMAGE_PIXELS, MAX_QUERY_IMAGE_PIXELS
+    from clipdex.search.media.imaging import MAX_IMAGE_PIXELS, MAX_QUERY_IMAGE_PIXELS
 
     data = huge_png(7_100, 7_100)
     assert MAX_QUERY_IMAGE_PIXELS < 7_100 * 7_100 < MAX_IMAGE_PIXELS and len(data) < 20_000

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from clipdex.search.http import create_app, serve_in_thread
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from clipdex.indexer import index_paths
 from tests.conftest import write_image
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import clipdex.search.index_choice as choice
+import clipdex.search.index.choice as choice
 from clipdex.cli.main import app
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog.database import NewItem
 from clipdex.search.errors import ModelMismatch
-from clipdex.search.import_vectors import InvalidVectors, MissingDependency, import_vectors
+from clipdex.search.index.import_vectors import InvalidVectors, MissingDependency, import_vectors
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 
 DIM = 32
 
@@ -278,7 +278,7 @@ def clip_retrieval_parts(root: Path, rows: list[dict], dim: int = DIM, seed: int
 
 
 def test_an_import_is_one_generation_and_one_index_build(other_library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipdex.search.store as store_module
+    import clipdex.search.index.store as store_module
 
     builds: list[int] = []
     original = store_module.build_index_from
@@ -333,7 +333,7 @@ def test_readers_see_what_an_import_added(other_library: Library, tmp_path: Path
 
 
 def test_image_paths_are_resolved_as_before_with_one_listing_a_folder(tmp_path: Path) -> None:
-    from clipdex.search.import_vectors import LocalPaths, _local_path
+    from clipdex.search.index.import_vectors import LocalPaths, _local_path
 
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"a")
@@ -349,7 +349,7 @@ def test_a_catalog_of_512_d_vectors_is_little_larger_than_the_vectors(tmp_path: 
     """4 KiB SQLite pages fit one row of a 512-d vector each: a catalog twice the vectors' size."""
     import json as json_module
 
-    from clipdex.search.model import ModelSpec
+    from clipdex.search.encoders.model import ModelSpec
 
     config = tmp_path / "wide-clip.json"
     config.write_text(json_module.dumps({"embed_dim": 512, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8},

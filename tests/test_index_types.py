@@ -9,11 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
-import clipdex.search.vectors as vectors_module
-from clipdex.search.catalog import NewItem
-from clipdex.search.index_choice import build_index
+import clipdex.search.index.vectors as vectors_module
+from clipdex.search.catalog.database import NewItem
+from clipdex.search.index.choice import build_index
 from clipdex.search.library import Library
-from clipdex.search.vectors import GpuSettings, GpuUnavailable, IndexSpec, VectorIndex
+from clipdex.search.index.vectors import GpuSettings, GpuUnavailable, IndexSpec, VectorIndex
 
 DIM = 32
 COUNT = 3000

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from clipdex.cli.main import app
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 
 runner = CliRunner()
 

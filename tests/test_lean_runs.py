@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from clipdex.indexer import index_paths
-from clipdex.search.exact_small import SmallExactSearch
+from clipdex.search.index.exact_small import SmallExactSearch
 from clipdex.search.library import Library
-from clipdex.search.vectors import IndexSpec, VectorIndex
+from clipdex.search.index.vectors import IndexSpec, VectorIndex
 
 
 class FakeCatalog:

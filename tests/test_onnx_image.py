@@ -16,16 +16,15 @@ from typer.testing import CliRunner
 
 from clipdex.cli.main import app
 from clipdex.indexer import index_paths, local
-from clipdex.search import image_export, model as model_module
-from clipdex.search.encoders import onnx_image
+from clipdex.search.encoders import image_export, model as model_module, onnx_image
 from clipdex.search.encoders.factory import LibraryEncoders
 from clipdex.search.encoders.onnx_image import IMAGE_EXPORT_FOLDER, OnnxClipEncoder
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
-from clipdex.search.image_export import IMAGE_REFUSED_FILE, probe_images
-from clipdex.search.imaging import decode_image
+from clipdex.search.encoders.image_export import IMAGE_REFUSED_FILE, probe_images
+from clipdex.search.media.imaging import decode_image
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
-from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
+from clipdex.search.encoders.model import ModelSpec
+from clipdex.search.encoders.preprocess import ImagePreprocess, UnsupportedPreprocess
 from tests.test_fidelity import photo_like, reference_image_vectors
 
 
@@ -160,7 +159,7 @@ def test_the_first_run_embeds_on_the_image_export_while_the_text_tower_exports(l
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from clipdex.search import text_export
+    from clipdex.search.encoders import text_export
 
     make_images(tmp_path / "photos", 12)
     monkeypatch.setattr(local, "plan_threads", lambda device, workers=None: local.ThreadPlan(1, 1, 1))
@@ -221,7 +220,7 @@ def test_photos_prepared_before_the_model_loaded_are_prepared_again_when_its_pre
 def test_the_expected_preprocessing_is_open_clips_own_and_needs_no_open_clip(tiny_model: ModelSpec, tmp_path: Path) -> None:
     import open_clip
 
-    from clipdex.search.preprocess import expected_preprocess
+    from clipdex.search.encoders.preprocess import expected_preprocess
 
     resolved = tiny_model.resolve()
     open_clip.add_model_config(resolved.config_path)
@@ -231,7 +230,7 @@ def test_the_expected_preprocessing_is_open_clips_own_and_needs_no_open_clip(tin
         registry = ModelSpec(name, "none").resolve()
         assert expected_preprocess(registry) == ImagePreprocess.of_open_clip_model(open_clip.create_model(name, pretrained=None))
     assert expected_preprocess(ModelSpec("ViT-B-32", "laion2b_s34b_b79k").resolve()) is None  # a tag has its own settings
-    code = ("import sys; from clipdex.search.model import ModelSpec; from clipdex.search.preprocess import expected_preprocess; "
+    code = ("import sys; from clipdex.search.encoders.model import ModelSpec; from clipdex.search.encoders.preprocess import expected_preprocess; "
             "from clipdex.search.manifest import embedding_dim; model = ModelSpec('ViT-B-32-256', 'none').resolve(); "
             "print(expected_preprocess(model).image_size, embedding_dim(model), 'open_clip' in sys.modules, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -373,7 +372,7 @@ def test_an_image_decoded_for_the_expected_size_is_prepared_as_expected_even_if_
 
 def test_a_text_export_refused_after_the_photos_started_on_the_image_export_ends_the_run_on_torch(
         library: Library, tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipdex.search import text_export
+    from clipdex.search.encoders import text_export
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -407,7 +406,7 @@ def test_the_first_run_exports_in_a_process_of_its_own_and_never_imports_torch(t
 def test_the_export_process_stops_when_the_indexing_process_goes(library: Library) -> None:
     import time
 
-    from clipdex.search.export_process import ExportProcess
+    from clipdex.search.encoders.export_process import ExportProcess
 
     child = ExportProcess()
     child.export(library.path, library.model.to_json(), library.dim, 1)  # the request is sent
@@ -492,7 +491,7 @@ def test_an_export_removes_the_scratch_folders_of_killed_exports_but_not_a_recen
     import os
     import time
 
-    from clipdex.search.onnx_files import STALE_SCRATCH_SECONDS
+    from clipdex.search.encoders.onnx_files import STALE_SCRATCH_SECONDS
 
     stale = [library.path / ".image_encoder-killed", library.path / ".text_encoder-killed"]
     recent = library.path / ".text_encoder-running"  # another process's export, say

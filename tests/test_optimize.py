@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import clipdex.search.index_choice as choice
-import clipdex.search.optimize as optimize_module
+import clipdex.search.index.choice as choice
+import clipdex.search.index.optimize as optimize_module
 from clipdex.cli.main import app
-from clipdex.search.catalog import NewItem
-from clipdex.search.index_choice import (
+from clipdex.search.catalog.database import NewItem
+from clipdex.search.index.choice import (
     MemoryBudgetError,
     build_index,
     choose_spec,
@@ -22,8 +22,8 @@ from clipdex.search.index_choice import (
     resolve_spec,
 )
 from clipdex.search.library import MANIFEST_FILE, Library
-from clipdex.search.optimize import evaluate, held_out_evaluation, optimize_library, recall_at_k, tune
-from clipdex.search.vectors import STAMP_FILE, IndexSpec
+from clipdex.search.index.optimize import evaluate, held_out_evaluation, optimize_library, recall_at_k, tune
+from clipdex.search.index.vectors import STAMP_FILE, IndexSpec
 
 MiB = 1 << 20
 

@@ -31,8 +31,10 @@ def test_wheel_installs_only_clipdex(wheel: Path) -> None:
         entry_points = archive.read(top_level.replace("top_level.txt", "entry_points.txt")).decode()
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"clipdex"}
     for module in ("clipdex/__init__.py", "clipdex/search/library.py", "clipdex/search/http/app.py",
-                   "clipdex/search/static/index.html", "clipdex/search/encoders/factory.py", "clipdex/indexer/pipeline.py",
-                   "clipdex/cli/main.py"):
+                   "clipdex/search/http/static/index.html", "clipdex/search/encoders/factory.py",
+                   "clipdex/search/catalog/database.py", "clipdex/search/index/store.py",
+                   "clipdex/search/index/data/everyday_nouns.txt", "clipdex/search/media/imaging.py",
+                   "clipdex/search/analysis/zero_shot.py", "clipdex/indexer/pipeline.py", "clipdex/cli/main.py"):
         assert module in names
     assert "clipdex = clipdex.cli.main:main" in entry_points
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import clipdex.search.index_choice as choice
-import clipdex.search.optimize as optimize_module
-import clipdex.search.vectors as vectors_module
+import clipdex.search.index.choice as choice
+import clipdex.search.index.optimize as optimize_module
+import clipdex.search.index.vectors as vectors_module
 from clipdex.cli.main import app
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog.database import NewItem
 from clipdex.search.errors import ModelUnavailable
 from clipdex.search.library import Library
-from clipdex.search.optimize import exact_evaluation, optimize_library, optimize_vectors, recall_at_k
-from clipdex.search.query_sample import GENERATED, QuerySample, gap_queries
-from clipdex.search.vectors import IndexSpec, VectorIndex
+from clipdex.search.index.optimize import exact_evaluation, optimize_library, optimize_vectors, recall_at_k
+from clipdex.search.index.query_sample import GENERATED, QuerySample, gap_queries
+from clipdex.search.index.vectors import IndexSpec, VectorIndex
 
 DIM = 32
 
@@ -135,7 +135,7 @@ def test_searches_use_the_breadth_of_their_kind(library: Library, monkeypatch: p
 
 
 def test_duplicates_search_with_the_image_breadth(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipdex.search.duplicates import find_duplicates
+    from clipdex.search.analysis.duplicates import find_duplicates
 
     fill(library, 600)
     spec = IndexSpec("ivf", "IVF16,Flat", {"nprobe": 16}, pinned=True)

@@ -19,7 +19,7 @@ from clipdex.cli.main import app
 from clipdex.indexer import index_paths
 from clipdex.search.errors import ReadOnlyLibrary
 from clipdex.search.library import Library
-from clipdex.search.vectors import INDEX_FILE, STAMP_FILE
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE
 
 runner = CliRunner()
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from clipdex.cli.main import app
 from clipdex.indexer import index_paths
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "data" / "demo-model" / "clipdex-demo.json"
@@ -62,7 +62,7 @@ def test_text_to_image_precision_at_10(demo) -> None:
 
 
 def test_image_to_text_zero_shot_top1(demo) -> None:
-    from clipdex.search.zero_shot import classify, label_vectors
+    from clipdex.search.analysis.zero_shot import classify, label_vectors
 
     library, photos = demo
     labels = shapes.class_labels()

@@ -21,8 +21,8 @@ from clipdex.search.errors import LibraryBusy, ModelMismatch
 from clipdex.search.http import create_app
 from clipdex.search.library import Library
 from clipdex.search.manifest import MANIFEST_FILE
-from clipdex.search.model import ModelSpec
-from clipdex.search.store import VectorStore
+from clipdex.search.encoders.model import ModelSpec
+from clipdex.search.index.store import VectorStore
 from tests.postgres import PASSWORD
 
 runner = CliRunner()

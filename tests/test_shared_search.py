@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from clipdex.indexer import index_paths
-from clipdex.search.catalog import NewItem
+from clipdex.search.catalog.database import NewItem
 from clipdex.search.library import Library
 from clipdex.search.sharedlock import SharedLock
-from clipdex.search.vectors import VectorIndex
+from clipdex.search.index.vectors import VectorIndex
 
 
 def test_readers_share_and_a_writer_is_alone() -> None:

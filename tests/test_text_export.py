@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from clipdex.indexer import index_paths
-from clipdex.search import text_export
-from clipdex.search.clip_tokenizer import ClipTokenizer
+from clipdex.search.encoders import text_export
+from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
 from clipdex.search.encoders.onnx_text import EXPORT_FOLDER, MODEL_FILE, SETTINGS_FILE, OnnxTextEncoder, load_text_export
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.library import Library
-from clipdex.search.model import ModelSpec
-from clipdex.search.text_export import REFUSED_FILE, ensure_text_export, export_text_encoder
+from clipdex.search.encoders.model import ModelSpec
+from clipdex.search.encoders.text_export import REFUSED_FILE, ensure_text_export, export_text_encoder
 
 VARIED_TEXTS = [
     "a dog on the beach",
@@ -98,7 +98,7 @@ def test_plain_ascii_skips_ftfy_with_the_same_result(open_clip_tokenizer, vocabu
 
     import ftfy
 
-    from clipdex.search.clip_tokenizer import NEEDS_FTFY, clean
+    from clipdex.search.encoders.clip_tokenizer import NEEDS_FTFY, clean
 
     rng = np.random.default_rng(1)
     alphabet = list(string.printable + "&\x00\x07\x1b\x7f")
@@ -107,7 +107,7 @@ def test_plain_ascii_skips_ftfy_with_the_same_result(open_clip_tokenizer, vocabu
     for text in texts:
         assert clean(text) == " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split()).lower(), text
     assert all(NEEDS_FTFY.search(text) for text in ("a\rb", "bell\x07", "x &amp; y", "café"))
-    probe = ("import sys; from clipdex.search.clip_tokenizer import ClipTokenizer; "
+    probe = ("import sys; from clipdex.search.encoders.clip_tokenizer import ClipTokenizer; "
              f"t = ClipTokenizer({str(vocabulary)!r}); t(['a dog on the beach, at 5pm!']); print('ftfy' in sys.modules, 'regex' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False False"
     ours = ClipTokenizer(vocabulary)

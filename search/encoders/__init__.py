@@ -1,10 +1,13 @@
-"""Encoders behind one small interface (`base`): open_clip on torch (`torch_clip`), the
-library's ONNX text tower (`onnx_text`), and the factory that picks them (`factory`).
+"""The model: specs, preprocessing, tokenizer, runtimes and the verified ONNX exports.
 
-Importing this package imports neither torch, open_clip nor onnxruntime.
+- `model`: model specs and their resolution (no torch or open_clip import);
+- `preprocess`, `clip_tokenizer`: open_clip's preprocessing and tokenizer, ported to numpy;
+- `base`: the small interface every encoder has; `factory`: picking and loading encoders
+  for a library (`LibraryEncoders`, `create_encoder`);
+- `torch_clip`: open_clip on torch; `onnx_image`, `onnx_text`: the exported towers on onnxruntime;
+- `image_export`, `text_export`, `text_towers`, `onnx_files`: exporting and verifying the towers;
+  `export_process`: the export in a process of its own.
+
+Importing this package imports nothing else: torch, open_clip and onnxruntime load only when
+an encoder is made. May import the media readers and the foundation modules.
 """
-
-from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
-from clipdex.search.encoders.factory import LibraryEncoders, QueryVectorCache, create_encoder
-
-__all__ = ["ImageTextEncoder", "LibraryEncoders", "QueryVectorCache", "TextEncoder", "create_encoder"]

@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from clipdex.search.model import ResolvedModel
+    from clipdex.search.encoders.model import ResolvedModel
 
 
 class TextEncoder(Protocol):
@@ -117,7 +117,7 @@ class ImageTextEncoder(TextEncoder, Protocol):
     def encode_files(self, paths: Sequence[Any], batch_size: int = 64,
                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Decode (EXIF-oriented RGB) and encode image files; an unreadable one raises UnreadableImage."""
-        from clipdex.search.imaging import decode_image
+        from clipdex.search.media.imaging import decode_image
 
         parts = []
         for start in range(0, len(paths), batch_size):

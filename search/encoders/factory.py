@@ -12,7 +12,7 @@ import numpy as np
 
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
 from clipdex.search.errors import ClipdexError, ModelUnavailable
-from clipdex.search.model import ResolvedModel
+from clipdex.search.encoders.model import ResolvedModel
 
 RUNTIMES = ("auto", "torch", "onnx")
 
@@ -46,11 +46,11 @@ class LibraryEncoders:
 
     A text query is answered by the model when it is loaded anyway, else by the library's
     verified ONNX export of the text tower (no torch, no open_clip; see
-    `clipdex.search.text_export`), else by the model, whose text tower is then exported
+    `clipdex.search.encoders.text_export`), else by the model, whose text tower is then exported
     for the next process.
 
     The model runs on onnxruntime (`runtime` onnx: the library's verified exports of both
-    towers, see `clipdex.search.image_export`; no torch, no open_clip) or on torch. `auto`
+    towers, see `clipdex.search.encoders.image_export`; no torch, no open_clip) or on torch. `auto`
     picks onnx on the CPU once the library has its exports, torch where a GPU is (fp16
     there) or before the exports exist (the first run that loads the model makes them).
     """
@@ -100,8 +100,8 @@ class LibraryEncoders:
 
     def onnx_refusal(self) -> str | None:
         """Why this library's model does not run on onnxruntime (a refused export), or None."""
-        from clipdex.search.image_export import image_export_refused
-        from clipdex.search.text_export import export_refused
+        from clipdex.search.encoders.image_export import image_export_refused
+        from clipdex.search.encoders.text_export import export_refused
 
         return image_export_refused(self.library_path, self.model) or export_refused(self.library_path, self.model)
 
@@ -163,8 +163,8 @@ class LibraryEncoders:
             images_ready()
             return self.export_text()
         started = time.monotonic()
-        from clipdex.search.image_export import ensure_image_export
-        from clipdex.search.text_export import ensure_text_export
+        from clipdex.search.encoders.image_export import ensure_image_export
+        from clipdex.search.encoders.text_export import ensure_text_export
 
         exported = ensure_image_export(self.library_path, torch_model, self.dim) is not None
         on_export = self.use_image_export()
@@ -242,7 +242,7 @@ class LibraryEncoders:
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
         """The vector of a query image, a file or its bytes (EXIF-oriented RGB; at most
         MAX_QUERY_IMAGE_PIXELS, lower than for indexing: a query must not cost gigabytes)."""
-        from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
+        from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 
         decoded = decode_image(image if isinstance(image, bytes) else Path(image), max_pixels=MAX_QUERY_IMAGE_PIXELS)
         return self.image_text.encode_images([decoded.image])[0]
@@ -254,16 +254,16 @@ class LibraryEncoders:
 
     def export_text(self, image: bool = True) -> float:
         """Store the loaded open_clip model's towers in the library as ONNX, once: the text
-        tower (`clipdex.search.text_export`), then with `image` the image tower
-        (`clipdex.search.image_export`), unless torch was asked for or runs on a GPU.
+        tower (`clipdex.search.encoders.text_export`), then with `image` the image tower
+        (`clipdex.search.encoders.image_export`), unless torch was asked for or runs on a GPU.
         Returns the seconds this took (0: nothing to do)."""
         from clipdex.search.encoders.torch_clip import TorchClipEncoder
 
         if not (self.model_loaded and isinstance(self._image_text, TorchClipEncoder)):
             return 0.0
         started = time.monotonic()
-        from clipdex.search.image_export import ensure_image_export
-        from clipdex.search.text_export import ensure_text_export
+        from clipdex.search.encoders.image_export import ensure_image_export
+        from clipdex.search.encoders.text_export import ensure_text_export
 
         exported = ensure_text_export(self.library_path, self._image_text, self.dim) is not None
         gc.collect()  # the text export's graphs and sessions: gone before the image export's come

@@ -1,8 +1,8 @@
 """The library's whole model on onnxruntime: images and texts without torch or open_clip.
 
-`clipdex.search.image_export` makes and verifies the image tower's export (it needs
+`clipdex.search.encoders.image_export` makes and verifies the image tower's export (it needs
 torch); this module only runs it, with the preprocessing ported to numpy
-(`clipdex.search.preprocess`) and the text tower's export (`onnx_text`) for texts:
+(`clipdex.search.encoders.preprocess`) and the text tower's export (`onnx_text`) for texts:
 
     LIBRARY/image_encoder/
       image_encoder.json             settings: model, dim, preprocessing, how it was verified
@@ -24,8 +24,8 @@ from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder, normalized
 from clipdex.search.encoders.onnx_text import _inference_session
 from clipdex.search.errors import ModelUnavailable
-from clipdex.search.model import ResolvedModel
-from clipdex.search.preprocess import ImagePreprocess
+from clipdex.search.encoders.model import ResolvedModel
+from clipdex.search.encoders.preprocess import ImagePreprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -50,7 +50,7 @@ class ImageExportSettings:
     dim: int
     preprocess: dict[str, Any]  # ImagePreprocess.to_json(): image size, mean, std, interpolation, resize mode
     min_cosine: float  # lowest cosine to open_clip's encode_image on the probe images the graph is checked on
-    probe_images: int  # the probe images whose preprocessing was checked (`clipdex.search.image_export.verify`)
+    probe_images: int  # the probe images whose preprocessing was checked (`clipdex.search.encoders.image_export.verify`)
     open_clip_version: str
     onnxruntime_version: str
     export_seconds: float

@@ -1,12 +1,12 @@
 """The library's text tower on onnxruntime: text queries without torch or open_clip.
 
-`clipdex.search.text_export` makes and verifies the export (it needs torch); this module
+`clipdex.search.encoders.text_export` makes and verifies the export (it needs torch); this module
 only runs it. An export lives in the library:
 
     LIBRARY/text_encoder/
       text_encoder.json            settings: model, dim, context length, how it was verified
       text_encoder.onnx (+ .data)  the text tower, graph already optimized by onnxruntime
-      bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `clipdex.search.clip_tokenizer`
+      bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `clipdex.search.encoders.clip_tokenizer`
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np
 
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import normalized
-from clipdex.search.model import ResolvedModel
+from clipdex.search.encoders.model import ResolvedModel
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipdex.search.clip_tokenizer import ClipTokenizer
+    from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
 
 EXPORT_VERSION = 1
 EXPORT_FOLDER = "text_encoder"
@@ -64,7 +64,7 @@ class OnnxTextEncoder:
         self.settings = settings
         self.threads = threads or available_cores()
         if tokenizer is None:  # imported here: ftfy and regex are for texts only, not for an image run
-            from clipdex.search.clip_tokenizer import ClipTokenizer
+            from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
 
             tokenizer = ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
         self.tokenizer = tokenizer

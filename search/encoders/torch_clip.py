@@ -21,7 +21,7 @@ import numpy as np
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImageTextEncoder, normalized
 from clipdex.search.errors import ModelUnavailable
-from clipdex.search.model import ResolvedModel
+from clipdex.search.encoders.model import ResolvedModel
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

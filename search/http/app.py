@@ -50,7 +50,7 @@ from clipdex.search.library import Library
 from clipdex.search.query import Query
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 ERROR_STATUS: tuple[tuple[type[ClipdexError], int], ...] = (  # the first that matches
     (ItemNotFound, 404),
     (InvalidQuery, 400),

@@ -20,11 +20,11 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from clipdex.search.catalog_types import ItemRow
+from clipdex.search.catalog.types import ItemRow
 from clipdex.search.atomic import write_bytes_atomic
 from clipdex.search.errors import FileUnavailable, UnreadableImage
-from clipdex.search.fileid import content_hash
-from clipdex.search.imaging import thumbnail_jpeg
+from clipdex.search.media.fileid import content_hash
+from clipdex.search.media.imaging import thumbnail_jpeg
 
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # a requested size is rounded up to one of these

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from clipdex.search.catalog_types import ItemRow
+from clipdex.search.catalog.types import ItemRow
 from clipdex.search.errors import ItemNotFound
-from clipdex.search.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
+from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 from clipdex.search.library import Library
 from clipdex.search.query import Hit, Query
 

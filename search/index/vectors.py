@@ -4,7 +4,7 @@ The index is derived data. It is saved atomically (temporary file, then rename) 
 stamp naming the catalog generation it reflects; readers catch it up from the
 catalog's change log, or rebuild it, when it lags.
 
-Three types (`IndexSpec.type`), chosen by `clipdex.search.index_choice`:
+Three types (`IndexSpec.type`), chosen by `clipdex.search.index.choice`:
 
 - "flat": exact inner product (`IndexIDMap2(IndexFlatIP)`).
 - "ivf": an inverted file (`IVF{nlist},Flat|SQ8|PQ{m}`), ids stored in its lists; searched
@@ -66,7 +66,7 @@ GPU_FP16_ENV = "CLIPDEX_GPU_FP16"  # 1: float16 storage for flat vectors (and IV
 class IndexSpec:
     """How the FAISS index is built and searched; recorded in the stamp and the manifest."""
 
-    # "flat" (exact inner product), "ivf" or "hnsw"; see `clipdex.search.index_choice`.
+    # "flat" (exact inner product), "ivf" or "hnsw"; see `clipdex.search.index.choice`.
     type: str = "flat"
     # The FAISS factory string, for types built through `faiss.index_factory`.
     factory: str | None = None
@@ -80,7 +80,7 @@ class IndexSpec:
     # The memory budget in bytes the type was chosen under; later rebuilds keep to it.
     memory_budget: int | None = None
     # True when asked for explicitly: rebuilds keep the type whatever the library's size
-    # (False: a rebuild may switch to the type `clipdex.search.index_choice` picks for the size).
+    # (False: a rebuild may switch to the type `clipdex.search.index.choice` picks for the size).
     pinned: bool = False
 
     def to_json(self) -> dict[str, Any]:

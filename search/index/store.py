@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from clipdex.search.atomic import leftovers
-from clipdex.search.catalog_types import BatchResult, NewItem, database_errors
-from clipdex.search.exact_small import SmallExactSearch
+from clipdex.search.catalog.types import BatchResult, NewItem, database_errors
+from clipdex.search.index.exact_small import SmallExactSearch
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
-from clipdex.search.index_choice import build_index_from, resolve_spec
+from clipdex.search.index.choice import build_index_from, resolve_spec
 from clipdex.search.locks import WriteLock
-from clipdex.search.manifest import MANIFEST_FILE, Manifest
 from clipdex.search.sharedlock import SharedLock
-from clipdex.search.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipdex.search.catalog import Catalog
+    from clipdex.search.catalog.database import Catalog
+    from clipdex.search.index.parts import IndexRecord
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class VectorStore:
     """The FAISS index of the library at `directory`, as of a catalog generation."""
 
-    def __init__(self, directory: Path, catalog: Catalog, manifest: Manifest, write_lock: WriteLock) -> None:
+    def __init__(self, directory: Path, catalog: Catalog, manifest: IndexRecord, write_lock: WriteLock) -> None:
         self.directory = directory
         self.catalog = catalog
         self.manifest = manifest  # the index spec is recorded there; the store rewrites it when the spec changes
@@ -136,7 +136,7 @@ class VectorStore:
         """Search the index, caught up with the catalog first (see `VectorIndex.search`).
 
         A small library with an exact (flat) index whose FAISS index this process has not
-        loaded is answered exactly with numpy instead (`clipdex.search.exact_small`), from the
+        loaded is answered exactly with numpy instead (`clipdex.search.index.exact_small`), from the
         catalog: the saved index may lag behind it (see `defers_index`).
         """
         if self._index is None and self.manifest.index.type == "flat":
@@ -238,8 +238,7 @@ class VectorStore:
                 self.catalog.trim_changes(self._generation)
 
     def _record_spec(self, spec: IndexSpec) -> None:
-        self.manifest.index = spec
-        self.manifest.write(self.directory / MANIFEST_FILE)
+        self.manifest.record_index(self.directory, spec)
 
 
 class LibraryWriter:

@@ -1,8 +1,8 @@
 """What the catalog's two ways in share, without importing a database library: the rows
 going in and coming out, the schema version, the limits, and the reading of database errors.
 
-`clipdex.search.catalog` is the catalog on SQLAlchemy (any backend, and everything a library
-can do); `clipdex.search.catalog_local` reads and writes a library's own SQLite file for the
+`clipdex.search.catalog.database` is the catalog on SQLAlchemy (any backend, and everything a library
+can do); `clipdex.search.catalog.local` reads and writes a library's own SQLite file for the
 everyday commands on the standard library's sqlite3, which imports in a few milliseconds
 where SQLAlchemy takes a quarter of a second.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from clipdex.search.errors import CatalogUnavailable, ClipdexError, LibraryBusy
 
-SCHEMA_VERSION = 2  # the catalog's migrations (`clipdex.search.catalog.MIGRATIONS`)
+SCHEMA_VERSION = 2  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
 QUERY_CACHE_SIZE = 10_000  # text queries kept, least recently used evicted

@@ -6,7 +6,7 @@ the kinds lie at very different distances from the stored vectors:
 - image-like queries (an image, a stored item, a raw vector) are stored vectors drawn at
   random and kept out of the quantizer's training sample, each query's own item left out
   of both result lists;
-- text-like queries come from the sources of `clipdex.search.query_sample` (a queries
+- text-like queries come from the sources of `clipdex.search.index.query_sample` (a queries
   file, the query cache, text items, prompts), filled up with generated queries as far
   from their best match as CLIP's modality gap puts a text when too few real ones exist.
 
@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from clipdex.search.errors import ClipdexError
-from clipdex.search.index_choice import build_index, choose_spec, list_count, training_rows, training_size
-from clipdex.search.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, text_query_sample
-from clipdex.search.vectors import IndexSpec, VectorIndex, faiss_module
+from clipdex.search.index.choice import build_index, choose_spec, list_count, training_rows, training_size
+from clipdex.search.index.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, text_query_sample
+from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
-    from clipdex.search.library import Library
+    from clipdex.search.index.parts import IndexedLibrary
 
 RECALL_K = 10
 HELD_OUT_QUERIES = 400  # split in two halves: tuning and reporting
@@ -254,7 +254,7 @@ def optimize_vectors(
 
     Image-like queries: `evaluation`, by default held-out stored vectors (see the module
     docstring). Text-like queries: `text_evaluation`, else `text_queries` (see
-    `clipdex.search.query_sample`), filled up with generated gap queries when fewer than
+    `clipdex.search.index.query_sample`), filled up with generated gap queries when fewer than
     `MIN_TEXT_QUERIES`. `sources` names where given evaluations came from. The benchmark
     passes its own evaluations.
 
@@ -350,7 +350,7 @@ def _summary(index: VectorIndex, kinds: dict[str, KindReport]) -> dict[str, Any]
 
 def with_gap_queries(sample: QuerySample, ids: np.ndarray, vectors: np.ndarray, exclude_rows: np.ndarray, seed: int) -> QuerySample:
     """`sample`, filled up to `HELD_OUT_QUERIES` with generated text-like queries (see
-    `clipdex.search.query_sample.gap_queries`) when it holds fewer than `MIN_TEXT_QUERIES`."""
+    `clipdex.search.index.query_sample.gap_queries`) when it holds fewer than `MIN_TEXT_QUERIES`."""
     if len(sample) >= MIN_TEXT_QUERIES:
         return sample
     rows = held_out_rows(len(ids), HELD_OUT_QUERIES - len(sample), exclude_rows, seed + 7)
@@ -419,7 +419,7 @@ def _size(size: int) -> str:
 
 
 def optimize_library(
-    library: "Library",
+    library: "IndexedLibrary",
     target_recall: float = 0.95,
     memory_budget: int | None = None,
     seed: int = 0,
@@ -429,8 +429,8 @@ def optimize_library(
     """Rebuild the library's index from its catalog, tuned per query kind and measured, and record the report.
 
     Text-like queries come from `queries_file` and the library itself (see
-    `clipdex.search.query_sample`). `cluster`: a Ray address; an IVF index is then built in
-    shards there (`clipdex.search.optimize_cluster`). The index is built from a snapshot while searches (and
+    `clipdex.search.index.query_sample`). `cluster`: a Ray address; an IVF index is then built in
+    shards there (`clipdex.search.index.optimize_cluster`). The index is built from a snapshot while searches (and
     writers) go on; it is then caught up with any commits made meanwhile and saved under
     the write lock."""
     if not 0.0 < target_recall <= 1.0:
@@ -448,7 +448,7 @@ def optimize_library(
     else:
         from functools import partial
 
-        from clipdex.search.optimize_cluster import build_index_on_cluster
+        from clipdex.search.index.optimize_cluster import build_index_on_cluster
         from clipdex.search.ray_cluster import ray_session
 
         with ray_session(cluster) as ray:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from clipdex.search.atomic import write_json_atomic
-from clipdex.search.clip_tokenizer import ClipTokenizer
+from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
 from clipdex.search.encoders.onnx_text import (
     EXPORT_FOLDER,
     EXPORT_VERSION,
@@ -39,8 +39,8 @@ from clipdex.search.encoders.onnx_text import (
 )
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import TextExportRefused
-from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import (
+from clipdex.search.encoders.model import ResolvedModel
+from clipdex.search.encoders.onnx_files import (
     export_optimized,
     export_or_refuse,
     install_export,
@@ -141,7 +141,7 @@ def _export_verified(
     encoder: TorchClipEncoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer, reference: np.ndarray
 ) -> None:
     """Export the trimmed graph when the model allows it, else the full one; keep the first that matches."""
-    from clipdex.search.text_towers import trimmable
+    from clipdex.search.encoders.text_towers import trimmable
 
     problem = ""
     for trimmed in ([True, False] if trimmable(encoder.model) else [False]):
@@ -176,7 +176,7 @@ def _export_onnx(encoder: TorchClipEncoder, scratch: Path, trimmed: bool, sample
         import copy
 
         model = copy.deepcopy(model).float().cpu()
-    from clipdex.search.text_towers import FullTextTower, TrimmedTextTower
+    from clipdex.search.encoders.text_towers import FullTextTower, TrimmedTextTower
 
     # eval() first: torch.onnx.export restores the wrapper's mode afterwards, recursively, and a
     # new module is in training mode - which would leave the library's model in training mode too.

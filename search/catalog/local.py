@@ -1,6 +1,6 @@
 """A library's own SQLite catalog on the standard library's sqlite3: the everyday commands' way in.
 
-`clipdex.search.catalog.Catalog` speaks SQLAlchemy, so that one catalog serves SQLite and
+`clipdex.search.catalog.database.Catalog` speaks SQLAlchemy, so that one catalog serves SQLite and
 PostgreSQL alike; importing SQLAlchemy (and its ORM) costs a quarter of a second, more than
 a whole cold text query may take. A library's own SQLite file, already made and migrated
 and writable here, is therefore opened as `LocalCatalog`: the statements that `search`,
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from clipdex.search.catalog_types import (
+from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     ITEM_COLUMNS,
     KINDS,
@@ -47,10 +47,10 @@ from clipdex.search.catalog_types import (
 )
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
-from clipdex.search.vector_rows import concatenated, stack_rows
+from clipdex.search.catalog.vector_rows import concatenated, stack_rows
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipdex.search.catalog import Catalog
+    from clipdex.search.catalog.database import Catalog
     from clipdex.search.locks import WriteLock
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def open_catalog(recorded_url: str | None, path: Path, vector_dim: int | None) -
             return cast("Catalog", LocalCatalog(path, vector_dim))
         except (sqlite3.Error, NotCurrent) as error:  # Catalog migrates it, opens it read-only, or says why not
             log.debug("catalog %s opened with SQLAlchemy (%s)", path, error)
-    from clipdex.search.catalog import Catalog, connect_url
+    from clipdex.search.catalog.database import Catalog, connect_url
 
     return Catalog(connect_url(recorded_url) if recorded_url else path, vector_dim)
 
@@ -158,7 +158,7 @@ class LocalCatalog:
         """The SQLAlchemy catalog on the same file, for everything this class does not do itself."""
         with self._full_lock:  # one, whichever thread asks first
             if self._full is None:
-                from clipdex.search.catalog import Catalog
+                from clipdex.search.catalog.database import Catalog
 
                 self._full = Catalog(self.path, self.vector_dim)
             return self._full

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipdex.search.errors import ImageTooLarge, UnreadableFile, UnreadableImage
-from clipdex.search.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
+from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def decode_image(source: str | Path | bytes, draft_size: int | None = None, name
     sides stay at least this large (the model then resizes with its own transform).
     `max_pixels`: a lower limit than the decompression-bomb one (MAX_QUERY_IMAGE_PIXELS
     for query images); an image over it raises ImageTooLarge before its pixels are read.
-    A file is read only if it is a regular file of at most `max_bytes` (`clipdex.search.safe_read`).
+    A file is read only if it is a regular file of at most `max_bytes` (`clipdex.search.media.safe_read`).
     Pillow's warnings about the file (corrupt EXIF, say) are logged at DEBUG level, not printed.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image")

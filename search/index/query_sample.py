@@ -30,7 +30,7 @@ import numpy as np
 from clipdex.search.errors import ClipdexError, InvalidQuery
 
 if TYPE_CHECKING:
-    from clipdex.search.library import Library
+    from clipdex.search.index.parts import IndexedLibrary
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def load_query_file(path: str | Path, dim: int) -> np.ndarray:
 
 
 def text_query_sample(
-    library: "Library",
+    library: "IndexedLibrary",
     count: int,
     queries_file: str | Path | None = None,
     seed: int = 0,
@@ -132,7 +132,7 @@ def everyday_nouns() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def _embed_prompts(library: "Library", prompts: list[str], encode: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
+def _embed_prompts(library: "IndexedLibrary", prompts: list[str], encode: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
     """The prompts' vectors by the library's text encoder; none when it cannot be had (logged)."""
     try:
         vectors = encode(prompts) if encode is not None else library.text_encoder().encode_texts(prompts)

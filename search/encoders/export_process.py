@@ -8,7 +8,7 @@ which need the lock between two photos (a trace slowed them down from about 47 t
 photo). In a process of its own it stalls nothing, and the indexing process never imports
 torch: its memory goes with the process.
 
-The process (`python -m clipdex.search.export_process 1`) reads its request, one line of
+The process (`python -m clipdex.search.encoders.export_process 1`) reads its request, one line of
 JSON on standard input: `library` (its folder), `model` (`ResolvedModel.to_json`), `dim` and
 `threads` (what torch and onnxruntime may use). It tells its progress on standard output,
 one JSON object a line, in this order:
@@ -56,7 +56,7 @@ class ExportProcess:
         # a session of its own: Ctrl-C stops the indexing run after its batch, which waits for
         # the export to finish (as it did for the export thread); the process stops when the
         # indexing process is gone (its input closes)
-        self._process = subprocess.Popen([sys.executable, *safe_path, "-m", "clipdex.search.export_process",
+        self._process = subprocess.Popen([sys.executable, *safe_path, "-m", "clipdex.search.encoders.export_process",
                                           str(PROTOCOL_VERSION)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          text=True, start_new_session=True)
 
@@ -122,10 +122,10 @@ def export(library_path: Path, model_json: dict[str, Any], dim: int, threads: in
     from clipdex.search.encoders.onnx_image import installed_image_export
     from clipdex.search.encoders.onnx_text import installed_export
     from clipdex.search.encoders.torch_clip import TorchClipEncoder
-    from clipdex.search.image_export import ensure_image_export
-    from clipdex.search.model import ResolvedModel
-    from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
-    from clipdex.search.text_export import ensure_text_export
+    from clipdex.search.encoders.image_export import ensure_image_export
+    from clipdex.search.encoders.model import ResolvedModel
+    from clipdex.search.encoders.preprocess import ImagePreprocess, UnsupportedPreprocess
+    from clipdex.search.encoders.text_export import ensure_text_export
 
     model = ResolvedModel.from_json(model_json)
     encoder = TorchClipEncoder(model, "cpu")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from clipdex.search.errors import UnreadableImage
-from clipdex.search.imaging import MAX_IMAGE_PIXELS, ImageHeader, read_header
+from clipdex.search.media.imaging import MAX_IMAGE_PIXELS, ImageHeader, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

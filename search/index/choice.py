@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from clipdex.search.errors import MemoryBudgetError
-from clipdex.search.vectors import GpuSettings, IndexSpec, VectorIndex, VectorSource, faiss_module
+from clipdex.search.index.vectors import GpuSettings, IndexSpec, VectorIndex, VectorSource, faiss_module
 
 
 class VectorCollection(VectorSource, Protocol):

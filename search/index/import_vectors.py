@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from clipdex.search.catalog import KINDS, ImportRows
+from clipdex.search.catalog.database import KINDS, ImportRows
 from clipdex.search.errors import InvalidVectors, MissingDependency, ModelMismatch
-from clipdex.search.index_choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
-from clipdex.search.model import ResolvedModel
-from clipdex.search.vectors import IndexSpec, VectorIndex
+from clipdex.search.index.choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
+from clipdex.search.encoders.model import ResolvedModel
+from clipdex.search.index.vectors import IndexSpec, VectorIndex
 
 if TYPE_CHECKING:
-    from clipdex.search.library import Library
+    from clipdex.search.index.parts import IndexedLibrary
 
 NORM_TOLERANCE = 1e-3
 CHUNK_ROWS = 20_000  # rows read, checked and inserted at a time
@@ -91,7 +91,7 @@ class Part:
 
 
 def import_vectors(
-    library: "Library",
+    library: "IndexedLibrary",
     sources: Sequence[str | Path],
     model_name: str | None = None,
     batch_size: int = CHUNK_ROWS,
@@ -149,7 +149,7 @@ def _rows(parts: list[Part], report: ImportReport, total: int, progress: Callabl
         report.files.append(str(part.origin))
 
 
-def _update_index(library: "Library", log_changes: bool) -> bool:
+def _update_index(library: "IndexedLibrary", log_changes: bool) -> bool:
     """Bring the vector index up to the import (the write lock is held); True if its type changed."""
     store = library.store
     if log_changes:
@@ -223,7 +223,7 @@ def _sample_rows(parts: list[Part], rows: np.ndarray) -> np.ndarray:
     return sample / np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
 
 
-def plan_source(source: Path, library: "Library", model_name: str | None, report: ImportReport, chunk_rows: int) -> list[Part]:
+def plan_source(source: Path, library: "IndexedLibrary", model_name: str | None, report: ImportReport, chunk_rows: int) -> list[Part]:
     if source.is_dir():
         return plan_clip_retrieval(source, library.dim, library.model, model_name, report, chunk_rows)
     if source.suffix == ".npz" and source.is_file():

@@ -1,9 +1,9 @@
 """CLIP's byte-pair tokenizer without torch: a port of open_clip's `SimpleTokenizer`.
 
 open_clip's tokenizer module imports torch, which costs seconds; a query answered by
-the exported text encoder (`clipdex.search.text_export`) must not pay that. This port covers
+the exported text encoder (`clipdex.search.encoders.text_export`) must not pay that. This port covers
 open_clip's default configuration (the `lower` cleaning, truncation to the context
-length, no extra special tokens) and returns numpy arrays. `clipdex.search.text_export` checks
+length, no extra special tokens) and returns numpy arrays. `clipdex.search.encoders.text_export` checks
 it against open_clip's own tokenizer before an export is used.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from clipdex.search.atomic import write_json_atomic
-from clipdex.search.model import ResolvedModel
+from clipdex.search.encoders.model import ResolvedModel
 from clipdex.search.readonly import environment_error, environment_reason
 
 logger = logging.getLogger(__name__)

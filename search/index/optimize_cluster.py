@@ -27,9 +27,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from clipdex.search.index_choice import build_index, training_sample, training_size
+from clipdex.search.index.choice import build_index, training_sample, training_size
 from clipdex.search.ray_cluster import cluster_cpus
-from clipdex.search.vectors import IndexSpec, VectorIndex, faiss_module
+from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
 
 logger = logging.getLogger(__name__)
 

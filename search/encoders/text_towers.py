@@ -1,4 +1,4 @@
-"""The torch modules `clipdex.search.text_export` hands to `torch.onnx.export` (imported only when exporting)."""
+"""The torch modules `clipdex.search.encoders.text_export` hands to `torch.onnx.export` (imported only when exporting)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class TrimmedTextTower(torch.nn.Module):
     cannot change the result; running only the first `length` positions saves most of
     the work on short queries. Attention is written out here because the tracing
     exporter fixes `nn.MultiheadAttention`'s sequence length to the traced one. Only for
-    models where `trimmable` holds; `clipdex.search.text_export` verifies the result against
+    models where `trimmable` holds; `clipdex.search.encoders.text_export` verifies the result against
     open_clip's `encode_text` on the full context.
     """
 

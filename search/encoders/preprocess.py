@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
-from clipdex.search.model import ResolvedModel, architecture_config
+from clipdex.search.encoders.model import ResolvedModel, architecture_config
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads; not ported

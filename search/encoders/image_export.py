@@ -1,10 +1,10 @@
 """The library's image tower exported to ONNX, so indexing and image queries need neither torch nor open_clip.
 
-As `clipdex.search.text_export` does for the text tower, and at the same moments (once per
+As `clipdex.search.encoders.text_export` does for the text tower, and at the same moments (once per
 library, while the open_clip model is loaded anyway), clipdex exports the image tower
 with `torch.onnx.export` into `LIBRARY/image_encoder/` (laid out as
 `clipdex.search.encoders.onnx_image` describes), with the parameters of open_clip's
-preprocessing, which `clipdex.search.preprocess` reproduces without torch.
+preprocessing, which `clipdex.search.encoders.preprocess` reproduces without torch.
 
 An export is used only after it has been checked against open_clip, on probe images that
 cover the cases of the fidelity tests (landscape, portrait, EXIF-rotated, smaller than the
@@ -44,15 +44,15 @@ from clipdex.search.encoders.onnx_image import (
 )
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
-from clipdex.search.model import ResolvedModel
-from clipdex.search.onnx_files import (
+from clipdex.search.encoders.model import ResolvedModel
+from clipdex.search.encoders.onnx_files import (
     export_optimized,
     export_or_refuse,
     install_export,
     recorded_refusal,
     scratch_folder,
 )
-from clipdex.search.preprocess import ImagePreprocess, UnsupportedPreprocess
+from clipdex.search.encoders.preprocess import ImagePreprocess, UnsupportedPreprocess
 
 IMAGE_REFUSED_FILE = "image_encoder.refused.json"
 MIN_COSINE = 0.999
@@ -161,7 +161,7 @@ def verify(encoder: TorchClipEncoder, exported: OnnxClipEncoder) -> tuple[float,
     arrays, in a batch and in a batch of one): the graph computes the same function of any
     array, so the other probes would only repeat its forward passes, seconds of a first run.
     """
-    from clipdex.search.imaging import decode_image
+    from clipdex.search.media.imaging import decode_image
 
     probes = probe_images()
     images = [decode_image(data, draft_size=2 * exported.image_size, name=name).image for name, data in probes]

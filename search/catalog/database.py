@@ -54,7 +54,7 @@ from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from clipdex.search.catalog_types import (
+from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     KINDS,
     QUERY_CACHE_SIZE,
@@ -71,7 +71,7 @@ from clipdex.search.catalog_types import (
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
 from clipdex.search.readonly import check_schema, open_catalog_engine
-from clipdex.search.vector_rows import concatenated, stack_rows
+from clipdex.search.catalog.vector_rows import concatenated, stack_rows
 
 if TYPE_CHECKING:
     from clipdex.search.locks import WriteLock

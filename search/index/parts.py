@@ -1,0 +1,60 @@
+"""What the index room's whole-library work (optimize, import-vectors, query samples) uses of a library.
+
+`clipdex.search.library.Library` is one. These are protocols so that this room never imports
+the facade above it: the rooms import in one direction (README, "Where things live").
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.catalog.database import Catalog
+    from clipdex.search.encoders.base import TextEncoder
+    from clipdex.search.encoders.model import ResolvedModel
+    from clipdex.search.index.store import VectorStore
+    from clipdex.search.index.vectors import IndexSpec, VectorIndex
+
+
+class IndexRecord(Protocol):
+    """Where a library records its dimension and index spec (its manifest)."""
+
+    dim: int
+    index: IndexSpec
+    extra: dict[str, Any]
+
+    def record_index(self, directory: Path, spec: IndexSpec) -> None:
+        """Record `spec` as the index of the library at `directory`, durably."""
+
+
+class IndexedLibrary(Protocol):
+    """A library as the index room's whole-library operations see it."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def store(self) -> VectorStore: ...
+
+    @property
+    def vectors(self) -> VectorIndex: ...
+
+    @property
+    def model(self) -> ResolvedModel: ...
+
+    @property
+    def manifest(self) -> IndexRecord: ...
+
+    def text_encoder(self) -> TextEncoder: ...
+
+    def locked(self) -> AbstractContextManager[None]: ...
+
+    def adopt_vectors(self, index: VectorIndex, generation: int) -> None: ...
