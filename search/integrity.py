@@ -24,36 +24,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from clipdex.search.errors import ClipdexError, CorruptLibrary
 from clipdex.search.manifest import MANIFEST_FILE
+from clipdex.search.index.parts import LibraryParts
 from clipdex.search.index.vectors import STAMP_FILE
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from clipdex.search.catalog.database import Catalog
-    from clipdex.search.encoders.model import ResolvedModel
     from clipdex.search.manifest import Manifest
 
 
-class CheckedLibrary(Protocol):
+class CheckedLibrary(LibraryParts, Protocol):
     """What the check reads and repairs of a library (`clipdex.search.library.Library` is one;
     a protocol, so that this module and the facade do not import each other)."""
 
     @property
-    def path(self) -> Path: ...
-
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def catalog(self) -> Catalog: ...
-
-    @property
     def manifest(self) -> Manifest: ...
 
-    @property
-    def model(self) -> ResolvedModel: ...
-
     def writer(self) -> AbstractContextManager[object]: ...
+
 
 def require_catalog(path: Path) -> None:
     """Raise CorruptLibrary unless `path` is an SQLite file holding clipdex's tables."""

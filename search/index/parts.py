@@ -29,8 +29,8 @@ class IndexRecord(Protocol):
         """Record `spec` as the index of the library at `directory`, durably."""
 
 
-class IndexedLibrary(Protocol):
-    """A library as the index room's whole-library operations see it."""
+class LibraryParts(Protocol):
+    """The parts every whole-library operation reads: where it is, its dimension, catalog and model."""
 
     @property
     def path(self) -> Path: ...
@@ -42,13 +42,17 @@ class IndexedLibrary(Protocol):
     def catalog(self) -> Catalog: ...
 
     @property
+    def model(self) -> ResolvedModel: ...
+
+
+class IndexedLibrary(LibraryParts, Protocol):
+    """A library as the index room's whole-library operations see it."""
+
+    @property
     def store(self) -> VectorStore: ...
 
     @property
     def vectors(self) -> VectorIndex: ...
-
-    @property
-    def model(self) -> ResolvedModel: ...
 
     @property
     def manifest(self) -> IndexRecord: ...
