@@ -264,6 +264,33 @@ def test_requests_that_do_not_fit_the_schema_are_422(client: TestClient, body: d
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "body", "field", "limit"),
+    [
+        ("/search", {"text": "x" * 2_001}, "body.text.0", 2_000),
+        ("/search", {"text": ["a dog", "x" * 2_001]}, "body.text.1", 2_000),
+        ("/search", {"text": "a dog", "minus": "x" * 2_001}, "body.minus.0", 2_000),
+        ("/search", {"text": "a dog", "path": "x" * 1_001}, "body.path", 1_000),
+        ("/search", {"text": "a dog", "after": "2" * 41}, "body.after", 40),
+        ("/embed", {"text": "x" * 2_001}, "body.text", 2_000),
+    ],
+)
+def test_an_over_long_string_is_counted_in_characters(client: TestClient, endpoint: str, body: dict[str, Any],
+                                                      field: str, limit: int) -> None:
+    """Not "at most 2000 items": a string's limit is in characters (issue #31)."""
+    response = client.post(endpoint, json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(f"{field}: String should have at most {limit} characters")
+    assert "items" not in response.json()["detail"]
+
+
+def test_an_over_long_form_text_is_counted_in_characters(client: TestClient, photos: list[Path]) -> None:
+    response = client.post("/search/image", files={"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")},
+                           data={"text": "x" * 2_001})
+    assert response.status_code == 422, response.text
+    assert "at most 2000 characters" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
     ("body", "reason"),
     [
         ({"text": "x", "after": "last tuesday"}, "--after wants a date"),

@@ -29,12 +29,16 @@ def _as_list(value: Any) -> Any:
     return [value]
 
 
-def _valid_unicode(value: str) -> str:
-    """Refuse lone surrogates (`"\\ud800"` in JSON): they cannot be encoded, stored or tokenized."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text holds a lone surrogate (an invalid \\uD800-\\uDFFF escape)") from None
+def _valid_unicode(value: Any) -> Any:
+    """Refuse lone surrogates (`"\\ud800"` in JSON): they cannot be encoded, stored or tokenized.
+
+    Before the string's own validator, which would refuse them too but without saying why.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate (an invalid \\uD800-\\uDFFF escape)") from None
     return value
 
 
@@ -50,8 +54,23 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
-UnicodeText = Annotated[str, AfterValidator(_valid_unicode)]
-QueryText = Annotated[UnicodeText, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+def _given_or_left_out(schema: dict[str, Any]) -> None:
+    """For a field that is either given or left out: neither its default None nor null is a value to send.
+
+    (Declared `X | None` rather than with SkipJsonSchema[None]: a union would name its member
+    in every problem's place, `body.text.function-before[...]`, and add "Input should be None".)
+    """
+    _no_default(schema)
+    branches = [branch for branch in schema.pop("anyOf", ()) if branch != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update({**branches[0], **schema})
+
+
+# The length bounds belong to the string itself, so a 422 says "at most 2000 characters"
+# (bounds placed after a validator are counted as a sequence's "items").
+QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), BeforeValidator(_valid_unicode)]
+PathGlob = Annotated[str, StringConstraints(max_length=1_000), BeforeValidator(_valid_unicode)]
+DateText = Annotated[str, StringConstraints(max_length=40), BeforeValidator(_valid_unicode)]
 # The bounds come before the validator that wraps them, so the schema says them as minimum and maximum.
 Count = Annotated[int, BeforeValidator(_whole_number)]
 ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID), BeforeValidator(_whole_number)]
@@ -82,13 +101,13 @@ class QueryOptions(BaseModel):
         default_factory=list, description="Weights of the terms in order: texts, images, likes, vector, minus texts (default 1 each)"
     )
     kind: Literal["image", "text", "any"] = Field("any", description="What to return")
-    path: Annotated[UnicodeText, StringConstraints(max_length=1_000)] | None = Field(
+    path: PathGlob | None = Field(
         None, description="Only items whose path matches this glob (SQLite GLOB, e.g. '*/2024/*')"
     )
-    after: Annotated[UnicodeText, StringConstraints(max_length=40)] | None = Field(
+    after: DateText | None = Field(
         None, description="Captured at or after (ISO date/time)"
     )
-    before: Annotated[UnicodeText, StringConstraints(max_length=40)] | None = Field(
+    before: DateText | None = Field(
         None, description="Captured before (ISO date/time)"
     )
     min_width: Pixels | None = Field(None, description="Minimum image width in pixels")
@@ -155,10 +174,10 @@ class EmbedRequest(BaseModel):
         "oneOf": [{"required": ["text"]}, {"required": ["image"]}],
     })
 
-    # SkipJsonSchema: null is not a value the schema offers; _no_null refuses it when sent
-    text: QueryText | SkipJsonSchema[None] = Field(None, json_schema_extra=_no_default, description="A text")
-    image: Base64Image | SkipJsonSchema[None] = Field(
-        None, json_schema_extra=_no_default, description="An image as base64 (a data: URL prefix is allowed)"
+    # null is not a value the schema offers (_given_or_left_out); _no_null refuses it when sent
+    text: QueryText | None = Field(None, json_schema_extra=_given_or_left_out, description="A text")
+    image: Base64Image | None = Field(
+        None, json_schema_extra=_given_or_left_out, description="An image as base64 (a data: URL prefix is allowed)"
     )
 
     @model_validator(mode="before")
