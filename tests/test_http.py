@@ -337,6 +337,33 @@ def test_undecodable_image_is_400_with_the_reason(client: TestClient, endpoint: 
     assert "not an image Pillow can identify" in response.json()["detail"]
 
 
+def test_the_documents_base64_pattern_is_what_the_server_decodes(client: TestClient) -> None:
+    """Every string of up to 6 characters from a base64-ish alphabet, with and without a data: prefix:
+    the OpenAPI document's pattern matches it exactly when the server decodes it (issue #31)."""
+    from itertools import product
+
+    from clipdex.search.http.schemas import InvalidBase64, decode_base64_image
+
+    pattern = client.get("/openapi.json").json()["components"]["schemas"]["EmbedRequest"]["properties"]["image"]["pattern"]
+    matcher = re.compile(pattern)
+    strings = ["".join(letters) for size in range(7) for letters in product("A/=\n ,!", repeat=size)]
+    strings += ["data:image/png;base64," + value for value in strings[:3000]] + ["data:,QUJD", "data:x", "QUJD\t\r\n"]
+    for value in strings:
+        try:
+            decode_base64_image(value)
+            decoded = True
+        except InvalidBase64:
+            decoded = False
+        assert (matcher.search(value) is not None) == decoded, repr(value)
+
+
+def test_an_empty_upload_is_outside_the_document(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["components"]["schemas"]["ImageSearchForm"]["properties"]["image"]["minLength"] == 1
+    response = client.post("/search/image", files={"image": ("x.jpg", b"", "image/jpeg")})
+    assert response.status_code == 400 and response.json()["detail"] == "image: empty file (0 bytes)"
+
+
 def test_truncated_image_is_400(client: TestClient, photos: list[Path]) -> None:
     data = photos[0].read_bytes()[:300]
     response = client.post("/search/image", files={"image": ("x.jpg", data, "image/jpeg")})
