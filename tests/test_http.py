@@ -1046,3 +1046,51 @@ def test_serve_binds_the_port_it_announces(indexed: Library, monkeypatch: pytest
     assert result.exit_code == 0, result.output
     host, port = bound[0]
     assert host == "127.0.0.1" and port > 0 and f"http://127.0.0.1:{port}/" in result.output
+
+
+# -- HTTP itself: HEAD, one body length, slow clients, floods (issue #31) ---------------------------
+
+
+@pytest.mark.parametrize("url", ["/health", "/stats", "/items/{image}", "/items/{image}/thumbnail", "/items/{image}/file",
+                                 "/", "/static/app.js", "/docs", "/openapi.json"])
+def test_head_is_answered_wherever_get_is(client: TestClient, indexed: Library, photos: list[Path], url: str) -> None:
+    """RFC 9110 9.3.2: the answer to GET, headers and all, without its body."""
+    url = url.format(image=image_id(indexed, photos[0]))
+    get, head = client.get(url), client.head(url)
+    assert get.status_code == head.status_code == 200 and get.content and head.content == b""
+    for name in ("content-type", "content-length", "cache-control", "content-security-policy"):
+        assert head.headers.get(name) == get.headers.get(name), name
+
+
+def test_head_needs_the_token_as_get_does(secured: TestClient) -> None:
+    assert secured.head("/stats").status_code == 401
+    assert secured.head("/stats", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert secured.head("/health").status_code == 200
+
+
+def test_head_is_not_allowed_where_get_is_not(client: TestClient) -> None:
+    head = client.head("/search")
+    assert head.status_code == 405 and head.headers["allow"] == "POST"
+    delete = client.delete("/health")
+    assert delete.status_code == 405 and delete.headers["allow"] == "GET, HEAD"
+
+
+def exchange(url: str, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a new connection; everything the server sends until it closes it (or `timeout`)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(request)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_head_over_a_socket_keeps_the_connection_framed(indexed: Library) -> None:
+    """HEAD's answer says GET's Content-Length but sends no body: the next answer on the connection follows at once."""
+    request = b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with serve_in_thread(create_app(indexed)) as url:
+        answer = exchange(url, request)
+    head, get = answer.split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 ") and b"content-length: 15\r\n" in head.lower() and head.endswith(b"\r\n\r\n")
+    assert get.startswith(b"200 ") and get.endswith(b'{"status":"ok"}')
