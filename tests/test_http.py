@@ -1086,6 +1086,27 @@ def exchange(url: str, request: bytes, timeout: float = 10.0) -> bytes:
     return b"".join(chunks)
 
 
+SMUGGLED = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("lengths", [
+    b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % (5 + len(SMUGGLED)),  # a proxy reading Content-Length
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",  # either order
+    b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+])
+def test_a_request_with_two_lengths_is_refused_and_its_connection_closed(indexed: Library, lengths: bytes) -> None:
+    """RFC 9112 6.1: with both Transfer-Encoding and Content-Length, the request behind the empty chunked
+    body must not be answered: one 400, and the connection closed (the read ends, no timeout)."""
+    request = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + lengths
+               + b"\r\n0\r\n\r\n" + SMUGGLED)
+    with serve_in_thread(create_app(indexed, allowed_hosts=("127.0.0.1",))) as url:
+        answer = exchange(url, request)
+        alone = exchange(url, SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert alone.startswith(b"HTTP/1.1 200 ")  # the hidden request, sent on its own, is answered
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"connection: close" in answer.lower() and b"both Transfer-Encoding and Content-Length" in answer
+
+
 def test_head_over_a_socket_keeps_the_connection_framed(indexed: Library) -> None:
     """HEAD's answer says GET's Content-Length but sends no body: the next answer on the connection follows at once."""
     request = b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"

@@ -1,4 +1,4 @@
-"""What every request passes before the app sees it: the Host, the access token and the body size limit.
+"""What every request passes before the app sees it: its framing, the Host, the access token and the body size limit.
 
 All are checked on the headers alone, before a byte of the body is read, so an
 unauthenticated or oversized upload costs the server nothing. Each refusal is JSON,
@@ -24,9 +24,12 @@ HOST_HEADER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/@]+)(?::\d{1,5}
 
 
 class RequestGuard:
-    """ASGI middleware: the Host, `Authorization: Bearer <token>` on all but the public paths, and a body limit.
+    """ASGI middleware: one body length, the Host, `Authorization: Bearer <token>` on all but the public paths, and a body limit.
 
-    HEAD runs as GET without the body (RFC 9110 9.3.2).
+    A request with both Transfer-Encoding and Content-Length is refused and its connection
+    closed (RFC 9112 6.1): a proxy in front that reads the other length would take what
+    follows the body as another request, smuggled past it. HEAD runs as GET without the
+    body (RFC 9110 9.3.2).
 
     `allowed_hosts`: the Host names to answer (None or "*": any); "*.example.com" allows its subdomains.
     """
@@ -46,6 +49,10 @@ class RequestGuard:
         send = _with_security_headers(send)
         if scope["method"] == "HEAD":
             scope, send = {**scope, "method": "GET"}, _without_body(send)
+        if _header(scope, b"transfer-encoding") is not None and _header(scope, b"content-length") is not None:
+            await _respond(send, 400, "a request may not have both Transfer-Encoding and Content-Length",
+                           [(b"connection", b"close")])
+            return
         if self.allowed_hosts is not None and not self._host_allowed(scope):
             await _respond(send, 400, "invalid Host header: this server answers only its own names")
             return
