@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urljoin, urlsplit
@@ -28,6 +29,7 @@ import clipdex.search.http.media
 from clipdex.indexer import index_paths
 from clipdex.search.catalog import NewItem
 from clipdex.search.http import create_app, serve_in_thread
+from clipdex.search.http.connections import ConnectionLimits
 from clipdex.search.library import Library
 from clipdex.search.model import ModelSpec
 from tests.conftest import huge_png, write_image
@@ -1115,3 +1117,165 @@ def test_head_over_a_socket_keeps_the_connection_framed(indexed: Library) -> Non
     head, get = answer.split(b"HTTP/1.1 ")[1:]
     assert head.startswith(b"200 ") and b"content-length: 15\r\n" in head.lower() and head.endswith(b"\r\n\r\n")
     assert get.startswith(b"200 ") and get.endswith(b'{"status":"ok"}')
+
+
+SMALL_LIMITS = ConnectionLimits(header_timeout=0.5, body_timeout=1.0, keep_alive_timeout=1, max_connections=8)
+
+
+def trickle(url: str, head: bytes, slowly: bytes, seconds: float = 4.0) -> tuple[bytes, float]:
+    """Send `head`, then `slowly` a byte every 0.05 s for at most `seconds`: what the server answers, and when
+    it closed the connection (seconds after it opened)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=seconds) as connection:
+        connection.sendall(head)
+        connection.setblocking(False)
+        for byte in slowly[:int(seconds / 0.05)]:
+            try:
+                connection.send(bytes([byte]))
+                time.sleep(0.05)
+                chunk = connection.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:  # closed by the server
+                break
+            answer += chunk
+            if not chunk:
+                break
+        connection.settimeout(seconds)
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer, time.monotonic() - started
+
+
+@pytest.mark.parametrize(("head", "slowly", "part"), [
+    (b"", b"", "headers"),  # a connection that never says anything
+    (b"", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n", "headers"),
+    (b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 300\r\n\r\n",
+     b'{"text": "' + b"a" * 288 + b'"}', "body"),
+], ids=["silent", "slow-headers", "slow-body"])
+def test_slow_clients_are_timed_out(indexed: Library, head: bytes, slowly: bytes, part: str) -> None:
+    """A request's headers must arrive within header_timeout, its body within body_timeout: else 408 and closed."""
+    with serve_in_thread(create_app(indexed), limits=SMALL_LIMITS) as url:
+        answer, took = trickle(url, head, slowly)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert f"the request's {part} did not arrive within".encode() in answer
+    limit = SMALL_LIMITS.header_timeout if part == "headers" else SMALL_LIMITS.body_timeout
+    assert limit <= took < limit + 1.5, took
+
+
+def test_connections_over_the_cap_are_refused_at_once(indexed: Library) -> None:
+    """max_connections open at once; one more gets a 503 and is closed; once the silent ones time out, /health answers."""
+    with serve_in_thread(create_app(indexed), limits=SMALL_LIMITS) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        holders = [socket.create_connection((host, int(port)), timeout=5) for _ in range(8)]
+        try:
+            time.sleep(0.1)
+            started = time.monotonic()
+            refused = exchange(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
+            assert refused.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in refused, refused
+            assert time.monotonic() - started < 0.4  # refused, not kept waiting
+            for holder in holders:  # each one times out
+                assert holder.recv(65536).startswith(b"HTTP/1.1 408 ")
+                holder.close()
+            time.sleep(0.2)
+            assert exchange(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").startswith(
+                b"HTTP/1.1 200 ")
+        finally:
+            for holder in holders:
+                holder.close()
+
+
+def test_the_default_cap_stays_below_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    for soft, cap in ((1_024, 896), (256, 128), (100, 8), (65_536, 1_000), (resource.RLIM_INFINITY, 1_000)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _which, soft=soft: (soft, resource.RLIM_INFINITY))
+        assert ConnectionLimits().connection_cap() == cap
+    assert ConnectionLimits(max_connections=5).connection_cap() == 5
+
+
+def test_the_same_message_is_logged_once_an_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from clipdex.search.http.connections import RepeatedMessages
+
+    logger = logging.getLogger("clipdex.test.repeats")
+    repeats = RepeatedMessages(interval=0.2)
+    logger.addFilter(repeats)
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            for number in range(1_000):
+                logger.warning("accept failed on fd %d\nsecond line %d", 6, number)
+            logger.warning("another message")
+            time.sleep(0.25)
+            logger.warning("accept failed on fd %d\nsecond line %d", 6, 1_000)
+    finally:
+        logger.removeFilter(repeats)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3 and messages[1] == "another message"
+    assert messages[2].startswith("accept failed on fd 6\nsecond line 1000 [and 999 more like this in the last 0 s")
+
+
+# The real server (run_server, as `clipdex serve` runs it) in a process of its own with few open files,
+# and a connection cap above them: accept() fails with "Too many open files".
+SERVER_WITH_FEW_FILES = """
+import resource, sys
+from clipdex.search.http import create_app, open_listener, run_server
+from clipdex.search.http.connections import ConnectionLimits
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+app = create_app(sys.argv[1], allowed_hosts=("127.0.0.1",))
+listener = open_listener("127.0.0.1", 0)
+print(listener.getsockname()[1], flush=True)
+limits = ConnectionLimits(header_timeout=1.0, body_timeout=1.0, keep_alive_timeout=1, max_connections=1_000)
+run_server(app, listener, log_level="warning", limits=limits)
+"""
+
+
+def answers_health(url: str, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            if exchange(url, request, timeout=2).startswith(b"HTTP/1.1 200 "):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def test_a_flood_of_connections_is_logged_once_and_survived(indexed: Library, tmp_path: Path) -> None:
+    """200 connections that announce a body and send nothing more, against a server allowed 96 open files:
+    "Too many open files" reaches the log once, not thousands of times a second (issue #31: 213 MB in 25 s),
+    and once the flood has gone the server answers again."""
+    import subprocess
+
+    log = tmp_path / "server.log"
+    with log.open("wb") as stderr:
+        server = subprocess.Popen([sys.executable, "-c", SERVER_WITH_FEW_FILES, str(indexed.path)],
+                                  stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        url = f"http://127.0.0.1:{port}"
+        assert answers_health(url, within=30)  # it listens once uvicorn has started
+        flood = []
+        for _ in range(200):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            connection.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+            flood.append(connection)
+        time.sleep(2.5)
+        for connection in flood:
+            connection.close()
+        assert answers_health(url, within=10)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    text = log.read_text(errors="replace")
+    assert len(text) < 20_000, f"{len(text)} bytes of log: {text[:2000]}"
+    assert 1 <= text.count("Too many open files") <= 2, text
