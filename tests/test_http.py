@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urljoin, urlsplit
@@ -28,6 +29,7 @@ import clipdex.search.http.media
 from clipdex.indexer import index_paths
 from clipdex.search.catalog.database import NewItem
 from clipdex.search.http import create_app, serve_in_thread
+from clipdex.search.http.connections import ConnectionLimits
 from clipdex.search.library import Library
 from clipdex.search.encoders.model import ModelSpec
 from tests.conftest import huge_png, write_image
@@ -264,6 +266,33 @@ def test_requests_that_do_not_fit_the_schema_are_422(client: TestClient, body: d
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "body", "field", "limit"),
+    [
+        ("/search", {"text": "x" * 2_001}, "body.text.0", 2_000),
+        ("/search", {"text": ["a dog", "x" * 2_001]}, "body.text.1", 2_000),
+        ("/search", {"text": "a dog", "minus": "x" * 2_001}, "body.minus.0", 2_000),
+        ("/search", {"text": "a dog", "path": "x" * 1_001}, "body.path", 1_000),
+        ("/search", {"text": "a dog", "after": "2" * 41}, "body.after", 40),
+        ("/embed", {"text": "x" * 2_001}, "body.text", 2_000),
+    ],
+)
+def test_an_over_long_string_is_counted_in_characters(client: TestClient, endpoint: str, body: dict[str, Any],
+                                                      field: str, limit: int) -> None:
+    """Not "at most 2000 items": a string's limit is in characters (issue #31)."""
+    response = client.post(endpoint, json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(f"{field}: String should have at most {limit} characters")
+    assert "items" not in response.json()["detail"]
+
+
+def test_an_over_long_form_text_is_counted_in_characters(client: TestClient, photos: list[Path]) -> None:
+    response = client.post("/search/image", files={"image": ("x.jpg", photos[0].read_bytes(), "image/jpeg")},
+                           data={"text": "x" * 2_001})
+    assert response.status_code == 422, response.text
+    assert "at most 2000 characters" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
     ("body", "reason"),
     [
         ({"text": "x", "after": "last tuesday"}, "--after wants a date"),
@@ -308,6 +337,33 @@ def test_undecodable_image_is_400_with_the_reason(client: TestClient, endpoint: 
         response = client.post("/embed", json={"image": b64(junk)})
     assert response.status_code == 400
     assert "not an image Pillow can identify" in response.json()["detail"]
+
+
+def test_the_documents_base64_pattern_is_what_the_server_decodes(client: TestClient) -> None:
+    """Every string of up to 6 characters from a base64-ish alphabet, with and without a data: prefix:
+    the OpenAPI document's pattern matches it exactly when the server decodes it (issue #31)."""
+    from itertools import product
+
+    from clipdex.search.http.schemas import InvalidBase64, decode_base64_image
+
+    pattern = client.get("/openapi.json").json()["components"]["schemas"]["EmbedRequest"]["properties"]["image"]["pattern"]
+    matcher = re.compile(pattern)
+    strings = ["".join(letters) for size in range(7) for letters in product("A/=\n ,!", repeat=size)]
+    strings += ["data:image/png;base64," + value for value in strings[:3000]] + ["data:,QUJD", "data:x", "QUJD\t\r\n"]
+    for value in strings:
+        try:
+            decode_base64_image(value)
+            decoded = True
+        except InvalidBase64:
+            decoded = False
+        assert (matcher.search(value) is not None) == decoded, repr(value)
+
+
+def test_an_empty_upload_is_outside_the_document(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["components"]["schemas"]["ImageSearchForm"]["properties"]["image"]["minLength"] == 1
+    response = client.post("/search/image", files={"image": ("x.jpg", b"", "image/jpeg")})
+    assert response.status_code == 400 and response.json()["detail"] == "image: empty file (0 bytes)"
 
 
 def test_truncated_image_is_400(client: TestClient, photos: list[Path]) -> None:
@@ -992,3 +1048,234 @@ def test_serve_binds_the_port_it_announces(indexed: Library, monkeypatch: pytest
     assert result.exit_code == 0, result.output
     host, port = bound[0]
     assert host == "127.0.0.1" and port > 0 and f"http://127.0.0.1:{port}/" in result.output
+
+
+# -- HTTP itself: HEAD, one body length, slow clients, floods (issue #31) ---------------------------
+
+
+@pytest.mark.parametrize("url", ["/health", "/stats", "/items/{image}", "/items/{image}/thumbnail", "/items/{image}/file",
+                                 "/", "/static/app.js", "/docs", "/openapi.json"])
+def test_head_is_answered_wherever_get_is(client: TestClient, indexed: Library, photos: list[Path], url: str) -> None:
+    """RFC 9110 9.3.2: the answer to GET, headers and all, without its body."""
+    url = url.format(image=image_id(indexed, photos[0]))
+    get, head = client.get(url), client.head(url)
+    assert get.status_code == head.status_code == 200 and get.content and head.content == b""
+    for name in ("content-type", "content-length", "cache-control", "content-security-policy"):
+        assert head.headers.get(name) == get.headers.get(name), name
+
+
+def test_head_needs_the_token_as_get_does(secured: TestClient) -> None:
+    assert secured.head("/stats").status_code == 401
+    assert secured.head("/stats", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert secured.head("/health").status_code == 200
+
+
+def test_head_is_not_allowed_where_get_is_not(client: TestClient) -> None:
+    head = client.head("/search")
+    assert head.status_code == 405 and head.headers["allow"] == "POST"
+    delete = client.delete("/health")
+    assert delete.status_code == 405 and delete.headers["allow"] == "GET, HEAD"
+
+
+def exchange(url: str, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a new connection; everything the server sends until it closes it (or `timeout`)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(request)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+SMUGGLED = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("lengths", [
+    b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % (5 + len(SMUGGLED)),  # a proxy reading Content-Length
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",  # either order
+    b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+])
+def test_a_request_with_two_lengths_is_refused_and_its_connection_closed(indexed: Library, lengths: bytes) -> None:
+    """RFC 9112 6.1: with both Transfer-Encoding and Content-Length, the request behind the empty chunked
+    body must not be answered: one 400, and the connection closed (the read ends, no timeout)."""
+    request = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + lengths
+               + b"\r\n0\r\n\r\n" + SMUGGLED)
+    with serve_in_thread(create_app(indexed, allowed_hosts=("127.0.0.1",))) as url:
+        answer = exchange(url, request)
+        alone = exchange(url, SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert alone.startswith(b"HTTP/1.1 200 ")  # the hidden request, sent on its own, is answered
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"connection: close" in answer.lower() and b"both Transfer-Encoding and Content-Length" in answer
+
+
+def test_head_over_a_socket_keeps_the_connection_framed(indexed: Library) -> None:
+    """HEAD's answer says GET's Content-Length but sends no body: the next answer on the connection follows at once."""
+    request = b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with serve_in_thread(create_app(indexed)) as url:
+        answer = exchange(url, request)
+    head, get = answer.split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 ") and b"content-length: 15\r\n" in head.lower() and head.endswith(b"\r\n\r\n")
+    assert get.startswith(b"200 ") and get.endswith(b'{"status":"ok"}')
+
+
+SMALL_LIMITS = ConnectionLimits(header_timeout=0.5, body_timeout=1.0, keep_alive_timeout=1, max_connections=8)
+
+
+def trickle(url: str, head: bytes, slowly: bytes, seconds: float = 4.0) -> tuple[bytes, float]:
+    """Send `head`, then `slowly` a byte every 0.05 s for at most `seconds`: what the server answers, and when
+    it closed the connection (seconds after it opened)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=seconds) as connection:
+        connection.sendall(head)
+        connection.setblocking(False)
+        for byte in slowly[:int(seconds / 0.05)]:
+            try:
+                connection.send(bytes([byte]))
+                time.sleep(0.05)
+                chunk = connection.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:  # closed by the server
+                break
+            answer += chunk
+            if not chunk:
+                break
+        connection.settimeout(seconds)
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer, time.monotonic() - started
+
+
+@pytest.mark.parametrize(("head", "slowly", "part"), [
+    (b"", b"", "headers"),  # a connection that never says anything
+    (b"", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n", "headers"),
+    (b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 300\r\n\r\n",
+     b'{"text": "' + b"a" * 288 + b'"}', "body"),
+], ids=["silent", "slow-headers", "slow-body"])
+def test_slow_clients_are_timed_out(indexed: Library, head: bytes, slowly: bytes, part: str) -> None:
+    """A request's headers must arrive within header_timeout, its body within body_timeout: else 408 and closed."""
+    with serve_in_thread(create_app(indexed), limits=SMALL_LIMITS) as url:
+        answer, took = trickle(url, head, slowly)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert f"the request's {part} did not arrive within".encode() in answer
+    limit = SMALL_LIMITS.header_timeout if part == "headers" else SMALL_LIMITS.body_timeout
+    assert limit <= took < limit + 1.5, took
+
+
+def test_connections_over_the_cap_are_refused_at_once(indexed: Library) -> None:
+    """max_connections open at once; one more gets a 503 and is closed; once the silent ones time out, /health answers."""
+    with serve_in_thread(create_app(indexed), limits=SMALL_LIMITS) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        holders = [socket.create_connection((host, int(port)), timeout=5) for _ in range(8)]
+        try:
+            time.sleep(0.1)
+            started = time.monotonic()
+            refused = exchange(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
+            assert refused.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in refused, refused
+            assert time.monotonic() - started < 0.4  # refused, not kept waiting
+            for holder in holders:  # each one times out
+                assert holder.recv(65536).startswith(b"HTTP/1.1 408 ")
+                holder.close()
+            time.sleep(0.2)
+            assert exchange(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").startswith(
+                b"HTTP/1.1 200 ")
+        finally:
+            for holder in holders:
+                holder.close()
+
+
+def test_the_default_cap_stays_below_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    for soft, cap in ((1_024, 896), (256, 128), (100, 8), (65_536, 1_000), (resource.RLIM_INFINITY, 1_000)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _which, soft=soft: (soft, resource.RLIM_INFINITY))
+        assert ConnectionLimits().connection_cap() == cap
+    assert ConnectionLimits(max_connections=5).connection_cap() == 5
+
+
+def test_the_same_message_is_logged_once_an_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from clipdex.search.http.connections import RepeatedMessages
+
+    logger = logging.getLogger("clipdex.test.repeats")
+    repeats = RepeatedMessages(interval=0.2)
+    logger.addFilter(repeats)
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            for number in range(1_000):
+                logger.warning("accept failed on fd %d\nsecond line %d", 6, number)
+            logger.warning("another message")
+            time.sleep(0.25)
+            logger.warning("accept failed on fd %d\nsecond line %d", 6, 1_000)
+    finally:
+        logger.removeFilter(repeats)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3 and messages[1] == "another message"
+    assert messages[2].startswith("accept failed on fd 6\nsecond line 1000 [and 999 more like this in the last 0 s")
+
+
+# The real server (run_server, as `clipdex serve` runs it) in a process of its own with few open files,
+# and a connection cap above them: accept() fails with "Too many open files".
+SERVER_WITH_FEW_FILES = """
+import resource, sys
+from clipdex.search.http import create_app, open_listener, run_server
+from clipdex.search.http.connections import ConnectionLimits
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+app = create_app(sys.argv[1], allowed_hosts=("127.0.0.1",))
+listener = open_listener("127.0.0.1", 0)
+print(listener.getsockname()[1], flush=True)
+limits = ConnectionLimits(header_timeout=1.0, body_timeout=1.0, keep_alive_timeout=1, max_connections=1_000)
+run_server(app, listener, log_level="warning", limits=limits)
+"""
+
+
+def answers_health(url: str, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            if exchange(url, request, timeout=2).startswith(b"HTTP/1.1 200 "):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def test_a_flood_of_connections_is_logged_once_and_survived(indexed: Library, tmp_path: Path) -> None:
+    """200 connections that announce a body and send nothing more, against a server allowed 96 open files:
+    "Too many open files" reaches the log once, not thousands of times a second (issue #31: 213 MB in 25 s),
+    and once the flood has gone the server answers again."""
+    import subprocess
+
+    log = tmp_path / "server.log"
+    with log.open("wb") as stderr:
+        server = subprocess.Popen([sys.executable, "-c", SERVER_WITH_FEW_FILES, str(indexed.path)],
+                                  stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        url = f"http://127.0.0.1:{port}"
+        assert answers_health(url, within=30)  # it listens once uvicorn has started
+        flood = []
+        for _ in range(200):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            connection.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+            flood.append(connection)
+        time.sleep(2.5)
+        for connection in flood:
+            connection.close()
+        assert answers_health(url, within=10)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    text = log.read_text(errors="replace")
+    assert len(text) < 20_000, f"{len(text)} bytes of log: {text[:2000]}"
+    assert 1 <= text.count("Too many open files") <= 2, text

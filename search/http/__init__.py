@@ -6,6 +6,7 @@
 """
 
 from clipdex.search.http.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+from clipdex.search.http.connections import ConnectionLimits
 from clipdex.search.http.server import (
     LOOPBACK_HOSTS,
     AddressUnavailable,
@@ -16,6 +17,6 @@ from clipdex.search.http.server import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_UPLOAD_BYTES", "LOOPBACK_HOSTS", "AddressUnavailable", "create_app", "is_loopback", "open_listener",
+    "DEFAULT_MAX_UPLOAD_BYTES", "LOOPBACK_HOSTS", "AddressUnavailable", "ConnectionLimits", "create_app", "is_loopback", "open_listener",
     "run_server", "serve_in_thread",
 ]

@@ -71,9 +71,11 @@ DOCS_SECURITY_POLICY = (
 )
 # What each error status means, for the OpenAPI document; every one answers ErrorOut.
 ERROR_MEANINGS = {
-    400: "The request cannot be used as sent: an image that is not base64 or does not decode; a query the "
+    400: "The request cannot be used as sent: an image that is not base64 (outside its pattern), an empty "
+         "upload, or bytes that do not decode as an image; a query the "
          "library cannot answer (a blank text, dates in the wrong order, more weights than terms, terms that "
-         "cancel out, a vector of another dimension); a bad Host or Content-Length header",
+         "cancel out, a vector of another dimension); a bad Host or Content-Length header, or both Content-Length "
+         "and Transfer-Encoding",
     401: "No token or the wrong one: send 'Authorization: Bearer <token>'",
     404: "No item with that id (also an id in `like`), or its file is gone or changed since it was indexed",
     413: "The body or the image is over the server's upload limit, or the image has more pixels than a query image may",

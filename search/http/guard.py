@@ -1,8 +1,8 @@
-"""What every request passes before the app sees it: the Host, the access token and the body size limit.
+"""What every request passes before the app sees it: its framing, the Host, the access token and the body size limit.
 
 All are checked on the headers alone, before a byte of the body is read, so an
 unauthenticated or oversized upload costs the server nothing. Each refusal is JSON,
-`{"detail": ...}`, like every other error of the API.
+`{"detail": ...}`, like every other error of the API. HEAD is answered wherever GET is.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ HOST_HEADER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/@]+)(?::\d{1,5}
 
 
 class RequestGuard:
-    """ASGI middleware: the Host, `Authorization: Bearer <token>` on all but the public paths, and a body limit.
+    """ASGI middleware: one body length, the Host, `Authorization: Bearer <token>` on all but the public paths, and a body limit.
+
+    A request with both Transfer-Encoding and Content-Length is refused and its connection
+    closed (RFC 9112 6.1): a proxy in front that reads the other length would take what
+    follows the body as another request, smuggled past it. HEAD runs as GET without the
+    body (RFC 9110 9.3.2).
 
     `allowed_hosts`: the Host names to answer (None or "*": any); "*.example.com" allows its subdomains.
     """
@@ -42,6 +47,12 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         send = _with_security_headers(send)
+        if scope["method"] == "HEAD":
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
+        if _header(scope, b"transfer-encoding") is not None and _header(scope, b"content-length") is not None:
+            await _respond(send, 400, "a request may not have both Transfer-Encoding and Content-Length",
+                           [(b"connection", b"close")])
+            return
         if self.allowed_hosts is not None and not self._host_allowed(scope):
             await _respond(send, 400, "invalid Host header: this server answers only its own names")
             return
@@ -100,9 +111,31 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _with_security_headers(send: Send) -> Send:
+    """The security headers on every answer, and HEAD beside GET in a 405's Allow."""
+
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            headers = [*message.get("headers", []), *SECURITY_HEADERS]
+            if message["status"] == 405:
+                headers = [(name, _allow_head(value)) if name.lower() == b"allow" else (name, value)
+                           for name, value in headers]
+            message["headers"] = headers
+        await send(message)
+
+    return sending
+
+
+def _allow_head(allow: bytes) -> bytes:
+    methods = [method.strip() for method in allow.split(b",")]
+    return allow + b", HEAD" if b"GET" in methods and b"HEAD" not in methods else allow
+
+
+def _without_body(send: Send) -> Send:
+    """The answer to GET with its headers (Content-Length included) and no body: the answer to HEAD."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
         await send(message)
 
     return sending
