@@ -251,11 +251,10 @@ def test_an_entry_being_written_is_never_used(
     halfway, go_on = threading.Event(), threading.Event()
     link_or_copy = export_cache._link_or_copy
 
-    def slow(source: Path, target: Path) -> str:
-        digest = link_or_copy(source, target)
+    def slow(source: Path, target: Path) -> None:
+        link_or_copy(source, target)
         halfway.set()
         go_on.wait(30)
-        return digest
 
     monkeypatch.setattr(export_cache, "_link_or_copy", slow)
     cache = ExportCache.default()
@@ -388,3 +387,45 @@ def test_the_cache_folder_is_the_users_unless_configured(monkeypatch: pytest.Mon
         assert user_cache_dir() == tmp_path / "xdg" / "clipdex"
     monkeypatch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path / "mine"))
     assert ExportCache.default().folder == tmp_path / "mine" / "exports"
+
+
+def test_across_file_systems_the_exports_are_copied_and_checked(
+        library: Library, tiny_model: ModelSpec, photos: Path, tmp_path: Path, exports: Exports,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    first_index(library, photos)
+    (image_entry,) = cache_entries()["image"]
+
+    def cross_device(source: object, target: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(export_cache.os, "link", cross_device)
+    exports.made.clear()
+    second = new_library(tmp_path / "second", tiny_model)
+    first_index(second, photos)
+    assert exports.made == []
+    weights = second.path / IMAGE_EXPORT_FOLDER / IMAGE_WEIGHTS_FILE
+    assert weights.stat().st_nlink == 1 and weights.read_bytes() == (image_entry / IMAGE_WEIGHTS_FILE).read_bytes()
+
+
+def test_a_checkpoint_is_hashed_once_per_machine_until_it_changes(
+        tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.search.encoders import model as model_module
+
+    checkpoint = tmp_path / "copy.pt"
+    shutil.copyfile(tiny_model.pretrained, checkpoint)
+    hashed: list[Path] = []
+    real = model_module.file_sha256
+    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashed.append(path) or real(path))
+    spec = ModelSpec(tiny_model.name, str(checkpoint))
+    first = new_library(tmp_path / "first", spec)
+    second = new_library(tmp_path / "second", spec)
+    assert len(hashed) == 1 and first.model.checkpoint_sha256 == second.model.checkpoint_sha256 == real(checkpoint)
+    info = checkpoint.stat()
+    os.utime(checkpoint, ns=(info.st_atime_ns, info.st_mtime_ns))  # the same mtime, but its ctime moves on
+    new_library(tmp_path / "third", spec)
+    assert len(hashed) == 2
+    (user_cache_dir() / "checkpoints.json").write_text("{not json")  # a damaged memory: hashed as before
+    assert new_library(tmp_path / "fourth", spec).model.checkpoint_sha256 == first.model.checkpoint_sha256
+    assert len(hashed) == 3
