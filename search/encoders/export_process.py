@@ -20,8 +20,8 @@ one JSON object a line, in this order:
   `ensure_image_export` does); `exported`: whether this process made it;
 - `{"text": true | false, "exported": true | false}`: the same for the text tower.
 
-Each export it made is also kept in this machine's export cache (`export_cache`) once it has
-been told, while the indexing process embeds the photos.
+Then the exports it made are kept in this machine's export cache (`export_cache`), while the
+indexing process embeds the photos (it waits for this process to end at the end of its run).
 
 An error ends it with `{"error": "..."}` and exit status 1: the indexing process then does
 what is left itself (where the same error, if any, is raised as it always was). Whatever
@@ -141,14 +141,14 @@ def export(library_path: Path, model_json: dict[str, Any], dim: int, threads: in
     except UnsupportedPreprocess:
         preprocess = None
     tell({"loaded": round(time.monotonic() - started, 3), "preprocess": preprocess})
-    exported = ensure_image_export(library_path, encoder, dim) is not None
-    tell({"image": installed_image_export(library_path, model, dim) is not None, "exported": exported})
-    if exported:  # kept for the next new library of this model, while this one embeds its photos
-        store_exports(library_path, model, dim, ("image",))
-    exported = ensure_text_export(library_path, encoder, dim) is not None
-    tell({"text": installed_export(library_path, model, dim) is not None, "exported": exported})
-    if exported:
-        store_exports(library_path, model, dim, ("text",))
+    image_exported = ensure_image_export(library_path, encoder, dim) is not None
+    tell({"image": installed_image_export(library_path, model, dim) is not None, "exported": image_exported})
+    text_exported = ensure_text_export(library_path, encoder, dim) is not None
+    tell({"text": installed_export(library_path, model, dim) is not None, "exported": text_exported})
+    # kept for the next new library of this model, while this one embeds its photos (after the
+    # text tower's export, which this run's queries need, rather than before it)
+    store_exports(library_path, model, dim, tuple(name for name, made in (("image", image_exported), ("text", text_exported))
+                                                  if made))
 
 
 def main(argv: list[str]) -> int:
