@@ -23,9 +23,11 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show traceba
 
 
 def _register() -> None:
-    from clipdex.cli import analysis_cmd, evaluate_cmd, index_cmd, library_cmd, scale_cmd, search_cmd, serve_cmd, text_cmd
+    from clipdex.cli import (analysis_cmd, cache_cmd, evaluate_cmd, index_cmd, library_cmd, scale_cmd, search_cmd,
+                             serve_cmd, text_cmd)
 
-    for module in (index_cmd, text_cmd, search_cmd, analysis_cmd, evaluate_cmd, library_cmd, scale_cmd, serve_cmd):
+    for module in (index_cmd, text_cmd, search_cmd, analysis_cmd, evaluate_cmd, library_cmd, scale_cmd, serve_cmd,
+                   cache_cmd):
         module.register(app)
 
 

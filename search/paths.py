@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 LIBRARY_ENV = "CLIPDEX_LIBRARY"
+CACHE_ENV = "CLIPDEX_CACHE_DIR"
 
 
 def user_data_dir() -> Path:
@@ -17,6 +18,22 @@ def user_data_dir() -> Path:
         base = Path.home() / "Library" / "Application Support"
     else:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "clipdex"
+
+
+def user_cache_dir() -> Path:
+    """`$CLIPDEX_CACHE_DIR` if set, else the per-user cache directory for clipdex (XDG on
+    Linux, the platform's own elsewhere): what can be made again, such as the export cache."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "clipdex" / "Cache"
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "clipdex"
 
 

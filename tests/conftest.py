@@ -35,6 +35,23 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("CLIPDEX_TOKEN", raising=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_cache_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The export cache (`clipdex.search.encoders.export_cache`) of a module's own fixtures,
+    which run before any test's monkeypatch: never the user's, and new for each module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path_factory.mktemp("clipdex-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def export_cache_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own, empty export cache, outside tmp_path (which some tests use as a
+    library): a shared one would let an earlier test's export stand in for a later test's
+    (whose monkeypatches of the export would then not be reached)."""
+    monkeypatch.setenv("CLIPDEX_CACHE_DIR", str(tmp_path_factory.mktemp("clipdex-cache")))
+
+
 class ThreadExportProcess:
     """`ExportProcess` with the export process's own code on a thread of this process, so
     that a test's monkeypatches of the export reach it; the messages as the process tells them."""

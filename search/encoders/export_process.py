@@ -20,6 +20,9 @@ one JSON object a line, in this order:
   `ensure_image_export` does); `exported`: whether this process made it;
 - `{"text": true | false, "exported": true | false}`: the same for the text tower.
 
+Then the exports it made are kept in this machine's export cache (`export_cache`), while the
+indexing process embeds the photos (it waits for this process to end at the end of its run).
+
 An error ends it with `{"error": "..."}` and exit status 1: the indexing process then does
 what is left itself (where the same error, if any, is raised as it always was). Whatever
 else writes to the process's standard output goes to its standard error. It runs in a
@@ -119,6 +122,7 @@ def _end_with_the_indexer() -> None:
 def export(library_path: Path, model_json: dict[str, Any], dim: int, threads: int,
            tell: Callable[[dict[str, Any]], None] = say) -> None:
     """Load the model, export its towers into the library, and `tell` each step (the messages above)."""
+    from clipdex.search.encoders.export_cache import store_exports
     from clipdex.search.encoders.onnx_image import installed_image_export
     from clipdex.search.encoders.onnx_text import installed_export
     from clipdex.search.encoders.torch_clip import TorchClipEncoder
@@ -137,10 +141,14 @@ def export(library_path: Path, model_json: dict[str, Any], dim: int, threads: in
     except UnsupportedPreprocess:
         preprocess = None
     tell({"loaded": round(time.monotonic() - started, 3), "preprocess": preprocess})
-    exported = ensure_image_export(library_path, encoder, dim) is not None
-    tell({"image": installed_image_export(library_path, model, dim) is not None, "exported": exported})
-    exported = ensure_text_export(library_path, encoder, dim) is not None
-    tell({"text": installed_export(library_path, model, dim) is not None, "exported": exported})
+    image_exported = ensure_image_export(library_path, encoder, dim) is not None
+    tell({"image": installed_image_export(library_path, model, dim) is not None, "exported": image_exported})
+    text_exported = ensure_text_export(library_path, encoder, dim) is not None
+    tell({"text": installed_export(library_path, model, dim) is not None, "exported": text_exported})
+    # kept for the next new library of this model, while this one embeds its photos (after the
+    # text tower's export, which this run's queries need, rather than before it)
+    store_exports(library_path, model, dim, tuple(name for name, made in (("image", image_exported), ("text", text_exported))
+                                                  if made))
 
 
 def main(argv: list[str]) -> int:

@@ -68,6 +68,7 @@ class LibraryEncoders:
         self._image_text: ImageTextEncoder | None = None
         self._text_export: TextEncoder | None = None
         self._text_export_looked_up = False
+        self._cache_looked_up: set[str] = set()  # the towers looked up in the export cache
 
     @property
     def image_text(self) -> ImageTextEncoder:
@@ -88,6 +89,7 @@ class LibraryEncoders:
         from clipdex.search.encoders.onnx_image import load_image_export
         from clipdex.search.encoders.onnx_text import installed_export
 
+        self._exports_from_cache()
         has_text = installed_export(self.library_path, self.model, self.dim) is not None
         exported = load_image_export(self.library_path, self.model, self.dim, self.text_export) if has_text else None
         if exported is None and self.requested_runtime == "onnx":
@@ -126,6 +128,7 @@ class LibraryEncoders:
 
         from clipdex.search.encoders.onnx_image import installed_image_export
 
+        self._exports_from_cache()
         if self.runtime() == "onnx" or importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
             return False
         try:
@@ -134,6 +137,39 @@ class LibraryEncoders:
         except ClipdexError:
             return False
         return installed_image_export(self.library_path, self.model, self.dim) is None and not self.onnx_refusal()
+
+    def _exports_from_cache(self, image: bool = True) -> None:
+        """Once, before the exports are looked up: install those of this model that the library
+        lacks from this machine's export cache (`clipdex.search.encoders.export_cache`), so that a
+        new library of a model exported here before never loads it. The text export always, the
+        image export with `image` where the model would run on it here (a text query only needs
+        the text export, and does not import what the image export's lookup does)."""
+        try:
+            image = image and self._wants_onnx()
+        except ClipdexError:
+            image = False
+        towers = {"text", "image"} if image else {"text"}
+        if towers <= self._cache_looked_up:
+            return
+        self._cache_looked_up |= towers
+        from clipdex.search.encoders.onnx_text import installed_export
+
+        if installed_export(self.library_path, self.model, self.dim) is not None:
+            if not image:
+                return  # the everyday case: nothing to look up
+            from clipdex.search.encoders.onnx_image import installed_image_export
+
+            if installed_image_export(self.library_path, self.model, self.dim) is not None:
+                return
+        from clipdex.search.encoders.export_cache import restore_exports
+
+        restore_exports(self.library_path, self.model, self.dim, image=image)
+
+    def _exports_to_cache(self) -> None:
+        """Keep the exports just made in this machine's export cache, for the next new library of this model."""
+        from clipdex.search.encoders.export_cache import store_exports
+
+        store_exports(self.library_path, self.model, self.dim)
 
     def run_on_export(self) -> bool:
         """Once `export_text` has exported both towers: run them from now on instead of the
@@ -177,6 +213,8 @@ class LibraryEncoders:
         gc.collect()
         if not on_export:  # refused, or not written (a full disk): the run embeds on torch
             images_ready()
+        if exported:
+            self._exports_to_cache()
         return time.monotonic() - started if exported else 0.0
 
     def use_image_export(self) -> bool:
@@ -210,6 +248,7 @@ class LibraryEncoders:
         if not self._text_export_looked_up:
             from clipdex.search.encoders.onnx_text import load_text_export
 
+            self._exports_from_cache(image=False)
             self._text_export = load_text_export(self.library_path, self.model, self.dim)
             self._text_export_looked_up = True
         return self._text_export
@@ -269,4 +308,6 @@ class LibraryEncoders:
         gc.collect()  # the text export's graphs and sessions: gone before the image export's come
         if image and self.requested_runtime != "torch" and self._image_text.device == "cpu":
             exported = ensure_image_export(self.library_path, self._image_text, self.dim) is not None or exported
+        if exported:
+            self._exports_to_cache()
         return time.monotonic() - started if exported else 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class ModelSpec:
             info = path.stat()
             checkpoint_size, checkpoint_mtime_ns = info.st_size, info.st_mtime_ns
             unchanged = known is not None and known.checkpoint == checkpoint and known.file_unchanged()
-            checkpoint_sha256 = known.checkpoint_sha256 if unchanged and known else file_sha256(path)
+            checkpoint_sha256 = known.checkpoint_sha256 if unchanged and known else _checkpoint_sha256(Path(checkpoint), info)
             tag = None
         return ResolvedModel(
             name=model_name,
@@ -186,6 +187,18 @@ class ResolvedModel:
 
 def _looks_like_file(value: str) -> bool:
     return value.endswith(CHECKPOINT_SUFFIXES) or "/" in value or "\\" in value or Path(value).is_file()
+
+
+def _checkpoint_sha256(path: Path, info: os.stat_result) -> str:
+    """The sha256 of the checkpoint at `path` (real path, `info` its stat): remembered on this
+    machine when it was hashed before (`clipdex.search.encoders.checkpoint_hashes`), else hashed now."""
+    from clipdex.search.encoders.checkpoint_hashes import remember_sha256, remembered_sha256
+
+    digest = remembered_sha256(path, info)
+    if digest is None:
+        digest = file_sha256(path)
+        remember_sha256(path, info, digest)
+    return digest
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
