@@ -309,3 +309,86 @@ def test_a_command_closes_its_catalog_before_it_exits(tmp_path: Path, model_args
         assert result.returncode == 0, result.stderr
         assert (library / "catalog.sqlite").is_file()
         assert not (library / "catalog.sqlite-wal").exists(), arguments[0]  # checkpointed and removed on close
+
+
+# -- versions and shell completion -------------------------------------------------------
+
+
+def test_version_option_is_one_line() -> None:
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout == f"clipdex {version('clipdex')}\n"
+
+
+def test_version_reports_every_part() -> None:
+    import platform
+    import sqlite3
+    from importlib.metadata import version
+
+    report = json.loads(run("version", "--json").stdout)
+    assert report["clipdex"] == version("clipdex") and report["open_clip"] == version("open_clip_torch")
+    assert report["torch"] == version("torch") and report["onnxruntime"] == version("onnxruntime")
+    import faiss
+
+    assert report["faiss"] == faiss.__version__
+    assert (report["sqlite"], report["python"]) == (sqlite3.sqlite_version, platform.python_version())
+    import torch
+
+    assert report["torch_cuda"] == torch.version.cuda
+    assert set(report["gpu"]) == {"seen", "driver", "devices"}
+    lines = run("version").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["clipdex", "open_clip", "torch", "onnxruntime", "faiss", "sqlite",
+                                                   "python", "platform", "gpu"]
+    assert lines[0].split() == ["clipdex", version("clipdex")]
+
+
+def test_version_names_what_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def without_torch(name: str) -> str:
+        if name == "torch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_torch)
+    report = json.loads(run("version", "--json").stdout)
+    assert report["torch"] is None and report["torch_cuda"] is None and report["open_clip"] is not None
+    assert "torch        not installed" in run("version").stdout.splitlines()
+
+
+def test_version_reads_the_gpu_from_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.cli import version_cmd
+
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+                                      "GCC version:  gcc version 12.2.0\n")
+    (tmp_path / "gpus" / "0000:01:00.0" / "information").write_text("Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 42\n")
+    monkeypatch.setattr(version_cmd, "NVIDIA_PROC", tmp_path)
+    report = json.loads(run("version", "--json").stdout)
+    assert report["gpu"] == {"seen": True, "driver": "550.54.15", "devices": ["NVIDIA H100 80GB HBM3"]}
+    assert "gpu          NVIDIA H100 80GB HBM3 (NVIDIA driver 550.54.15)" in run("version").stdout.splitlines()
+    monkeypatch.setattr(version_cmd, "NVIDIA_PROC", tmp_path / "none")
+    assert json.loads(run("version", "--json").stdout)["gpu"] == {"seen": False, "driver": None, "devices": []}
+
+
+def test_version_imports_none_of_the_heavy_parts() -> None:
+    script = ("import runpy, sys\n"
+              "sys.argv = ['clipdex', 'version', '--json']\n"
+              "try:\n    runpy.run_module('clipdex.cli', run_name='__main__')\n"
+              "except SystemExit as end:\n    assert not end.code, end.code\n"
+              "print(sorted(name for name in ('torch', 'open_clip', 'onnxruntime', 'faiss', 'sqlalchemy') if name in sys.modules),"
+              " file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["clipdex"] and done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_shell_completion_is_on() -> None:
+    assert "--install-completion" in run("--help").stdout
+    command = Path(sys.executable).with_name("clipdex")
+    environment = {**os.environ, "_CLIPDEX_COMPLETE": "complete_bash", "COMP_WORDS": "clipdex ver", "COMP_CWORD": "1"}
+    done = subprocess.run([str(command)], capture_output=True, text=True, env=environment, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["version"]
