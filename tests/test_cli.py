@@ -392,3 +392,77 @@ def test_shell_completion_is_on() -> None:
     environment = {**os.environ, "_CLIPDEX_COMPLETE": "complete_bash", "COMP_WORDS": "clipdex ver", "COMP_CWORD": "1"}
     done = subprocess.run([str(command)], capture_output=True, text=True, env=environment, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["version"]
+
+
+# -- hostile file names on a terminal ---------------------------------------------------
+
+HOSTILE_NAMES = ["\x1b[2Jclear.jpg", "\x1b]0;pwned\x07title.jpg", "[b]markup[/b].jpg", "two\nlines.jpg"]
+SHOWN_NAMES = ["\\033[2Jclear.jpg", "\\033]0;pwned\\atitle.jpg", "[b]markup[/b].jpg", "two\\nlines.jpg"]
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, model_args: list[str]) -> tuple[Path, Path, str]:
+    """A library of images with hostile names, and what its first index run said on stderr."""
+    from tests.conftest import write_image
+
+    for seed, name in enumerate(HOSTILE_NAMES):
+        write_image(tmp_path / "pics" / name, seed)
+    (tmp_path / "pics" / "\x1b[2Jbroken.jpg").write_bytes(b"not a jpeg")
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--quiet", *model_args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "lib", tmp_path / "pics", result.stderr
+
+
+def test_a_failed_files_name_is_escaped_on_stderr(hostile: tuple[Path, Path, str]) -> None:
+    _, pics, said = hostile
+    assert said == f"failed: {pics}/\\033[2Jbroken.jpg: not an image Pillow can identify (wrong extension or unsupported format)\n"
+
+
+def on_a_terminal(*args: str) -> str:
+    """What `clipdex ARGS` writes on stdout when stdout is a terminal (a pseudo-terminal here)."""
+    import pty
+
+    master, follower = pty.openpty()
+    try:
+        done = subprocess.run([str(Path(sys.executable).with_name("clipdex")), *args], stdout=follower,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    finally:
+        os.close(follower)
+    assert done.returncode == 0, done.stderr
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the terminal's other side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("where", ["piped", "terminal"])
+def test_paths_are_exact_through_a_pipe_and_escaped_on_a_terminal(hostile: tuple[Path, Path, str], where: str) -> None:
+    library, pics, _ = hostile
+    args = ("search", "--image", str(pics / HOSTILE_NAMES[0]), "--format", "paths", "--library", str(library))
+    if where == "piped":
+        assert sorted(run(*args, "-0").stdout.split("\0")[:-1]) == sorted(str(pics / name) for name in HOSTILE_NAMES)
+        lines = run(*args).stdout.split("\n")  # exact: the name with a newline is two lines (-0 is for such names)
+        assert sorted(lines[:-1]) == sorted("".join(f"{pics / name}\n" for name in HOSTILE_NAMES).split("\n")[:-1])
+    else:
+        shown = on_a_terminal(*args)
+        assert "\x1b" not in shown and "\x07" not in shown
+        assert sorted(shown.splitlines()) == sorted(f"{pics}/{name}" for name in SHOWN_NAMES)
+
+
+@pytest.mark.parametrize("where", ["piped", "terminal"])
+def test_the_table_shows_names_escaped_and_never_as_markup(hostile: tuple[Path, Path, str], where: str) -> None:
+    library, pics, _ = hostile
+    args = ("search", "--image", str(pics / HOSTILE_NAMES[0]), "--library", str(library))
+    shown = run(*args).stdout if where == "piped" else on_a_terminal(*args)
+    for name in HOSTILE_NAMES[:2]:
+        assert name[:4] not in shown  # ESC [ 2 J, ESC ] 0 ;
+    assert "\x07" not in shown
+    rows = [line.split(maxsplit=4)[-1].rstrip() for line in shown.splitlines()[1:]]
+    assert sorted(rows) == sorted(f"{pics}/{name}" for name in SHOWN_NAMES)
