@@ -132,6 +132,38 @@ def test_unfetchable_weights_name_the_model_and_the_way_out(tmp_path: Path, make
     assert not (tmp_path / "lib").exists(), "a failed first run must not leave a library bound to that model"
 
 
+OFFLINE_WEIGHTS = ("Error: cannot fetch the weights of model ViT-B-32 (pretrained tag 'laion2b_s34b_b79k'): they are not "
+                   "in this machine's cache, and HF_HUB_OFFLINE is set. open_clip downloads them from the model hub on "
+                   "first use; without network access, pass a local checkpoint file with --pretrained FILE (and the "
+                   "architecture with --model)")
+
+
+def test_an_offline_first_index_checks_the_weights_before_scanning(tmp_path: Path, make_images,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.indexer import pipeline
+    from tests.conftest import one_line_error
+
+    make_images(tmp_path / "pics", 2)
+    scans: list[object] = []
+    real_scan = pipeline.scan
+    monkeypatch.setattr(pipeline, "scan", lambda *args, **kwargs: scans.append(args) or real_scan(*args, **kwargs))
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--quiet")
+    assert one_line_error(result) == OFFLINE_WEIGHTS
+    assert scans == [] and not (tmp_path / "lib").exists()
+
+
+def test_the_weights_are_checked_without_torch(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 1)
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['clipdex', 'index', {str(tmp_path / 'pics')!r}, '--library', {str(tmp_path / 'lib')!r}, '-q']\n"
+              "try:\n    runpy.run_module('clipdex.cli', run_name='__main__')\n"
+              "except SystemExit as end:\n    print('exit', end.code)\n"
+              "print(sorted(name for name in ('torch', 'open_clip', 'safetensors.torch') if name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-2:] == ["exit 1", "[]"], done.stderr
+    assert " ".join(done.stderr.split()) == OFFLINE_WEIGHTS
+
+
 def test_unknown_model_name(tmp_path: Path, make_images) -> None:
     make_images(tmp_path / "pics", 1)
     result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--model", "NoSuchNet", "--pretrained", "none")
