@@ -170,6 +170,24 @@ def test_unknown_model_name(tmp_path: Path, make_images) -> None:
     assert result.exit_code == 1 and "unknown open_clip model 'NoSuchNet'" in result.stderr
 
 
+def test_optimize_says_the_library_is_busy_before_it_starts(indexed) -> None:
+    import socket
+
+    from tests.conftest import one_line_error
+
+    library, _ = indexed
+    holding = ("import sys\nfrom clipdex.search.library import Library\n"
+               f"with Library.open({str(library)!r}).writer():\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", holding], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = run("optimize", "--library", str(library))
+    finally:
+        holder.communicate("", timeout=60)
+    assert one_line_error(result) == (f"Error: library {library} is being written by pid {holder.pid} on "
+                                      f"{socket.gethostname()}; wait for that run to finish (searching it meanwhile works)")
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = run("--debug", "search", "x", "--library", str(tmp_path / "none"))
     assert result.exit_code == 1 and "Traceback" in result.stderr
