@@ -14,6 +14,7 @@ from clipdex.cli.common import (
     ModelOption,
     PretrainedOption,
     RuntimeOption,
+    controls_escaped,
     handles_errors,
     out,
     print_json,
@@ -94,7 +95,7 @@ def tag(
     else:
         for result in results:
             described = "; ".join(f"{l['label']} {l['probability']:.2f}" for l in result["labels"]) or f"error: {result['error']}"
-            out.print(f"{result['image']}: {described}", markup=False)
+            out.print(controls_escaped(f"{result['image']}: {described}"), markup=False)
     if any("error" in result for result in results):
         raise typer.Exit(1)
 
@@ -116,9 +117,10 @@ def duplicates(
     if not groups:
         out.print(f"no near-duplicates at cosine >= {threshold}")
     from rich.table import Table
+    from rich.text import Text
 
     for number, group in enumerate(groups, start=1):
         table = Table(title=f"group {number}: {len(group.ids)} images, min cosine {group.min_score:.4f}", box=None, show_header=False)
         for item_id, path in zip(group.ids, group.paths):
-            table.add_row(str(item_id), path)
+            table.add_row(str(item_id), Text(controls_escaped(path)))  # as the search table shows names
         out.print(table)

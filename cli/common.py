@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import re
 import shutil
 import sys
 import traceback
@@ -49,10 +50,24 @@ err = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def escape(text: str) -> str:
-    """`text` with rich markup escaped."""
+    """`text` for a message on a rich console: markup escaped, control characters shown (`controls_escaped`)."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(controls_escaped(text))
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: a terminal acts on them
+C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f", "\r": "\\r"}
+
+
+def controls_escaped(text: str) -> str:
+    """`text` with its control characters shown as `ls -b` shows them in a file name (`\\n`,
+    `\\t`..., else in octal: ESC is `\\033`), so that a name cannot clear the screen, move
+    the cursor or retitle the terminal it is printed on."""
+    if not CONTROL_CHARACTERS.search(text):
+        return text
+    return CONTROL_CHARACTERS.sub(lambda match: C_ESCAPES.get(match.group(), f"\\{ord(match.group()):03o}"), text)
+
 
 DEBUG = {"enabled": False}
 

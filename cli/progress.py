@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 
-from clipdex.cli.common import discard_new_library_on_error, err
+from clipdex.cli.common import controls_escaped, discard_new_library_on_error, err
 from clipdex.search.library import Library
 
 
@@ -82,7 +82,7 @@ def indexing_run(lib: Library, description: str, quiet: bool) -> Iterator[tuple[
 def finish_run(report: Any, strict: bool) -> None:
     """Print failures, then exit 130 when interrupted, 1 with --strict and failures."""
     for failure in report.failed:
-        err.print(f"failed: {failure.path}: {failure.error}", markup=False)
+        err.print(controls_escaped(f"failed: {failure.path}: {failure.error}"), markup=False)
     if report.interrupted:
         err.print("Interrupted: everything committed so far is kept. Run the same command again to resume.")
         raise typer.Exit(130)

@@ -1,4 +1,9 @@
-"""Rendering hits: a table, JSON, paths, or a self-contained HTML page."""
+"""Rendering hits: a table, JSON, paths, or a self-contained HTML page.
+
+What is for people shows a name's control characters escaped (`controls_escaped`: an
+`ESC[2J` in a file name would clear the screen): the table always, `--format paths` on a
+terminal. Piped, `--format paths` writes the names exactly, for the next program.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clipdex.cli.common import out, print_json
+from clipdex.cli.common import controls_escaped, out, print_json
 from clipdex.search.errors import UnreadableImage
 from clipdex.search.query import Hit
 
@@ -20,12 +25,15 @@ def render_hits(hits: Sequence[Hit], format: str, null: bool = False, html_out: 
         print_json([hit.to_json() for hit in hits])
     elif format == "paths":
         end = "\0" if null else "\n"
-        sys.stdout.write("".join(f"{hit.path if hit.path is not None else hit.text}{end}" for hit in hits))
+        names = [f"{hit.path if hit.path is not None else hit.text}" for hit in hits]
+        if sys.stdout.isatty():
+            names = [controls_escaped(name) for name in names]
+        sys.stdout.write("".join(f"{name}{end}" for name in names))
         sys.stdout.flush()
     elif format == "html":
         assert html_out is not None
         html_out.write_text(hits_html(hits, title), encoding="utf-8")
-        out.print(f"wrote {len(hits)} hits to {html_out}")
+        out.print(f"wrote {len(hits)} hits to {controls_escaped(str(html_out))}", markup=False)
     else:
         _table(hits)
 
@@ -36,16 +44,18 @@ def _table(hits: Sequence[Hit]) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for column in ("rank", "score", "id", "kind", "path / text"):
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
-    for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, hit.path or hit.text or "")
+    names = [controls_escaped(hit.path or hit.text or "") for hit in hits]
+    for hit, name in zip(hits, names):
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name))  # Text: a name is not markup
     if out.is_terminal:
         out.print(table)
     else:  # piped: never fold a path across lines
-        widest = max(len(hit.path or hit.text or "") for hit in hits) + 40
+        widest = max(len(name) for name in names) + 40
         Console(file=sys.stdout, width=max(out.width, widest), highlight=False).print(table)
 
 

@@ -42,6 +42,7 @@ def optimize(
 
     budget = parse_size(memory_budget) if memory_budget is not None else None
     lib = open_library(library)
+    lib.check_writable()  # busy or read-only: said now, not after the build
     err.print(f"optimizing the {sum(lib.catalog.counts().values())} vectors of {lib.path} ...", markup=False)
     report = optimize_library(lib, target_recall, budget, queries_file=queries, cluster=ray)
     if json_output:

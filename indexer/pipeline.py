@@ -57,6 +57,9 @@ def index_paths(
     report = IndexReport()
     # The diff and the commits happen under the write lock: another run cannot slip in between.
     with library.writer() as writer:
+        if cluster is None and not any(library.catalog.counts().values()):
+            # a first run embeds whatever the scan finds, and a scan may take minutes: the weights first
+            library.encoders.ensure_weights()
         result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)],
                       max_file_bytes=max_file_bytes(max_file_mb))
         diff = diff_scan(library, result, prune_empty_roots)

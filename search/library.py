@@ -169,6 +169,13 @@ class Library:
             locks.enter_context(self.write_lock.held())
             yield
 
+    def check_writable(self) -> None:
+        """Raise now what a writer would meet (ReadOnlyLibrary, LibraryBusy), holding nothing
+        afterwards: for work that runs long before it writes (optimize builds its index without
+        the lock, so that writers go on meanwhile, and takes it only to save)."""
+        with self.locked():
+            pass
+
     @contextmanager
     def writer(self) -> Iterator[LibraryWriter]:
         """Hold the library's write lock (and a shared catalog's); the index is saved when the block ends."""

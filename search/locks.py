@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -16,6 +17,34 @@ from clipdex.search.errors import LibraryBusy
 
 LOCK_FILE = "write.lock"
 HOLDER_FILE = "write.holder"  # who holds the lock (write.lock itself is truncated by each try)
+
+# The locks this process holds (a library folder, a shared catalog), each with the thread that
+# took it: a writer refused by one of them is told so, not sent to wait for another process.
+_held_here: dict[str, int] = {}
+_held_here_guard = threading.Lock()
+
+
+@contextmanager
+def _holding(key: str) -> Iterator[None]:
+    with _held_here_guard:
+        _held_here[key] = threading.get_ident()
+    try:
+        yield
+    finally:
+        with _held_here_guard:
+            _held_here.pop(key, None)
+
+
+def _busy_here(what: str, key: str) -> LibraryBusy | None:
+    """The error for a writer refused because this process holds the lock `key` already, or None."""
+    thread = _held_here.get(key)
+    if thread is None:
+        return None
+    if thread == threading.get_ident():
+        return LibraryBusy(f"{what} is already being written in this thread, by a write that has not ended (this one "
+                           "is inside it); one writer at a time: end that write before starting another")
+    return LibraryBusy(f"{what} is already being written by another thread of this process; one writer at a time: "
+                       "wait for that write to end, or write from one thread (searching meanwhile works)")
 
 
 class WriteLock(Protocol):
@@ -37,11 +66,12 @@ class FileWriteLock:
     def held(self) -> Iterator[None]:
         from filelock import FileLock, Timeout  # imported by writers only: a search never takes it
 
+        key = f"folder {os.path.realpath(self.directory)}"
         lock = FileLock(self.directory / LOCK_FILE, timeout=0)
         try:
             lock.acquire()
         except Timeout:
-            raise LibraryBusy(
+            raise _busy_here(f"library {self.directory}", key) or LibraryBusy(
                 f"library {self.directory} is being written by {self._holder()}; wait for that run to finish "
                 "(searching it meanwhile works)"
             ) from None
@@ -50,7 +80,8 @@ class FileWriteLock:
                 (self.directory / HOLDER_FILE).write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
             except OSError:
                 pass  # only a courtesy to the next writer
-            yield
+            with _holding(key):
+                yield
         finally:
             lock.release()
 
@@ -81,13 +112,14 @@ class AdvisoryWriteLock:
         from sqlalchemy import text
 
         me = f"clipdex writer pid {os.getpid()} on {socket.gethostname()}"
+        key = f"catalog {self.catalog}"
         connection = self.engine.connect()
         try:
             connection.execute(text("SELECT set_config('application_name', :me, false)"), {"me": me})
             got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar()
             connection.commit()
             if not got:
-                raise LibraryBusy(
+                raise _busy_here(f"catalog {self.catalog}", key) or LibraryBusy(
                     f"catalog {self.catalog} is being written by {self._holder(connection)}; wait for that run "
                     "to finish (searching it meanwhile works)"
                 )
@@ -95,7 +127,8 @@ class AdvisoryWriteLock:
             connection.close()
             raise
         try:
-            yield
+            with _holding(key):
+                yield
         finally:
             try:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})

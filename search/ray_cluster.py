@@ -46,6 +46,11 @@ def ray_session(address: str) -> Iterator[Any]:
         options.pop("include_dashboard")  # a setting of the cluster, not of a driver joining it
     try:
         ray.init(**options)
+    except ray.exceptions.AuthenticationError as error:  # RAY_AUTH_MODE=token, and no token here (or another one)
+        reason = str(error).strip().split(". ")[0].rstrip(".")
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {reason}; put the cluster's token (the "
+                           "head's ~/.ray/auth_token, made by `ray get-auth-token --generate`) at ~/.ray/auth_token "
+                           "here, or name its file in RAY_AUTH_TOKEN_PATH") from error
     except (ConnectionError, RuntimeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {message[:300]} "

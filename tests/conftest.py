@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny open_clip model with random weights saved to a checkpoint (the
-real loading path), small images, and a default library pointed at a temp folder."""
+real loading path), small images, a default library pointed at a temp folder, and a home of
+the session's own (tests/home.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import numpy as np
-import pytest
-from PIL import Image
+from tests import home
 
-from clipdex.search.library import Library
-from clipdex.search.encoders.model import ModelSpec
+home.enter()  # before anything that reads $HOME or the XDG folders when imported (tests/home.py)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from clipdex.search.library import Library  # noqa: E402
+from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.postgres import PostgresServer
@@ -26,6 +31,21 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+# -- a home of the session's own (tests/home.py) ---------------------------------------------
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home.leave()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def homes_left_empty() -> Iterator[None]:
+    """After the session: nothing was written into the session's home (whatever writes into
+    $HOME would write into a user's), and nothing new appeared in the real one."""
+    yield
+    home.check_left_empty()
 
 
 @pytest.fixture(autouse=True)

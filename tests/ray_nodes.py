@@ -7,6 +7,11 @@ interface is its loopback, holding the address 10.77.0.1: no test traffic leaves
 Every process started here lives in that namespace; stopping the cluster ends each of
 them by its pid (never `ray stop`, which ends every Ray process of the machine), then
 removes the namespace.
+
+The head, the node and the driver stand for three machines, each with a home of its own,
+fresh: the cluster's token is made and handed out as the README says (`ray get-auth-token
+--generate` on the head writes its ~/.ray/auth_token, copied into the others' homes), and
+every process runs with `RAY_AUTH_MODE=token`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 NODE_ADDRESS = "10.77.0.1"
 PORT = 6379
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, whichever folder the venv keeps it in
 
 
 def netns_unavailable() -> str | None:
@@ -52,31 +58,45 @@ class TwoNodeCluster:
         """`argv` run inside the namespace."""
         return ["ip", "netns", "exec", self.namespace, *argv]
 
-    @staticmethod
-    def environment() -> dict[str, str]:
-        # `ray start --head` turns token authentication on (Ray 2.60): every process of the
-        # cluster and the driver must use it, or the second node is refused
-        environment = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    def home(self, machine: str) -> Path:
+        """The home folder of `machine` (head, node or driver)."""
+        return self.log_folder / f"home-{machine}"
+
+    def environment(self, machine: str = "driver") -> dict[str, str]:
+        """A process's environment on `machine`: its own home, and `RAY_AUTH_MODE=token` as the README exports it."""
+        environment = {**os.environ, "HOME": str(self.home(machine)), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+        for variable in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):  # the token is the one in that home, as on a real machine
+            environment.pop(variable, None)
         environment.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the single-node tests' setting refuses a second node
         return environment
+
+    def hand_out_token(self) -> None:
+        """The README's way: `ray get-auth-token --generate` on the head, its file copied to the other machines."""
+        for machine in ("head", "node", "driver"):
+            self.home(machine).mkdir(exist_ok=True)
+        subprocess.run([*RAY, "get-auth-token", "--generate"], check=True, capture_output=True, env=self.environment("head"))
+        token = self.home("head") / ".ray" / "auth_token"
+        for machine in ("node", "driver"):
+            (self.home(machine) / ".ray").mkdir()
+            shutil.copy2(token, self.home(machine) / ".ray" / "auth_token")
 
     def start(self) -> None:
         run = lambda *argv: subprocess.run(self.command(*argv), check=True, capture_output=True)  # noqa: E731
         subprocess.run(["ip", "netns", "add", self.namespace], check=True, capture_output=True)
         run("ip", "link", "set", "lo", "up")
         run("ip", "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo")
-        ray = str(Path(sys.executable).with_name("ray"))
+        self.hand_out_token()
         self.temp_dir = tempfile.mkdtemp(prefix="cdx-ray-")
         common = ["--temp-dir", self.temp_dir, "--block", "--node-ip-address", NODE_ADDRESS, "--num-cpus", "1", "--object-store-memory", str(self.object_store_bytes),
                   "--disable-usage-stats"]
-        self._launch("head", [ray, "start", "--head", "--port", str(PORT), "--include-dashboard", "false", *common])
+        self._launch("head", [*RAY, "start", "--head", "--port", str(PORT), "--include-dashboard", "false", *common])
         self._wait_for_nodes(1)
-        self._launch("node", [ray, "start", "--address", self.address, *common])
+        self._launch("node", [*RAY, "start", "--address", self.address, *common])
         self._wait_for_nodes(2)
 
-    def _launch(self, name: str, argv: list[str]) -> None:
-        log = open(self.log_folder / f"ray-{name}.log", "wb")
-        subprocess.Popen(self.command(*argv), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
+    def _launch(self, machine: str, argv: list[str]) -> None:
+        log = open(self.log_folder / f"ray-{machine}.log", "wb")
+        subprocess.Popen(self.command(*argv), stdout=log, stderr=subprocess.STDOUT, env=self.environment(machine),
                          start_new_session=True)
 
     def _wait_for_nodes(self, count: int, timeout: float = 60) -> None:
@@ -85,7 +105,7 @@ class TwoNodeCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             done = subprocess.run(self.command(sys.executable, "-c", probe), capture_output=True, text=True,
-                                  env=self.environment(), timeout=60)
+                                  env=self.environment("driver"), timeout=60)
             if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
             time.sleep(1)

@@ -132,10 +132,60 @@ def test_unfetchable_weights_name_the_model_and_the_way_out(tmp_path: Path, make
     assert not (tmp_path / "lib").exists(), "a failed first run must not leave a library bound to that model"
 
 
+OFFLINE_WEIGHTS = ("Error: cannot fetch the weights of model ViT-B-32 (pretrained tag 'laion2b_s34b_b79k'): they are not "
+                   "in this machine's cache, and HF_HUB_OFFLINE is set. open_clip downloads them from the model hub on "
+                   "first use; without network access, pass a local checkpoint file with --pretrained FILE (and the "
+                   "architecture with --model)")
+
+
+def test_an_offline_first_index_checks_the_weights_before_scanning(tmp_path: Path, make_images,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.indexer import pipeline
+    from tests.conftest import one_line_error
+
+    make_images(tmp_path / "pics", 2)
+    scans: list[object] = []
+    real_scan = pipeline.scan
+    monkeypatch.setattr(pipeline, "scan", lambda *args, **kwargs: scans.append(args) or real_scan(*args, **kwargs))
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--quiet")
+    assert one_line_error(result) == OFFLINE_WEIGHTS
+    assert scans == [] and not (tmp_path / "lib").exists()
+
+
+def test_the_weights_are_checked_without_torch(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 1)
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['clipdex', 'index', {str(tmp_path / 'pics')!r}, '--library', {str(tmp_path / 'lib')!r}, '-q']\n"
+              "try:\n    runpy.run_module('clipdex.cli', run_name='__main__')\n"
+              "except SystemExit as end:\n    print('exit', end.code)\n"
+              "print(sorted(name for name in ('torch', 'open_clip', 'safetensors.torch') if name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-2:] == ["exit 1", "[]"], done.stderr
+    assert " ".join(done.stderr.split()) == OFFLINE_WEIGHTS
+
+
 def test_unknown_model_name(tmp_path: Path, make_images) -> None:
     make_images(tmp_path / "pics", 1)
     result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--model", "NoSuchNet", "--pretrained", "none")
     assert result.exit_code == 1 and "unknown open_clip model 'NoSuchNet'" in result.stderr
+
+
+def test_optimize_says_the_library_is_busy_before_it_starts(indexed) -> None:
+    import socket
+
+    from tests.conftest import one_line_error
+
+    library, _ = indexed
+    holding = ("import sys\nfrom clipdex.search.library import Library\n"
+               f"with Library.open({str(library)!r}).writer():\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", holding], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = run("optimize", "--library", str(library))
+    finally:
+        holder.communicate("", timeout=60)
+    assert one_line_error(result) == (f"Error: library {library} is being written by pid {holder.pid} on "
+                                      f"{socket.gethostname()}; wait for that run to finish (searching it meanwhile works)")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -311,3 +361,160 @@ def test_a_command_closes_its_catalog_before_it_exits(tmp_path: Path, model_args
         assert result.returncode == 0, result.stderr
         assert (library / "catalog.sqlite").is_file()
         assert not (library / "catalog.sqlite-wal").exists(), arguments[0]  # checkpointed and removed on close
+
+
+# -- versions and shell completion -------------------------------------------------------
+
+
+def test_version_option_is_one_line() -> None:
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout == f"clipdex {version('clipdex')}\n"
+
+
+def test_version_reports_every_part() -> None:
+    import platform
+    import sqlite3
+    from importlib.metadata import version
+
+    report = json.loads(run("version", "--json").stdout)
+    assert report["clipdex"] == version("clipdex") and report["open_clip"] == version("open_clip_torch")
+    assert report["torch"] == version("torch") and report["onnxruntime"] == version("onnxruntime")
+    import faiss
+
+    assert report["faiss"] == faiss.__version__
+    assert (report["sqlite"], report["python"]) == (sqlite3.sqlite_version, platform.python_version())
+    import torch
+
+    assert report["torch_cuda"] == torch.version.cuda
+    assert set(report["gpu"]) == {"seen", "driver", "devices"}
+    lines = run("version").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["clipdex", "open_clip", "torch", "onnxruntime", "faiss", "sqlite",
+                                                   "python", "platform", "gpu"]
+    assert lines[0].split() == ["clipdex", version("clipdex")]
+
+
+def test_version_names_what_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def without_torch(name: str) -> str:
+        if name == "torch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_torch)
+    report = json.loads(run("version", "--json").stdout)
+    assert report["torch"] is None and report["torch_cuda"] is None and report["open_clip"] is not None
+    assert "torch        not installed" in run("version").stdout.splitlines()
+
+
+def test_version_reads_the_gpu_from_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.cli import version_cmd
+
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+                                      "GCC version:  gcc version 12.2.0\n")
+    (tmp_path / "gpus" / "0000:01:00.0" / "information").write_text("Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 42\n")
+    monkeypatch.setattr(version_cmd, "NVIDIA_PROC", tmp_path)
+    report = json.loads(run("version", "--json").stdout)
+    assert report["gpu"] == {"seen": True, "driver": "550.54.15", "devices": ["NVIDIA H100 80GB HBM3"]}
+    assert "gpu          NVIDIA H100 80GB HBM3 (NVIDIA driver 550.54.15)" in run("version").stdout.splitlines()
+    monkeypatch.setattr(version_cmd, "NVIDIA_PROC", tmp_path / "none")
+    assert json.loads(run("version", "--json").stdout)["gpu"] == {"seen": False, "driver": None, "devices": []}
+
+
+def test_version_imports_none_of_the_heavy_parts() -> None:
+    script = ("import runpy, sys\n"
+              "sys.argv = ['clipdex', 'version', '--json']\n"
+              "try:\n    runpy.run_module('clipdex.cli', run_name='__main__')\n"
+              "except SystemExit as end:\n    assert not end.code, end.code\n"
+              "print(sorted(name for name in ('torch', 'open_clip', 'onnxruntime', 'faiss', 'sqlalchemy') if name in sys.modules),"
+              " file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["clipdex"] and done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_shell_completion_is_on() -> None:
+    assert "--install-completion" in run("--help").stdout
+    command = Path(sys.executable).with_name("clipdex")
+    environment = {**os.environ, "_CLIPDEX_COMPLETE": "complete_bash", "COMP_WORDS": "clipdex ver", "COMP_CWORD": "1"}
+    done = subprocess.run([str(command)], capture_output=True, text=True, env=environment, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["version"]
+
+
+# -- hostile file names on a terminal ---------------------------------------------------
+
+HOSTILE_NAMES = ["\x1b[2Jclear.jpg", "\x1b]0;pwned\x07title.jpg", "[b]markup[/b].jpg", "two\nlines.jpg"]
+SHOWN_NAMES = ["\\033[2Jclear.jpg", "\\033]0;pwned\\atitle.jpg", "[b]markup[/b].jpg", "two\\nlines.jpg"]
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, model_args: list[str]) -> tuple[Path, Path, str]:
+    """A library of images with hostile names, and what its first index run said on stderr."""
+    from tests.conftest import write_image
+
+    for seed, name in enumerate(HOSTILE_NAMES):
+        write_image(tmp_path / "pics" / name, seed)
+    (tmp_path / "pics" / "\x1b[2Jbroken.jpg").write_bytes(b"not a jpeg")
+    result = run("index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), "--quiet", *model_args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "lib", tmp_path / "pics", result.stderr
+
+
+def test_a_failed_files_name_is_escaped_on_stderr(hostile: tuple[Path, Path, str]) -> None:
+    _, pics, said = hostile
+    assert said == f"failed: {pics}/\\033[2Jbroken.jpg: not an image Pillow can identify (wrong extension or unsupported format)\n"
+
+
+def on_a_terminal(*args: str) -> str:
+    """What `clipdex ARGS` writes on stdout when stdout is a terminal (a pseudo-terminal here)."""
+    import pty
+
+    master, follower = pty.openpty()
+    try:
+        done = subprocess.run([str(Path(sys.executable).with_name("clipdex")), *args], stdout=follower,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    finally:
+        os.close(follower)
+    assert done.returncode == 0, done.stderr
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the terminal's other side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("where", ["piped", "terminal"])
+def test_paths_are_exact_through_a_pipe_and_escaped_on_a_terminal(hostile: tuple[Path, Path, str], where: str) -> None:
+    library, pics, _ = hostile
+    args = ("search", "--image", str(pics / HOSTILE_NAMES[0]), "--format", "paths", "--library", str(library))
+    if where == "piped":
+        assert sorted(run(*args, "-0").stdout.split("\0")[:-1]) == sorted(str(pics / name) for name in HOSTILE_NAMES)
+        lines = run(*args).stdout.split("\n")  # exact: the name with a newline is two lines (-0 is for such names)
+        assert sorted(lines[:-1]) == sorted("".join(f"{pics / name}\n" for name in HOSTILE_NAMES).split("\n")[:-1])
+    else:
+        shown = on_a_terminal(*args)
+        assert "\x1b" not in shown and "\x07" not in shown
+        assert sorted(shown.splitlines()) == sorted(f"{pics}/{name}" for name in SHOWN_NAMES)
+
+
+@pytest.mark.parametrize("where", ["piped", "terminal"])
+def test_the_table_shows_names_escaped_and_never_as_markup(hostile: tuple[Path, Path, str], where: str) -> None:
+    library, pics, _ = hostile
+    args = ("search", "--image", str(pics / HOSTILE_NAMES[0]), "--library", str(library))
+    shown = run(*args).stdout if where == "piped" else on_a_terminal(*args)
+    for name in HOSTILE_NAMES[:2]:
+        assert name[:4] not in shown  # ESC [ 2 J, ESC ] 0 ;
+    assert "\x07" not in shown
+    rows = [line.split(maxsplit=4)[-1].rstrip() for line in shown.splitlines()[1:]]
+    assert sorted(rows) == sorted(f"{pics}/{name}" for name in SHOWN_NAMES)

@@ -2,8 +2,9 @@
 
 One Ray instance serves the whole session (`ray_cluster`: two CPUs, no dashboard, a small
 object store), kept on 127.0.0.1 by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray otherwise
-binds to the machine's own address). The two-node test runs head, node and driver inside
-a network namespace of its own (tests/ray_nodes.py).
+binds to the machine's own address), on the session's own token (RAY_AUTH_TOKEN_PATH,
+tests/conftest.py). The two-node test runs head, node and driver inside a network namespace
+of its own, each with a fresh home, the token handed out as the README says (tests/ray_nodes.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,33 @@ def ray_cluster() -> Iterator[Any]:
             os.environ.pop(LOOPBACK_ONLY, None)
         else:
             os.environ[LOOPBACK_ONLY] = before
+
+
+def test_ray_runs_on_the_sessions_token_and_writes_nothing_into_home(ray_cluster: Any) -> None:
+    """Ray 2.60 turns token authentication on for a cluster that `ray.init` starts, and makes
+    ~/.ray/auth_token when it finds no token: here it finds the session's."""
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    assert not (Path.home() / ".ray").exists()
+    assert ray_cluster.get(ray_cluster.remote(lambda: 1 + 1).remote()) == 2
+
+
+def test_a_driver_without_the_clusters_token_is_told_where_to_put_it(tmp_path: Path, make_images,
+                                                                      model_args: list[str]) -> None:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dev]'")
+    make_images(tmp_path / "pics", 1)
+    fresh = tmp_path / "home"  # a machine that never had the token
+    fresh.mkdir()
+    environment = {**os.environ, "HOME": str(fresh), "RAY_AUTH_MODE": "token"}
+    for variable in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        environment.pop(variable, None)
+    clipdex = str(Path(sys.executable).with_name("clipdex"))
+    done = subprocess.run([clipdex, "index", str(tmp_path / "pics"), "--library", str(tmp_path / "lib"), *model_args,
+                           "--ray", "127.0.0.1:1", "-q"], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert ("Error: cannot connect to the Ray cluster at '127.0.0.1:1': Token authentication is enabled but no "
+            "authentication token was found; put the cluster's token (the head's ~/.ray/auth_token, made by "
+            "`ray get-auth-token --generate`) at ~/.ray/auth_token here") in " ".join(done.stderr.split())
+    assert list(fresh.iterdir()) == []
 
 
 def catalog_rows(library: Library) -> dict[int, tuple[Any, ...]]:
@@ -207,7 +235,7 @@ def test_two_nodes_index_through_the_cli(tmp_path: Path, tiny_model: ModelSpec, 
         done = subprocess.run(
             nodes.command(clipdex, "index", str(tmp_path / "pics"), "--library", str(tmp_path / "cluster"), *model_args,
                           "--batch-size", "4", "--ray", nodes.address, "--json", "-q"),
-            capture_output=True, text=True, env=nodes.environment(), timeout=300,
+            capture_output=True, text=True, env=nodes.environment("driver"), timeout=300,
         )
     finally:
         nodes.stop()

@@ -89,3 +89,35 @@ def test_a_model_with_a_checkpoint_skips_random_init_and_loads_every_weight(tiny
     assert float(here.abs().max()) == 0.0  # skipped in the thread that builds the model
     assert elsewhere[0] > 0.5  # another thread's initialization is untouched
     assert float(torch.nn.init.normal_(torch.zeros(1000)).std()) > 0.5  # and so is this one's, afterwards
+
+
+@pytest.mark.parametrize("cached", [None, "open_clip_pytorch_model.bin", "open_clip_model.safetensors"])
+def test_a_tags_weights_are_looked_up_in_the_hub_cache_without_torch(tmp_path: Path, cached: str | None) -> None:
+    """What `ensure_weights` finds offline in the Hugging Face cache (as open_clip's download would: the
+    .safetensors file first), in a process of its own that never imports torch."""
+    import os
+    import subprocess
+    import sys
+
+    if cached is not None:
+        repository = tmp_path / "hub" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
+        (repository / "refs").mkdir(parents=True)
+        (repository / "refs" / "main").write_text("0123abcd")
+        (repository / "snapshots" / "0123abcd").mkdir(parents=True)
+        (repository / "snapshots" / "0123abcd" / cached).write_bytes(b"weights")
+    script = ("import sys\n"
+              "from clipdex.search.encoders.weights import ensure_weights\n"
+              "from clipdex.search.errors import ModelUnavailable\n"
+              "from clipdex.search.encoders.model import ModelSpec\n"
+              "try:\n    ensure_weights(ModelSpec('ViT-B-32', 'laion2b_s34b_b79k').resolve())\n    print('found')\n"
+              "except ModelUnavailable as error:\n    print('unavailable:', error)\n"
+              "print(sorted(name for name in ('torch', 'open_clip', 'safetensors.torch') if name in sys.modules))\n")
+    environment = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120)
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "[]", done.stderr
+    if cached is None:
+        assert lines[0].startswith("unavailable: cannot fetch the weights of model ViT-B-32 (pretrained tag "
+                                   "'laion2b_s34b_b79k'): they are not in this machine's cache, and HF_HUB_OFFLINE is set")
+    else:
+        assert lines[0] == "found"

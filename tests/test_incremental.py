@@ -12,6 +12,7 @@ import clipdex.indexer.rules as rules
 from clipdex.indexer import index_paths
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
+from clipdex.search.encoders.model import ModelSpec
 from tests.conftest import write_image
 
 
@@ -188,8 +189,40 @@ def test_concurrent_run_is_refused_cleanly(library: Library, tmp_path: Path, mak
     make_images(tmp_path / "pics", 2)
     with library.writer():
         other = Library.open(library.path)
-        with pytest.raises(LibraryBusy, match="is being written by .*pid"):
+        with pytest.raises(LibraryBusy, match="is already being written in this thread, by a write that has not ended"):
             index_paths(other, [tmp_path / "pics"])
+
+
+def test_one_library_written_from_two_threads_says_so(catalog_backend: str | None, tmp_path: Path, tiny_model: ModelSpec,
+                                                      make_images) -> None:
+    """Not "being written by another process": the writer is this one, on another thread."""
+    import threading
+
+    from clipdex.search.errors import LibraryBusy
+
+    make_images(tmp_path / "pics", 2)
+    library = Library.open(tmp_path / "lib", model=tiny_model, create=True, device="cpu", catalog=catalog_backend)
+    inside, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with library.writer():
+            inside.set()
+            done.wait(60)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(LibraryBusy) as refused:
+            index_paths(library, [tmp_path / "pics"])
+    finally:
+        done.set()
+        writer.join()
+    what = "catalog postgresql" if catalog_backend else f"library {library.path}"
+    assert str(refused.value).startswith(what)
+    assert str(refused.value).endswith(" is already being written by another thread of this process; one writer at a "
+                                       "time: wait for that write to end, or write from one thread (searching meanwhile works)")
+    assert index_paths(library, [tmp_path / "pics"]).added == 2
 
 
 def test_emptied_root_keeps_its_items_unless_pruned(library: Library, tmp_path: Path, make_images) -> None:

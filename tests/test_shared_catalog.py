@@ -107,8 +107,17 @@ def test_a_second_writer_is_refused_and_told_who_writes(tmp_path: Path, tiny_mod
     a = Library.open(tmp_path / "a", model=tiny_model, create=True, device="cpu", catalog=postgres_url)
     b = Library.open(tmp_path / "b", create=True, catalog=postgres_url)
     make_images(tmp_path / "pics", 2)
-    with a.writer():
-        with pytest.raises(LibraryBusy, match=f"is being written by clipdex writer pid {os.getpid()} on .*server pid"):
+    holding = ("import sys\nfrom clipdex.search.library import Library\n"
+               f"with Library.open({str(a.path)!r}).writer():\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", holding], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LibraryBusy, match=f"is being written by clipdex writer pid {holder.pid} on .*server pid"):
+            index_paths(b, [tmp_path / "pics"])
+    finally:
+        holder.communicate("", timeout=60)
+    with a.writer():  # this process's own writer, through another Library object
+        with pytest.raises(LibraryBusy, match="is already being written in this thread, by a write that has not ended"):
             index_paths(b, [tmp_path / "pics"])
     assert index_paths(b, [tmp_path / "pics"]).added == 2  # released
 

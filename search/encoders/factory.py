@@ -122,6 +122,15 @@ class LibraryEncoders:
             self.library_path, self.model, self.dim)
         return "onnx" if wanted and exported else "torch"
 
+    def ensure_weights(self) -> None:
+        """Before a run that embeds: raise ModelUnavailable now when the model will run on torch
+        and its weights cannot be had (`clipdex.search.encoders.weights`); on its ONNX export it
+        needs none. No torch is imported."""
+        if self.runtime() == "torch":
+            from clipdex.search.encoders.weights import ensure_weights
+
+            ensure_weights(self.model)
+
     def export_pending(self) -> bool:
         """Whether the next run that loads the open_clip model will export it to ONNX (a one-time cost)."""
         import importlib.util

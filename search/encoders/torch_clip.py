@@ -145,12 +145,9 @@ class TorchClipEncoder(ImageTextEncoder):
         except RuntimeError as error:
             message = str(error)
             if spec.pretrained and ("download" in message.lower() or "tag" in message.lower()):
-                raise ModelUnavailable(
-                    f"cannot fetch the weights of model {spec.name} (pretrained tag "
-                    f"{spec.pretrained!r}): {message.splitlines()[0][:300]}. open_clip downloads "
-                    "them from the model hub on first use; without network access, pass a local "
-                    "checkpoint file with --pretrained FILE (and the architecture with --model)"
-                ) from error
+                from clipdex.search.encoders.weights import weights_unavailable
+
+                raise weights_unavailable(spec, message.splitlines()[0]) from error
             raise ModelUnavailable(f"cannot load model {spec.name}: {message[:500]}") from error
         except (OSError, ValueError, KeyError) as error:
             raise ModelUnavailable(f"cannot load model {spec.describe()}: {error}") from error
