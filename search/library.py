@@ -150,10 +150,11 @@ class Library:
         with self.writer():
             return self.store.rebuild_if_outgrown()
 
-    def adopt_vectors(self, index: VectorIndex, generation: int) -> None:
-        """Make `index`, built from the catalog as of `generation`, the library's index (see `VectorStore.adopt`)."""
+    def adopt_vectors(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None:
+        """Make `index`, built from the catalog as of `generation`, the library's index, and record
+        `entries` in the manifest once it is saved (see `VectorStore.adopt`)."""
         with self.writer():
-            self.store.adopt(index, generation)
+            self.store.adopt(index, generation, entries)
 
     # -- writing ----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from clipdex.search.index.choice import (
 )
 from clipdex.search.library import MANIFEST_FILE, Library
 from clipdex.search.index.optimize import evaluate, held_out_evaluation, optimize_library, recall_at_k, tune
-from clipdex.search.index.vectors import STAMP_FILE, IndexSpec
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE, IndexSpec
 
 MiB = 1 << 20
 
@@ -224,3 +224,32 @@ def test_optimize_command_memory_budget(library: Library, small_thresholds: None
 def test_optimize_an_empty_library_says_so(library: Library) -> None:
     result = CliRunner().invoke(app, ["optimize", "--library", str(library.path)])
     assert result.exit_code == 1 and "is empty" in result.stderr
+
+
+def test_an_optimize_whose_index_cannot_be_saved_records_nothing(library: Library, small_thresholds: None) -> None:
+    """A full disk: optimize ends with the ENOSPC error, the index, its stamp and the manifest
+    stay as they were (no `optimized` block claiming a recall the library does not have), in
+    this process and for whoever opens the library next; with space again, it records."""
+    import errno
+    import os
+
+    fill(library, 1500)
+    files = (MANIFEST_FILE, INDEX_FILE, STAMP_FILE)
+    before = {name: (library.path / name).read_bytes() for name in files}
+    assert library.vectors.spec.type == "flat"
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(faiss, "write_index", full)
+        with pytest.raises(OSError) as raised:
+            optimize_library(library, target_recall=0.9)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(library.path / INDEX_FILE)
+    assert {name: (library.path / name).read_bytes() for name in files} == before
+    assert "optimized" not in library.stats() and library.vectors.spec.type == "flat"
+    assert library.manifest.index.type == "flat" and library.check()["ok"]
+    with Library.open(library.path, device="cpu") as reopened:
+        assert "optimized" not in reopened.stats() and reopened.vectors.spec.type == "flat"
+    report = optimize_library(library, target_recall=0.9)
+    assert library.stats()["optimized"]["factory"] == report.factory == library.vectors.spec.factory

@@ -25,8 +25,8 @@ class IndexRecord(Protocol):
     index: IndexSpec
     extra: dict[str, Any]
 
-    def record_index(self, directory: Path, spec: IndexSpec) -> None:
-        """Record `spec` as the index of the library at `directory`, durably."""
+    def record_index(self, directory: Path, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
+        """Record `spec` as the index of the library at `directory`, and `entries` beside it, durably."""
 
 
 class IndexedLibrary(Protocol):
@@ -57,4 +57,4 @@ class IndexedLibrary(Protocol):
 
     def locked(self) -> AbstractContextManager[None]: ...
 
-    def adopt_vectors(self, index: VectorIndex, generation: int) -> None: ...
+    def adopt_vectors(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None: ...

@@ -13,8 +13,9 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -110,8 +111,8 @@ class VectorStore:
             for ids, vectors in changes:
                 self._index.add(ids, vectors)
 
-    def _build(self) -> VectorIndex:
-        return build_index_from(self.dim, self.manifest.index, self.catalog)
+    def _build(self, spec: IndexSpec | None = None) -> VectorIndex:
+        return build_index_from(self.dim, spec or self.manifest.index, self.catalog)
 
     def _save_if_no_writer(self) -> None:
         """Persist a caught-up index (after a crash, say) so later readers need not redo it.
@@ -196,13 +197,15 @@ class VectorStore:
         return result.ids
 
     def rebuild(self, spec: IndexSpec | None = None) -> VectorIndex:
-        """Rebuild from the catalog (optionally of another type, recorded in the manifest) and save."""
+        """Rebuild from the catalog (optionally of another type, recorded in the manifest once the
+        index is saved) and save."""
         with self._sync_lock:
+            with self._replacing():
+                generation = self.catalog.generation()
+                self._index, self._generation = self._build(spec), generation
+                self.save()
             if spec is not None:
                 self._record_spec(spec)
-            generation = self.catalog.generation()
-            self._index, self._generation = self._build(), generation
-            self.save()
             return self._index
 
     def rebuild_if_outgrown(self) -> bool:
@@ -214,17 +217,30 @@ class VectorStore:
         self.rebuild(chosen)
         return True
 
-    def adopt(self, index: VectorIndex, generation: int) -> None:
+    def adopt(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None:
         """Make `index`, built from the catalog as of `generation`, the library's index: catch
         it up from the change log (or rebuild it with its spec when the log no longer reaches
-        back), save it, and record its spec in the manifest."""
+        back) and save it; then record its spec in the manifest, with `entries` (optimize's
+        report). An index that cannot be saved (a full disk) leaves the store and the manifest
+        as they were: the manifest never describes an index the library does not have."""
         with self._sync_lock:
-            self._record_spec(index.spec)
-            self._index, self._generation = index, generation
-            current = self.catalog.generation()
-            if current > generation and not self._catch_up(current):
-                self._index, self._generation = self._build(), current
-            self.save()
+            with self._replacing():
+                self._index, self._generation = index, generation
+                current = self.catalog.generation()
+                if current > generation and not self._catch_up(current):
+                    self._index, self._generation = self._build(index.spec), current
+                self.save()
+            self._record_spec(index.spec, entries)
+
+    @contextmanager
+    def _replacing(self) -> Iterator[None]:
+        """Put back the index held before the block when it fails (a new one not saved, say)."""
+        previous = self._index, self._generation
+        try:
+            yield
+        except BaseException:
+            self._index, self._generation = previous
+            raise
 
     def save(self) -> None:
         """Save the in-memory index and trim the change log it makes redundant."""
@@ -237,8 +253,8 @@ class VectorStore:
             if not self.catalog.shared:  # replicas elsewhere still catch up from a shared catalog's log
                 self.catalog.trim_changes(self._generation)
 
-    def _record_spec(self, spec: IndexSpec) -> None:
-        self.manifest.record_index(self.directory, spec)
+    def _record_spec(self, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
+        self.manifest.record_index(self.directory, spec, entries)
 
 
 class LibraryWriter:
