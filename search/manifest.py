@@ -72,6 +72,17 @@ class Manifest:
         self.index, self.extra = updated.index, updated.extra
 
 
+    def refresh(self, directory: Path) -> None:
+        """Take up the index spec and entries another process recorded in the library at
+        `directory` since this was read (an optimize: its tuned spec and report); the rest of
+        a manifest never changes. An unreadable file changes nothing."""
+        try:
+            current = Manifest.read(directory / MANIFEST_FILE)
+        except CorruptLibrary:
+            return
+        self.index, self.extra = current.index, current.extra
+
+
 def embedding_dim(model: ResolvedModel) -> int:
     """The model's vector dimension, from its config (open_clip's registry for a named model:
     its JSON file, read without importing open_clip where that file is there)."""

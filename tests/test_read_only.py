@@ -140,3 +140,4 @@ def test_files_written_atomically_get_the_umask_s_permissions_not_private_ones(l
     write_json_atomic(tmp_path / "settings.json", {"a": 1})
     assert stat.S_IMODE((tmp_path / "settings.json").stat().st_mode) == expected
     assert stat.S_IMODE((library.path / "manifest.json").stat().st_mode) == expected
+

@@ -28,6 +28,9 @@ class IndexRecord(Protocol):
     def record_index(self, directory: Path, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
         """Record `spec` as the index of the library at `directory`, and `entries` beside it, durably."""
 
+    def refresh(self, directory: Path) -> None:
+        """Take up what another process recorded since (the index spec, optimize's report)."""
+
 
 class IndexedLibrary(Protocol):
     """A library as the index room's whole-library operations see it."""

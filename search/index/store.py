@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ class VectorStore:
         self._sync_lock = threading.RLock()  # changes to the in-memory index and its generation
         self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
         self._small = SmallExactSearch(catalog, manifest.dim)  # exact answers without FAISS, while small
+        self._stamp_seen: tuple[int, ...] | None = None  # the saved stamp as of the last load, save or look
 
     @property
     def dim(self) -> int:
@@ -66,6 +68,8 @@ class VectorStore:
         """Bring the in-memory index up to the catalog's generation. True if anything changed."""
         with self._sync_lock:
             generation = self.catalog.generation()
+            if self._index is not None and self._saved_build_changed():
+                self._take_up_saved(generation)
             if self._index is not None and self._generation == generation:
                 return False
             first_load = self._index is None
@@ -81,7 +85,28 @@ class VectorStore:
                 self._save_if_no_writer()
             return True
 
+    def _saved_build_changed(self) -> bool:
+        """Whether the saved index is now of another build than the one held: another process
+        optimized or rebuilt it (its tuned search parameters with it) since this one was loaded.
+        One stat of the stamp while it is unchanged."""
+        assert self._index is not None
+        signature = stamp_signature(self.directory)
+        if signature is None or signature == self._stamp_seen:
+            return False
+        stamp = read_stamp(self.directory)
+        if stamp is not None and str(stamp.get("build", "")) != self._index.build:
+            return True
+        self._stamp_seen = signature  # the same build, saved further along: caught up from the log as ever
+        return False
+
+    def _take_up_saved(self, generation: int) -> None:
+        """Load the index another process saved in place of the one held, and the manifest it recorded."""
+        log.info("the vector index of %s was replaced by another process (optimize or a rebuild): loading it", self.directory)
+        self.manifest.refresh(self.directory)
+        self._load_or_build(generation)  # searches in progress finish on the index they started with
+
     def _load_or_build(self, generation: int) -> None:
+        self._stamp_seen = stamp_signature(self.directory)  # before the load: a save in between is seen next time
         loaded = VectorIndex.load(self.directory)
         # An index ahead of the catalog (its last commits lost) or of another dimension is not trusted.
         if loaded is not None and loaded[0].dim == self.dim and loaded[1] <= generation:
@@ -123,7 +148,8 @@ class VectorStore:
             return
         try:
             with self.write_lock.held():
-                self.save()
+                if not self._saved_build_changed():  # never over an index another process saved meanwhile
+                    self.save()
         except Exception as error:
             if not isinstance(error, (LibraryBusy, OSError, CatalogUnavailable) + database_errors()):
                 raise
@@ -250,6 +276,7 @@ class VectorStore:
             for leftover in leftovers(self.directory, INDEX_FILE):  # from a writer killed mid-save
                 leftover.unlink(missing_ok=True)
             self._index.save(self.directory, self._generation)
+            self._stamp_seen = stamp_signature(self.directory)
             if not self.catalog.shared:  # replicas elsewhere still catch up from a shared catalog's log
                 self.catalog.trim_changes(self._generation)
 
@@ -290,6 +317,24 @@ class LibraryWriter:
 def saved_generation(directory: Path) -> int:
     """The generation the saved vector index reflects, or -1 when there is none."""
     try:
-        return int(json.loads((directory / STAMP_FILE).read_text())["generation"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int((read_stamp(directory) or {})["generation"])
+    except (ValueError, KeyError, TypeError):
         return -1
+
+
+def read_stamp(directory: Path) -> dict[str, Any] | None:
+    """The saved vector index's stamp (`VectorIndex.save`), or None when it is missing or unreadable."""
+    try:
+        stamp = json.loads((directory / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def stamp_signature(directory: Path) -> tuple[int, ...] | None:
+    """What changes when the stamp is written again (it is replaced by a rename), or None when there is none."""
+    try:
+        info = os.stat(directory / STAMP_FILE)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
