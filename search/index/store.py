@@ -73,16 +73,19 @@ class VectorStore:
             if self._index is not None and self._generation == generation:
                 return False
             first_load = self._index is None
+            rebuilt: float | None = None  # seconds spent building it from the catalog, when it was
             if self._index is None or self._generation > generation:
-                self._load_or_build(generation)
+                rebuilt = self._load_or_build(generation)
             for _attempt in range(2):
                 if self._generation >= generation or self._catch_up(generation):
                     break
-                self._load_or_build(generation)  # the log was trimmed: the saved index is newer
+                rebuilt = self._load_or_build(generation)  # the log was trimmed: the saved index is newer
             else:
+                started = time.perf_counter()
                 self._index, self._generation = self._build(), generation
-            if first_load and self._generation > saved_generation(self.directory):
-                self._save_if_no_writer()
+                rebuilt = time.perf_counter() - started
+            if first_load and (rebuilt is not None or self._generation > saved_generation(self.directory)):
+                self._save_if_no_writer(rebuilt)
             return True
 
     def _saved_build_changed(self) -> bool:
@@ -105,14 +108,17 @@ class VectorStore:
         self.manifest.refresh(self.directory)
         self._load_or_build(generation)  # searches in progress finish on the index they started with
 
-    def _load_or_build(self, generation: int) -> None:
+    def _load_or_build(self, generation: int) -> float | None:
+        """Load the saved index, or build it from the catalog: the seconds that took, None when loaded."""
         self._stamp_seen = stamp_signature(self.directory)  # before the load: a save in between is seen next time
         loaded = VectorIndex.load(self.directory)
         # An index ahead of the catalog (its last commits lost) or of another dimension is not trusted.
         if loaded is not None and loaded[0].dim == self.dim and loaded[1] <= generation:
             self._index, self._generation = loaded
-        else:
-            self._index, self._generation = self._build(), generation
+            return None
+        started = time.perf_counter()
+        self._index, self._generation = self._build(), generation
+        return time.perf_counter() - started
 
     def _catch_up(self, generation: int) -> bool:
         """Apply the change log since the index's generation; False if the log no longer reaches back."""
@@ -139,21 +145,36 @@ class VectorStore:
     def _build(self, spec: IndexSpec | None = None) -> VectorIndex:
         return build_index_from(self.dim, spec or self.manifest.index, self.catalog)
 
-    def _save_if_no_writer(self) -> None:
-        """Persist a caught-up index (after a crash, say) so later readers need not redo it.
+    def _save_if_no_writer(self, rebuilt: float | None = None) -> None:
+        """Persist a caught-up or rebuilt index (after a crash, say) so later readers need not redo it.
 
         Best effort: a reader never needs to write, so a busy or read-only library just skips it.
-        """
+        An index rebuilt from the catalog (`rebuilt` seconds: its file missing, unreadable or of
+        another history) that cannot be saved here is said once, with the command that saves it:
+        every process that opens the library rebuilds it again until then."""
         if self.catalog.read_only:
+            self._say_not_saved(rebuilt, f"the library cannot be written here: {self.catalog.read_only_reason}")
             return
         try:
             with self.write_lock.held():
                 if not self._saved_build_changed():  # never over an index another process saved meanwhile
                     self.save()
+                    if rebuilt is not None:
+                        log.info("vector index of %s rebuilt from the catalog (%.1f s) and saved", self.directory, rebuilt)
         except Exception as error:
             if not isinstance(error, (LibraryBusy, OSError, CatalogUnavailable) + database_errors()):
                 raise
             log.info("caught-up vector index of %s not saved: %s", self.directory, error)
+            if isinstance(error, OSError):  # a busy library's writer saves the index itself
+                self._say_not_saved(rebuilt, str(error))
+
+    def _say_not_saved(self, rebuilt: float | None, reason: str) -> None:
+        assert self._index is not None
+        if rebuilt is not None and self._index.ntotal:
+            log.warning("%s of %s is missing or could not be used: it was rebuilt in memory from the catalog (%.1f s) "
+                        "and cannot be saved (%s), so every process that opens the library rebuilds it again; run "
+                        "`clipdex check --repair --library %s` where the library can be written", INDEX_FILE,
+                        self.directory, rebuilt, reason, self.directory)
 
     # -- searching -------------------------------------------------------------------------
 
