@@ -196,6 +196,11 @@ class VectorStore:
             assert self._index is not None
             return self._index.search(queries, k, allowed, source=self.catalog, query_kind=query_kind)
 
+    def searched_exactly(self) -> bool:
+        """Whether searches of a process that has not loaded the FAISS index are answered exactly
+        from the catalog (`exact_small`: a small library with an exact index), so that it needs none."""
+        return self.manifest.index.type == "flat" and sum(self.catalog.counts().values()) <= self._small.limit
+
     # -- changing it (the caller holds the write lock) ---------------------------------------
 
     def apply_commit(self, result: BatchResult, items: Sequence[NewItem], remove_ids: Sequence[int]) -> None:
