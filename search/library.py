@@ -177,8 +177,10 @@ class Library:
             writer = LibraryWriter(self.store)
             try:
                 yield writer
-            finally:
-                writer.flush()
+            except BaseException as error:
+                writer.flush_after(error)  # what was committed is saved if it can be; the error is this one
+                raise
+            writer.flush()
 
     # -- queries --------------------------------------------------------------------------
 

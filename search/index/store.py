@@ -339,6 +339,16 @@ class LibraryWriter:
             self._dirty = False
             self._last_save = time.monotonic()
 
+    def flush_after(self, failure: BaseException) -> None:
+        """Save the index as far as the commits made before `failure` ended the writing, when it
+        can be: a save that fails too (the same full disk, say) is logged, never raised in the
+        place of `failure`, which is what the user must hear of. The next reader catches the
+        saved index up from the catalog's log."""
+        try:
+            self.flush()
+        except Exception as error:
+            log.info("vector index of %s not saved after %s: %s", self.store.directory, type(failure).__name__, error)
+
 
 def saved_generation(directory: Path) -> int:
     """The generation the saved vector index reflects, or -1 when there is none."""
