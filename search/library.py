@@ -150,10 +150,11 @@ class Library:
         with self.writer():
             return self.store.rebuild_if_outgrown()
 
-    def adopt_vectors(self, index: VectorIndex, generation: int) -> None:
-        """Make `index`, built from the catalog as of `generation`, the library's index (see `VectorStore.adopt`)."""
+    def adopt_vectors(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None:
+        """Make `index`, built from the catalog as of `generation`, the library's index, and record
+        `entries` in the manifest once it is saved (see `VectorStore.adopt`)."""
         with self.writer():
-            self.store.adopt(index, generation)
+            self.store.adopt(index, generation, entries)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -183,8 +184,10 @@ class Library:
             writer = LibraryWriter(self.store)
             try:
                 yield writer
-            finally:
-                writer.flush()
+            except BaseException as error:
+                writer.flush_after(error)  # what was committed is saved if it can be; the error is this one
+                raise
+            writer.flush()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -282,9 +285,16 @@ class Library:
         if len(catalog_vectors) and catalog_vectors.shape[1] != self.dim:
             problems.append(f"catalog vectors have {catalog_vectors.shape[1]} dimensions, the manifest says {self.dim}")
         loaded = VectorIndex.load(self.path)
+        notes: list[str] = []
         if loaded is None:
-            if len(catalog_ids) or generation > 0:  # a library nothing was ever committed to has no index yet
+            # Derived data never saved here is no damage: a library nothing was committed to, a small
+            # one searched exactly from the catalog (a replica of a shared catalog never writes one),
+            # one whose first search has yet to build it. Half of it, or a file FAISS cannot read, is.
+            if any((self.path / name).exists() for name in (INDEX_FILE, STAMP_FILE)):
                 problems.append(f"{INDEX_FILE} or {STAMP_FILE} is missing or unreadable")
+            elif len(catalog_ids) and not self.store.searched_exactly():
+                notes.append(f"no {INDEX_FILE} is saved here yet: the first search builds it from the catalog "
+                             "(and saves it where the library can be written); `clipdex check --repair` builds it now")
         else:
             index, saved_generation = loaded
             if saved_generation < generation and self.catalog.changes_floor() <= saved_generation and index.dim == self.dim:
@@ -306,11 +316,11 @@ class Library:
                 extra = len(np.setdiff1d(index_ids, catalog_ids))
                 problems.append(f"{INDEX_FILE} lacks {missing} catalog items and holds {extra} unknown ids")
         repaired = False
-        if problems and repair:
+        if (problems or notes) and repair:
             self.rebuild_vectors()
             repaired = True
         return {"ok": not problems, "problems": problems, "repaired": repaired, "items": int(len(catalog_ids)),
-                **catalog_check.details()}
+                **({"notes": notes} if notes and not repaired else {}), **catalog_check.details()}
 
     def export(self, out: str | os.PathLike[str]) -> int:
         """Write ids, kinds, paths (texts: ''), texts and vectors (float32, as stored) to an .npz."""

@@ -6,7 +6,7 @@ Written once when a library is made, and again only when its index spec changes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,23 @@ class Manifest:
         }
         write_json_atomic(path, data)
 
-    def record_index(self, directory: Path, spec: IndexSpec) -> None:
-        """Record `spec` as the index of the library at `directory` (the vector store's `IndexRecord`)."""
-        self.index = spec
-        self.write(directory / MANIFEST_FILE)
+    def record_index(self, directory: Path, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
+        """Record `spec` as the index of the library at `directory` (the vector store's `IndexRecord`),
+        with `entries` beside it (optimize's report); this object changes only once the file is written."""
+        updated = replace(self, index=spec, extra={**self.extra, **(entries or {})})
+        updated.write(directory / MANIFEST_FILE)
+        self.index, self.extra = updated.index, updated.extra
+
+
+    def refresh(self, directory: Path) -> None:
+        """Take up the index spec and entries another process recorded in the library at
+        `directory` since this was read (an optimize: its tuned spec and report); the rest of
+        a manifest never changes. An unreadable file changes nothing."""
+        try:
+            current = Manifest.read(directory / MANIFEST_FILE)
+        except CorruptLibrary:
+            return
+        self.index, self.extra = current.index, current.extra
 
 
 def embedding_dim(model: ResolvedModel) -> int:

@@ -135,6 +135,42 @@ def test_a_catalog_commit_on_a_full_disk_is_one_line(library: Library, tmp_path:
         assert sum(reopened.catalog.counts().values()) == 2 and reopened.vectors.ntotal == 2  # the first batch
 
 
+@pytest.mark.parametrize("command", ["index", "index-texts"])
+def test_a_full_disk_names_what_failed_first_not_the_index_saved_after(tmp_path: Path, make_images, model_args,
+                                                                        monkeypatch: pytest.MonkeyPatch, command: str) -> None:  # type: ignore[no-untyped-def]
+    """The catalog's second commit finds the disk full, and so does the save of the vector index
+    after it. The command names the catalog, which failed first, not vectors.faiss (the index
+    was blamed for a full disk while writing texts); the first batch is kept."""
+    import faiss
+
+    make_images(tmp_path / "photos", 4)
+    (tmp_path / "texts.txt").write_text("\n".join(f"a text about thing {number}" for number in range(4)))
+    source = tmp_path / ("photos" if command == "index" else "texts.txt")
+    library = tmp_path / "library"
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    calls = []
+    for catalog_class, failure in ((Catalog, lambda _: OperationalError("INSERT ...", {}, Exception("database or disk is full"))),
+                                   (LocalCatalog, _sqlite_full)):
+        def filling(self, *args, real_commit=catalog_class.commit_batch, failure=failure, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) > 1:
+                monkeypatch.setattr(faiss, "write_index", full)  # the disk is full for everyone from now on
+                raise failure(self)
+            return real_commit(self, *args, **kwargs)
+
+        monkeypatch.setattr(catalog_class, "commit_batch", filling)
+    result = runner.invoke(app, [command, str(source), "--library", str(library), "--quiet", "--batch-size", "2", *model_args])
+    assert one_line_error(result) == (
+        "Error: catalog: no space left on device (ENOSPC) (SQLite: database or disk is full): free some space and run "
+        "the same command again; everything committed so far is kept")
+    monkeypatch.undo()
+    with Library.open(library) as reopened:
+        assert sum(reopened.catalog.counts().values()) == 2 and reopened.vectors.ntotal == 2 and reopened.check()["ok"]
+
+
 @pytest.mark.parametrize(
     "failure",
     [

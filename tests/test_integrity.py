@@ -136,3 +136,71 @@ def test_an_emptied_state_table(indexed: Path, tmp_path: Path, make_images, mode
     assert json.loads(invoke("index", str(tmp_path / "photos"), *model_args, "--json", library=indexed).stdout)["added"] == 1
     with Library.open(indexed) as lib:
         assert lib.vectors.ntotal == 4
+
+
+# -- the derived vector index: healthy without one, damaged with half of one ------------------
+
+INDEX_FILE, STAMP_FILE = "vectors.faiss", "vectors.json"
+
+
+def damage_index(library_path: Path, damage: str) -> None:
+    if damage in ("no index saved", "stamp only"):
+        (library_path / INDEX_FILE).unlink()
+    if damage in ("no index saved", "index only"):
+        (library_path / STAMP_FILE).unlink()
+    if damage == "unreadable index":
+        (library_path / INDEX_FILE).write_bytes(b"not a FAISS index")
+
+
+def read_only(library_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library as another user's: nothing in it may be written (as root too: os.access says so)."""
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and str(path).startswith(str(library_path))
+                        else real_access(path, mode, **kw))
+
+
+HEALTHY = {"as indexed": True, "no index saved": True, "stamp only": False, "index only": False, "unreadable index": False}
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["writable", "read-only"])
+@pytest.mark.parametrize("damage", list(HEALTHY))
+def test_check_tells_a_healthy_small_library_from_a_damaged_one(indexed: Path, monkeypatch: pytest.MonkeyPatch, damage: str,
+                                                                writable: bool) -> None:
+    """A small library is searched exactly from the catalog: without any saved index it is sound
+    (a replica of a shared catalog never saves one: see test_shared_catalog); half an index, or
+    one FAISS cannot read, is damage, which --repair fixes where the library can be written."""
+    damage_index(indexed, damage)
+    if not writable:
+        read_only(indexed, monkeypatch)
+    result = invoke("check", library=indexed)
+    if HEALTHY[damage]:
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "ok: 3 items, catalog and vectors agree\n", "")
+        return
+    assert result.exit_code == 1 and result.stderr == f"problem: {INDEX_FILE} or {STAMP_FILE} is missing or unreadable\n"
+    repaired = invoke("check", "--repair", library=indexed)
+    if writable:
+        assert repaired.exit_code == 0 and invoke("check", library=indexed).exit_code == 0
+    else:
+        assert repaired.exit_code == 1 and "cannot be written here" in repaired.stderr
+
+
+def test_a_larger_library_without_a_saved_index_is_sound_and_told_what_builds_it(library: Library) -> None:
+    """Beyond the exact search's size, a library with no index saved yet (deleted, or a replica's
+    first search yet to come) is not damaged: the check says who builds it; --repair builds it now."""
+    from clipdex.search.catalog.database import NewItem
+    from clipdex.search.index.exact_small import SMALL_LIBRARY_MAX
+
+    vectors = np.random.default_rng(0).standard_normal((SMALL_LIBRARY_MAX + 1, library.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with library.writer() as writer:
+        writer.commit(items=[NewItem("image", vector, path=f"/photos/{i}.jpg") for i, vector in enumerate(vectors)])
+    library.close()
+    damage_index(library.path, "no index saved")
+    report = Library.open(library.path).check()
+    assert report["ok"] and report["notes"] == [
+        f"no {INDEX_FILE} is saved here yet: the first search builds it from the catalog (and saves it where the library "
+        "can be written); `clipdex check --repair` builds it now"]
+    repaired = Library.open(library.path).check(repair=True)
+    assert repaired["ok"] and repaired["repaired"] and "notes" not in repaired and (library.path / INDEX_FILE).exists()

@@ -23,7 +23,7 @@ from clipdex.search.index.choice import (
 )
 from clipdex.search.library import MANIFEST_FILE, Library
 from clipdex.search.index.optimize import evaluate, held_out_evaluation, optimize_library, recall_at_k, tune
-from clipdex.search.index.vectors import STAMP_FILE, IndexSpec
+from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE, IndexSpec
 
 MiB = 1 << 20
 
@@ -224,3 +224,63 @@ def test_optimize_command_memory_budget(library: Library, small_thresholds: None
 def test_optimize_an_empty_library_says_so(library: Library) -> None:
     result = CliRunner().invoke(app, ["optimize", "--library", str(library.path)])
     assert result.exit_code == 1 and "is empty" in result.stderr
+
+
+def test_an_optimize_whose_index_cannot_be_saved_records_nothing(library: Library, small_thresholds: None) -> None:
+    """A full disk: optimize ends with the ENOSPC error, the index, its stamp and the manifest
+    stay as they were (no `optimized` block claiming a recall the library does not have), in
+    this process and for whoever opens the library next; with space again, it records."""
+    import errno
+    import os
+
+    fill(library, 1500)
+    files = (MANIFEST_FILE, INDEX_FILE, STAMP_FILE)
+    before = {name: (library.path / name).read_bytes() for name in files}
+    assert library.vectors.spec.type == "flat"
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(faiss, "write_index", full)
+        with pytest.raises(OSError) as raised:
+            optimize_library(library, target_recall=0.9)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(library.path / INDEX_FILE)
+    assert {name: (library.path / name).read_bytes() for name in files} == before
+    assert "optimized" not in library.stats() and library.vectors.spec.type == "flat"
+    assert library.manifest.index.type == "flat" and library.check()["ok"]
+    with Library.open(library.path, device="cpu") as reopened:
+        assert "optimized" not in reopened.stats() and reopened.vectors.spec.type == "flat"
+    report = optimize_library(library, target_recall=0.9)
+    assert library.stats()["optimized"]["factory"] == report.factory == library.vectors.spec.factory
+
+
+def test_a_running_server_takes_up_an_optimize_run_by_another_process(library: Library, small_thresholds: None) -> None:
+    """The server's library holds its index in memory; `optimize` in another process (here another
+    Library object, with its own store) saves a tuned one. The server's next search and `/stats`
+    use the new index and its tuned breadths, and `/stats` shows the report, without a restart."""
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    vectors = fill(library, 1500)
+    library.close()
+    server = Library.open(library.path, device="cpu")
+    client = TestClient(create_app(server))
+    assert server.search(vector=vectors[0], k=1)[0].path == "/photos/0.jpg"  # the flat index, loaded
+    before = client.get("/stats").json()
+    assert before["index_type"] == "flat" and before["index"]["search_params"] == {} and "optimized" not in before
+    with Library.open(library.path, device="cpu") as other:
+        report = optimize_library(other, target_recall=0.9)
+    assert report.index_type == "ivf"
+    assert server.search(vector=vectors[7], k=1)[0].path == "/photos/7.jpg"
+    index = server.store.index
+    assert (index.spec.type, index.spec.factory) == ("ivf", report.factory) and index.ntotal == 1500
+    assert index.spec.search_params == report.search_params
+    assert index.search_breadth(query_kind="text") == report.by_query_kind["text"]["nprobe"]
+    stats = client.get("/stats").json()
+    assert stats["index"]["search_params_by_kind"] == index.spec.search_params_by_kind
+    assert stats["optimized"]["optimized_at"] == report.optimized_at and stats["optimized"]["factory"] == report.factory
+    assert server.manifest.index.factory == report.factory
+    server.close()
+

@@ -140,3 +140,64 @@ def test_files_written_atomically_get_the_umask_s_permissions_not_private_ones(l
     write_json_atomic(tmp_path / "settings.json", {"a": 1})
     assert stat.S_IMODE((tmp_path / "settings.json").stat().st_mode) == expected
     assert stat.S_IMODE((library.path / "manifest.json").stat().st_mode) == expected
+
+
+# -- a missing vectors.faiss: rebuilt once and saved, or said once with the command that saves it --
+
+
+def as_a_large_library(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Searches load the FAISS index (as in a library too large for the exact search without it);
+    the returned list counts the index builds from the catalog."""
+    from clipdex.search.index import store
+    from clipdex.search.index.exact_small import SmallExactSearch
+
+    monkeypatch.setattr(SmallExactSearch, "search", lambda *args, **kwargs: None)
+    builds: list[int] = []
+    real_build = store.build_index_from
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        builds.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(store, "build_index_from", counted)
+    return builds
+
+
+def test_a_missing_index_is_rebuilt_once_and_saved(stale_library: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """vectors.faiss deleted, its up-to-date stamp left: the first search rebuilds it and saves
+    it; the next process loads it instead of rebuilding it again."""
+    with Library.open(stale_library, device="cpu") as lib:
+        assert lib.vectors.ntotal == 4  # caught up and saved: the stamp is the catalog's generation
+    (stale_library / INDEX_FILE).unlink()
+    builds = as_a_large_library(monkeypatch)
+    for _ in range(2):
+        with caplog.at_level(logging.INFO, logger="clipdex.search"):
+            result = runner.invoke(app, ["search", "a dog", "--library", str(stale_library), "--json"])
+        assert result.exit_code == 0, result.output
+        assert len(json.loads(result.stdout)) == 4
+        assert (stale_library / INDEX_FILE).exists()
+    assert len(builds) == 1
+    assert json.loads((stale_library / STAMP_FILE).read_text())["ntotal"] == 4
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert Library.open(stale_library).check()["ok"]
+
+
+def test_a_missing_index_that_cannot_be_saved_is_said_once(stale_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The same on a library that cannot be written here: every process must rebuild the index,
+    which is said once per process, with the command that saves it."""
+    (stale_library / INDEX_FILE).unlink()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and str(path).startswith(str(stale_library))
+                        else real_access(path, mode, **kw))
+    builds = as_a_large_library(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="clipdex.search.index"), Library.open(stale_library, device="cpu") as lib:
+        assert lib.catalog.read_only
+        for _ in range(3):
+            assert len(lib.search(text="a dog", k=4)) == 4
+    assert len(builds) == 1 and not (stale_library / INDEX_FILE).exists()
+    messages = [record.getMessage() for record in caplog.records if record.name == "clipdex.search.index.store"]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"{INDEX_FILE} of {stale_library} is missing or could not be used: it was rebuilt in memory "
+                                  "from the catalog (")
+    assert messages[0].endswith(f"so every process that opens the library rebuilds it again; run `clipdex check --repair "
+                                f"--library {stale_library}` where the library can be written")

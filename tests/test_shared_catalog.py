@@ -167,3 +167,34 @@ def test_a_bad_url_or_a_dead_server_is_one_line(tmp_path: Path, tiny_model: Mode
     assert code == 1 and message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "lib").exists()
+
+
+def test_check_tells_a_healthy_replica_from_a_damaged_one(tmp_path: Path, tiny_model: ModelSpec, postgres_url: str,
+                                                         make_images) -> None:
+    """A freshly attached replica of a small library searches exactly and saves no index: sound.
+    One that loaded its index (and saved it) and lags behind the writer: sound, caught up from
+    the log. One whose index file was lost, its stamp left: damaged, repaired by --repair."""
+    from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE
+
+    writer = Library.open(tmp_path / "a", model=tiny_model, create=True, device="cpu", catalog=postgres_url)
+    make_images(tmp_path / "pics", 3)
+    index_paths(writer, [tmp_path / "pics"])
+    replica = tmp_path / "b"
+    assert cli("init", "--library", str(replica), "--catalog", postgres_url)[0] == 0
+    with Library.open(replica, device="cpu") as attached:
+        assert len(attached.search(text="a photo", k=5)) == 3  # exactly, from the catalog
+    assert not (replica / INDEX_FILE).exists()
+    assert cli("check", "--library", str(replica)) == (0, "ok: 3 items, catalog and vectors agree\n", "")
+    with Library.open(replica, device="cpu") as attached:
+        assert attached.stats()["vectors"] == 3  # loads FAISS: the index is built and saved
+    assert (replica / INDEX_FILE).exists()
+    make_images(tmp_path / "pics", 2, start=3)
+    index_paths(writer, [tmp_path / "pics"])
+    assert cli("check", "--library", str(replica)) == (0, "ok: 5 items, catalog and vectors agree\n", "")
+    (replica / INDEX_FILE).unlink()
+    assert cli("check", "--library", str(replica)) == (
+        1, "run `clipdex check --repair` to repair the catalog and rebuild the vector index from it\n",
+        f"problem: {INDEX_FILE} or {STAMP_FILE} is missing or unreadable\n")
+    assert cli("check", "--repair", "--library", str(replica))[0] == 0
+    assert cli("check", "--library", str(replica)) == (0, "ok: 5 items, catalog and vectors agree\n", "")
+    writer.close()

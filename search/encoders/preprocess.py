@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from clipdex.search.encoders.model import ResolvedModel, architecture_config
+from clipdex.search.media.imaging import middle_to_resize
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads; not ported
@@ -74,6 +75,7 @@ class ImagePreprocess:
         """An RGB image as the model's float32 (3, size, size) input."""
         size = self.image_size
         resample = INTERPOLATIONS[self.interpolation]
+        image = within_model_bounds(image, size, self.resize_mode)
         if self.resize_mode == "squash":
             image = image.resize((size, size), resample)
         else:
@@ -112,6 +114,21 @@ def expected_preprocess(model: ResolvedModel) -> ImagePreprocess | None:
 def _triple(values: Iterable[float]) -> tuple[float, float, float]:
     first, second, third = values
     return (first, second, third)
+
+
+def within_model_bounds(image: Image.Image, image_size: int, resize_mode: str = "shortest") -> Image.Image:
+    """`image`, or of a long thin one the part the model's transform keeps, so that resizing it
+    makes at most `MAX_RESIZED_PIXELS` pixels.
+
+    "shortest" (resize the shorter side to `image_size`, then center crop): the middle of the
+    long side (`middle_to_resize`), which holds the square the crop keeps; the result is
+    open_clip's transform of that part. Other modes resize the long side down (Pillow resizes
+    along it first when squashing), and images within the limit: unchanged.
+    """
+    if resize_mode != "shortest":
+        return image
+    box = middle_to_resize(*image.size, image_size)
+    return image if box is None else image.crop(box)
 
 
 def shortest_side_size(size: tuple[int, int], target: int) -> tuple[int, int]:

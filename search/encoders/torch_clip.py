@@ -97,6 +97,7 @@ class TorchClipEncoder(ImageTextEncoder):
         self._lock = threading.Lock()
         self._model: Any = None
         self._preprocess: Any = None
+        self._resize_mode = "shortest"  # open_clip's, for the loaded model
         self._tokenizer: Any = None
         self._dim = 0
         self._device = "cpu"
@@ -155,6 +156,8 @@ class TorchClipEncoder(ImageTextEncoder):
         self._tokenizer = open_clip.get_tokenizer(spec.name)
         self._dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
         self._preprocess = preprocess
+        settings = open_clip.get_model_preprocess_cfg(model)
+        self._resize_mode = str(settings.get("resize_mode") or "shortest")
         self._device = device
         self.dtype_name = precision
         self._model = model
@@ -216,14 +219,21 @@ class TorchClipEncoder(ImageTextEncoder):
     def encode_images(self, images: Sequence["Image.Image"]) -> np.ndarray:
         import torch
 
-        preprocess = self.preprocess
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.encode_tensors(torch.stack([preprocess(image) for image in images]))
+        return self.encode_tensors(torch.stack([self._transformed(image) for image in images]))
 
     def prepare(self, image: "Image.Image") -> np.ndarray:
         """open_clip's preprocessing of one image, as a float32 (3, H, W) array."""
-        return np.asarray(self.preprocess(image).numpy(), dtype=np.float32)
+        return np.asarray(self._transformed(image).numpy(), dtype=np.float32)
+
+    def _transformed(self, image: "Image.Image") -> "torch.Tensor":
+        """open_clip's transform of the image, or of the part of a long thin one it keeps
+        (`clipdex.search.encoders.preprocess.within_model_bounds`)."""
+        from clipdex.search.encoders.preprocess import within_model_bounds
+
+        preprocess = self.preprocess
+        return preprocess(within_model_bounds(image, self.image_size, self._resize_mode))
 
     def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
         import torch

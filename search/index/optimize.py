@@ -454,6 +454,5 @@ def optimize_library(
         with ray_session(cluster) as ray:
             index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries,
                                              builder=partial(build_index_on_cluster, ray, scratch=library.path))
-    library.manifest.extra["optimized"] = report.to_json()
-    library.adopt_vectors(index, generation)
+    library.adopt_vectors(index, generation, {"optimized": report.to_json()})  # recorded once the index is saved
     return report

@@ -25,8 +25,11 @@ class IndexRecord(Protocol):
     index: IndexSpec
     extra: dict[str, Any]
 
-    def record_index(self, directory: Path, spec: IndexSpec) -> None:
-        """Record `spec` as the index of the library at `directory`, durably."""
+    def record_index(self, directory: Path, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
+        """Record `spec` as the index of the library at `directory`, and `entries` beside it, durably."""
+
+    def refresh(self, directory: Path) -> None:
+        """Take up what another process recorded since (the index spec, optimize's report)."""
 
 
 class LibraryParts(Protocol):
@@ -61,4 +64,4 @@ class IndexedLibrary(LibraryParts, Protocol):
 
     def locked(self) -> AbstractContextManager[None]: ...
 
-    def adopt_vectors(self, index: VectorIndex, generation: int) -> None: ...
+    def adopt_vectors(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None: ...

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -47,6 +49,7 @@ class VectorStore:
         self._sync_lock = threading.RLock()  # changes to the in-memory index and its generation
         self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
         self._small = SmallExactSearch(catalog, manifest.dim)  # exact answers without FAISS, while small
+        self._stamp_seen: tuple[int, ...] | None = None  # the saved stamp as of the last load, save or look
 
     @property
     def dim(self) -> int:
@@ -65,28 +68,57 @@ class VectorStore:
         """Bring the in-memory index up to the catalog's generation. True if anything changed."""
         with self._sync_lock:
             generation = self.catalog.generation()
+            if self._index is not None and self._saved_build_changed():
+                self._take_up_saved(generation)
             if self._index is not None and self._generation == generation:
                 return False
             first_load = self._index is None
+            rebuilt: float | None = None  # seconds spent building it from the catalog, when it was
             if self._index is None or self._generation > generation:
-                self._load_or_build(generation)
+                rebuilt = self._load_or_build(generation)
             for _attempt in range(2):
                 if self._generation >= generation or self._catch_up(generation):
                     break
-                self._load_or_build(generation)  # the log was trimmed: the saved index is newer
+                rebuilt = self._load_or_build(generation)  # the log was trimmed: the saved index is newer
             else:
+                started = time.perf_counter()
                 self._index, self._generation = self._build(), generation
-            if first_load and self._generation > saved_generation(self.directory):
-                self._save_if_no_writer()
+                rebuilt = time.perf_counter() - started
+            if first_load and (rebuilt is not None or self._generation > saved_generation(self.directory)):
+                self._save_if_no_writer(rebuilt)
             return True
 
-    def _load_or_build(self, generation: int) -> None:
+    def _saved_build_changed(self) -> bool:
+        """Whether the saved index is now of another build than the one held: another process
+        optimized or rebuilt it (its tuned search parameters with it) since this one was loaded.
+        One stat of the stamp while it is unchanged."""
+        assert self._index is not None
+        signature = stamp_signature(self.directory)
+        if signature is None or signature == self._stamp_seen:
+            return False
+        stamp = read_stamp(self.directory)
+        if stamp is not None and str(stamp.get("build", "")) != self._index.build:
+            return True
+        self._stamp_seen = signature  # the same build, saved further along: caught up from the log as ever
+        return False
+
+    def _take_up_saved(self, generation: int) -> None:
+        """Load the index another process saved in place of the one held, and the manifest it recorded."""
+        log.info("the vector index of %s was replaced by another process (optimize or a rebuild): loading it", self.directory)
+        self.manifest.refresh(self.directory)
+        self._load_or_build(generation)  # searches in progress finish on the index they started with
+
+    def _load_or_build(self, generation: int) -> float | None:
+        """Load the saved index, or build it from the catalog: the seconds that took, None when loaded."""
+        self._stamp_seen = stamp_signature(self.directory)  # before the load: a save in between is seen next time
         loaded = VectorIndex.load(self.directory)
         # An index ahead of the catalog (its last commits lost) or of another dimension is not trusted.
         if loaded is not None and loaded[0].dim == self.dim and loaded[1] <= generation:
             self._index, self._generation = loaded
-        else:
-            self._index, self._generation = self._build(), generation
+            return None
+        started = time.perf_counter()
+        self._index, self._generation = self._build(), generation
+        return time.perf_counter() - started
 
     def _catch_up(self, generation: int) -> bool:
         """Apply the change log since the index's generation; False if the log no longer reaches back."""
@@ -110,23 +142,39 @@ class VectorStore:
             for ids, vectors in changes:
                 self._index.add(ids, vectors)
 
-    def _build(self) -> VectorIndex:
-        return build_index_from(self.dim, self.manifest.index, self.catalog)
+    def _build(self, spec: IndexSpec | None = None) -> VectorIndex:
+        return build_index_from(self.dim, spec or self.manifest.index, self.catalog)
 
-    def _save_if_no_writer(self) -> None:
-        """Persist a caught-up index (after a crash, say) so later readers need not redo it.
+    def _save_if_no_writer(self, rebuilt: float | None = None) -> None:
+        """Persist a caught-up or rebuilt index (after a crash, say) so later readers need not redo it.
 
         Best effort: a reader never needs to write, so a busy or read-only library just skips it.
-        """
+        An index rebuilt from the catalog (`rebuilt` seconds: its file missing, unreadable or of
+        another history) that cannot be saved here is said once, with the command that saves it:
+        every process that opens the library rebuilds it again until then."""
         if self.catalog.read_only:
+            self._say_not_saved(rebuilt, f"the library cannot be written here: {self.catalog.read_only_reason}")
             return
         try:
             with self.write_lock.held():
-                self.save()
+                if not self._saved_build_changed():  # never over an index another process saved meanwhile
+                    self.save()
+                    if rebuilt is not None:
+                        log.info("vector index of %s rebuilt from the catalog (%.1f s) and saved", self.directory, rebuilt)
         except Exception as error:
             if not isinstance(error, (LibraryBusy, OSError, CatalogUnavailable) + database_errors()):
                 raise
             log.info("caught-up vector index of %s not saved: %s", self.directory, error)
+            if isinstance(error, OSError):  # a busy library's writer saves the index itself
+                self._say_not_saved(rebuilt, str(error))
+
+    def _say_not_saved(self, rebuilt: float | None, reason: str) -> None:
+        assert self._index is not None
+        if rebuilt is not None and self._index.ntotal:
+            log.warning("%s of %s is missing or could not be used: it was rebuilt in memory from the catalog (%.1f s) "
+                        "and cannot be saved (%s), so every process that opens the library rebuilds it again; run "
+                        "`clipdex check --repair --library %s` where the library can be written", INDEX_FILE,
+                        self.directory, rebuilt, reason, self.directory)
 
     # -- searching -------------------------------------------------------------------------
 
@@ -147,6 +195,11 @@ class VectorStore:
         with self._index_lock.shared():
             assert self._index is not None
             return self._index.search(queries, k, allowed, source=self.catalog, query_kind=query_kind)
+
+    def searched_exactly(self) -> bool:
+        """Whether searches of a process that has not loaded the FAISS index are answered exactly
+        from the catalog (`exact_small`: a small library with an exact index), so that it needs none."""
+        return self.manifest.index.type == "flat" and sum(self.catalog.counts().values()) <= self._small.limit
 
     # -- changing it (the caller holds the write lock) ---------------------------------------
 
@@ -196,13 +249,15 @@ class VectorStore:
         return result.ids
 
     def rebuild(self, spec: IndexSpec | None = None) -> VectorIndex:
-        """Rebuild from the catalog (optionally of another type, recorded in the manifest) and save."""
+        """Rebuild from the catalog (optionally of another type, recorded in the manifest once the
+        index is saved) and save."""
         with self._sync_lock:
+            with self._replacing():
+                generation = self.catalog.generation()
+                self._index, self._generation = self._build(spec), generation
+                self.save()
             if spec is not None:
                 self._record_spec(spec)
-            generation = self.catalog.generation()
-            self._index, self._generation = self._build(), generation
-            self.save()
             return self._index
 
     def rebuild_if_outgrown(self) -> bool:
@@ -214,17 +269,30 @@ class VectorStore:
         self.rebuild(chosen)
         return True
 
-    def adopt(self, index: VectorIndex, generation: int) -> None:
+    def adopt(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None:
         """Make `index`, built from the catalog as of `generation`, the library's index: catch
         it up from the change log (or rebuild it with its spec when the log no longer reaches
-        back), save it, and record its spec in the manifest."""
+        back) and save it; then record its spec in the manifest, with `entries` (optimize's
+        report). An index that cannot be saved (a full disk) leaves the store and the manifest
+        as they were: the manifest never describes an index the library does not have."""
         with self._sync_lock:
-            self._record_spec(index.spec)
-            self._index, self._generation = index, generation
-            current = self.catalog.generation()
-            if current > generation and not self._catch_up(current):
-                self._index, self._generation = self._build(), current
-            self.save()
+            with self._replacing():
+                self._index, self._generation = index, generation
+                current = self.catalog.generation()
+                if current > generation and not self._catch_up(current):
+                    self._index, self._generation = self._build(index.spec), current
+                self.save()
+            self._record_spec(index.spec, entries)
+
+    @contextmanager
+    def _replacing(self) -> Iterator[None]:
+        """Put back the index held before the block when it fails (a new one not saved, say)."""
+        previous = self._index, self._generation
+        try:
+            yield
+        except BaseException:
+            self._index, self._generation = previous
+            raise
 
     def save(self) -> None:
         """Save the in-memory index and trim the change log it makes redundant."""
@@ -234,11 +302,12 @@ class VectorStore:
             for leftover in leftovers(self.directory, INDEX_FILE):  # from a writer killed mid-save
                 leftover.unlink(missing_ok=True)
             self._index.save(self.directory, self._generation)
+            self._stamp_seen = stamp_signature(self.directory)
             if not self.catalog.shared:  # replicas elsewhere still catch up from a shared catalog's log
                 self.catalog.trim_changes(self._generation)
 
-    def _record_spec(self, spec: IndexSpec) -> None:
-        self.manifest.record_index(self.directory, spec)
+    def _record_spec(self, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
+        self.manifest.record_index(self.directory, spec, entries)
 
 
 class LibraryWriter:
@@ -270,10 +339,38 @@ class LibraryWriter:
             self._dirty = False
             self._last_save = time.monotonic()
 
+    def flush_after(self, failure: BaseException) -> None:
+        """Save the index as far as the commits made before `failure` ended the writing, when it
+        can be: a save that fails too (the same full disk, say) is logged, never raised in the
+        place of `failure`, which is what the user must hear of. The next reader catches the
+        saved index up from the catalog's log."""
+        try:
+            self.flush()
+        except Exception as error:
+            log.info("vector index of %s not saved after %s: %s", self.store.directory, type(failure).__name__, error)
+
 
 def saved_generation(directory: Path) -> int:
     """The generation the saved vector index reflects, or -1 when there is none."""
     try:
-        return int(json.loads((directory / STAMP_FILE).read_text())["generation"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int((read_stamp(directory) or {})["generation"])
+    except (ValueError, KeyError, TypeError):
         return -1
+
+
+def read_stamp(directory: Path) -> dict[str, Any] | None:
+    """The saved vector index's stamp (`VectorIndex.save`), or None when it is missing or unreadable."""
+    try:
+        stamp = json.loads((directory / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def stamp_signature(directory: Path) -> tuple[int, ...] | None:
+    """What changes when the stamp is written again (it is replaced by a rename), or None when there is none."""
+    try:
+        info = os.stat(directory / STAMP_FILE)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)

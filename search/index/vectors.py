@@ -28,6 +28,7 @@ import json
 import math
 import os
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,10 +134,15 @@ def faiss_module() -> Any:
 class VectorIndex:
     """A FAISS index of normalized vectors searched by inner product (cosine)."""
 
-    def __init__(self, dim: int, spec: IndexSpec | None = None, index: Any = None, gpu: GpuSettings | None = None) -> None:
+    def __init__(self, dim: int, spec: IndexSpec | None = None, index: Any = None, gpu: GpuSettings | None = None,
+                 build: str | None = None) -> None:
         self.dim = dim
         self.spec = spec or IndexSpec()
         self.index = index if index is not None else self._new_index()
+        # Names this build of the index (built, rebuilt, tuned); kept through additions and
+        # removals, saved in the stamp. A saved index of another build was replaced by another
+        # process (an optimize, a rebuild): a reader loads it, where it would only catch up.
+        self.build = build if build is not None else uuid.uuid4().hex
         self.gpu = gpu or GpuSettings.from_environment()
         self.mapped = False  # True while the vectors are a read-only memory map of the file
         self._gpu_index: Any = None
@@ -451,7 +457,7 @@ class VectorIndex:
 
         with _as_os_error(directory / INDEX_FILE):
             write_atomic(directory / INDEX_FILE, write)
-        stamp = {"generation": generation, "ntotal": self.ntotal, "dim": self.dim, "spec": self.spec.to_json()}
+        stamp = {"generation": generation, "ntotal": self.ntotal, "dim": self.dim, "spec": self.spec.to_json(), "build": self.build}
         with _as_os_error(directory / STAMP_FILE):
             write_json_atomic(directory / STAMP_FILE, stamp)
 
@@ -473,7 +479,7 @@ class VectorIndex:
                 mmap = os.name == "posix" and index_path.stat().st_size >= MMAP_MIN_BYTES
             faiss = faiss_module()
             index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
-            loaded = cls(int(stamp["dim"]), IndexSpec.from_json(stamp.get("spec")), index)
+            loaded = cls(int(stamp["dim"]), IndexSpec.from_json(stamp.get("spec")), index, build=str(stamp.get("build", "")))
         except (OSError, ValueError, RuntimeError, KeyError, TypeError):
             return None  # unreadable derived data: the caller rebuilds it from the catalog
         loaded.mapped = bool(mmap)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from clipdex.search.errors import UnreadableImage
-from clipdex.search.media.imaging import MAX_IMAGE_PIXELS, ImageHeader, read_header
+from clipdex.search.media.imaging import MAX_IMAGE_PIXELS, ImageHeader, middle_to_resize, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -211,10 +211,18 @@ def orient(image: "torch.Tensor", orientation: int) -> "torch.Tensor":
 
 
 def preprocess_tensor(image: "torch.Tensor", transform: TensorTransform) -> "torch.Tensor":
-    """open_clip's inference transform on one RGB uint8 (3, H, W) tensor: a float32 (3, crop, crop) tensor."""
+    """open_clip's inference transform on one RGB uint8 (3, H, W) tensor: a float32 (3, crop, crop) tensor.
+
+    Of a long thin image, only the middle of its long side is resized (`imaging.middle_to_resize`),
+    as on the CPU path: a 1x65000 JPEG would otherwise become 224 x 14.6 million floats on the GPU.
+    """
     import torch
     from torchvision.transforms.v2 import functional as F
 
+    box = middle_to_resize(int(image.shape[-1]), int(image.shape[-2]), transform.resize_to)
+    if box is not None:
+        left, top, right, bottom = box
+        image = image[..., top:bottom, left:right]
     resized = F.resize(image.float(), [transform.resize_to], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
     cropped = F.center_crop(resized.clamp_(0.0, 255.0), [transform.crop_size, transform.crop_size])
     mean = torch.tensor(transform.mean, device=image.device).view(3, 1, 1) * 255.0

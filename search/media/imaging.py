@@ -45,6 +45,16 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # above would let one request take half a gigabyte.
 MAX_QUERY_IMAGE_PIXELS = 50_000_000
 
+# open_clip's transform resizes an image's shorter side to the model's input, then keeps the
+# middle square: the whole image is resized first. For a long thin image that is a huge picture
+# made to be thrown away: a 1,249-byte 1x300000 PNG becomes 224 x 67 million pixels (60 GB) for
+# ViT-B-32 to keep 224x224 of them. Where that resize would make more than this many pixels (32 MB
+# as Pillow's RGB, 96 MB as float32 on the GPU), only the middle of the long side is resized
+# (`middle_to_resize`): it holds the square the crop keeps, so the model sees the same part of the
+# image. Every other image, panoramas and long screenshots too (up to 159:1 for ViT-B-32), is
+# preprocessed whole, exactly as open_clip does.
+MAX_RESIZED_PIXELS = 8_000_000
+
 EXIF_DATETIME_ORIGINAL = 0x9003
 EXIF_DATETIME = 0x0132
 EXIF_MAKE = 0x010F
@@ -290,6 +300,20 @@ def _exif_text(exif: Image.Exif, tag: int) -> str | None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else ""
+
+
+def middle_to_resize(width: int, height: int, image_size: int,
+                     max_pixels: int = MAX_RESIZED_PIXELS) -> tuple[int, int, int, int] | None:
+    """What to resize of a `width` x `height` image for a model that resizes the shorter side to
+    `image_size` and keeps the middle square: None (all of it) when that resize makes at most
+    `max_pixels` pixels; else, as a (left, top, right, bottom) box, the middle of the long side
+    as long as such a resize of it makes at most `max_pixels` (and never shorter than the short side)."""
+    short, long = min(width, height), max(width, height)
+    if image_size * int(image_size * long / short) <= max_pixels:  # the size torchvision's Resize makes
+        return None
+    keep = max(short, max_pixels * short // (image_size * image_size))
+    start = (long - keep) // 2
+    return (0, start, width, start + keep) if height > width else (start, 0, start + keep, height)
 
 
 def thumbnail_jpeg(source: str | Path | bytes, size: int = 256, quality: int = 85) -> bytes:
