@@ -44,7 +44,11 @@ class UnreadableCorpus(ClipdexError):
 
 
 class LibraryBusy(ClipdexError):
-    """Another process is writing to the library."""
+    """Another writer holds the library's write lock (another process, or another thread of this one)."""
+
+
+class LibraryClosed(ClipdexError):
+    """The library was closed (`Library.close`); open it again to use it."""
 
 
 class InvalidQuery(ClipdexError):

@@ -14,20 +14,31 @@ import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 
 from clipdex.search.catalog.local import open_catalog
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
 from clipdex.search.encoders.factory import LibraryEncoders
-from clipdex.search.errors import ClipdexError, CorruptLibrary, LibraryNotFound, ReadOnlyLibrary
+from clipdex.search.errors import ClipdexError, CorruptLibrary, InvalidQuery, LibraryNotFound, ReadOnlyLibrary
 from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
 from clipdex.search.encoders.model import ModelSpec, ResolvedModel
 from clipdex.search.paths import resolve_library_path
-from clipdex.search.query import Filters, Hit, Query, Term
+from clipdex.search.query import (
+    BUILD_ARGUMENTS,
+    Filters,
+    Hit,
+    ImageInput,
+    KindName,
+    Query,
+    Term,
+    TimeInput,
+    VectorInput,
+    unknown_arguments,
+)
 from clipdex.search.searcher import Searcher
 from clipdex.search.index.store import LibraryWriter, VectorStore
 from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, VectorIndex
@@ -39,10 +50,24 @@ CATALOG_FILE = "catalog.sqlite"
 
 
 class Library:
-    """A clipdex library directory. Any number of readers; one writer at a time."""
+    """A clipdex library: one directory of vectors and their catalog, searched by meaning.
+
+    Open one with `Library.open(path)` (or `clipdex.open_library(path)`; `create=True`
+    makes a new one), use it as a context manager or call `close()` when done::
+
+        with Library.open("my-library", create=True) as library:
+            clipdex.index_paths(library, ["~/Pictures"])
+            for hit in library.search(text="a dog on the beach", kind="image", k=5):
+                print(hit.rank, hit.score, hit.path)
+
+    `search`, `get_item`, `encode_text`, `encode_image`, `stats` and `check` read;
+    `clipdex.index_paths` and `writer()` write. Any number of readers, in any number of
+    threads and processes; one writer at a time (see `writer`).
+    """
 
     def __init__(self, path: Path, manifest: Manifest, device: str = "auto", catalog: Catalog | None = None,
                  runtime: str = "auto") -> None:
+        """Internal: puts together parts already read. Use `Library.open` (or `clipdex.open_library`)."""
         self.path = path
         self.manifest = manifest
         self.device = device
@@ -215,17 +240,55 @@ class Library:
     def query_vector(self, query: Query) -> np.ndarray:
         return self.searcher.query_vector(query)
 
-    def search(self, query: Query | None = None, **options: Any) -> list[Hit]:
-        """Ranked hits for a query: `library.search(text="a dog", k=5, kind="image")`.
+    def search(
+        self,
+        query: Query | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        like: int | Sequence[int] | None = None,
+        vector: VectorInput | Sequence[VectorInput] | None = None,
+        minus: str | Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+        kind: KindName = "any",
+        path: str | None = None,
+        after: TimeInput | None = None,
+        before: TimeInput | None = None,
+        min_width: int | None = None,
+        min_height: int | None = None,
+        k: int = 10,
+        offset: int = 0,
+        threshold: float | None = None,
+        **unknown: NoReturn,
+    ) -> list[Hit]:
+        """Ranked hits for a query: `library.search(text="a dog", kind="image", k=5)`.
 
-        Takes a `Query`, or the keyword arguments of `Query.build` (text, image, like,
-        vector, minus, weights, k, offset, threshold and the filters kind, path, after,
-        before, min_width, min_height).
+        Terms (at least one; each weighted by the next of `weights`, default 1): `text` (one
+        or more), `image` (a path or the bytes of an image file), `like` (item ids: more like
+        these), `vector` (numbers, or a .npy file), and `minus` (texts subtracted).
+        Filters, applied inside the search: `kind` ("image", "text" or "any"), `path` (a
+        glob over the items' paths), `after`/`before` (capture time, a date or ISO text),
+        `min_width`/`min_height` (pixels). `k` hits from `offset` on, none below the
+        cosine `threshold`. Or pass a ready `Query` alone.
+
+        Raises InvalidQuery for a query that cannot be answered (an unknown argument
+        included), ItemNotFound for an unknown `like` id, UnreadableImage for an image
+        that does not decode.
         """
+        options: dict[str, Any] = {
+            "text": text, "image": image, "like": like, "vector": vector, "minus": minus, "weights": weights,
+            "kind": kind, "path": path, "after": after, "before": before, "min_width": min_width,
+            "min_height": min_height, "k": k, "offset": offset, "threshold": threshold,
+        }
+        if unknown:
+            raise unknown_arguments("search", unknown, BUILD_ARGUMENTS)
         if query is None:
             query = Query.build(**options)
-        elif options:
-            raise TypeError("pass either a Query or keyword options, not both")
+        else:
+            given = [name for name, value in options.items() if not _is_default(name, value)]
+            if given:
+                raise InvalidQuery(f"pass either a Query or keyword arguments, not both (query= with "
+                                   f"{', '.join(name + '=' for name in given)})")
         return self.searcher.search(query)
 
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
@@ -338,6 +401,15 @@ class Library:
 def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | None = None, device: str = "auto") -> Library:
     """Open an existing library (see `Library.open`)."""
     return Library.open(path, model=model, device=device)
+
+
+_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0}
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """Whether `value` is what `Library.search` takes for argument `name` when it is left out."""
+    default = _SEARCH_DEFAULTS.get(name)
+    return value is default or (default is not None and isinstance(value, (int, str)) and value == default)
 
 
 def _public_url(url: str) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NoReturn, Sequence, Union
 
 import numpy as np
 
@@ -16,6 +17,13 @@ from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular
 
 TermKind = Literal["text", "image", "like", "vector"]
 KIND_CHOICES = ("image", "text", "any")
+KindName = Literal["image", "text", "any"]
+# An image: a file's path, or its bytes (encoded, as read from a file).
+ImageInput = Union[str, "os.PathLike[str]", bytes]
+# A raw query vector: numbers (a numpy array or a list), or the path of a .npy file.
+VectorInput = Union["np.ndarray", Sequence[float], str, "os.PathLike[str]"]
+# A capture time: a date, a local datetime, or ISO text (2024-07-31, 2024-07-31T18:30).
+TimeInput = Union[str, date, datetime]
 # The largest integer the catalog (SQLite INTEGER) holds: item ids and pixel sizes beyond it are user errors.
 MAX_INTEGER = 2**63 - 1
 
@@ -89,18 +97,27 @@ class Query:
     def build(
         cls,
         text: str | Sequence[str] | None = None,
-        image: str | Path | bytes | Sequence[str | Path | bytes] | None = None,
+        image: ImageInput | Sequence[ImageInput] | None = None,
         like: int | Sequence[int] | None = None,
-        vector: Any = None,
+        vector: VectorInput | Sequence[VectorInput] | None = None,
         minus: str | Sequence[str] | None = None,
         weights: Sequence[float] | None = None,
         k: int = 10,
         offset: int = 0,
         threshold: float | None = None,
-        **filters: Any,
+        kind: str = "any",
+        path: str | None = None,
+        after: TimeInput | None = None,
+        before: TimeInput | None = None,
+        min_width: int | None = None,
+        min_height: int | None = None,
+        **unknown: NoReturn,
     ) -> "Query":
         """Terms in a fixed order - texts, images, likes, vectors, then minus texts - each
-        taking the next of `weights` (default 1). Minus terms are subtracted."""
+        taking the next of `weights` (default 1). Minus terms are subtracted. An argument
+        this method does not take raises InvalidQuery naming the ones it does."""
+        if unknown:
+            raise unknown_arguments("Query.build", unknown, BUILD_ARGUMENTS)
         terms: list[tuple[TermKind, Any, int]] = []
         terms += [("text", value, 1) for value in _as_list(text)]
         terms += [("image", value, 1) for value in _as_list(image)]
@@ -112,7 +129,25 @@ class Query:
             raise InvalidQuery(f"{len(weights)} weights given for {len(terms)} query terms")
         weights += [1.0] * (len(terms) - len(weights))
         built = [Term(kind, value, sign * abs(float(w)) if sign < 0 else float(w)) for (kind, value, sign), w in zip(terms, weights)]
-        return cls(terms=built, filters=Filters(**filters), k=k, offset=offset, threshold=threshold)
+        filters = Filters(kind=kind, path=path, after=after, before=before,  # type: ignore[arg-type]  # parsed there
+                          min_width=min_width, min_height=min_height)
+        return cls(terms=built, filters=filters, k=k, offset=offset, threshold=threshold)
+
+
+# The arguments of Query.build (and of Library.search, which takes them as keywords).
+BUILD_ARGUMENTS = ("text", "image", "like", "vector", "minus", "weights", "k", "offset", "threshold",
+                   "kind", "path", "after", "before", "min_width", "min_height")
+
+
+def unknown_arguments(function: str, unknown: dict[str, Any], known: Sequence[str]) -> InvalidQuery:
+    """The error for keyword arguments `function` does not take: each one named, with a close
+    known one where there is one (`max_width=`: did you mean `min_width=`?), and the known ones."""
+    described = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, known, n=1)
+        described.append(f"{name}= (did you mean {close[0]}=?)" if close else f"{name}=")
+    return InvalidQuery(f"{function}() takes no argument {', '.join(described)}; "
+                        f"it takes {', '.join(name + '=' for name in known)}")
 
 
 def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -235,4 +270,6 @@ def _as_vector_list(value: Any) -> list[Any]:
         return []
     if isinstance(value, np.ndarray):
         return [value] if value.ndim == 1 else list(value)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (int, float, np.number)):
+        return [value]  # one vector given as a list of numbers
     return _as_list(value)

@@ -53,3 +53,50 @@ def test_the_installed_wheel_imports_from_anywhere(wheel: Path, tmp_path: Path) 
                             capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+TYPED_APPLICATION = '''
+from __future__ import annotations
+
+import clipdex
+from clipdex import ClipdexError, Hit, Library, LibraryBusy, ReadOnlyLibrary, open_library
+
+
+def first_paths(library: Library, words: str) -> list[str]:
+    hits: list[Hit] = library.search(text=words, kind="image", after="2024-06-01", min_width=640, k=5)
+    return [hit.path for hit in hits if hit.path is not None]
+
+
+def serve(directory: str) -> list[str]:
+    try:
+        with open_library(directory) as library:
+            library.search(text="a dog", max_width=3)  # type: ignore
+            library.search(text="a dog", kind="photos")  # type: ignore
+            return first_paths(library, "a dog on the beach")
+    except (LibraryBusy, ReadOnlyLibrary, clipdex.LibraryClosed) as error:
+        return [str(error)]
+    except ClipdexError:
+        return []
+'''
+
+
+@pytest.mark.slow
+def test_an_application_type_checks_against_the_installed_wheel(wheel: Path, tmp_path: Path) -> None:
+    """`mypy --strict` on an application that uses clipdex as installed from the wheel (PEP 561:
+    the wheel's py.typed): it finds clipdex's hints, checks `search`'s keywords, and refuses an
+    argument `search` does not take (the `type: ignore`s would be unused otherwise: an error)."""
+    environment = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True)
+    (site_packages,) = environment.glob("lib/python*/site-packages")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site_packages)
+    # the dependencies (numpy, fastapi...) from this interpreter's environment; clipdex only from the wheel
+    (site_packages / "dependencies.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    application = tmp_path / "app" / "application.py"
+    application.parent.mkdir()
+    application.write_text(TYPED_APPLICATION)
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
+                             "--python-executable", str(environment / "bin" / "python"), str(application)],
+                            capture_output=True, text=True, cwd=application.parent, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: no issues found in 1 source file" in result.stdout

@@ -7,7 +7,8 @@
 This folder is installed as the `clipdex` package itself (pyproject.toml's
 `package-dir`); its parts are `clipdex.search` (the library and the on-disk format,
 folder `search/`), `clipdex.indexer` (`indexer/`) and `clipdex.cli` (`cli/`).
-The names below load on first use, so `import clipdex.cli` stays cheap.
+The names below load on first use, so `import clipdex.cli` stays cheap; the README's
+"Python API" is their reference. The package ships `py.typed`: type checkers read its hints.
 """
 
 from __future__ import annotations
@@ -19,34 +20,51 @@ if TYPE_CHECKING:
     from clipdex.search import (
         DEFAULT_MODEL,
         DEFAULT_PRETRAINED,
+        AddressUnavailable,
+        CatalogUnavailable,
         ClipdexError,
+        ClusterError,
         CorruptLibrary,
+        DamagedVectors,
+        FileUnavailable,
         Filters,
+        GpuUnavailable,
         Hit,
+        ImageTooLarge,
         InvalidQuery,
+        InvalidVectors,
         ItemNotFound,
         Library,
         LibraryBusy,
+        LibraryClosed,
         LibraryNotFound,
+        MemoryBudgetError,
+        MissingDependency,
         ModelMismatch,
         ModelSpec,
         ModelUnavailable,
         Query,
+        ReadOnlyLibrary,
         Term,
+        TextExportRefused,
         UnreadableCorpus,
+        UnreadableFile,
         UnreadableImage,
         open_library,
     )
     from clipdex.indexer import IndexReport, index_paths
 
-_FROM_SEARCH = (
-    "ClipdexError", "CorruptLibrary", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "Filters", "Hit", "InvalidQuery",
-    "ItemNotFound", "Library", "LibraryBusy", "LibraryNotFound", "ModelMismatch", "ModelSpec", "ModelUnavailable",
-    "Query", "Term", "UnreadableCorpus", "UnreadableImage", "open_library",
-)
+# A literal list, so that type checkers see these names as exported (mypy --strict: no implicit re-export).
+__all__ = [
+    "AddressUnavailable", "CatalogUnavailable", "ClipdexError", "ClusterError", "CorruptLibrary",
+    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DamagedVectors", "FileUnavailable", "Filters", "GpuUnavailable",
+    "Hit", "ImageTooLarge", "IndexReport", "InvalidQuery", "InvalidVectors", "ItemNotFound", "Library",
+    "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError", "MissingDependency",
+    "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term", "TextExportRefused",
+    "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "index_paths", "open_library",
+]
 _FROM_INDEXER = ("IndexReport", "index_paths")
-
-__all__ = sorted(_FROM_SEARCH + _FROM_INDEXER)
+_FROM_SEARCH = tuple(name for name in __all__ if name not in _FROM_INDEXER)
 
 
 def __getattr__(name: str) -> Any:
@@ -55,3 +73,8 @@ def __getattr__(name: str) -> Any:
     if name in _FROM_INDEXER:
         return getattr(importlib.import_module("clipdex.indexer"), name)
     raise AttributeError(f"module 'clipdex' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (loaded on first use) and the parts imported so far, for `dir(clipdex)` and completion."""
+    return sorted(set(__all__) | {name for name in ("search", "indexer", "cli") if name in globals()})
