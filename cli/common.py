@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import typer
 
 from clipdex.search.catalog.types import database_errors
-from clipdex.search.errors import ClipdexError
+from clipdex.search.errors import ClipdexError, LibraryNotFound
 from clipdex.search.library import Library
 from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 
@@ -124,8 +124,11 @@ def handles_errors(function: F) -> F:
 
 def describe_error(error: BaseException) -> str:
     """One line for the user: the library's own message, or the file and the reason."""
+    if isinstance(error, LibraryNotFound):
+        return escape(f"no clipdex library at {error.path} - index something first (clipdex index PATH) "
+                      "or point --library at an existing library")
     if isinstance(error, ClipdexError):
-        return escape(str(error))
+        return escape(cli_wording(str(error)))
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         if error.errno in DISK_FULL:
@@ -135,6 +138,30 @@ def describe_error(error: BaseException) -> str:
     if "database or disk is full" in str(original):
         return escape(f"catalog: {DISK_FULL[errno.ENOSPC]} (SQLite: {original}): {DISK_FULL_HINT}")
     return escape(f"catalog database error: {str(original).splitlines()[0]} (run with --debug for details)")
+
+
+# The library's errors name its Python arguments (`after=`, `runtime="torch"`, `model=`): the CLI
+# says its flags instead. An argument given a quoted value reads as the flag and the value.
+CLI_FLAGS = {
+    "after": "--after", "before": "--before", "like": "--like", "vector": "--vector", "kind": "--kind",
+    "min_width": "--min-width", "min_height": "--min-height", "runtime": "--runtime", "device": "--device",
+    "model": "--model/--pretrained", "catalog": "--catalog",
+}
+LIBRARY_ARGUMENT = re.compile(r'(?<![\w.-])(' + "|".join(CLI_FLAGS) + r')=(?:"([^"]*)"|(?=[\s,;:/)]|$))?')
+
+
+def cli_wording(message: str) -> str:
+    """A library error's message with its arguments said as the CLI's flags: `after=2024-13-01`
+    reads `--after 2024-13-01`, `runtime="torch"` reads `--runtime torch`, `like=` reads `--like`."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, quoted = match.group(1), match.group(2)
+        if quoted is not None:
+            return f"{CLI_FLAGS[name]} {quoted}"
+        follows = message[match.end():match.end() + 1]
+        return CLI_FLAGS[name] if follows in ("", ",", ";", ":", "/", ")", "?", ".") or follows.isspace() else f"{CLI_FLAGS[name]} "
+
+    return LIBRARY_ARGUMENT.sub(flag, message)
 
 
 DISK_FULL = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)"}

@@ -10,8 +10,7 @@ class ClipdexError(Exception):
 class LibraryNotFound(ClipdexError):
     def __init__(self, path: object) -> None:
         super().__init__(
-            f"no clipdex library at {path} - index something first (clipdex index PATH) "
-            "or point --library at an existing library"
+            f"no clipdex library at {path} - make one there with create=True, or open an existing library"
         )
         self.path = path
 

@@ -20,12 +20,13 @@ import numpy as np
 
 from clipdex.search.catalog.local import open_catalog
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
-from clipdex.search.encoders.factory import LibraryEncoders
+from clipdex.search.encoders.factory import RUNTIMES, LibraryEncoders
 from clipdex.search.errors import ClipdexError, CorruptLibrary, InvalidQuery, LibraryNotFound, ReadOnlyLibrary
 from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
 from clipdex.search.encoders.model import ModelSpec, ResolvedModel
+from clipdex.search.encoders.torch_clip import DEVICES
 from clipdex.search.paths import resolve_library_path
 from clipdex.search.query import (
     BUILD_ARGUMENTS,
@@ -103,6 +104,8 @@ class Library:
         a library is attached to (a replica), its model read from the catalog. `runtime`:
         what runs the model (auto, torch or onnx; see `LibraryEncoders`).
         """
+        _check_choice("runtime", runtime, RUNTIMES)
+        _check_choice("device", device, DEVICES)
         directory = resolve_library_path(path)
         manifest_path = directory / MANIFEST_FILE
         if manifest_path.exists():
@@ -403,6 +406,11 @@ def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | 
     return Library.open(path, model=model, device=device)
 
 
+def _check_choice(argument: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ClipdexError(f"{argument}= must be one of {', '.join(choices)}, not {value!r}")
+
+
 _SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0}
 
 
@@ -423,7 +431,7 @@ def _shared_catalog(url: str) -> "Catalog":
 
     if url.split(":", 1)[0].split("+", 1)[0] != "postgresql":
         raise ClipdexError(
-            f"--catalog takes a PostgreSQL URL (postgresql+psycopg://user@host:5432/db), not {_public_url(url)!r}; "
+            f"catalog= takes a PostgreSQL URL (postgresql+psycopg://user@host:5432/db), not {_public_url(url)!r}; "
             "without it a library keeps its own SQLite catalog"
         )
     return Catalog(connect_url(url))

@@ -50,19 +50,19 @@ class Filters:
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_CHOICES:
-            raise InvalidQuery(f"kind must be one of {', '.join(KIND_CHOICES)}, not {self.kind!r}")
+            raise InvalidQuery(f"kind= must be one of {', '.join(KIND_CHOICES)}, not {self.kind!r}")
         if self.path is not None and not self.path.strip():
             raise InvalidQuery("the path filter is empty: give a glob such as '*/2024/*', or leave it out to search everything")
         self.after = parse_time(self.after, "after")
         self.before = parse_time(self.before, "before")
         if self.after and self.before and self.after >= self.before:
-            raise InvalidQuery(f"--after {self.after.isoformat()} is not before --before {self.before.isoformat()}")
+            raise InvalidQuery(f"after={self.after.isoformat()} is not before before={self.before.isoformat()}")
         for name in ("min_width", "min_height"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise InvalidQuery(f"{name} must not be negative")
+                raise InvalidQuery(f"{name}= must not be negative, not {value}")
             if value is not None and value > MAX_INTEGER:
-                raise InvalidQuery(f"--{name.replace('_', '-')} {value} is too large (at most {MAX_INTEGER})")
+                raise InvalidQuery(f"{name}={value} is too large (at most {MAX_INTEGER})")
 
     @property
     def narrows_items(self) -> bool:
@@ -80,7 +80,7 @@ class Query:
 
     def __post_init__(self) -> None:
         if not self.terms:
-            raise InvalidQuery("a query needs at least one term: a text, an image, --like ID or --vector FILE")
+            raise InvalidQuery("a query needs at least one term: a text, an image, an item id (like=) or a vector (vector=)")
         for term in self.terms:
             if term.kind == "text" and not str(term.value).strip():
                 raise InvalidQuery(f"the query text {term.value!r} is empty or only whitespace: give words to look for")
@@ -198,20 +198,20 @@ def parse_time(value: Any, name: str) -> datetime | None:
         try:
             parsed = datetime.fromisoformat(str(value))
         except ValueError:
-            raise InvalidQuery(f"--{name} wants a date or time like 2024-07-31 or 2024-07-31T18:30, not {value!r}") from None
+            raise InvalidQuery(f"{name}= wants a date or time like 2024-07-31 or 2024-07-31T18:30, not {value!r}") from None
     if parsed.tzinfo is not None:  # capture times are the camera's local time, with no zone to convert from
-        raise InvalidQuery(f"--{name} takes a local date or time without a time zone (as cameras record it), not {value!r}")
+        raise InvalidQuery(f"{name}= takes a local date or time without a time zone (as cameras record it), not {value!r}")
     return parsed
 
 
 def _item_id(value: Any) -> int:
-    """An item id for --like: a positive integer the catalog can hold."""
+    """An item id for `like`: a positive integer the catalog can hold."""
     try:
         item_id = int(value)
     except (TypeError, ValueError):
-        raise InvalidQuery(f"--like wants an item id (a positive integer), not {value!r}") from None
+        raise InvalidQuery(f"like= wants an item id (a positive integer), not {value!r}") from None
     if not 1 <= item_id <= MAX_INTEGER:
-        raise InvalidQuery(f"--like {item_id}: item ids are between 1 and {MAX_INTEGER}")
+        raise InvalidQuery(f"like={item_id}: item ids are between 1 and {MAX_INTEGER}")
     return item_id
 
 

@@ -113,6 +113,7 @@ def test_missing_library_is_a_clear_error(tmp_path: Path) -> None:
     result = run("search", "x", "--library", str(tmp_path / "none"))
     assert result.exit_code == 1
     assert "no clipdex library at" in result.stderr and "Traceback" not in result.stderr
+    assert "point --library at an existing library" in result.stderr
 
 
 def test_model_mismatch_is_a_clear_error(indexed, tmp_path: Path) -> None:
@@ -121,6 +122,19 @@ def test_model_mismatch_is_a_clear_error(indexed, tmp_path: Path) -> None:
     other.write_bytes(b"x")
     result = run("index", str(tmp_path / "pics"), "--library", str(library), "--pretrained", str(other))
     assert result.exit_code == 1 and "was built with model tiny-clip" in result.stderr
+    assert "drop --model/--pretrained to use the library's own model" in result.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--after", "2024-05-01", "--before", "2024-01-01"], "--after 2024-05-01T00:00:00 is not before --before 2024-01-01T00:00:00"),
+    (["--after", "last tuesday"], "--after wants a date or time like 2024-07-31 or 2024-07-31T18:30, not 'last tuesday'"),
+    (["--kind", "video"], "--kind must be one of image, text, any, not 'video'"),
+])
+def test_query_errors_name_the_flags(indexed, arguments: list[str], message: str) -> None:
+    """The library's errors name its arguments (`after=`); the CLI says its flags."""
+    library, _ = indexed
+    result = run("search", "x", "--library", str(library), *arguments)
+    assert (result.exit_code, result.stderr) == (1, f"Error: {message}\n")
 
 
 def test_unfetchable_weights_name_the_model_and_the_way_out(tmp_path: Path, make_images) -> None:

@@ -295,7 +295,7 @@ def test_an_over_long_form_text_is_counted_in_characters(client: TestClient, pho
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        ({"text": "x", "after": "last tuesday"}, "--after wants a date"),
+        ({"text": "x", "after": "last tuesday"}, "after= wants a date"),
         ({"text": "x", "after": "2024-05-01", "before": "2024-01-01"}, "is not before"),
         ({"text": "x", "weights": [1, 2]}, "2 weights given for 1 query terms"),
         ({"text": "x", "weights": [0]}, "weight 0"),

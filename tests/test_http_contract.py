@@ -40,8 +40,8 @@ expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5x
 """
 REASONS_NO_SCHEMA_SAYS = re.compile("|".join([
     r"(uploaded )?image: (?!empty file)",  # the image's bytes do not decode (an empty file: the document says minLength)
-    r"--(after|before) wants a date or time", r"--(after|before) takes a local date or time",
-    r"--after .* is not before --before",
+    r"(after|before)= wants a date or time", r"(after|before)= takes a local date or time",
+    r"after=.* is not before before=",
     r"\d+ weights given for \d+ query terms", r"every query term has weight 0",
     r"the query terms cancel each other out",
     r"the query vector has \d+ dimensions",

@@ -56,3 +56,45 @@ def test_search_has_an_explicit_keyword_signature() -> None:
                  "min_width", "min_height", "k", "offset", "threshold"):
         assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
     assert parameters["k"].default == 10 and parameters["kind"].default == "any"
+
+
+# -- errors name the library's arguments, not the CLI's flags --------------------------------
+
+
+def test_an_unknown_filter_is_an_invalid_query_naming_the_valid_ones(library: Library) -> None:
+    with pytest.raises(errors.InvalidQuery, match=r"max_width= \(did you mean min_width=\?\).*min_height=") as raised:
+        library.search(text="a dog", max_width=3)  # type: ignore[arg-type]
+    assert "kind=" in str(raised.value) and "--" not in str(raised.value)
+    with pytest.raises(errors.InvalidQuery, match="not both"):
+        library.search(clipdex.Query.build(text="a dog"), k=3)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"after": "2024-05-01", "before": "2024-01-01"}, "after=2024-05-01T00:00:00 is not before before=2024-01-01T00:00:00"),
+    ({"after": "last tuesday"}, "after= wants a date or time"),
+    ({"before": "2024-01-01T00:00:00+05:00"}, "before= takes a local date or time"),
+    ({"like": "x"}, "like= wants an item id"),
+    ({"min_width": 2**63}, f"min_width={2**63} is too large"),
+    ({"kind": "video"}, "kind= must be one of image, text, any"),
+])
+def test_query_errors_name_arguments(options: dict[str, object], words: str) -> None:
+    with pytest.raises(errors.InvalidQuery) as raised:
+        clipdex.Query.build(text="x", **options)  # type: ignore[arg-type]
+    assert words in str(raised.value) and "--" not in str(raised.value)
+
+
+def test_library_errors_name_arguments(library: Library, tmp_path: Path, tiny_model: clipdex.ModelSpec) -> None:
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(errors.ModelMismatch) as mismatch:
+        Library.open(library.path, model=clipdex.ModelSpec(tiny_model.name, str(other)))
+    assert "drop model= to use the library's own model" in str(mismatch.value) and "--" not in str(mismatch.value)
+    with pytest.raises(errors.ClipdexError, match="runtime= must be one of auto, torch, onnx, not 'fast'"):
+        Library.open(library.path, runtime="fast")
+    with pytest.raises(errors.ClipdexError, match="device= must be one of auto, cpu, cuda, not 'gpu'"):
+        Library.open(library.path, device="gpu")
+    with pytest.raises(errors.LibraryNotFound) as missing:
+        Library.open(tmp_path / "none")
+    assert "create=True" in str(missing.value) and "--" not in str(missing.value)
+    with pytest.raises(errors.ClipdexError, match="catalog= takes a PostgreSQL URL"):
+        Library.open(tmp_path / "new", create=True, model=tiny_model, catalog="sqlite:///x.sqlite")

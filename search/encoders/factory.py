@@ -58,7 +58,7 @@ class LibraryEncoders:
     def __init__(self, library_path: Path, model: ResolvedModel, dim: int, requested_device: str = "auto",
                  query_cache: QueryVectorCache | None = None, requested_runtime: str = "auto") -> None:
         if requested_runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {requested_runtime!r}")
+            raise ClipdexError(f"runtime= must be one of {', '.join(RUNTIMES)}, not {requested_runtime!r}")
         self.library_path = library_path
         self.model = model
         self.dim = dim
@@ -81,7 +81,7 @@ class LibraryEncoders:
     def _wants_onnx(self) -> bool:
         if self.requested_runtime == "onnx":
             if self.requested_device == "cuda":
-                raise ClipdexError("--runtime onnx runs the model on the CPU; drop --device cuda, or use --runtime torch")
+                raise ClipdexError('runtime="onnx" runs the model on the CPU; drop device="cuda", or use runtime="torch"')
             return True
         return self.requested_runtime == "auto" and self.requested_device != "cuda" and not gpu_likely(self.requested_device)
 
@@ -95,8 +95,8 @@ class LibraryEncoders:
         if exported is None and self.requested_runtime == "onnx":
             reason = self.onnx_refusal()
             if reason:
-                raise ModelUnavailable(f"--runtime onnx: this library's model cannot run on onnxruntime ({reason}); "
-                                       "use --runtime torch")
+                raise ModelUnavailable(f'runtime="onnx": this library\'s model cannot run on onnxruntime ({reason}); '
+                                       'use runtime="torch"')
             # no export yet: the first run loads open_clip once, and exports the model for the next ones
         return exported
 

@@ -180,8 +180,8 @@ class ResolvedModel:
         if not self.same_model(requested):
             raise ModelMismatch(
                 f"library {library} was built with model {self.describe()}, "
-                f"not {requested.describe()}; drop --model/--pretrained to use the library's "
-                "own model, or choose another --library"
+                f"not {requested.describe()}; drop model= to use the library's "
+                "own model, or open another library"
             )
 
 

@@ -158,7 +158,7 @@ class OnnxClipEncoder(ImageTextEncoder):
         if self._text is None and self._text_loader is not None:
             self._text = self._text_loader()
         if self._text is None:
-            raise ModelUnavailable("this library's text encoder has no ONNX export here; run with --runtime torch")
+            raise ModelUnavailable('this library\'s text encoder has no ONNX export here; run with runtime="torch"')
         return self._text
 
     @property

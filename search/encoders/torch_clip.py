@@ -125,7 +125,7 @@ class TorchClipEncoder(ImageTextEncoder):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise ModelUnavailable("--device cuda was asked for, but torch sees no CUDA device")
+            raise ModelUnavailable('device="cuda" was asked for, but torch sees no CUDA device')
         precision = "fp16" if device == "cuda" else "fp32"
         spec = self.spec
         if spec.config is not None:
