@@ -21,7 +21,14 @@ import numpy as np
 from clipdex.search.catalog.local import open_catalog
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
 from clipdex.search.encoders.factory import RUNTIMES, LibraryEncoders
-from clipdex.search.errors import ClipdexError, CorruptLibrary, InvalidQuery, LibraryNotFound, ReadOnlyLibrary
+from clipdex.search.errors import (
+    ClipdexError,
+    CorruptLibrary,
+    InvalidQuery,
+    LibraryClosed,
+    LibraryNotFound,
+    ReadOnlyLibrary,
+)
 from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
@@ -80,6 +87,8 @@ class Library:
         self.store = VectorStore(path, self.catalog, manifest, self.write_lock)
         self.encoders = LibraryEncoders(path, manifest.model, manifest.dim, device, _CatalogQueryCache(self.catalog), runtime)
         self.searcher = Searcher(self.catalog, self.store, self.encode_text, self.encode_image)
+        self.wait = 0.0  # seconds a writer waits for another one to finish (see `open`)
+        self.closed = False
         self.created = False  # made by this open() call
         self.attached = False  # made by this open() call, as a replica of a shared catalog that held a library
 
@@ -94,6 +103,7 @@ class Library:
         device: str = "auto",
         catalog: str | None = None,
         runtime: str = "auto",
+        wait: float = 0.0,
     ) -> "Library":
         """Open the library at `path` (default: $CLIPDEX_LIBRARY or the user data dir).
 
@@ -102,8 +112,13 @@ class Library:
         ViT-B-32 / laion2b_s34b_b79k). `catalog`, when making one: the URL of a shared
         PostgreSQL catalog instead of LIBRARY/catalog.sqlite; a catalog that already holds
         a library is attached to (a replica), its model read from the catalog. `runtime`:
-        what runs the model (auto, torch or onnx; see `LibraryEncoders`).
+        what runs the model (auto, torch or onnx; see `LibraryEncoders`); `device`: where
+        (auto, cpu or cuda). `wait`: how many seconds a writer (`index_paths`, `writer()`)
+        waits for another writer (a CLI index run, another thread) to finish before it
+        raises LibraryBusy; 0 raises at once.
         """
+        if wait < 0:
+            raise ClipdexError(f"wait= is a number of seconds, not {wait!r}")
         _check_choice("runtime", runtime, RUNTIMES)
         _check_choice("device", device, DEVICES)
         directory = resolve_library_path(path)
@@ -119,7 +134,9 @@ class Library:
                 )
             if model is not None:
                 manifest.model.check_compatible(model.resolve(known=manifest.model), directory)
-            return cls(directory, manifest, device, runtime=runtime)
+            opened = cls(directory, manifest, device, runtime=runtime)
+            opened.wait = wait
+            return opened
         if not create:
             raise LibraryNotFound(directory)
         if directory.exists() and not directory.is_dir():
@@ -137,10 +154,17 @@ class Library:
         library.catalog.record_model({"model": resolved.to_json(), "dim": dim})
         library.created = True
         library.attached = attached
+        library.wait = wait
         return library
 
     def close(self) -> None:
+        """Let go of the catalog's connections; afterwards every method raises LibraryClosed."""
+        self.closed = True
         self.catalog.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise LibraryClosed(f"library {self.path} was closed; open it again (Library.open) to use it")
 
     def __enter__(self) -> "Library":
         return self
@@ -161,41 +185,49 @@ class Library:
     @property
     def encoder(self) -> ImageTextEncoder:
         """The model, loaded on first use."""
+        self._check_open()
         return self.encoders.image_text
 
     @property
     def vectors(self) -> VectorIndex:
         """The FAISS index, caught up with the catalog."""
+        self._check_open()
         return self.store.index
 
     def rebuild_vectors(self, spec: IndexSpec | None = None) -> VectorIndex:
         """Rebuild the FAISS index from the catalog (optionally of another type) and save it."""
+        self._check_open()
         with self.writer():
             return self.store.rebuild(spec)
 
     def rebuild_if_outgrown(self) -> bool:
         """Rebuild the index when the library's size now calls for another type; True if it did."""
+        self._check_open()
         with self.writer():
             return self.store.rebuild_if_outgrown()
 
     def adopt_vectors(self, index: VectorIndex, generation: int, entries: dict[str, Any] | None = None) -> None:
         """Make `index`, built from the catalog as of `generation`, the library's index, and record
         `entries` in the manifest once it is saved (see `VectorStore.adopt`)."""
+        self._check_open()
         with self.writer():
             self.store.adopt(index, generation, entries)
 
     # -- writing ----------------------------------------------------------------------
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the library's write lock (and a shared catalog's), for a writer of any kind."""
+    def locked(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the library's write lock (and a shared catalog's), for a writer of any kind; when
+        another writer holds it, wait up to `wait` seconds (default: the library's, see `open`)."""
+        self._check_open()
         if self.catalog.read_only:
             raise ReadOnlyLibrary(f"library {self.path} cannot be written here ({self.catalog.read_only_reason}); "
                                   "it can only be searched")
+        deadline = time.monotonic() + (self.wait if wait is None else wait)
         with ExitStack() as locks:
             if self.catalog_lock is not None:
-                locks.enter_context(self.catalog_lock.held())
-            locks.enter_context(self.write_lock.held())
+                locks.enter_context(self.catalog_lock.held(max(deadline - time.monotonic(), 0.0)))
+            locks.enter_context(self.write_lock.held(max(deadline - time.monotonic(), 0.0)))
             yield
 
     def check_writable(self) -> None:
@@ -206,9 +238,10 @@ class Library:
             pass
 
     @contextmanager
-    def writer(self) -> Iterator[LibraryWriter]:
-        """Hold the library's write lock (and a shared catalog's); the index is saved when the block ends."""
-        with self.locked():
+    def writer(self, wait: float | None = None) -> Iterator[LibraryWriter]:
+        """Hold the library's write lock (and a shared catalog's), waiting up to `wait` seconds
+        for another writer (default: the library's, see `open`); the index is saved when the block ends."""
+        with self.locked(wait):
             writer = LibraryWriter(self.store)
             try:
                 yield writer
@@ -221,26 +254,32 @@ class Library:
 
     def encode_text(self, text: str) -> np.ndarray:
         """A text's vector, from the library's query cache when it was asked before."""
+        self._check_open()
         return self.encoders.encode_text(text)
 
     def text_encoder(self) -> TextEncoder:
         """The encoder for text queries (see `LibraryEncoders.text`)."""
+        self._check_open()
         return self.encoders.text()
 
     def export_text_encoder(self) -> float:
         """Store the loaded model's towers in the library as ONNX, once (see `LibraryEncoders.export_text`);
         the seconds it took (0: nothing to do)."""
+        self._check_open()
         if not self.catalog.read_only:  # a read-only library is never written
             return self.encoders.export_text()
         return 0.0
 
     def encode_image(self, image: str | os.PathLike[str] | bytes) -> np.ndarray:
+        self._check_open()
         return self.encoders.encode_image(image)
 
     def term_vector(self, term: Term) -> np.ndarray:
+        self._check_open()
         return self.searcher.term_vector(term)
 
     def query_vector(self, query: Query) -> np.ndarray:
+        self._check_open()
         return self.searcher.query_vector(query)
 
     def search(
@@ -278,6 +317,7 @@ class Library:
         included), ItemNotFound for an unknown `like` id, UnreadableImage for an image
         that does not decode.
         """
+        self._check_open()
         options: dict[str, Any] = {
             "text": text, "image": image, "like": like, "vector": vector, "minus": minus, "weights": weights,
             "kind": kind, "path": path, "after": after, "before": before, "min_width": min_width,
@@ -295,6 +335,7 @@ class Library:
         return self.searcher.search(query)
 
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
+        self._check_open()
         return self.searcher.search_vector(vector, query)
 
     def search_index(
@@ -306,18 +347,22 @@ class Library:
         Searches from several threads run at the same time; a catch-up or commit that
         changes the index waits for them, and they for it.
         """
+        self._check_open()
         return self.store.search(queries, k, allowed, query_kind)
 
     def allowed_ids(self, filters: Filters) -> np.ndarray | None:
         """The ids a search may return, or None when every item may be returned."""
+        self._check_open()
         return self.catalog.filtered_ids(filters)
 
     def get_item(self, item_id: int) -> Hit:
+        self._check_open()
         return self.searcher.get_item(item_id)
 
     # -- reports ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        self._check_open()
         counts = self.catalog.counts()
         vectors = self.vectors
         return {
@@ -342,6 +387,7 @@ class Library:
     def check(self, repair: bool = False) -> dict[str, Any]:
         """Compare catalog, saved vector index and manifest; with `repair`, rebuild the index (and
         fix the catalog's own damage where it can: see `clipdex.search.integrity`)."""
+        self._check_open()
         catalog_check = check_catalog(self, repair)
         if catalog_check.blocking:
             return catalog_check.report()
@@ -390,6 +436,7 @@ class Library:
 
     def export(self, out: str | os.PathLike[str]) -> int:
         """Write ids, kinds, paths (texts: ''), texts and vectors (float32, as stored) to an .npz."""
+        self._check_open()
         ids, vectors = self.catalog.all_vectors()
         items = self.catalog.get_items(ids.tolist())
         kinds = np.array([items[i].kind for i in ids.tolist()], dtype=str)
@@ -401,9 +448,20 @@ class Library:
         return len(ids)
 
 
-def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | None = None, device: str = "auto") -> Library:
-    """Open an existing library (see `Library.open`)."""
-    return Library.open(path, model=model, device=device)
+def open_library(
+    path: str | os.PathLike[str] | None = None,
+    model: ModelSpec | None = None,
+    device: str = "auto",
+    *,
+    runtime: str = "auto",
+    create: bool = False,
+    catalog: str | None = None,
+    wait: float = 0.0,
+) -> Library:
+    """Open the library at `path`, as `Library.open` does, with the options of the CLI's
+    `--library`, `--device`, `--runtime` (and `clipdex index`'s `--catalog`, when `create`
+    makes it); `wait`: seconds a writer waits for another one to finish before LibraryBusy."""
+    return Library.open(path, model=model, create=create, device=device, catalog=catalog, runtime=runtime, wait=wait)
 
 
 def _check_choice(argument: str, value: str, choices: Sequence[str]) -> None:

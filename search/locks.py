@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -35,6 +36,15 @@ def _holding(key: str) -> Iterator[None]:
             _held_here.pop(key, None)
 
 
+def _held_by_this_thread(key: str) -> bool:
+    return _held_here.get(key) == threading.get_ident()
+
+
+def _waited(wait: float) -> str:
+    """How a refusal after waiting says so ('' when it did not wait)."""
+    return f" (waited {round(wait, 1):g} s)" if wait > 0 else ""
+
+
 def _busy_here(what: str, key: str) -> LibraryBusy | None:
     """The error for a writer refused because this process holds the lock `key` already, or None."""
     thread = _held_here.get(key)
@@ -48,8 +58,10 @@ def _busy_here(what: str, key: str) -> LibraryBusy | None:
 
 
 class WriteLock(Protocol):
-    def held(self) -> AbstractContextManager[None]:
-        """Hold the lock for the block, or raise LibraryBusy at once when another writer holds it."""
+    def held(self, wait: float = 0.0) -> AbstractContextManager[None]:
+        """Hold the lock for the block; when another writer holds it, wait up to `wait` seconds for
+        it to let go, then raise LibraryBusy (at once with 0, and at once when this very thread
+        holds it: waiting for itself would never end)."""
         ...
 
 
@@ -63,17 +75,17 @@ class FileWriteLock:
         self.directory = directory
 
     @contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self, wait: float = 0.0) -> Iterator[None]:
         from filelock import FileLock, Timeout  # imported by writers only: a search never takes it
 
         key = f"folder {os.path.realpath(self.directory)}"
-        lock = FileLock(self.directory / LOCK_FILE, timeout=0)
+        lock = FileLock(self.directory / LOCK_FILE, timeout=0 if _held_by_this_thread(key) else max(wait, 0.0))
         try:
-            lock.acquire()
+            lock.acquire(poll_interval=0.05)
         except Timeout:
             raise _busy_here(f"library {self.directory}", key) or LibraryBusy(
-                f"library {self.directory} is being written by {self._holder()}; wait for that run to finish "
-                "(searching it meanwhile works)"
+                f"library {self.directory} is being written by {self._holder()}{_waited(wait)}; wait for that run "
+                "to finish (searching it meanwhile works)"
             ) from None
         try:
             try:
@@ -108,20 +120,25 @@ class AdvisoryWriteLock:
         self.catalog = catalog
 
     @contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self, wait: float = 0.0) -> Iterator[None]:
         from sqlalchemy import text
 
         me = f"clipdex writer pid {os.getpid()} on {socket.gethostname()}"
         key = f"catalog {self.catalog}"
+        deadline = time.monotonic() + (0.0 if _held_by_this_thread(key) else max(wait, 0.0))
         connection = self.engine.connect()
         try:
             connection.execute(text("SELECT set_config('application_name', :me, false)"), {"me": me})
-            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar()
-            connection.commit()
+            while True:  # tried, not waited on inside the server: the wait stays bounded and a Ctrl-C ends it
+                got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar()
+                connection.commit()
+                if got or time.monotonic() >= deadline:
+                    break
+                time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
             if not got:
                 raise _busy_here(f"catalog {self.catalog}", key) or LibraryBusy(
-                    f"catalog {self.catalog} is being written by {self._holder(connection)}; wait for that run "
-                    "to finish (searching it meanwhile works)"
+                    f"catalog {self.catalog} is being written by {self._holder(connection)}{_waited(wait)}; wait for "
+                    "that run to finish (searching it meanwhile works)"
                 )
         except BaseException:
             connection.close()

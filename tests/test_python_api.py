@@ -4,6 +4,8 @@ can show, errors that speak of arguments, writers that queue, a closed library t
 from __future__ import annotations
 
 import inspect
+import threading
+import time
 import pydoc
 import subprocess
 import sys
@@ -98,3 +100,97 @@ def test_library_errors_name_arguments(library: Library, tmp_path: Path, tiny_mo
     assert "create=True" in str(missing.value) and "--" not in str(missing.value)
     with pytest.raises(errors.ClipdexError, match="catalog= takes a PostgreSQL URL"):
         Library.open(tmp_path / "new", create=True, model=tiny_model, catalog="sqlite:///x.sqlite")
+
+
+# -- writing alongside others ----------------------------------------------------------------
+
+
+HOLD_THE_LOCK = ("import sys\nfrom clipdex.search.library import Library\n"
+                 "with Library.open(sys.argv[1]).writer():\n    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def _hold(library: Path) -> subprocess.Popen[str]:
+    """Another process (a CLI index run, say) writing `library` until its stdin is closed."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(library)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_writer_opened_with_wait_queues_behind_another_process(library: Library, tmp_path: Path,
+                                                                 make_images) -> None:
+    make_images(tmp_path / "pics", 2)
+    holder = _hold(library.path)
+    try:
+        with pytest.raises(errors.LibraryBusy, match=f"being written by pid {holder.pid}"):
+            clipdex.index_paths(library, [tmp_path / "pics"])  # wait=0, the default: at once
+        waiting = clipdex.open_library(library.path, device="cpu", wait=0.3)
+        with pytest.raises(errors.LibraryBusy, match=r"\(waited 0.3 s\)"):
+            clipdex.index_paths(waiting, [tmp_path / "pics"])
+        queued = clipdex.open_library(library.path, device="cpu", wait=60)
+        reports: list[clipdex.IndexReport] = []
+        indexing = threading.Thread(target=lambda: reports.append(clipdex.index_paths(queued, [tmp_path / "pics"])))
+        indexing.start()
+        indexing.join(1.0)
+        assert indexing.is_alive() and not reports  # waiting for the other writer
+    finally:
+        holder.communicate("", timeout=60)
+    indexing.join(60)
+    assert reports[0].added == 2
+    assert queued.search(text="x", k=5)
+
+
+def test_waiting_for_itself_is_refused_at_once_and_another_thread_is_waited_for(library: Library) -> None:
+    with library.writer():
+        started = time.monotonic()
+        with pytest.raises(errors.LibraryBusy, match="already being written in this thread"):
+            with library.writer(wait=30):
+                pass
+        assert time.monotonic() - started < 5
+    released = threading.Event()
+
+    def write_a_while() -> None:
+        with library.writer():
+            released.wait(10)
+
+    other = threading.Thread(target=write_a_while)
+    other.start()
+    time.sleep(0.2)
+    threading.Timer(0.5, released.set).start()
+    with library.writer(wait=30):  # the other thread's write ends, then this one goes on
+        assert released.is_set()
+    other.join()
+
+
+def test_a_closed_library_says_so(library: Library, tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "pics", 2)
+    clipdex.index_paths(library, [tmp_path / "pics"])
+    with clipdex.open_library(library.path, device="cpu") as reopened:
+        assert reopened.search(text="x", k=1)
+    for use in (lambda: reopened.search(text="x"), lambda: reopened.get_item(1), reopened.stats,
+                lambda: reopened.encode_text("x"), lambda: reopened.vectors, reopened.check_writable,
+                lambda: clipdex.index_paths(reopened, [tmp_path / "pics"])):
+        with pytest.raises(errors.LibraryClosed, match="was closed; open it again"):
+            use()
+    reopened.close()  # twice: nothing to do
+
+
+# -- the options of the CLI ------------------------------------------------------------------
+
+
+def test_open_library_takes_the_clis_options(library: Library, tmp_path: Path, tiny_model: clipdex.ModelSpec) -> None:
+    torch_run = clipdex.open_library(library.path, device="cpu", runtime="torch")
+    assert torch_run.encoders.requested_runtime == "torch" and torch_run.stats()["runtime"] == "torch"
+    made = clipdex.open_library(tmp_path / "made", model=tiny_model, device="cpu", create=True)
+    assert made.created and made.model.name == "tiny-clip"
+
+
+def test_create_app_takes_the_clis_options(library: Library) -> None:
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    with TestClient(create_app(library.path, device="cpu", runtime="torch")) as client:
+        assert client.get("/stats").json()["runtime"] == "torch"
+    with pytest.raises(errors.ClipdexError, match="runtime= must be one of"):
+        create_app(library.path, runtime="fast")

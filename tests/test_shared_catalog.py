@@ -122,6 +122,33 @@ def test_a_second_writer_is_refused_and_told_who_writes(tmp_path: Path, tiny_mod
     assert index_paths(b, [tmp_path / "pics"]).added == 2  # released
 
 
+def test_a_writer_opened_with_wait_queues_behind_the_catalogs_writer(tmp_path: Path, tiny_model: ModelSpec,
+                                                                     postgres_url: str, make_images) -> None:
+    """The advisory lock of a shared catalog is waited for as the folder's file lock is (`wait=`)."""
+    import threading
+
+    a = Library.open(tmp_path / "a", model=tiny_model, create=True, device="cpu", catalog=postgres_url)
+    Library.open(tmp_path / "b", create=True, catalog=postgres_url).close()
+    make_images(tmp_path / "pics", 2)
+    holding = ("import sys\nfrom clipdex.search.library import Library\n"
+               f"with Library.open({str(a.path)!r}).writer():\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", holding], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LibraryBusy, match=r"catalog .* is being written by clipdex writer .*\(waited 0.3 s\)"):
+            index_paths(Library.open(tmp_path / "b", device="cpu", wait=0.3), [tmp_path / "pics"])
+        queued = Library.open(tmp_path / "b", device="cpu", wait=60)
+        reports = []
+        indexing = threading.Thread(target=lambda: reports.append(index_paths(queued, [tmp_path / "pics"])))
+        indexing.start()
+        indexing.join(1.0)
+        assert indexing.is_alive() and not reports
+    finally:
+        holder.communicate("", timeout=60)
+    indexing.join(60)
+    assert reports[0].added == 2
+
+
 @pytest.mark.slow
 def test_sigkill_of_the_writer_loses_nothing_on_any_replica(tmp_path: Path, model_args: list[str], postgres_url: str,
                                                             make_images) -> None:

@@ -24,6 +24,7 @@ from clipdex.search.errors import (
     InvalidQuery,
     ItemNotFound,
     LibraryBusy,
+    LibraryClosed,
     ModelUnavailable,
     UnreadableImage,
 )
@@ -58,6 +59,7 @@ ERROR_STATUS: tuple[tuple[type[ClipdexError], int], ...] = (  # the first that m
     (UnreadableImage, 400),
     (ModelUnavailable, 503),
     (LibraryBusy, 503),
+    (LibraryClosed, 503),  # an application closed the library it mounted this app over
 )
 PAGE_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -93,6 +95,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     allowed_hosts: Sequence[str] | None = None,
     device: str = "auto",
+    runtime: str = "auto",
 ) -> FastAPI:
     """A FastAPI app serving `library` (an open Library or its directory); mountable in another ASGI app.
 
@@ -100,10 +103,11 @@ def create_app(
     `Authorization: Bearer <token>`. `max_upload_bytes`: the largest image accepted.
     `allowed_hosts`: Host header values to answer (None: any; `*.example.com` patterns
     allowed); a server on loopback should list its loopback names, which stops
-    DNS-rebinding pages from reading it.
+    DNS-rebinding pages from reading it. `device` and `runtime`: where and on what the model
+    runs when the app opens `library` itself (as `clipdex serve --device --runtime`; see `Library.open`).
     """
     if not isinstance(library, Library):
-        library = Library.open(library, device=device)
+        library = Library.open(library, device=device, runtime=runtime)
     service = SearchService(library)
     app = FastAPI(
         title="clipdex", version=_version(), summary="Cross-modal CLIP search over a clipdex library",
