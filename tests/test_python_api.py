@@ -194,3 +194,30 @@ def test_create_app_takes_the_clis_options(library: Library) -> None:
         assert client.get("/stats").json()["runtime"] == "torch"
     with pytest.raises(errors.ClipdexError, match="runtime= must be one of"):
         create_app(library.path, runtime="fast")
+
+
+# -- the README's embedding example runs as written ------------------------------------------
+
+
+def test_the_readmes_embedding_example_runs(tmp_path: Path, tiny_model: clipdex.ModelSpec, make_images,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Python API\n")[1].split("\n## ")[0]
+    (example,) = [code for code in (block.split("```")[0] for block in section.split("```python\n")[1:]) if "FastAPI" in code]
+    opening = 'clipdex.open_library("photos-library", create=True,'
+    assert opening in example
+    example = example.replace(opening, 'clipdex.open_library("photos-library", create=True, model=TINY_MODEL, device="cpu",')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"TINY_MODEL": tiny_model}
+    exec(compile(example, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    (photo,) = make_images(tmp_path / "camera", 1)
+    with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
+        assert client.post("/photos", files={"photo": ("beach.jpg", photo.read_bytes())}).json() == {"queued": "beach.jpg"}
+        hits = client.get("/find", params={"q": "a beach"}).json()
+        assert [hit["path"] for hit in hits] == [str(tmp_path / "uploads" / "beach.jpg")]
+        assert client.get("/clipdex/stats").json()["images"] == 1
+        assert client.get("/find", params={"q": " "}).status_code == 400
+    library = namespace["library"]
+    assert isinstance(library, Library) and library.closed  # the lifespan closed it
