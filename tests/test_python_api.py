@@ -221,3 +221,14 @@ def test_the_readmes_embedding_example_runs(tmp_path: Path, tiny_model: clipdex.
         assert client.get("/find", params={"q": " "}).status_code == 400
     library = namespace["library"]
     assert isinstance(library, Library) and library.closed  # the lifespan closed it
+
+
+def test_an_app_over_a_closed_library_answers_503(library: Library) -> None:
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    with TestClient(create_app(library)) as client:
+        library.close()
+        answer = client.post("/search", json={"text": "a dog"})
+        assert answer.status_code == 503 and "was closed" in answer.json()["detail"]

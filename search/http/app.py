@@ -82,7 +82,7 @@ ERROR_MEANINGS = {
     404: "No item with that id (also an id in `like`), or its file is gone or changed since it was indexed",
     413: "The body or the image is over the server's upload limit, or the image has more pixels than a query image may",
     422: "The request does not fit this document's schema; `errors` says where (the value sent is not echoed)",
-    503: "The model cannot be loaded, or the library is busy",
+    503: "The model cannot be loaded, or the library is busy (or was closed by the application that mounted this app)",
 }
 INTERNAL_ERROR = "internal server error (the server's log has the details)"
 
