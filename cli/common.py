@@ -145,7 +145,7 @@ def describe_error(error: BaseException) -> str:
 CLI_FLAGS = {
     "after": "--after", "before": "--before", "like": "--like", "vector": "--vector", "kind": "--kind",
     "min_width": "--min-width", "min_height": "--min-height", "runtime": "--runtime", "device": "--device",
-    "model": "--model/--pretrained", "catalog": "--catalog",
+    "model": "--model/--pretrained", "catalog": "--catalog", "model_name": "--model-name",
 }
 LIBRARY_ARGUMENT = re.compile(r'(?<![\w.-])(' + "|".join(CLI_FLAGS) + r')=(?:"([^"]*)"|(?=[\s,;:/)]|$))?')
 

@@ -126,8 +126,12 @@ def test_unusable_input_is_refused(other_library: Library, tmp_path: Path, make,
 
 
 def test_asserted_model_name_must_match(other_library: Library, tmp_path: Path) -> None:
-    with pytest.raises(ModelMismatch, match="--model-name ViT-L-14 is not this library's model tiny-clip"):
+    with pytest.raises(ModelMismatch, match="model_name=ViT-L-14 is not this library's model tiny-clip"):
         import_vectors(other_library, [clip_retrieval_folder(tmp_path / "e")], model_name="ViT-L-14")
+    result = CliRunner().invoke(app, ["import-vectors", str(tmp_path / "e"), "--library", str(other_library.path),
+                                      "--model-name", "ViT-L-14"])
+    assert result.exit_code == 1
+    assert "Error: --model-name ViT-L-14 is not this library's model tiny-clip" in " ".join(result.output.split())
 
 
 def test_zero_vectors_are_refused_before_anything_is_imported(other_library: Library, tmp_path: Path) -> None:

@@ -311,7 +311,7 @@ def plan_clip_retrieval(
     if not parts:
         raise InvalidVectors(f"{folder}: no metadata/metadata_N.parquet files: not a clip-retrieval output folder")
     if model_name and not _same_name(model_name, model.name):
-        raise ModelMismatch(f"--model-name {model_name} is not this library's model {model.describe()}")
+        raise ModelMismatch(f"model_name={model_name} is not this library's model {model.describe()}")
     if not model_name:
         report.notes.append(
             f"{folder}: clip-retrieval output records no model, so only the dimension ({dim}) was checked; "
