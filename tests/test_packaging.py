@@ -93,7 +93,8 @@ def serve(directory: str) -> list[str]:
 def test_an_application_type_checks_against_the_installed_wheel(wheel: Path, tmp_path: Path) -> None:
     """`mypy --strict` on an application that uses clipdex as installed from the wheel (PEP 561:
     the wheel's py.typed): it finds clipdex's hints, checks `search`'s keywords, and refuses an
-    argument `search` does not take (the `type: ignore`s would be unused otherwise: an error)."""
+    argument `search` does not take (the `type: ignore`s would be unused otherwise: an error);
+    and on the README's FastAPI example."""
     environment = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True)
     (site_packages,) = environment.glob("lib/python*/site-packages")
@@ -104,8 +105,12 @@ def test_an_application_type_checks_against_the_installed_wheel(wheel: Path, tmp
     application = tmp_path / "app" / "application.py"
     application.parent.mkdir()
     application.write_text(TYPED_APPLICATION)
+    service = application.parent / "service.py"  # the README's embedding example, as written
+    readme = (ROOT / "README.md").read_text().split("## Python API\n")[1].split("\n## ")[0]
+    (service_code,) = [code for code in (block.split("```")[0] for block in readme.split("```python\n")[1:]) if "FastAPI" in code]
+    service.write_text(service_code)
     result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
-                             "--python-executable", str(environment / "bin" / "python"), str(application)],
+                             "--python-executable", str(environment / "bin" / "python"), str(application), str(service)],
                             capture_output=True, text=True, cwd=application.parent, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Success: no issues found in 1 source file" in result.stdout
+    assert "Success: no issues found in 2 source files" in result.stdout
