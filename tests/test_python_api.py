@@ -27,8 +27,10 @@ def _public_exceptions() -> set[str]:
 def test_every_clipdex_error_is_exported_from_clipdex_and_clipdex_search() -> None:
     exceptions = _public_exceptions()
     assert {"ReadOnlyLibrary", "CatalogUnavailable", "FileUnavailable", "LibraryClosed"} <= exceptions
-    assert exceptions <= set(clipdex.__all__)
-    assert exceptions <= set(clipdex.search.__all__)
+    for package in (clipdex, clipdex.search):
+        exported = {name for name in package.__all__ if isinstance(getattr(package, name), type)
+                    and issubclass(getattr(package, name), errors.ClipdexError)}
+        assert exported == exceptions
     for name in exceptions:
         assert getattr(clipdex, name) is getattr(errors, name)
         assert getattr(clipdex.search, name) is getattr(errors, name)
