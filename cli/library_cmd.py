@@ -100,6 +100,8 @@ def check(
             out.print(f"repaired: {repair_done}", markup=False)
         for cannot in report.get("unrepairable", []):
             err.print(f"cannot repair: {cannot}", markup=False)
+        for note in report.get("notes", []):
+            out.print(f"note: {note}", markup=False)
         if report["ok"]:
             out.print(f"ok: {report['items']} items, catalog and vectors agree")
         elif report["repaired"]:
