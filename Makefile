@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
+# pip keeps its downloads beside the environment, not in $HOME (a fresh machine's `make test` leaves
+# $HOME as it found it); set PIP_CACHE_DIR to share a cache of your own between checkouts
+PIP_CACHE_DIR ?= $(abspath $(VENV))/pip-cache
+export PIP_CACHE_DIR
 
 .PHONY: install install-dev system-deps typecheck test test-fast demo bench clean
 
