@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def index(
-    paths: List[Path] = typer.Argument(..., help="Folders (recursively) or image files to index"),
+    paths: List[Path] = typer.Argument(..., metavar="PATH...", help="Folders (recursively) or image files to index"),
     library: Optional[Path] = LibraryOption,
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,

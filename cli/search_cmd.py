@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def search(
-    text: Optional[str] = typer.Argument(None, help="What to look for, in words"),
+    text: Optional[str] = typer.Argument(None, metavar="[TEXT]", help="What to look for, in words"),
     image: List[Path] = typer.Option([], "--image", help="An image file as (part of) the query (repeatable)"),
     like: List[int] = typer.Option([], "--like", help="An indexed item id as (part of) the query (repeatable)"),
     vector: List[Path] = typer.Option([], "--vector", help="A .npy vector as (part of) the query (repeatable)"),

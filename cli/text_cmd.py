@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def index_texts_command(
-    files: List[Path] = typer.Argument(..., help=".txt (a text per line), .csv, .tsv or .jsonl files"),
+    files: List[Path] = typer.Argument(..., metavar="FILE...", help=".txt (a text per line), .csv, .tsv or .jsonl files"),
     column: Optional[str] = typer.Option(None, "--column", help="The text column of .csv/.tsv/.jsonl [default: text]"),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="A column holding each text's stable id"),
     library: Optional[Path] = LibraryOption,
