@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
     DeviceOption,
     JsonOption,
@@ -69,8 +70,8 @@ def tag(
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Zero-shot labels for images: the best labels, with probabilities and cosine scores."""

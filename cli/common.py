@@ -11,7 +11,7 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
 
 import typer
 
@@ -71,8 +71,24 @@ def controls_escaped(text: str) -> str:
 
 DEBUG = {"enabled": False}
 
+def default_library_shown() -> str:
+    """Where a command finds the library without --library, for its help."""
+    from clipdex.search.paths import LIBRARY_ENV, user_data_dir
+
+    where = user_data_dir() / "library"
+    try:
+        shown = f"~/{where.relative_to(Path.home()).as_posix()}"
+    except ValueError:
+        shown = str(where)
+    return f"${LIBRARY_ENV}, else {shown}"
+
+
+# What an option takes when it takes one of a set: click checks the value, and help shows the choices
+Device = Literal["auto", "cpu", "cuda"]
+Runtime = Literal["auto", "torch", "onnx"]
+
 LibraryOption = typer.Option(
-    None, "--library", "-l", help="Library directory [default: $CLIPDEX_LIBRARY, else the per-user data dir]", show_default=False
+    None, "--library", "-l", help=f"Library directory [default: {default_library_shown()}]", show_default=False
 )
 ModelOption = typer.Option(
     None, "--model", help=f"open_clip model name or model-config JSON file [default: the library's, else {DEFAULT_MODEL}]", show_default=False
@@ -83,7 +99,7 @@ PretrainedOption = typer.Option(
     help=f"pretrained tag, local checkpoint file, or 'none' (random weights) [default: the library's, else {DEFAULT_PRETRAINED}]",
     show_default=False,
 )
-DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available, fp16 there), cpu or cuda")
+DeviceOption = typer.Option("auto", "--device", help="auto: CUDA when available (fp16 there), else the CPU")
 RuntimeOption = typer.Option(
     "auto", "--runtime",
     help="What runs the model: auto (onnxruntime on the CPU once the library has its verified ONNX export, "
@@ -91,10 +107,10 @@ RuntimeOption = typer.Option(
 )
 JsonOption = typer.Option(False, "--json", help="Print JSON on stdout")
 CatalogOption = typer.Option(
-    None, "--catalog",
-    help="When making a library: a shared PostgreSQL catalog (postgresql+psycopg://user@host:5432/db) instead of its "
-         "own SQLite file; one that holds a library already is attached to. The password comes from "
-         "$CLIPDEX_CATALOG_URL, PGPASSWORD or ~/.pgpass, never from this option's record",
+    None, "--catalog", metavar="URL",
+    help="When making a library: a shared PostgreSQL catalog at this URL (postgresql+psycopg://USER@HOST:PORT/DB) "
+         "instead of a SQLite file of its own; one that holds a library already is attached to. The password "
+         "comes from $CLIPDEX_CATALOG_URL, PGPASSWORD or ~/.pgpass, never from this option",
     show_default=False,
 )
 

@@ -20,7 +20,7 @@ from clipdex.cli import common
 class OneLineUsageErrors(TyperGroup):
     """The `clipdex` group, whose usage errors are plain lines on stderr (the command's usage,
     the help hint, then one `Error: ...` line; exit 2) instead of typer's boxed panel: a line
-    can be read in a log, grepped and quoted. Help keeps its rich panels."""
+    can be read in a log, grepped and quoted."""
 
     def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
              complete_var: Optional[str] = None, standalone_mode: bool = True, windows_expand_args: bool = True,
@@ -66,6 +66,9 @@ def usage_error_lines(error: Any, resolved: Any = None) -> str:
 app = typer.Typer(
     name="clipdex",
     cls=OneLineUsageErrors,
+    # Help as click writes it: wrapped, never cut. Typer's rich panels cut a word longer than
+    # their narrow column ("postgresql+psycopg:/…") and took "[default: ...]" in a help text for markup.
+    rich_markup_mode=None,
     help="Search your photos and texts by meaning: a CLIP index on FAISS and SQLite.",
     no_args_is_help=True,
     add_completion=True,

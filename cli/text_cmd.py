@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from clipdex.cli.common import Device
 from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
 from clipdex.cli.progress import finish_run, indexing_run
 from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB
@@ -24,7 +25,7 @@ def index_texts_command(
     library: Optional[Path] = LibraryOption,
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
-    device: str = DeviceOption,
+    device: Device = DeviceOption,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Texts per model batch and commit"),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file or row failed"),
     max_file_mb: int = typer.Option(DEFAULT_MAX_FILE_MB, "--max-file-mb", min=1, help="Report larger files as failed instead of reading them"),
