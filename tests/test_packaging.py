@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,14 +13,38 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+BUILD_LOG: list[str] = []  # what the build said, for test_the_build_does_not_warn
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    # --no-build-isolation: the build needs setuptools only, already in the environment (no network)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(ROOT)], check=True, cwd=out)
-    (built,) = out.glob("clipdex-*.whl")
-    return built
+    # --no-build-isolation: the build needs setuptools only, already in the environment (no network);
+    # --verbose: the build backend's own output (its warnings) comes through
+    # pip asks `rustc --version` for its user agent; rustup's rustc writes ~/.rustup/settings.toml when
+    # it finds none: give it a folder of the test's own, not the session's home
+    environment = {**os.environ, "RUSTUP_HOME": str(tmp_path_factory.mktemp("rustup"))}
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--verbose", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(out), str(ROOT)], cwd=out, capture_output=True, text=True, check=False,
+                           env=environment)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    BUILD_LOG.append(built.stdout + built.stderr)
+    (wheel_file,) = out.glob("clipdex-*.whl")
+    return wheel_file
+
+
+@pytest.mark.slow
+def test_the_build_does_not_warn(wheel: Path) -> None:
+    """setuptools has nothing to say about the project's packaging: no deprecated setting (a
+    `license` table), no folder of data that "would be ignored" because no package names it."""
+    import re
+
+    warnings = [line.strip() for line in BUILD_LOG[0].splitlines()
+                if re.search(r"\w+Warning\b|would be ignored|deprecated", line)]
+    assert warnings == []
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+        assert "License-Expression: MIT" in archive.read(metadata).decode().splitlines()
 
 
 @pytest.mark.slow
