@@ -78,3 +78,17 @@ def test_the_installed_wheel_imports_from_anywhere(wheel: Path, tmp_path: Path) 
                             capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_make_says_what_each_install_step_does(tmp_path: Path) -> None:
+    """`make demo` on a fresh checkout installs for minutes: each step is announced by a line
+    before it starts, and pip is not silenced (its progress shows)."""
+    planned = subprocess.run(["make", "--dry-run", "--always-make", "demo", "install-dev", f"VENV={tmp_path / 'venv'}"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    steps = [number for number, line in enumerate(planned)
+             if " -m venv " in line or " -m pip install -e " in line or line.startswith("bash data/demo.sh")]
+    assert len(steps) == 4, planned
+    for number in steps:
+        assert planned[number - 1].startswith('echo "== '), planned[number - 1: number + 1]
+    installs = [line for line in planned if " -m pip install" in line]
+    assert installs and all(not {"--quiet", "-q", "-qq"} & set(line.split()) for line in installs)
