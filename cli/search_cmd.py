@@ -16,6 +16,7 @@ from clipdex.cli.common import (
     PretrainedOption,
     RuntimeOption,
     check_runtime,
+    model_spec,
     handles_errors,
     open_library,
     opened,
@@ -27,7 +28,7 @@ from clipdex.search.encoders.base import ImageTextEncoder
 from clipdex.search.encoders.factory import create_encoder
 from clipdex.search.errors import ClipdexError, LibraryNotFound
 from clipdex.search.library import Library
-from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
 
 Kind = Literal["image", "text", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
@@ -117,11 +118,10 @@ def embed(
 def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str,
                 runtime: str = "auto") -> ImageTextEncoder:
     """The named model's encoder; else the library's (when it exists: on `runtime`); else the default model's."""
-    if model is None and pretrained is None:
+    spec = model_spec(model, pretrained)
+    if spec is None:
         try:
             return opened(Library.open(library, device=device, runtime=check_runtime(runtime))).encoder
         except LibraryNotFound:
-            return create_encoder(ModelSpec().resolve(), device)
-    if model is not None and pretrained is None:
-        raise ClipdexError(f"--model {model} needs --pretrained (a tag, a checkpoint file, or 'none')")
-    return create_encoder(ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED).resolve(), device)
+            spec = ModelSpec()
+    return create_encoder(spec.resolve(), device)

@@ -144,3 +144,14 @@ def test_help_is_whole_in_80_columns(words: list[str]) -> None:
     if any("--catalog" in parameter.opts for parameter in parameters(words)):
         assert "(postgresql+psycopg://USER@HOST:PORT/DB)" in help_text
         assert "never from this option" in " ".join(help_text.split())
+
+
+def test_model_demo_is_the_shipped_demo_model() -> None:
+    """`--model demo` needs no --pretrained: the project's own model and its weights (data/demo-model/ here)."""
+    import json
+
+    result = runner.invoke(app, ["embed", "--text", "a red circle", "--model", "demo", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    embedded = json.loads(result.stdout)
+    weights = Path(__file__).resolve().parents[1] / "data" / "demo-model" / "clipdex-demo.pt"
+    assert (embedded["model"], embedded["dim"], embedded["weights"]) == ("clipdex-demo", 128, f"checkpoint {weights}")

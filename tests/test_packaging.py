@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,8 +26,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # pip asks `rustc --version` for its user agent; rustup's rustc writes ~/.rustup/settings.toml when
     # it finds none: give it a folder of the test's own, not the session's home
     environment = {**os.environ, "RUSTUP_HOME": str(tmp_path_factory.mktemp("rustup"))}
+    # from a copy of the tree: setuptools builds in the source folder, and would pack what an earlier
+    # build left in its build/lib (a module since removed, data a package no longer names)
+    source = tmp_path_factory.mktemp("source") / "clipdex"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                "demo", ".bench", ".whl", ".gl", ".pytest_cache", ".mypy_cache"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--verbose", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(out), str(ROOT)], cwd=out, capture_output=True, text=True, check=False,
+                            "--wheel-dir", str(out), str(source)], cwd=out, capture_output=True, text=True, check=False,
                            env=environment)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     BUILD_LOG.append(built.stdout + built.stderr)
@@ -59,7 +66,8 @@ def test_wheel_installs_only_clipdex(wheel: Path) -> None:
                    "clipdex/search/http/static/index.html", "clipdex/search/encoders/factory.py",
                    "clipdex/search/catalog/database.py", "clipdex/search/index/store.py",
                    "clipdex/search/index/data/everyday_nouns.txt", "clipdex/search/media/imaging.py",
-                   "clipdex/search/analysis/zero_shot.py", "clipdex/indexer/pipeline.py", "clipdex/cli/main.py"):
+                   "clipdex/search/analysis/zero_shot.py", "clipdex/indexer/pipeline.py", "clipdex/cli/main.py",
+                   "clipdex/demo_model/clipdex-demo.json", "clipdex/demo_model/clipdex-demo.pt"):
         assert module in names
     assert "clipdex = clipdex.cli.main:main" in entry_points
 
@@ -92,3 +100,20 @@ def test_make_says_what_each_install_step_does(tmp_path: Path) -> None:
         assert planned[number - 1].startswith('echo "== '), planned[number - 1: number + 1]
     installs = [line for line in planned if " -m pip install" in line]
     assert installs and all(not {"--quiet", "-q", "-qq"} & set(line.split()) for line in installs)
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_the_demo_model_offline(wheel: Path, tmp_path: Path) -> None:
+    """`pip install clipdex` gives a model at once: `--model demo` finds the one in the wheel."""
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    path = [str(target)] + [p for p in sys.path if "site-packages" in p and "clipdex" not in p]
+    code = (f"import sys; sys.path[:0] = {path!r}; sys.argv = ['clipdex', 'embed', '--text', 'a red circle', "
+            "'--model', 'demo', '--json']; from clipdex.cli.main import main; main()")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    embedded = json.loads(result.stdout)
+    assert (embedded["model"], embedded["dim"]) == ("clipdex-demo", 128)
+    assert embedded["weights"] == f"checkpoint {target / 'clipdex' / 'demo_model' / 'clipdex-demo.pt'}"
