@@ -71,6 +71,7 @@ def controls_escaped(text: str) -> str:
 
 DEBUG = {"enabled": False}
 
+
 def default_library_shown() -> str:
     """Where a command finds the library without --library, for its help."""
     from clipdex.search.paths import LIBRARY_ENV, user_data_dir

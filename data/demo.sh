@@ -29,7 +29,7 @@ echo "== Generating 80 photos of coloured shapes in $DEMO/photos (a seed the mod
 sed 's/^/a photo of a /' "$DEMO/labels.txt" > "$DEMO/captions.txt"
 
 echo
-echo "== clipdex index $DEMO/photos (the first run also exports the model to ONNX, once for this library)"
+echo "== clipdex index $DEMO/photos"
 "$CLIPDEX" index "$DEMO/photos" --library "$LIB" --model "$MODEL" --pretrained "$WEIGHTS"
 echo
 echo "== clipdex index-texts $DEMO/captions.txt"
