@@ -11,13 +11,14 @@ import base64
 import html
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from clipdex.cli.common import controls_escaped, out, print_json
 from clipdex.search.errors import UnreadableImage
 from clipdex.search.query import Hit
 
-FORMATS = ("table", "json", "paths", "html")
+Format = Literal["table", "json", "paths", "html"]
+FORMATS: tuple[Format, ...] = get_args(Format)
 
 
 def render_hits(hits: Sequence[Hit], format: str, null: bool = False, html_out: Path | None = None, title: str = "") -> None:
