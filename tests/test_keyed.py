@@ -180,3 +180,78 @@ def test_a_catalog_of_the_previous_schema_is_migrated_and_takes_keys(tmp_path: P
     assert isinstance(reopened.catalog, LocalCatalog)  # current now: the everyday path
     assert [hit.key for hit in reopened.search(vector=unit(6), k=1)] == ["new"]
     reopened.close()
+
+
+# -- over HTTP: POST /keys/texts, /keys/images, /keys/vectors, /keys/remove ----------------------
+
+TOKEN = "keyed-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_a_service_adds_searches_replaces_and_removes_by_key_over_http(library: Library, tmp_path: Path) -> None:
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    client = TestClient(create_app(library, token=TOKEN))
+    photo = base64.b64encode(write_image(tmp_path / "a.jpg", seed=2).read_bytes()).decode()
+    response = client.post("/keys/texts", headers=AUTH, json={"items": [
+        {"key": "post:1", "text": "a red bicycle", "metadata": {"author": "ann", "likes": 3, "draft": False, "note": None}},
+        {"key": "post:2", "text": "a bowl of soup"}]})
+    assert response.status_code == 200 and response.json()["added"] == 2
+    assert client.post("/keys/images", headers=AUTH, json={"items": [{"key": "upload:1", "image": photo}]}).json()["added"] == 1
+    added = client.post("/keys/vectors", headers=AUTH, json={"kind": "text", "items": [{"key": "vec:1", "vector": (3 * unit(9)).tolist()}]})
+    assert added.json()["added"] == 1
+    hits = client.post("/search", headers=AUTH, json={"vector": unit(9).tolist(), "k": 10}).json()["hits"]
+    assert hits[0]["key"] == "vec:1" and hits[0]["kind"] == "text"
+    assert {hit["key"] for hit in hits} == {"post:1", "post:2", "upload:1", "vec:1"}
+    post = next(hit for hit in hits if hit["key"] == "post:1")
+    assert post["metadata"] == {"author": "ann", "likes": 3, "draft": False, "note": None} and post["path"] is None
+    again = client.post("/keys/texts", headers=AUTH, json={"items": [{"key": "post:1", "text": "a green bicycle"}]}).json()
+    assert again == {"added": 0, "replaced": 1, "ids": [post["id"]]}
+    assert client.get(f"/items/{post['id']}", headers=AUTH).json()["text"] == "a green bicycle"
+    assert client.get(f"/items/{post['id']}/file", headers=AUTH).status_code == 404  # no file behind a keyed item
+    assert client.post("/keys/remove", headers=AUTH, json={"keys": ["post:1", "nope"]}).json() == {"removed": 1}
+    assert library.stats()["items"] == 3
+
+
+def test_writes_need_a_token_and_refuse_what_is_over_the_limits(library: Library, tmp_path: Path) -> None:
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    one = {"items": [{"key": "k", "text": "a text"}]}
+    open_server = TestClient(create_app(library))  # no token: read-only, the write routes are not there
+    assert open_server.post("/keys/texts", json=one).status_code == 404
+    assert "/keys/texts" not in open_server.get("/openapi.json").json()["paths"]
+    client = TestClient(create_app(library, token=TOKEN, max_upload_bytes=2_000))
+    assert client.post("/keys/texts", json=one).status_code == 401
+    assert client.post("/keys/texts", json=one, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/keys/remove", json={"keys": ["k"]}).status_code == 401
+    assert "/keys/texts" in client.get("/openapi.json").json()["paths"]
+
+    def refused(path: str, body: object, status: int, words: str) -> None:
+        response = client.post(path, headers=AUTH, json=body)
+        assert response.status_code == status and words in response.text, response.text
+
+    refused("/keys/texts", {"items": [{"key": f"k{n}", "text": "t"} for n in range(65)]}, 422, "at most 64 items")
+    refused("/keys/texts", {"items": [{"key": "k", "text": "x" * 10_001}]}, 422, "at most 10000 characters")
+    refused("/keys/texts", {"items": [{"key": "k" * 1001, "text": "t"}]}, 422, "at most 1000 characters")
+    refused("/keys/texts", {"items": [{"key": "", "text": "t"}]}, 422, "at least 1 character")
+    refused("/keys/texts", {"items": [{"key": "a\u0000b", "text": "t"}]}, 422, "should match pattern")
+    refused("/keys/texts", {"items": [{"key": "k", "text": "t", "metadata": {"m": {"nested": 1}}}]}, 422, "metadata")
+    refused("/keys/texts", {"items": [{"key": "k", "text": "t"}, {"key": "k", "text": "u"}]}, 400, "appears twice")
+    refused("/keys/texts", {"items": [{"key": "k", "text": "   "}]}, 400, "texts[0] is empty or only whitespace")
+    refused("/keys/vectors", {"items": [{"key": "k", "vector": [1.0] * 31}]}, 400, "vectors[0] has 31 dimensions")
+    refused("/keys/vectors", {"items": [{"key": "k", "vector": [0.0] * 32}]}, 400, "vectors[0] is all zeros")
+    refused("/keys/vectors", {"items": [{"key": "k", "vector": [1.0] * 8193}]}, 422, "at most 8192 items")
+    big = base64.b64encode(write_image(tmp_path / "big.png", seed=1, size=(64, 64), format="PNG").read_bytes()).decode()
+    assert len(base64.b64decode(big)) > 2_000
+    refused("/keys/images", {"items": [{"key": "k", "image": big}]}, 413, "larger than the server's limit")
+    refused("/keys/images", {"items": [{"key": "k", "image": "aGVsbG8="}]}, 400, "images[0]: ")
+    refused("/keys/images", {"items": [{"key": f"k{n}", "image": "aGVsbG8="} for n in range(17)]}, 422, "at most 16 items")
+    assert library.stats()["items"] == 0 and library.catalog.generation() == 0

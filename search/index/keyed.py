@@ -123,6 +123,13 @@ def add_vectors(library: KeyedLibrary, keys: Sequence[str], vectors: Any,
     each is normalized. `kind`: what they are the vectors of, "image" or "text" (what `kind=` filters)."""
     if kind not in KINDS:
         raise InvalidItems(f"kind is {kind!r}; it is one of {', '.join(KINDS)}")
+    if not isinstance(vectors, np.ndarray):  # rows of their own lengths: say which one is wrong
+        rows = list(vectors)
+        for number, row in enumerate(rows):
+            length = len(row) if isinstance(row, (list, tuple, np.ndarray)) else None
+            if length is not None and length != library.dim:
+                raise InvalidItems(f"vectors[{number}] has {length} dimensions; this library's model has {library.dim}")
+        vectors = rows
     try:
         array = np.asarray(vectors, dtype=np.float64)
     except (TypeError, ValueError) as error:
