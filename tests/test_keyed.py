@@ -4,6 +4,7 @@ that are not files, replaced by key, removed by key, searchable at once, all or 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,19 @@ def test_writes_need_a_token_and_refuse_what_is_over_the_limits(library: Library
     refused("/keys/images", {"items": [{"key": "k", "image": "aGVsbG8="}]}, 400, "images[0]: ")
     refused("/keys/images", {"items": [{"key": f"k{n}", "image": "aGVsbG8="} for n in range(17)]}, 422, "at most 16 items")
     assert library.stats()["items"] == 0 and library.catalog.generation() == 0
+
+
+def test_the_cli_names_a_keyed_image_by_its_key(library: Library) -> None:
+    """An image added under a key has no path and no text: `clipdex search` shows its key, never 'None'."""
+    from typer.testing import CliRunner
+
+    from clipdex.cli.main import app
+
+    library.add_images([Image.new("RGB", (16, 16), "red")], keys=["upload:7"])
+    library.add_texts(["a note"], keys=["note:1"])
+    for format in ("paths", "table"):
+        result = CliRunner().invoke(app, ["search", "red", "--library", str(library.path), "--format", format])
+        assert result.exit_code == 0, result.output
+        assert "key:upload:7" in result.output and "a note" in result.output and "None" not in result.output
+    listed = CliRunner().invoke(app, ["search", "red", "--library", str(library.path), "--json"])
+    assert {hit.get("key") for hit in json.loads(listed.stdout)} == {"upload:7", "note:1"}
