@@ -368,6 +368,13 @@ class Library:
 
         return keyed.remove(self, keys)
 
+    def item_ids(self, keys: Sequence[str]) -> dict[str, int]:
+        """The ids of the items with these keys, for those that are there: `search(like=ids["post:1"])`
+        finds what is like an item the application knows by its key."""
+        from clipdex.search.index import keyed
+
+        return keyed.item_ids(self, keys)
+
 
 def open_library(path: str | os.PathLike[str] | None = None, model: ModelSpec | None = None, device: str = "auto") -> Library:
     """Open an existing library (see `Library.open`)."""

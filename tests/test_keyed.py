@@ -63,6 +63,10 @@ def test_texts_images_and_vectors_are_added_replaced_and_removed_by_key(keyed_li
     assert replaced.text == "a green bicycle" and replaced.metadata == {"author": "bob"}
     assert library.search(text="a green bicycle", kind="text", k=1)[0].key == "post:1"
     assert library.stats()["items"] == 6
+    # found again by key, and searched for what is like it
+    ids = library.item_ids(["post:1", "vec:1", "never-added"])
+    assert ids == {"post:1": result.ids[0], "vec:1": vectors.ids[0]}
+    assert library.search(like=ids["vec:1"], k=1)[0].key == "vec:1"
     # removed by key; a key that is not there is no error
     assert library.remove(["post:2", "upload:a", "never-added"]) == 2
     assert sorted(filter(None, keys_of(library, text="soup"))) == ["post:1", "upload:b", "upload:c", "vec:1"]

@@ -167,6 +167,11 @@ def remove(library: KeyedLibrary, keys: Sequence[str]) -> int:
     return len(found)
 
 
+def item_ids(library: KeyedLibrary, keys: Sequence[str]) -> dict[str, int]:
+    """The item ids of those of `keys` that are in the library (for `search(like=...)`, `get_item`)."""
+    return library.catalog.ids_of_item_keys(sorted(set(check_keys(keys, None, "keys", unique=False))))
+
+
 def check_keys(keys: Sequence[str], count: int | None, what: str, unique: bool = True) -> list[str]:
     """`keys` as a list of valid keys: as many as `count` (when given), each a string of 1 to
     MAX_KEY_CHARS characters without NUL (PostgreSQL refuses it), unique in the call (when `unique`)."""
