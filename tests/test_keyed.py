@@ -276,3 +276,26 @@ def test_the_cli_names_a_keyed_image_by_its_key(library: Library) -> None:
         assert "key:upload:7" in result.output and "a note" in result.output and "None" not in result.output
     listed = CliRunner().invoke(app, ["search", "red", "--library", str(library.path), "--json"])
     assert {hit.get("key") for hit in json.loads(listed.stdout)} == {"upload:7", "note:1"}
+
+
+def test_items_committed_before_the_index_could_be_saved_are_found_after_a_restart(
+        keyed_library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for files: the catalog commit is what counts; the vector index is caught up from the change log."""
+    from clipdex.search.index.store import VectorStore
+
+    library = keyed_library
+    library.add_vectors(["a"], unit(1)[None, :])
+    assert library.vectors.ntotal == 1  # the index loaded: this process keeps it in step and saves it
+
+    def no_space(_store: VectorStore) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VectorStore, "save", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        library.add_vectors(["b", "c"], np.stack([unit(2), unit(3)]))
+    monkeypatch.undo()
+    reopened = Library.open(library.path)
+    assert [hit.key for hit in reopened.search(vector=unit(2), k=5)][:1] == ["b"]
+    assert {hit.key for hit in reopened.search(vector=unit(2), k=5)} == {"a", "b", "c"}
+    assert reopened.remove(["c"]) == 1 and reopened.check()["ok"]
+    reopened.close()
