@@ -101,7 +101,7 @@ def add_images(library: KeyedLibrary, images: Sequence[ImageSource], keys: Seque
     """Decode `images` (paths, bytes or PIL images), embed them with the library's model and add them under `keys`.
 
     A path is read for its pixels only: the item keeps no path (it is not a file of the library,
-    and `clipdex index` never sees it); its size and capture details are kept for the filters."""
+    and `clipdex index` never sees it); its width, height and capture time are kept for the filters."""
     images = list(images)
     checked_keys = check_keys(keys, len(images), "images")
     extras = check_metadata(metadata, len(images))
