@@ -105,6 +105,8 @@ def test_another_process_sees_the_added_items_on_its_next_search(library: Librar
     (lambda lib: lib.add_texts(["  "], keys=["k"]), r"texts\[0\] is empty or only whitespace"),
     (lambda lib: lib.add_texts(["a"], keys=["k"], metadata=[{"when": object()}]), "cannot be stored as JSON"),
     (lambda lib: lib.add_texts(["a"], keys=["k"], metadata={"a": 1}), "metadata is one dict"),
+    (lambda lib: lib.add_texts(["a"], keys=["k"], metadata=[{"x": "\ud800"}]), "cannot be stored as JSON"),
+    (lambda lib: lib.add_texts(["a"], keys=["k"], metadata=[{"x": float("nan")}]), "cannot be stored as JSON"),
     (lambda lib: lib.add_vectors(["k"], np.ones((1, 31))), "has 31 dimensions; this library's model has 32"),
     (lambda lib: lib.add_vectors(["k"], np.zeros((1, 32))), "all zeros"),
     (lambda lib: lib.add_vectors(["k"], np.full((1, 32), np.nan)), "NaN"),

@@ -210,8 +210,10 @@ def check_metadata(metadata: Sequence[dict[str, Any] | None] | None, count: int)
         if not isinstance(value, dict):
             raise InvalidItems(f"metadata[{number}] is a {type(value).__name__}, not a dict")
         try:
-            checked.append(json.loads(json.dumps(value, allow_nan=False)))
-        except (TypeError, ValueError) as error:
+            stored = json.dumps(value, allow_nan=False, ensure_ascii=False)
+            stored.encode("utf-8")  # a lone surrogate could be stored escaped, but never sent back as JSON
+            checked.append(json.loads(stored))
+        except (TypeError, ValueError) as error:  # UnicodeEncodeError is a ValueError
             raise InvalidItems(f"metadata[{number}] cannot be stored as JSON ({error})") from None
     return checked
 
