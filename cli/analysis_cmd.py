@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
     DeviceOption,
     JsonOption,
@@ -62,15 +63,15 @@ def _check_images_exist(images: List[Path], labels: List[str]) -> None:
 
 @handles_errors
 def tag(
-    images: List[Path] = typer.Argument(..., help="Image files to label"),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files to label"),
     labels: List[str] = typer.Option(..., "--labels", help="A label, or a file with a label per line (repeatable)"),
     template: List[str] = typer.Option([], "--template", help="Prompt template with {} for the label (repeatable) [default: 'a photo of a {}.']"),
     top: int = typer.Option(3, "--top", min=1, help="Labels to show per image"),
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Zero-shot labels for images: the best labels, with probabilities and cosine scores."""

@@ -11,7 +11,7 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
 
 import typer
 
@@ -71,11 +71,34 @@ def controls_escaped(text: str) -> str:
 
 DEBUG = {"enabled": False}
 
+
+def default_library_shown() -> str:
+    """Where a command finds the library without --library, for its help."""
+    from clipdex.search.paths import LIBRARY_ENV, user_data_dir
+
+    where = user_data_dir() / "library"
+    try:
+        shown = f"~/{where.relative_to(Path.home()).as_posix()}"
+    except ValueError:
+        shown = str(where)
+    return f"${LIBRARY_ENV}, else {shown}"
+
+
+DEMO_MODEL = "demo"  # --model demo: the project's own small model, shipped in the wheel (data/README.md)
+DEMO_FILES = ("clipdex-demo.json", "clipdex-demo.pt")
+
+# What an option takes when it takes one of a set: click checks the value, and help shows the choices
+Device = Literal["auto", "cpu", "cuda"]
+Runtime = Literal["auto", "torch", "onnx"]
+
 LibraryOption = typer.Option(
-    None, "--library", "-l", help="Library directory [default: $CLIPDEX_LIBRARY, else the per-user data dir]", show_default=False
+    None, "--library", "-l", help=f"Library directory [default: {default_library_shown()}]", show_default=False
 )
 ModelOption = typer.Option(
-    None, "--model", help=f"open_clip model name or model-config JSON file [default: the library's, else {DEFAULT_MODEL}]", show_default=False
+    None, "--model",
+    help=f"open_clip model name, model-config JSON file, or '{DEMO_MODEL}' (the small demo model shipped with clipdex, "
+         f"offline: it knows coloured shapes only) [default: the library's, else {DEFAULT_MODEL}]",
+    show_default=False,
 )
 PretrainedOption = typer.Option(
     None,
@@ -83,7 +106,7 @@ PretrainedOption = typer.Option(
     help=f"pretrained tag, local checkpoint file, or 'none' (random weights) [default: the library's, else {DEFAULT_PRETRAINED}]",
     show_default=False,
 )
-DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available, fp16 there), cpu or cuda")
+DeviceOption = typer.Option("auto", "--device", help="auto: CUDA when available (fp16 there), else the CPU")
 RuntimeOption = typer.Option(
     "auto", "--runtime",
     help="What runs the model: auto (onnxruntime on the CPU once the library has its verified ONNX export, "
@@ -91,10 +114,10 @@ RuntimeOption = typer.Option(
 )
 JsonOption = typer.Option(False, "--json", help="Print JSON on stdout")
 CatalogOption = typer.Option(
-    None, "--catalog",
-    help="When making a library: a shared PostgreSQL catalog (postgresql+psycopg://user@host:5432/db) instead of its "
-         "own SQLite file; one that holds a library already is attached to. The password comes from "
-         "$CLIPDEX_CATALOG_URL, PGPASSWORD or ~/.pgpass, never from this option's record",
+    None, "--catalog", metavar="URL",
+    help="When making a library: a shared PostgreSQL catalog at this URL (postgresql+psycopg://USER@HOST:PORT/DB) "
+         "instead of a SQLite file of its own; one that holds a library already is attached to. The password "
+         "comes from $CLIPDEX_CATALOG_URL, PGPASSWORD or ~/.pgpass, never from this option",
     show_default=False,
 )
 
@@ -168,10 +191,31 @@ DISK_FULL = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "di
 DISK_FULL_HINT = "free some space and run the same command again; everything committed so far is kept"
 
 
+def demo_model_files() -> tuple[Path, Path]:
+    """The demo model's config and weights: `clipdex/demo_model/` where clipdex is installed
+    from its wheel, `data/demo-model/` in a checkout (an editable install)."""
+    import clipdex
+
+    for folder in (Path(clipdex.__file__).parent / "demo_model", Path(__file__).resolve().parents[1] / "data" / "demo-model"):
+        config, weights = (folder / name for name in DEMO_FILES)
+        if config.is_file() and weights.is_file():
+            return config, weights
+    raise ClipdexError("--model demo: the demo model is not installed with this clipdex (clipdex/demo_model/ "
+                       "or a checkout's data/demo-model/); reinstall clipdex, or pass --model CONFIG.json --pretrained FILE")
+
+
 def model_spec(model: Optional[str], pretrained: Optional[str]) -> Optional[ModelSpec]:
     """The model the user asked for, or None to use the library's own."""
     if model is None and pretrained is None:
         return None
+    if model == DEMO_MODEL:
+        config, weights = demo_model_files()
+        return ModelSpec(str(config), pretrained or str(weights))
+    if model is not None and pretrained is None and model != DEFAULT_MODEL:
+        raise ClipdexError(
+            f"--model {model} needs --pretrained: a pretrained tag, a local checkpoint file, "
+            "or 'none' for random weights"
+        )
     return ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED)
 
 
@@ -191,13 +235,9 @@ def discard_new_library_on_error(lib: Library) -> Iterator[None]:
 def open_library(library: Optional[Path], model: Optional[str] = None, pretrained: Optional[str] = None,
                  device: str = "auto", create: bool = False, catalog: Optional[str] = None,
                  runtime: str = "auto") -> Library:
-    if model is not None and pretrained is None and model != DEFAULT_MODEL:
-        raise ClipdexError(
-            f"--model {model} needs --pretrained: a pretrained tag, a local checkpoint file, "
-            "or 'none' for random weights"
-        )
+    spec = model_spec(model, pretrained)
     runtime = check_runtime(runtime)
-    return opened(Library.open(library, model=model_spec(model, pretrained), create=create, device=device, catalog=catalog,
+    return opened(Library.open(library, model=spec, create=create, device=device, catalog=catalog,
                                runtime=runtime))
 
 

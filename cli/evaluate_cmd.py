@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
     DeviceOption,
     JsonOption,
@@ -33,8 +34,8 @@ def evaluate(
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per model batch"),
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),

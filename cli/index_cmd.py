@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
     CatalogOption,
     DeviceOption,
@@ -31,12 +32,12 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def index(
-    paths: List[Path] = typer.Argument(..., help="Folders (recursively) or image files to index"),
+    paths: List[Path] = typer.Argument(..., metavar="PATH...", help="Folders (recursively) or image files to index"),
     library: Optional[Path] = LibraryOption,
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
     catalog: Optional[str] = CatalogOption,
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per model batch and commit"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: one per core; on the CPU they take turns with the model's lanes]"),

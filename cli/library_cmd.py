@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
     CatalogOption,
     DeviceOption,
@@ -60,7 +61,7 @@ def init(
 
 
 @handles_errors
-def stats(library: Optional[Path] = LibraryOption, device: str = DeviceOption, runtime: str = RuntimeOption,
+def stats(library: Optional[Path] = LibraryOption, device: Device = DeviceOption, runtime: Runtime = RuntimeOption,
           json_output: bool = JsonOption) -> None:
     """Counts of items, images, texts and vectors; the model, what runs it, and the index type."""
     data = open_library(library, device=device, runtime=runtime).stats()
@@ -100,6 +101,8 @@ def check(
             out.print(f"repaired: {repair_done}", markup=False)
         for cannot in report.get("unrepairable", []):
             err.print(f"cannot repair: {cannot}", markup=False)
+        for note in report.get("notes", []):
+            out.print(f"note: {note}", markup=False)
         if report["ok"]:
             out.print(f"ok: {report['items']} items, catalog and vectors agree")
         elif report["repaired"]:

@@ -11,13 +11,14 @@ import base64
 import html
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from clipdex.cli.common import controls_escaped, out, print_json
 from clipdex.search.errors import UnreadableImage
 from clipdex.search.query import Hit
 
-FORMATS = ("table", "json", "paths", "html")
+Format = Literal["table", "json", "paths", "html"]
+FORMATS: tuple[Format, ...] = get_args(Format)
 
 
 def render_hits(hits: Sequence[Hit], format: str, null: bool = False, html_out: Path | None = None, title: str = "") -> None:
@@ -25,7 +26,7 @@ def render_hits(hits: Sequence[Hit], format: str, null: bool = False, html_out: 
         print_json([hit.to_json() for hit in hits])
     elif format == "paths":
         end = "\0" if null else "\n"
-        names = [f"{hit.path if hit.path is not None else hit.text}" for hit in hits]
+        names = [hit_name(hit) for hit in hits]
         if sys.stdout.isatty():
             names = [controls_escaped(name) for name in names]
         sys.stdout.write("".join(f"{name}{end}" for name in names))
@@ -36,6 +37,14 @@ def render_hits(hits: Sequence[Hit], format: str, null: bool = False, html_out: 
         out.print(f"wrote {len(hits)} hits to {controls_escaped(str(html_out))}", markup=False)
     else:
         _table(hits)
+
+
+def hit_name(hit: Hit) -> str:
+    """A hit's path, else its text, else (an image added under an application's key) its key."""
+    for name in (hit.path, hit.text):
+        if name is not None:
+            return name
+    return f"key:{hit.key}" if hit.key is not None else ""
 
 
 def _table(hits: Sequence[Hit]) -> None:
@@ -49,7 +58,7 @@ def _table(hits: Sequence[Hit]) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for column in ("rank", "score", "id", "kind", "path / text"):
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
-    names = [controls_escaped(hit.path or hit.text or "") for hit in hits]
+    names = [controls_escaped(hit_name(hit)) for hit in hits]
     for hit, name in zip(hits, names):
         table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name))  # Text: a name is not markup
     if out.is_terminal:

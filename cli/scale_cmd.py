@@ -77,7 +77,7 @@ def print_optimize_report(report: "OptimizeReport") -> None:
 
 @handles_errors
 def import_vectors(
-    sources: List[Path] = typer.Argument(..., help="clipdex export .npz files or clip-retrieval output folders"),
+    sources: List[Path] = typer.Argument(..., metavar="FILE_OR_DIR...", help="clipdex export .npz files or clip-retrieval output folders"),
     model_name: Optional[str] = typer.Option(
         None, "--model-name", help="Assert the model of clip-retrieval output (it records none), e.g. ViT-B-32", show_default=False
     ),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
     DeviceOption,
     JsonOption,
@@ -15,19 +16,22 @@ from clipdex.cli.common import (
     PretrainedOption,
     RuntimeOption,
     check_runtime,
+    model_spec,
     handles_errors,
     open_library,
     opened,
     out,
     print_json,
 )
-from clipdex.cli.render import FORMATS, render_hits
+from clipdex.cli.render import Format, render_hits
 from clipdex.search.encoders.base import ImageTextEncoder
 from clipdex.search.encoders.factory import create_encoder
 from clipdex.search.errors import ClipdexError, LibraryNotFound
 from clipdex.search.library import Library
-from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
+
+Kind = Literal["image", "text", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def search(
-    text: Optional[str] = typer.Argument(None, help="What to look for, in words"),
+    text: Optional[str] = typer.Argument(None, metavar="[TEXT]", help="What to look for, in words"),
     image: List[Path] = typer.Option([], "--image", help="An image file as (part of) the query (repeatable)"),
     like: List[int] = typer.Option([], "--like", help="An indexed item id as (part of) the query (repeatable)"),
     vector: List[Path] = typer.Option([], "--vector", help="A .npy vector as (part of) the query (repeatable)"),
@@ -45,7 +49,7 @@ def search(
     weight: List[float] = typer.Option(
         [], "--weight", help="Weights of the terms in order: text, images, likes, vectors, minus texts (default 1 each)"
     ),
-    kind: str = typer.Option("any", "--kind", help="What to return: image, text or any"),
+    kind: Kind = typer.Option("any", "--kind", help="What to return: images, texts or both"),
     path: Optional[str] = typer.Option(None, "--path", help="Only paths matching this glob (e.g. '*/2024/*')"),
     after: Optional[str] = typer.Option(None, "--after", help="Captured at or after this date/time (EXIF)"),
     before: Optional[str] = typer.Option(None, "--before", help="Captured before this date/time (EXIF)"),
@@ -54,19 +58,17 @@ def search(
     k: int = typer.Option(10, "-k", "--top", min=1, max=10_000, help="How many hits"),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many best hits (paging)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum cosine score"),
-    format: str = typer.Option("table", "--format", "-f", help=f"Output: {', '.join(FORMATS)}"),
+    format: Format = typer.Option("table", "--format", "-f", help="Output: a table, JSON, the paths alone, or an HTML page (--out)"),
     null: bool = typer.Option(False, "-0", "--null", help="With --format paths: NUL-separated"),
     html_out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --format html: the file to write"),
     json_output: bool = JsonOption,
     library: Optional[Path] = LibraryOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
 ) -> None:
     """Search by text, image, item or vector - or a weighted mix of them."""
     if json_output:
         format = "json"
-    if format not in FORMATS:
-        raise ClipdexError(f"--format must be one of {', '.join(FORMATS)}")
     if format == "html" and html_out is None:
         raise ClipdexError("--format html needs --out FILE.html")
     query = Query.build(
@@ -92,8 +94,8 @@ def embed(
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     library: Optional[Path] = LibraryOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Print the normalized vector of a text or an image (the library's model unless --model is given)."""
@@ -116,11 +118,10 @@ def embed(
 def encoder_for(library: Optional[Path], model: Optional[str], pretrained: Optional[str], device: str,
                 runtime: str = "auto") -> ImageTextEncoder:
     """The named model's encoder; else the library's (when it exists: on `runtime`); else the default model's."""
-    if model is None and pretrained is None:
+    spec = model_spec(model, pretrained)
+    if spec is None:
         try:
             return opened(Library.open(library, device=device, runtime=check_runtime(runtime))).encoder
         except LibraryNotFound:
-            return create_encoder(ModelSpec().resolve(), device)
-    if model is not None and pretrained is None:
-        raise ClipdexError(f"--model {model} needs --pretrained (a tag, a checkpoint file, or 'none')")
-    return create_encoder(ModelSpec(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED).resolve(), device)
+            spec = ModelSpec()
+    return create_encoder(spec.resolve(), device)

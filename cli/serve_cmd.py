@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import DeviceOption, LibraryOption, RuntimeOption, err, handles_errors, open_library
 from clipdex.search.errors import ClipdexError
 
@@ -28,8 +29,8 @@ def serve(
     ),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Largest image a request may send, in MiB"),
     library: Optional[Path] = LibraryOption,
-    device: str = DeviceOption,
-    runtime: str = RuntimeOption,
+    device: Device = DeviceOption,
+    runtime: Runtime = RuntimeOption,
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /."""
     from clipdex.search.http import LOOPBACK_HOSTS, create_app, is_loopback, open_listener, run_server

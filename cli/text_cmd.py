@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from clipdex.cli.common import Device
 from clipdex.cli.common import DeviceOption, JsonOption, LibraryOption, ModelOption, PretrainedOption, err, handles_errors, open_library, out, print_json
 from clipdex.cli.progress import finish_run, indexing_run
 from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB
@@ -18,13 +19,13 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def index_texts_command(
-    files: List[Path] = typer.Argument(..., help=".txt (a text per line), .csv, .tsv or .jsonl files"),
+    files: List[Path] = typer.Argument(..., metavar="FILE...", help=".txt (a text per line), .csv, .tsv or .jsonl files"),
     column: Optional[str] = typer.Option(None, "--column", help="The text column of .csv/.tsv/.jsonl [default: text]"),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="A column holding each text's stable id"),
     library: Optional[Path] = LibraryOption,
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
-    device: str = DeviceOption,
+    device: Device = DeviceOption,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Texts per model batch and commit"),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file or row failed"),
     max_file_mb: int = typer.Option(DEFAULT_MAX_FILE_MB, "--max-file-mb", min=1, help="Report larger files as failed instead of reading them"),

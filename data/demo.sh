@@ -21,6 +21,8 @@ echo "   It is a demo model only: it knows coloured shapes on backgrounds, nothi
 echo "   The default model for real photos is ViT-B-32 / laion2b_s34b_b79k."
 rm -rf "$DEMO"
 mkdir -p "$DEMO"
+echo
+echo "== Generating 80 photos of coloured shapes in $DEMO/photos (a seed the model never trained on)"
 # A seed the model never trained on: these are held-out images.
 "$PY" data/shapes.py --out "$DEMO/photos" --count 80 --seed 777 --captions 1 > /dev/null
 "$PY" -c "import sys; sys.path.insert(0, 'data'); import shapes; print('\n'.join(shapes.class_labels()))" > "$DEMO/labels.txt"
@@ -28,8 +30,10 @@ sed 's/^/a photo of a /' "$DEMO/labels.txt" > "$DEMO/captions.txt"
 
 echo
 echo "== clipdex index $DEMO/photos"
-"$CLIPDEX" index "$DEMO/photos" --library "$LIB" --model "$MODEL" --pretrained "$WEIGHTS" --quiet
-"$CLIPDEX" index-texts "$DEMO/captions.txt" --library "$LIB" --quiet
+"$CLIPDEX" index "$DEMO/photos" --library "$LIB" --model "$MODEL" --pretrained "$WEIGHTS"
+echo
+echo "== clipdex index-texts $DEMO/captions.txt"
+"$CLIPDEX" index-texts "$DEMO/captions.txt" --library "$LIB"
 
 echo
 echo "== text -> image: clipdex search \"a red circle\" --kind image -k 5"

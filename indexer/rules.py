@@ -219,7 +219,7 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImagePreparer, on_gp
     except ClipdexError:  # the model cannot load: that ends the run, it is no file's fault
         raise
     except Exception as error:  # a decoder bug must not end the run: report the file
-        prepared.error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        prepared.error = unexpected_failure(error)
         return
     prepared.metadata = {
         "width": decoded.width,
@@ -228,6 +228,15 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImagePreparer, on_gp
         "camera_make": decoded.camera_make,
         "camera_model": decoded.camera_model,
     }
+
+
+def unexpected_failure(error: Exception) -> str:
+    """A file's failure reason for an error no reader anticipated: one line, never empty."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not detail:
+        detail = ("not enough memory to decode and prepare this file" if isinstance(error, MemoryError)
+                  else "no detail given")
+    return f"{type(error).__name__}: {detail}"[:200]
 
 
 def _decodes_on_gpu(encoder: ImagePreparer) -> bool:

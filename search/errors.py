@@ -112,3 +112,8 @@ class UnreadableFile(ClipdexError):
 
 class ClusterError(ClipdexError):
     """A Ray cluster cannot be used: Ray missing, no cluster at the address, a node that cannot see the files."""
+
+
+class InvalidItems(ClipdexError):
+    """Items given to `Library.add_texts`, `add_images`, `add_vectors` or `remove` that cannot be added as
+    they are (a missing or repeated key, a blank text, a vector of another dimension); nothing was added."""

@@ -53,6 +53,7 @@ from clipdex.search.index.vectors import INDEX_FILE, STAMP_FILE, IndexSpec, Vect
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipdex.search.catalog.database import Catalog
+    from clipdex.search.index.keyed import ImageSource, KeyedResult
 
 CATALOG_FILE = "catalog.sqlite"
 
@@ -446,6 +447,51 @@ class Library:
         np.savez(out, ids=ids, kinds=kinds, paths=paths, texts=texts, vectors=vectors.astype(np.float32),
                  model=np.array(json.dumps(self.model.to_json())))
         return len(ids)
+
+    # -- items under the application's own keys (see `clipdex.search.index.keyed`) --------------
+
+    def add_texts(self, texts: Sequence[str], keys: Sequence[str],
+                  metadata: Sequence[dict[str, Any] | None] | None = None) -> KeyedResult:
+        """Embed `texts` and add them under the application's own `keys` (one per text, unique in the
+        library: a key already there is replaced, keeping its id), with `metadata` (a JSON-able dict or
+        None per text). All or nothing: one catalog transaction, searchable at once; hits carry `Hit.key`."""
+        self._check_open()
+        from clipdex.search.index import keyed
+
+        return keyed.add_texts(self, texts, keys, metadata)
+
+    def add_images(self, images: Sequence[ImageSource], keys: Sequence[str],
+                   metadata: Sequence[dict[str, Any] | None] | None = None) -> KeyedResult:
+        """Embed `images` (paths, bytes or PIL images) and add them under `keys`, as `add_texts`. An image
+        read from a path is not a file of the library: its item has no path (`Hit.path` is None)."""
+        self._check_open()
+        from clipdex.search.index import keyed
+
+        return keyed.add_images(self, images, keys, metadata)
+
+    def add_vectors(self, keys: Sequence[str], vectors: Any, metadata: Sequence[dict[str, Any] | None] | None = None,
+                    kind: str = "image") -> KeyedResult:
+        """Add precomputed vectors of this library's model (an (n, dim) array), normalized, under `keys`,
+        as `add_texts`; `kind` ("image" or "text") is what they are vectors of, for the `kind` filter."""
+        self._check_open()
+        from clipdex.search.index import keyed
+
+        return keyed.add_vectors(self, keys, vectors, metadata, kind)
+
+    def remove(self, keys: Sequence[str]) -> int:
+        """Remove the items added under these keys, in one transaction; how many were there."""
+        self._check_open()
+        from clipdex.search.index import keyed
+
+        return keyed.remove(self, keys)
+
+    def item_ids(self, keys: Sequence[str]) -> dict[str, int]:
+        """The ids of the items with these keys, for those that are there: `search(like=ids["post:1"])`
+        finds what is like an item the application knows by its key."""
+        self._check_open()
+        from clipdex.search.index import keyed
+
+        return keyed.item_ids(self, keys)
 
 
 def open_library(

@@ -176,9 +176,12 @@ class Hit:
     path: str | None = None  # images
     text: str | None = None  # texts
     metadata: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None  # the application's own key of an item it added (`Library.add_texts` ...); None for files
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "kind": self.kind}
+        if self.key is not None:
+            data["key"] = self.key
         if self.path is not None:
             data["path"] = self.path
         if self.text is not None:

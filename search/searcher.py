@@ -105,4 +105,5 @@ class Searcher:
 
 
 def hit_of(rank: int, score: float, item: ItemRow) -> Hit:
-    return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict())
+    return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict(),
+               key=item.key)

@@ -21,7 +21,10 @@ import tempfile
 from pathlib import Path
 
 SESSION_FOLDERS = {"HOME": "home", "XDG_CACHE_HOME": "cache", "XDG_CONFIG_HOME": "config", "XDG_DATA_HOME": "data",
-                   "XDG_STATE_HOME": "state", "CUDA_CACHE_PATH": "cache/nv", "TRITON_CACHE_DIR": "cache/triton"}
+                   "XDG_STATE_HOME": "state", "CUDA_CACHE_PATH": "cache/nv", "TRITON_CACHE_DIR": "cache/triton",
+                   # pip asks `rustc --version` for its user agent (tests/test_packaging.py builds a wheel); where
+                   # rustc is rustup's proxy, that writes ~/.rustup/settings.toml into a home without one
+                   "RUSTUP_HOME": "rustup"}
 RAY_TOKEN_VARIABLES = ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
 # where tools keep per-user files: a name new in these (or in the home itself) was written by the session
 WATCHED_IN_HOME = (".ray", ".cache", ".config", ".local/share", ".local/state", ".pki", ".nv", ".triton")

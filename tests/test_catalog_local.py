@@ -18,7 +18,7 @@ import pytest
 
 from clipdex.search.catalog.database import Catalog
 from clipdex.search.catalog.local import LocalCatalog, open_catalog
-from clipdex.search.catalog.types import ItemRow, NewItem
+from clipdex.search.catalog.types import SCHEMA_VERSION, ItemRow, NewItem
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, DamagedVectors, LibraryBusy
 from clipdex.search.query import Filters
 
@@ -149,11 +149,12 @@ def test_only_a_current_writable_own_catalog_is_opened_so(tmp_path: Path) -> Non
     assert type(open_catalog(None, path, DIM)).__name__ == "Catalog"  # a new one: made and migrated by Catalog
     assert isinstance(open_catalog(None, path, DIM), LocalCatalog)
     raw = sqlite3.connect(path)
-    raw.execute("UPDATE schema_version SET version = 3 WHERE version = 2")  # made by a newer clipdex
+    newest = SCHEMA_VERSION
+    raw.execute(f"UPDATE schema_version SET version = {newest + 1} WHERE version = {newest}")  # made by a newer clipdex
     raw.commit()
     with pytest.raises(CorruptLibrary, match="newer than this clipdex"):  # the full catalog's word on it
         open_catalog(None, path, DIM)
-    raw.execute("UPDATE schema_version SET version = 2 WHERE version = 3")
+    raw.execute(f"UPDATE schema_version SET version = {newest} WHERE version = {newest + 1}")
     raw.commit()
     assert isinstance(open_catalog(None, path, DIM), LocalCatalog)
     os.chmod(path, 0o444)
@@ -276,3 +277,16 @@ def test_the_connections_of_ended_threads_are_closed(pair: tuple[Catalog, LocalC
     assert _open_files_of(local.path) <= 2 * one  # this thread's, and at most the last ended one's
     local.close()
     assert _open_files_of(local.path) == 0
+
+
+def test_items_under_keys_answer_alike(pair: tuple[Catalog, LocalCatalog]) -> None:
+    """An application's keys (issue #32): stored, read back and looked up the same way on both."""
+    keyed = [NewItem(kind="text", vector=vector(1), text="a post", key="post:1", extra={"author": "ann"}),
+             NewItem(kind="image", vector=vector(2), width=3, height=4, key="upload:é"), text("/corpus.txt", "post:1", 3)]
+    ids = same(pair, lambda catalog: catalog.commit_batch(keyed)).ids
+    same(pair, lambda catalog: catalog.commit_batch([dataclasses.replace(keyed[0], text="replaced", id=ids[0])]))
+    for call in (lambda c: c.ids_of_item_keys(["post:1", "upload:é", "missing"]), lambda c: c.ids_of_item_keys([]),
+                 lambda c: c.get_items(ids), lambda c: c.ids_of_keys("/corpus.txt", ["post:1"])):
+        same(pair, call)
+    assert same(pair, lambda c: c.get_item(ids[0])).key == "post:1"
+    assert same(pair, lambda c: c.get_item(ids[2])).key is None  # a corpus text's own key is its source_key

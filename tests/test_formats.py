@@ -257,3 +257,22 @@ def test_a_jpeg_is_handed_to_the_decoder_in_one_block(monkeypatch: pytest.Monkey
     decoded = decode_image(data, draft_size=512)
     assert decoded.width == 2000 and decoded.image.size == (1000, 750)  # drafted to a quarter, as before
     assert 1 <= len(calls) <= 2, calls  # all bytes at once (and the end of the data)
+
+
+@pytest.mark.parametrize("error, reason", [
+    (MemoryError(), "MemoryError: not enough memory to decode and prepare this file"),
+    (RuntimeError(""), "RuntimeError: no detail given"),
+    (ValueError("bad\nsecond line"), "ValueError: bad"),
+])
+def test_an_unexpected_decoder_error_is_one_line_that_says_something(
+        library: Library, tmp_path: Path, make_images, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str) -> None:
+    import clipdex.indexer.rules as rules
+
+    make_images(tmp_path / "pics", 2)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(rules, "decode_image", failing)
+    report = index_paths(library, [tmp_path / "pics"])
+    assert [f.error for f in report.failed] == [reason, reason]

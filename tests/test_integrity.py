@@ -202,5 +202,8 @@ def test_a_larger_library_without_a_saved_index_is_sound_and_told_what_builds_it
     assert report["ok"] and report["notes"] == [
         f"no {INDEX_FILE} is saved here yet: the first search builds it from the catalog (and saves it where the library "
         "can be written); `clipdex check --repair` builds it now"]
+    shown = invoke("check", library=library.path)
+    assert shown.exit_code == 0 and shown.stdout.splitlines() == [f"note: {report['notes'][0]}",
+                                                                   f"ok: {SMALL_LIBRARY_MAX + 1} items, catalog and vectors agree"]
     repaired = Library.open(library.path).check(repair=True)
     assert repaired["ok"] and repaired["repaired"] and "notes" not in repaired and (library.path / INDEX_FILE).exists()

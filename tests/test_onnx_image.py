@@ -283,7 +283,8 @@ def test_runtime_torch_is_kept_when_asked_for(library: Library, tmp_path: Path, 
     assert forced.stats()["runtime"] == "torch" and forced.encoders.runtime() == "torch"
     assert not isinstance(forced.encoder, OnnxClipEncoder)
     result = CliRunner().invoke(app, ["stats", "--library", str(library.path), "--runtime", "fast"])
-    assert result.exit_code == 1 and "--runtime must be one of auto, torch, onnx" in result.output
+    assert result.exit_code == 2  # a usage error: --runtime takes one of a set (tests/test_cli_conventions.py)
+    assert "Error: Invalid value for '--runtime': 'fast' is not one of 'auto', 'torch', 'onnx'." in result.stderr
 
 
 NO_TORCH_RUN = """

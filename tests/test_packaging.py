@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,22 +15,43 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+BUILD_LOG: list[str] = []  # what the build said, for test_the_build_does_not_warn
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    # Built from a copy of the tracked files: setuptools reuses ROOT/build/lib, where a file the
-    # packaging no longer ships (or never did) may linger from an earlier build and slip into the wheel.
-    source = tmp_path_factory.mktemp("source")
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode()
-    for name in filter(None, tracked.split("\0")):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
-    # --no-build-isolation: the build needs setuptools only, already in the environment (no network)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(source)], check=True, cwd=out)
-    (built,) = out.glob("clipdex-*.whl")
-    return built
+    # --no-build-isolation: the build needs setuptools only, already in the environment (no network);
+    # --verbose: the build backend's own output (its warnings) comes through
+    # pip asks `rustc --version` for its user agent; rustup's rustc writes ~/.rustup/settings.toml when
+    # it finds none: give it a folder of the test's own, not the session's home
+    environment = {**os.environ, "RUSTUP_HOME": str(tmp_path_factory.mktemp("rustup"))}
+    # from a copy of the tree: setuptools builds in the source folder, and would pack what an earlier
+    # build left in its build/lib (a module since removed, data a package no longer names)
+    source = tmp_path_factory.mktemp("source") / "clipdex"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                "demo", ".bench", ".whl", ".gl", ".pytest_cache", ".mypy_cache"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--verbose", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(out), str(source)], cwd=out, capture_output=True, text=True, check=False,
+                           env=environment)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    BUILD_LOG.append(built.stdout + built.stderr)
+    (wheel_file,) = out.glob("clipdex-*.whl")
+    return wheel_file
+
+
+@pytest.mark.slow
+def test_the_build_does_not_warn(wheel: Path) -> None:
+    """setuptools has nothing to say about the project's packaging: no deprecated setting (a
+    `license` table), no folder of data that "would be ignored" because no package names it."""
+    import re
+
+    warnings = [line.strip() for line in BUILD_LOG[0].splitlines()
+                if re.search(r"\w+Warning\b|would be ignored|deprecated", line)]
+    assert warnings == []
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+        assert "License-Expression: MIT" in archive.read(metadata).decode().splitlines()
 
 
 @pytest.mark.slow
@@ -43,7 +66,8 @@ def test_wheel_installs_only_clipdex(wheel: Path) -> None:
                    "clipdex/search/http/static/index.html", "clipdex/search/encoders/factory.py",
                    "clipdex/search/catalog/database.py", "clipdex/search/index/store.py",
                    "clipdex/search/index/data/everyday_nouns.txt", "clipdex/search/media/imaging.py",
-                   "clipdex/search/analysis/zero_shot.py", "clipdex/indexer/pipeline.py", "clipdex/cli/main.py"):
+                   "clipdex/search/analysis/zero_shot.py", "clipdex/indexer/pipeline.py", "clipdex/cli/main.py",
+                   "clipdex/demo_model/clipdex-demo.json", "clipdex/demo_model/clipdex-demo.pt"):
         assert module in names
     assert "clipdex = clipdex.cli.main:main" in entry_points
 
@@ -62,6 +86,37 @@ def test_the_installed_wheel_imports_from_anywhere(wheel: Path, tmp_path: Path) 
                             capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_make_says_what_each_install_step_does(tmp_path: Path) -> None:
+    """`make demo` on a fresh checkout installs for minutes: each step is announced by a line
+    before it starts, and pip is not silenced (its progress shows)."""
+    planned = subprocess.run(["make", "--dry-run", "--always-make", "demo", "install-dev", f"VENV={tmp_path / 'venv'}"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    steps = [number for number, line in enumerate(planned)
+             if " -m venv " in line or " -m pip install -e " in line or line.startswith("bash data/demo.sh")]
+    assert len(steps) == 4, planned
+    for number in steps:
+        assert planned[number - 1].startswith('echo "== '), planned[number - 1: number + 1]
+    installs = [line for line in planned if " -m pip install" in line]
+    assert installs and all(not {"--quiet", "-q", "-qq"} & set(line.split()) for line in installs)
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_the_demo_model_offline(wheel: Path, tmp_path: Path) -> None:
+    """`pip install clipdex` gives a model at once: `--model demo` finds the one in the wheel."""
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    path = [str(target)] + [p for p in sys.path if "site-packages" in p and "clipdex" not in p]
+    code = (f"import sys; sys.path[:0] = {path!r}; sys.argv = ['clipdex', 'embed', '--text', 'a red circle', "
+            "'--model', 'demo', '--json']; from clipdex.cli.main import main; main()")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    embedded = json.loads(result.stdout)
+    assert (embedded["model"], embedded["dim"]) == ("clipdex-demo", 128)
+    assert embedded["weights"] == f"checkpoint {target / 'clipdex' / 'demo_model' / 'clipdex-demo.pt'}"
 
 
 TYPED_APPLICATION = '''

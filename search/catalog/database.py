@@ -110,6 +110,8 @@ class Item(Base):
     extra: Mapped[str | None] = mapped_column(Text)  # JSON: other columns, truncation notes
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     indexed_at: Mapped[float] = mapped_column(Float)
+    # an application's own key for an item it added (`Library.add_texts` ...), unique; None for files and corpora
+    key: Mapped[str | None] = mapped_column(Text)
 
 
 class Change(Base):
@@ -181,7 +183,14 @@ def _migration_002_file_identity(connection: Connection) -> None:
     connection.execute(text("ALTER TABLE items ADD COLUMN inode BIGINT"))
 
 
-MIGRATIONS = [_migration_001_initial, _migration_002_file_identity]
+def _migration_003_item_keys(connection: Connection) -> None:
+    """Items an application adds under its own keys (`Library.add_texts`, `add_images`, `add_vectors`):
+    the key, unique among the items that have one (NULL for files and corpus texts)."""
+    connection.execute(text("ALTER TABLE items ADD COLUMN key TEXT"))
+    connection.execute(text("CREATE UNIQUE INDEX items_key ON items (key) WHERE key IS NOT NULL"))
+
+
+MIGRATIONS = [_migration_001_initial, _migration_002_file_identity, _migration_003_item_keys]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "catalog_types.SCHEMA_VERSION counts the migrations"
 
 _versions = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
@@ -445,6 +454,14 @@ class Catalog:
             for chunk in chunks(list(keys)):
                 query = select(Item.source_key, Item.id).where(and_(Item.source == source, Item.source_key.in_(chunk)))
                 found.update((row.source_key, row.id) for row in session.execute(query))
+        return found
+
+    def ids_of_item_keys(self, keys: Sequence[str]) -> dict[str, int]:
+        """Item ids by an application's own key (`NewItem.key`), for the keys that are in the catalog."""
+        found: dict[str, int] = {}
+        with self.sessions() as session:
+            for chunk in chunks(list(keys)):
+                found.update((row.key, row.id) for row in session.execute(select(Item.key, Item.id).where(Item.key.in_(chunk))))
         return found
 
     def texts_from(self, source: str) -> dict[str, tuple[int, str, str | None]]:

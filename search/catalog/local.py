@@ -285,6 +285,9 @@ class LocalCatalog:
         statement = "SELECT source_key, id FROM items WHERE source = ? AND source_key IN ({})"
         return {key: item_id for key, item_id in self._rows_in(statement, keys, before=(source,))}
 
+    def ids_of_item_keys(self, keys: Sequence[str]) -> dict[str, int]:
+        return {key: item_id for key, item_id in self._rows_in("SELECT key, id FROM items WHERE key IN ({})", keys)}
+
     def texts_from(self, source: str) -> dict[str, tuple[int, str, str | None]]:
         rows = self._rows("SELECT id, source_key, text, extra FROM items WHERE source = ?", (source,))
         return {key: (item_id, text, extra) for item_id, key, text, extra in rows}

@@ -21,14 +21,14 @@ import numpy as np
 
 from clipdex.search.errors import CatalogUnavailable, ClipdexError, LibraryBusy
 
-SCHEMA_VERSION = 2  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
+SCHEMA_VERSION = 3  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
 QUERY_CACHE_SIZE = 10_000  # text queries kept, least recently used evicted
 QUERY_CACHE_TOUCH_SECONDS = 3600.0  # a cache hit refreshes its use time at most this often
 # The item columns a caller may set (`NewItem.columns`, and a move's file columns).
 ITEM_COLUMNS = ("kind", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at", "camera_make",
-                "camera_model", "device", "inode", "text", "source", "source_key", "extra", "vector", "indexed_at")
+                "camera_model", "device", "inode", "text", "source", "source_key", "extra", "vector", "indexed_at", "key")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class NewItem:
     source: str | None = None
     source_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None  # an application's own key (`Library.add_texts` ...); None for files and corpora
 
     def columns(self) -> dict[str, Any]:
         taken = self.taken_at.isoformat() if isinstance(self.taken_at, datetime) else self.taken_at
@@ -75,6 +76,7 @@ class NewItem:
             "extra": json.dumps(self.extra, default=str) if self.extra else None,
             "vector": np.ascontiguousarray(self.vector, dtype=np.float32).tobytes(),
             "indexed_at": time.time(),
+            "key": self.key,
         }
 
 
@@ -118,6 +120,7 @@ class ItemRow:
     extra: str | None = None  # JSON: other columns, truncation notes
     vector: bytes = b""
     indexed_at: float = 0.0
+    key: str | None = None  # an application's own key, unique in the library (None: a file or a corpus text)
 
     FIELDS = ("id", *ITEM_COLUMNS)
 

@@ -22,15 +22,21 @@ from clipdex.search.errors import (
     ClipdexError,
     ImageTooLarge,
     InvalidQuery,
+    InvalidItems,
     ItemNotFound,
     LibraryBusy,
     LibraryClosed,
     ModelUnavailable,
+    ReadOnlyLibrary,
     UnreadableImage,
 )
 from clipdex.search.http.guard import RequestGuard
 from clipdex.search.http.media import FileUnavailable, ThumbnailCache, open_indexed_file, thumbnail_size
 from clipdex.search.http.schemas import (
+    AddedOut,
+    AddImagesRequest,
+    AddTextsRequest,
+    AddVectorsRequest,
     EmbedRequest,
     EmbedResponse,
     ErrorOut,
@@ -42,6 +48,8 @@ from clipdex.search.http.schemas import (
     ImageSearchForm,
     MAX_REPORTED_PROBLEMS,
     FieldProblem,
+    RemovedOut,
+    RemoveRequest,
     SearchRequest,
     SearchResponse,
     decode_base64_image,
@@ -55,6 +63,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 ERROR_STATUS: tuple[tuple[type[ClipdexError], int], ...] = (  # the first that matches
     (ItemNotFound, 404),
     (InvalidQuery, 400),
+    (InvalidItems, 400),
+    (ReadOnlyLibrary, 409),
     (ImageTooLarge, 413),
     (UnreadableImage, 400),
     (ModelUnavailable, 503),
@@ -76,9 +86,11 @@ ERROR_MEANINGS = {
     400: "The request cannot be used as sent: an image that is not base64 (outside its pattern), an empty "
          "upload, or bytes that do not decode as an image; a query the "
          "library cannot answer (a blank text, dates in the wrong order, more weights than terms, terms that "
-         "cancel out, a vector of another dimension); a bad Host or Content-Length header, or both Content-Length "
+         "cancel out, a vector of another dimension); keyed items that cannot be added (a blank text, a key twice in "
+         "one request, a vector of another dimension or all zeros: nothing of the request is added); a bad Host or Content-Length header, or both Content-Length "
          "and Transfer-Encoding",
     401: "No token or the wrong one: send 'Authorization: Bearer <token>'",
+    409: "The library cannot be written here (a read-only mount, another user's folder): it can only be searched",
     404: "No item with that id (also an id in `like`), or its file is gone or changed since it was indexed",
     413: "The body or the image is over the server's upload limit, or the image has more pixels than a query image may",
     422: "The request does not fit this document's schema; `errors` says where (the value sent is not echoed)",
@@ -121,6 +133,8 @@ def create_app(
     api = APIRouter(dependencies=security, responses=error_responses(401) if token else {})
     _add_search_routes(api, service, max_upload_bytes)
     _add_item_routes(api, service)
+    if token:  # writes only where every request must carry the token: a server without one is read-only
+        _add_key_routes(api, service, max_upload_bytes)
     app.include_router(api)
     _add_page(app)
     _add_docs(app)
@@ -230,6 +244,41 @@ def _add_search_routes(api: APIRouter, service: SearchService, max_upload_bytes:
             vector = service.embed_image(data)
         model = service.library.model
         return EmbedResponse(model=model.name, weights=model.weights, dim=int(vector.shape[0]), vector=vector.tolist())
+
+
+def _add_key_routes(api: APIRouter, service: SearchService, max_upload_bytes: int) -> None:
+    """Items under the application's own keys (`Library.add_texts` ...): each request one transaction, all or nothing."""
+    writing = error_responses(400, 409, 413, 422, 503)
+
+    @api.post("/keys/texts", response_model=AddedOut, tags=["keys"], responses=writing)
+    def add_texts(request: AddTextsRequest) -> AddedOut:
+        """Embed texts and add them under their keys; a key already there is replaced (same id)."""
+        items = request.items
+        result = service.add_texts([item.text for item in items], [item.key for item in items],
+                                   [item.metadata for item in items])
+        return AddedOut(**result.to_json())
+
+    @api.post("/keys/images", response_model=AddedOut, tags=["keys"], responses=writing)
+    def add_images(request: AddImagesRequest) -> AddedOut:
+        """Embed base64 images and add them under their keys (they have no path: nothing is served as a file)."""
+        images = [decode_base64_image(item.image) for item in request.items]
+        if sum(len(image) for image in images) > max_upload_bytes:
+            raise HTTPException(413, f"images larger than the server's limit of {max_upload_bytes} bytes")
+        result = service.add_images(images, [item.key for item in request.items], [item.metadata for item in request.items])
+        return AddedOut(**result.to_json())
+
+    @api.post("/keys/vectors", response_model=AddedOut, tags=["keys"], responses=writing)
+    def add_vectors(request: AddVectorsRequest) -> AddedOut:
+        """Add vectors of the library's model (normalized here) under their keys."""
+        items = request.items
+        result = service.add_vectors([item.key for item in items], [item.vector for item in items],
+                                     [item.metadata for item in items], request.kind)
+        return AddedOut(**result.to_json())
+
+    @api.post("/keys/remove", response_model=RemovedOut, tags=["keys"], responses=error_responses(409, 422, 503))
+    def remove(request: RemoveRequest) -> RemovedOut:
+        """Remove the items with these keys (a key not there is no error); files are never removed here."""
+        return RemovedOut(removed=service.remove(request.keys))
 
 
 def _search(service: SearchService, query: Query) -> SearchResponse:

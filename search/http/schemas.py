@@ -13,6 +13,7 @@ from fastapi import UploadFile
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from clipdex.search.index.keyed import MAX_KEY_CHARS
 from clipdex.search.query import Hit, Query
 
 MAX_TERMS = 16  # per kind of term; a query is a handful of terms, not a payload
@@ -210,13 +211,14 @@ class EmbedRequest(BaseModel):
 class ItemOut(BaseModel):
     id: int
     kind: str = Field(description="image or text")
+    key: str | None = Field(None, description="The application's own key of an item added under one (POST /keys/...); null for files")
     path: str | None = Field(None, description="The image file (images)")
     text: str | None = Field(None, description="The text (texts)")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def from_hit(cls, hit: Hit) -> "ItemOut":
-        return cls(id=hit.id, kind=hit.kind, path=hit.path, text=hit.text, metadata=hit.metadata)
+        return cls(id=hit.id, kind=hit.kind, key=hit.key, path=hit.path, text=hit.text, metadata=hit.metadata)
 
 
 class HitOut(ItemOut):
@@ -238,6 +240,96 @@ class EmbedResponse(BaseModel):
     weights: str | None
     dim: int
     vector: list[float]
+
+
+# -- items under the application's own keys (`Library.add_texts` ...): what one request may carry --
+
+MAX_KEYED_ITEMS = 64  # texts or vectors per request
+MAX_KEYED_IMAGES = 16  # images per request (and all of them within the upload limit)
+MAX_KEYS_REMOVED = 1_000
+MAX_ITEM_TEXT_CHARS = 10_000  # a longer text is embedded by its beginning anyway
+MAX_VECTOR_DIM = 8_192
+MAX_METADATA_FIELDS = 32
+MAX_METADATA_NAME_CHARS = 100
+MAX_METADATA_TEXT_CHARS = 2_000
+NO_NUL = r"^[^\x00]+$"  # PostgreSQL cannot store NUL in text
+
+ItemKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_CHARS, pattern=NO_NUL),
+                    BeforeValidator(_valid_unicode)]
+ItemText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ITEM_TEXT_CHARS, pattern=NO_NUL),
+                     BeforeValidator(_valid_unicode)]
+MetadataName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_NAME_CHARS),
+                         BeforeValidator(_valid_unicode)]
+MetadataText = Annotated[str, StringConstraints(max_length=MAX_METADATA_TEXT_CHARS), BeforeValidator(_valid_unicode)]
+MetadataNumber = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MetadataValue = MetadataText | MetadataNumber | FiniteNumber | bool | None
+Metadata = Annotated[dict[MetadataName, MetadataValue], Field(
+    max_length=MAX_METADATA_FIELDS,
+    description=f"Up to {MAX_METADATA_FIELDS} fields of text, number, boolean or null; given back as the hit's metadata",
+)]
+
+
+class KeyedItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: ItemKey = Field(description="The application's own key: a new one adds an item, one already there replaces it")
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class TextItem(KeyedItem):
+    text: ItemText = Field(description="The text to embed")
+
+
+class ImageItem(KeyedItem):
+    image: Base64Image = Field(description="The image as base64 (a data: URL prefix is allowed)")
+
+
+class VectorItem(KeyedItem):
+    vector: list[FiniteNumber] = Field(min_length=1, max_length=MAX_VECTOR_DIM,
+                                       description="A vector of the library's model and dimension (normalized here)")
+
+
+class AddTextsRequest(BaseModel):
+    """`POST /keys/texts`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[TextItem] = Field(min_length=1, max_length=MAX_KEYED_ITEMS, description="Each key once")
+
+
+class AddImagesRequest(BaseModel):
+    """`POST /keys/images`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[ImageItem] = Field(min_length=1, max_length=MAX_KEYED_IMAGES, description="Each key once")
+
+
+class AddVectorsRequest(BaseModel):
+    """`POST /keys/vectors`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[VectorItem] = Field(min_length=1, max_length=MAX_KEYED_ITEMS, description="Each key once")
+    kind: Literal["image", "text"] = Field("image", description="What the vectors are of (for the `kind` filter)")
+
+
+class RemoveRequest(BaseModel):
+    """`POST /keys/remove`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    keys: list[ItemKey] = Field(min_length=1, max_length=MAX_KEYS_REMOVED, description="Keys of items to remove")
+
+
+class AddedOut(BaseModel):
+    added: int = Field(description="Items with a new key")
+    replaced: int = Field(description="Items whose key was there: replaced in place, keeping their ids")
+    ids: list[int] = Field(description="The items' ids, in the request's order")
+
+
+class RemovedOut(BaseModel):
+    removed: int = Field(description="How many of the keys named an item (the others are no error)")
 
 
 class FieldProblem(BaseModel):

@@ -9,6 +9,7 @@ import numpy as np
 
 from clipdex.search.catalog.types import ItemRow
 from clipdex.search.errors import ItemNotFound
+from clipdex.search.index.keyed import KeyedResult
 from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 from clipdex.search.library import Library
 from clipdex.search.query import Hit, Query
@@ -39,6 +40,24 @@ class SearchService:
         image = decode_image(data, name="uploaded image", max_pixels=MAX_QUERY_IMAGE_PIXELS).image
         with self._model_lock:
             return self.library.encoder.encode_images([image])[0]
+
+    def add_texts(self, texts: list[str], keys: list[str], metadata: list[dict[str, Any]]) -> KeyedResult:
+        """Add keyed texts (`Library.add_texts`); the model lock is held throughout: one write at a time."""
+        with self._model_lock:
+            return self.library.add_texts(texts, keys, metadata)
+
+    def add_images(self, images: list[bytes], keys: list[str], metadata: list[dict[str, Any]]) -> KeyedResult:
+        with self._model_lock:
+            return self.library.add_images(images, keys, metadata)
+
+    def add_vectors(self, keys: list[str], vectors: list[list[float]], metadata: list[dict[str, Any]],
+                    kind: str) -> KeyedResult:
+        with self._model_lock:
+            return self.library.add_vectors(keys, vectors, metadata, kind)
+
+    def remove(self, keys: list[str]) -> int:
+        with self._model_lock:
+            return self.library.remove(keys)
 
     def stats(self) -> dict[str, Any]:
         return self.library.stats()  # its vector count comes from the index, caught up first

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         GpuUnavailable,
         Hit,
         ImageTooLarge,
+        InvalidItems,
         InvalidQuery,
         InvalidVectors,
         ItemNotFound,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AddressUnavailable", "CatalogUnavailable", "ClipdexError", "ClusterError", "CorruptLibrary",
     "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DamagedVectors", "FileUnavailable", "Filters", "GpuUnavailable",
-    "Hit", "ImageTooLarge", "IndexReport", "InvalidQuery", "InvalidVectors", "ItemNotFound", "Library",
+    "Hit", "ImageTooLarge", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors", "ItemNotFound", "Library",
     "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError", "MissingDependency",
     "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term", "TextExportRefused",
     "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "index_paths", "open_library",
