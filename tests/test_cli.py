@@ -128,7 +128,7 @@ def test_model_mismatch_is_a_clear_error(indexed, tmp_path: Path) -> None:
 @pytest.mark.parametrize("arguments, message", [
     (["--after", "2024-05-01", "--before", "2024-01-01"], "--after 2024-05-01T00:00:00 is not before --before 2024-01-01T00:00:00"),
     (["--after", "last tuesday"], "--after wants a date or time like 2024-07-31 or 2024-07-31T18:30, not 'last tuesday'"),
-    (["--kind", "video"], "--kind must be one of image, text, any, not 'video'"),
+    (["--like", "0"], "--like 0: item ids are between 1 and 9223372036854775807"),
 ])
 def test_query_errors_name_the_flags(indexed, arguments: list[str], message: str) -> None:
     """The library's errors name its arguments (`after=`); the CLI says its flags."""
