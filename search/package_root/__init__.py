@@ -59,8 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AddressUnavailable", "CatalogUnavailable", "ClipdexError", "ClusterError", "CorruptLibrary",
     "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DamagedVectors", "FileUnavailable", "Filters", "GpuUnavailable",
-    "Hit", "ImageTooLarge", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors", "ItemNotFound", "Library",
-    "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError", "MissingDependency",
+    "Hit", "ImageTooLarge", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors", "ItemNotFound",
+    "Library", "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError", "MissingDependency",
     "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term", "TextExportRefused",
     "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "index_paths", "open_library",
 ]
