@@ -88,7 +88,9 @@ class FirstExport:
         """One for this run when it is such a first run (else None): the export is pending and the library writable."""
         if images == 0 or library.catalog.read_only or not library.encoders.export_pending():
             return None
-        return cls(library, model_threads, images)
+        first = cls(library, model_threads, images)
+        library.encoders.first_export_begins()  # text queries wait for its text tower, until `finish` at the latest
+        return first
 
     # -- what the decoders call (as they call an encoder's) ----------------------------------
 
@@ -173,6 +175,7 @@ class FirstExport:
         except BaseException as error:  # handed to the decoders, the lanes and the run's end
             self._fail(error)
         finally:
+            self.library.encoders.first_export_ends()
             self._ready.set()
             self._finished.set()
             with self._turns:
@@ -310,6 +313,7 @@ class FirstExport:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        self.library.encoders.first_export_ends()  # also when it never began
         return self.seconds
 
     @property
