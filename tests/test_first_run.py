@@ -70,3 +70,77 @@ def test_concurrent_exports_in_one_process_are_not_refusals(tiny_model, tmp_path
     assert sum(result is not None for result in results) == 2  # each tower exported once
     assert list(tmp_path.glob("*.refused.json")) == []
 
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then let go)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_first_index_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path: Path, make_images) -> None:  # type: ignore[no-untyped-def]
+    """`clipdex index` with the default model, its weights never downloaded, and the model hub
+    at a closed local port: one line, within seconds (not a minute of retries), naming the way out."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    make_images(tmp_path / "pics", 2)
+    port = closed_port()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "COLUMNS": "2000"}
+    env.pop("HF_HUB_OFFLINE")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "clipdex.cli", "index", str(tmp_path / "pics"), "--library",
+                           str(tmp_path / "lib"), "--quiet"], capture_output=True, text=True, timeout=120, env=env)
+    seconds = time.monotonic() - started
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    demo = Path(__file__).resolve().parents[1] / "data" / "demo-model"
+    assert lines[0] == (
+        "Error: cannot fetch the weights of model ViT-B-32 (pretrained tag 'laion2b_s34b_b79k'): they are not in this "
+        f"machine's cache, and http://127.0.0.1:{port} cannot be reached (Connection refused). Use a local checkpoint "
+        "file (--model ARCHITECTURE --pretrained FILE; in Python ModelSpec(ARCHITECTURE, FILE)) or the small demo model "
+        f"(--model {demo / 'clipdex-demo.json'} --pretrained {demo / 'clipdex-demo.pt'}); HF_HUB_OFFLINE=1 uses only "
+        "weights downloaded before, never waiting on the hub")
+    assert seconds < 20  # python and clipdex's imports, then one refused connection (retrying took a minute and more)
+    assert not (tmp_path / "lib").exists()
+
+
+def test_a_library_whose_first_index_failed_can_be_made_again_for_another_model(tmp_path: Path, tiny_model,  # type: ignore[no-untyped-def]
+                                                                                make_images) -> None:
+    """From Python: a library made for a model whose weights cannot be had (offline here), its
+    first index failed, is made anew when opened with another model and `create`."""
+    import pytest
+
+    from clipdex.search.errors import ModelMismatch, ModelUnavailable
+
+    make_images(tmp_path / "pics", 3)
+    first = Library.open(tmp_path / "lib", create=True, device="cpu")
+    with pytest.raises(ModelUnavailable, match="HF_HUB_OFFLINE"):
+        index_paths(first, [tmp_path / "pics"])
+    first.close()
+    with pytest.raises(ModelMismatch):  # without `create`, the library stays as it is
+        Library.open(tmp_path / "lib", model=tiny_model, device="cpu")
+    with Library.open(tmp_path / "lib", model=tiny_model, create=True, device="cpu") as again:
+        assert again.model.name == "tiny-clip" and again.created
+        assert index_paths(again, [tmp_path / "pics"]).added == 3
+    with Library.open(tmp_path / "lib", create=True, device="cpu", model=None) as reopened:
+        assert reopened.model.name == "tiny-clip"
+
+
+def test_a_library_with_vectors_is_never_made_again_for_another_model(library: Library, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                      make_images) -> None:
+    import pytest
+
+    from clipdex.search.encoders.model import ModelSpec
+    from clipdex.search.errors import ModelMismatch
+
+    make_images(tmp_path / "pics", 2)
+    index_paths(library, [tmp_path / "pics"])
+    with pytest.raises(ModelMismatch):
+        Library.open(library.path, model=ModelSpec("ViT-B-32", "laion2b_s34b_b79k"), create=True)
+    assert library.catalog.counts()["image"] == 2
