@@ -94,7 +94,7 @@ def test_a_first_index_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_pa
     env.pop("HF_HUB_OFFLINE")
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "clipdex.cli", "index", str(tmp_path / "pics"), "--library",
-                           str(tmp_path / "lib"), "--quiet"], capture_output=True, text=True, timeout=120, env=env)
+                           str(tmp_path / "lib")], capture_output=True, text=True, timeout=120, env=env)
     seconds = time.monotonic() - started
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
