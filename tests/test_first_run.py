@@ -144,3 +144,56 @@ def test_a_library_with_vectors_is_never_made_again_for_another_model(library: L
     with pytest.raises(ModelMismatch):
         Library.open(library.path, model=ModelSpec("ViT-B-32", "laion2b_s34b_b79k"), create=True)
     assert library.catalog.counts()["image"] == 2
+
+
+def test_index_paths_tells_its_phases_with_counts(library: Library, tmp_path: Path, make_images) -> None:  # type: ignore[no-untyped-def]
+    """A first run tells scan, export (towers done of 2), embed and commit, with counts; a
+    callable of (done, total), the older form, gets the embed phase's counts."""
+    from clipdex.indexer.progress import IndexProgress
+
+    make_images(tmp_path / "pics", 10)
+    steps: list[IndexProgress] = []
+    report = index_paths(library, [tmp_path / "pics"], batch_size=4, progress=steps.append)
+    assert report.added == 10
+    assert all(isinstance(step, IndexProgress) for step in steps)
+    by_phase = {phase: [(step.done, step.total) for step in steps if step.phase == phase]
+                for phase in ("scan", "export", "embed", "commit")}
+    assert by_phase["scan"] == [(0, None), (10, 10)]
+    assert by_phase["export"][0] == (0, 2) and by_phase["export"][-1] == (2, 2) and (1, 2) in by_phase["export"]
+    assert by_phase["embed"][-1] == (10, 10) and all(total == 10 for _, total in by_phase["embed"])
+    assert by_phase["commit"][-1] == (10, 10) and [done for done, _ in by_phase["commit"]] == sorted(
+        done for done, _ in by_phase["commit"])
+    assert steps[0].phase == "scan" and steps[-1].phase in ("embed", "commit", "export")
+
+    make_images(tmp_path / "more", 3)
+    counts: list[tuple[int, int]] = []
+    index_paths(library, [tmp_path / "pics", tmp_path / "more"], progress=lambda done, total: counts.append((done, total)))
+    assert counts and counts[-1] == (3, 3)
+
+
+def test_a_run_that_exports_at_its_end_tells_so(tmp_path: Path, tiny_model, make_images) -> None:  # type: ignore[no-untyped-def]
+    """On torch (no first export before the photos), the export after them is told too."""
+    from clipdex.indexer.progress import IndexProgress
+
+    make_images(tmp_path / "pics", 3)
+    steps: list[IndexProgress] = []
+    with Library.open(tmp_path / "lib", model=tiny_model, create=True, device="cpu", runtime="torch") as library:
+        index_paths(library, [tmp_path / "pics"], progress=steps.append)
+    assert [(step.done, step.total) for step in steps if step.phase == "export"] == [(0, None), (1, 1)]
+    assert (tmp_path / "lib" / "text_encoder").is_dir()
+
+
+def test_loading_the_model_logs_nothing_on_the_root_logger(tiny_model, caplog) -> None:  # type: ignore[no-untyped-def]
+    """open_clip's INFO lines (logged on the root logger) come under clipdex's own logger, at DEBUG."""
+    import logging
+
+    from clipdex.search.encoders.open_clip_logs import LOGGER_NAME
+    from clipdex.search.encoders.torch_clip import TorchClipEncoder
+
+    caplog.set_level(logging.DEBUG)
+    TorchClipEncoder(tiny_model.resolve(), "cpu").load()
+    assert [record.getMessage() for record in caplog.records if record.name == "root"] == []
+    moved = [record for record in caplog.records if record.name == LOGGER_NAME]
+    assert moved and {record.levelno for record in moved} == {logging.DEBUG}
+    logging.getLogger().info("the application's own line")  # anything else passes untouched
+    assert caplog.records[-1].name == "root" and caplog.records[-1].getMessage() == "the application's own line"

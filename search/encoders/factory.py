@@ -141,6 +141,29 @@ class LibraryEncoders:
 
             ensure_weights(self.model)
 
+    def export_due(self) -> bool:
+        """Whether `export_text` has something to export now (the loaded torch model's towers
+        lack their exports, and were not refused): what a run tells before it calls it."""
+        import importlib.util
+
+        from clipdex.search.encoders.torch_clip import TorchClipEncoder
+
+        model = self._image_text
+        if not (model is not None and model.loaded and isinstance(model, TorchClipEncoder)) \
+                or importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+            return False
+        from clipdex.search.encoders.image_export import image_export_refused
+        from clipdex.search.encoders.onnx_image import installed_image_export
+        from clipdex.search.encoders.onnx_text import installed_export
+        from clipdex.search.encoders.text_export import export_refused
+
+        text_due = installed_export(self.library_path, self.model, self.dim) is None \
+            and not export_refused(self.library_path, self.model)
+        image_due = self.requested_runtime != "torch" and model.device == "cpu" \
+            and installed_image_export(self.library_path, self.model, self.dim) is None \
+            and not image_export_refused(self.library_path, self.model)
+        return text_due or image_due
+
     def export_pending(self) -> bool:
         """Whether the next run that loads the open_clip model will export it to ONNX (a one-time cost)."""
         import importlib.util

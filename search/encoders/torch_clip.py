@@ -116,6 +116,9 @@ class TorchClipEncoder(ImageTextEncoder):
         return self
 
     def _load(self) -> None:
+        from clipdex.search.encoders.open_clip_logs import route_open_clip_logs
+
+        route_open_clip_logs()  # its INFO lines go to clipdex's logger, at DEBUG, not to the root logger
         import torch
 
         import open_clip
