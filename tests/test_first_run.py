@@ -7,13 +7,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from clipdex.indexer import index_paths
 from clipdex.search.library import Library
 
 
-def test_searches_during_the_first_run_all_succeed(library: Library, tmp_path: Path, make_images) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("exporter", ["thread", pytest.param("process", marks=pytest.mark.export_process)])
+def test_searches_during_the_first_run_all_succeed(library: Library, tmp_path: Path, make_images,  # type: ignore[no-untyped-def]
+                                                   exporter: str) -> None:
     """Text searches from several threads while the first index_paths exports the model (with
-    the export cache empty): none fails, and no export is recorded as refused."""
+    the export cache empty), on a thread of this process (as the export falls back to, and
+    as the tests run it) and in its own process: none fails, and no export is recorded as refused."""
     make_images(tmp_path / "pics", 48)
     done = threading.Event()
     errors: list[BaseException] = []
@@ -46,6 +51,55 @@ def test_searches_during_the_first_run_all_succeed(library: Library, tmp_path: P
     assert answered[0] >= 8
     assert sorted(path.name for path in library.path.glob("*.refused.json")) == []
     assert (library.path / "text_encoder").is_dir() and (library.path / "image_encoder").is_dir()
+
+
+@pytest.mark.parametrize("exporter", ["thread", pytest.param("process", marks=pytest.mark.export_process)])
+def test_searches_during_the_first_export_wait_for_it_and_never_load_the_model(  # type: ignore[no-untyped-def]
+        library: Library, tmp_path: Path, make_images, exporter: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searches begun once the first run's export has begun (told by its progress) wait for the
+    text tower's export and run on it: this process never loads the model a second time."""
+    from clipdex.indexer.progress import IndexProgress
+    from clipdex.search.encoders.onnx_text import OnnxTextEncoder
+    from clipdex.search.encoders.torch_clip import TorchClipEncoder
+
+    loads: list[object] = []
+    real_load = TorchClipEncoder._load
+
+    def counted_load(encoder: TorchClipEncoder) -> None:
+        loads.append(encoder)
+        real_load(encoder)
+
+    monkeypatch.setattr(TorchClipEncoder, "_load", counted_load)
+
+    make_images(tmp_path / "pics", 24)
+    exporting = threading.Event()
+    results: list[object] = []
+
+    def tell(step: IndexProgress) -> None:
+        if step.phase == "export" and step.done == 0:
+            exporting.set()
+
+    def search(number: int) -> None:
+        exporting.wait(timeout=120)
+        try:
+            results.append(library.search(text=f"query {number}", k=3))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            results.append(error)
+
+    searches = [threading.Thread(target=search, args=(number,)) for number in range(3)]
+    for thread in searches:
+        thread.start()
+    try:
+        index_paths(library, [tmp_path / "pics"], batch_size=8, progress=tell)
+    finally:
+        exporting.set()
+        for thread in searches:
+            thread.join(timeout=120)
+    assert [result for result in results if isinstance(result, BaseException)] == [] and len(results) == 3
+    assert library.encoders.runtime() == "onnx"
+    # the searches waited for the export, rather than load the model here: only the exporter did (on a thread)
+    assert len(loads) == (1 if exporter == "thread" else 0)
+    assert isinstance(library.text_encoder(), OnnxTextEncoder)
 
 
 def test_concurrent_exports_in_one_process_are_not_refusals(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

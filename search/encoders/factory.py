@@ -332,6 +332,9 @@ class LibraryEncoders:
             if self.model_loaded and not self._runs_on_onnx():
                 return self.image_text
             exported = self.text_export()
+            if exported is None and self._runs_on_onnx():  # the images on their export: look the text's up again
+                self._text_export_looked_up = False
+                exported = self.text_export()
             if exported is not None:
                 return exported
             self._text_on_torch()  # images on their export, texts without one: a first run that failed midway
