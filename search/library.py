@@ -78,6 +78,10 @@ class Library:
         PostgreSQL catalog instead of LIBRARY/catalog.sqlite; a catalog that already holds
         a library is attached to (a replica), its model read from the catalog. `runtime`:
         what runs the model (auto, torch or onnx; see `LibraryEncoders`).
+
+        With `create` and another `model`, a library of its own catalog that never committed
+        anything (a first index that failed: its model's weights could not be had, say) is
+        made anew for `model`, rather than left pinned to a model that cannot load.
         """
         directory = resolve_library_path(path)
         manifest_path = directory / MANIFEST_FILE
@@ -90,9 +94,12 @@ class Library:
                     f"library {directory} already uses {manifest.catalog or 'its own catalog.sqlite'}, "
                     f"not {_public_url(catalog)}; attach another folder to that catalog instead"
                 )
-            if model is not None:
-                manifest.model.check_compatible(model.resolve(known=manifest.model), directory)
-            return cls(directory, manifest, device, runtime=runtime)
+            requested = model.resolve(known=manifest.model) if model is not None else None
+            if not (requested is not None and create and not manifest.model.same_model(requested)
+                    and cls._discard_if_never_indexed(directory, manifest)):
+                if requested is not None:
+                    manifest.model.check_compatible(requested, directory)
+                return cls(directory, manifest, device, runtime=runtime)
         if not create:
             raise LibraryNotFound(directory)
         if directory.exists() and not directory.is_dir():
@@ -111,6 +118,26 @@ class Library:
         library.created = True
         library.attached = attached
         return library
+
+    @classmethod
+    def _discard_if_never_indexed(cls, directory: Path, manifest: Manifest) -> bool:
+        """Remove the library at `directory` if it has its own catalog and never committed
+        anything (generation 0, no items), under its write lock (LibraryBusy: a run is on);
+        whether it was removed."""
+        if manifest.catalog is not None:
+            return False  # a shared catalog: other replicas may be attached to it
+        import shutil
+
+        library = cls(directory, manifest, "cpu")
+        try:
+            with library.locked():
+                if library.catalog.generation() != 0 or any(library.catalog.counts().values()):
+                    return False
+                library.close()
+                shutil.rmtree(directory)
+        finally:
+            library.close()
+        return True
 
     def close(self) -> None:
         self.catalog.close()
