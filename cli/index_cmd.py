@@ -16,6 +16,7 @@ from clipdex.cli.common import (
     ModelOption,
     PretrainedOption,
     RuntimeOption,
+    discard_new_library_on_error,
     err,
     handles_errors,
     open_library,
@@ -68,6 +69,9 @@ def index(
 
         cluster = ClusterOptions(ray, gpus_per_worker=ray_gpus_per_worker)
     lib = open_library(library, model, pretrained, device, create=True, catalog=catalog, runtime=runtime)
+    if cluster is None and not any(lib.catalog.counts().values()):
+        with discard_new_library_on_error(lib):
+            lib.encoders.ensure_weights()  # offline: the one-line error now, before any notice or progress bar
     if not quiet and lib.encoders.export_pending():
         how = ("also exports the model to ONNX, once for this library" if cluster is not None else
                "first exports the model to ONNX, once for this library (the photos are decoded meanwhile, then embedded "

@@ -45,7 +45,7 @@ from clipdex.search.errors import ClipdexError, ClusterError, UnreadableFile
 from clipdex.search.library import Library
 from clipdex.search.ray_cluster import check_paths_visible, cluster_cpus, cluster_gpus, ray_session
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]  # (done, total) of the embed phase
 KNOWN_ELSEWHERE = -1  # what a worker's hash lookup answers for bytes the driver will find a stored vector for
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from clipdex.indexer.progress import ProgressReporter
 from clipdex.search.encoders import export_process
 from clipdex.search.cores import available_cores
 from clipdex.search.errors import ClipdexError
@@ -60,8 +61,10 @@ class FirstExport:
     lane until the images can be embedded on what the export made (or, refused, on torch).
     """
 
-    def __init__(self, library: Library, model_threads: int | None, images: int) -> None:
+    def __init__(self, library: Library, model_threads: int | None, images: int,
+                 progress: ProgressReporter | None = None) -> None:
         self.library = library
+        self.progress = progress or ProgressReporter(None)  # told the export's steps: towers done of 2
         self.model_threads = model_threads  # each lane's threads, set on the encoder the lanes then use
         self.images = images  # about how many images the run embeds (`expect_images`)
         self.seconds = 0.0  # what the export took (0: nothing was exported)
@@ -84,11 +87,14 @@ class FirstExport:
         self.decoders_while_exporting = max(1, available_cores() - 1)
 
     @classmethod
-    def for_run(cls, library: Library, model_threads: int | None, images: int) -> "FirstExport | None":
+    def for_run(cls, library: Library, model_threads: int | None, images: int,
+                progress: ProgressReporter | None = None) -> "FirstExport | None":
         """One for this run when it is such a first run (else None): the export is pending and the library writable."""
         if images == 0 or library.catalog.read_only or not library.encoders.export_pending():
             return None
-        return cls(library, model_threads, images)
+        first = cls(library, model_threads, images, progress)
+        library.encoders.first_export_begins()  # text queries wait for its text tower, until `finish` at the latest
+        return first
 
     # -- what the decoders call (as they call an encoder's) ----------------------------------
 
@@ -150,6 +156,7 @@ class FirstExport:
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._export, name="clipdex-export", daemon=True)
+            self.progress("export", 0, 2)
             try:
                 self._thread.start()
             except BaseException as error:  # no thread: nobody may wait for it
@@ -173,6 +180,8 @@ class FirstExport:
         except BaseException as error:  # handed to the decoders, the lanes and the run's end
             self._fail(error)
         finally:
+            self.library.encoders.first_export_ends()
+            self.progress("export", 2, 2)
             self._ready.set()
             self._finished.set()
             with self._turns:
@@ -275,6 +284,7 @@ class FirstExport:
         if self.model_threads is not None:
             encoder.set_threads(self.model_threads)
         encoder.expect_images(self.images)
+        self.progress("export", 1, 2)
         self._ready.set()
 
     @contextmanager
@@ -310,6 +320,7 @@ class FirstExport:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        self.library.encoders.first_export_ends()  # also when it never began
         return self.seconds
 
     @property

@@ -17,15 +17,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from clipdex.indexer.first_export import FirstExport
+from clipdex.indexer.progress import ProgressReporter
 from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.rules import ScanDiff, _commit, _embed, _HashLookup, _Job, _prepare, _prepare_again, _Prepared
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.library import Library
 from clipdex.search.index.vectors import faiss_module
-
-ProgressCallback = Callable[[int, int], None]
-
 
 @dataclass(frozen=True)
 class ThreadPlan:
@@ -83,7 +81,7 @@ def run_jobs(
     report: IndexReport,
     batch_size: int,
     workers: int | None = None,
-    progress: ProgressCallback | None = None,
+    progress: ProgressReporter | None = None,
     stop: threading.Event | None = None,
     export: bool = True,
 ) -> None:
@@ -92,13 +90,14 @@ def run_jobs(
     `stop`: when set (checked after each file), the run ends once the batches in flight are committed.
     `export`: a run that must export the model (`LibraryEncoders.export_pending`) exports it
     first and embeds on the export (`clipdex.indexer.first_export`); without, it exports nothing.
+    `progress`: told the embed and commit phases' counts, and the first export's (`clipdex.indexer.progress`).
     """
     plan = plan_threads(library.encoders.requested_device, workers)
-    first_export = FirstExport.for_run(library, plan.model_threads, len(diff.jobs)) if export else None
-    if first_export is None:
-        library.encoder.expect_images(len(diff.jobs))
     faiss_too = not library.store.defers_index(len(diff.jobs))
+    first_export = FirstExport.for_run(library, plan.model_threads, len(diff.jobs), progress) if export else None
     try:
+        if first_export is None:
+            library.encoder.expect_images(len(diff.jobs))
         with _model_threads(library, plan.model_threads, faiss_too=faiss_too, encoder_too=first_export is None):
             _run_jobs(library, writer, diff, report, batch_size, plan, progress, stop, first_export)
     finally:
@@ -139,7 +138,7 @@ def _run_jobs(
     report: IndexReport,
     batch_size: int,
     plan: ThreadPlan,
-    progress: ProgressCallback | None,
+    progress: ProgressReporter | None,
     stop: threading.Event | None,
     first_export: FirstExport | None = None,
 ) -> None:
@@ -150,18 +149,23 @@ def _run_jobs(
     known_hashes = diff.hash_lookup(library)
     lanes = plan.model_lanes
     in_flight: deque[tuple[list[_Prepared], list[Future[dict[int, np.ndarray]]]]] = deque()
+    committed = 0
 
     def submit(model_pool: ThreadPoolExecutor, ready: list[_Prepared]) -> None:
         parts = _split(ready, lanes if plan.split_batches else 1)
         in_flight.append((ready, [model_pool.submit(_embed_when_ready, first_export, library, part) for part in parts]))
 
     def commit_down_to(limit: int) -> None:
+        nonlocal committed
         while len(in_flight) > limit:
             ready, embedded = in_flight.popleft()
             vectors: dict[int, np.ndarray] = {}
             for part in embedded:
                 vectors.update(part.result())
             _commit(library, writer, ready, vectors, diff.vanished, diff.vanished_by_id, report)
+            committed += len(ready)
+            if progress:
+                progress("commit", committed, len(jobs))
 
     batch: list[_Prepared] = []
     done = 0
@@ -184,7 +188,7 @@ def _run_jobs(
                     batch = []
                     commit_down_to(lanes - 1)
                 if progress:
-                    progress(done, len(jobs))
+                    progress("embed", done, len(jobs))
                 if stop is not None and stop.is_set():  # checked per file: a run of failing files cannot hold it up
                     report.interrupted = True
                     break
@@ -196,7 +200,7 @@ def _run_jobs(
                 for part in embedded:
                     part.cancel()
     if progress:
-        progress(done, len(jobs))
+        progress("embed", done, len(jobs))
 
 
 def _split(batch: list[_Prepared], parts: int) -> list[list[_Prepared]]:

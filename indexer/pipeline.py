@@ -17,7 +17,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from clipdex.indexer.local import ProgressCallback, run_jobs
+from clipdex.indexer.local import run_jobs
+from clipdex.indexer.progress import ProgressCallback, ProgressReporter
 from clipdex.indexer.report import IndexReport
 from clipdex.indexer.rules import diff_scan, remove_vanished
 from clipdex.indexer.scan import scan
@@ -45,6 +46,8 @@ def index_paths(
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
+    `progress`: told each phase (scan, export, embed, commit) with its counts, as an
+    `IndexProgress` (`clipdex.indexer.progress`; a callable of `(done, total)` gets the embed phase's).
     `stop`: when set (by a Ctrl-C handler, say), the run ends once the batches in flight are committed.
     `prune_empty_roots`: a root folder with no images at all normally keeps its indexed
     items (an unmounted drive looks just like that); with this, they are removed.
@@ -55,25 +58,30 @@ def index_paths(
     """
     started = time.monotonic()
     report = IndexReport()
+    tell = ProgressReporter(progress)
     # The diff and the commits happen under the write lock: another run cannot slip in between.
     with library.writer() as writer:
         if cluster is None and not any(library.catalog.counts().values()):
             # a first run embeds whatever the scan finds, and a scan may take minutes: the weights first
             library.encoders.ensure_weights()
+        tell("scan", 0, None)
         result = scan(paths, exclude=exclude, include_hidden=include_hidden, skip_dirs=[str(library.path)],
                       max_file_bytes=max_file_bytes(max_file_mb))
+        tell("scan", len(result.files), len(result.files))
         diff = diff_scan(library, result, prune_empty_roots)
         report.failed += diff.failures
         report.unchanged = diff.unchanged
         if diff.jobs and cluster is not None:
             from clipdex.indexer.cluster import run_jobs_on_cluster
 
-            run_jobs_on_cluster(library, writer, diff, report, batch_size, cluster, progress, stop)
+            run_jobs_on_cluster(library, writer, diff, report, batch_size, cluster, tell.files("embed"), stop)
         elif diff.jobs:
-            run_jobs(library, writer, diff, report, batch_size, workers, progress, stop, export=export_text)
+            run_jobs(library, writer, diff, report, batch_size, workers, tell, stop, export=export_text)
         remove_vanished(writer, diff, report)
     report.model_loaded = library.encoders.model_loaded
-    if report.model_loaded and export_text and not report.interrupted:
+    if report.model_loaded and export_text and not report.interrupted and library.encoders.export_due():
+        tell("export", 0, None)
         report.export_seconds += library.export_text_encoder()  # a first export before the photos counted already
+        tell("export", 1, 1)
     report.seconds = time.monotonic() - started
     return report

@@ -117,6 +117,10 @@ class Library:
         (auto, cpu or cuda). `wait`: how many seconds a writer (`index_paths`, `writer()`)
         waits for another writer (a CLI index run, another thread) to finish before it
         raises LibraryBusy; 0 raises at once.
+
+        With `create` and another `model`, a library of its own catalog that never committed
+        anything (a first index that failed: its model's weights could not be had, say) is
+        made anew for `model`, rather than left pinned to a model that cannot load.
         """
         if wait < 0:
             raise ClipdexError(f"wait= is a number of seconds, not {wait!r}")
@@ -133,11 +137,14 @@ class Library:
                     f"library {directory} already uses {manifest.catalog or 'its own catalog.sqlite'}, "
                     f"not {_public_url(catalog)}; attach another folder to that catalog instead"
                 )
-            if model is not None:
-                manifest.model.check_compatible(model.resolve(known=manifest.model), directory)
-            opened = cls(directory, manifest, device, runtime=runtime)
-            opened.wait = wait
-            return opened
+            requested = model.resolve(known=manifest.model) if model is not None else None
+            if not (requested is not None and create and not manifest.model.same_model(requested)
+                    and cls._discard_if_never_indexed(directory, manifest)):
+                if requested is not None:
+                    manifest.model.check_compatible(requested, directory)
+                opened = cls(directory, manifest, device, runtime=runtime)
+                opened.wait = wait
+                return opened
         if not create:
             raise LibraryNotFound(directory)
         if directory.exists() and not directory.is_dir():
@@ -157,6 +164,26 @@ class Library:
         library.attached = attached
         library.wait = wait
         return library
+
+    @classmethod
+    def _discard_if_never_indexed(cls, directory: Path, manifest: Manifest) -> bool:
+        """Remove the library at `directory` if it has its own catalog and never committed
+        anything (generation 0, no items), under its write lock (LibraryBusy: a run is on);
+        whether it was removed."""
+        if manifest.catalog is not None:
+            return False  # a shared catalog: other replicas may be attached to it
+        import shutil
+
+        library = cls(directory, manifest, "cpu")
+        try:
+            with library.locked():
+                if library.catalog.generation() != 0 or any(library.catalog.counts().values()):
+                    return False
+                library.close()
+                shutil.rmtree(directory)
+        finally:
+            library.close()
+        return True
 
     def close(self) -> None:
         """Let go of the catalog's connections; afterwards every method raises LibraryClosed."""

@@ -146,10 +146,17 @@ def test_unfetchable_weights_name_the_model_and_the_way_out(tmp_path: Path, make
     assert not (tmp_path / "lib").exists(), "a failed first run must not leave a library bound to that model"
 
 
-OFFLINE_WEIGHTS = ("Error: cannot fetch the weights of model ViT-B-32 (pretrained tag 'laion2b_s34b_b79k'): they are not "
-                   "in this machine's cache, and HF_HUB_OFFLINE is set. open_clip downloads them from the model hub on "
-                   "first use; without network access, pass a local checkpoint file with --pretrained FILE (and the "
-                   "architecture with --model)")
+def _offline_weights() -> str:
+    from clipdex.search.encoders.weights import demo_model_folder
+
+    demo = demo_model_folder()
+    return ("Error: cannot fetch the weights of model ViT-B-32 (pretrained tag 'laion2b_s34b_b79k'): they are not "
+            "in this machine's cache, and HF_HUB_OFFLINE is set. Use a local checkpoint file (--model ARCHITECTURE "
+            "--pretrained FILE; in Python ModelSpec(ARCHITECTURE, FILE)) or the small demo model (--model "
+            f"{demo / 'clipdex-demo.json'} --pretrained {demo / 'clipdex-demo.pt'})")
+
+
+OFFLINE_WEIGHTS = _offline_weights()
 
 
 def test_an_offline_first_index_checks_the_weights_before_scanning(tmp_path: Path, make_images,

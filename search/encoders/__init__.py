@@ -8,7 +8,9 @@
 - `image_export`, `text_export`, `text_towers`, `onnx_files`: exporting and verifying the towers;
   `export_process`: the export in a process of its own; `export_cache`: this machine's cache of
   verified exports, which a new library of a model exported before starts from;
-  `checkpoint_hashes`: checkpoints' sha256, remembered per machine.
+  `checkpoint_hashes`: checkpoints' sha256, remembered per machine;
+- `weights`: whether a model's weights can be had (the hub probed once), before a run loads it;
+  `open_clip_logs`: open_clip's root-logger records moved under clipdex's own logger.
 
 Importing this package imports nothing else: torch, open_clip and onnxruntime load only when
 an encoder is made. May import the media readers and the foundation modules.

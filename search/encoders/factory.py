@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -53,6 +54,11 @@ class LibraryEncoders:
     towers, see `clipdex.search.encoders.image_export`; no torch, no open_clip) or on torch. `auto`
     picks onnx on the CPU once the library has its exports, torch where a GPU is (fp16
     there) or before the exports exist (the first run that loads the model makes them).
+
+    Safe to share between threads: an application indexes on one and searches on others. While
+    a new library's first index run exports the model (`first_export_begins`, until
+    `first_export_ends`), a text query waits for the text tower's export and then runs on it
+    (or, refused, on the model), rather than load the model a second time or export it again.
     """
 
     def __init__(self, library_path: Path, model: ResolvedModel, dim: int, requested_device: str = "auto",
@@ -69,14 +75,18 @@ class LibraryEncoders:
         self._text_export: TextEncoder | None = None
         self._text_export_looked_up = False
         self._cache_looked_up: set[str] = set()  # the towers looked up in the export cache
+        self._lock = threading.RLock()  # which encoder runs the model, and the text export looked up
+        self._text_settled = threading.Event()  # cleared while a first run exports the text tower
+        self._text_settled.set()
 
     @property
     def image_text(self) -> ImageTextEncoder:
         """The library's model (created now, loaded on its first use): its ONNX export where the runtime is onnx."""
-        if self._image_text is None:
-            exported = self._onnx_model() if self._wants_onnx() else None
-            self._image_text = exported or create_encoder(self.model, self.requested_device)
-        return self._image_text
+        with self._lock:
+            if self._image_text is None:
+                exported = self._onnx_model() if self._wants_onnx() else None
+                self._image_text = exported or create_encoder(self.model, self.requested_device)
+            return self._image_text
 
     def _wants_onnx(self) -> bool:
         if self.requested_runtime == "onnx":
@@ -131,6 +141,29 @@ class LibraryEncoders:
 
             ensure_weights(self.model)
 
+    def export_due(self) -> bool:
+        """Whether `export_text` has something to export now (the loaded torch model's towers
+        lack their exports, and were not refused): what a run tells before it calls it."""
+        import importlib.util
+
+        from clipdex.search.encoders.torch_clip import TorchClipEncoder
+
+        model = self._image_text
+        if not (model is not None and model.loaded and isinstance(model, TorchClipEncoder)) \
+                or importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+            return False
+        from clipdex.search.encoders.image_export import image_export_refused
+        from clipdex.search.encoders.onnx_image import installed_image_export
+        from clipdex.search.encoders.onnx_text import installed_export
+        from clipdex.search.encoders.text_export import export_refused
+
+        text_due = installed_export(self.library_path, self.model, self.dim) is None \
+            and not export_refused(self.library_path, self.model)
+        image_due = self.requested_runtime != "torch" and model.device == "cpu" \
+            and installed_image_export(self.library_path, self.model, self.dim) is None \
+            and not image_export_refused(self.library_path, self.model)
+        return text_due or image_due
+
     def export_pending(self) -> bool:
         """Whether the next run that loads the open_clip model will export it to ONNX (a one-time cost)."""
         import importlib.util
@@ -184,15 +217,27 @@ class LibraryEncoders:
         """Once `export_text` has exported both towers: run them from now on instead of the
         loaded open_clip model, whose memory goes with it. False (nothing changes) when the
         runtime is not onnx here or the exports are not there (refused, say)."""
-        if not self.model_loaded or self._runs_on_onnx() or not self._wants_onnx():
-            return False
-        exported = self._onnx_model()
-        if exported is None:
-            return False
-        self._image_text = exported
-        self._text_export_looked_up = False  # looked up before the export, it was not there yet
+        with self._lock:
+            if not self.model_loaded or self._runs_on_onnx() or not self._wants_onnx():
+                return False
+            exported = self._onnx_model()
+            if exported is None:
+                return False
+            self._image_text = exported
+            self._text_export_looked_up = False  # looked up before the export, it was not there yet
         gc.collect()
         return True
+
+    def first_export_begins(self) -> None:
+        """A first index run is about to export the model (`clipdex.indexer.first_export`): text
+        queries wait for its text tower (`text_exported`, or `first_export_ends`) from now on."""
+        self._text_settled.clear()
+
+    def first_export_ends(self) -> None:
+        """The first run's export is over (done, refused or failed): text queries wait no more."""
+        with self._lock:
+            self._text_export_looked_up = False  # looked up before the export, it was not there yet
+        self._text_settled.set()
 
     def export_images_first(self, images_ready: Callable[[], None]) -> float:
         """`export_text` for a first run that embeds images: the image tower first; as soon as
@@ -234,7 +279,8 @@ class LibraryEncoders:
         images = load_image_export(self.library_path, self.model, self.dim, self.text_export)
         if images is None:
             return False
-        self._image_text = images  # its texts: the text export, looked up once it is there
+        with self._lock:
+            self._image_text = images  # its texts: the text export, looked up once it is there
         return True
 
     def text_exported(self, torch_model: ImageTextEncoder | None = None) -> None:
@@ -242,9 +288,18 @@ class LibraryEncoders:
         look it up again. Without it (refused, or not written: a full disk) the rest of the run
         embeds on torch, as the next process will run (--runtime onnx: an error if refused), on
         `torch_model` if this process has it loaded."""
+        try:
+            with self._lock:
+                self._text_export_looked_up = False  # looked up before the export, it was not there yet
+                self._text_on_torch(torch_model)
+        finally:
+            self._text_settled.set()
+
+    def _text_on_torch(self, torch_model: ImageTextEncoder | None = None) -> None:
+        """Where the images run on the image export and the text tower has no export (refused,
+        not written): run both on the torch model from now on (`torch_model` if loaded here)."""
         from clipdex.search.encoders.onnx_text import installed_export
 
-        self._text_export_looked_up = False  # looked up before the export, it was not there yet
         if self._runs_on_onnx() and installed_export(self.library_path, self.model, self.dim) is None:
             if self.requested_runtime == "onnx":
                 self._onnx_model()  # refused: says why
@@ -254,13 +309,14 @@ class LibraryEncoders:
 
     def text_export(self) -> TextEncoder | None:
         """The library's exported text encoder, looked up once, or None."""
-        if not self._text_export_looked_up:
-            from clipdex.search.encoders.onnx_text import load_text_export
+        with self._lock:
+            if not self._text_export_looked_up:
+                from clipdex.search.encoders.onnx_text import load_text_export
 
-            self._exports_from_cache(image=False)
-            self._text_export = load_text_export(self.library_path, self.model, self.dim)
-            self._text_export_looked_up = True
-        return self._text_export
+                self._exports_from_cache(image=False)
+                self._text_export = load_text_export(self.library_path, self.model, self.dim)
+                self._text_export_looked_up = True
+            return self._text_export
 
     @property
     def model_loaded(self) -> bool:
@@ -269,10 +325,20 @@ class LibraryEncoders:
 
     def text(self) -> TextEncoder:
         """The encoder for text queries: the model when it is loaded, else the library's
-        exported text encoder, else the model."""
-        if self.model_loaded and not self._runs_on_onnx():
+        exported text encoder, else the model. While a first run exports the model, it waits
+        for the text tower's export first (see the class)."""
+        self._text_settled.wait()
+        with self._lock:
+            if self.model_loaded and not self._runs_on_onnx():
+                return self.image_text
+            exported = self.text_export()
+            if exported is None and self._runs_on_onnx():  # the images on their export: look the text's up again
+                self._text_export_looked_up = False
+                exported = self.text_export()
+            if exported is not None:
+                return exported
+            self._text_on_torch()  # images on their export, texts without one: a first run that failed midway
             return self.image_text
-        return self.text_export() or self.image_text
 
     def encode_text(self, text: str) -> np.ndarray:
         """A text's vector, from the query cache when it was asked before."""
@@ -307,16 +373,17 @@ class LibraryEncoders:
         Returns the seconds this took (0: nothing to do)."""
         from clipdex.search.encoders.torch_clip import TorchClipEncoder
 
-        if not (self.model_loaded and isinstance(self._image_text, TorchClipEncoder)):
+        model = self._image_text  # another thread may switch the library to the export meanwhile
+        if not (model is not None and model.loaded and isinstance(model, TorchClipEncoder)):
             return 0.0
         started = time.monotonic()
         from clipdex.search.encoders.image_export import ensure_image_export
         from clipdex.search.encoders.text_export import ensure_text_export
 
-        exported = ensure_text_export(self.library_path, self._image_text, self.dim) is not None
+        exported = ensure_text_export(self.library_path, model, self.dim) is not None
         gc.collect()  # the text export's graphs and sessions: gone before the image export's come
-        if image and self.requested_runtime != "torch" and self._image_text.device == "cpu":
-            exported = ensure_image_export(self.library_path, self._image_text, self.dim) is not None or exported
+        if image and self.requested_runtime != "torch" and model.device == "cpu":
+            exported = ensure_image_export(self.library_path, model, self.dim) is not None or exported
         if exported:
             self._exports_to_cache()
         return time.monotonic() - started if exported else 0.0

@@ -46,6 +46,7 @@ from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import ClipdexError
 from clipdex.search.encoders.model import ResolvedModel
 from clipdex.search.encoders.onnx_files import (
+    EXPORT_LOCK,
     export_optimized,
     export_or_refuse,
     install_export,
@@ -115,10 +116,12 @@ def ensure_image_export(library_path: Path, encoder: TorchClipEncoder, dim: int)
     """
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None
-    if installed_image_export(library_path, encoder.spec, dim) is not None or image_export_refused(library_path, encoder.spec):
-        return None
-    return export_or_refuse("image encoder", lambda: export_image_encoder(encoder, library_path), ImageExportRefused,
-                            library_path / IMAGE_REFUSED_FILE, IMAGE_EXPORT_VERSION, encoder.spec, logging.INFO)
+    with EXPORT_LOCK:  # one export at a time in a process; the one that waited finds this one's installed
+        if installed_image_export(library_path, encoder.spec, dim) is not None or image_export_refused(library_path, encoder.spec):
+            return None
+        return export_or_refuse("image encoder", lambda: export_image_encoder(encoder, library_path), ImageExportRefused,
+                                library_path / IMAGE_REFUSED_FILE, IMAGE_EXPORT_VERSION, encoder.spec, logging.INFO,
+                                installed=lambda: installed_image_export(library_path, encoder.spec, dim) is not None)
 
 
 def export_image_encoder(encoder: TorchClipEncoder, library_path: Path) -> ImageExportSettings:

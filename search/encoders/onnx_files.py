@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +19,11 @@ from clipdex.search.readonly import environment_error, environment_reason
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# One export at a time in a process: torch's exporter keeps global state (`GLOBALS.in_onnx_export`),
+# and a second export begun during another fails inside it. Exporters take it around their check
+# for an installed export and the export, so that the second finds the first's export installed.
+EXPORT_LOCK = threading.RLock()
 
 # A tower whose module holds at most this many bytes of weights is exported in memory;
 # a larger one (protobuf's 2 GiB limit on one message) through a file.
@@ -121,16 +127,23 @@ def recorded_refusal(refusal_file: Path, version: int, model: ResolvedModel) -> 
 
 
 def export_or_refuse(what: str, export: Callable[[], T], refused: type[Exception], refusal_file: Path, version: int,
-                     model: ResolvedModel, refusal_level: int = logging.WARNING) -> T | None:
+                     model: ResolvedModel, refusal_level: int = logging.WARNING,
+                     installed: Callable[[], bool] | None = None) -> T | None:
     """`export()`, never failing the caller: a refusal (`refused`, or an error of the exporter) is
     recorded in `refusal_file` and not retried; an error of the environment (a read-only library,
-    a full disk: ENOSPC/EROFS/EACCES anywhere in the export) leaves things as they were, to be retried."""
+    a full disk: ENOSPC/EROFS/EACCES anywhere in the export) leaves things as they were, to be retried.
+    Nor is a failure a refusal when `installed()` says that the export is there after all (made
+    meanwhile by another exporter, whose work the failure may have come from)."""
     library_path = refusal_file.parent
     try:
         return export()
     except Exception as error:  # a refusal, or a model the exporter cannot handle: remember, never fail the caller
         if isinstance(error, OSError) or environment_error(error):
             logger.info("the %s of %s was not exported (%s); the next run tries again", what, library_path, error)
+            return None
+        if installed is not None and installed():
+            logger.info("the %s of %s was exported by another exporter meanwhile (this one met %s: %s)",
+                        what, library_path, type(error).__name__, error)
             return None
         reason = str(error) if isinstance(error, refused) else f"{type(error).__name__}: {error}"
         logger.log(refusal_level, "the %s of %s was not exported, and will not be again: %s", what, library_path, reason)

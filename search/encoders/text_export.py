@@ -41,6 +41,7 @@ from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import TextExportRefused
 from clipdex.search.encoders.model import ResolvedModel
 from clipdex.search.encoders.onnx_files import (
+    EXPORT_LOCK,
     export_optimized,
     export_or_refuse,
     install_export,
@@ -97,10 +98,12 @@ def ensure_text_export(library_path: Path, encoder: TorchClipEncoder, dim: int) 
     """
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None  # not installed here: no export, and no refusal to remember either
-    if installed_export(library_path, encoder.spec, dim) is not None or export_refused(library_path, encoder.spec):
-        return None
-    return export_or_refuse("text encoder", lambda: export_text_encoder(encoder, library_path), TextExportRefused,
-                            library_path / REFUSED_FILE, EXPORT_VERSION, encoder.spec)
+    with EXPORT_LOCK:  # one export at a time in a process; the one that waited finds this one's installed
+        if installed_export(library_path, encoder.spec, dim) is not None or export_refused(library_path, encoder.spec):
+            return None
+        return export_or_refuse("text encoder", lambda: export_text_encoder(encoder, library_path), TextExportRefused,
+                                library_path / REFUSED_FILE, EXPORT_VERSION, encoder.spec,
+                                installed=lambda: installed_export(library_path, encoder.spec, dim) is not None)
 
 
 def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextExportSettings:

@@ -116,6 +116,9 @@ class TorchClipEncoder(ImageTextEncoder):
         return self
 
     def _load(self) -> None:
+        from clipdex.search.encoders.open_clip_logs import route_open_clip_logs
+
+        route_open_clip_logs()  # its INFO lines go to clipdex's logger, at DEBUG, not to the root logger
         import torch
 
         import open_clip
@@ -133,6 +136,10 @@ class TorchClipEncoder(ImageTextEncoder):
         pretrained = spec.checkpoint or spec.pretrained
         if spec.checkpoint and not os.path.isfile(spec.checkpoint):
             raise ModelUnavailable(f"checkpoint file {spec.checkpoint} of model {spec.name} is missing")
+        if spec.pretrained and not spec.checkpoint:
+            from clipdex.search.encoders.weights import ensure_weights
+
+            ensure_weights(spec)  # offline: fails at once, in one line, rather than after a minute of retries
         if not spec.checkpoint_verified():
             raise ModelUnavailable(
                 f"checkpoint file {spec.checkpoint} is not the one this library was built with "

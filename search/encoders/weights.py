@@ -9,6 +9,12 @@ Hugging Face hub's, or `~/.cache/clip` for a URL), or are downloaded now, as ope
 on first use. open_clip's table of tags is read from its `pretrained` module, loaded on its
 own: `import open_clip` imports torch (seconds), which a run on the model's ONNX export never
 needs.
+
+Offline, a download would retry for a minute and more (Hugging Face's client retries with
+backoff, logging each retry) before it fails. So before one, the hub (or the URL the weights
+come from) is probed once, with a HUB_PROBE_SECONDS timeout, through the proxy the environment
+names: when it cannot be reached the error comes at once, in one line that says what to do
+(`weights_unavailable`). The model's own load (`TorchClipEncoder`) runs this check first too.
 """
 
 from __future__ import annotations
@@ -18,21 +24,45 @@ import importlib.util
 import os
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 from clipdex.search.errors import ModelUnavailable
 from clipdex.search.encoders.model import ResolvedModel
 
 _PRETRAINED_MODULE = "_clipdex_open_clip_tags"  # open_clip's pretrained.py, under a package name of its own
+HUB_PROBE_SECONDS = 3.0  # to connect to the hub and hear back, once, before a download
+DEFAULT_HUB = "https://huggingface.co"
+MAX_REASON = 200  # characters of an upstream error quoted in ours (cut at a word)
 
 
 def weights_unavailable(model: ResolvedModel, reason: str) -> ModelUnavailable:
-    """The error for a pretrained tag whose weights cannot be fetched, with the way out."""
+    """The error for a pretrained tag whose weights cannot be fetched, in one line, with the ways out:
+    a local checkpoint file, the project's small demo model, or (when not set) HF_HUB_OFFLINE=1."""
+    demo = demo_model_folder()
+    demo_hint = (f"the small demo model (--model {demo / 'clipdex-demo.json'} --pretrained {demo / 'clipdex-demo.pt'})"
+                 if demo is not None else "the small demo model of clipdex's source (data/demo-model)")
+    offline_hint = "" if _offline() else "; HF_HUB_OFFLINE=1 uses only weights downloaded before, never waiting on the hub"
     return ModelUnavailable(
-        f"cannot fetch the weights of model {model.name} (pretrained tag {model.pretrained!r}): {reason[:300]}. "
-        "open_clip downloads them from the model hub on first use; without network access, pass a local "
-        "checkpoint file with --pretrained FILE (and the architecture with --model)"
+        f"cannot fetch the weights of model {model.name} (pretrained tag {model.pretrained!r}): {_one_line(reason)}. "
+        f"Use a local checkpoint file (--model ARCHITECTURE --pretrained FILE; in Python ModelSpec(ARCHITECTURE, FILE)) "
+        f"or {demo_hint}{offline_hint}"
     )
+
+
+def demo_model_folder() -> Path | None:
+    """The project's small demo model (`data/demo-model` of clipdex's source), where it is here."""
+    folder = Path(__file__).resolve().parents[2] / "data" / "demo-model"
+    return folder if (folder / "clipdex-demo.pt").is_file() else None
+
+
+def _one_line(reason: str) -> str:
+    """The first line of an upstream error, cut at a word if it is long."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    line = lines[0] if lines else "unknown error"
+    if len(line) > MAX_REASON:
+        line = line[:MAX_REASON].rsplit(" ", 1)[0] + " …"
+    return line.rstrip(".")
 
 
 def ensure_weights(model: ResolvedModel) -> None:
@@ -54,10 +84,51 @@ def ensure_weights(model: ResolvedModel) -> None:
         return
     if _offline():
         raise weights_unavailable(model, "they are not in this machine's cache, and HF_HUB_OFFLINE is set")
+    unreachable = source_unreachable(config, pretrained.has_hf_hub())
+    if unreachable:
+        raise weights_unavailable(model, f"they are not in this machine's cache, and {unreachable}")
     try:
         pretrained.download_pretrained(config)
     except Exception as error:  # whatever the download met: no network, a refused file, a full disk
-        raise weights_unavailable(model, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__) from error
+        raise weights_unavailable(model, str(error) or type(error).__name__) from error
+
+
+def source_unreachable(config: dict[str, Any], hub: bool) -> str | None:
+    """Why the place `config`'s weights download from cannot be reached (one request, at most
+    HUB_PROBE_SECONDS, through the environment's proxy, as the download goes), or None. Any
+    HTTP answer, an error status too, means it can be reached."""
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if hub and config.get("hf_hub"):
+        # read now: huggingface_hub reads it once, when imported
+        url = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or _hub_endpoint()
+    elif config.get("url"):
+        parts = urllib.parse.urlsplit(str(config["url"]))
+        url = f"{parts.scheme}://{parts.netloc}"
+    else:
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + "/", method="HEAD"), timeout=HUB_PROBE_SECONDS):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, socket.timeout, OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror
+        return f"{url} cannot be reached ({reason})"
+
+
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT).rstrip("/")
+    except ImportError:
+        return DEFAULT_HUB
 
 
 def _open_clip_pretrained() -> Any:
