@@ -53,18 +53,19 @@ if TYPE_CHECKING:
         UnreadableImage,
         open_library,
     )
-    from clipdex.indexer import IndexReport, index_paths
+    from clipdex.indexer import IndexProgress, IndexReport, index_paths
 
 # A literal list, so that type checkers see these names as exported (mypy --strict: no implicit re-export).
 __all__ = [
     "AddressUnavailable", "CatalogUnavailable", "ClipdexError", "ClusterError", "CorruptLibrary",
     "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DamagedVectors", "FileUnavailable", "Filters", "GpuUnavailable",
-    "Hit", "ImageTooLarge", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors", "ItemNotFound",
-    "Library", "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError", "MissingDependency",
-    "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term", "TextExportRefused",
-    "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "index_paths", "open_library",
+    "Hit", "ImageTooLarge", "IndexProgress", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors",
+    "ItemNotFound", "Library", "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError",
+    "MissingDependency", "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term",
+    "TextExportRefused", "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "index_paths",
+    "open_library",
 ]
-_FROM_INDEXER = ("IndexReport", "index_paths")
+_FROM_INDEXER = ("IndexProgress", "IndexReport", "index_paths")
 _FROM_SEARCH = tuple(name for name in __all__ if name not in _FROM_INDEXER)
 
 
