@@ -76,6 +76,9 @@ def stats(library: Optional[Path] = LibraryOption, device: Device = DeviceOption
                   f" {'met' if optimized['target_met'] else 'NOT met'}")
         for kind, figures in optimized.get("by_query_kind", {}).items():
             params = ", ".join(f"{key}={value}" for key, value in figures["search_params"].items()) or "exact"
+            chosen = figures.get("breadth_by_query")
+            if chosen:  # the breadth is chosen per query; the recall was measured with it
+                params = f"the breadth chosen per query (median {chosen['median']}, max {chosen['max']})"
             out.print(f"{kind:>10}: recall@10 {figures['recall_at_10']:.3f} with {params} ({figures['source']})")
         if not optimized.get("by_query_kind"):  # optimized by a clipdex that tuned one breadth for all queries
             out.print(f"{'':>10}  recall@10 {optimized['recall_at_10']:.3f}, one breadth for all queries: "

@@ -60,8 +60,12 @@ def print_optimize_report(report: "OptimizeReport") -> None:
     met = "met" if report.target_met else "NOT met"
     out.print(f"{'index':>16}: {report.factory or report.index_type} ({report.index_type}) on {report.device}")
     out.print(f"{'recall@10':>16}: {report.recall_at_10:.3f} (the lower of the kinds; target {report.target_recall:.2f} {met})")
+    name = "nprobe" if report.index_type == "ivf" else "efSearch"
     for kind, figures in report.by_query_kind.items():
         params = ", ".join(f"{key}={value}" for key, value in figures["search_params"].items()) or "exact"
+        chosen = figures.get("breadth_by_query")
+        if chosen:  # the per-query rule's breadths, which the recall was measured with
+            params = f"{name} per query (median {chosen['median']}, 90% ≤ {chosen['p90']}, max {chosen['max']})"
         best = "" if figures["best_match_cosine"] is None else f", best match at cosine {figures['best_match_cosine']:.2f}"
         out.print(f"{kind + ' queries':>16}: recall@10 {figures['recall_at_10']:.3f} with {params}, "
                   f"{figures['queries_per_second']:.0f}/s ({figures['speedup']:.1f}x exact); "
@@ -70,6 +74,8 @@ def print_optimize_report(report: "OptimizeReport") -> None:
         slower = min(other["by_query_kind"].values(), key=lambda figures: figures["queries_per_second"])
         out.print(f"{'also tried':>16}: {other['factory']} (slower kind {slower['queries_per_second']:.0f}/s at recall@10 "
                   f"{slower['recall_at_10']:.3f}{'' if all(f['target_met'] for f in other['by_query_kind'].values()) else ', target NOT met'})")
+    if report.breadth_rule:
+        out.print(f"{'search breadth':>16}: chosen per query, {name} {report.breadth_rule}")
     out.print(f"{'exact queries/s':>16}: {report.exact_queries_per_second:.0f}")
     out.print(f"{'bytes/vector':>16}: {report.bytes_per_vector:.0f} ({report.vectors} vectors of {report.dim} dimensions)")
     out.print(f"{'time':>16}: {report.seconds:.1f}s (build {report.build_seconds:.1f}s)")

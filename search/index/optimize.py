@@ -10,9 +10,15 @@ the kinds lie at very different distances from the stored vectors:
   file, the query cache, text items, prompts), filled up with generated queries as far
   from their best match as CLIP's modality gap puts a text when too few real ones exist.
 
+- the user's own query vectors (`--queries FILE.npy`), when given, are a kind of their own.
+
 For each kind, half of its queries tune the breadth to the smallest value reaching the
-target plus a small margin; the other half measure the recall that is reported, so the
-figure is not the one tuned on. The overall recall is the lower of the kinds'.
+target plus a small margin. The breadth a search uses is then chosen per query from the
+query itself, by a rule fitted on the tuning halves of every kind together
+(`clipdex.search.index.breadth`): a backend's vectors are searched as wide as they need
+whatever their kind. The other halves measure the recall that is reported, with the
+rule's breadths, so the figure is not the one tuned on. The overall recall is the lower
+of the kinds'.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from clipdex.search.errors import ClipdexError
+from clipdex.search.index.breadth import BreadthRule, best_scores, tune_rule
 from clipdex.search.index.choice import build_index, choose_spec, list_count, training_rows, training_size
-from clipdex.search.index.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, text_query_sample
+from clipdex.search.index.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, load_query_file, text_query_sample
 from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
@@ -72,6 +79,9 @@ class KindReport:
     queries_per_second: float
     speedup: float  # against exact search's queries/s
     widest_recall_at_10: float | None = None  # at the widest breadth, when the target was missed
+    # The breadths the per-query rule gave this kind's held-out queries: {"median", "p90", "max"};
+    # `recall_at_10` is measured with them (`search_params`: the breadth tuned for the kind alone).
+    breadth_by_query: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -99,9 +109,10 @@ class OptimizeReport:
     build_seconds: float
     seconds: float
     optimized_at: str
-    by_query_kind: dict[str, dict[str, Any]] = field(default_factory=dict)  # "image", "text": KindReport.to_json()
+    by_query_kind: dict[str, dict[str, Any]] = field(default_factory=dict)  # "image", "text", "queries": KindReport.to_json()
     advice: list[str] = field(default_factory=list)  # what would meet a missed target
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # index types also tried, not kept
+    breadth_rule: str | None = None  # how the breadth is chosen per query (`BreadthRule.describe`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,6 +259,7 @@ def optimize_vectors(
     text_evaluation: Evaluation | None = None,
     sources: dict[str, str] | None = None,
     builder: Callable[..., VectorIndex] = build_index,
+    user_queries: QuerySample | None = None,
 ) -> tuple[VectorIndex, OptimizeReport]:
     """Build the chosen index (or `spec`) over the vectors, tune it to `target_recall` per
     query kind and measure it.
@@ -255,8 +267,12 @@ def optimize_vectors(
     Image-like queries: `evaluation`, by default held-out stored vectors (see the module
     docstring). Text-like queries: `text_evaluation`, else `text_queries` (see
     `clipdex.search.index.query_sample`), filled up with generated gap queries when fewer than
-    `MIN_TEXT_QUERIES`. `sources` names where given evaluations came from. The benchmark
-    passes its own evaluations.
+    `MIN_TEXT_QUERIES`. `user_queries`: the user's own query vectors (`--queries`), a kind
+    of their own ("queries"). `sources` names where given evaluations came from. The
+    benchmark passes its own evaluations.
+
+    The breadth is then chosen per query by a rule tuned on every kind together
+    (`clipdex.search.index.breadth`), and each kind's recall is measured with it.
 
     When the size calls for HNSW (and no `spec` is given), IVF-Flat is built and tuned too:
     a graph search finds far, text-like queries' neighbours only at a very wide efSearch,
@@ -278,6 +294,10 @@ def optimize_vectors(
         text_evaluation = exact_evaluation(sample.vectors, ids, vectors, own)
         named.setdefault("text", sample.describe())
     evaluations = {"image": evaluation, "text": text_evaluation}
+    if user_queries is not None and len(user_queries) and candidates[0].type != "flat":
+        mine = user_queries.shuffled(seed)
+        evaluations["queries"] = exact_evaluation(mine.vectors, ids, vectors, mine.own_ids if np.any(mine.own_ids >= 0) else None)
+        named.setdefault("queries", mine.describe())
     min_seconds = MEASURE_SECONDS if min_seconds is None else min_seconds
     exact_qps = exact_queries_per_second(vectors, evaluation.queries, min_seconds)
     tried = [_build_and_tune(candidate, ids, vectors, evaluations, named, target_recall, exact_qps, min_seconds, seed, builder)
@@ -307,6 +327,7 @@ def optimize_vectors(
         by_query_kind={kind: figures.to_json() for kind, figures in kinds.items()},
         advice=advice(index, kinds, target_recall, len(ids), vectors.shape[1]),
         alternatives=[_summary(other, other_kinds) for other, other_kinds, _ in tried if other is not index],
+        breadth_rule=None if index.breadth_rule() is None else index.breadth_rule().describe(),  # type: ignore[union-attr]
     )
     return index, report
 
@@ -379,7 +400,70 @@ def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], ta
     if index.spec.type != "flat":
         index.spec.search_params_by_kind = {kind: dict(report.search_params) for kind, report in reports.items()}
         index.spec.search_params = {name: max(int(report.search_params.get(name, 0)) for report in reports.values())}
+        tuned = {kind: evaluation for kind, evaluation in evaluations.items() if evaluation is not None}
+        breadths = {kind: int(reports[kind].search_params[name]) for kind in tuned}
+        index.spec.breadth_rule = tune_breadth_rule(index, tuned, breadths, target_recall).to_json()
+        for kind, evaluation in tuned.items():
+            _measure_with_rule(index, reports[kind], evaluation.half(second=True), target_recall)
     return reports
+
+
+def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], kind_breadths: dict[str, int],
+                      target_recall: float) -> BreadthRule:
+    """The per-query breadth rule (`clipdex.search.index.breadth`), fitted on the tuning half of
+    every kind's queries together; each kind must clear the target with the same margins as
+    `tuning_target` asks of a kind's own breadth."""
+    parts = [evaluation.half(second=False) for evaluation in evaluations.values()]
+    pooled = Evaluation(
+        np.concatenate([part.queries for part in parts]),
+        np.concatenate([part.truth[:, :RECALL_K] for part in parts]),
+        np.concatenate([part.own_ids if part.own_ids is not None else np.full(len(part.queries), -1, np.int64) for part in parts]),
+    )
+    kinds = np.repeat(np.array(list(evaluations)), [len(part.queries) for part in parts])
+    first = min(kind_breadths.values())
+
+    def margin(recalls: np.ndarray) -> float:
+        return max(TUNING_MARGIN, TUNING_ERRORS * float(np.std(recalls)) / math.sqrt(max(1, len(recalls))))
+
+    return tune_rule(first, best_other_scores(index, pooled, first), kinds, kind_breadths,
+                     lambda breadths: recalls_at_breadths(index, pooled, breadths), target_recall, margin)
+
+
+def recalls_at_breadths(index: VectorIndex, evaluation: Evaluation, breadths: np.ndarray) -> np.ndarray:
+    """Each query's recall@10 at its own breadth."""
+    recalls = np.zeros(len(evaluation.queries), np.float64)
+    for breadth in np.unique(breadths):
+        rows = np.flatnonzero(breadths == breadth)
+        own = None if evaluation.own_ids is None else evaluation.own_ids[rows]
+        part = Evaluation(evaluation.queries[rows], evaluation.truth[rows], own)
+        recalls[rows] = evaluate_per_query(index, part, int(breadth))
+    return recalls
+
+
+def best_other_scores(index: VectorIndex, evaluation: Evaluation, breadth: int) -> np.ndarray:
+    """Each query's best score in a search at `breadth`, as the rule reads it at query time
+    (`clipdex.search.index.breadth.best_scores`: the query's own copy left out)."""
+    scores, found = index.search_with(evaluation.queries, 2, breadth)
+    return best_scores(scores, found)
+
+
+def evaluate_per_query_with_rule(index: VectorIndex, evaluation: Evaluation) -> np.ndarray:
+    """Each query's recall@10 as a search answers it: at the breadth the rule picks for it."""
+    extra = 0 if evaluation.own_ids is None else 1
+    _, found = index.search(evaluation.queries, RECALL_K + extra)
+    return recalls_per_query(found, evaluation)
+
+
+def _measure_with_rule(index: VectorIndex, report: KindReport, held_out: Evaluation, target_recall: float) -> None:
+    """Report a kind's recall on its held-out half with the rule's breadths, and those breadths."""
+    rule = index.breadth_rule()
+    assert rule is not None
+    recall = float(np.mean(evaluate_per_query_with_rule(index, held_out)))
+    report.recall_at_10, report.target_met = round(recall, 4), recall >= target_recall
+    breadths = rule.breadth_for(best_other_scores(index, held_out, rule.first))
+    report.breadth_by_query = {"median": int(np.median(breadths)), "p90": int(np.percentile(breadths, 90)), "max": int(breadths.max())}
+    if not report.target_met and report.widest_recall_at_10 is None:
+        report.widest_recall_at_10 = round(evaluate(index, held_out, index.max_breadth()), 4)
 
 
 def tune_spec(index: VectorIndex, evaluation: Evaluation, target_recall: float) -> float:
@@ -428,8 +512,8 @@ def optimize_library(
 ) -> OptimizeReport:
     """Rebuild the library's index from its catalog, tuned per query kind and measured, and record the report.
 
-    Text-like queries come from `queries_file` and the library itself (see
-    `clipdex.search.index.query_sample`). `cluster`: a Ray address; an IVF index is then built in
+    Text-like queries come from the library itself (see `clipdex.search.index.query_sample`);
+    `queries_file` (the first `HELD_OUT_QUERIES` of it) is the user's own kind, "queries". `cluster`: a Ray address; an IVF index is then built in
     shards there (`clipdex.search.index.optimize_cluster`). The index is built from a snapshot while searches (and
     writers) go on; it is then caught up with any commits made meanwhile and saved under
     the write lock."""
@@ -440,11 +524,15 @@ def optimize_library(
     if len(ids) == 0:
         raise ClipdexError(f"library {library.path} is empty: index something before optimizing it")
     spec = choose_spec(len(ids), library.dim, memory_budget)
-    text_queries = None
-    if spec.type != "flat" or queries_file is not None:
-        text_queries = text_query_sample(library, HELD_OUT_QUERIES, queries_file, seed)
+    text_queries = user_queries = None
+    if queries_file is not None:
+        user_queries = QuerySample.empty(library.dim)
+        user_queries.extend(f"queries file {queries_file}", load_query_file(queries_file, library.dim)[:HELD_OUT_QUERIES])
+    if spec.type != "flat":
+        text_queries = text_query_sample(library, HELD_OUT_QUERIES, None, seed)
     if cluster is None:
-        index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries)
+        index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries,
+                                         user_queries=user_queries)
     else:
         from functools import partial
 
@@ -453,6 +541,7 @@ def optimize_library(
 
         with ray_session(cluster) as ray:
             index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries,
-                                             builder=partial(build_index_on_cluster, ray, scratch=library.path))
+                                             builder=partial(build_index_on_cluster, ray, scratch=library.path),
+                                             user_queries=user_queries)
     library.adopt_vectors(index, generation, {"optimized": report.to_json()})  # recorded once the index is saved
     return report

@@ -32,12 +32,15 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from clipdex.search.atomic import write_atomic, write_json_atomic
 from clipdex.search.errors import CorruptLibrary, GpuUnavailable
+
+if TYPE_CHECKING:
+    from clipdex.search.index.breadth import BreadthRule
 
 INDEX_FILE = "vectors.faiss"
 STAMP_FILE = "vectors.json"
@@ -78,6 +81,10 @@ class IndexSpec:
     # among the stored vectors (an image, a stored item, a raw vector), "text" for texts,
     # which sit far from every image in CLIP space and need a wider search for the same recall.
     search_params_by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The breadth chosen per query from the query itself (`clipdex.search.index.breadth`), tuned by
+    # `clipdex optimize` on every kind together; when present, the kinds' parameters above
+    # are used by nothing but clipdex versions that know no rule.
+    breadth_rule: dict[str, Any] | None = None
     # The memory budget in bytes the type was chosen under; later rebuilds keep to it.
     memory_budget: int | None = None
     # True when asked for explicitly: rebuilds keep the type whatever the library's size
@@ -262,7 +269,10 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row; missing places have id -1.
 
-        `query_kind` ("image", "text"; see `QUERY_KINDS`) picks the search breadth tuned
+        The search breadth of an approximate index is chosen per query from the query
+        itself when `clipdex optimize` tuned a rule for it (`clipdex.search.index.breadth`):
+        a text-like vector gets a text's breadth however it arrives. Indexes tuned before
+        that use `query_kind` ("image", "text"; see `QUERY_KINDS`) to pick the breadth tuned
         for such queries; None uses the kind-less parameters.
 
         With `allowed_ids`, only those ids can be returned, and each row holds
@@ -295,10 +305,33 @@ class VectorIndex:
     def _search_approximate(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None, query_kind: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Widen nprobe/efSearch until every row has min(k, matches) hits, then fall back to exact."""
+        """Search at the breadth the rule picks for each query (or the one tuned for
+        `query_kind`), widened until every row has min(k, matches) hits."""
         matches = self.ntotal if allowed is None else len(allowed)
-        wanted = min(k, matches)
-        breadth = self.search_breadth(matches / max(1, self.ntotal), query_kind)
+        fraction = matches / max(1, self.ntotal)
+        rule = self.breadth_rule()
+        if rule is None:
+            return self._search_at(queries, k, allowed, self.search_breadth(fraction, query_kind))
+        from clipdex.search.index.breadth import best_scores
+
+        first = self._scaled(rule.first, fraction)
+        scores, ids = self._search_at(queries, max(k, min(2, self.ntotal)), allowed, first)  # a second hit, past the query's own copy
+        wanted = np.array([self._scaled(int(breadth), fraction) for breadth in rule.breadth_for(best_scores(scores, ids))], dtype=np.int64)
+        scores, ids = scores[:, :k], ids[:, :k]
+        for breadth in np.unique(wanted[wanted > first]):
+            rows = np.flatnonzero(wanted == breadth)
+            scores[rows], ids[rows] = self._search_at(np.ascontiguousarray(queries[rows]), k, allowed, int(breadth))
+        return scores, ids
+
+    def breadth_rule(self) -> "BreadthRule | None":
+        """The per-query breadth rule `clipdex optimize` tuned, if any."""
+        from clipdex.search.index.breadth import BreadthRule
+
+        return BreadthRule.from_json(self.spec.breadth_rule)
+
+    def _search_at(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search at `breadth`, widened until every row has min(k, matches) hits, then exact."""
+        wanted = min(k, self.ntotal if allowed is None else len(allowed))
         if allowed is None and self._gpu_ready(k):
             scores, ids = self._gpu_search(queries, k, breadth)
             if _enough(ids, wanted):
@@ -324,7 +357,11 @@ class VectorIndex:
             base = int(params.get("nprobe") or max(1, round(nlist * DEFAULT_NPROBE_FRACTION)))
         else:
             base = int(params.get("efSearch") or DEFAULT_EF_SEARCH)
-        return min(self.max_breadth(), max(1, math.ceil(base / max(fraction, 1e-9))))
+        return self._scaled(base, fraction)
+
+    def _scaled(self, breadth: int, fraction: float) -> int:
+        """`breadth` for a search among `fraction` of the vectors, within the widest."""
+        return min(self.max_breadth(), max(1, math.ceil(breadth / max(fraction, 1e-9))))
 
     def max_breadth(self) -> int:
         if self.spec.type == "ivf":
