@@ -2,6 +2,7 @@
 
 - `safe_read`: bounded reads of regular files (no devices, no FIFOs, a size cap);
 - `imaging`: decoding, EXIF orientation, HEIC/AVIF, thumbnails, decompression bombs;
+- `raw`: RAW photos through rawpy (the embedded preview, or a half-size demosaic);
 - `gpu_decode`: batched nvJPEG decoding on a GPU;
 - `fileid`: the content hash that identifies a file's bytes.
 
