@@ -14,6 +14,7 @@ library; another runner (a cluster, say) can call the same functions from its ow
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from clipdex.indexer.report import Failure, IndexReport
-from clipdex.indexer.scan import ScannedFile, ScanResult
+from clipdex.indexer.scan import ScannedFile, ScanResult, pair_raw_files
 from clipdex.search.catalog.types import FileRecord, NewItem
 from clipdex.search.encoders.base import ImageTextEncoder
 from clipdex.search.encoders.base import ImagePreparer
@@ -40,6 +41,7 @@ class _Job:
 
     file: ScannedFile
     record: FileRecord | None
+    pair: str | None = None  # the RAW file beside this JPEG or HEIC: one photo (`scan.pair_raw_files`)
 
 
 @dataclass
@@ -90,13 +92,16 @@ def diff_scan(library: Library, result: ScanResult, prune_empty_roots: bool = Fa
 
     jobs: list[_Job] = []
     unchanged = 0
-    for scanned in result.files:
+    files, pairs = pair_raw_files(result.files)  # a RAW beside its JPEG is that JPEG's item, not one of its own
+    for scanned in files:
         record = known.get(scanned.path)
-        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns:
+        pair = pairs.get(scanned.path)
+        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns \
+                and record.pair == pair:
             unchanged += 1
-        else:
-            jobs.append(_Job(scanned, record))
-    seen = {scanned.path for scanned in result.files}
+        else:  # a new pair, or one gone, only re-describes the item: its bytes are unchanged, the vector kept
+            jobs.append(_Job(scanned, record, pair))
+    seen = {scanned.path for scanned in files}
     kept = {path for path, _ in result.errors}
     unreadable = list(result.unreadable_dirs)
     if not prune_empty_roots:
@@ -333,14 +338,16 @@ def _commit(
         device, inode = prepared.identity or (None, None)
         file_columns: dict[str, Any] = {"path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns,
                                         "content_hash": prepared.content_hash, "device": device, "inode": inode}
+        pair_extra = {"pair": job.pair} if job.pair else {}
         source_id = prepared.reuse_id
         if source_id is not None and source_id in vanished_by_id and job.record is None:
-            moves.append((source_id, file_columns))  # same bytes at a new path: keep id and vector
-            vanished.pop(vanished_by_id.pop(source_id), None)
+            moves.append((source_id, {**file_columns, "extra": json.dumps(pair_extra) if pair_extra else None}))
+            vanished.pop(vanished_by_id.pop(source_id), None)  # same bytes at a new path: keep id and vector
             counts["moved"] += 1
             continue
         if source_id is not None and job.record is not None and source_id == job.record.id:
-            moves.append((source_id, file_columns))  # touched: only size/mtime changed
+            # touched: only size/mtime (or the RAW beside it) changed
+            moves.append((source_id, {**file_columns, "extra": json.dumps(pair_extra) if pair_extra else None}))
             counts["updated"] += 1
             continue
         if source_id is not None:
@@ -350,7 +357,8 @@ def _commit(
         else:
             metadata = prepared.metadata
             vector = vectors[id(prepared)]
-        items.append(NewItem(kind="image", vector=vector, id=job.record.id if job.record else None, **file_columns, **metadata))
+        items.append(NewItem(kind="image", vector=vector, id=job.record.id if job.record else None, extra=pair_extra,
+                             **file_columns, **metadata))
         counts["updated" if job.record else "added"] += 1
     writer.commit(items=items, moves=moves)
     report.added += counts["added"]

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from clipdex.search.errors import ClipdexError
 from clipdex.search.media.imaging import IMAGE_EXTENSIONS
+from clipdex.search.media.raw import RAW_EXTENSIONS
 from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, not_regular_reason, too_large_reason
 
 NOT_UTF8_NAME = "file name is not valid UTF-8, which the catalog cannot record: rename the file to index it"
@@ -169,6 +170,28 @@ def _add_file(path: str, result: ScanResult, seen: set[str], max_file_bytes: int
         return
     seen.add(path)
     result.files.append(ScannedFile(path, info.st_size, info.st_mtime_ns))
+
+
+# the rendered picture a camera writes beside its RAW file, preferred in this order
+PAIR_EXTENSIONS = (".jpg", ".jpeg", ".heic", ".heif")
+
+
+def pair_raw_files(files: Sequence[ScannedFile]) -> tuple[list[ScannedFile], dict[str, str]]:
+    """RAW files beside a JPEG or HEIC of the same stem in the same folder are one photo with it:
+    `files` without those RAW files, and the pairs as {JPEG or HEIC path: RAW path}. The photo is
+    embedded from the JPEG or HEIC (the picture the camera rendered); a RAW alone stays a file of its own."""
+    by_stem: dict[tuple[str, str], dict[str, str]] = {}
+    for file in files:
+        stem, suffix = os.path.splitext(file.path)
+        by_stem.setdefault((os.path.dirname(file.path), os.path.basename(stem)), {})[suffix.lower()] = file.path
+    pairs: dict[str, str] = {}
+    for found in by_stem.values():
+        raws = sorted(path for suffix, path in found.items() if suffix in RAW_EXTENSIONS)
+        rendered = next((found[suffix] for suffix in PAIR_EXTENSIONS if suffix in found), None)
+        if raws and rendered is not None:
+            pairs[rendered] = raws[0]
+    paired = set(pairs.values())
+    return [file for file in files if file.path not in paired], pairs
 
 
 def _unreadable(directory: str, error: OSError, result: ScanResult) -> None:

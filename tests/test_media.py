@@ -106,3 +106,40 @@ def test_raw_photos_are_found_by_their_description(tmp_path: Path) -> None:
         assert hits[0].metadata["camera_model"] == "Shapes Sensor 1"
     assert sum(rank == 0 for rank in ranks) >= 6, ranks  # the demo model finds 7 of these 8 first (JPEGs alike)
     assert max(ranks) <= 3, ranks
+
+
+def test_a_raw_beside_its_jpeg_is_one_photo_embedded_from_the_jpeg(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    pictures = {index: samples.scene_picture(303, index, 128) for index in range(3)}
+    samples.write_dng(photos / "IMG_1.dng", pictures[1][0])
+    Image.fromarray(pictures[1][0]).save(photos / "IMG_1.jpg")
+    samples.write_dng(photos / "IMG_2.dng", pictures[2][0])  # a RAW alone
+    library = demo_library(tmp_path / "library")
+    report = index_paths(library, [photos])
+    assert (report.added, report.failed) == (2, [])
+    hits = {Path(hit.path).name: hit for hit in library.search(text=pictures[1][1], k=5)}
+    assert set(hits) == {"IMG_1.jpg", "IMG_2.dng"}, "the pair is found once, as its JPEG"
+    assert hits["IMG_1.jpg"].metadata["pair"] == str(photos / "IMG_1.dng")
+    assert "pair" not in hits["IMG_2.dng"].metadata
+    vector = library.catalog.get_item(hits["IMG_1.jpg"].id).vector
+
+    # the RAW changes: nothing to re-embed (the photo was embedded from the JPEG)
+    samples.write_dng(photos / "IMG_1.dng", pictures[0][0])
+    report = index_paths(library, [photos])
+    assert (report.added, report.updated, report.removed, report.unchanged) == (0, 0, 0, 2)
+    # the JPEG changes: re-embedded
+    Image.fromarray(pictures[0][0]).save(photos / "IMG_1.jpg")
+    report = index_paths(library, [photos])
+    assert (report.added, report.updated, report.unchanged) == (0, 1, 1)
+    assert library.catalog.get_item(hits["IMG_1.jpg"].id).vector != vector
+    # the RAW goes: the JPEG stays the same item, without a pair
+    (photos / "IMG_1.dng").unlink()
+    report = index_paths(library, [photos])
+    assert (report.added, report.updated, report.removed) == (0, 1, 0)
+    assert "pair" not in library.catalog.get_item(hits["IMG_1.jpg"].id).metadata_dict()
+    # a JPEG appears beside the RAW that was alone: one item, the RAW's own item removed
+    Image.fromarray(pictures[2][0]).save(photos / "IMG_2.JPG")
+    report = index_paths(library, [photos])
+    assert (report.added, report.removed) == (1, 1)
+    paths = {Path(hit.path).name: hit.metadata.get("pair") for hit in library.search(text=pictures[2][1], k=5)}
+    assert paths == {"IMG_1.jpg": None, "IMG_2.JPG": str(photos / "IMG_2.dng")}

@@ -409,23 +409,23 @@ class Catalog:
     def files_under(self, roots: Sequence[str]) -> dict[str, FileRecord]:
         """Indexed image files inside any of `roots` (absolute, normalized paths)."""
         records: dict[str, FileRecord] = {}
-        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
+        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash, Item.extra)
         with self.sessions() as session:
             for root in roots:
                 prefix = folder_prefix(root)
                 query = select(*columns).where(Item.path >= prefix, Item.path < prefix[:-1] + chr(ord(prefix[-1]) + 1))
                 for row in session.execute(query):
-                    records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
+                    records[row.path] = FileRecord.of_row(*row)
         return records
 
     def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
         """Indexed image files at exactly these paths."""
         records: dict[str, FileRecord] = {}
-        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
+        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash, Item.extra)
         with self.sessions() as session:
             for chunk in chunks(list(paths)):
                 for row in session.execute(select(*columns).where(Item.path.in_(chunk))):
-                    records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
+                    records[row.path] = FileRecord.of_row(*row)
         return records
 
     def ids_at_paths(self, paths: Sequence[str]) -> dict[str, int]:

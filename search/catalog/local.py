@@ -262,16 +262,15 @@ class LocalCatalog:
         records: dict[str, FileRecord] = {}
         for root in roots:
             prefix = folder_prefix(root)
-            rows = self._rows("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path >= ? AND path < ?",
+            rows = self._rows("SELECT id, path, size, mtime_ns, content_hash, extra FROM items WHERE path >= ? AND path < ?",
                               (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)))
-            for item_id, path, size, mtime_ns, content_hash in rows:
-                records[path] = FileRecord(item_id, path, size or 0, mtime_ns or 0, content_hash)
+            for row in rows:
+                records[row[1]] = FileRecord.of_row(*row)
         return records
 
     def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
-        rows = self._rows_in("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path IN ({})", paths)
-        return {path: FileRecord(item_id, path, size or 0, mtime_ns or 0, content_hash)
-                for item_id, path, size, mtime_ns, content_hash in rows}
+        rows = self._rows_in("SELECT id, path, size, mtime_ns, content_hash, extra FROM items WHERE path IN ({})", paths)
+        return {row[1]: FileRecord.of_row(*row) for row in rows}
 
     def ids_at_paths(self, paths: Sequence[str]) -> dict[str, int]:
         return {path: item_id for path, item_id in self._rows_in("SELECT path, id FROM items WHERE path IN ({})", paths)}

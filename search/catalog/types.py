@@ -89,6 +89,20 @@ class FileRecord:
     size: int
     mtime_ns: int
     content_hash: str | None
+    pair: str | None = None  # the RAW file shown by this JPEG or HEIC (one photo, two files), as last indexed
+
+    @classmethod
+    def of_row(cls, item_id: int, path: str, size: int | None, mtime_ns: int | None, content_hash: str | None,
+               extra: str | None) -> "FileRecord":
+        """The record of a catalog row (`extra`: its JSON, which names a RAW pair's other file)."""
+        pair = None
+        if extra and '"pair"' in extra:
+            try:
+                value = json.loads(extra).get("pair")
+            except (ValueError, AttributeError):
+                value = None
+            pair = value if isinstance(value, str) else None
+        return cls(item_id, path, size or 0, mtime_ns or 0, content_hash, pair)
 
 
 @dataclass(frozen=True)
