@@ -78,10 +78,12 @@ def scene_picture(seed: int, index: int = 0, size: int = 256) -> tuple[np.ndarra
 
 
 def write_video(path: str | Path, pictures: Sequence[np.ndarray], seconds_each: float = 3.0, fps: int = 10,
-                codec: str = "h264", rotation: int = 0, noise: float = 2.0, seed: int = 0) -> Path:
+                codec: str = "h264", rotation: int = 0, noise: float = 2.0, seed: int = 0,
+                keyframe_seconds: float | None = None) -> Path:
     """Write `pictures` (equal-sized RGB arrays) as one video, each shown for `seconds_each`,
     with a little pixel noise per frame (a camera's grain); `rotation` (degrees) is stored
-    as the stream's display matrix, the way phones store portrait video."""
+    as the stream's display matrix, the way phones store portrait video; `keyframe_seconds`: a
+    keyframe this often (phones: about every second; None: the encoder's default)."""
     import av
 
     path = Path(path)
@@ -92,8 +94,10 @@ def write_video(path: str | Path, pictures: Sequence[np.ndarray], seconds_each: 
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, fps)
+        if keyframe_seconds:
+            stream.codec_context.gop_size = max(1, round(keyframe_seconds * fps))
         if rotation:
-            stream.metadata["rotate"] = str(rotation)
+            stream.set_display_rotation(rotation)  # the display matrix, counter-clockwise degrees
         frames_each = max(1, round(seconds_each * fps))
         for picture in pictures:
             for _ in range(frames_each):

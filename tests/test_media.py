@@ -143,3 +143,202 @@ def test_a_raw_beside_its_jpeg_is_one_photo_embedded_from_the_jpeg(tmp_path: Pat
     assert (report.added, report.removed) == (1, 1)
     paths = {Path(hit.path).name: hit.metadata.get("pair") for hit in library.search(text=pictures[2][1], k=5)}
     assert paths == {"IMG_1.jpg": None, "IMG_2.JPG": str(photos / "IMG_2.dng")}
+
+
+# -- videos ------------------------------------------------------------------------------------
+
+SCENE_SECONDS = 3.0
+
+
+def scenes_video(path: Path, seed: int = 31, count: int = 4, black_intro: bool = True, **options) -> list[str]:
+    """A video of `count` shapes scenes of SCENE_SECONDS each (after a black second, which must never be a moment)."""
+    scenes = [samples.scene_picture(seed, index, 160) for index in range(count)]
+    pictures = [picture for picture, _ in scenes]
+    if black_intro:
+        pictures = [np.zeros_like(pictures[0])] + pictures
+    samples.write_video(path, pictures, seconds_each=SCENE_SECONDS, **options)
+    return [caption for _, caption in scenes]
+
+
+def scene_span(index: int, black_intro: bool = True) -> tuple[float, float]:
+    start = (index + black_intro) * SCENE_SECONDS
+    return start, start + SCENE_SECONDS
+
+
+def test_a_video_is_found_at_the_moment_each_scene_shows(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clipdex.cli.main import app
+
+    captions = scenes_video(tmp_path / "media" / "party.mp4")
+    picture, photo_caption = samples.scene_picture(32, 0, 128)
+    Image.fromarray(picture).save(tmp_path / "media" / "photo.jpg")
+    library = demo_library(tmp_path / "library")
+    report = index_paths(library, [tmp_path / "media"])
+    assert (report.added, report.failed) == (2, [])
+    for index, caption in enumerate(captions):
+        hits = library.search(text=caption, k=3)
+        assert [hit.kind for hit in hits] == ["video", "image"], "the video is one hit, however many moments match"
+        start, end = scene_span(index)
+        assert start <= hits[0].timestamp < end, (caption, hits[0].timestamp)
+        assert hits[0].metadata["duration"] == pytest.approx(15.0, abs=0.2)
+    assert all(hit.kind == "image" for hit in library.search(text=captions[0], kind="image", k=3))
+    assert [hit.kind for hit in library.search(text=photo_caption, kind="video", k=3)] == ["video"]
+
+    runner = CliRunner()
+    arguments = ["search", captions[2], "--library", str(tmp_path / "library"), "-k", "1"]
+    result = runner.invoke(app, [*arguments, "--json", "--per-video", "3"])
+    assert result.exit_code == 0, result.output
+    hit = __import__("json").loads(result.output)[0]
+    assert (hit["kind"], hit["path"]) == ("video", str(tmp_path / "media" / "party.mp4"))
+    assert scene_span(2)[0] <= hit["timestamp"] < scene_span(2)[1]
+    assert len(hit["moments"]) == 3 and hit["moments"][0]["timestamp"] == hit["timestamp"]
+    assert all(moment["timestamp"] >= SCENE_SECONDS for moment in hit["moments"]), "never the black intro"
+    table = runner.invoke(app, arguments)
+    assert table.exit_code == 0 and f"party.mp4 @ 00:{int(hit['timestamp']):02d}" in table.output, table.output
+    page = tmp_path / "hits.html"
+    assert runner.invoke(app, [*arguments, "--format", "html", "--out", str(page)]).exit_code == 0
+    assert f"party.mp4#t={hit['timestamp']:.2f}" in page.read_text()
+
+
+def test_videos_are_indexed_incrementally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipdex.indexer.rules as rules
+
+    media = tmp_path / "media"
+    captions = scenes_video(media / "a.mp4", black_intro=False)
+    library = demo_library(tmp_path / "library")
+    assert index_paths(library, [media]).added == 1
+    video = library.search(text=captions[1], k=1)[0]
+    frames = library.catalog.frames_of([video.id])[video.id]
+    assert len(frames) >= 4
+
+    opened = []
+    sample_video = rules.sample_video
+    monkeypatch.setattr(rules, "sample_video", lambda *args, **kw: opened.append(args) or sample_video(*args, **kw))
+    report = index_paths(library, [media])
+    assert (report.unchanged, opened) == (1, []), "an unchanged video is not opened again"
+    (media / "a.mp4").rename(media / "b.mp4")
+    report = index_paths(library, [media])
+    assert (report.moved, report.added, report.removed, opened) == (1, 0, 0, [])
+    moved = library.search(text=captions[1], k=1)[0]
+    assert (moved.id, moved.path, moved.timestamp) == (video.id, str(media / "b.mp4"), video.timestamp)
+
+    new_captions = scenes_video(media / "b.mp4", seed=77, count=2, black_intro=False)  # changed: sampled again
+    report = index_paths(library, [media])
+    assert (report.updated, len(opened)) == (1, 1)
+    assert library.catalog.frames_of([video.id])[video.id] != frames
+    assert library.catalog.counts()["frame"] == len(library.catalog.frames_of([video.id])[video.id]) < len(frames)
+    hit = library.search(text=new_captions[1], k=1)[0]
+    assert hit.id == video.id and scene_span(1, False)[0] <= hit.timestamp < scene_span(1, False)[1]
+
+    (media / "b.mp4").unlink()
+    Image.fromarray(samples.scene_picture(1, 0, 64)[0]).save(media / "keep.jpg")
+    report = index_paths(library, [media])
+    assert report.removed == 1
+    assert library.catalog.counts()["frame"] == 0 and library.catalog.counts()["video"] == 0, "its moments went with it"
+
+
+def test_bad_videos_are_failed_with_a_reason_and_a_bad_frame_costs_only_itself(tmp_path: Path) -> None:
+    import av
+
+    media = tmp_path / "media"
+    scenes_video(media / "good.mp4", black_intro=False)
+    (media / "cut.mp4").write_bytes((media / "good.mp4").read_bytes()[:400])
+    (media / "notes.mkv").write_text("not a video\n" * 50)
+    with av.open(str(media / "song.m4a.mp4"), "w") as container:  # audio only, with a video extension
+        stream = container.add_stream("aac", rate=8000)
+        for index in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, index * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    # a damaged stretch in the middle of a video whose every second is a keyframe
+    captions = scenes_video(media / "damaged.mp4", seed=5, count=4, black_intro=False, keyframe_seconds=1.0)
+    data = bytearray((media / "damaged.mp4").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 3000] = bytes(3000)
+    (media / "damaged.mp4").write_bytes(bytes(data))
+
+    library = demo_library(tmp_path / "library")
+    report = index_paths(library, [media])
+    failed = {Path(failure.path).name: failure.error for failure in report.failed}
+    assert set(failed) == {"cut.mp4", "notes.mkv", "song.m4a.mp4"}, failed
+    assert "no video stream" in failed["song.m4a.mp4"] and "audio" in failed["song.m4a.mp4"]
+    assert report.added == 2
+    found = [library.search(text=caption, kind="video", k=2) for caption in (captions[0], captions[3])]
+    assert all(Path(hits[0].path).name == "damaged.mp4" for hits in found), "the scenes around the damage are found"
+
+
+def test_a_portrait_video_is_sampled_upright(tmp_path: Path) -> None:
+    from clipdex.search.media.video import sample_video
+
+    upright = tall_picture()  # 160 wide, 240 tall
+    stored = np.ascontiguousarray(np.rot90(upright, -1))  # turned a quarter clockwise; shown turned back
+    samples.write_video(tmp_path / "portrait.mp4", [stored], seconds_each=1.0, rotation=90)
+    video = sample_video(tmp_path / "portrait.mp4")
+    assert (video.width, video.height) == (160, 240)
+    assert difference(video.frames[0][1], upright) < 25
+
+
+def test_video_hits_over_http_and_the_file_in_ranges(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http.app import create_app
+
+    captions = scenes_video(tmp_path / "media" / "clip.mp4")
+    library = demo_library(tmp_path / "library")
+    index_paths(library, [tmp_path / "media"])
+    client = TestClient(create_app(library))
+    response = client.post("/search", json={"text": captions[1], "kind": "video", "k": 1, "per_video": 2})
+    assert response.status_code == 200, response.text
+    hit = response.json()["hits"][0]
+    assert hit["kind"] == "video" and scene_span(1)[0] <= hit["timestamp"] < scene_span(1)[1]
+    assert hit["metadata"]["duration"] == pytest.approx(15.0, abs=0.2) and len(hit["moments"]) == 2
+    assert client.post("/search", json={"text": captions[1], "kind": "image"}).json()["hits"] == []
+
+    data = (tmp_path / "media" / "clip.mp4").read_bytes()
+    whole = client.get(f"/items/{hit['id']}/file")
+    assert (whole.status_code, whole.content, whole.headers["accept-ranges"]) == (200, data, "bytes")
+    assert whole.headers["content-type"] == "video/mp4"
+    part = client.get(f"/items/{hit['id']}/file", headers={"Range": "bytes=100-1099"})
+    assert (part.status_code, part.content) == (206, data[100:1100])
+    assert part.headers["content-range"] == f"bytes 100-1099/{len(data)}"
+    tail = client.get(f"/items/{hit['id']}/file", headers={"Range": "bytes=-50"})
+    assert (tail.status_code, tail.content) == (206, data[-50:])
+    assert client.get(f"/items/{hit['id']}/file", headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+
+    frame = client.get(f"/items/{hit['id']}/thumbnail", params={"size": 128, "t": hit["timestamp"]})
+    assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+    import io
+
+    shown = Image.open(io.BytesIO(frame.content)).convert("RGB")
+    picture = samples.scene_picture(31, 1, 160)[0]
+    assert difference(shown, picture) < 25, "the thumbnail is the frame at the hit's moment"
+
+
+def test_migration_4_keeps_a_catalogs_items_and_id_counter_and_takes_videos(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipdex.search.catalog.database as database
+    from clipdex.search.catalog.types import NewItem
+
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:3])
+    old = database.Catalog(url, vector_dim=4)
+    ids = old.commit_batch(items=[NewItem(kind="image", vector=np.ones(4), path=f"/p/{n}.jpg") for n in range(3)]).ids
+    old.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "catalog.sqlite") as connection:  # the highest id is gone: never to be given again
+        connection.execute("DELETE FROM items WHERE id = ?", (ids[-1],))
+    monkeypatch.undo()
+    catalog = database.Catalog(url, vector_dim=4)
+    assert sorted(catalog.get_items(ids)) == ids[:2]
+    video = NewItem(kind="video", vector=np.ones(4), path="/p/v.mp4", frames=[(0.0, np.ones(4)), (4.0, -np.ones(4))])
+    new = catalog.commit_batch(items=[video]).ids[0]
+    assert new > ids[-1]
+    assert [seconds for seconds, _ in catalog.frames_of([new])[new]] == [0.0, 4.0]
+    assert catalog.counts() == {"image": 2, "text": 0, "video": 1, "frame": 2}
+    assert catalog.commit_batch(remove_ids=[new]) and catalog.counts()["frame"] == 0
+    assert catalog.get_items(ids[:1])[ids[0]].path == "/p/0.jpg"
