@@ -400,6 +400,8 @@ class Library:
             "items": sum(counts.values()),
             "images": counts["image"],
             "texts": counts["text"],
+            "videos": counts["video"],
+            "video_moments": counts["frame"],  # a vector each, gathered into their video in hits
             "vectors": vectors.ntotal,
             "dim": self.dim,
             "model": self.model.name,
