@@ -211,6 +211,7 @@ def test_videos_are_indexed_incrementally(tmp_path: Path, monkeypatch: pytest.Mo
     video = library.search(text=captions[1], k=1)[0]
     frames = library.catalog.frames_of([video.id])[video.id]
     assert len(frames) >= 4
+    assert library.check()["ok"] and library.vectors.ntotal == 1 + len(frames), "each moment is a vector"
 
     opened = []
     sample_video = rules.sample_video
@@ -227,6 +228,7 @@ def test_videos_are_indexed_incrementally(tmp_path: Path, monkeypatch: pytest.Mo
     report = index_paths(library, [media])
     assert (report.updated, len(opened)) == (1, 1)
     assert library.catalog.frames_of([video.id])[video.id] != frames
+    assert library.check()["ok"], "the vector index holds the new moments, not the old"
     assert library.catalog.counts()["frame"] == len(library.catalog.frames_of([video.id])[video.id]) < len(frames)
     hit = library.search(text=new_captions[1], k=1)[0]
     assert hit.id == video.id and scene_span(1, False)[0] <= hit.timestamp < scene_span(1, False)[1]
@@ -236,6 +238,7 @@ def test_videos_are_indexed_incrementally(tmp_path: Path, monkeypatch: pytest.Mo
     report = index_paths(library, [media])
     assert report.removed == 1
     assert library.catalog.counts()["frame"] == 0 and library.catalog.counts()["video"] == 0, "its moments went with it"
+    assert library.check()["ok"] and library.vectors.ntotal == 1
 
 
 def test_bad_videos_are_failed_with_a_reason_and_a_bad_frame_costs_only_itself(tmp_path: Path) -> None:
@@ -342,3 +345,15 @@ def test_migration_4_keeps_a_catalogs_items_and_id_counter_and_takes_videos(tmp_
     assert catalog.counts() == {"image": 2, "text": 0, "video": 1, "frame": 2}
     assert catalog.commit_batch(remove_ids=[new]) and catalog.counts()["frame"] == 0
     assert catalog.get_items(ids[:1])[ids[0]].path == "/p/0.jpg"
+
+
+def test_without_rawpy_or_pyav_the_files_fail_naming_the_extra_to_install(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    samples.write_dng(tmp_path / "media" / "photo.dng", tall_picture())
+    scenes_video(tmp_path / "media" / "clip.mp4", count=1, black_intro=False)
+    monkeypatch.setitem(sys.modules, "rawpy", None)  # import rawpy raises ImportError
+    monkeypatch.setitem(sys.modules, "av", None)
+    report = index_paths(demo_library(tmp_path / "library"), [tmp_path / "media"])
+    failed = {Path(failure.path).name: failure.error for failure in report.failed}
+    assert failed == {"photo.dng": "RAW photos need rawpy: pip install 'clipdex[raw]'",
+                      "clip.mp4": "videos need PyAV: pip install 'clipdex[video]'"}

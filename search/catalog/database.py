@@ -412,7 +412,8 @@ class Catalog:
         with self.sessions.begin() as session:
             generation = self._next_generation(session)
             touched: list[int] = []
-            remove_ids += self._frame_ids(session, remove_ids)  # a removed video's frames go with it
+            frames_removed = self._frame_ids(session, remove_ids)  # a removed video's frames go with it
+            remove_ids += frames_removed
             for chunk in chunks(remove_ids):
                 session.execute(delete(Item).where(Item.id.in_(chunk)))
             touched.extend(remove_ids)
@@ -428,10 +429,11 @@ class Catalog:
                 new_ids = iter([int(row[0]) for row in returned])
             ids = [item.id if item.id is not None else next(new_ids) for item in items]
             touched.extend(ids)
-            touched.extend(self._replace_frames(session, items, ids))
+            frames = self._replace_frames(session, items, ids)
+            touched.extend(frames)
             if touched:
                 session.execute(insert(Change), [{"generation": generation, "item_id": item_id} for item_id in touched])
-        return BatchResult(generation=generation, ids=ids)
+        return BatchResult(generation=generation, ids=ids, frames_changed=bool(frames_removed or frames))
 
     def _frame_ids(self, session: Session, video_ids: Sequence[int]) -> list[int]:
         found: list[int] = []

@@ -219,7 +219,8 @@ class LocalCatalog:
         with self._transaction() as connection:
             connection.execute("UPDATE state SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'")
             generation = self._state(connection, "generation")
-            remove_ids += _frame_ids(connection, remove_ids)  # a removed video's frames go with it
+            frames_removed = _frame_ids(connection, remove_ids)  # a removed video's frames go with it
+            remove_ids += frames_removed
             for chunk in chunks(remove_ids):
                 connection.execute(f"DELETE FROM items WHERE id IN ({_marks(len(chunk))})", chunk)
             for item_id, columns in moves:
@@ -235,10 +236,11 @@ class LocalCatalog:
                     cursor = connection.execute(
                         f"INSERT INTO items ({', '.join(names)}) VALUES ({_marks(len(names))})", [columns[n] for n in names])
                     ids.append(int(cursor.lastrowid or 0))
-            touched = remove_ids + ids + _replace_frames(connection, items, ids)
+            frames = _replace_frames(connection, items, ids)
+            touched = remove_ids + ids + frames
             connection.executemany("INSERT INTO changes (generation, item_id) VALUES (?, ?)",
                                    [(generation, item_id) for item_id in touched])
-        return BatchResult(generation=generation, ids=ids)
+        return BatchResult(generation=generation, ids=ids, frames_changed=bool(frames_removed or frames))
 
     def trim_changes(self, up_to_generation: int) -> None:
         with self._transaction() as connection:

@@ -121,6 +121,7 @@ class FileRecord:
 class BatchResult:
     generation: int
     ids: list[int]  # ids of the added or replaced items, in input order
+    frames_changed: bool = False  # video moments (items of their own) came or went: the change log says which
 
 
 @dataclass
