@@ -357,3 +357,45 @@ def test_without_rawpy_or_pyav_the_files_fail_naming_the_extra_to_install(tmp_pa
     failed = {Path(failure.path).name: failure.error for failure in report.failed}
     assert failed == {"photo.dng": "RAW photos need rawpy: pip install 'clipdex[raw]'",
                       "clip.mp4": "videos need PyAV: pip install 'clipdex[video]'"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "local", "postgresql"])
+def test_every_catalog_stores_videos_and_filters_their_moments_alike(tmp_path: Path, backend: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    from clipdex.search.catalog.database import Catalog
+    from clipdex.search.catalog.local import LocalCatalog
+    from clipdex.search.catalog.types import NewItem
+    from clipdex.search.query import Filters
+
+    if backend == "postgresql":
+        catalog = Catalog(request.getfixturevalue("postgres").new_database(), vector_dim=4)
+    else:
+        Catalog(tmp_path / "catalog.sqlite", vector_dim=4).close()  # made and migrated
+        catalog = LocalCatalog(tmp_path / "catalog.sqlite", vector_dim=4) if backend == "local" else \
+            Catalog(tmp_path / "catalog.sqlite", vector_dim=4)
+    one = np.ones(4, dtype=np.float32)
+    photo, video = catalog.commit_batch(items=[
+        NewItem(kind="image", vector=one, path="/trip/a.jpg", width=640, height=480),
+        NewItem(kind="video", vector=one, path="/party/v.mp4", width=1920, height=1080,
+                frames=[(0.0, one), (4.0, one), (8.0, -one)]),
+    ]).ids
+    frames = sorted(i for i in map(int, catalog.ids("frame")))
+    assert len(frames) == 3 and catalog.counts() == {"image": 1, "text": 0, "video": 1, "frame": 3}
+
+    def ids(**filters) -> set[int] | None:
+        found = catalog.filtered_ids(Filters(**filters))
+        return None if found is None else set(map(int, found))
+
+    assert ids() is None
+    assert ids(kind="video") == {video, *frames}
+    assert ids(kind="image") == {photo}
+    assert ids(path="/party/*") == {video, *frames}, "a video's moments pass what their video passes"
+    assert ids(path="/trip/*") == {photo}
+    assert ids(min_width=1000) == {video, *frames}
+    assert ids(kind="video", path="/trip/*") == set()
+    replaced = catalog.commit_batch(items=[NewItem(kind="video", vector=one, id=video, path="/party/v.mp4",
+                                                   frames=[(1.0, one)])])
+    assert replaced.frames_changed and [seconds for seconds, _ in catalog.frames_of([video])[video]] == [1.0]
+    removed = catalog.commit_batch(remove_ids=[video])
+    assert removed.frames_changed and catalog.counts()["frame"] == 0
+    catalog.close()
