@@ -399,3 +399,45 @@ def test_every_catalog_stores_videos_and_filters_their_moments_alike(tmp_path: P
     removed = catalog.commit_batch(remove_ids=[video])
     assert removed.frames_changed and catalog.counts()["frame"] == 0
     catalog.close()
+
+
+@pytest.mark.parametrize(("name", "codec", "pixel_format", "size"), [
+    ("ten-bit.mp4", "h264", "yuv420p10le", (160, 96)),  # 10-bit, as HDR phone video is
+    ("odd.mov", "h264", "yuv444p", (161, 97)),  # odd sizes
+    ("clip.webm", "libvpx-vp9", "yuv420p", (161, 97)),
+    ("old.avi", "mpeg4", "yuv420p", (160, 96)),
+    ("film.mkv", "mpeg4", "yuv420p", (162, 98)),
+])
+def test_odd_video_formats_are_converted_to_rgb(tmp_path: Path, name: str, codec: str, pixel_format: str,
+                                                size: tuple[int, int]) -> None:
+    import av
+
+    from clipdex.search.media.video import sample_video
+
+    width, height = size
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[:, : width // 2], picture[:, width // 2:] = (200, 30, 30), (30, 30, 200)
+    with av.open(str(tmp_path / name), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, pixel_format
+        for index in range(20):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format=pixel_format)
+            frame.pts = index + index // 3  # a variable frame rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = sample_video(tmp_path / name)
+    assert (video.width, video.height) == size
+    assert difference(video.frames[0][1], picture) < 8
+
+
+def test_a_long_video_is_bounded_by_the_cap_and_its_moments_spread_over_all_of_it(tmp_path: Path) -> None:
+    from clipdex.search.media.video import Sampling, sample_video
+
+    scenes_video(tmp_path / "long.mp4", count=4, black_intro=False, keyframe_seconds=1.0)  # 12 s
+    every = sample_video(tmp_path / "long.mp4")
+    capped = sample_video(tmp_path / "long.mp4", Sampling(max_frames=3))
+    assert len(every.frames) >= 4 and len(capped.frames) == 3
+    times = [seconds for seconds, _ in capped.frames]
+    assert times[0] < 3.0 and times[-1] >= 6.0, times  # spread out, not the first three seconds
