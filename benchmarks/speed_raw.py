@@ -8,7 +8,8 @@ file, times the indexer's decode + preprocess (`decode_image` with the indexer's
 then the model's preparation) by each path: the preview, and `postprocess(half_size=True)`.
 Then embeds both with the model (ViT-B-32 at random weights by default: its input size and
 cost; `--model demo`: the project's demo model, whose vectors mean something for these
-scenes) and prints the cosine between the two paths' vectors of each file.
+scenes) and prints the cosine between the two paths' vectors of each file. Last, `index_paths`
+indexes the folder (the model loaded beforehand) by each path: files per second, whole runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,30 @@ def picture(seed: int, megapixels: float) -> np.ndarray:
     return np.asarray(Image.fromarray(scene).resize((width, height), Image.Resampling.BILINEAR))
 
 
+def index_rate(folder: Path, spec: ModelSpec, preview: bool) -> float:
+    """Files per second of `index_paths` over the folder's DNGs (model loaded beforehand), by one path."""
+    import functools
+
+    import clipdex.search.media.imaging as imaging
+    from clipdex.indexer import index_paths
+    from clipdex.search.library import Library
+
+    decode = imaging.decode_raw
+    if not preview:
+        imaging.decode_raw = functools.partial(decode, use_preview=False)  # type: ignore[assignment]
+    try:
+        library = Library.open(folder / f"library-{preview}", model=spec, create=True, device="cpu")
+        library.encoder.load()
+        started = time.perf_counter()
+        report = index_paths(library, [folder], export_text=False)
+        seconds = time.perf_counter() - started - report.export_seconds
+        assert report.added and not report.failed, report.to_json()
+        library.close()
+    finally:
+        imaging.decode_raw = decode
+    return report.added / seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=4)
@@ -69,6 +94,7 @@ def main() -> int:
                 times[way].append(time.perf_counter() - started)
                 vectors[way].append(encoder.encode_prepared(prepared[None])[0])
         size = f"{path.stat().st_size / 1e6:.0f} MB"
+        indexing = {way: index_rate(Path(folder), spec, way == "preview") for way in ("preview", "demosaic")}
     cosines = [float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
                for a, b in zip(vectors["preview"], vectors["demosaic"])]
     print(f"{args.count} DNGs of {args.megapixels:g} MP ({size} each), preview shorter side {args.preview_side}, "
@@ -77,6 +103,8 @@ def main() -> int:
         print(f"  {way:9s} decode + preprocess: median {statistics.median(times[way]) * 1000:7.0f} ms a file")
     ratio = statistics.median(times["demosaic"]) / statistics.median(times["preview"])
     print(f"  the preview is {ratio:.1f}x faster")
+    for way in ("preview", "demosaic"):
+        print(f"  clipdex indexing the folder by {way}: {indexing[way]:.2f} files/s")
     print(f"  cosine(preview, demosaic) per file: {', '.join(f'{c:.3f}' for c in cosines)} (mean {statistics.mean(cosines):.3f})")
     return 0
 

@@ -16,6 +16,7 @@ from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.errors import UnreadableImage
 from clipdex.search.library import Library
 from clipdex.search.media.imaging import decode_image
+from tests.test_browser import browser  # noqa: F401  (the fixture: the system's chromium through Playwright)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "data" / "demo-model" / "clipdex-demo.json"
@@ -441,3 +442,33 @@ def test_a_long_video_is_bounded_by_the_cap_and_its_moments_spread_over_all_of_i
     assert len(every.frames) >= 4 and len(capped.frames) == 3
     times = [seconds for seconds, _ in capped.frames]
     assert times[0] < 3.0 and times[-1] >= 6.0, times  # spread out, not the first three seconds
+
+
+def test_the_web_page_shows_a_video_moment_and_plays_from_it(tmp_path: Path, browser) -> None:
+    from clipdex.search.http import create_app, serve_in_thread
+
+    captions = scenes_video(tmp_path / "media" / "party.mp4")
+    library = demo_library(tmp_path / "library")
+    index_paths(library, [tmp_path / "media"])
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    with serve_in_thread(create_app(library)) as url:
+        page.goto(f"{url}/")
+        page.fill("#query", captions[2])
+        page.press("#query", "Enter")
+        page.wait_for_function("""() => {
+            const image = document.querySelector('.hit[data-kind="video"] img');
+            return image && image.complete && image.naturalWidth > 0;
+        }""")  # the frame at the moment, from the thumbnail route
+        name = page.text_content('.hit[data-kind="video"] .name')
+        assert name == "party.mp4 @ 00:09", name  # the third scene shows from 00:09 to 00:12
+        page.click('.hit[data-kind="video"] .play')
+        video = page.wait_for_selector('.hit[data-kind="video"] video')
+        source = video.get_attribute("src")
+        assert source.endswith("/items/" + page.get_attribute('.hit[data-kind="video"]', "data-id") + "/file#t=9")
+    context.close()
+    library.close()
+    assert errors == []
