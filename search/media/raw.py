@@ -83,6 +83,8 @@ def decode_raw(data: bytes, name: str, min_preview_side: int | None = None, use_
                 image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     except UnreadableImage:
         raise
+    except (rawpy.LibRawIOError, rawpy.LibRawDataError) as error:
+        raise UnreadableImage(name, f"truncated or damaged RAW photo ({_reason(error)})") from None
     except rawpy.LibRawError as error:
         raise UnreadableImage(name, f"not a RAW photo LibRaw can read ({_reason(error)})") from None
     except (OSError, ValueError, MemoryError) as error:
