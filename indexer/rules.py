@@ -14,6 +14,7 @@ library; another runner (a cluster, say) can call the same functions from its ow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -220,7 +221,7 @@ def _prepare_video(job: _Job, encoder: ImagePreparer, hashes: "_HashLookup | _No
         return prepared
     size = encoder.image_size  # loads the model first: its errors are not this file's
     try:
-        video = sample_video(path, Sampling(**{**sampling.__dict__, "picture_side": 2 * size}))
+        video = sample_video(path, dataclasses.replace(sampling, picture_side=2 * size))  # as an image's draft size
         prepared.pixels = np.stack([encoder.prepare(picture) for _, picture in video.frames])
     except UnreadableImage as error:
         prepared.error = error.reason
