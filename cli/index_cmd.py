@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def index(
-    paths: List[Path] = typer.Argument(..., metavar="PATH...", help="Folders (recursively) or image files to index"),
+    paths: List[Path] = typer.Argument(..., metavar="PATH...", help="Folders (recursively) or image and video files to index"),
     library: Optional[Path] = LibraryOption,
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
@@ -60,7 +60,7 @@ def index(
     ),
     ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0.0, help="With --ray: GPUs per embedding actor (0: the model runs on the CPUs)"),
 ) -> None:
-    """Index image folders: new files are added, changed ones re-embedded, deleted ones removed."""
+    """Index photo and video folders: new files are added, changed ones re-embedded, deleted ones removed."""
     from clipdex.indexer import index_paths
 
     cluster = None

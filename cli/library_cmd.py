@@ -68,7 +68,7 @@ def stats(library: Optional[Path] = LibraryOption, device: Device = DeviceOption
     if json_output:
         print_json(data)
         return
-    for key in ("library", "catalog", "items", "images", "texts", "vectors", "model", "weights", "runtime", "dim", "index_type"):
+    for key in ("library", "catalog", "items", "images", "texts", "videos", "video_moments", "vectors", "model", "weights", "runtime", "dim", "index_type"):
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         optimized = data["optimized"]

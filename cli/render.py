@@ -47,6 +47,21 @@ def hit_name(hit: Hit) -> str:
     return f"key:{hit.key}" if hit.key is not None else ""
 
 
+def clock(seconds: float) -> str:
+    """A moment in a video as mm:ss (h:mm:ss from an hour on)."""
+    whole = int(max(0.0, seconds))
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _at(hit: Hit) -> str:
+    """A video hit's moments after its path: " @ 01:23" (and the next best, with --per-video)."""
+    if hit.timestamp is None:
+        return ""
+    moments = hit.moments or [(hit.timestamp, hit.score)]
+    return " @ " + ", ".join(clock(seconds) for seconds, _ in moments)
+
+
 def _table(hits: Sequence[Hit]) -> None:
     if not hits:
         out.print("no hits")
@@ -58,7 +73,7 @@ def _table(hits: Sequence[Hit]) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for column in ("rank", "score", "id", "kind", "path / text"):
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
-    names = [controls_escaped(hit_name(hit)) for hit in hits]
+    names = [controls_escaped(hit_name(hit)) + _at(hit) for hit in hits]
     for hit, name in zip(hits, names):
         table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name))  # Text: a name is not markup
     if out.is_terminal:
@@ -75,7 +90,18 @@ def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str
     cards = []
     for hit in hits:
         caption = html.escape(hit.path or "")
-        if hit.kind == "image" and hit.path:
+        if hit.kind == "video" and hit.path:
+            from clipdex.search.media.video import video_frame_jpeg
+
+            at = hit.timestamp or 0.0
+            link = html.escape(Path(hit.path).as_uri() + f"#t={at:.2f}")
+            try:
+                data = base64.b64encode(video_frame_jpeg(hit.path, at, thumbnail_size)).decode()
+                visual = f'<a href="{link}"><img src="data:image/jpeg;base64,{data}" alt="{caption}"></a>'
+            except UnreadableImage as error:
+                visual = f'<div class="missing">{html.escape(error.reason)}</div>'
+            caption = f'<a href="{link}">{caption}</a> at {html.escape(_at(hit)[3:])}'
+        elif hit.kind == "image" and hit.path:
             try:
                 data = base64.b64encode(thumbnail_jpeg(Path(hit.path), thumbnail_size)).decode()
                 visual = f'<img src="data:image/jpeg;base64,{data}" alt="{caption}">'

@@ -31,7 +31,7 @@ from clipdex.search.library import Library
 from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
 
-Kind = Literal["image", "text", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
+Kind = Literal["image", "text", "video", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +49,7 @@ def search(
     weight: List[float] = typer.Option(
         [], "--weight", help="Weights of the terms in order: text, images, likes, vectors, minus texts (default 1 each)"
     ),
-    kind: Kind = typer.Option("any", "--kind", help="What to return: images, texts or both"),
+    kind: Kind = typer.Option("any", "--kind", help="What to return: images, texts, videos or any"),
     path: Optional[str] = typer.Option(None, "--path", help="Only paths matching this glob (e.g. '*/2024/*')"),
     after: Optional[str] = typer.Option(None, "--after", help="Captured at or after this date/time (EXIF)"),
     before: Optional[str] = typer.Option(None, "--before", help="Captured before this date/time (EXIF)"),
@@ -58,6 +58,7 @@ def search(
     k: int = typer.Option(10, "-k", "--top", min=1, max=10_000, help="How many hits"),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many best hits (paging)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum cosine score"),
+    per_video: int = typer.Option(1, "--per-video", min=1, max=1000, help="The N best moments of each video hit"),
     format: Format = typer.Option("table", "--format", "-f", help="Output: a table, JSON, the paths alone, or an HTML page (--out)"),
     null: bool = typer.Option(False, "-0", "--null", help="With --format paths: NUL-separated"),
     html_out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --format html: the file to write"),
@@ -73,7 +74,7 @@ def search(
         raise ClipdexError("--format html needs --out FILE.html")
     query = Query.build(
         text=[text] if text else None, image=image, like=like, vector=vector, minus=minus, weights=weight,
-        k=k, offset=offset, threshold=threshold,
+        k=k, offset=offset, threshold=threshold, per_video=per_video,
         kind=kind, path=path, after=after, before=before, min_width=min_width, min_height=min_height,
     )
     lib = open_library(library, device=device, runtime=runtime)

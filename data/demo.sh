@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: index a freshly generated photo folder with the project's own small CLIP
-# model (offline), then run a text query, an image query, image->text and a zero-shot tag.
+# model (offline), then run a text query, a video moment, a RAW photo, an image query, image->text and a zero-shot tag.
 # The file names say what each image shows, so you can check the answers by eye.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,12 @@ echo "== Generating 80 photos of coloured shapes in $DEMO/photos (a seed the mod
 # A seed the model never trained on: these are held-out images.
 "$PY" data/shapes.py --out "$DEMO/photos" --count 80 --seed 777 --captions 1 > /dev/null
 "$PY" -c "import sys; sys.path.insert(0, 'data'); import shapes; print('\n'.join(shapes.class_labels()))" > "$DEMO/labels.txt"
+echo
+echo "== Generating a 12-second video of four scenes and a RAW photo (DNG, stored sideways) in $DEMO/photos"
+"$PY" data/media_samples.py video "$DEMO/photos/party.mp4" --seed 778 --scenes 4 --seconds 3 | tee "$DEMO/video-scenes.txt"
+"$PY" data/media_samples.py dng "$DEMO/photos/IMG_0001.dng" --seed 779 --orientation 6 | tee "$DEMO/raw-photo.txt"
+SCENE=$(sed -n '3p' "$DEMO/video-scenes.txt" | cut -f3)
+RAW_CAPTION=$(cut -f2 "$DEMO/raw-photo.txt")
 sed 's/^/a photo of a /' "$DEMO/labels.txt" > "$DEMO/captions.txt"
 
 echo
@@ -38,6 +44,14 @@ echo "== clipdex index-texts $DEMO/captions.txt"
 echo
 echo "== text -> image: clipdex search \"a red circle\" --kind image -k 5"
 "$CLIPDEX" search "a red circle" --kind image -k 5 --library "$LIB"
+
+echo
+echo "== a moment in a video: clipdex search \"$SCENE\" --kind video --per-video 2"
+echo "   (party.mp4 shows it from 00:06 to 00:09: see $DEMO/video-scenes.txt)"
+"$CLIPDEX" search "$SCENE" --kind video --per-video 2 --library "$LIB"
+echo
+echo "== a RAW photo: clipdex search \"$RAW_CAPTION\" -k 3"
+"$CLIPDEX" search "$RAW_CAPTION" -k 3 --library "$LIB"
 
 QUERY_IMAGE=$(ls "$DEMO/photos"/*.jpg | head -n 1)
 echo
@@ -55,4 +69,4 @@ echo "== zero-shot tag: clipdex tag (3 images) --labels $DEMO/labels.txt --templ
 "$CLIPDEX" search "a blue square" --kind image -k 12 --format html --out "$DEMO/blue-square.html" --library "$LIB"
 echo
 echo "Open $DEMO/blue-square.html to see the hits for \"a blue square\" as thumbnails."
-echo "Library: $LIB ($("$CLIPDEX" stats --library "$LIB" --json | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["images"], "images,", d["texts"], "texts")'))"
+echo "Library: $LIB ($("$CLIPDEX" stats --library "$LIB" --json | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["images"], "images,", d["videos"], "video,", d["texts"], "texts")'))"

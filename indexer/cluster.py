@@ -43,6 +43,7 @@ from clipdex.indexer.scan import ScannedFile
 from clipdex.search.catalog.types import FileRecord
 from clipdex.search.errors import ClipdexError, ClusterError, UnreadableFile
 from clipdex.search.library import Library
+from clipdex.search.media.video import is_video_path
 from clipdex.search.ray_cluster import check_paths_visible, cluster_cpus, cluster_gpus, ray_session
 
 ProgressCallback = Callable[[int, int], None]  # (done, total) of the embed phase
@@ -75,6 +76,13 @@ def run_jobs_on_cluster(
             f"library {library.path} has a model with random weights (--pretrained none): each Ray worker would draw "
             "weights of its own; index it without --ray, or make a library whose weights are in a checkpoint file"
         )
+    videos = [job for job in diff.jobs if is_video_path(job.file.path)]
+    if videos:  # a video's moments are many vectors: the cluster's pipeline carries one per file
+        report.failed += [Failure(job.file.path, "videos are not indexed on a Ray cluster yet: index them without --ray")
+                          for job in videos]
+        diff.jobs = [job for job in diff.jobs if not is_video_path(job.file.path)]
+        if not diff.jobs:
+            return
     with ray_session(options.address) as ray:
         check_paths_visible(ray, _paths_workers_read(library, diff))
         rows = _embedded_rows(ray, library, diff, batch_size, options)

@@ -19,10 +19,12 @@ import numpy as np
 from clipdex.indexer.first_export import FirstExport
 from clipdex.indexer.progress import ProgressReporter
 from clipdex.indexer.report import Failure, IndexReport
-from clipdex.indexer.rules import ScanDiff, _commit, _embed, _HashLookup, _Job, _prepare, _prepare_again, _Prepared
+from clipdex.indexer.rules import (VIDEO_BATCH, ScanDiff, _commit, _embed, _HashLookup, _Job, _prepare, _prepare_again,
+                                   _Prepared)
 from clipdex.search.cores import available_cores
 from clipdex.search.encoders.base import ImagePreparer
 from clipdex.search.library import Library
+from clipdex.search.media.video import is_video_path
 from clipdex.search.index.vectors import faiss_module
 
 @dataclass(frozen=True)
@@ -145,7 +147,9 @@ def _run_jobs(
     """Prepare the jobs in parallel, embed full batches on the model lanes, commit them in order.
 
     `first_export`: the decoders preprocess with it, and the lanes wait for its export."""
-    jobs = diff.jobs
+    videos = [job for job in diff.jobs if is_video_path(job.file.path)]
+    jobs = [job for job in diff.jobs if not is_video_path(job.file.path)] if videos else diff.jobs
+    total = len(diff.jobs)
     known_hashes = diff.hash_lookup(library)
     lanes = plan.model_lanes
     in_flight: deque[tuple[list[_Prepared], list[Future[dict[int, np.ndarray]]]]] = deque()
@@ -165,7 +169,7 @@ def _run_jobs(
             _commit(library, writer, ready, vectors, diff.vanished, diff.vanished_by_id, report)
             committed += len(ready)
             if progress:
-                progress("commit", committed, len(jobs))
+                progress("commit", committed, total)
 
     batch: list[_Prepared] = []
     done = 0
@@ -188,19 +192,60 @@ def _run_jobs(
                     batch = []
                     commit_down_to(lanes - 1)
                 if progress:
-                    progress("embed", done, len(jobs))
+                    progress("embed", done, total)
                 if stop is not None and stop.is_set():  # checked per file: a run of failing files cannot hold it up
                     report.interrupted = True
                     break
             if batch:
                 submit(model_pool, batch)
             commit_down_to(0)
+            if videos and not report.interrupted:
+                done = _run_videos(library, writer, diff, report, videos, known_hashes, plan, model_pool, progress,
+                                   stop, first_export, done, total)
         finally:
             for _, embedded in in_flight:  # an error ended the run: do not embed what will not be committed
                 for part in embedded:
                     part.cancel()
     if progress:
-        progress("embed", done, len(jobs))
+        progress("embed", done, total)
+
+
+def _run_videos(library: Library, writer: Any, diff: ScanDiff, report: IndexReport, videos: list[_Job],
+                hashes: _HashLookup, plan: ThreadPlan, model_pool: ThreadPoolExecutor, progress: ProgressReporter | None,
+                stop: threading.Event | None, first_export: FirstExport | None, done: int, total: int) -> int:
+    """The videos, after the images: sampled on the decode threads (two ahead, so memory holds two
+    videos' moments), each one's moments embedded across the model lanes, committed one video at a time."""
+    if first_export is not None:
+        first_export.wait()  # the moments are prepared and embedded by the model the run ends with
+    lanes = plan.model_lanes
+
+    def embed(prepared: _Prepared) -> dict[int, np.ndarray]:
+        if prepared.pixels is None:
+            return {}
+        rows = prepared.pixels
+        parts = [part for part in np.array_split(rows, min(lanes, len(rows))) if len(part)]
+        futures = [model_pool.submit(_embed_rows, library, part) for part in parts]
+        prepared.pixels = None
+        return {id(prepared): np.concatenate([future.result() for future in futures])}
+
+    for prepared in _prepare_all(library.encoder, videos, hashes, min(2, plan.decode_workers), lambda: 2):
+        done += 1
+        if prepared.error is not None:
+            report.failed.append(Failure(prepared.job.file.path, prepared.error))
+        else:
+            _commit(library, writer, [prepared], embed(prepared), diff.vanished, diff.vanished_by_id, report)
+        if progress:
+            progress("embed", done, total)
+            progress("commit", done, total)
+        if stop is not None and stop.is_set():
+            report.interrupted = True
+            break
+    return done
+
+
+def _embed_rows(library: Library, rows: np.ndarray) -> np.ndarray:
+    return np.concatenate([library.encoder.encode_prepared(rows[start:start + VIDEO_BATCH])
+                           for start in range(0, len(rows), VIDEO_BATCH)])
 
 
 def _split(batch: list[_Prepared], parts: int) -> list[list[_Prepared]]:

@@ -14,6 +14,8 @@ library; another runner (a cluster, say) can call the same functions from its ow
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from clipdex.indexer.report import Failure, IndexReport
-from clipdex.indexer.scan import ScannedFile, ScanResult
+from clipdex.indexer.scan import ScannedFile, ScanResult, pair_raw_files
 from clipdex.search.catalog.types import FileRecord, NewItem
 from clipdex.search.encoders.base import ImageTextEncoder
 from clipdex.search.encoders.base import ImagePreparer
@@ -30,6 +32,8 @@ from clipdex.search.errors import ClipdexError, UnreadableFile, UnreadableImage
 from clipdex.search.media.fileid import content_hash as hash_bytes
 from clipdex.search.media import gpu_decode
 from clipdex.search.media.imaging import decode_image
+from clipdex.search.media.fileid import content_hash_of_file
+from clipdex.search.media.video import Sampling, is_video_path, sample_video
 from clipdex.search.library import Library
 from clipdex.search.media.safe_read import read_regular_file
 
@@ -40,6 +44,7 @@ class _Job:
 
     file: ScannedFile
     record: FileRecord | None
+    pair: str | None = None  # the RAW file beside this JPEG or HEIC: one photo (`scan.pair_raw_files`)
 
 
 @dataclass
@@ -52,6 +57,13 @@ class _Prepared:
     error: str | None = None
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file that was read
     encoded: Any = None  # a JPEG waiting for the GPU's decoder (`gpu_decode.EncodedImage`), instead of `pixels`
+    # a video: its sampled moments' times (seconds), `pixels` then holds one row per moment; `extra` its duration...
+    frame_times: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_video(self) -> bool:
+        return is_video_path(self.job.file.path)
 
 
 # -- what to do -------------------------------------------------------------------------
@@ -90,13 +102,16 @@ def diff_scan(library: Library, result: ScanResult, prune_empty_roots: bool = Fa
 
     jobs: list[_Job] = []
     unchanged = 0
-    for scanned in result.files:
+    files, pairs = pair_raw_files(result.files)  # a RAW beside its JPEG is that JPEG's item, not one of its own
+    for scanned in files:
         record = known.get(scanned.path)
-        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns:
+        pair = pairs.get(scanned.path)
+        if record is not None and record.size == scanned.size and record.mtime_ns == scanned.mtime_ns \
+                and record.pair == pair:
             unchanged += 1
-        else:
-            jobs.append(_Job(scanned, record))
-    seen = {scanned.path for scanned in result.files}
+        else:  # a new pair, or one gone, only re-describes the item: its bytes are unchanged, the vector kept
+            jobs.append(_Job(scanned, record, pair))
+    seen = {scanned.path for scanned in files}
     kept = {path for path, _ in result.errors}
     unreadable = list(result.unreadable_dirs)
     if not prune_empty_roots:
@@ -150,8 +165,17 @@ class _HashLookup:
             return self.library.catalog.id_with_hash(content_hash)
 
 
+class _NoStoredBytes:
+    """A hash lookup that finds nothing: the file is decoded whatever is stored."""
+
+    def find(self, content_hash: str) -> int | None:
+        return None
+
+
 def _prepare(job: _Job, encoder: ImagePreparer, hashes: _HashLookup) -> _Prepared:
     path = job.file.path
+    if is_video_path(path):
+        return _prepare_video(job, encoder, hashes)
     try:
         data, identity = _read_file(path, job.file.size)
     except FileNotFoundError:
@@ -170,6 +194,48 @@ def _prepare(job: _Job, encoder: ImagePreparer, hashes: _HashLookup) -> _Prepare
         prepared.reuse_id = reuse
         return prepared
     _decode_into(prepared, data, encoder)
+    return prepared
+
+
+def _prepare_video(job: _Job, encoder: ImagePreparer, hashes: "_HashLookup | _NoStoredBytes", sampling: Sampling = Sampling()) -> _Prepared:
+    """A video: hashed as it is read (never whole in memory), its stored frames reused as an image's
+    vector is (touched, moved, copied), else its moments sampled (`clipdex.search.media.video`) and prepared."""
+    path = job.file.path
+    try:
+        content_hash, info = content_hash_of_file(path)
+    except FileNotFoundError:
+        return _Prepared(job, error="file vanished before it could be read")
+    except UnreadableFile as error:
+        return _Prepared(job, error=error.reason)
+    except OSError as error:
+        return _Prepared(job, error=f"cannot read: {error.strerror or error}")
+    if info.st_size == 0:
+        return _Prepared(job, error="empty file (0 bytes)")
+    prepared = _Prepared(job, content_hash=content_hash, identity=(info.st_dev, info.st_ino))
+    if job.record is not None and job.record.content_hash == content_hash:
+        prepared.reuse_id = job.record.id
+        return prepared
+    reuse = hashes.find(content_hash)
+    if reuse is not None:
+        prepared.reuse_id = reuse
+        return prepared
+    size = encoder.image_size  # loads the model first: its errors are not this file's
+    try:
+        video = sample_video(path, dataclasses.replace(sampling, picture_side=2 * size))  # as an image's draft size
+        prepared.pixels = np.stack([encoder.prepare(picture) for _, picture in video.frames])
+    except UnreadableImage as error:
+        prepared.error = error.reason
+        return prepared
+    except ClipdexError:
+        raise
+    except Exception as error:  # a decoder bug must not end the run: report the file
+        prepared.error = unexpected_failure(error)
+        return prepared
+    prepared.frame_times = [seconds for seconds, _ in video.frames]
+    prepared.metadata = video.metadata()
+    prepared.extra = {"duration": round(video.duration, 3), "frames": len(video.frames), "codec": video.codec}
+    if video.skipped:
+        prepared.extra["frames_skipped"] = video.skipped  # failed to decode: that frame lost, not the video
     return prepared
 
 
@@ -254,12 +320,19 @@ def embed_with(encoder: ImageTextEncoder, batch: list[_Prepared]) -> dict[int, n
     the files decoded on the CPU."""
     vectors = _embed_on_gpu(encoder, [prepared for prepared in batch if prepared.encoded is not None])
     to_embed = [(prepared, prepared.pixels) for prepared in batch if prepared.pixels is not None]
-    if to_embed:
-        encoded = encoder.encode_prepared(np.stack([pixels for _, pixels in to_embed]))
-        for prepared, _ in to_embed:
-            prepared.pixels = None  # embedded: let the memory go
-        vectors.update({id(prepared): vector for (prepared, _), vector in zip(to_embed, encoded)})
+    images = [(prepared, pixels) for prepared, pixels in to_embed if prepared.frame_times is None]
+    if images:
+        encoded = encoder.encode_prepared(np.stack([pixels for _, pixels in images]))
+        vectors.update({id(prepared): vector for (prepared, _), vector in zip(images, encoded)})
+    for prepared, pixels in to_embed:
+        if prepared.frame_times is not None:  # a video: one vector per moment, a batch at a time
+            vectors[id(prepared)] = np.concatenate([encoder.encode_prepared(pixels[start:start + VIDEO_BATCH])
+                                                    for start in range(0, len(pixels), VIDEO_BATCH)])
+        prepared.pixels = None  # embedded: let the memory go
     return vectors
+
+
+VIDEO_BATCH = 32  # a video's moments embedded so many at a time
 
 
 def _embed_on_gpu(encoder: ImageTextEncoder, batch: list[_Prepared]) -> dict[int, np.ndarray]:
@@ -274,6 +347,13 @@ def _embed_on_gpu(encoder: ImageTextEncoder, batch: list[_Prepared]) -> dict[int
     for prepared in batch:
         prepared.encoded = None
     return {id(batch[index]): vector for index, vector in embedded.vectors.items()}
+
+
+def _mean_direction(vectors: np.ndarray) -> np.ndarray:
+    """The normalized mean of a video's moments: the video's own vector (`like`, duplicates, tags)."""
+    rows = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    mean = rows.mean(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
 # -- one batch: what it commits ----------------------------------------------------------
@@ -293,6 +373,12 @@ def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
         source = stored.get(prepared.reuse_id)
         if source is None or source.content_hash != prepared.content_hash:
             prepared.reuse_id = None
+            if prepared.is_video:  # sampled after all, from the file as it is now
+                again = _prepare_video(prepared.job, library.encoder, _NoStoredBytes())
+                if again.content_hash != prepared.content_hash and again.error is None:
+                    again.error = "file changed during the run; run index again"
+                prepared.__dict__.update(again.__dict__)
+                continue
             try:
                 data, prepared.identity = _read_file(prepared.job.file.path, prepared.job.file.size)
             except UnreadableFile as error:
@@ -333,24 +419,34 @@ def _commit(
         device, inode = prepared.identity or (None, None)
         file_columns: dict[str, Any] = {"path": job.file.path, "size": job.file.size, "mtime_ns": job.file.mtime_ns,
                                         "content_hash": prepared.content_hash, "device": device, "inode": inode}
+        pair_extra = {"pair": job.pair} if job.pair else {}
         source_id = prepared.reuse_id
         if source_id is not None and source_id in vanished_by_id and job.record is None:
-            moves.append((source_id, file_columns))  # same bytes at a new path: keep id and vector
-            vanished.pop(vanished_by_id.pop(source_id), None)
+            moves.append((source_id, {**file_columns, "extra": json.dumps(pair_extra) if pair_extra else None}))
+            vanished.pop(vanished_by_id.pop(source_id), None)  # same bytes at a new path: keep id and vector
             counts["moved"] += 1
             continue
         if source_id is not None and job.record is not None and source_id == job.record.id:
-            moves.append((source_id, file_columns))  # touched: only size/mtime changed
+            # touched: only size/mtime (or the RAW beside it) changed
+            moves.append((source_id, {**file_columns, "extra": json.dumps(pair_extra) if pair_extra else None}))
             counts["updated"] += 1
             continue
+        kind, frames, extra = "image", None, dict(pair_extra)
         if source_id is not None:
             source = stored[source_id]
             metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
             vector = source.vector_array().copy()
+            if source.kind == "video":  # a copy of a stored video: its moments too
+                kind, frames = "video", library.catalog.frames_of([source_id]).get(source_id, [])
+                extra = json.loads(source.extra) if source.extra else {}
         else:
             metadata = prepared.metadata
             vector = vectors[id(prepared)]
-        items.append(NewItem(kind="image", vector=vector, id=job.record.id if job.record else None, **file_columns, **metadata))
+            if prepared.frame_times is not None:  # a video: its item holds the mean of its moments
+                kind, frames, extra = "video", list(zip(prepared.frame_times, vector)), prepared.extra
+                vector = _mean_direction(vector)
+        items.append(NewItem(kind=kind, vector=vector, id=job.record.id if job.record else None, extra=extra,
+                             frames=frames, **file_columns, **metadata))
         counts["updated" if job.record else "added"] += 1
     writer.commit(items=items, moves=moves)
     report.added += counts["added"]

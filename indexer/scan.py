@@ -1,4 +1,4 @@
-"""Walking photo folders: which image files are there, skipping what the user excluded."""
+"""Walking photo folders: which image and video files are there, skipping what the user excluded."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from typing import Sequence
 
 from clipdex.search.errors import ClipdexError
 from clipdex.search.media.imaging import IMAGE_EXTENSIONS
+from clipdex.search.media.raw import RAW_EXTENSIONS
+from clipdex.search.media.video import VIDEO_EXTENSIONS
+
+# what a scan finds: photos (RAW included) and videos
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, not_regular_reason, too_large_reason
 
 NOT_UTF8_NAME = "file name is not valid UTF-8, which the catalog cannot record: rename the file to index it"
@@ -138,7 +143,7 @@ def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanR
                 continue
             if is_directory:
                 subdirectories.append(entry.path)
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
                 _add_file(entry.path, result, seen, max_file_bytes)
         stack.extend(reversed(subdirectories))
 
@@ -146,7 +151,7 @@ def _walk(root: str, exclude: Sequence[str], include_hidden: bool, result: ScanR
 def _add_file(path: str, result: ScanResult, seen: set[str], max_file_bytes: int, explicit: bool = False) -> None:
     if path in seen:
         return
-    if explicit and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+    if explicit and Path(path).suffix.lower() not in MEDIA_EXTENSIONS:
         result.errors.append((path, f"not a supported image type ({Path(path).suffix or 'no extension'})"))
         return
     try:
@@ -158,7 +163,8 @@ def _add_file(path: str, result: ScanResult, seen: set[str], max_file_bytes: int
         result.errors.append((path, error.strerror or str(error)))
         return
     problem = not_regular_reason(info.st_mode)
-    if problem is None and info.st_size > max_file_bytes:
+    # a video is hashed and decoded as a stream, never read whole: the size limit is for images
+    if problem is None and info.st_size > max_file_bytes and Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
         problem = too_large_reason(info.st_size, max_file_bytes, setting="--max-file-mb")
     if problem is None and not recordable_name(path):
         problem = NOT_UTF8_NAME
@@ -169,6 +175,28 @@ def _add_file(path: str, result: ScanResult, seen: set[str], max_file_bytes: int
         return
     seen.add(path)
     result.files.append(ScannedFile(path, info.st_size, info.st_mtime_ns))
+
+
+# the rendered picture a camera writes beside its RAW file, preferred in this order
+PAIR_EXTENSIONS = (".jpg", ".jpeg", ".heic", ".heif")
+
+
+def pair_raw_files(files: Sequence[ScannedFile]) -> tuple[list[ScannedFile], dict[str, str]]:
+    """RAW files beside a JPEG or HEIC of the same stem in the same folder are one photo with it:
+    `files` without those RAW files, and the pairs as {JPEG or HEIC path: RAW path}. The photo is
+    embedded from the JPEG or HEIC (the picture the camera rendered); a RAW alone stays a file of its own."""
+    by_stem: dict[tuple[str, str], dict[str, str]] = {}
+    for file in files:
+        stem, suffix = os.path.splitext(file.path)
+        by_stem.setdefault((os.path.dirname(file.path), os.path.basename(stem)), {})[suffix.lower()] = file.path
+    pairs: dict[str, str] = {}
+    for found in by_stem.values():
+        raws = sorted(path for suffix, path in found.items() if suffix in RAW_EXTENSIONS)
+        rendered = next((found[suffix] for suffix in PAIR_EXTENSIONS if suffix in found), None)
+        if raws and rendered is not None:
+            pairs[rendered] = raws[0]
+    paired = set(pairs.values())
+    return [file for file in files if file.path not in paired], pairs
 
 
 def _unreadable(directory: str, error: OSError, result: ScanResult) -> None:

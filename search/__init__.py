@@ -33,6 +33,7 @@ from clipdex.search.errors import (
     UnreadableCorpus,
     UnreadableFile,
     UnreadableImage,
+    UnreadableVideo,
 )
 from clipdex.search.library import Library, open_library
 from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
@@ -72,5 +73,6 @@ __all__ = [
     "UnreadableCorpus",
     "UnreadableFile",
     "UnreadableImage",
+    "UnreadableVideo",
     "open_library",
 ]

@@ -38,6 +38,10 @@ class ImageTooLarge(UnreadableImage):
     """An image with more pixels than a query image may have (see imaging.MAX_QUERY_IMAGE_PIXELS)."""
 
 
+class UnreadableVideo(UnreadableImage):
+    """A video file clipdex cannot sample: no video stream, an unsupported codec, no frame (path and reason)."""
+
+
 class UnreadableCorpus(ClipdexError):
     """A text corpus file cannot be parsed (the message names file and line)."""
 

@@ -329,6 +329,7 @@ class Library:
         k: int = 10,
         offset: int = 0,
         threshold: float | None = None,
+        per_video: int = 1,
         **unknown: NoReturn,
     ) -> list[Hit]:
         """Ranked hits for a query: `library.search(text="a dog", kind="image", k=5)`.
@@ -336,10 +337,11 @@ class Library:
         Terms (at least one; each weighted by the next of `weights`, default 1): `text` (one
         or more), `image` (a path or the bytes of an image file), `like` (item ids: more like
         these), `vector` (numbers, or a .npy file), and `minus` (texts subtracted).
-        Filters, applied inside the search: `kind` ("image", "text" or "any"), `path` (a
+        Filters, applied inside the search: `kind` ("image", "text", "video" or "any"), `path` (a
         glob over the items' paths), `after`/`before` (capture time, a date or ISO text),
         `min_width`/`min_height` (pixels). `k` hits from `offset` on, none below the
-        cosine `threshold`. Or pass a ready `Query` alone.
+        cosine `threshold`. Or pass a ready `Query` alone. A video is one hit (kind "video")
+        whose `timestamp` is its best-matching moment; `per_video` of its best moments are in `moments`.
 
         Raises InvalidQuery for a query that cannot be answered (an unknown argument
         included), ItemNotFound for an unknown `like` id, UnreadableImage for an image
@@ -349,7 +351,7 @@ class Library:
         options: dict[str, Any] = {
             "text": text, "image": image, "like": like, "vector": vector, "minus": minus, "weights": weights,
             "kind": kind, "path": path, "after": after, "before": before, "min_width": min_width,
-            "min_height": min_height, "k": k, "offset": offset, "threshold": threshold,
+            "min_height": min_height, "k": k, "offset": offset, "threshold": threshold, "per_video": per_video,
         }
         if unknown:
             raise unknown_arguments("search", unknown, BUILD_ARGUMENTS)
@@ -398,6 +400,8 @@ class Library:
             "items": sum(counts.values()),
             "images": counts["image"],
             "texts": counts["text"],
+            "videos": counts["video"],
+            "video_moments": counts["frame"],  # a vector each, gathered into their video in hits
             "vectors": vectors.ntotal,
             "dim": self.dim,
             "model": self.model.name,
@@ -542,7 +546,7 @@ def _check_choice(argument: str, value: str, choices: Sequence[str]) -> None:
         raise ClipdexError(f"{argument}= must be one of {', '.join(choices)}, not {value!r}")
 
 
-_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0}
+_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0, "per_video": 1}
 
 
 def _is_default(name: str, value: Any) -> bool:

@@ -16,8 +16,8 @@ from clipdex.search.errors import InvalidQuery, UnreadableFile
 from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
 
 TermKind = Literal["text", "image", "like", "vector"]
-KIND_CHOICES = ("image", "text", "any")
-KindName = Literal["image", "text", "any"]
+KIND_CHOICES = ("image", "text", "video", "any")
+KindName = Literal["image", "text", "video", "any"]
 # An image: a file's path, or its bytes (encoded, as read from a file).
 ImageInput = Union[str, "os.PathLike[str]", bytes]
 # A raw query vector: numbers (a numpy array or a list), or the path of a .npy file.
@@ -41,7 +41,7 @@ class Term:
 class Filters:
     """Constraints applied inside the search: the k hits are the best among the matches."""
 
-    kind: str = "any"  # image | text | any
+    kind: str = "any"  # image | text | video | any
     path: str | None = None  # glob over image paths (and text corpus files), SQLite GLOB syntax
     after: datetime | None = None  # capture time >= after (EXIF; items without one are left out)
     before: datetime | None = None  # capture time < before
@@ -77,6 +77,7 @@ class Query:
     k: int = 10
     offset: int = 0
     threshold: float | None = None  # minimum cosine
+    per_video: int = 1  # the best moments shown of each video hit (`Hit.moments`)
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -88,6 +89,8 @@ class Query:
             raise InvalidQuery(f"k must be between 1 and 10000, not {self.k}")
         if self.offset < 0:
             raise InvalidQuery(f"offset must not be negative, not {self.offset}")
+        if not 1 <= self.per_video <= 1000:
+            raise InvalidQuery(f"per_video must be between 1 and 1000, not {self.per_video}")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise InvalidQuery(f"threshold is a cosine between -1 and 1, not {self.threshold}")
         if all(term.weight == 0 for term in self.terms):
@@ -111,6 +114,7 @@ class Query:
         before: TimeInput | None = None,
         min_width: int | None = None,
         min_height: int | None = None,
+        per_video: int = 1,
         **unknown: NoReturn,
     ) -> "Query":
         """Terms in a fixed order - texts, images, likes, vectors, then minus texts - each
@@ -131,12 +135,12 @@ class Query:
         built = [Term(kind, value, sign * abs(float(w)) if sign < 0 else float(w)) for (kind, value, sign), w in zip(terms, weights)]
         filters = Filters(kind=kind, path=path, after=after, before=before,  # type: ignore[arg-type]  # parsed there
                           min_width=min_width, min_height=min_height)
-        return cls(terms=built, filters=filters, k=k, offset=offset, threshold=threshold)
+        return cls(terms=built, filters=filters, k=k, offset=offset, threshold=threshold, per_video=per_video)
 
 
 # The arguments of Query.build (and of Library.search, which takes them as keywords).
 BUILD_ARGUMENTS = ("text", "image", "like", "vector", "minus", "weights", "k", "offset", "threshold",
-                   "kind", "path", "after", "before", "min_width", "min_height")
+                   "kind", "path", "after", "before", "min_width", "min_height", "per_video")
 
 
 def unknown_arguments(function: str, unknown: dict[str, Any], known: Sequence[str]) -> InvalidQuery:
@@ -172,11 +176,14 @@ class Hit:
     rank: int
     score: float  # cosine similarity to the query vector
     id: int
-    kind: str  # "image" | "text"
-    path: str | None = None  # images
+    kind: str  # "image" | "text" | "video"
+    path: str | None = None  # images and videos
     text: str | None = None  # texts
     metadata: dict[str, Any] = field(default_factory=dict)
     key: str | None = None  # the application's own key of an item it added (`Library.add_texts` ...); None for files
+    timestamp: float | None = None  # a video: the best-matching moment, seconds from its start
+    # a video: its best moments, best first, as (seconds, score): as many as the query's per_video
+    moments: list[tuple[float, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "kind": self.kind}
@@ -184,6 +191,10 @@ class Hit:
             data["key"] = self.key
         if self.path is not None:
             data["path"] = self.path
+        if self.timestamp is not None:
+            data["timestamp"] = round(self.timestamp, 3)
+        if self.moments is not None and len(self.moments) > 1:
+            data["moments"] = [{"timestamp": round(seconds, 3), "score": round(score, 6)} for seconds, score in self.moments]
         if self.text is not None:
             data["text"] = self.text
         data["metadata"] = self.metadata

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from clipdex.search.catalog.types import ItemRow
+from clipdex.search.catalog.types import VIDEO_KINDS, ItemRow
 from clipdex.search.errors import InvalidQuery, ItemNotFound
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
 from clipdex.search.index.store import VectorStore
@@ -75,25 +75,55 @@ class Searcher:
     # -- one vector to hits -----------------------------------------------------------------
 
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
-        """The query's page of hits for `vector`: the best k among the items that pass its filters."""
+        """The query's page of hits for `vector`: the best k among the items that pass its filters.
+
+        A video is one hit however many of its moments match: its frames' hits are gathered
+        into it (`_videos_collapsed`), scored by its best moment."""
         allowed = self.catalog.filtered_ids(query.filters)
         if allowed is not None and len(allowed) == 0:
             return []
         wanted = query.k + query.offset
-        scores, ids = self.store.search(vector[None, :], wanted, allowed, self.query_kind(query))
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        breadth = wanted
+        moments: dict[int, list[tuple[float, float]]] = {}
+        while True:
+            scores, ids = self.store.search(vector[None, :], breadth, allowed, self.query_kind(query))
+            pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+            items = self.catalog.get_items(i for _, i in pairs)
+            if not any(item.kind in VIDEO_KINDS for item in items.values()):
+                break  # no video among them: each item is a hit of its own
+            pairs, items, moments = self._videos_collapsed(vector, pairs, items, query.per_video)
+            if len(pairs) >= wanted or len(ids[0]) < breadth or breadth >= 50 * wanted + 1000:
+                break
+            breadth *= 4  # frames of the same videos filled the breadth: look further
         pairs = pairs[query.offset : query.offset + query.k]
         if query.threshold is not None:
             pairs = [(s, i) for s, i in pairs if s >= query.threshold]
-        items = self.catalog.get_items(i for _, i in pairs)
         hits: list[Hit] = []
         for score, item_id in pairs:
             item = items.get(item_id)
             if item is None:  # removed since the index was read
                 continue
-            hits.append(hit_of(len(hits) + 1 + query.offset, score, item))
+            hits.append(hit_of(len(hits) + 1 + query.offset, score, item, moments.get(item_id)))
         return hits
 
+    def _videos_collapsed(self, vector: np.ndarray, pairs: list[tuple[float, int]], items: dict[int, ItemRow],
+                          per_video: int) -> tuple[list[tuple[float, int]], dict[int, ItemRow], dict[int, list[tuple[float, float]]]]:
+        """The hits with each video's frames (and its own mean vector) gathered into the video, scored by its
+        best moment; every moment of each such video scored exactly from the catalog (`moments_of`)."""
+        parents = {item_id: item.parent_id for item_id, item in items.items() if item.kind == "frame" and item.parent_id}
+        videos = {parent for parent in parents.values()} | {i for i, item in items.items() if item.kind == "video"}
+        items = {**items, **self.catalog.get_items(videos - set(items))}
+        frames = self.catalog.frames_of(videos)
+        moments = {video: moments_of(vector, frames.get(video, []), per_video) for video in videos}
+        best: dict[int, float] = {}
+        for score, item_id in pairs:
+            target = parents.get(item_id, item_id)
+            if target in videos and moments.get(target):
+                score = moments[target][0][1]
+            if target in items and target not in best:
+                best[target] = score
+        collapsed = sorted(((score, item_id) for item_id, score in best.items()), key=lambda pair: -pair[0])
+        return collapsed, items, moments
     def search(self, query: Query) -> list[Hit]:
         return self.search_vector(self.query_vector(query), query)
 
@@ -104,6 +134,29 @@ class Searcher:
         return hit_of(0, 1.0, item)
 
 
-def hit_of(rank: int, score: float, item: ItemRow) -> Hit:
-    return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict(),
-               key=item.key)
+def hit_of(rank: int, score: float, item: ItemRow, moments: list[tuple[float, float]] | None = None) -> Hit:
+    hit = Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text,
+              metadata=item.metadata_dict(), key=item.key)
+    if item.kind == "video" and moments:
+        hit.timestamp, hit.moments = moments[0][0], moments
+    return hit
+
+
+MOMENT_SPACING = 1.0  # seconds: a video's best moments are at least this far apart
+
+
+def moments_of(vector: np.ndarray, frames: list[tuple[float, np.ndarray]], count: int) -> list[tuple[float, float]]:
+    """A video's `count` best moments for the query `vector`, (seconds, cosine) best first, at least
+    MOMENT_SPACING apart (the frames of one scene are alike: the next moment is another scene)."""
+    if not frames:
+        return []
+    times = np.array([seconds for seconds, _ in frames])
+    matrix = np.stack([frame for _, frame in frames]).astype(np.float32)
+    scores = matrix @ vector.astype(np.float32) / np.maximum(np.linalg.norm(matrix, axis=1), 1e-12)
+    chosen: list[tuple[float, float]] = []
+    for index in np.argsort(-scores, kind="stable"):
+        if all(abs(times[index] - seconds) >= MOMENT_SPACING for seconds, _ in chosen):
+            chosen.append((float(times[index]), float(scores[index])))
+            if len(chosen) >= count:
+                break
+    return chosen

@@ -97,7 +97,7 @@ def choices_of(parameter: Any) -> list[str] | None:
 
 
 # Options that take one of a set, wherever a command has them
-FIXED_SETS = {"--kind": ["image", "text", "any"], "--format": ["table", "json", "paths", "html"],
+FIXED_SETS = {"--kind": ["image", "text", "video", "any"], "--format": ["table", "json", "paths", "html"],
               "--device": ["auto", "cpu", "cuda"], "--runtime": ["auto", "torch", "onnx"]}
 
 
@@ -122,7 +122,7 @@ def test_search_kinds_are_the_querys() -> None:
 def test_a_value_outside_the_set_is_a_usage_error() -> None:
     result = runner.invoke(app, ["search", "a cat", "--kind", "images"], catch_exceptions=False)
     assert result.exit_code == 2
-    assert result.stderr.splitlines()[-1] == "Error: Invalid value for '--kind': 'images' is not one of 'image', 'text', 'any'."
+    assert result.stderr.splitlines()[-1] == "Error: Invalid value for '--kind': 'images' is not one of 'image', 'text', 'video', 'any'."
 
 
 @pytest.mark.parametrize("words", [words for words in COMMANDS if any("--library" in p.opts for p in parameters(words))],

@@ -79,7 +79,7 @@ def test_an_unknown_filter_is_an_invalid_query_naming_the_valid_ones(library: Li
     ({"before": "2024-01-01T00:00:00+05:00"}, "before= takes a local date or time"),
     ({"like": "x"}, "like= wants an item id"),
     ({"min_width": 2**63}, f"min_width={2**63} is too large"),
-    ({"kind": "video"}, "kind= must be one of image, text, any"),
+    ({"kind": "audio"}, "kind= must be one of image, text, video, any"),
 ])
 def test_query_errors_name_arguments(options: dict[str, object], words: str) -> None:
     with pytest.raises(errors.InvalidQuery) as raised:

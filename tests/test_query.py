@@ -117,7 +117,7 @@ def test_invalid_queries() -> None:
     with pytest.raises(InvalidQuery, match="at least one term"):
         Query.build()
     with pytest.raises(InvalidQuery, match="kind"):
-        Query.build(text="x", kind="video")
+        Query.build(text="x", kind="audio")
     with pytest.raises(InvalidQuery, match="date"):
         Query.build(text="x", after="last tuesday")
     for blank in ("", " ", "\t\n"):

@@ -58,6 +58,7 @@ from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     KINDS,
     QUERY_CACHE_SIZE,
+    VIDEO_KINDS,
     QUERY_CACHE_TOUCH_SECONDS,
     SCHEMA_VERSION,
     BatchResult,
@@ -112,6 +113,9 @@ class Item(Base):
     indexed_at: Mapped[float] = mapped_column(Float)
     # an application's own key for an item it added (`Library.add_texts` ...), unique; None for files and corpora
     key: Mapped[str | None] = mapped_column(Text)
+    # a video's sampled moment (kind "frame"): its video's id and its time in seconds
+    parent_id: Mapped[int | None] = mapped_column(BigInteger)
+    frame_time: Mapped[float | None] = mapped_column(Float)
 
 
 class Change(Base):
@@ -190,7 +194,42 @@ def _migration_003_item_keys(connection: Connection) -> None:
     connection.execute(text("CREATE UNIQUE INDEX items_key ON items (key) WHERE key IS NOT NULL"))
 
 
-MIGRATIONS = [_migration_001_initial, _migration_002_file_identity, _migration_003_item_keys]
+def _migration_004_video_frames(connection: Connection) -> None:
+    """Videos: an item of kind 'video' (its file, and the mean of its frames' vectors) and one item of
+    kind 'frame' per sampled moment (its own id, so its own vector in the index), which points at its
+    video (`parent_id`) and says when (`frame_time`, seconds). The kind's CHECK is widened: SQLite
+    cannot alter a constraint, so the table is rebuilt from its own SQL, columns, indexes and
+    triggers (whatever earlier migrations made), the AUTOINCREMENT counter kept."""
+    kinds = "kind IN ('image', 'text', 'video', 'frame')"
+    if connection.dialect.name == "sqlite":
+        sql = connection.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'items'")).scalar()
+        widened = re.sub(r"kind IN \('image', 'text'\)", kinds, str(sql), count=1)
+        dependents = [row[0] for row in connection.execute(text(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'items' AND type IN ('index', 'trigger') AND sql IS NOT NULL"))]
+        counter = connection.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'items'")).scalar()
+        connection.execute(text(re.sub(r"^CREATE TABLE (\"?)items\1", "CREATE TABLE items_widened", widened, count=1)))
+        connection.execute(text("INSERT INTO items_widened SELECT * FROM items"))
+        connection.execute(text("DROP TABLE items"))
+        connection.execute(text("ALTER TABLE items_widened RENAME TO items"))
+        for statement in dependents:
+            connection.execute(text(statement))
+        if counter is not None:
+            connection.execute(text("DELETE FROM sqlite_sequence WHERE name = 'items'"))
+            connection.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', :seq)"), {"seq": counter})
+    else:
+        names = connection.execute(text(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'items'::regclass AND contype = 'c' "
+            "AND pg_get_constraintdef(oid) LIKE '%kind%'")).scalars().all()
+        for name in names:
+            connection.execute(text(f'ALTER TABLE items DROP CONSTRAINT "{name}"'))
+        connection.execute(text(f"ALTER TABLE items ADD CONSTRAINT items_kind_check CHECK ({kinds})"))
+    connection.execute(text("ALTER TABLE items ADD COLUMN parent_id BIGINT"))
+    connection.execute(text("ALTER TABLE items ADD COLUMN frame_time FLOAT"))
+    connection.execute(text("CREATE INDEX items_parent ON items (parent_id) WHERE parent_id IS NOT NULL"))
+
+
+MIGRATIONS = [_migration_001_initial, _migration_002_file_identity, _migration_003_item_keys,
+              _migration_004_video_frames]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "catalog_types.SCHEMA_VERSION counts the migrations"
 
 _versions = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
@@ -373,6 +412,8 @@ class Catalog:
         with self.sessions.begin() as session:
             generation = self._next_generation(session)
             touched: list[int] = []
+            frames_removed = self._frame_ids(session, remove_ids)  # a removed video's frames go with it
+            remove_ids += frames_removed
             for chunk in chunks(remove_ids):
                 session.execute(delete(Item).where(Item.id.in_(chunk)))
             touched.extend(remove_ids)
@@ -388,9 +429,44 @@ class Catalog:
                 new_ids = iter([int(row[0]) for row in returned])
             ids = [item.id if item.id is not None else next(new_ids) for item in items]
             touched.extend(ids)
+            frames = self._replace_frames(session, items, ids)
+            touched.extend(frames)
             if touched:
                 session.execute(insert(Change), [{"generation": generation, "item_id": item_id} for item_id in touched])
-        return BatchResult(generation=generation, ids=ids)
+        return BatchResult(generation=generation, ids=ids, frames_changed=bool(frames_removed or frames))
+
+    def _frame_ids(self, session: Session, video_ids: Sequence[int]) -> list[int]:
+        found: list[int] = []
+        for chunk in chunks(list(video_ids)):
+            found += [int(row[0]) for row in session.execute(select(Item.id).where(Item.parent_id.in_(chunk)))]
+        return found
+
+    def _replace_frames(self, session: Session, items: Sequence[NewItem], ids: Sequence[int]) -> list[int]:
+        """Insert the frames of the videos among `items` (with ids `ids`), removing those they had: the touched ids."""
+        videos = [(item, item_id) for item, item_id in zip(items, ids) if item.frames is not None]
+        if not videos:
+            return []
+        old = self._frame_ids(session, [item_id for _, item_id in videos])
+        for chunk in chunks(old):
+            session.execute(delete(Item).where(Item.id.in_(chunk)))
+        rows = [row for item, item_id in videos for row in item.frame_columns(item_id)]
+        new: list[int] = []
+        if rows:
+            returned = session.execute(insert(Item).returning(Item.id, sort_by_parameter_order=True), rows)
+            new = [int(row[0]) for row in returned]
+        return old + new
+
+    def frames_of(self, video_ids: Iterable[int]) -> dict[int, list[tuple[float, np.ndarray]]]:
+        """The sampled moments of these videos: (seconds, vector) each, in time order, by video id."""
+        found: dict[int, list[tuple[float, np.ndarray]]] = {}
+        with self.sessions() as session:
+            for chunk in chunks([int(i) for i in video_ids]):
+                query = (select(Item.parent_id, Item.frame_time, Item.vector).where(Item.parent_id.in_(chunk))
+                         .order_by(Item.parent_id, Item.frame_time))
+                for parent, seconds, vector in session.execute(query):
+                    found.setdefault(int(parent or 0), []).append(
+                        (float(seconds or 0.0), np.frombuffer(vector, dtype=np.float32)))
+        return found
 
     def trim_changes(self, up_to_generation: int) -> None:
         """Forget the change log up to a generation that a saved vector index reflects."""
@@ -409,23 +485,23 @@ class Catalog:
     def files_under(self, roots: Sequence[str]) -> dict[str, FileRecord]:
         """Indexed image files inside any of `roots` (absolute, normalized paths)."""
         records: dict[str, FileRecord] = {}
-        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
+        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash, Item.extra)
         with self.sessions() as session:
             for root in roots:
                 prefix = folder_prefix(root)
                 query = select(*columns).where(Item.path >= prefix, Item.path < prefix[:-1] + chr(ord(prefix[-1]) + 1))
                 for row in session.execute(query):
-                    records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
+                    records[row.path] = FileRecord.of_row(*row)
         return records
 
     def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
         """Indexed image files at exactly these paths."""
         records: dict[str, FileRecord] = {}
-        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash)
+        columns = (Item.id, Item.path, Item.size, Item.mtime_ns, Item.content_hash, Item.extra)
         with self.sessions() as session:
             for chunk in chunks(list(paths)):
                 for row in session.execute(select(*columns).where(Item.path.in_(chunk))):
-                    records[row.path] = FileRecord(row.id, row.path, row.size or 0, row.mtime_ns or 0, row.content_hash)
+                    records[row.path] = FileRecord.of_row(*row)
         return records
 
     def ids_at_paths(self, paths: Sequence[str]) -> dict[str, int]:
@@ -512,7 +588,7 @@ class Catalog:
     def counts(self) -> dict[str, int]:
         with self.sessions() as session:
             rows = [(row[0], int(row[1])) for row in session.execute(select(Item.kind, func.count()).group_by(Item.kind))]
-        counts = {kind: 0 for kind in KINDS}
+        counts = {kind: 0 for kind in KINDS + VIDEO_KINDS}
         counts.update({kind: number for kind, number in rows})
         return counts
 
@@ -527,10 +603,12 @@ class Catalog:
     def filtered_ids(self, filters: Filters) -> np.ndarray | None:
         """The ids that pass `filters`, or None when every item does (no filter narrows them)."""
         conditions: list[Any] = []
+        kind_condition: Any = None
         if filters.kind != "any":
             counts = self.counts()
-            if counts[filters.kind] < sum(counts.values()):
-                conditions.append(Item.kind == filters.kind)
+            kinds = VIDEO_KINDS if filters.kind == "video" else (filters.kind,)
+            if sum(counts[kind] for kind in kinds) < sum(counts.values()):
+                kind_condition = Item.kind.in_(kinds)
         if filters.path:
             conditions.append(or_(self._glob(Item.path, filters.path), self._glob(Item.source, filters.path)))
         if filters.after:
@@ -541,10 +619,14 @@ class Catalog:
             conditions.append(Item.width >= filters.min_width)
         if filters.min_height is not None:
             conditions.append(Item.height >= filters.min_height)
-        if not conditions:
+        if not conditions and kind_condition is None:
             return None
+        where: list[Any] = [] if kind_condition is None else [kind_condition]
+        if conditions:  # a video's frames pass what their video passes
+            videos = select(Item.id).where(and_(Item.kind == "video", *conditions))
+            where.append(or_(and_(*conditions), Item.parent_id.in_(videos)))
         with self.sessions() as session:
-            return np.fromiter(session.scalars(select(Item.id).where(and_(*conditions))), dtype=np.int64)
+            return np.fromiter(session.scalars(select(Item.id).where(and_(*where))), dtype=np.int64)
 
     def _glob(self, column: Any, pattern: str) -> Any:
         """`column` matches the shell glob `pattern` (`*`, `?`, `[...]`; case-sensitive), in this dialect."""

@@ -34,6 +34,7 @@ from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     ITEM_COLUMNS,
     KINDS,
+    VIDEO_KINDS,
     QUERY_CACHE_SIZE,
     QUERY_CACHE_TOUCH_SECONDS,
     SCHEMA_VERSION,
@@ -218,6 +219,8 @@ class LocalCatalog:
         with self._transaction() as connection:
             connection.execute("UPDATE state SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'")
             generation = self._state(connection, "generation")
+            frames_removed = _frame_ids(connection, remove_ids)  # a removed video's frames go with it
+            remove_ids += frames_removed
             for chunk in chunks(remove_ids):
                 connection.execute(f"DELETE FROM items WHERE id IN ({_marks(len(chunk))})", chunk)
             for item_id, columns in moves:
@@ -233,10 +236,11 @@ class LocalCatalog:
                     cursor = connection.execute(
                         f"INSERT INTO items ({', '.join(names)}) VALUES ({_marks(len(names))})", [columns[n] for n in names])
                     ids.append(int(cursor.lastrowid or 0))
-            touched = remove_ids + ids
+            frames = _replace_frames(connection, items, ids)
+            touched = remove_ids + ids + frames
             connection.executemany("INSERT INTO changes (generation, item_id) VALUES (?, ?)",
                                    [(generation, item_id) for item_id in touched])
-        return BatchResult(generation=generation, ids=ids)
+        return BatchResult(generation=generation, ids=ids, frames_changed=bool(frames_removed or frames))
 
     def trim_changes(self, up_to_generation: int) -> None:
         with self._transaction() as connection:
@@ -262,16 +266,15 @@ class LocalCatalog:
         records: dict[str, FileRecord] = {}
         for root in roots:
             prefix = folder_prefix(root)
-            rows = self._rows("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path >= ? AND path < ?",
+            rows = self._rows("SELECT id, path, size, mtime_ns, content_hash, extra FROM items WHERE path >= ? AND path < ?",
                               (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)))
-            for item_id, path, size, mtime_ns, content_hash in rows:
-                records[path] = FileRecord(item_id, path, size or 0, mtime_ns or 0, content_hash)
+            for row in rows:
+                records[row[1]] = FileRecord.of_row(*row)
         return records
 
     def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
-        rows = self._rows_in("SELECT id, path, size, mtime_ns, content_hash FROM items WHERE path IN ({})", paths)
-        return {path: FileRecord(item_id, path, size or 0, mtime_ns or 0, content_hash)
-                for item_id, path, size, mtime_ns, content_hash in rows}
+        rows = self._rows_in("SELECT id, path, size, mtime_ns, content_hash, extra FROM items WHERE path IN ({})", paths)
+        return {row[1]: FileRecord.of_row(*row) for row in rows}
 
     def ids_at_paths(self, paths: Sequence[str]) -> dict[str, int]:
         return {path: item_id for path, item_id in self._rows_in("SELECT path, id FROM items WHERE path IN ({})", paths)}
@@ -323,7 +326,7 @@ class LocalCatalog:
         return concatenated(self.iter_vectors())
 
     def counts(self) -> dict[str, int]:
-        counts = {kind: 0 for kind in KINDS}
+        counts = {kind: 0 for kind in KINDS + VIDEO_KINDS}
         counts.update({kind: int(number) for kind, number in self._rows("SELECT kind, count(*) FROM items GROUP BY kind")})
         return counts
 
@@ -335,11 +338,12 @@ class LocalCatalog:
         """As `Catalog.filtered_ids`: the ids that pass `filters`, or None when no filter narrows them."""
         conditions: list[str] = []
         parameters: list[Any] = []
+        kinds: tuple[str, ...] = ()
         if filters.kind != "any":
             counts = self.counts()
-            if counts[filters.kind] < sum(counts.values()):
-                conditions.append("kind = ?")
-                parameters.append(filters.kind)
+            wanted = VIDEO_KINDS if filters.kind == "video" else (filters.kind,)
+            if sum(counts[kind] for kind in wanted) < sum(counts.values()):
+                kinds = wanted
         if filters.path:
             conditions.append("(path GLOB ? OR source GLOB ?)")
             parameters += [filters.path, filters.path]
@@ -355,10 +359,25 @@ class LocalCatalog:
         if filters.min_height is not None:
             conditions.append("height >= ?")
             parameters.append(filters.min_height)
-        if not conditions:
+        if not conditions and not kinds:
             return None
-        rows = self._rows(f"SELECT id FROM items WHERE {' AND '.join(conditions)}", parameters)
+        where = [f"kind IN ({_marks(len(kinds))})"] if kinds else []
+        values: list[Any] = list(kinds)
+        if conditions:  # a video's frames pass what their video passes
+            both = " AND ".join(conditions)
+            where.append(f"(({both}) OR parent_id IN (SELECT id FROM items WHERE kind = 'video' AND {both}))")
+            values += parameters + parameters
+        rows = self._rows(f"SELECT id FROM items WHERE {' AND '.join(where)}", values)
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    def frames_of(self, video_ids: Iterable[int]) -> dict[int, list[tuple[float, np.ndarray]]]:
+        """As `Catalog.frames_of`: (seconds, vector) of each video's moments, in time order."""
+        found: dict[int, list[tuple[float, np.ndarray]]] = {}
+        statement = "SELECT parent_id, frame_time, vector FROM items WHERE parent_id IN ({}) ORDER BY parent_id, frame_time"
+        for parent, seconds, vector in self._rows_in(statement, [int(i) for i in video_ids]):
+            found.setdefault(int(parent), []).append((float(seconds), np.frombuffer(vector, dtype=np.float32)))
+        return found
+
 
     # -- the text query cache ----------------------------------------------------------------
 
@@ -398,6 +417,32 @@ class LocalCatalog:
                     connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except (sqlite3.Error, LibraryBusy, CatalogUnavailable) as error:
             log.info("query cache not written (%s)", error)
+
+
+def _frame_ids(connection: sqlite3.Connection, video_ids: Sequence[int]) -> list[int]:
+    found: list[int] = []
+    for chunk in chunks(list(video_ids)):
+        found += [int(row[0]) for row in connection.execute(
+            f"SELECT id FROM items WHERE parent_id IN ({_marks(len(chunk))})", list(chunk))]
+    return found
+
+
+def _replace_frames(connection: sqlite3.Connection, items: Sequence[NewItem], ids: Sequence[int]) -> list[int]:
+    """As `Catalog._replace_frames`: the videos' frames inserted, those they had removed; the touched ids."""
+    videos = [(item, item_id) for item, item_id in zip(items, ids) if item.frames is not None]
+    if not videos:
+        return []
+    old = _frame_ids(connection, [item_id for _, item_id in videos])
+    for chunk in chunks(old):
+        connection.execute(f"DELETE FROM items WHERE id IN ({_marks(len(chunk))})", list(chunk))
+    new: list[int] = []
+    for item, item_id in videos:
+        for row in item.frame_columns(item_id):
+            names = list(row)
+            cursor = connection.execute(f"INSERT INTO items ({', '.join(names)}) VALUES ({_marks(len(names))})",
+                                        [row[name] for name in names])
+            new.append(int(cursor.lastrowid or 0))
+    return old + new
 
 
 def _update(connection: sqlite3.Connection, item_id: int, columns: dict[str, Any]) -> None:

@@ -21,14 +21,16 @@ import numpy as np
 
 from clipdex.search.errors import CatalogUnavailable, ClipdexError, LibraryBusy
 
-SCHEMA_VERSION = 3  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
+SCHEMA_VERSION = 4  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
+VIDEO_KINDS = ("video", "frame")  # a video's item, and one item per sampled moment of it (`NewItem.frames`)
 QUERY_CACHE_SIZE = 10_000  # text queries kept, least recently used evicted
 QUERY_CACHE_TOUCH_SECONDS = 3600.0  # a cache hit refreshes its use time at most this often
 # The item columns a caller may set (`NewItem.columns`, and a move's file columns).
 ITEM_COLUMNS = ("kind", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at", "camera_make",
-                "camera_model", "device", "inode", "text", "source", "source_key", "extra", "vector", "indexed_at", "key")
+                "camera_model", "device", "inode", "text", "source", "source_key", "extra", "vector", "indexed_at", "key",
+                "parent_id", "frame_time")
 
 
 @dataclass
@@ -54,6 +56,9 @@ class NewItem:
     source_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     key: str | None = None  # an application's own key (`Library.add_texts` ...); None for files and corpora
+    # a video's sampled moments, (seconds, vector) each: committed as items of kind "frame" pointing at
+    # this one, replacing the frames it had (None: an item that is no video, or whose frames are kept)
+    frames: list[tuple[float, np.ndarray]] | None = None
 
     def columns(self) -> dict[str, Any]:
         taken = self.taken_at.isoformat() if isinstance(self.taken_at, datetime) else self.taken_at
@@ -79,6 +84,13 @@ class NewItem:
             "key": self.key,
         }
 
+    def frame_columns(self, parent_id: int) -> list[dict[str, Any]]:
+        """The rows of this video's frames (`frames`), each an item of kind "frame" of the video `parent_id`."""
+        now = time.time()
+        empty = dict.fromkeys(ITEM_COLUMNS)
+        return [{**empty, "kind": "frame", "parent_id": parent_id, "frame_time": float(seconds), "indexed_at": now,
+                 "vector": np.ascontiguousarray(vector, dtype=np.float32).tobytes()} for seconds, vector in self.frames or ()]
+
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -89,12 +101,27 @@ class FileRecord:
     size: int
     mtime_ns: int
     content_hash: str | None
+    pair: str | None = None  # the RAW file shown by this JPEG or HEIC (one photo, two files), as last indexed
+
+    @classmethod
+    def of_row(cls, item_id: int, path: str | None, size: int | None, mtime_ns: int | None, content_hash: str | None,
+               extra: str | None) -> "FileRecord":
+        """The record of a catalog row (`extra`: its JSON, which names a RAW pair's other file)."""
+        pair = None
+        if extra and '"pair"' in extra:
+            try:
+                value = json.loads(extra).get("pair")
+            except (ValueError, AttributeError):
+                value = None
+            pair = value if isinstance(value, str) else None
+        return cls(item_id, str(path), size or 0, mtime_ns or 0, content_hash, pair)
 
 
 @dataclass(frozen=True)
 class BatchResult:
     generation: int
     ids: list[int]  # ids of the added or replaced items, in input order
+    frames_changed: bool = False  # video moments (items of their own) came or went: the change log says which
 
 
 @dataclass
@@ -121,6 +148,8 @@ class ItemRow:
     vector: bytes = b""
     indexed_at: float = 0.0
     key: str | None = None  # an application's own key, unique in the library (None: a file or a corpus text)
+    parent_id: int | None = None  # a frame's video
+    frame_time: float | None = None  # a frame's time in its video, seconds
 
     FIELDS = ("id", *ITEM_COLUMNS)
 

@@ -32,6 +32,7 @@ from clipdex.search.errors import (
 )
 from clipdex.search.http.guard import RequestGuard
 from clipdex.search.http.media import FileUnavailable, ThumbnailCache, open_indexed_file, thumbnail_size
+from clipdex.search.http.ranges import RangeNotSatisfiable, byte_range, read_range
 from clipdex.search.http.schemas import (
     AddedOut,
     AddImagesRequest,
@@ -72,10 +73,10 @@ ERROR_STATUS: tuple[tuple[type[ClipdexError], int], ...] = (  # the first that m
     (LibraryClosed, 503),  # an application closed the library it mounted this app over
 )
 PAGE_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-FILE_SECURITY_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
+FILE_SECURITY_POLICY = "default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; sandbox"
 # /docs: Swagger UI's script and style from this server (docs/assets), its icons as data: URLs
 DOCS_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -93,6 +94,7 @@ ERROR_MEANINGS = {
     409: "The library cannot be written here (a read-only mount, another user's folder): it can only be searched",
     404: "No item with that id (also an id in `like`), or its file is gone or changed since it was indexed",
     413: "The body or the image is over the server's upload limit, or the image has more pixels than a query image may",
+    416: "The Range asked for lies past the end of the file (Content-Range says its size)",
     422: "The request does not fit this document's schema; `errors` says where (the value sent is not echoed)",
     503: "The model cannot be loaded, or the library is busy (or was closed by the application that mounted this app)",
 }
@@ -299,25 +301,42 @@ def _add_item_routes(api: APIRouter, service: SearchService) -> None:
 
     @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, **missing})
-    def get_thumbnail(item_id: ItemId, size: Annotated[int, QueryParam(ge=16, le=1024)] = 256) -> Response:
-        """A JPEG thumbnail, made once and cached under LIBRARY/thumbnails/. `size` is rounded up to 64, 128, 256, 512 or 1024."""
-        data = thumbnails.get(service.item(item_id), thumbnail_size(size))
+    def get_thumbnail(item_id: ItemId, size: Annotated[int, QueryParam(ge=16, le=1024)] = 256,
+                      t: Annotated[float, QueryParam(ge=0, le=1e7, description="A video's moment, seconds")] = 0.0) -> Response:
+        """A JPEG thumbnail, made once and cached under LIBRARY/thumbnails/. `size` is rounded up to 64, 128, 256, 512 or 1024.
+        A video's is its frame at `t` seconds (a hit's `timestamp`)."""
+        data = thumbnails.get(service.item(item_id), thumbnail_size(size), at=t)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/items/{item_id}/file", tags=["items"], response_class=StreamingResponse,
-             responses={200: {"content": {"image/*": {}}}, **missing})
-    def get_file(item_id: ItemId) -> StreamingResponse:
-        """The item's original image file, while it is still the file that was indexed."""
+             responses={200: {"content": {"image/*": {}, "video/*": {}}},
+                        206: {"description": "The bytes of the Range asked for", "content": {"image/*": {}, "video/*": {}}},
+                        **error_responses(416), **missing})
+    def get_file(item_id: ItemId, request: Request) -> Response:
+        """The item's original image or video file, while it is still the file that was indexed. A `Range:
+        bytes=FIRST-LAST` header is answered with those bytes (206): a browser seeks in a video so."""
         item = service.item(item_id)
         handle = open_indexed_file(item)
         name = os.path.basename(item.path or "")
+        size = int(item.size or 0)
         headers = {
-            "Content-Length": str(item.size),
+            "Content-Length": str(size),
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(name)}",
             "Content-Security-Policy": FILE_SECURITY_POLICY,
+            "Accept-Ranges": "bytes",
         }
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        return StreamingResponse(_read_chunks(handle), media_type=media_type, headers=headers)
+        try:
+            wanted = byte_range(request.headers.get("range"), size)
+        except RangeNotSatisfiable:
+            handle.close()
+            return _error(416, f"the range {request.headers.get('range')!r} lies past the end of the file ({size} bytes)",
+                          {"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"})
+        if wanted is None:
+            return StreamingResponse(_read_chunks(handle), media_type=media_type, headers=headers)
+        first, last = wanted
+        headers.update({"Content-Length": str(last - first + 1), "Content-Range": f"bytes {first}-{last}/{size}"})
+        return StreamingResponse(read_range(handle, first, last), status_code=206, media_type=media_type, headers=headers)
 
 
 def _read_chunks(handle: BinaryIO, chunk_size: int = 256 * 1024) -> Iterator[bytes]:

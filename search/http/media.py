@@ -25,6 +25,7 @@ from clipdex.search.atomic import write_bytes_atomic
 from clipdex.search.errors import FileUnavailable, UnreadableImage
 from clipdex.search.media.fileid import content_hash
 from clipdex.search.media.imaging import thumbnail_jpeg
+from clipdex.search.media.video import video_frame_jpeg
 
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # a requested size is rounded up to one of these
@@ -32,7 +33,7 @@ THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # a requested size is rounded up to
 
 def open_indexed_file(item: ItemRow) -> BinaryIO:
     """Open the item's file for reading, checking that it is the one that was indexed."""
-    if item.kind != "image" or not item.path:
+    if item.kind not in ("image", "video") or not item.path:
         raise FileUnavailable(f"item {item.id} is a {item.kind}; it has no file")
     # O_NONBLOCK: a FIFO put in the file's place must not hang the server
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -80,23 +81,25 @@ class ThumbnailCache:
     def __init__(self, library_path: Path) -> None:
         self.directory = library_path / THUMBNAIL_DIR
 
-    def path_for(self, item: ItemRow, size: int) -> Path:
+    def path_for(self, item: ItemRow, size: int, at: float = 0.0) -> Path:
         # The file's identity is part of the name: a changed file gets a new thumbnail.
         identity = f"{item.id}:{item.content_hash}:{item.size}:{item.mtime_ns}"
+        if item.kind == "video":
+            identity += f":{at:.3f}"
         digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
         return self.directory / str(size) / f"{item.id}-{digest}.jpg"
 
-    def get(self, item: ItemRow, size: int) -> bytes:
-        """The thumbnail's JPEG bytes, made and stored when it is not cached yet."""
-        cached = self.path_for(item, size)
+    def get(self, item: ItemRow, size: int, at: float = 0.0) -> bytes:
+        """The thumbnail's JPEG bytes, made and stored when it is not cached yet (a video's: its frame `at` seconds)."""
+        cached = self.path_for(item, size, at)
         try:
             return cached.read_bytes()
         except OSError:  # not made yet (or the cache cannot be read): make it
             pass
         with open_indexed_file(item) as handle:
-            source = handle.read()
+            source = b"" if item.kind == "video" else handle.read()  # a video is decoded from its path, as a stream
         try:
-            data = thumbnail_jpeg(source, size)
+            data = video_frame_jpeg(str(item.path), at, size) if item.kind == "video" else thumbnail_jpeg(source, size)
         except UnreadableImage as error:
             raise FileUnavailable(f"the file of item {item.id} cannot be decoded: {error.reason}") from None
         try:

@@ -114,7 +114,7 @@ class QueryOptions(BaseModel):
     weights: Weights = Field(
         default_factory=list, description="Weights of the terms in order: texts, images, likes, vector, minus texts (default 1 each)"
     )
-    kind: Literal["image", "text", "any"] = Field("any", description="What to return")
+    kind: Literal["image", "text", "video", "any"] = Field("any", description="What to return")
     path: PathGlob | None = Field(
         None, description="Only items whose path matches this glob (SQLite GLOB, e.g. '*/2024/*')"
     )
@@ -129,6 +129,7 @@ class QueryOptions(BaseModel):
     k: Count = Field(10, ge=1, le=MAX_HITS, description="How many hits")
     offset: Count = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Minimum cosine score")
+    per_video: int = Field(1, ge=1, le=1000, description="The best moments given of each video hit (`moments`)")
 
     def to_query(self, images: Sequence[bytes] = (), vector: list[float] | None = None) -> Query:
         """The library's Query; its own checks (dates, weights, blank texts) raise InvalidQuery (a 400)."""
@@ -136,7 +137,7 @@ class QueryOptions(BaseModel):
             text=self.text, image=list(images), like=self.like, vector=[vector] if vector else None, minus=self.minus,
             weights=self.weights, k=self.k, offset=self.offset, threshold=self.threshold,
             kind=self.kind, path=self.path, after=self.after, before=self.before,
-            min_width=self.min_width, min_height=self.min_height,
+            min_width=self.min_width, min_height=self.min_height, per_video=self.per_video,
         )
 
 
@@ -210,9 +211,9 @@ class EmbedRequest(BaseModel):
 
 class ItemOut(BaseModel):
     id: int
-    kind: str = Field(description="image or text")
+    kind: str = Field(description="image, text or video")
     key: str | None = Field(None, description="The application's own key of an item added under one (POST /keys/...); null for files")
-    path: str | None = Field(None, description="The image file (images)")
+    path: str | None = Field(None, description="The image or video file (images and videos)")
     text: str | None = Field(None, description="The text (texts)")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -221,13 +222,25 @@ class ItemOut(BaseModel):
         return cls(id=hit.id, kind=hit.kind, key=hit.key, path=hit.path, text=hit.text, metadata=hit.metadata)
 
 
+class MomentOut(BaseModel):
+    timestamp: float = Field(description="Seconds from the video's start")
+    score: float = Field(description="Cosine similarity of that moment to the query")
+
+
 class HitOut(ItemOut):
     rank: int
     score: float = Field(description="Cosine similarity to the query")
+    timestamp: float | None = Field(None, description="A video: its best-matching moment, seconds from its start")
+    moments: list[MomentOut] | None = Field(None, description="A video, with per_video > 1: its best moments, best first")
 
     @classmethod
     def from_hit(cls, hit: Hit) -> "HitOut":
-        return cls(rank=hit.rank, score=round(hit.score, 6), **ItemOut.from_hit(hit).model_dump())
+        moments = None
+        if hit.moments is not None and len(hit.moments) > 1:
+            moments = [MomentOut(timestamp=round(seconds, 3), score=round(score, 6)) for seconds, score in hit.moments]
+        timestamp = None if hit.timestamp is None else round(hit.timestamp, 3)
+        return cls(rank=hit.rank, score=round(hit.score, 6), timestamp=timestamp, moments=moments,
+                   **ItemOut.from_hit(hit).model_dump())
 
 
 class SearchResponse(BaseModel):

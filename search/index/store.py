@@ -207,6 +207,9 @@ class VectorStore:
         """Mirror one catalog commit of this process in the in-memory index."""
         with self._sync_lock:
             assert self._index is not None
+            if result.frames_changed:  # a video's moments came or went: the change log names them all
+                self.sync()
+                return
             replaced = [item.id for item in items if item.id is not None]
             gone = list(remove_ids) + replaced
             with self._index_lock.exclusive():

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipdex.search.errors import ImageTooLarge, UnreadableFile, UnreadableImage
+from clipdex.search.media.raw import RAW_EXTENSIONS, decode_raw, is_raw_path
 from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular_file
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ try:  # HEIC/HEIF through pillow-heif; AVIF is Pillow's own (>= 11.3)
 except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
     pass
 
-IMAGE_EXTENSIONS = frozenset(
+PHOTO_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
+IMAGE_EXTENSIONS = PHOTO_EXTENSIONS | RAW_EXTENSIONS  # RAW photos through `clipdex.search.media.raw`
 # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
 MAX_IMAGE_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -70,6 +72,7 @@ class DecodedImage:
     taken_at: datetime | None = None
     camera_make: str | None = None
     camera_model: str | None = None
+    source: str | None = None  # for a RAW photo: "preview" (its embedded JPEG) or "demosaic"
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -90,6 +93,8 @@ def decode_image(source: str | Path | bytes, draft_size: int | None = None, name
     label = name or (str(source) if not isinstance(source, bytes) else "image")
     if not isinstance(source, bytes):
         source = _read_image_file(source, label, max_bytes)
+    if is_raw_path(label):  # a RAW photo: its embedded preview when big enough, else a demosaic
+        return decode_raw(source, label, min_preview_side=draft_size)
     if not source:
         raise UnreadableImage(label, "empty file (0 bytes)")
     try:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         UnreadableCorpus,
         UnreadableFile,
         UnreadableImage,
+        UnreadableVideo,
         open_library,
     )
     from clipdex.indexer import IndexProgress, IndexReport, index_paths
@@ -62,8 +63,8 @@ __all__ = [
     "Hit", "ImageTooLarge", "IndexProgress", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors",
     "ItemNotFound", "Library", "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError",
     "MissingDependency", "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term",
-    "TextExportRefused", "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "index_paths",
-    "open_library",
+    "TextExportRefused", "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "UnreadableVideo",
+    "index_paths", "open_library",
 ]
 _FROM_INDEXER = ("IndexProgress", "IndexReport", "index_paths")
 _FROM_SEARCH = tuple(name for name in __all__ if name not in _FROM_INDEXER)

@@ -176,6 +176,11 @@ function hitCard(hit) {
     image.alt = name;
     card.append(image);
     loadThumbnail(image, hit.id);
+  } else if (hit.kind === "video") {
+    const image = document.createElement("img");
+    image.alt = `${name} at ${clock(hit.timestamp)}`;
+    card.append(image, playButton(hit, image));
+    loadThumbnail(image, hit.id, `&t=${hit.timestamp}`);
   } else {
     const quote = document.createElement("blockquote");
     quote.textContent = hit.text;
@@ -190,7 +195,44 @@ function hitCard(hit) {
 }
 
 function hitName(hit) {
+  if (hit.kind === "video") return `${hit.path.split(/[\\/]/).pop()} @ ${clock(hit.timestamp)}`;
   return hit.kind === "image" ? hit.path.split(/[\\/]/).pop() : `text #${hit.id}`;
+}
+
+// A video's moment as mm:ss (h:mm:ss from an hour on), as the CLI's table shows it.
+function clock(seconds) {
+  const whole = Math.max(0, Math.floor(seconds || 0));
+  const pad = (value) => String(value).padStart(2, "0");
+  const hours = Math.floor(whole / 3600);
+  const rest = whole % 3600;
+  return hours ? `${hours}:${pad(Math.floor(rest / 60))}:${pad(rest % 60)}` : `${pad(Math.floor(rest / 60))}:${pad(rest % 60)}`;
+}
+
+// Plays the video in place of its frame, from the hit's moment. Without a token the browser streams
+// the file itself (the server answers its Range requests, so it can seek); a token cannot ride on a
+// <video>'s own requests, so then the file is fetched whole first.
+function playButton(hit, image) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "play";
+  button.textContent = `▶ ${clock(hit.timestamp)}`;
+  button.addEventListener("click", async (event) => {
+    event.stopPropagation();
+    const video = document.createElement("video");
+    video.controls = true;
+    video.autoplay = true;
+    const moment = `#t=${hit.timestamp}`;
+    if (localStorage.getItem(TOKEN_KEY)) {
+      const url = URL.createObjectURL(await (await api(`items/${hit.id}/file`)).blob());
+      state.thumbnailUrls.push(url);
+      video.src = url + moment;
+    } else {
+      video.src = new URL(`items/${hit.id}/file`, ROOT).href + moment;
+    }
+    image.replaceWith(video);
+    button.remove();
+  });
+  return button;
 }
 
 function caption(score, name) {
@@ -205,9 +247,9 @@ function caption(score, name) {
   return element;
 }
 
-async function loadThumbnail(image, id) {
+async function loadThumbnail(image, id, moment = "") {
   try {
-    const response = await api(`items/${id}/thumbnail?size=${THUMBNAIL_SIZE}`);
+    const response = await api(`items/${id}/thumbnail?size=${THUMBNAIL_SIZE}${moment}`);
     const url = URL.createObjectURL(await response.blob());
     state.thumbnailUrls.push(url);
     image.src = url;
