@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from clipdex.search.catalog import keyword_sql
+from clipdex.search.catalog.keywords import KeywordQuery
+from clipdex.search.catalog.keyword_sql import OcrResult
 from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     ITEM_COLUMNS,
@@ -234,6 +237,9 @@ class LocalCatalog:
                         f"INSERT INTO items ({', '.join(names)}) VALUES ({_marks(len(names))})", [columns[n] for n in names])
                     ids.append(int(cursor.lastrowid or 0))
             touched = remove_ids + ids
+            statements = Sqlite3Statements(connection)
+            keyword_sql.forget(statements, self.dialect, remove_ids)
+            keyword_sql.refresh(statements, self.dialect, [int(item_id) for item_id, _ in moves] + ids)
             connection.executemany("INSERT INTO changes (generation, item_id) VALUES (?, ?)",
                                    [(generation, item_id) for item_id in touched])
         return BatchResult(generation=generation, ids=ids)
@@ -360,6 +366,35 @@ class LocalCatalog:
         rows = self._rows(f"SELECT id FROM items WHERE {' AND '.join(conditions)}", parameters)
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
+    # -- the keyword index and OCR text (as `Catalog`'s: the same statements, keyword_sql) ----------
+
+    def keyword_search(self, query: KeywordQuery, limit: int | None) -> list[tuple[int, float]]:
+        with self._mapped() as connection:
+            return keyword_sql.search(Sqlite3Statements(connection), self.dialect, query, limit)
+
+    def keyword_documents(self, ids: Sequence[int]) -> dict[int, list[tuple[str, str]]]:
+        with self._mapped() as connection:
+            return keyword_sql.documents(Sqlite3Statements(connection), ids)
+
+    def has_keywords(self) -> bool:
+        return bool(self._rows("SELECT 1 FROM keywords LIMIT 1"))
+
+    def store_ocr(self, results: Sequence[OcrResult]) -> None:
+        with self._transaction() as connection:
+            keyword_sql.store_ocr(Sqlite3Statements(connection), self.dialect, results, time.time())
+
+    def images_to_read(self, after_id: int = 0, limit: int = 256) -> list[tuple[int, str, str | None]]:
+        with self._mapped() as connection:
+            return keyword_sql.images_to_read(Sqlite3Statements(connection), after_id, limit)
+
+    def ocr_lines(self, ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+        with self._mapped() as connection:
+            return keyword_sql.ocr_lines(Sqlite3Statements(connection), ids)
+
+    def setting(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM state WHERE key = ?", (f"setting.{key}",))
+        return str(rows[0][0]) if rows else None
+
     # -- the text query cache ----------------------------------------------------------------
 
     def cached_query(self, query: str) -> np.ndarray | None:
@@ -398,6 +433,19 @@ class LocalCatalog:
                     connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except (sqlite3.Error, LibraryBusy, CatalogUnavailable) as error:
             log.info("query cache not written (%s)", error)
+
+
+class Sqlite3Statements:
+    """`keyword_sql.Statements` on a sqlite3 connection (in the caller's transaction)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def rows(self, sql: str, parameters: dict[str, Any]) -> list[Any]:
+        return self.connection.execute(sql, parameters).fetchall()
+
+    def many(self, sql: str, parameters: list[dict[str, Any]]) -> None:
+        self.connection.executemany(sql, parameters)
 
 
 def _update(connection: sqlite3.Connection, item_id: int, columns: dict[str, Any]) -> None:

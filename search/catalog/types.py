@@ -21,7 +21,7 @@ import numpy as np
 
 from clipdex.search.errors import CatalogUnavailable, ClipdexError, LibraryBusy
 
-SCHEMA_VERSION = 3  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
+SCHEMA_VERSION = 4  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
 QUERY_CACHE_SIZE = 10_000  # text queries kept, least recently used evicted
