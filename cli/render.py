@@ -56,11 +56,13 @@ def _table(hits: Sequence[Hit]) -> None:
     from rich.text import Text
 
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for column in ("rank", "score", "id", "kind", "path / text"):
+    matched = any(hit.snippet for hit in hits)  # a hybrid or keyword search: the matched words too
+    for column in ("rank", "score", "id", "kind", "path / text") + (("words",) if matched else ()):
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
     names = [controls_escaped(hit_name(hit)) for hit in hits]
     for hit, name in zip(hits, names):
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name))  # Text: a name is not markup
+        words = (Text(controls_escaped(hit.snippet or "")),) if matched else ()
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name), *words)  # Text: not markup
     if out.is_terminal:
         out.print(table)
     else:  # piped: never fold a path across lines

@@ -14,6 +14,7 @@ library; another runner (a cluster, say) can call the same functions from its ow
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -227,6 +228,7 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImagePreparer, on_gp
         "taken_at": decoded.taken_at,
         "camera_make": decoded.camera_make,
         "camera_model": decoded.camera_model,
+        **({"extra": decoded.extra()} if decoded.description else {}),
     }
 
 
@@ -346,6 +348,8 @@ def _commit(
         if source_id is not None:
             source = stored[source_id]
             metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
+            if source.extra:
+                metadata["extra"] = json.loads(source.extra)
             vector = source.vector_array().copy()
         else:
             metadata = prepared.metadata

@@ -329,6 +329,9 @@ class Library:
         k: int = 10,
         offset: int = 0,
         threshold: float | None = None,
+        mode: str | None = None,
+        sort: str = "relevance",
+        confident: bool = False,
         **unknown: NoReturn,
     ) -> list[Hit]:
         """Ranked hits for a query: `library.search(text="a dog", kind="image", k=5)`.
@@ -339,7 +342,11 @@ class Library:
         Filters, applied inside the search: `kind` ("image", "text" or "any"), `path` (a
         glob over the items' paths), `after`/`before` (capture time, a date or ISO text),
         `min_width`/`min_height` (pixels). `k` hits from `offset` on, none below the
-        cosine `threshold`. Or pass a ready `Query` alone.
+        cosine `threshold`. `mode`: "semantic" (by meaning), "keyword" (by the words of names,
+        texts, EXIF and OCR text) or "hybrid" (both fused; the default when the library has
+        keyword data and the query a text). `sort`: "relevance", or the best k shown by
+        capture time ("date", "-date" newest first). `confident`: only the hits that stand
+        out from this query's scores over the library. Or pass a ready `Query` alone.
 
         Raises InvalidQuery for a query that cannot be answered (an unknown argument
         included), ItemNotFound for an unknown `like` id, UnreadableImage for an image
@@ -350,6 +357,7 @@ class Library:
             "text": text, "image": image, "like": like, "vector": vector, "minus": minus, "weights": weights,
             "kind": kind, "path": path, "after": after, "before": before, "min_width": min_width,
             "min_height": min_height, "k": k, "offset": offset, "threshold": threshold,
+            "mode": mode, "sort": sort, "confident": confident,
         }
         if unknown:
             raise unknown_arguments("search", unknown, BUILD_ARGUMENTS)
@@ -542,7 +550,7 @@ def _check_choice(argument: str, value: str, choices: Sequence[str]) -> None:
         raise ClipdexError(f"{argument}= must be one of {', '.join(choices)}, not {value!r}")
 
 
-_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0}
+_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0, "sort": "relevance", "confident": False}
 
 
 def _is_default(name: str, value: Any) -> bool:

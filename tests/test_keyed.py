@@ -180,7 +180,7 @@ def test_a_catalog_of_the_previous_schema_is_migrated_and_takes_keys(tmp_path: P
     migrated.add_vectors(["new"], unit(6)[None, :])
     migrated.close()
     with sqlite3.connect(path / "catalog.sqlite") as connection:
-        assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 3 == len(MIGRATIONS)
+        assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
         with pytest.raises(sqlite3.IntegrityError):  # keys are unique in the library
             connection.execute("INSERT INTO items (kind, key, vector, indexed_at) VALUES ('text', 'new', x'00', 0)")
     reopened = Library.open(path)

@@ -199,8 +199,8 @@ class KeywordQuery:
                 if clause.matches_at(folded, start):
                     spans.append((found[start][1], found[start + len(clause.words) - 1][2]))
         merged: list[tuple[int, int]] = []
-        for start, end in sorted(spans):
-            if merged and start <= merged[-1][1]:
+        for start, end in sorted(spans):  # overlapping, or apart by spaces only: one mark
+            if merged and (start <= merged[-1][1] or not text[merged[-1][1]:start].strip()):
                 merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
             else:
                 merged.append((start, end))
