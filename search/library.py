@@ -344,7 +344,7 @@ class Library:
         `min_width`/`min_height` (pixels). `k` hits from `offset` on, none below the
         cosine `threshold`. `mode`: "semantic" (by meaning), "keyword" (by the words of names,
         texts, EXIF and OCR text) or "hybrid" (both fused; the default when the library has
-        keyword data and the query a text). `sort`: "relevance", or the best k shown by
+        keyword data and the query is texts alone). `sort`: "relevance", or the best k shown by
         capture time ("date", "-date" newest first). `confident`: only the hits that stand
         out from this query's scores over the library. Or pass a ready `Query` alone.
 

@@ -80,7 +80,7 @@ class Query:
     offset: int = 0
     threshold: float | None = None  # minimum cosine
     # how a text is matched: by meaning, by words, or both fused (None: hybrid where the library has
-    # keyword data and the query a text, else semantic); see `clipdex.search.ranking`
+    # keyword data and the query is texts alone, else semantic); see `clipdex.search.ranking`
     mode: str | None = None
     sort: str = "relevance"  # the best k by relevance, shown in this order (date: capture time, oldest first)
     confident: bool = False  # keep only the hits that stand out from this query's scores over the library

@@ -85,7 +85,11 @@ class Searcher:
     # -- one vector to hits -----------------------------------------------------------------
 
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
-        """The query's page of hits for `vector`: the best k among the items that pass its filters."""
+        """The query's page of hits for `vector` (the query's own): the best k among the items that
+        pass its filters; by meaning, words or both as its mode says (`ranked_search`)."""
+        mode = self.mode_of(query)
+        if mode != "semantic" or query.sort != "relevance" or query.confident:
+            return self.ranked_search(vector, query, mode)
         allowed = self.catalog.filtered_ids(query.filters)
         if allowed is not None and len(allowed) == 0:
             return []
@@ -105,24 +109,22 @@ class Searcher:
         return hits
 
     def search(self, query: Query) -> list[Hit]:
-        mode = self.mode_of(query)
-        if mode == "semantic" and query.sort == "relevance" and not query.confident:
-            return self.search_vector(self.query_vector(query), query)
-        return self.ranked_search(query, mode)
+        return self.search_vector(self.query_vector(query), query)
 
     def mode_of(self, query: Query) -> str:
-        """The query's mode, or its default: hybrid when it has words and the library keyword data."""
+        """The query's mode, or its default: hybrid when it is made of texts alone (an image, item or
+        vector term makes the text a modifier of a query by meaning) and the library has keyword data."""
         if query.mode is not None:
             return query.mode
-        if KeywordQuery.parse(query.keyword_text()) and self.catalog.has_keywords():
+        only_texts = all(term.kind == "text" for term in query.terms)
+        if only_texts and KeywordQuery.parse(query.keyword_text()) and self.catalog.has_keywords():
             return "hybrid"
         return "semantic"
 
     # -- hybrid and keyword search, the adaptive cutoff, date order ----------------------------------
 
-    def ranked_search(self, query: Query, mode: str) -> list[Hit]:
+    def ranked_search(self, vector: np.ndarray, query: Query, mode: str) -> list[Hit]:
         """The query's page of hits ranked by meaning, by words or both fused (`ranking.fuse`)."""
-        vector = self.query_vector(query)
         allowed = self.catalog.filtered_ids(query.filters)
         if allowed is not None and len(allowed) == 0:
             return []
@@ -138,12 +140,10 @@ class Searcher:
         words = KeywordQuery.parse(query.keyword_text()) if mode != "semantic" else KeywordQuery(())
         keyword = self._keyword_ranking(words, allowed, depth) if words else []
         order = ranking.fuse([semantic, keyword]) if mode == "hybrid" else keyword if mode == "keyword" else semantic
-        items = self.catalog.get_items(order)
-        order = [item_id for item_id in order if item_id in items]  # removed since the index was read
-        for item_id in order:
-            if item_id not in cosines:
-                cosines[item_id] = float(np.dot(vector, vector_of(item_id, items[item_id].vector, self.catalog.describe(),
-                                                                  self.store.dim)))
+        unscored = [item_id for item_id in order if item_id not in cosines]  # found by their words alone
+        for item_id, vector_bytes in self.catalog.get_vectors(unscored).items():
+            cosines[item_id] = float(np.dot(vector, vector_of(item_id, vector_bytes, self.catalog.describe(), self.store.dim)))
+        order = [item_id for item_id in order if item_id in cosines]  # removed since the index was read
         if query.threshold is not None:
             order = [item_id for item_id in order if cosines[item_id] >= query.threshold]
         keyword_rank = {item_id: rank for rank, item_id in enumerate(keyword, start=1)}
@@ -151,7 +151,8 @@ class Searcher:
             kept = ranking.standing_out({i: cosines[i] for i in order}, self._background_cosines(vector, allowed),
                                         keep=set(keyword_rank))
             order = [item_id for item_id in order if item_id in kept]
-        page = order[query.offset : query.offset + query.k]
+        items = self.catalog.get_items(order[query.offset : query.offset + query.k])
+        page = [item_id for item_id in order[query.offset : query.offset + query.k] if item_id in items]
         documents = self.catalog.keyword_documents(page) if words else {}
         lines = self.catalog.ocr_lines(page) if words else {}
         hits: list[Hit] = []

@@ -163,3 +163,22 @@ def test_check_repair_rebuilds_the_keyword_index(scene) -> None:
     assert library.check(repair=True)["repairs"] == ["rebuilt the keyword index from the items and their OCR text"]
     assert library.check()["ok"]
     assert ids["words"] in {hit.id for hit in library.search(text=QUERY, mode="keyword")}
+
+
+def test_http_search_takes_the_mode_and_says_why(scene) -> None:
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    library, ids = scene
+    client = TestClient(create_app(library))
+    answer = client.post("/search", json={"text": QUERY, "mode": "keyword", "k": 5})
+    assert answer.status_code == 200, answer.text
+    hits = answer.json()["hits"]
+    assert {hit["id"] for hit in hits} == {ids["both"], ids["words"]}
+    assert {hit["snippet"] for hit in hits} == {"fresh «walnut bread»", "«Walnut Bread», 3.99"}
+    assert all(hit["keyword_rank"] in (1, 2) and hit["semantic_score"] is not None for hit in hits)
+    semantic = client.post("/search", json={"text": QUERY, "mode": "semantic", "k": 1}).json()["hits"]
+    assert semantic[0]["id"] == ids["meaning"] and semantic[0]["snippet"] is None
+    refused = client.post("/search", json={"like": [ids["both"]], "mode": "keyword"})
+    assert refused.status_code == 400 and "mode=keyword needs a text" in refused.json()["detail"]

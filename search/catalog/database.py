@@ -514,6 +514,14 @@ class Catalog:
                     found[row[0]] = ItemRow(*row)
         return found
 
+    def get_vectors(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The stored vectors (bytes) of these items, of those that are there."""
+        found: dict[int, bytes] = {}
+        with self.sessions() as session:
+            for chunk in chunks([int(i) for i in ids]):
+                found.update((int(row[0]), bytes(row[1])) for row in session.execute(select(Item.id, Item.vector).where(Item.id.in_(chunk))))
+        return found
+
     def get_item(self, item_id: int) -> ItemRow | None:
         return self.get_items([item_id]).get(item_id)
 

@@ -306,6 +306,11 @@ class LocalCatalog:
         statement = f"SELECT {', '.join(ItemRow.FIELDS)} FROM items WHERE id IN ({{}})"
         return {row[0]: ItemRow(*row) for row in self._rows_in(statement, [int(i) for i in ids])}
 
+    def get_vectors(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The stored vectors (bytes) of these items, of those that are there (as `Catalog.get_vectors`)."""
+        return {int(item_id): blob for item_id, blob in self._rows_in("SELECT id, vector FROM items WHERE id IN ({})",
+                                                                      [int(i) for i in ids])}
+
     def get_item(self, item_id: int) -> ItemRow | None:
         return self.get_items([item_id]).get(item_id)
 

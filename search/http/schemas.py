@@ -131,7 +131,7 @@ class QueryOptions(BaseModel):
     threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Minimum cosine score")
     mode: Literal["hybrid", "semantic", "keyword"] | None = Field(
         None, description="Match the texts by meaning, by words (names, texts, EXIF, OCR) or both fused "
-                          "(default: hybrid when the library has keyword data and the query a text)")
+                          "(default: hybrid when the library has keyword data and the query is texts alone)")
     sort: Literal["relevance", "date", "-date"] = Field(
         "relevance", description="The best hits by relevance, shown in this order (date: capture time)")
     confident: bool = Field(False, description="Only the hits that stand out from this query's scores over the library")
