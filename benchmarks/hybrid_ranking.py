@@ -153,7 +153,7 @@ def evaluate(library: Library, labels: dict[str, str], people: dict[str, str | N
     queries += [("label", label, {p for p, l in labels.items() if l == label}) for label, n in counts.items() if n >= 5]
     queries += [("name", person, {p for p, named in people.items() if named == person}) for person in PEOPLE]
     scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    cutoffs: dict[float, list[tuple[int, int, int]]] = {z: [] for z in (2.0, 2.5, 3.0, 3.5, 4.0)}
+    cutoffs: dict[float, list[tuple[int, int, int]]] = {z: [] for z in (1.5, 1.75, 2.0, 2.25, 2.5, 3.0)}
     for kind, text, relevant in queries:
         vector = library.encode_text(text)
         semantic_hits = library.search(text=text, mode="semantic", k=DEPTH)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 RRF_K = 60  # the constant of the original paper; small k lets one ranking's first place dominate
-CONFIDENT_Z = 3.0  # measured on the labelled sets: benchmarks/README.md ("--confident")
+CONFIDENT_Z = 2.0  # the best precision and recall together on the labelled set: benchmarks/README.md
 
 
 def fuse(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:

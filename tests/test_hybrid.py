@@ -182,3 +182,20 @@ def test_http_search_takes_the_mode_and_says_why(scene) -> None:
     assert semantic[0]["id"] == ids["meaning"] and semantic[0]["snippet"] is None
     refused = client.post("/search", json={"like": [ids["both"]], "mode": "keyword"})
     assert refused.status_code == 400 and "mode=keyword needs a text" in refused.json()["detail"]
+
+
+def test_hybrid_search_on_a_shared_postgresql_catalog(tmp_path: Path, tiny_model, postgres_url: str) -> None:
+    """The same query meaning through a library on PostgreSQL: words, phrases, prefixes, Chinese, fusion."""
+    library = Library.open(tmp_path / "shared", model=tiny_model, create=True, device="cpu", catalog=postgres_url)
+    query = library.encode_text(QUERY)
+    library.add_vectors(["both", "words", "meaning"], np.stack([near(query, 1, 0.95), away_from(query, 2), query]),
+                        [{"description": "Fresh Walnut Bread"}, {"description": "walnut bread, 3.99"},
+                         {"description": "我们在咖啡馆见面"}])
+    ids = library.item_ids(["both", "words", "meaning"])
+    assert {hit.id for hit in library.search(text='"walnut bread"', mode="keyword")} == {ids["both"], ids["words"]}
+    assert {hit.id for hit in library.search(text="WALN*", mode="keyword")} == {ids["both"], ids["words"]}
+    assert [hit.id for hit in library.search(text="咖啡", mode="keyword")] == [ids["meaning"]]
+    assert library.search(text="bread walnut", mode="keyword")[0].snippet in ("Fresh «Walnut Bread»", "«walnut bread», 3.99")
+    assert library.search(text=QUERY, k=3)[0].id == ids["both"]
+    assert library.check()["ok"]
+    library.close()
