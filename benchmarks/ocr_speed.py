@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clipdex-ocr-bench-") as folder:
         work = Path(folder)
         results = {"speed": speed(work, args.photos, args.with_text, args.also_detect_side),
-                   "recall_at_3": recall(work, args.per_kind), "cpus": os.cpu_count()}
+                   "recall_at_3": recall(work, args.per_kind) if args.per_kind else None, "cpus": os.cpu_count(),
+                   "load_average": os.getloadavg()}
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -85,9 +85,13 @@ def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str
                 visual = f'<div class="missing">{html.escape(error.reason)}</div>'
         else:
             visual = f'<blockquote>{html.escape(hit.text or "")}</blockquote>'
+        words = ""
+        if hit.snippet:  # a hybrid or keyword hit: the matched words, marked
+            marked = html.escape(hit.snippet).replace("\u00ab", "<mark>").replace("\u00bb", "</mark>")
+            words = f'<br><span class="words">{marked}</span>'
         cards.append(
             f'<figure>{visual}<figcaption><b>#{hit.rank}</b> score {hit.score:.4f} '
-            f'<span class="id">id {hit.id}</span><br><span class="path">{caption}</span></figcaption></figure>'
+            f'<span class="id">id {hit.id}</span><br><span class="path">{caption}</span>{words}</figcaption></figure>'
         )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipdex: {html.escape(title)}</title>

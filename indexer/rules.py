@@ -348,8 +348,10 @@ def _commit(
         if source_id is not None:
             source = stored[source_id]
             metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
-            if source.extra:
-                metadata["extra"] = json.loads(source.extra)
+            extra = json.loads(source.extra) if source.extra else None
+            described = extra.get("description") if isinstance(extra, dict) else None
+            if isinstance(described, str):  # the EXIF description of the same bytes (not an application's metadata)
+                metadata["extra"] = {"description": described}
             vector = source.vector_array().copy()
         else:
             metadata = prepared.metadata

@@ -152,6 +152,11 @@ def test_search_cli_mode_and_json(scene, tmp_path: Path) -> None:
     assert all(set(hit) >= {"semantic_score", "keyword_rank", "snippet"} for hit in hits)
     result = runner.invoke(app, base + ["--mode", "nonsense"])
     assert result.exit_code == 2
+    page = tmp_path / "hits.html"
+    result = runner.invoke(app, ["search", QUERY, "--library", str(library.path), "--mode", "keyword", "--format", "html",
+                                 "--out", str(page)])
+    assert result.exit_code == 0, result.output
+    assert "fresh <mark>walnut bread</mark>" in page.read_text()
 
 
 def test_check_repair_rebuilds_the_keyword_index(scene) -> None:

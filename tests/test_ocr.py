@@ -142,6 +142,10 @@ def test_clipdex_ocr_command(tmp_path: Path, library: Library) -> None:
     word = next(iter(made.values()))[1][0]
     result = runner.invoke(app, ["search", word, "--library", str(library.path), "--mode", "keyword", "--json"])
     assert [hit["path"] for hit in json.loads(result.stdout)] == [str(next(iter(made)))]
+    render_set(tmp_path / "photos", per_kind=2, seed=12, kinds=["poster"])  # new photos: a later index run reads them
+    result = runner.invoke(app, ["index", str(tmp_path / "photos"), "--library", str(library.path), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ocr"]["read"] == 2
 
 
 def test_without_rapidocr_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
