@@ -117,7 +117,3 @@ class ClusterError(ClipdexError):
 class InvalidItems(ClipdexError):
     """Items given to `Library.add_texts`, `add_images`, `add_vectors` or `remove` that cannot be added as
     they are (a missing or repeated key, a blank text, a vector of another dimension); nothing was added."""
-
-
-class OcrUnavailable(ClipdexError):
-    """OCR cannot run here: rapidocr is not installed, or its models are missing."""

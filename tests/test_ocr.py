@@ -151,9 +151,9 @@ def test_clipdex_ocr_command(tmp_path: Path, library: Library) -> None:
 def test_without_rapidocr_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
-    from clipdex.search.errors import OcrUnavailable
+    from clipdex.search.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "rapidocr", None)  # as if not installed
     render_set(tmp_path, per_kind=1, seed=9, kinds=["sign"])
-    with pytest.raises(OcrUnavailable, match=r"pip install 'clipdex\[ocr\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'clipdex\[ocr\]'"):
         TextReader().read(next(tmp_path.glob("*.png")))

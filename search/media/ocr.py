@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipdex.search.errors import OcrUnavailable, UnreadableImage
+from clipdex.search.errors import MissingDependency, UnreadableImage
 from clipdex.search.media.imaging import decode_image
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,13 @@ def _engine(settings: OcrSettings) -> Any:
         import rapidocr
         from rapidocr import RapidOCR
     except ImportError:
-        raise OcrUnavailable(f"OCR needs the rapidocr package: pip install 'clipdex[{OCR_EXTRA}]'") from None
+        raise MissingDependency(f"OCR needs the rapidocr package: pip install 'clipdex[{OCR_EXTRA}]'") from None
     models = Path(rapidocr.__file__).parent / "models"
     paths = {"Det": models / "PP-OCRv6_det_small.onnx", "Rec": models / "PP-OCRv6_rec_small.onnx",
              "Cls": models / "ch_ppocr_mobile_v2.0_cls_mobile.onnx"}
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:  # RapidOCR would download them: never here
-        raise OcrUnavailable(f"rapidocr's models are missing ({', '.join(missing)}): reinstall it: "
+        raise MissingDependency(f"rapidocr's models are missing ({', '.join(missing)}): reinstall it: "
                              f"pip install --force-reinstall 'clipdex[{OCR_EXTRA}]'")
     threads = settings.threads or -1
     params: dict[str, Any] = {
