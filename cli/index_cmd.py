@@ -58,6 +58,10 @@ def index(
         help="Decode and embed on a Ray cluster: auto (the running cluster), local (one started here), "
              "ray://host:port or host:port. The files must be at the same paths on every node",
     ),
+    ocr: bool = typer.Option(
+        False, "--ocr", help="Also read the text in the images (after embedding them), for keyword search; "
+                             "recorded in the library, so later runs do too",
+    ),
     ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0.0, help="With --ray: GPUs per embedding actor (0: the model runs on the CPUs)"),
 ) -> None:
     """Index photo and video folders: new files are added, changed ones re-embedded, deleted ones removed."""
@@ -81,7 +85,7 @@ def index(
         report = index_paths(
             lib, paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
             workers=workers, progress=progress, stop=stop, prune_empty_roots=prune_empty_roots, max_file_mb=max_file_mb,
-            cluster=cluster,
+            cluster=cluster, ocr=ocr,
         )
     if report.export_seconds and not quiet:
         err.print(f"exported the model to ONNX in {report.export_seconds:.1f}s (once for this library: "
@@ -93,4 +97,7 @@ def index(
             f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
             f"{report.unchanged} unchanged, {len(report.failed)} failed ({report.seconds:.1f}s) - library {lib.path}"
         )
+    if report.ocr is not None and not json_output:
+        out.print(f"read text in {report.ocr.read} images: {report.ocr.with_text} with text "
+                  f"({report.ocr.seconds:.1f}s)")
     finish_run(report, strict)

@@ -71,11 +71,13 @@ def _table(hits: Sequence[Hit]) -> None:
     from rich.text import Text
 
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for column in ("rank", "score", "id", "kind", "path / text"):
+    matched = any(hit.snippet for hit in hits)  # a hybrid or keyword search: the matched words too
+    for column in ("rank", "score", "id", "kind", "path / text") + (("words",) if matched else ()):
         table.add_column(column, justify="right" if column in ("rank", "score", "id") else "left", overflow="fold")
     names = [controls_escaped(hit_name(hit)) + _at(hit) for hit in hits]
     for hit, name in zip(hits, names):
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name))  # Text: a name is not markup
+        words = (Text(controls_escaped(hit.snippet or "")),) if matched else ()
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.kind, Text(name), *words)  # Text: not markup
     if out.is_terminal:
         out.print(table)
     else:  # piped: never fold a path across lines
@@ -109,9 +111,13 @@ def hits_html(hits: Sequence[Hit], title: str, thumbnail_size: int = 256) -> str
                 visual = f'<div class="missing">{html.escape(error.reason)}</div>'
         else:
             visual = f'<blockquote>{html.escape(hit.text or "")}</blockquote>'
+        words = ""
+        if hit.snippet:  # a hybrid or keyword hit: the matched words, marked
+            marked = html.escape(hit.snippet).replace("\u00ab", "<mark>").replace("\u00bb", "</mark>")
+            words = f'<br><span class="words">{marked}</span>'
         cards.append(
             f'<figure>{visual}<figcaption><b>#{hit.rank}</b> score {hit.score:.4f} '
-            f'<span class="id">id {hit.id}</span><br><span class="path">{caption}</span></figcaption></figure>'
+            f'<span class="id">id {hit.id}</span><br><span class="path">{caption}</span>{words}</figcaption></figure>'
         )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipdex: {html.escape(title)}</title>

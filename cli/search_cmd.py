@@ -32,6 +32,8 @@ from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
 
 Kind = Literal["image", "text", "video", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
+Mode = Literal["hybrid", "semantic", "keyword"]  # the query's MODE_CHOICES
+Sort = Literal["relevance", "date", "-date"]  # the query's SORT_CHOICES
 
 
 def register(app: typer.Typer) -> None:
@@ -59,6 +61,13 @@ def search(
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many best hits (paging)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum cosine score"),
     per_video: int = typer.Option(1, "--per-video", min=1, max=1000, help="The N best moments of each video hit"),
+    mode: Optional[Mode] = typer.Option(
+        None, "--mode", show_default=False,
+        help="Match the text by meaning (semantic), by the words of names, texts, EXIF and OCR (keyword), or both "
+             "fused (hybrid) [default: hybrid when the library has keyword data]",
+    ),
+    sort: Sort = typer.Option("relevance", "--sort", help="The best hits by relevance, shown in this order (date: capture time)"),
+    confident: bool = typer.Option(False, "--confident", help="Only the hits that stand out from this query's scores over the library"),
     format: Format = typer.Option("table", "--format", "-f", help="Output: a table, JSON, the paths alone, or an HTML page (--out)"),
     null: bool = typer.Option(False, "-0", "--null", help="With --format paths: NUL-separated"),
     html_out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --format html: the file to write"),
@@ -74,7 +83,7 @@ def search(
         raise ClipdexError("--format html needs --out FILE.html")
     query = Query.build(
         text=[text] if text else None, image=image, like=like, vector=vector, minus=minus, weights=weight,
-        k=k, offset=offset, threshold=threshold, per_video=per_video,
+        k=k, offset=offset, threshold=threshold, per_video=per_video, mode=mode, sort=sort, confident=confident,
         kind=kind, path=path, after=after, before=before, min_width=min_width, min_height=min_height,
     )
     lib = open_library(library, device=device, runtime=runtime)

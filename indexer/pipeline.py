@@ -18,8 +18,9 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from clipdex.indexer.local import run_jobs
+from clipdex.indexer.ocr_pass import enable_ocr, ocr_enabled, read_texts
 from clipdex.indexer.progress import ProgressCallback, ProgressReporter
-from clipdex.indexer.report import IndexReport
+from clipdex.indexer.report import Failure, IndexReport
 from clipdex.indexer.rules import diff_scan, remove_vanished
 from clipdex.indexer.scan import scan
 from clipdex.search.library import Library
@@ -43,6 +44,7 @@ def index_paths(
     prune_empty_roots: bool = False,
     max_file_mb: float = DEFAULT_MAX_FILE_MB,
     cluster: "ClusterOptions | None" = None,
+    ocr: bool = False,
 ) -> IndexReport:
     """Index the images under `paths` into `library`; see IndexReport for what it reports.
 
@@ -55,6 +57,8 @@ def index_paths(
     (once; `clipdex.search.encoders.text_export`) so that later text queries need neither torch nor open_clip.
     `max_file_mb`: larger files are reported as failed, never read (`clipdex.search.media.safe_read`).
     `cluster`: decode and embed on a Ray cluster (`clipdex.indexer.cluster`); all else stays here.
+    `ocr`: also read the text in the images, in a pass of its own after the embedding
+    (`clipdex.indexer.ocr_pass`), and record that in the library, so that later runs do too.
     """
     started = time.monotonic()
     report = IndexReport()
@@ -83,5 +87,12 @@ def index_paths(
         tell("export", 0, None)
         report.export_seconds += library.export_text_encoder()  # a first export before the photos counted already
         tell("export", 1, 1)
+    if ocr:
+        enable_ocr(library)
+    if not report.interrupted and (ocr or ocr_enabled(library)):
+        tell("ocr", 0, None)
+        report.ocr = read_texts(library, progress=tell.files("ocr"), stop=stop, max_file_mb=max_file_mb)
+        report.interrupted = report.ocr.interrupted
+        report.failed += [Failure(failure.path, f"OCR: {failure.error}") for failure in report.ocr.failed]
     report.seconds = time.monotonic() - started
     return report

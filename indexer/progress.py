@@ -8,6 +8,8 @@
   or a run that loaded the model exports it at its end (`total` None until it is done);
 - `embed`: files read, decoded and handed to the model (`done` of `total`, the files the run
   must do: new or changed ones);
+- `ocr`: with OCR on (`ocr=True`, or a library indexed with it), after the rest: images read
+  for text (`done` of `total`, the images not read yet);
 - `commit`: files stored in the catalog (`done` of `total`: files that failed are never
   committed, so `done` may end below `total`).
 
@@ -25,8 +27,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Literal, Union, cast
 
-Phase = Literal["scan", "export", "embed", "commit"]
-PHASES: tuple[Phase, ...] = ("scan", "export", "embed", "commit")
+Phase = Literal["scan", "export", "embed", "commit", "ocr"]
+PHASES: tuple[Phase, ...] = ("scan", "export", "embed", "commit", "ocr")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class IndexReport:
     seconds: float = 0.0
     model_loaded: bool = False
     export_seconds: float = 0.0  # spent exporting the model to ONNX (once per library)
+    ocr: Any = None  # the OCR pass's `OcrReport`, when the run read text (`clipdex.indexer.ocr_pass`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,4 +39,5 @@ class IndexReport:
             "failed": [failure.to_json() for failure in self.failed],
             "interrupted": self.interrupted,
             "seconds": round(self.seconds, 3),
+            **({"ocr": self.ocr.to_json()} if self.ocr is not None else {}),
         }

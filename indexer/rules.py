@@ -293,6 +293,7 @@ def _decode_into(prepared: _Prepared, data: bytes, encoder: ImagePreparer, on_gp
         "taken_at": decoded.taken_at,
         "camera_make": decoded.camera_make,
         "camera_model": decoded.camera_model,
+        **({"extra": decoded.extra()} if decoded.description else {}),
     }
 
 
@@ -359,6 +360,20 @@ def _mean_direction(vectors: np.ndarray) -> np.ndarray:
 # -- one batch: what it commits ----------------------------------------------------------
 
 
+def _stored_extra(source: Any) -> dict[str, Any]:
+    """The parts of a stored item's `extra` that belong to its bytes (all but the RAW pair, which
+    belongs to the folder and is decided again each run)."""
+    try:
+        extra = json.loads(source.extra) if source is not None and source.extra else {}
+    except ValueError:
+        return {}
+    return {key: value for key, value in extra.items() if key != "pair"} if isinstance(extra, dict) else {}
+
+
+def _extra_json(extra: dict[str, Any]) -> str | None:
+    return json.dumps(extra) if extra else None
+
+
 def _recheck_reuse(library: Library, batch: list[_Prepared]) -> dict[int, Any]:
     """The stored items whose vectors the batch reuses, still holding the same bytes.
 
@@ -421,29 +436,30 @@ def _commit(
                                         "content_hash": prepared.content_hash, "device": device, "inode": inode}
         pair_extra = {"pair": job.pair} if job.pair else {}
         source_id = prepared.reuse_id
+        source = stored.get(source_id) if source_id is not None else None
+        kept = _stored_extra(source)  # what the stored item's extra says of its bytes (an EXIF description, a video's duration)
         if source_id is not None and source_id in vanished_by_id and job.record is None:
-            moves.append((source_id, {**file_columns, "extra": json.dumps(pair_extra) if pair_extra else None}))
+            moves.append((source_id, {**file_columns, "extra": _extra_json({**kept, **pair_extra})}))
             vanished.pop(vanished_by_id.pop(source_id), None)  # same bytes at a new path: keep id and vector
             counts["moved"] += 1
             continue
         if source_id is not None and job.record is not None and source_id == job.record.id:
             # touched: only size/mtime (or the RAW beside it) changed
-            moves.append((source_id, {**file_columns, "extra": json.dumps(pair_extra) if pair_extra else None}))
+            moves.append((source_id, {**file_columns, "extra": _extra_json({**kept, **pair_extra})}))
             counts["updated"] += 1
             continue
-        kind, frames, extra = "image", None, dict(pair_extra)
-        if source_id is not None:
-            source = stored[source_id]
+        kind, frames, extra = "image", None, {**kept, **pair_extra}
+        if source is not None:
             metadata = {key: getattr(source, key) for key in ("width", "height", "taken_at", "camera_make", "camera_model")}
             vector = source.vector_array().copy()
             if source.kind == "video":  # a copy of a stored video: its moments too
-                kind, frames = "video", library.catalog.frames_of([source_id]).get(source_id, [])
-                extra = json.loads(source.extra) if source.extra else {}
+                kind, frames = "video", library.catalog.frames_of([source.id]).get(source.id, [])
         else:
-            metadata = prepared.metadata
+            metadata = dict(prepared.metadata)
+            extra.update(metadata.pop("extra", None) or {})  # the EXIF description, when the file has one
             vector = vectors[id(prepared)]
             if prepared.frame_times is not None:  # a video: its item holds the mean of its moments
-                kind, frames, extra = "video", list(zip(prepared.frame_times, vector)), prepared.extra
+                kind, frames, extra = "video", list(zip(prepared.frame_times, vector)), {**prepared.extra, **pair_extra}
                 vector = _mean_direction(vector)
         items.append(NewItem(kind=kind, vector=vector, id=job.record.id if job.record else None, extra=extra,
                              frames=frames, **file_columns, **metadata))

@@ -6,6 +6,7 @@ what `check --repair` can do about it.
   catalog never silently becomes an empty library.
 - The `state` table (generation, changes_floor) emptied: repaired by re-creating the rows
   past every generation the library has seen, so every saved index is rebuilt.
+- The keyword index (names, texts, OCR text) out of step with the items: rebuilt.
 - Stored vectors of another length than the manifest's `dim`: when every vector agrees
   with each other and with the model's own dimension, the manifest is what is wrong and
   the repair rewrites its `dim`; otherwise the few rows of another length are damaged,
@@ -101,7 +102,28 @@ def check_catalog(library: "CheckedLibrary", repair: bool) -> CatalogCheck:
     _check_state(library, repair, check)
     if not check.blocking:
         _check_vector_lengths(library, repair, check)
+    if not check.blocking and not library.catalog.read_only:
+        _check_keywords(library, repair, check)
     return check
+
+
+def _check_keywords(library: "CheckedLibrary", repair: bool, check: CatalogCheck) -> None:
+    """The keyword index against the items: a row for each item that has words, none for another;
+    the repair re-makes the whole index (in one transaction) from the items and their OCR text."""
+    catalog = library.catalog
+    indexed = catalog.keyword_ids()
+    items = {int(i) for i in catalog.ids()}
+    unknown = indexed - items
+    unindexed = sorted(items - indexed)
+    missing = [item_id for item_id, parts in catalog.keyword_documents(unindexed).items() if parts]
+    if not unknown and not missing:
+        return
+    check.problems.append(f"{catalog.describe()}: the keyword index lacks {len(missing)} items and holds "
+                          f"{len(unknown)} unknown ids")
+    if repair:
+        with library.writer():
+            catalog.rebuild_keywords()
+        check.repairs.append("rebuilt the keyword index from the items and their OCR text")
 
 
 def _check_state(library: "CheckedLibrary", repair: bool, check: CatalogCheck) -> None:

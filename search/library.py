@@ -330,6 +330,9 @@ class Library:
         offset: int = 0,
         threshold: float | None = None,
         per_video: int = 1,
+        mode: str | None = None,
+        sort: str = "relevance",
+        confident: bool = False,
         **unknown: NoReturn,
     ) -> list[Hit]:
         """Ranked hits for a query: `library.search(text="a dog", kind="image", k=5)`.
@@ -340,8 +343,13 @@ class Library:
         Filters, applied inside the search: `kind` ("image", "text", "video" or "any"), `path` (a
         glob over the items' paths), `after`/`before` (capture time, a date or ISO text),
         `min_width`/`min_height` (pixels). `k` hits from `offset` on, none below the
-        cosine `threshold`. Or pass a ready `Query` alone. A video is one hit (kind "video")
-        whose `timestamp` is its best-matching moment; `per_video` of its best moments are in `moments`.
+        cosine `threshold`. A video is one hit (kind "video") whose `timestamp` is its
+        best-matching moment; `per_video` of its best moments are in `moments`. `mode`:
+        "semantic" (by meaning), "keyword" (by the words of names, texts, EXIF and OCR text)
+        or "hybrid" (both fused; the default when the library has keyword data and the query
+        is texts alone). `sort`: "relevance", or the best k shown by capture time ("date",
+        "-date" newest first). `confident`: only the hits that stand out from this query's
+        scores over the library. Or pass a ready `Query` alone.
 
         Raises InvalidQuery for a query that cannot be answered (an unknown argument
         included), ItemNotFound for an unknown `like` id, UnreadableImage for an image
@@ -352,6 +360,7 @@ class Library:
             "text": text, "image": image, "like": like, "vector": vector, "minus": minus, "weights": weights,
             "kind": kind, "path": path, "after": after, "before": before, "min_width": min_width,
             "min_height": min_height, "k": k, "offset": offset, "threshold": threshold, "per_video": per_video,
+            "mode": mode, "sort": sort, "confident": confident,
         }
         if unknown:
             raise unknown_arguments("search", unknown, BUILD_ARGUMENTS)
@@ -546,7 +555,7 @@ def _check_choice(argument: str, value: str, choices: Sequence[str]) -> None:
         raise ClipdexError(f"{argument}= must be one of {', '.join(choices)}, not {value!r}")
 
 
-_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0, "per_video": 1}
+_SEARCH_DEFAULTS: dict[str, Any] = {"kind": "any", "k": 10, "offset": 0, "per_video": 1, "sort": "relevance", "confident": False}
 
 
 def _is_default(name: str, value: Any) -> bool:

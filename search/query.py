@@ -18,6 +18,8 @@ from clipdex.search.media.safe_read import DEFAULT_MAX_FILE_MB, MB, read_regular
 TermKind = Literal["text", "image", "like", "vector"]
 KIND_CHOICES = ("image", "text", "video", "any")
 KindName = Literal["image", "text", "video", "any"]
+MODE_CHOICES = ("hybrid", "semantic", "keyword")
+SORT_CHOICES = ("relevance", "date", "-date")
 # An image: a file's path, or its bytes (encoded, as read from a file).
 ImageInput = Union[str, "os.PathLike[str]", bytes]
 # A raw query vector: numbers (a numpy array or a list), or the path of a .npy file.
@@ -78,6 +80,11 @@ class Query:
     offset: int = 0
     threshold: float | None = None  # minimum cosine
     per_video: int = 1  # the best moments shown of each video hit (`Hit.moments`)
+    # how a text is matched: by meaning, by words, or both fused (None: hybrid where the library has
+    # keyword data and the query is texts alone, else semantic); see `clipdex.search.ranking`
+    mode: str | None = None
+    sort: str = "relevance"  # the best k by relevance, shown in this order (date: capture time, oldest first)
+    confident: bool = False  # keep only the hits that stand out from this query's scores over the library
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -95,6 +102,17 @@ class Query:
             raise InvalidQuery(f"threshold is a cosine between -1 and 1, not {self.threshold}")
         if all(term.weight == 0 for term in self.terms):
             raise InvalidQuery("every query term has weight 0")
+        if self.mode is not None and self.mode not in MODE_CHOICES:
+            raise InvalidQuery(f"mode= must be one of {', '.join(MODE_CHOICES)}, not {self.mode!r}")
+        if self.sort not in SORT_CHOICES:
+            raise InvalidQuery(f"sort= must be one of {', '.join(SORT_CHOICES)}, not {self.sort!r}")
+        if self.mode in ("hybrid", "keyword") and not self.keyword_text():
+            raise InvalidQuery(f"mode={self.mode} needs a text with words to look for; "
+                               "images, item ids and vectors are matched by meaning (mode=semantic)")
+
+    def keyword_text(self) -> str:
+        """The words a keyword search looks for: the query's texts (not its minus texts), joined."""
+        return " ".join(str(term.value) for term in self.terms if term.kind == "text" and term.weight > 0)
 
     @classmethod
     def build(
@@ -115,6 +133,9 @@ class Query:
         min_width: int | None = None,
         min_height: int | None = None,
         per_video: int = 1,
+        mode: str | None = None,
+        sort: str = "relevance",
+        confident: bool = False,
         **unknown: NoReturn,
     ) -> "Query":
         """Terms in a fixed order - texts, images, likes, vectors, then minus texts - each
@@ -135,12 +156,13 @@ class Query:
         built = [Term(kind, value, sign * abs(float(w)) if sign < 0 else float(w)) for (kind, value, sign), w in zip(terms, weights)]
         filters = Filters(kind=kind, path=path, after=after, before=before,  # type: ignore[arg-type]  # parsed there
                           min_width=min_width, min_height=min_height)
-        return cls(terms=built, filters=filters, k=k, offset=offset, threshold=threshold, per_video=per_video)
+        return cls(terms=built, filters=filters, k=k, offset=offset, threshold=threshold, per_video=per_video, mode=mode,
+                   sort=sort, confident=confident)
 
 
 # The arguments of Query.build (and of Library.search, which takes them as keywords).
 BUILD_ARGUMENTS = ("text", "image", "like", "vector", "minus", "weights", "k", "offset", "threshold",
-                   "kind", "path", "after", "before", "min_width", "min_height", "per_video")
+                   "kind", "path", "after", "before", "min_width", "min_height", "per_video", "mode", "sort", "confident")
 
 
 def unknown_arguments(function: str, unknown: dict[str, Any], known: Sequence[str]) -> InvalidQuery:
@@ -184,6 +206,13 @@ class Hit:
     timestamp: float | None = None  # a video: the best-matching moment, seconds from its start
     # a video: its best moments, best first, as (seconds, score): as many as the query's per_video
     moments: list[tuple[float, float]] | None = None
+    # why a hybrid or keyword search found it (None in a semantic search): its cosine, its place in the
+    # keyword ranking (1 is best; None: its words do not match), the matched text with the match «marked»,
+    # and the boxes (four [x, y] corners, in the image's pixels) of the OCR lines that matched
+    semantic_score: float | None = None
+    keyword_rank: int | None = None
+    snippet: str | None = None
+    boxes: list[list[list[float]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "kind": self.kind}
@@ -198,6 +227,12 @@ class Hit:
         if self.text is not None:
             data["text"] = self.text
         data["metadata"] = self.metadata
+        if self.semantic_score is not None:
+            data["semantic_score"] = round(self.semantic_score, 6)
+            data["keyword_rank"] = self.keyword_rank
+            data["snippet"] = self.snippet
+        if self.boxes:
+            data["boxes"] = self.boxes
         return data
 
 

@@ -3,6 +3,11 @@
 The searcher turns each term (a text, an image, a stored item's vector, a raw vector)
 into a vector, combines them (`query.combine`), asks the catalog which items pass the
 filters and the vector store for the best of those, and returns typed `Hit`s.
+
+A query with a text is also matched by its words (`Query.mode`): the catalog's keyword
+index ranks the items whose words match, and `clipdex.search.ranking` fuses that ranking
+with the semantic one; each hit then says why it was found (its cosine, its keyword rank,
+a snippet of the matched text, the boxes of the OCR lines that matched).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from clipdex.search import ranking
+from clipdex.search.catalog.keywords import KeywordQuery, matched_boxes, snippet
 from clipdex.search.catalog.types import VIDEO_KINDS, ItemRow
 from clipdex.search.errors import InvalidQuery, ItemNotFound
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
@@ -20,6 +27,8 @@ from clipdex.search.catalog.vector_rows import vector_of
 if TYPE_CHECKING:  # pragma: no cover
     from clipdex.search.catalog.database import Catalog
 
+CANDIDATES = 100  # of each ranking fused (more when a page reaches past them)
+CONFIDENT_SAMPLE = 2_000  # items whose cosines are the background `--confident` compares with
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]
 
@@ -30,6 +39,7 @@ class Searcher:
         self.store = store
         self.encode_text = encode_text
         self.encode_image = encode_image
+        self._background: tuple[int, np.ndarray, np.ndarray] | None = None  # (generation, sampled vectors) for --confident
 
     # -- query terms to one vector ------------------------------------------------------------
 
@@ -75,10 +85,14 @@ class Searcher:
     # -- one vector to hits -----------------------------------------------------------------
 
     def search_vector(self, vector: np.ndarray, query: Query) -> list[Hit]:
-        """The query's page of hits for `vector`: the best k among the items that pass its filters.
+        """The query's page of hits for `vector` (the query's own): the best k among the items that
+        pass its filters; by meaning, words or both as its mode says (`ranked_search`).
 
         A video is one hit however many of its moments match: its frames' hits are gathered
         into it (`_videos_collapsed`), scored by its best moment."""
+        mode = self.mode_of(query)
+        if mode != "semantic" or query.sort != "relevance" or query.confident:
+            return self.ranked_search(vector, query, mode)
         allowed = self.catalog.filtered_ids(query.filters)
         if allowed is not None and len(allowed) == 0:
             return []
@@ -126,6 +140,90 @@ class Searcher:
         return collapsed, items, moments
     def search(self, query: Query) -> list[Hit]:
         return self.search_vector(self.query_vector(query), query)
+
+    def mode_of(self, query: Query) -> str:
+        """The query's mode, or its default: hybrid when it is made of texts alone (an image, item or
+        vector term makes the text a modifier of a query by meaning) and the library has keyword data."""
+        if query.mode is not None:
+            return query.mode
+        only_texts = all(term.kind == "text" for term in query.terms)
+        if only_texts and KeywordQuery.parse(query.keyword_text()) and self.catalog.has_keywords():
+            return "hybrid"
+        return "semantic"
+
+    # -- hybrid and keyword search, the adaptive cutoff, date order ----------------------------------
+
+    def ranked_search(self, vector: np.ndarray, query: Query, mode: str) -> list[Hit]:
+        """The query's page of hits ranked by meaning, by words or both fused (`ranking.fuse`)."""
+        allowed = self.catalog.filtered_ids(query.filters)
+        if allowed is not None and len(allowed) == 0:
+            return []
+        depth = max(CANDIDATES, query.k + query.offset)
+        cosines: dict[int, float] = {}
+        semantic: list[int] = []
+        moments: dict[int, list[tuple[float, float]]] = {}
+        if mode != "keyword":
+            scores, ids = self.store.search(vector[None, :], depth, allowed, self.query_kind(query))
+            pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+            found = self.catalog.get_items(i for _, i in pairs)
+            if any(item.kind in VIDEO_KINDS for item in found.values()):  # a video's moments: one hit, the video
+                pairs, _, moments = self._videos_collapsed(vector, pairs, found, query.per_video)
+            for score, item_id in pairs:
+                cosines[item_id] = score
+                semantic.append(item_id)
+        words = KeywordQuery.parse(query.keyword_text()) if mode != "semantic" else KeywordQuery(())
+        keyword = self._keyword_ranking(words, allowed, depth) if words else []
+        order = ranking.fuse([semantic, keyword]) if mode == "hybrid" else keyword if mode == "keyword" else semantic
+        unscored = [item_id for item_id in order if item_id not in cosines]  # found by their words alone
+        for item_id, vector_bytes in self.catalog.get_vectors(unscored).items():
+            cosines[item_id] = float(np.dot(vector, vector_of(item_id, vector_bytes, self.catalog.describe(), self.store.dim)))
+        order = [item_id for item_id in order if item_id in cosines]  # removed since the index was read
+        if query.threshold is not None:
+            order = [item_id for item_id in order if cosines[item_id] >= query.threshold]
+        keyword_rank = {item_id: rank for rank, item_id in enumerate(keyword, start=1)}
+        if query.confident:
+            kept = ranking.standing_out({i: cosines[i] for i in order}, self._background_cosines(vector, allowed),
+                                        keep=set(keyword_rank))
+            order = [item_id for item_id in order if item_id in kept]
+        items = self.catalog.get_items(order[query.offset : query.offset + query.k])
+        page = [item_id for item_id in order[query.offset : query.offset + query.k] if item_id in items]
+        documents = self.catalog.keyword_documents(page) if words else {}
+        lines = self.catalog.ocr_lines(page) if words else {}
+        hits: list[Hit] = []
+        for item_id in page:
+            hit = hit_of(query.offset + len(hits) + 1, cosines[item_id], items[item_id], moments.get(item_id))
+            if mode != "semantic":
+                hit.semantic_score = cosines[item_id]
+                hit.keyword_rank = keyword_rank.get(item_id)
+                hit.snippet = snippet(words, documents.get(item_id, []))
+                hit.boxes = matched_boxes(words, lines.get(item_id, [])) or None
+            hits.append(hit)
+        if query.sort != "relevance":
+            hits = ranking.date_order(hits, newest_first=query.sort == "-date")
+        return hits
+
+    def _keyword_ranking(self, words: KeywordQuery, allowed: np.ndarray | None, depth: int) -> list[int]:
+        """The ids whose words match, best first, among `allowed` (None: all), at most `depth`."""
+        if allowed is None:
+            return [item_id for item_id, _ in self.catalog.keyword_search(words, depth)]
+        permitted = set(allowed.tolist())
+        return [item_id for item_id, _ in self.catalog.keyword_search(words, None) if item_id in permitted][:depth]
+
+    def _background_cosines(self, vector: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        """The query's cosines over a fixed sample of the library (of the allowed items when filtered)."""
+        generation = self.catalog.generation()
+        if self._background is None or self._background[0] != generation:
+            ids = self.catalog.ids()
+            if len(ids) > CONFIDENT_SAMPLE:
+                ids = np.sort(np.random.default_rng(0).choice(ids, CONFIDENT_SAMPLE, replace=False))
+            sampled = list(self.catalog.iter_vectors(ids.tolist()))
+            sample_ids = np.concatenate([ids for ids, _ in sampled]) if sampled else np.zeros(0, np.int64)
+            vectors = np.concatenate([v for _, v in sampled]) if sampled else np.zeros((0, self.store.dim), np.float32)
+            self._background = (generation, sample_ids, vectors)
+        _, sample_ids, vectors = self._background
+        if allowed is not None:
+            vectors = vectors[np.isin(sample_ids, allowed)]
+        return vectors @ vector
 
     def get_item(self, item_id: int) -> Hit:
         item = self.catalog.get_item(item_id)

@@ -245,3 +245,34 @@ def test_api_docs_render_offline_under_their_content_security_policy(
     page.locator(".opblock-summary-path", has_text="/health").click()  # opens the operation: React renders more
     expect(page.locator(".opblock-body").first).to_be_visible()
     assert elsewhere == [] and refused == []
+
+
+def test_snippets_and_matched_boxes_on_the_page(page: Any, tmp_path: Path, tiny_model: ModelSpec) -> None:
+    """A keyword hit shows its snippet under the card and the OCR line that matched outlined on the image."""
+    from playwright.sync_api import expect
+
+    from clipdex.search.catalog.keyword_sql import OcrResult
+
+    library = Library.open(tmp_path / "library", model=tiny_model, create=True, device="cpu")
+    photo = write_image(tmp_path / "photos" / "receipt.jpg", seed=3, size=(200, 100))
+    write_image(tmp_path / "photos" / "other.jpg", seed=4, size=(200, 100))
+    index_paths(library, [tmp_path / "photos"])
+    item = library.catalog.files_at([str(photo)])[str(photo)]
+    box = [[20.0, 30.0], [120.0, 30.0], [120.0, 50.0], [20.0, 50.0]]
+    lines = [{"text": "WALNUT BREAD 3.99", "score": 0.98, "box": box}, {"text": "TOTAL 3.99", "score": 0.97,
+                                                                        "box": [[20, 60], [90, 60], [90, 80], [20, 80]]}]
+    library.catalog.store_ocr([OcrResult(item.id, item.content_hash, "WALNUT BREAD 3.99\nTOTAL 3.99", lines)])
+    with serve_in_thread(create_app(library, token=TOKEN)) as url:
+        page.goto(f"{url}/#token={TOKEN}")
+        page.fill("#query", "walnut")
+        page.press("#query", "Enter")
+        card = page.locator(".hit").first
+        expect(card).to_have_attribute("data-id", str(item.id))
+        expect(card.locator(".snippet")).to_have_text("WALNUT BREAD 3.99 TOTAL 3.99")
+        expect(card.locator(".snippet mark")).to_have_text("WALNUT")
+        expect(card.locator("svg.boxes polygon")).to_have_count(1)  # the matched line, not the other
+        assert card.locator("svg.boxes polygon").get_attribute("points") == "20,30 120,30 120,50 20,50"
+        page.click("#filters summary")
+        page.select_option("#filter-mode", "keyword")
+        expect(page.locator(".hit")).to_have_count(1)
+    library.close()

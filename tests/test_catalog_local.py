@@ -290,3 +290,19 @@ def test_items_under_keys_answer_alike(pair: tuple[Catalog, LocalCatalog]) -> No
         same(pair, call)
     assert same(pair, lambda c: c.get_item(ids[0])).key == "post:1"
     assert same(pair, lambda c: c.get_item(ids[2])).key is None  # a corpus text's own key is its source_key
+
+
+def test_vectors_and_keyword_answers_agree(pair) -> None:
+    """The hybrid search's statements: stored vectors by id, keyword matches and documents, OCR lines."""
+    from clipdex.search.catalog.keyword_sql import OcrResult
+    from clipdex.search.catalog.keywords import KeywordQuery
+
+    for catalog in pair:
+        catalog.commit_batch([image("/p/Walnut Grove/a.jpg", 1), image("/p/b.jpg", 2), text("/c.txt", "1", 3)])
+        catalog.store_ocr([OcrResult(2, "h2", "fresh walnut bread", [{"text": "fresh walnut bread", "box": [[0, 0]] * 4}])])
+    same(pair, lambda catalog: catalog.get_vectors([1, 3, 99]))
+    same(pair, lambda catalog: catalog.keyword_search(KeywordQuery.parse("walnut"), None))
+    same(pair, lambda catalog: catalog.keyword_documents([1, 2, 3]))
+    same(pair, lambda catalog: catalog.ocr_lines([1, 2]))
+    same(pair, lambda catalog: catalog.images_to_read(0, 10))
+    same(pair, lambda catalog: catalog.has_keywords())

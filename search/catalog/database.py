@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -54,6 +55,9 @@ from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from clipdex.search.catalog import keyword_sql
+from clipdex.search.catalog.keywords import KeywordQuery
+from clipdex.search.catalog.keyword_sql import OcrResult
 from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     KINDS,
@@ -78,6 +82,20 @@ if TYPE_CHECKING:
     from clipdex.search.locks import WriteLock
 
 log = logging.getLogger(__name__)
+
+
+class AlchemyStatements:
+    """`keyword_sql.Statements` on a SQLAlchemy connection (in the caller's transaction)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def rows(self, sql: str, parameters: dict[str, Any]) -> list[Any]:
+        result = self.connection.execute(text(sql), parameters)
+        return list(result.fetchall()) if result.returns_rows else []
+
+    def many(self, sql: str, parameters: list[dict[str, Any]]) -> None:
+        self.connection.execute(text(sql), parameters)
 
 
 class Base(DeclarativeBase):
@@ -228,8 +246,17 @@ def _migration_004_video_frames(connection: Connection) -> None:
     connection.execute(text("CREATE INDEX items_parent ON items (parent_id) WHERE parent_id IS NOT NULL"))
 
 
+def _migration_005_keywords(connection: Connection) -> None:
+    """The keyword index (`keywords`) and the text OCR read (`ocr`), see `keyword_sql`; the index
+    is filled from the items already there (their names, folders, cameras and texts)."""
+    statements = AlchemyStatements(connection)
+    keyword_sql.create_tables(statements, connection.dialect.name)
+    keyword_sql.rebuild(statements, connection.dialect.name)
+
+
+
 MIGRATIONS = [_migration_001_initial, _migration_002_file_identity, _migration_003_item_keys,
-              _migration_004_video_frames]
+              _migration_004_video_frames, _migration_005_keywords]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "catalog_types.SCHEMA_VERSION counts the migrations"
 
 _versions = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
@@ -431,6 +458,9 @@ class Catalog:
             touched.extend(ids)
             frames = self._replace_frames(session, items, ids)
             touched.extend(frames)
+            statements = AlchemyStatements(session.connection())
+            keyword_sql.forget(statements, self.dialect, remove_ids)
+            keyword_sql.refresh(statements, self.dialect, [item_id for item_id, _ in moves] + [int(i) for i in ids])
             if touched:
                 session.execute(insert(Change), [{"generation": generation, "item_id": item_id} for item_id in touched])
         return BatchResult(generation=generation, ids=ids, frames_changed=bool(frames_removed or frames))
@@ -561,6 +591,14 @@ class Catalog:
                     found[row[0]] = ItemRow(*row)
         return found
 
+    def get_vectors(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The stored vectors (bytes) of these items, of those that are there."""
+        found: dict[int, bytes] = {}
+        with self.sessions() as session:
+            for chunk in chunks([int(i) for i in ids]):
+                found.update((int(row[0]), bytes(row[1])) for row in session.execute(select(Item.id, Item.vector).where(Item.id.in_(chunk))))
+        return found
+
     def get_item(self, item_id: int) -> ItemRow | None:
         return self.get_items([item_id]).get(item_id)
 
@@ -633,6 +671,63 @@ class Catalog:
         if self.dialect == "sqlite":
             return column.op("GLOB")(pattern)
         return column.op("~")(glob_to_regex(pattern))
+
+    # -- the keyword index and OCR text (SQL in keyword_sql, shared with LocalCatalog) ----------
+
+    @contextmanager
+    def _reading(self) -> Iterator[AlchemyStatements]:
+        with self.engine.connect() as connection:
+            yield AlchemyStatements(connection)
+
+    def keyword_search(self, query: KeywordQuery, limit: int | None) -> list[tuple[int, float]]:
+        """(id, score) of the items whose words match `query`, best first (`keyword_sql.search`)."""
+        with self._reading() as statements:
+            return keyword_sql.search(statements, self.dialect, query, limit)
+
+    def keyword_documents(self, ids: Sequence[int]) -> dict[int, list[tuple[str, str]]]:
+        """What each item is found by, in labelled parts (for snippets)."""
+        with self._reading() as statements:
+            return keyword_sql.documents(statements, ids)
+
+    def has_keywords(self) -> bool:
+        """Whether the keyword index holds anything (then text queries are hybrid by default)."""
+        with self.engine.connect() as connection:
+            return connection.execute(text("SELECT 1 FROM keywords LIMIT 1")).first() is not None
+
+    def keyword_ids(self) -> set[int]:
+        with self._reading() as statements:
+            return keyword_sql.indexed_ids(statements, self.dialect)
+
+    def rebuild_keywords(self) -> int:
+        """Re-make the keyword index from the items and their OCR text; the items indexed."""
+        with self.engine.begin() as connection:
+            return keyword_sql.rebuild(AlchemyStatements(connection), self.dialect)
+
+    def store_ocr(self, results: Sequence[OcrResult]) -> None:
+        """Keep what OCR read in these images and re-index their words, in one transaction."""
+        with self.engine.begin() as connection:
+            keyword_sql.store_ocr(AlchemyStatements(connection), self.dialect, results, time.time())
+
+    def images_to_read(self, after_id: int = 0, limit: int = 256) -> list[tuple[int, str, str | None]]:
+        with self._reading() as statements:
+            return keyword_sql.images_to_read(statements, after_id, limit)
+
+    def ocr_counts(self) -> dict[str, int]:
+        with self._reading() as statements:
+            return keyword_sql.ocr_counts(statements)
+
+    def ocr_lines(self, ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+        with self._reading() as statements:
+            return keyword_sql.ocr_lines(statements, ids)
+
+    def setting(self, key: str) -> str | None:
+        """A library setting kept in the catalog's state table (`ocr`: "on" when indexing runs OCR)."""
+        with self.sessions() as session:
+            return session.scalar(select(State.value).where(State.key == f"setting.{key}"))
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.sessions.begin() as session:
+            session.merge(State(key=f"setting.{key}", value=value))
 
     # -- integrity (clipdex check) ---------------------------------------------------------
 
@@ -773,8 +868,9 @@ class Catalog:
                 if updates:
                     connection.execute(update(Item).where(Item.id == bindparam("item_id")), updates)
                 added, replaced = added + len(new_rows), replaced + len(updates)
+                touched = list(self._ids_of_rows(connection, chunk).values())
+                keyword_sql.refresh(AlchemyStatements(connection), self.dialect, touched)
                 if log_changes:
-                    touched = list(self._ids_of_rows(connection, chunk).values())
                     connection.execute(insert(Change), [{"generation": generation, "item_id": i} for i in touched])
             if not log_changes:  # the floor was at most the last generation: this one is above it
                 session.execute(update(State).where(State.key == "changes_floor").values(value=str(generation)))

@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from clipdex.search.catalog import keyword_sql
+from clipdex.search.catalog.keywords import KeywordQuery
+from clipdex.search.catalog.keyword_sql import OcrResult
 from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
     ITEM_COLUMNS,
@@ -238,6 +241,9 @@ class LocalCatalog:
                     ids.append(int(cursor.lastrowid or 0))
             frames = _replace_frames(connection, items, ids)
             touched = remove_ids + ids + frames
+            statements = Sqlite3Statements(connection)
+            keyword_sql.forget(statements, self.dialect, remove_ids)
+            keyword_sql.refresh(statements, self.dialect, [int(item_id) for item_id, _ in moves] + ids)
             connection.executemany("INSERT INTO changes (generation, item_id) VALUES (?, ?)",
                                    [(generation, item_id) for item_id in touched])
         return BatchResult(generation=generation, ids=ids, frames_changed=bool(frames_removed or frames))
@@ -302,6 +308,11 @@ class LocalCatalog:
     def get_items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
         statement = f"SELECT {', '.join(ItemRow.FIELDS)} FROM items WHERE id IN ({{}})"
         return {row[0]: ItemRow(*row) for row in self._rows_in(statement, [int(i) for i in ids])}
+
+    def get_vectors(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The stored vectors (bytes) of these items, of those that are there (as `Catalog.get_vectors`)."""
+        return {int(item_id): blob for item_id, blob in self._rows_in("SELECT id, vector FROM items WHERE id IN ({})",
+                                                                      [int(i) for i in ids])}
 
     def get_item(self, item_id: int) -> ItemRow | None:
         return self.get_items([item_id]).get(item_id)
@@ -378,6 +389,34 @@ class LocalCatalog:
             found.setdefault(int(parent), []).append((float(seconds), np.frombuffer(vector, dtype=np.float32)))
         return found
 
+    # -- the keyword index and OCR text (as `Catalog`'s: the same statements, keyword_sql) ----------
+
+    def keyword_search(self, query: KeywordQuery, limit: int | None) -> list[tuple[int, float]]:
+        with self._mapped() as connection:
+            return keyword_sql.search(Sqlite3Statements(connection), self.dialect, query, limit)
+
+    def keyword_documents(self, ids: Sequence[int]) -> dict[int, list[tuple[str, str]]]:
+        with self._mapped() as connection:
+            return keyword_sql.documents(Sqlite3Statements(connection), ids)
+
+    def has_keywords(self) -> bool:
+        return bool(self._rows("SELECT 1 FROM keywords LIMIT 1"))
+
+    def store_ocr(self, results: Sequence[OcrResult]) -> None:
+        with self._transaction() as connection:
+            keyword_sql.store_ocr(Sqlite3Statements(connection), self.dialect, results, time.time())
+
+    def images_to_read(self, after_id: int = 0, limit: int = 256) -> list[tuple[int, str, str | None]]:
+        with self._mapped() as connection:
+            return keyword_sql.images_to_read(Sqlite3Statements(connection), after_id, limit)
+
+    def ocr_lines(self, ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+        with self._mapped() as connection:
+            return keyword_sql.ocr_lines(Sqlite3Statements(connection), ids)
+
+    def setting(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM state WHERE key = ?", (f"setting.{key}",))
+        return str(rows[0][0]) if rows else None
 
     # -- the text query cache ----------------------------------------------------------------
 
@@ -443,6 +482,17 @@ def _replace_frames(connection: sqlite3.Connection, items: Sequence[NewItem], id
                                         [row[name] for name in names])
             new.append(int(cursor.lastrowid or 0))
     return old + new
+class Sqlite3Statements:
+    """`keyword_sql.Statements` on a sqlite3 connection (in the caller's transaction)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def rows(self, sql: str, parameters: dict[str, Any]) -> list[Any]:
+        return self.connection.execute(sql, parameters).fetchall()
+
+    def many(self, sql: str, parameters: list[dict[str, Any]]) -> None:
+        self.connection.executemany(sql, parameters)
 
 
 def _update(connection: sqlite3.Connection, item_id: int, columns: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from clipdex.search.errors import CatalogUnavailable, ClipdexError, LibraryBusy
 
-SCHEMA_VERSION = 4  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
+SCHEMA_VERSION = 5  # the catalog's migrations (`clipdex.search.catalog.database.MIGRATIONS`)
 BUSY_TIMEOUT_MS = 60_000
 KINDS = ("image", "text")
 VIDEO_KINDS = ("video", "frame")  # a video's item, and one item per sampled moment of it (`NewItem.frames`)

@@ -130,6 +130,12 @@ class QueryOptions(BaseModel):
     offset: Count = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Minimum cosine score")
     per_video: int = Field(1, ge=1, le=1000, description="The best moments given of each video hit (`moments`)")
+    mode: Literal["hybrid", "semantic", "keyword"] | None = Field(
+        None, description="Match the texts by meaning, by words (names, texts, EXIF, OCR) or both fused "
+                          "(default: hybrid when the library has keyword data and the query is texts alone)")
+    sort: Literal["relevance", "date", "-date"] = Field(
+        "relevance", description="The best hits by relevance, shown in this order (date: capture time)")
+    confident: bool = Field(False, description="Only the hits that stand out from this query's scores over the library")
 
     def to_query(self, images: Sequence[bytes] = (), vector: list[float] | None = None) -> Query:
         """The library's Query; its own checks (dates, weights, blank texts) raise InvalidQuery (a 400)."""
@@ -137,7 +143,8 @@ class QueryOptions(BaseModel):
             text=self.text, image=list(images), like=self.like, vector=[vector] if vector else None, minus=self.minus,
             weights=self.weights, k=self.k, offset=self.offset, threshold=self.threshold,
             kind=self.kind, path=self.path, after=self.after, before=self.before,
-            min_width=self.min_width, min_height=self.min_height, per_video=self.per_video,
+            min_width=self.min_width, min_height=self.min_height, per_video=self.per_video, mode=self.mode, sort=self.sort,
+            confident=self.confident,
         )
 
 
@@ -232,6 +239,12 @@ class HitOut(ItemOut):
     score: float = Field(description="Cosine similarity to the query")
     timestamp: float | None = Field(None, description="A video: its best-matching moment, seconds from its start")
     moments: list[MomentOut] | None = Field(None, description="A video, with per_video > 1: its best moments, best first")
+    semantic_score: float | None = Field(None, description="Hybrid and keyword searches: the cosine (as score)")
+    keyword_rank: int | None = Field(None, description="Hybrid and keyword searches: the place in the keyword "
+                                                       "ranking (1 is best), or null when the words do not match")
+    snippet: str | None = Field(None, description="The matched text, each match between « and »")
+    boxes: list[list[list[float]]] | None = Field(
+        None, description="The OCR lines that matched: four [x, y] corners each, in the image's pixels")
 
     @classmethod
     def from_hit(cls, hit: Hit) -> "HitOut":
@@ -240,6 +253,7 @@ class HitOut(ItemOut):
             moments = [MomentOut(timestamp=round(seconds, 3), score=round(score, 6)) for seconds, score in hit.moments]
         timestamp = None if hit.timestamp is None else round(hit.timestamp, 3)
         return cls(rank=hit.rank, score=round(hit.score, 6), timestamp=timestamp, moments=moments,
+                   semantic_score=hit.semantic_score, keyword_rank=hit.keyword_rank, snippet=hit.snippet, boxes=hit.boxes,
                    **ItemOut.from_hit(hit).model_dump())
 
 

@@ -61,6 +61,7 @@ EXIF_DATETIME_ORIGINAL = 0x9003
 EXIF_DATETIME = 0x0132
 EXIF_MAKE = 0x010F
 EXIF_MODEL = 0x0110
+EXIF_DESCRIPTION = 0x010E  # ImageDescription: found by keyword search
 EXIF_IFD = 0x8769
 
 
@@ -73,6 +74,11 @@ class DecodedImage:
     camera_make: str | None = None
     camera_model: str | None = None
     source: str | None = None  # for a RAW photo: "preview" (its embedded JPEG) or "demosaic"
+    description: str | None = None  # EXIF ImageDescription
+
+    def extra(self) -> dict[str, Any]:
+        """The catalog's `extra` of the image: its EXIF description, when it has one."""
+        return {"description": self.description} if self.description else {}
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -196,6 +202,7 @@ def _decode_opened(opened: Image.Image, draft_size: int | None) -> DecodedImage:
         taken_at=_exif_datetime(exif),
         camera_make=_exif_text(exif, EXIF_MAKE),
         camera_model=_exif_text(exif, EXIF_MODEL),
+        description=_exif_text(exif, EXIF_DESCRIPTION),
     )
 
 
@@ -213,11 +220,13 @@ class ImageHeader:
     taken_at: datetime | None = None
     camera_make: str | None = None
     camera_model: str | None = None
+    description: str | None = None  # EXIF ImageDescription
 
     def metadata(self) -> dict[str, Any]:
         """The catalog's image columns, the same keys and values decode_image's result gives."""
         return {"width": self.width, "height": self.height, "taken_at": self.taken_at,
-                "camera_make": self.camera_make, "camera_model": self.camera_model}
+                "camera_make": self.camera_make, "camera_model": self.camera_model,
+                **({"extra": {"description": self.description}} if self.description else {})}
 
 
 def read_header(data: bytes, name: str = "image") -> ImageHeader:
@@ -252,6 +261,7 @@ def read_header(data: bytes, name: str = "image") -> ImageHeader:
         taken_at=_exif_datetime(exif),
         camera_make=_exif_text(exif, EXIF_MAKE),
         camera_model=_exif_text(exif, EXIF_MODEL),
+        description=_exif_text(exif, EXIF_DESCRIPTION),
     )
 
 

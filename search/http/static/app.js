@@ -82,6 +82,9 @@ function filterOptions() {
   for (const [id, name] of [["filter-min-width", "min_width"], ["filter-min-height", "min_height"], ["filter-threshold", "threshold"]]) {
     if ($(id).value !== "") options[name] = Number($(id).value);
   }
+  if ($("filter-mode").value) options.mode = $("filter-mode").value;
+  if ($("filter-sort").value !== "relevance") options.sort = $("filter-sort").value;
+  if ($("filter-confident").checked) options.confident = true;
   return options;
 }
 
@@ -174,7 +177,7 @@ function hitCard(hit) {
   if (hit.kind === "image") {
     const image = document.createElement("img");
     image.alt = name;
-    card.append(image);
+    card.append(withBoxes(image, hit));
     loadThumbnail(image, hit.id);
   } else if (hit.kind === "video") {
     const image = document.createElement("img");
@@ -187,11 +190,52 @@ function hitCard(hit) {
     card.append(quote);
   }
   card.append(caption(hit.score, name));
+  if (hit.snippet) card.append(snippetElement(hit.snippet));
   card.addEventListener("click", () => moreLikeThis(hit));
   card.addEventListener("keydown", (event) => {
     if (event.key === "Enter") moreLikeThis(hit);
   });
   return card;
+}
+
+// The words a hybrid or keyword search matched: the snippet under the card, each match «marked»
+// by the server, shown as <mark> (built from text nodes: a snippet is never HTML).
+function snippetElement(snippet) {
+  const element = document.createElement("p");
+  element.className = "snippet";
+  snippet.split(/«([^»]*)»/).forEach((part, index) => {
+    if (index % 2 === 0) {
+      element.append(part);
+    } else {
+      const mark = document.createElement("mark");
+      mark.textContent = part;
+      element.append(mark);
+    }
+  });
+  return element;
+}
+
+// The OCR lines that matched, outlined on the thumbnail: an SVG in the image's own pixels over it,
+// cropped as the thumbnail is (preserveAspectRatio "slice" is what object-fit "cover" does).
+const SVG = "http://www.w3.org/2000/svg";
+
+function withBoxes(image, hit) {
+  const width = hit.metadata && hit.metadata.width;
+  const height = hit.metadata && hit.metadata.height;
+  if (!hit.boxes || !hit.boxes.length || !width || !height) return image;
+  const frame = document.createElement("div");
+  frame.className = "thumb";
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "boxes");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid slice");
+  for (const box of hit.boxes) {
+    const outline = document.createElementNS(SVG, "polygon");
+    outline.setAttribute("points", box.map(([x, y]) => `${x},${y}`).join(" "));
+    svg.append(outline);
+  }
+  frame.append(image, svg);
+  return frame;
 }
 
 function hitName(hit) {
