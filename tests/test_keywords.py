@@ -127,7 +127,7 @@ def test_an_older_catalog_is_indexed_when_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(path) as connection:  # as the release before the keyword index left it
         connection.execute("DROP TABLE keywords")
         connection.execute("DROP TABLE ocr")
-        connection.execute("DELETE FROM schema_version WHERE version = 4")
+        connection.execute("DELETE FROM schema_version WHERE version = 5")
     catalog = Catalog(path, DIM)
     assert found(catalog, list(range(1, 7)), "harbour") == {1}
 

@@ -330,13 +330,14 @@ def test_migration_4_keeps_a_catalogs_items_and_id_counter_and_takes_videos(tmp_
 
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:3])
-    old = database.Catalog(url, vector_dim=4)
-    ids = old.commit_batch(items=[NewItem(kind="image", vector=np.ones(4), path=f"/p/{n}.jpg") for n in range(3)]).ids
-    old.close()
+    database.Catalog(url, vector_dim=4).close()  # a catalog of schema 3, its rows written as that version's code did
     import sqlite3
 
-    with sqlite3.connect(tmp_path / "catalog.sqlite") as connection:  # the highest id is gone: never to be given again
-        connection.execute("DELETE FROM items WHERE id = ?", (ids[-1],))
+    with sqlite3.connect(tmp_path / "catalog.sqlite") as connection:
+        blob = np.ones(4, np.float32).tobytes()
+        ids = [int(connection.execute("INSERT INTO items (kind, path, vector, indexed_at) VALUES ('image', ?, ?, 0)",
+                                      (f"/p/{n}.jpg", blob)).lastrowid or 0) for n in range(3)]
+        connection.execute("DELETE FROM items WHERE id = ?", (ids[-1],))  # the highest id is gone: never to be given again
     monkeypatch.undo()
     catalog = database.Catalog(url, vector_dim=4)
     assert sorted(catalog.get_items(ids)) == ids[:2]
