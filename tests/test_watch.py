@@ -398,3 +398,100 @@ def test_stop_ends_after_the_batch_in_flight(library: Library, tmp_path: Path, r
     assert not run.thread.is_alive() and run.error is None
     with library.writer(wait=0):  # let go of the lock
         pass
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+class WatchProcess:
+    """`clipdex watch` in a process of its own; its JSON events read as they come."""
+
+    def __init__(self, library: Path, *args: str) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "clipdex.cli", "watch", *args, "--library", str(library), "--settle", str(SETTLE),
+             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        import json
+
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.put(json.loads(line))
+        self.events.put(None)
+
+    def event(self, timeout: float = 30) -> dict[str, Any]:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no event from clipdex watch") from None
+        if event is None:
+            self.process.wait(timeout=10)
+            raise AssertionError(f"clipdex watch ended: {self.process.returncode} {self.process.stderr.read()}")  # type: ignore[union-attr]
+        return event
+
+    def stderr_after(self, timeout: float = 20) -> tuple[int, str]:
+        self.process.wait(timeout=timeout)
+        assert self.process.stderr is not None
+        return self.process.returncode, self.process.stderr.read()
+
+
+def test_killed_during_a_burst_the_next_watch_catches_up_exactly(library: Library, tmp_path: Path) -> None:
+    import signal
+
+    pics = tmp_path / "pics"
+    for index in range(4):
+        write_image(pics / f"old{index}.jpg", index)
+    aged(pics)
+    library.close()
+    watcher = WatchProcess(library.path, str(pics), "--batch-size", "4", "--workers", "1")
+    assert watcher.event()["event"] == "catch-up"
+    for index in range(80):  # a burst
+        write_image(pics / "burst" / f"b{index:02d}.jpg", 100 + index, size=(320, 240))
+    reader = Library.open(library.path)
+    try:
+        deadline = time.monotonic() + 30
+        while (committed := len(reader.catalog.files_under([str(pics / "burst")]))) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        reader.close()
+    watcher.process.kill()  # SIGKILL, in the middle of the burst
+    watcher.process.wait(timeout=10)
+    assert 0 < committed < 80
+    (pics / "old0.jpg").unlink()  # and changes while nothing watches
+    write_image(pics / "later.jpg", 500)
+    aged(pics)
+
+    again = WatchProcess(library.path, str(pics))
+    caught_up = again.event()
+    assert caught_up["event"] == "catch-up" and caught_up["removed"] == 1 and caught_up["failed"] == []
+    again.process.send_signal(signal.SIGTERM)  # stops after the batch in flight
+    code, stderr = again.stderr_after()
+    assert code == 0 and "Stopped: everything indexed so far is kept." in stderr
+    assert "caught up: " in stderr
+    assert sorted(indexed(library)) == sorted(str(path) for path in pics.rglob("*.jpg"))
+
+
+def test_a_second_writer_is_refused_while_watching(library: Library, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    pics = tmp_path / "pics"
+    write_image(pics / "a.jpg", 1)
+    library.close()
+    watcher = WatchProcess(library.path, str(pics))
+    assert watcher.event()["event"] == "catch-up"
+    other = subprocess.run([sys.executable, "-m", "clipdex.cli", "index", str(pics), "--library", str(library.path)],
+                           capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1
+    assert f"library {library.path} is being written by pid {watcher.process.pid}" in other.stderr
+    watcher.process.send_signal(signal.SIGINT)
+    code, _ = watcher.stderr_after()
+    assert code == 0
