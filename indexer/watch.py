@@ -184,6 +184,7 @@ class Watcher:
         self._watching = False
         self._batches = 0
         self._dirty_since: float | None = None
+        self.locked = threading.Event()  # set once the write lock is held
         self._check_roots_given()
 
     # -- what the caller sees ----------------------------------------------------------
@@ -210,6 +211,7 @@ class Watcher:
         """Catch up, then watch until `stop` is set; the write lock is held throughout."""
         with self.library.writer() as writer:
             self._writer = writer
+            self.locked.set()
             if not any(self.library.catalog.counts().values()):
                 self.library.encoders.ensure_weights()
             self._root_identity = {root: _identity(root) for root in self.roots}
@@ -537,6 +539,55 @@ def watch_paths(library: Library, paths: Sequence[str | os.PathLike[str]], optio
                 stop: threading.Event | None = None) -> None:
     """Catch `library` up with `paths` (folders), then keep it current until `stop` is set (see `Watcher`)."""
     Watcher(library, paths, options, on_batch, on_notice, stop).run()
+
+
+class BackgroundWatch:
+    """A `Watcher` on a thread of its own, over the library at `library_path` opened for it: a
+    server's own library then sees its commits as another process's (caught up before each
+    search), and its model is not shared with the server's queries."""
+
+    def __init__(self, library_path: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]],
+                 options: WatchOptions = WatchOptions(), on_batch: BatchCallback | None = None,
+                 on_notice: NoticeCallback | None = None, device: str = "auto", runtime: str = "auto") -> None:
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.library = Library.open(library_path, device=device, runtime=runtime)
+        try:
+            self.watcher = Watcher(self.library, paths, options, on_batch, on_notice, self.stop_event)
+        except BaseException:
+            self.library.close()
+            raise
+        self.thread = threading.Thread(target=self._run, name="clipdex-watcher", daemon=True)
+
+    def start(self) -> "BackgroundWatch":
+        """Start watching; returns once the write lock is held (LibraryBusy, say, is raised here)."""
+        self.thread.start()
+        while not self.watcher.locked.wait(0.05):
+            if not self.thread.is_alive():
+                self.thread.join()
+                self.library.close()
+                if self.error is not None:
+                    raise self.error
+                break
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.watcher.run()
+        except BaseException as error:  # said by start(), or logged: the server goes on answering
+            self.error = error
+            if self.watcher.locked.is_set():
+                log.error("watching stopped: %s", error)
+
+    def status(self) -> WatchStatus:
+        return self.watcher.status()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the batch in flight, and close the library."""
+        self.stop_event.set()
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.library.close()
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -495,3 +495,83 @@ def test_a_second_writer_is_refused_while_watching(library: Library, tmp_path: P
     watcher.process.send_signal(signal.SIGINT)
     code, _ = watcher.stderr_after()
     assert code == 0
+
+
+def test_serve_watch_answers_with_a_photo_added_after_it_started(library: Library, tmp_path: Path) -> None:
+    import base64
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    pics = tmp_path / "pics"
+    write_image(pics / "old.jpg", 1)
+    aged(pics)
+    library.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "clipdex.cli", "serve", "--library", str(library.path), "--port",
+                               str(port), "--watch", str(pics), "--settle", str(SETTLE), "--device", "cpu"],
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:
+            if line.startswith("Serving"):
+                break
+        deadline = time.monotonic() + 20
+        while True:  # listening
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=10).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        new = write_image(pics / "new.jpg", 77)
+        request = json.dumps({"image": base64.b64encode(new.read_bytes()).decode(), "k": 1}).encode()
+        deadline = time.monotonic() + 20
+        while True:
+            asked = urllib.request.Request(f"{url}/search", data=request, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(asked, timeout=10) as response:
+                hits = json.load(response)["hits"]
+            if hits and hits[0]["path"] == str(new):
+                break
+            assert time.monotonic() < deadline, hits
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"{url}/indexing", timeout=10) as response:
+            assert json.load(response) == {"enabled": True, "watching": True, "polling": False, "pending": 0,
+                                           "indexing": 0, "batches": 2}
+    finally:
+        server.send_signal(signal.SIGTERM)  # as a service manager stops it: the watcher stops after its batch
+        try:
+            server.wait(timeout=20)
+        finally:
+            server.kill()
+    assert server.returncode == 0
+    assert "Stopping the watcher once its batch in flight is committed..." in server.stderr.read()
+    assert sorted(indexed(library)) == [str(pics / "new.jpg"), str(pics / "old.jpg")]
+
+
+def test_python_api_watch_paths(library: Library, tmp_path: Path) -> None:
+    import clipdex
+
+    pics = tmp_path / "pics"
+    write_image(pics / "a.jpg", 1)
+    aged(pics)
+    batches: queue.Queue[clipdex.WatchBatch] = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=clipdex.watch_paths, args=(library, [pics], clipdex.WatchOptions(settle_seconds=SETTLE)),
+                              kwargs={"on_batch": batches.put, "stop": stop})
+    thread.start()
+    try:
+        assert batches.get(timeout=15).to_json()["event"] == "catch-up"
+        write_image(pics / "b.jpg", 2)
+        event = batches.get(timeout=15).to_json()
+        assert (event["event"], event["added"], event["failed"]) == ("batch", 1, [])
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not thread.is_alive()
