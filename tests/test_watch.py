@@ -575,3 +575,31 @@ def test_python_api_watch_paths(library: Library, tmp_path: Path) -> None:
         stop.set()
         thread.join(timeout=20)
     assert not thread.is_alive()
+
+
+def test_a_move_keeps_its_item_while_other_files_still_settle(library: Library, tmp_path: Path, running,
+                                                              decodes) -> None:
+    """The new path settles in a batch before the deletion is due (another file is still being
+    written): its bytes are found among the gone files all the same."""
+    pics = tmp_path / "pics"
+    write_image(pics / "a.jpg", 1)
+    data = write_image(tmp_path / "source.jpg", 5, size=(64, 64)).read_bytes()
+    run = running([pics])
+    before = indexed(library)
+    decodes.clear()
+    with open(pics / "slow.jpg", "wb") as handle:
+        handle.write(data[:10])
+        handle.flush()
+        (pics / "a.jpg").rename(pics / "b.jpg")
+        for start in range(10, len(data), 200):
+            time.sleep(SETTLE / 3)
+            handle.write(data[start:start + 200])
+            handle.flush()
+            if start > 10 and run.batches.qsize():
+                break  # the move's batch came while this file was still being written
+        handle.write(data[start + 200:])
+    totals = run.until(lambda t: t["moved"] >= 1 and t["added"] >= 1)
+    assert (totals["moved"], totals["added"], totals["removed"]) == (1, 1, 0)
+    assert decodes == [str(pics / "slow.jpg")]
+    assert indexed(library)[str(pics / "b.jpg")] == before[str(pics / "a.jpg")]
+    run.close()
