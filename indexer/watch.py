@@ -234,7 +234,8 @@ class Watcher:
         tick = max(0.02, min(0.25, self.options.settle_seconds / 4))
         last_root_check = time.monotonic()
         while not self.stop.is_set():
-            self._take_events(tick)
+            busy = self._pending or self._gone or self._texts_changed or self._dirty_since is not None
+            self._take_events(tick if busy else ROOT_CHECK_SECONDS)  # idle: woken by the next event
             now = time.monotonic()
             if now - last_root_check >= ROOT_CHECK_SECONDS:
                 last_root_check = now
@@ -365,6 +366,7 @@ class Watcher:
                 self._index_texts(texts, batch)
         finally:
             self._indexing = 0
+        self._export_text_tower()
         batch.seconds = time.monotonic() - started
         if not batch.empty:
             self._dirty_since = self._dirty_since or time.monotonic()
@@ -466,13 +468,18 @@ class Watcher:
             batch.take(report)
         if texts and self.texts:
             self._index_texts(self.texts, batch)
-        if self.library.encoders.model_loaded and not self.stop.is_set() and self.library.encoders.export_due():
-            self.library.export_text_encoder()  # as `index` does: later text queries need neither torch nor open_clip
+        self._export_text_tower()
         batch.seconds = time.monotonic() - started
         self._dirty_since = time.monotonic() if not batch.empty else self._dirty_since
         self._emit(batch)
         if batch.interrupted:
             self.stop.set()
+
+    def _export_text_tower(self) -> None:
+        """As `index` does once it loaded the model: store its text tower, so that text queries
+        need neither torch nor open_clip (once per library)."""
+        if self.library.encoders.model_loaded and not self.stop.is_set() and self.library.encoders.export_due():
+            self.library.export_text_encoder()
 
     def _check_roots(self) -> None:
         """A watched folder gone (an unmounted drive) keeps its items; one back (or another mounted

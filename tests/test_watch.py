@@ -603,3 +603,14 @@ def test_a_move_keeps_its_item_while_other_files_still_settle(library: Library, 
     assert decodes == [str(pics / "slow.jpg")]
     assert indexed(library)[str(pics / "b.jpg")] == before[str(pics / "a.jpg")]
     run.close()
+
+
+def test_without_watchfiles_one_line_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from clipdex.search.errors import ClipdexError
+
+    monkeypatch.setitem(sys.modules, "watchfiles._rust_notify", None)  # as if not installed
+    notifications = watch_module.Notifications([str(tmp_path)], [], None, queue.Queue(), print)
+    with pytest.raises(ClipdexError, match=r"^watching folders needs watchfiles: pip install 'clipdex\[watch\]'$"):
+        notifications.start()
