@@ -262,6 +262,10 @@ class Watcher:
             self._take(change, path)
 
     def _take(self, change: str, path: str) -> None:
+        if change == FAILED and self._notifications is not None:
+            self._notifications.fall_back(path)  # `path` says why; changes may have been missed meanwhile:
+            self._catch_up(self._watched_roots())
+            return
         path = normalize(path)
         if path in self.texts:
             self._texts_changed.add(path)
@@ -625,6 +629,7 @@ class Notifications:
         self.roots = roots
         self.text_folders = text_folders
         self.polling = poll_seconds is not None
+        self.poll_all = False  # set once notifications failed while watching
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._told: set[str] = set()
@@ -636,7 +641,7 @@ class Notifications:
             raise ClipdexError("watching folders needs watchfiles: pip install 'clipdex[watch]'") from None
         self._stop = threading.Event()
         self._threads = []
-        polled = [root for root in self.roots if self.poll_seconds is not None or self._on_network(root)]
+        polled = [root for root in self.roots if self.poll_all or self.poll_seconds is not None or self._on_network(root)]
         notified = [root for root in self.roots if root not in polled]
         if notified and not self._start(notified, recursive=True, polling=False):
             polled += notified
@@ -644,8 +649,14 @@ class Notifications:
             self.polling = True
             self._start(polled, recursive=True, polling=True)
         if self.text_folders:  # texts files: their folders, not recursively (an editor saves by renaming)
-            if not self._start(self.text_folders, recursive=False, polling=self.poll_seconds is not None):
+            if not self._start(self.text_folders, recursive=False, polling=self.poll_all or self.poll_seconds is not None):
                 self._start(self.text_folders, recursive=False, polling=True)
+
+    def fall_back(self, reason: str) -> None:
+        """Notifications failed while watching: poll everything from now on (said in one line)."""
+        self._tell(f"change notifications failed ({reason}): polling every {self._poll_delay():g} s instead")
+        self.poll_all = True
+        self.restart(self.roots, self.text_folders)
 
     def restart(self, roots: list[str], text_folders: list[str]) -> None:
         self.close()
@@ -705,11 +716,13 @@ class Notifications:
             for changes in source:
                 for change in changes:
                     self.events.put(change)
-        except Exception as error:  # the watcher ended on its own: say so, and the folder check restarts it
-            log.warning("watching %s ended: %s", ", ".join(paths), error)
+        except Exception as error:  # the watcher failed while watching (too many watches for a new folder, say)
+            if not self._stop.is_set():
+                self.events.put((FAILED, refusal(error)))
 
 
 DEFAULT_POLL_SECONDS = 5.0
+FAILED = "failed"  # the change of the event a watcher thread puts when its watcher failed (the path: why)
 
 
 def start_watch(paths: list[str], recursive: bool, polling: bool, poll_seconds: float,

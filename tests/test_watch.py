@@ -326,16 +326,15 @@ def test_refused_notifications_fall_back_to_polling(library: Library, tmp_path: 
         return real(paths, recursive, polling, *args)
 
     monkeypatch.setattr(watch_module, "start_watch", refusing)
+    monkeypatch.setattr(watch_module, "DEFAULT_POLL_SECONDS", 0.1)  # a quicker poll for the test
     pics = tmp_path / "pics"
     write_image(pics / "a.jpg", 1)
     run = running([pics], poll_seconds=None)
     assert run.watcher.status().polling
     assert [notice for notice in run.notices if "refused" in notice] == [
         "change notifications refused (OS file watch limit reached. about [...]; raise it with sudo sysctl "
-        "fs.inotify.max_user_watches=524288): polling every 5 s instead"
+        "fs.inotify.max_user_watches=524288): polling every 0.1 s instead"
     ]
-    run.watcher._notifications.poll_seconds = 0.1  # type: ignore[union-attr]  # a quicker poll for the test
-    run.watcher._notifications.restart([str(pics)], [])  # type: ignore[union-attr]
     write_image(pics / "b.jpg", 2)
     assert run.until(lambda t: t["added"] >= 1)["added"] == 1
     run.close()
@@ -614,3 +613,35 @@ def test_without_watchfiles_one_line_names_the_extra(tmp_path: Path, monkeypatch
     notifications = watch_module.Notifications([str(tmp_path)], [], None, queue.Queue(), print)
     with pytest.raises(ClipdexError, match=r"^watching folders needs watchfiles: pip install 'clipdex\[watch\]'$"):
         notifications.start()
+
+
+def test_notifications_failing_while_watching_fall_back_to_polling(library: Library, tmp_path: Path, running,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """inotify refuses a watch for a folder made later (the limit reached meanwhile): watchfiles'
+    watcher raises from its next wait; polling takes over, after a catch-up for what was missed."""
+    real = watch_module.start_watch
+
+    def failing_later(paths: list[str], recursive: bool, polling: bool, *args: Any) -> Any:
+        changes = real(paths, recursive, polling, *args)
+        if polling:
+            return changes
+
+        def fail() -> Any:
+            yield from []
+            raise RuntimeError("error in underlying watcher: OS file watch limit reached.")
+        return fail()
+
+    monkeypatch.setattr(watch_module, "start_watch", failing_later)
+    monkeypatch.setattr(watch_module, "DEFAULT_POLL_SECONDS", 0.1)
+    pics = tmp_path / "pics"
+    write_image(pics / "a.jpg", 1)
+    run = running([pics])
+    deadline = time.monotonic() + 10
+    while not run.watcher.status().polling:
+        assert time.monotonic() < deadline, run.notices
+        time.sleep(0.02)
+    assert "change notifications failed (error in underlying watcher: OS file watch limit reached.; raise it with " \
+           "sudo sysctl fs.inotify.max_user_watches=524288): polling every 0.1 s instead" in run.notices
+    write_image(pics / "b.jpg", 2)
+    assert run.until(lambda t: t["added"] >= 1)["added"] == 1
+    run.close()
