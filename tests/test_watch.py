@@ -645,3 +645,20 @@ def test_notifications_failing_while_watching_fall_back_to_polling(library: Libr
     write_image(pics / "b.jpg", 2)
     assert run.until(lambda t: t["added"] >= 1)["added"] == 1
     run.close()
+
+
+def test_a_folder_missing_at_the_start_is_caught_up_when_it_appears(library: Library, tmp_path: Path, running,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch_module, "ROOT_CHECK_SECONDS", 0.2)
+    drive = tmp_path / "drive"
+    run = running([drive])
+    assert run.notices == [f"{drive} is not there: its indexed items are kept, and it is caught up when it appears"]
+    staged = write_image(tmp_path / "staged" / "a.jpg", 3).parent
+    aged(staged)
+    staged.rename(drive)  # mounted
+    totals = run.until(lambda t: t["added"] >= 1)
+    assert totals["added"] == 1
+    write_image(drive / "b.jpg", 4)  # and followed from then on
+    assert run.until(lambda t: t["added"] >= 1)["added"] == 1
+    run.close()
+    assert sorted(indexed(library)) == [str(drive / "a.jpg"), str(drive / "b.jpg")]
