@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
 from clipdex.cli.common import Device, Runtime
-from clipdex.cli.common import DeviceOption, LibraryOption, RuntimeOption, err, handles_errors, open_library
+from clipdex.cli.common import DeviceOption, LibraryOption, RuntimeOption, err, escape, handles_errors, open_library
 from clipdex.search.errors import ClipdexError
+from clipdex.search.library import Library
+
+if TYPE_CHECKING:
+    from clipdex.indexer.watch import BackgroundWatch
 
 TOKEN_ENV = "CLIPDEX_TOKEN"
 
@@ -31,6 +37,11 @@ def serve(
     library: Optional[Path] = LibraryOption,
     device: Device = DeviceOption,
     runtime: Runtime = RuntimeOption,
+    watch: List[Path] = typer.Option(
+        [], "--watch", metavar="PATH", help="Index this folder in the background and keep following it, as clipdex watch does (repeatable)"),
+    settle: float = typer.Option(1.0, "--settle", min=0.0, help="With --watch: seconds a file must stay unchanged before it is read"),
+    poll: Optional[float] = typer.Option(None, "--poll", metavar="SECONDS", min=0.05, show_default=False,
+                                         help="With --watch: poll every SECONDS instead of using the system's notifications"),
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /."""
     from clipdex.search.http import LOOPBACK_HOSTS, create_app, is_loopback, open_listener, run_server
@@ -48,9 +59,41 @@ def serve(
                          allowed_hosts=LOOPBACK_HOSTS if loopback else None)
         err.print(f"Loading model {lib.model.name} ({lib.encoders.runtime()})...")
         app.state.service.load_model()
+        watching = start_watching(lib, watch, settle, poll, device, runtime, app) if watch else None
         shown_host = f"[{host.strip('[]')}]" if ":" in host else host
         bound_port = listener.getsockname()[1]
         err.print(f"Serving {lib.path} on http://{shown_host}:{bound_port}/" + (" (token required)" if token else ""))
-        run_server(app, listener)
+        if watching is not None and threading.current_thread() is threading.main_thread():
+            # uvicorn shuts down on SIGTERM, then raises it again: here it ends the command, so
+            # that the watcher stops after its batch in flight (below) as it does on Ctrl-C
+            signal.signal(signal.SIGTERM, _exit_on_terminate)
+        try:
+            run_server(app, listener)
+        finally:
+            if watching is not None:
+                err.print("Stopping the watcher once its batch in flight is committed...")
+                watching.stop()
     finally:
         listener.close()
+
+
+def _exit_on_terminate(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def start_watching(lib: Library, paths: List[Path], settle: float, poll: Optional[float], device: str, runtime: str,
+                   app: Any) -> "BackgroundWatch":
+    """`serve --watch`: the folders indexed and followed on a thread of the server's process; its batches
+    on stderr as `clipdex watch` says them, its state at GET /indexing (the page's "indexing N files")."""
+    from dataclasses import asdict
+
+    from clipdex.cli.watch_cmd import batch_line
+    from clipdex.indexer.watch import BackgroundWatch, WatchOptions
+    from clipdex.search.http.indexing import IndexingOut
+
+    options = WatchOptions(settle_seconds=settle, poll_seconds=poll)
+    watching = BackgroundWatch(lib.path, paths, options, on_batch=lambda batch: err.print(escape(batch_line(batch))),
+                               on_notice=lambda line: err.print(escape(line)), device=device, runtime=runtime).start()
+    app.state.indexing = lambda: IndexingOut(enabled=True, **asdict(watching.status()))
+    err.print(f"Watching {escape(', '.join(str(path) for path in paths))}: new photos are searchable once indexed")
+    return watching

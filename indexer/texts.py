@@ -197,27 +197,48 @@ def index_texts(
     no open_clip; see `clipdex.search.encoders.text_export`), else with the open_clip model, whose text
     tower is then exported for later runs and queries (unless `export_text` is False).
     """
-    report = TextReport()
     paths = [Path(file).expanduser().resolve() for file in files]
     for path in paths:
         _check_given(path)
     with library.writer() as writer:
-        for path in paths:
-            if not recordable_name(str(path)):
-                report.failed.append(Failure(str(path), NOT_UTF8_NAME))
-                continue
-            try:
-                corpus = read_corpus(path, column, id_column, max_file_bytes(max_file_mb))
-            except UnreadableCorpus as error:
-                report.failed.append(Failure(str(path), str(error).removeprefix(f"{path}: ")))
-                continue
-            report.failed += [Failure(str(path), f"line {line}: {reason}") for line, reason in corpus.bad_rows]
-            _index_file(library, writer, str(path), corpus.rows, report, batch_size, progress, stop,
-                        keep_unlisted=bool(corpus.bad_rows))
-            if report.interrupted:
-                break
+        report = index_texts_locked(library, writer, paths, column, id_column, batch_size, progress, stop, max_file_mb)
     if export_text and not report.interrupted:
         library.export_text_encoder()  # only does something when this run loaded the model
+    return report
+
+
+def index_texts_locked(
+    library: Library,
+    writer: Any,
+    files: Sequence[str | os.PathLike[str]],
+    column: str | None = None,
+    id_column: str | None = None,
+    batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+) -> TextReport:
+    """`index_texts` for a caller that holds the write lock already (`writer`: a watcher, say);
+    exports nothing."""
+    report = TextReport()
+    for path in [Path(file).expanduser().resolve() for file in files]:
+        if not recordable_name(str(path)):
+            report.failed.append(Failure(str(path), NOT_UTF8_NAME))
+            continue
+        try:
+            _check_given(path)
+            corpus = read_corpus(path, column, id_column, max_file_bytes(max_file_mb))
+        except UnreadableCorpus as error:
+            report.failed.append(Failure(str(path), str(error).removeprefix(f"{path}: ")))
+            continue
+        except ClipdexError as error:  # not a regular file (any more)
+            report.failed.append(Failure(str(path), str(error).removeprefix(f"{path}: ")))
+            continue
+        report.failed += [Failure(str(path), f"line {line}: {reason}") for line, reason in corpus.bad_rows]
+        _index_file(library, writer, str(path), corpus.rows, report, batch_size, progress, stop,
+                    keep_unlisted=bool(corpus.bad_rows))
+        if report.interrupted:
+            break
     return report
 
 

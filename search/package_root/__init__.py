@@ -54,7 +54,7 @@ if TYPE_CHECKING:
         UnreadableVideo,
         open_library,
     )
-    from clipdex.indexer import IndexProgress, IndexReport, index_paths
+    from clipdex.indexer import IndexProgress, IndexReport, WatchBatch, WatchOptions, index_paths, watch_paths
 
 # A literal list, so that type checkers see these names as exported (mypy --strict: no implicit re-export).
 __all__ = [
@@ -65,8 +65,9 @@ __all__ = [
     "MissingDependency", "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term",
     "TextExportRefused", "UnreadableCorpus", "UnreadableFile", "UnreadableImage", "UnreadableVideo",
     "index_paths", "open_library",
+    "WatchBatch", "WatchOptions", "watch_paths",
 ]
-_FROM_INDEXER = ("IndexProgress", "IndexReport", "index_paths")
+_FROM_INDEXER = ("IndexProgress", "IndexReport", "index_paths", "WatchBatch", "WatchOptions", "watch_paths")
 _FROM_SEARCH = tuple(name for name in __all__ if name not in _FROM_INDEXER)
 
 

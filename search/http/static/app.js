@@ -359,6 +359,21 @@ async function loadStats() {
   }
 }
 
+// A server that watches folders (clipdex serve --watch) says what it is indexing.
+const INDEXING_POLL_MS = 3000;
+
+async function showIndexing() {
+  try {
+    const now = await (await api("indexing")).json();
+    const files = now.pending + now.indexing;
+    $("indexing").hidden = files === 0;
+    $("indexing").textContent = `indexing ${files} file${files === 1 ? "" : "s"}…`;
+    if (now.enabled) setTimeout(showIndexing, INDEXING_POLL_MS);
+  } catch (error) {
+    $("indexing").hidden = true;  // an older server, or the token is missing: say nothing
+  }
+}
+
 async function useToken(event) {
   event.preventDefault();
   localStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
@@ -373,7 +388,7 @@ function start() {
   $("more-button").addEventListener("click", () => runSearch(true));
   $("filters").addEventListener("change", () => runSearch());
   wireDropZone();
-  loadStats();
+  loadStats().then((ok) => { if (ok) showIndexing(); });
 }
 
 start();
