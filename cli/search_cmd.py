@@ -83,10 +83,10 @@ def search(
     html_out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --format html: the file to write"),
     json_output: bool = JsonOption,
     preview: Optional[PreviewChoice] = typer.Option(
-        None, "--preview", metavar="[=PROTOCOL]",
-        help="Show the hits as pictures in the terminal: --preview picks what the terminal draws "
-             "(kitty, iTerm2, sixel, else half blocks; nothing when stdout is not a terminal), "
-             "--preview=kitty|iterm|sixel|blocks forces one"),
+        None, "--preview",
+        help="Show the hits as pictures in the terminal: a bare --preview (auto) picks what the terminal "
+             "draws (kitty, iTerm2, sixel, else half blocks; nothing when stdout is not a terminal); "
+             "--preview=kitty|iterm|sixel|blocks (with the '=') forces one"),
     preview_height: int = typer.Option(10, "--preview-height", min=2, max=200, metavar="ROWS",
                                        help="With --preview: each picture's height in terminal rows"),
     library: Optional[Path] = LibraryOption,

@@ -1,0 +1,176 @@
+"""`clipdex browse`, driven with Textual's pilot on a demo library of data/shapes.py images:
+type a query and see the hits, move, open, copy, more like this, filters, stats."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.widgets import Input
+from typer.testing import CliRunner
+
+from clipdex.cli.browse import BrowseApp, HitsTable, Request, folder_glob
+from clipdex.cli.main import app as cli_app
+from tests.demo_library import shared_demo_library
+
+pytest.importorskip("textual_image")
+from textual_image.widget import HalfcellImage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    library = shared_demo_library(tmp_path_factory.getbasetemp())
+    yield library
+    library.close()
+
+
+class Browser:
+    """A BrowseApp whose opener records what it was asked to open."""
+
+    def __init__(self, library: Any, pictures: bool = False, **options: Any) -> None:
+        self.opened: list[str] = []
+        self.app = BrowseApp(library, opener=self.opened.append, picture=HalfcellImage if pictures else None,
+                             debounce=0.05, **options)
+
+
+async def settled(pilot: Any, app: BrowseApp, timeout: float = 20) -> None:
+    """Wait until the app shows the hits of its current request."""
+    await pilot.pause()  # the edits' messages handled first
+    for _ in range(int(timeout / 0.02)):
+        if app.shown and app.shown[-1][0] == app.request:
+            await pilot.pause()
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{app.request} not shown; the last shown: {app.shown[-1:] or None}")
+
+
+def rows(app: BrowseApp) -> list[list[str]]:
+    table = app.query_one(HitsTable)
+    return [[str(cell) for cell in table.get_row_at(index)] for index in range(table.row_count)]
+
+
+def test_typing_shows_the_same_hits_as_search(demo) -> None:
+    expected = demo.search(text="a red circle", k=5)
+
+    async def run() -> None:
+        browser = Browser(demo, pictures=True, k=5)
+        async with browser.app.run_test(size=(120, 36)) as pilot:
+            await pilot.press(*"a red circle")
+            await settled(pilot, browser.app)
+            request, _, count = browser.app.shown[-1]
+            assert (request.text, count) == ("a red circle", 5)
+            assert rows(browser.app) == [[str(hit.rank), f"{hit.score:.4f}", "image", hit.path] for hit in expected]
+            assert str(expected[0].path) in str(browser.app.query_one("#info").render())
+            assert await picture_shown(pilot, browser.app)
+
+    asyncio.run(run())
+
+
+async def picture_shown(pilot: Any, app: BrowseApp) -> bool:
+    for _ in range(200):
+        await pilot.pause()
+        if app.query("#picture HalfcellImage"):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def test_typing_faster_than_the_debounce_searches_once(demo) -> None:
+    async def run() -> None:
+        browser = Browser(demo)
+        browser.app.debounce = 3.0
+        async with browser.app.run_test(size=(120, 36)) as pilot:
+            await pilot.press(*"red")
+            await settled(pilot, browser.app)
+            assert [request.text for request, _, _ in browser.app.shown] == ["red"]
+
+    asyncio.run(run())
+
+
+def test_move_open_copy_and_more_like_this(demo) -> None:
+    expected = demo.search(text="a blue square", k=6)
+
+    async def run() -> None:
+        browser = Browser(demo, pictures=True, k=6)
+        app = browser.app
+        async with app.run_test(size=(120, 36)) as pilot:
+            await pilot.press(*"a blue square")
+            await settled(pilot, app)
+            await pilot.press("down")  # from the query box to the hits
+            assert isinstance(app.focused, HitsTable)
+            await pilot.press("down", "down")
+            assert app.selected() == expected[2]
+            assert await picture_shown(pilot, app)
+            await pilot.press("enter")
+            await pilot.press("o")
+            assert browser.opened == [expected[2].path, expected[2].path]
+            await pilot.press("c")
+            assert app.clipboard == expected[2].path
+            await pilot.press("m")
+            await settled(pilot, app)
+            like = demo.search(like=expected[2].id, k=6)
+            assert app.shown[-1][0].like == expected[2].id
+            assert [row[3] for row in rows(app)] == [hit.path for hit in like]
+            assert rows(app)[0][3] == expected[2].path  # an item is most like itself
+            assert "more like #" in str(app.query_one("#status").render())
+
+    asyncio.run(run())
+
+
+def test_filters_narrow_the_hits(demo) -> None:
+    async def run() -> None:
+        browser = Browser(demo, k=20)
+        app = browser.app
+        async with app.run_test(size=(120, 36)) as pilot:
+            app.query_one("#query", Input).value = "a circle"
+            await settled(pilot, app)
+            assert len(rows(app)) == 14
+            await pilot.press("ctrl+f")
+            assert app.focused is app.query_one("#folder")
+            app.query_one("#folder", Input).value = str(Path(demo.path).parent / "photos" / "more")  # as pasted
+            await settled(pilot, app)
+            assert len(rows(app)) == 2 and all("/photos/more/" in row[3] for row in rows(app))
+            await pilot.press("tab")
+            assert app.focused is app.query_one("#after")
+            app.query_one("#after", Input).value = "2999-01-01"  # nothing is that new
+            await settled(pilot, app)
+            assert rows(app) == []
+
+    asyncio.run(run())
+
+
+def test_a_bad_filter_says_why_and_stats_show(demo) -> None:
+    async def run() -> None:
+        browser = Browser(demo)
+        app = browser.app
+        async with app.run_test(size=(120, 36)) as pilot:
+            await pilot.press(*"a star")
+            await settled(pilot, app)
+            await pilot.press("ctrl+f", "tab", *"yesterday")
+            for _ in range(200):
+                await pilot.pause()
+                if "after= wants a date" in str(app.query_one("#status").render()):
+                    break
+                await asyncio.sleep(0.02)
+            assert "after= wants a date or time like 2024-07-31" in str(app.query_one("#status").render())
+            assert "14 items (14 images, 0 texts) · clipdex-demo" in str(app.query_one("#status").render())
+            app.query_one(HitsTable).focus()
+            await pilot.press("s")
+            assert "vectors: 14" in str(app.query_one("#info").render())
+
+    asyncio.run(run())
+
+
+def test_folder_filter_is_a_glob_of_the_folder(tmp_path: Path) -> None:
+    assert folder_glob("") is None
+    assert folder_glob(str(tmp_path) + "/") == f"{tmp_path}/*"
+    assert folder_glob("*/2024/*") == "*/2024/*"
+    assert Request(text=" ").query(10) is None
+
+
+def test_browse_refuses_a_pipe() -> None:
+    result = CliRunner().invoke(cli_app, ["browse"])
+    assert result.exit_code == 1
+    assert "clipdex browse needs a terminal; use clipdex search for scripts and pipes" in result.output
