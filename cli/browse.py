@@ -26,6 +26,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Input, Select, Static
 
 from clipdex.cli.common import controls_escaped
+from clipdex.cli.preview import hit_pictures, tail
 from clipdex.search.errors import ClipdexError
 from clipdex.search.query import Hit, Query
 
@@ -38,6 +39,7 @@ Opener = Callable[[str], None]
 PictureWidget = Callable[["PILImage.Image"], Widget]
 DEBOUNCE_SECONDS = 0.12
 PICTURE_PIXELS = 512
+NAME_COLUMNS = 60  # a longer path loses its start in the list (the detail pane shows it whole)
 
 
 def system_opener(path: str) -> None:
@@ -218,7 +220,8 @@ class BrowseApp(App[None]):
         table.clear()
         for hit in hits:
             name = hit.path or hit.text or (f"key:{hit.key}" if hit.key is not None else "")
-            table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.kind, controls_escaped(name), key=str(hit.id))
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.kind, tail(controls_escaped(name), NAME_COLUMNS),
+                          key=str(hit.id))
         self.shown.append((request, time.monotonic(), len(hits)))
         what = f"more like #{request.like}" if request.like is not None else "hits"
         self._show_status(f"{len(hits)} {what} in {seconds * 1000:.0f} ms" if hits or request.text or request.like
@@ -265,13 +268,11 @@ class BrowseApp(App[None]):
         pane = self.query_one("#picture")
         pane.remove_children()
         if hit.kind == "text":
-            pane.mount(Static(controls_escaped(hit.text or ""), id="hit-text"))
+            pane.mount(Static(controls_escaped(hit.text or ""), classes="hit-text"))
         elif self.picture is not None:
             self.run_worker(lambda: self._load_picture(hit), thread=True, exclusive=True, group="picture")
 
     def _load_picture(self, hit: Hit) -> None:
-        from clipdex.cli.preview import hit_pictures
-
         picture = hit_pictures(self.library, [hit], PICTURE_PIXELS).get(hit.id)
         self.call_from_thread(self._show_picture, hit, picture)
 

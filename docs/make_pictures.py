@@ -26,7 +26,7 @@ def preview_picture(library_path: Path) -> None:
     from clipdex.cli.main import app
 
     columns = 100
-    command = ["search", "a red circle", "--preview=blocks", "--preview-height", "7", "-k", "8"]
+    command = ["search", "a red circle", "--preview=blocks", "--preview-height", "7", "-k", "8", "--kind", "image"]
     result = CliRunner().invoke(app, [*command, "--library", str(library_path)], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output
     console = Console(record=True, width=columns, file=open(os.devnull, "w"), force_terminal=True, color_system="truecolor")
@@ -35,7 +35,7 @@ def preview_picture(library_path: Path) -> None:
 
 
 async def browse_picture(library_path: Path) -> None:
-    from textual.widgets import Input
+    from textual.widgets import Input, Select
     from textual_image.widget import HalfcellImage
 
     from clipdex.cli.browse import BrowseApp
@@ -44,6 +44,7 @@ async def browse_picture(library_path: Path) -> None:
     library = Library.open(library_path)
     app = BrowseApp(library, opener=lambda path: None, picture=HalfcellImage, k=20)
     async with app.run_test(size=(110, 32)) as pilot:
+        app.query_one("#kind", Select).value = "image"
         app.query_one("#query", Input).value = "a red circle"
         for _ in range(1000):
             await pilot.pause()

@@ -38,11 +38,13 @@ def shared_demo_library(base: Path) -> Library:
 
 
 def demo_library(folder: Path, count: int = 12, seed: int = 2027) -> Library:
-    """`count` shapes images in folder/photos (and two in folder/photos/more), indexed into folder/library."""
+    """`count` shapes images in folder/photos (and two in folder/photos/more), indexed into folder/library,
+    and two texts added under keys."""
     generator = shapes()
     generator.generate(folder / "photos", count=count, seed=seed, captions_per_image=1)
     generator.generate(folder / "photos" / "more", count=2, seed=seed + 1, captions_per_image=1)
     library = Library.open(folder / "library", model=MODEL, create=True, device="cpu")
     report = index_paths(library, [folder / "photos"])
     assert report.added == count + 2 and not report.failed
+    library.add_texts(["a red circle, in words", "a green star on a white background"], keys=["words-1", "words-2"])
     return library

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, Select, Static
 from typer.testing import CliRunner
 
 from clipdex.cli.browse import BrowseApp, HitsTable, Request, folder_glob
 from clipdex.cli.main import app as cli_app
+from clipdex.cli.preview import tail
 from tests.demo_library import shared_demo_library
 
 pytest.importorskip("textual_image")
@@ -61,9 +62,9 @@ def test_typing_shows_the_same_hits_as_search(demo) -> None:
             await settled(pilot, browser.app)
             request, _, count = browser.app.shown[-1]
             assert (request.text, count) == ("a red circle", 5)
-            assert rows(browser.app) == [[str(hit.rank), f"{hit.score:.4f}", "image", hit.path] for hit in expected]
-            assert str(expected[0].path) in str(browser.app.query_one("#info").render())
-            assert await picture_shown(pilot, browser.app)
+            assert rows(browser.app) == [[str(hit.rank), f"{hit.score:.4f}", hit.kind, tail(hit.path or hit.text, 60)]
+                                         for hit in expected]
+            assert f"#1  score {expected[0].score:.4f}  id {expected[0].id}" in str(browser.app.query_one("#info").render())
 
     asyncio.run(run())
 
@@ -90,12 +91,13 @@ def test_typing_faster_than_the_debounce_searches_once(demo) -> None:
 
 
 def test_move_open_copy_and_more_like_this(demo) -> None:
-    expected = demo.search(text="a blue square", k=6)
+    expected = demo.search(text="a blue square", kind="image", k=6)
 
     async def run() -> None:
         browser = Browser(demo, pictures=True, k=6)
         app = browser.app
         async with app.run_test(size=(120, 36)) as pilot:
+            app.query_one("#kind", Select).value = "image"
             await pilot.press(*"a blue square")
             await settled(pilot, app)
             await pilot.press("down")  # from the query box to the hits
@@ -110,10 +112,10 @@ def test_move_open_copy_and_more_like_this(demo) -> None:
             assert app.clipboard == expected[2].path
             await pilot.press("m")
             await settled(pilot, app)
-            like = demo.search(like=expected[2].id, k=6)
+            like = demo.search(like=expected[2].id, kind="image", k=6)
             assert app.shown[-1][0].like == expected[2].id
-            assert [row[3] for row in rows(app)] == [hit.path for hit in like]
-            assert rows(app)[0][3] == expected[2].path  # an item is most like itself
+            assert [row[3] for row in rows(app)] == [tail(hit.path, 60) for hit in like]
+            assert like[0].id == expected[2].id  # an item is most like itself
             assert "more like #" in str(app.query_one("#status").render())
 
     asyncio.run(run())
@@ -126,7 +128,13 @@ def test_filters_narrow_the_hits(demo) -> None:
         async with app.run_test(size=(120, 36)) as pilot:
             app.query_one("#query", Input).value = "a circle"
             await settled(pilot, app)
-            assert len(rows(app)) == 14
+            assert len(rows(app)) == 16
+            app.query_one("#kind", Select).value = "text"
+            await settled(pilot, app)
+            assert sorted(row[3] for row in rows(app)) == ["a green star on a white background", "a red circle, in words"]
+            app.query_one("#kind", Select).value = "image"
+            await settled(pilot, app)
+            assert len(rows(app)) == 14 and {row[2] for row in rows(app)} == {"image"}
             await pilot.press("ctrl+f")
             assert app.focused is app.query_one("#folder")
             app.query_one("#folder", Input).value = str(Path(demo.path).parent / "photos" / "more")  # as pasted
@@ -155,12 +163,43 @@ def test_a_bad_filter_says_why_and_stats_show(demo) -> None:
                     break
                 await asyncio.sleep(0.02)
             assert "after= wants a date or time like 2024-07-31" in str(app.query_one("#status").render())
-            assert "14 items (14 images, 0 texts) · clipdex-demo" in str(app.query_one("#status").render())
+            assert "16 items (14 images, 2 texts) · clipdex-demo" in str(app.query_one("#status").render())
             app.query_one(HitsTable).focus()
             await pilot.press("s")
-            assert "vectors: 14" in str(app.query_one("#info").render())
+            assert "vectors: 16" in str(app.query_one("#info").render())
 
     asyncio.run(run())
+
+
+def test_a_text_hit_shows_its_text_and_has_no_file_to_open(demo) -> None:
+    async def run() -> None:
+        browser = Browser(demo, pictures=True)
+        app = browser.app
+        async with app.run_test(size=(120, 36)) as pilot:
+            app.query_one("#kind", Select).value = "text"
+            app.query_one("#query", Input).value = "a red circle, in words"
+            await settled(pilot, app)
+            assert app.selected() is not None and app.selected().key == "words-1"
+            await pilot.pause()
+            assert [str(text.render()) for text in app.query(".hit-text")] == ["a red circle, in words"]
+            app.query_one(HitsTable).focus()
+            await pilot.press("o")
+            assert browser.opened == []
+
+    asyncio.run(run())
+
+
+def test_the_picture_widget_fits_the_terminal() -> None:
+    from textual_image import widget
+
+    from clipdex.cli.browse_cmd import picture_widget
+
+    assert picture_widget({"TERM": "xterm-kitty"}) is widget.TGPImage
+    assert picture_widget({"TERM": "xterm-kitty", "TMUX": "/tmp/tmux-0/default"}) is widget.HalfcellImage
+    assert picture_widget({"TERM": "foot"}) is widget.SixelImage
+    assert picture_widget({"TERM_PROGRAM": "iTerm.app"}) is widget.SixelImage
+    assert picture_widget({"TERM": "xterm-256color"}) is widget.Image  # textual-image's own choice
+    assert picture_widget({"TERM": "xterm-kitty", "NO_COLOR": "1"}) is None
 
 
 def test_folder_filter_is_a_glob_of_the_folder(tmp_path: Path) -> None:

@@ -256,9 +256,10 @@ def test_piped_preview_prints_the_table(demo) -> None:
 
 
 def test_a_forced_protocol_draws_even_when_piped(demo) -> None:
-    table = search(demo, "a red circle")
+    table = search(demo, "a red circle", "--kind", "image")
     names = [line.split()[-1] for line in table.stdout.splitlines()[1:]]
-    result = search(demo, "a red circle", "--preview=blocks", "--preview-height", "4", env={"COLUMNS": "120"})
+    result = search(demo, "a red circle", "--kind", "image", "--preview=blocks", "--preview-height", "4",
+                    env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert f"{ESC}[38;2;" in result.stdout and "▀" in result.stdout
     lines = visible(result.stdout).splitlines()
@@ -267,7 +268,7 @@ def test_a_forced_protocol_draws_even_when_piped(demo) -> None:
     assert [name[-14:] for name in lines[5].split()] == [name[-14:] for name in names]
     from clipdex.search.http.media import ThumbnailCache
 
-    rows = demo.catalog.get_items(hit.id for hit in demo.search(text="a red circle", k=3))
+    rows = demo.catalog.get_items(hit.id for hit in demo.search(text="a red circle", kind="image", k=3))
     cache = ThumbnailCache(demo.path)
     # made into the library's thumbnail cache, as the server does
     assert all(any(cache.path_for(row, size).exists() for size in (64, 128)) for row in rows.values())
@@ -276,9 +277,17 @@ def test_a_forced_protocol_draws_even_when_piped(demo) -> None:
 @pytest.mark.parametrize("protocol, start", [("kitty", f"{ESC}_Ga=T,f=100"), ("iterm", f"{ESC}]1337;File=inline=1"),
                                              ("sixel", f"{ESC}P0;0;0q")])
 def test_each_protocol_can_be_forced(demo, protocol: str, start: str) -> None:
-    result = search(demo, "a red circle", f"--preview={protocol}")
+    result = search(demo, "a red circle", "--kind", "image", f"--preview={protocol}")
     assert result.exit_code == 0, result.output
     assert result.stdout.count(start) == 3
+
+
+def test_text_hits_are_shown_as_their_text(demo) -> None:
+    result = search(demo, "a red circle, in words", "--kind", "text", "--preview=kitty", "--preview-height", "4")
+    assert result.exit_code == 0, result.output
+    assert f"{ESC}_G" not in result.stdout
+    shown = visible(result.stdout)
+    assert "a red circle, in" in shown and "words" in shown and "text " in shown  # wrapped in its 16-column cell
 
 
 def test_a_bare_preview_before_the_query_leaves_it_the_query(demo) -> None:
