@@ -4,6 +4,7 @@ type a query and see the hits, move, open, copy, more like this, filters, stats.
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,55 @@ def test_browse_refuses_a_pipe() -> None:
     result = CliRunner().invoke(cli_app, ["browse"])
     assert result.exit_code == 1
     assert "clipdex browse needs a terminal; use clipdex search for scripts and pipes" in result.output
+
+
+class Terminal(io.StringIO):
+    """stdin and stdout as terminals, for the command's own checks."""
+
+    def isatty(self) -> bool:
+        return True
+
+    @staticmethod
+    def patch(monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("sys.stdin", Terminal())
+        monkeypatch.setattr("sys.stdout", Terminal())
+
+
+def test_browse_loads_the_text_tower_then_runs_the_app(demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdex.search.library import Library
+
+    events: list[str] = []
+    loaded = Library.text_encoder
+
+    def text_encoder(self: Library) -> Any:
+        events.append("text tower")
+        return loaded(self)
+
+    def run(self: BrowseApp) -> None:
+        events.append(f"run k={self.k} picture={self.picture}")
+
+    monkeypatch.setattr(Library, "text_encoder", text_encoder)
+    monkeypatch.setattr(BrowseApp, "run", run)
+    monkeypatch.setenv("NO_COLOR", "1")
+    Terminal.patch(monkeypatch)
+    from clipdex.cli.browse_cmd import browse
+
+    from clipdex.cli.common import close_opened
+
+    try:
+        browse.__wrapped__(k=7, library=demo.path, device="cpu", runtime="auto")  # type: ignore[attr-defined]
+    finally:
+        close_opened()
+    assert events == ["text tower", "run k=7 picture=None"]
+
+
+def test_browse_without_textual_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "clipdex.cli.browse", None)
+    Terminal.patch(monkeypatch)
+    from clipdex.cli.browse_cmd import browse
+    from clipdex.search.errors import ClipdexError
+
+    with pytest.raises(ClipdexError, match=r"needs Textual: pip install 'clipdex\[browse\]'"):
+        browse.__wrapped__(k=5, library=None, device="cpu", runtime="auto")  # type: ignore[attr-defined]
