@@ -318,3 +318,14 @@ def test_sixel_without_textual_image_names_the_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(__import__("sys").modules, "textual_image._sixel", None)
     with pytest.raises(ClipdexError, match=r"needs textual-image: pip install 'clipdex\[browse\]'"):
         preview.sixel_image(two_colours(), 4, 2, SCREEN)
+
+
+def test_the_thumbnail_cache_comes_without_fastapi() -> None:
+    """--preview uses the server's thumbnail cache; importing it must not import FastAPI (a quarter second)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clipdex.search.http.media, clipdex.search.http as http; "
+            "print('fastapi' in sys.modules, callable(http.create_app), 'fastapi' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True", "True"]
