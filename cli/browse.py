@@ -181,6 +181,14 @@ class BrowseApp(App[None]):
             self.request = replace(self.request, before=event.value)
         self._schedule()
 
+    @on(Input.Submitted, "#query")
+    def _submitted(self, event: Input.Submitted) -> None:
+        """enter in the query box: search now (no debounce) and go to the hits."""
+        if self._timer is not None:
+            self._timer.stop()
+        self.search_now()
+        self.query_one(HitsTable).focus()
+
     @on(Select.Changed, "#kind")
     def _kind_changed(self, event: Select.Changed) -> None:
         self.request = replace(self.request, kind=str(event.value))

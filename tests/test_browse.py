@@ -91,6 +91,19 @@ def test_typing_faster_than_the_debounce_searches_once(demo) -> None:
     asyncio.run(run())
 
 
+def test_enter_searches_at_once_and_goes_to_the_hits(demo) -> None:
+    async def run() -> None:
+        browser = Browser(demo)
+        browser.app.debounce = 30.0
+        async with browser.app.run_test(size=(120, 36)) as pilot:
+            browser.app.query_one("#query", Input).value = "a star"
+            await pilot.press("enter")
+            await settled(pilot, browser.app, timeout=15)
+            assert isinstance(browser.app.focused, HitsTable) and len(rows(browser.app)) == 16
+
+    asyncio.run(run())
+
+
 def test_move_open_copy_and_more_like_this(demo) -> None:
     expected = demo.search(text="a blue square", kind="image", k=6)
 
