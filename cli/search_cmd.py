@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from clipdex.cli.common import Device, Runtime
 from clipdex.cli.common import (
@@ -31,13 +32,32 @@ from clipdex.search.library import Library
 from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
 
+PreviewChoice = Literal["auto", "kitty", "iterm", "sixel", "blocks"]
 Kind = Literal["image", "text", "video", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
 Mode = Literal["hybrid", "semantic", "keyword"]  # the query's MODE_CHOICES
 Sort = Literal["relevance", "date", "-date"]  # the query's SORT_CHOICES
 
 
+class SearchCommand(TyperCommand):
+    """`search`, whose `--preview` takes its protocol after an `=` only: a bare `--preview` is
+    `--preview=auto` (typer has no options with an optional value), so `search --preview cats`
+    searches for cats."""
+
+    def parse_args(self, ctx: Any, args: List[str]) -> List[str]:
+        if "--" in args:
+            end = args.index("--")
+            args = [_bare_preview(arg) for arg in args[:end]] + args[end:]
+        else:
+            args = [_bare_preview(arg) for arg in args]
+        return super().parse_args(ctx, args)
+
+
+def _bare_preview(arg: str) -> str:
+    return "--preview=auto" if arg == "--preview" else arg
+
+
 def register(app: typer.Typer) -> None:
-    app.command("search")(search)
+    app.command("search", cls=SearchCommand)(search)
     app.command("embed")(embed)
 
 
@@ -72,6 +92,13 @@ def search(
     null: bool = typer.Option(False, "-0", "--null", help="With --format paths: NUL-separated"),
     html_out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --format html: the file to write"),
     json_output: bool = JsonOption,
+    preview: Optional[PreviewChoice] = typer.Option(
+        None, "--preview",
+        help="Show the hits as pictures in the terminal: a bare --preview (auto) picks what the terminal "
+             "draws (kitty, iTerm2, sixel, else half blocks; nothing when stdout is not a terminal); "
+             "--preview=kitty|iterm|sixel|blocks (with the '=') forces one"),
+    preview_height: int = typer.Option(10, "--preview-height", min=2, max=200, metavar="ROWS",
+                                       help="With --preview: each picture's height in terminal rows"),
     library: Optional[Path] = LibraryOption,
     device: Device = DeviceOption,
     runtime: Runtime = RuntimeOption,
@@ -81,6 +108,8 @@ def search(
         format = "json"
     if format == "html" and html_out is None:
         raise ClipdexError("--format html needs --out FILE.html")
+    if preview is not None and format != "table":
+        raise ClipdexError(f"--preview shows the hits as pictures; leave out --format {format}")
     query = Query.build(
         text=[text] if text else None, image=image, like=like, vector=vector, minus=minus, weights=weight,
         k=k, offset=offset, threshold=threshold, per_video=per_video, mode=mode, sort=sort, confident=confident,
@@ -88,6 +117,13 @@ def search(
     )
     lib = open_library(library, device=device, runtime=runtime)
     hits = lib.search(query)
+    if preview is not None and hits:
+        from clipdex.cli.preview import choose_protocol, print_preview
+
+        protocol = choose_protocol(preview)
+        if protocol is not None:
+            print_preview(lib, hits, protocol, preview_height)
+            return
     render_hits(hits, format, null=null, html_out=html_out, title=_title(text, image, like, minus))
 
 
