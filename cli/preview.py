@@ -446,14 +446,16 @@ def half_blocks(image: "PILImage.Image", columns: int, rows: int, screen: Screen
 
 
 def hit_pictures(library: "Library", hits: Iterable["Hit"], pixels: int) -> dict[int, "PILImage.Image | str"]:
-    """Each image hit's thumbnail (from the library's thumbnail cache, made there when missing,
-    as the server does), or why it has none."""
+    """Each image or video hit's thumbnail (from the library's thumbnail cache, made there when
+    missing, as the server does; a video's is its frame at the hit's moment), or why it has none."""
     from PIL import Image as PILImageModule
 
     from clipdex.search.errors import FileUnavailable
     from clipdex.search.http.media import ThumbnailCache, thumbnail_size
 
-    wanted = [hit.id for hit in hits if hit.kind == "image"]
+    hits = list(hits)
+    moments = {hit.id: hit.timestamp or 0.0 for hit in hits if hit.kind == "video"}
+    wanted = [hit.id for hit in hits if hit.kind in ("image", "video")]
     rows = library.catalog.get_items(wanted)
     cache = ThumbnailCache(library.path)
     pictures: dict[int, PILImage.Image | str] = {}
@@ -463,7 +465,7 @@ def hit_pictures(library: "Library", hits: Iterable["Hit"], pixels: int) -> dict
             pictures[item_id] = "removed"
             continue
         try:
-            data = cache.get(row, thumbnail_size(pixels))
+            data = cache.get(row, thumbnail_size(pixels), moments.get(item_id, 0.0))
             pictures[item_id] = PILImageModule.open(io.BytesIO(data))
         except FileUnavailable:
             pictures[item_id] = "unavailable" if row.path else "no file"

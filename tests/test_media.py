@@ -201,6 +201,12 @@ def test_a_video_is_found_at_the_moment_each_scene_shows(tmp_path: Path) -> None
     page = tmp_path / "hits.html"
     assert runner.invoke(app, [*arguments, "--format", "html", "--out", str(page)]).exit_code == 0
     assert f"party.mp4#t={hit['timestamp']:.2f}" in page.read_text()
+    shown = runner.invoke(app, [*arguments, "--preview=kitty"])  # the video hit drawn as its frame at the moment
+    assert shown.exit_code == 0 and shown.stdout.count("\x1b_Ga=T,f=100") == 1, shown.output
+    from clipdex.search.http.media import ThumbnailCache
+
+    video = library.catalog.get_items([hit["id"]])[hit["id"]]
+    assert any(ThumbnailCache(library.path).path_for(video, size, hit["timestamp"]).exists() for size in (64, 128, 256))
 
 
 def test_videos_are_indexed_incrementally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
