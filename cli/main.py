@@ -95,10 +95,10 @@ def main_options(
 
 
 def _register() -> None:
-    from clipdex.cli import (analysis_cmd, cache_cmd, evaluate_cmd, index_cmd, library_cmd, scale_cmd, search_cmd,
+    from clipdex.cli import (analysis_cmd, cache_cmd, evaluate_cmd, explain_cmd, index_cmd, library_cmd, scale_cmd, search_cmd,
                              serve_cmd, text_cmd, version_cmd)
 
-    for module in (index_cmd, text_cmd, search_cmd, analysis_cmd, evaluate_cmd, library_cmd, scale_cmd, serve_cmd,
+    for module in (index_cmd, text_cmd, search_cmd, explain_cmd, analysis_cmd, evaluate_cmd, library_cmd, scale_cmd, serve_cmd,
                    cache_cmd, version_cmd):
         module.register(app)
 

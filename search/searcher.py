@@ -7,21 +7,25 @@ filters and the vector store for the best of those, and returns typed `Hit`s.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from clipdex.search.catalog.types import ItemRow
 from clipdex.search.errors import InvalidQuery, ItemNotFound
+from clipdex.search.explanation import Explanation, explanation_of
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
 from clipdex.search.index.store import VectorStore
 from clipdex.search.catalog.vector_rows import vector_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipdex.search.catalog.database import Catalog
+    from clipdex.search.encoders.dense_export import DenseEncoder
 
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]
+OVERLAY_DRAFT = 512  # an explained JPEG is decoded at least this large on both sides (the overlay's photo)
 
 
 class Searcher:
@@ -107,3 +111,34 @@ class Searcher:
 def hit_of(rank: int, score: float, item: ItemRow) -> Hit:
     return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text, metadata=item.metadata_dict(),
                key=item.key)
+
+
+def explain(searcher: Searcher, query: Query, dense: "DenseEncoder", item_id: int | None, path: Any,
+            encode_image: Callable[[Any], np.ndarray]) -> Explanation:
+    """Where `query` matches inside a stored image item (`item_id`) or an image file (`path`; exactly one).
+
+    The score is the query's cosine with the item's stored vector, or with the file's vector
+    (`encode_image` of the decoded image); the map comes from `dense` on the same pixels.
+    """
+    from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
+
+    if (item_id is None) == (path is None):
+        raise InvalidQuery("explain needs exactly one image: an item id or a file path")
+    vector = searcher.query_vector(query)
+    draft = max(2 * dense.preprocess.image_size, OVERLAY_DRAFT)
+    if item_id is not None:
+        item = searcher.catalog.get_item(int(item_id))
+        if item is None:
+            raise ItemNotFound(item_id)
+        if item.kind != "image" or not item.path:
+            raise InvalidQuery(f"item {item.id} is a {item.kind}, not an image: only images can be explained")
+        decoded = decode_image(Path(item.path), draft_size=draft)
+        score = float(np.dot(vector, vector_of(item.id, item.vector, searcher.catalog.describe(), searcher.store.dim)))
+        source = item.path
+    else:
+        decoded = decode_image(Path(path), draft_size=draft, max_pixels=MAX_QUERY_IMAGE_PIXELS)
+        score = float(np.dot(vector, encode_image(decoded.image)))
+        source = str(path)
+    explanation = explanation_of(dense.features(decoded.image), decoded.image, vector, score, (decoded.width, decoded.height))
+    explanation.item_id, explanation.path = (None if item_id is None else int(item_id)), source
+    return explanation
