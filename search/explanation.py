@@ -59,15 +59,20 @@ class Explanation:
         return {"item_id": self.item_id, "path": self.path, "score": self.score, "peak": [self.peak[0], self.peak[1]],
                 "width": self.width, "height": self.height, "rows": self.rows, "cols": self.cols, "grid": self.grid}
 
-    def overlay(self) -> "Image.Image":
-        """The photo with the map laid over it and the peak marked (needs `image`)."""
+    def overlay(self, max_side: int | None = None) -> "Image.Image":
+        """The photo with the map laid over it and the peak marked (needs `image`); with
+        `max_side`, scaled down to at most that many pixels on its longer side."""
         if self.image is None:
             raise ValueError("this explanation holds no image to overlay")
-        return overlay(self.image, np.asarray(self.grid, dtype=np.float32), self.peak, (self.width, self.height))
+        photo = self.image
+        if max_side is not None and max(photo.size) > max_side:
+            photo = photo.copy()
+            photo.thumbnail((max_side, max_side))
+        return overlay(photo, np.asarray(self.grid, dtype=np.float32), self.peak, (self.width, self.height))
 
-    def overlay_png(self) -> bytes:
+    def overlay_png(self, max_side: int | None = None) -> bytes:
         buffer = io.BytesIO()
-        self.overlay().save(buffer, "PNG")
+        self.overlay(max_side).save(buffer, "PNG")
         return buffer.getvalue()
 
 

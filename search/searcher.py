@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from clipdex.search.catalog.types import ItemRow
-from clipdex.search.errors import InvalidQuery, ItemNotFound
+from clipdex.search.errors import FileUnavailable, InvalidQuery, ItemNotFound
 from clipdex.search.explanation import Explanation, explanation_of
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
 from clipdex.search.index.store import VectorStore
@@ -131,7 +131,9 @@ def explain(searcher: Searcher, query: Query, dense: "DenseEncoder", item_id: in
         if item is None:
             raise ItemNotFound(item_id)
         if item.kind != "image" or not item.path:
-            raise InvalidQuery(f"item {item.id} is a {item.kind}, not an image: only images can be explained")
+            raise InvalidQuery(f"item {item.id} is a {item.kind}, not an image file: only image files can be explained")
+        if not Path(item.path).is_file():
+            raise FileUnavailable(f"the file of item {item.id} is gone ({item.path}); re-index to update the library")
         decoded = decode_image(Path(item.path), draft_size=draft)
         score = float(np.dot(vector, vector_of(item.id, item.vector, searcher.catalog.describe(), searcher.store.dim)))
         source = item.path

@@ -150,3 +150,33 @@ def test_cli_writes_json_and_the_overlay(demo: Library, tmp_path: Path) -> None:
     assert mixed.exit_code == 0 and mixed.stdout.startswith("score ")
     assert "exactly one of --item" in one_line_error(runner.invoke(app, ["explain", "a red circle", "--library", str(demo.path)]))
     assert "999999" in one_line_error(runner.invoke(app, ["explain", "a red circle", "--item", "999999", "--library", str(demo.path)]))
+
+
+def test_http_explain_needs_the_token_and_answers_bad_ids(demo: Library) -> None:
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    client = TestClient(create_app(demo, token="secret"))
+    auth = {"Authorization": "Bearer secret"}
+    item = item_of(demo, "1.png")
+    body = {"item_id": item, "text": SCENES[1].query}
+    assert client.post("/explain", json=body).status_code == 401
+    assert client.post("/explain", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    answer = client.post("/explain", json=body, headers=auth)
+    assert answer.status_code == 200, answer.text
+    expected = demo.explain(SCENES[1].query, item)
+    assert answer.json()["grid"] == expected.grid and answer.json()["peak"] == list(expected.peak)
+    overlay = client.post("/explain/overlay?size=64", json=body, headers=auth)
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    with Image.open(__import__("io").BytesIO(overlay.content)) as picture:
+        assert picture.size == (64, 64)
+    assert client.post("/explain", json={**body, "item_id": 999_999}, headers=auth).status_code == 404
+    assert client.post("/explain", json={**body, "item_id": 0}, headers=auth).status_code == 422
+    assert client.post("/explain", json={**body, "item_id": "1"}, headers=auth).status_code == 422
+    assert client.post("/explain", json={"item_id": item}, headers=auth).status_code == 422  # no term
+    assert client.post("/explain", json={**body, "text": "  "}, headers=auth).status_code == 400
+    assert client.post("/explain", json={**body, "like": [999_999]}, headers=auth).status_code == 404
+    text_item = demo.add_texts(["a red circle"], ["explain:text"]).ids[0]
+    refused = client.post("/explain", json={**body, "item_id": text_item}, headers=auth)
+    assert refused.status_code == 400 and "not an image" in refused.json()["detail"]
