@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 # The overlay: the map (bilinear, stretched over the photo) as a red-to-yellow heat layer,
-# opaque up to this much where the map is at its highest, transparent where at its lowest.
+# opaque up to this much where the map is at its highest, fading (as the square) to transparent at its lowest.
 OVERLAY_OPACITY = 0.6
 
 
@@ -120,7 +120,7 @@ def overlay(image: "Image.Image", grid: np.ndarray, peak: tuple[float, float], s
     heat = Image.fromarray(np.clip(scaled * 255.0, 0, 255).astype(np.uint8), "L").resize(base.size, Image.Resampling.BILINEAR)
     level = np.asarray(heat, dtype=np.float32) / 255.0
     colour = np.stack([np.full_like(level, 255.0), 255.0 * level, np.zeros_like(level)], axis=-1)  # red -> yellow
-    alpha = (OVERLAY_OPACITY * level)[..., None]
+    alpha = (OVERLAY_OPACITY * level * level)[..., None]  # squared: the weak parts of the map stay clear
     pixels = np.asarray(base, dtype=np.float32) * (1.0 - alpha) + colour * alpha
     result = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     x, y = peak[0] * base.size[0] / size[0], peak[1] * base.size[1] / size[1]
