@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,26 +85,34 @@ def test_an_exif_rotated_photo_gets_its_peak_in_displayed_coordinates(demo: Libr
         stored.save(path, quality=95, exif=exif.tobytes())
         explanation = demo.explain(scene.query, path=path)
         hits += inside(explanation.peak, scene.box)
+    assert hits >= 6
     wide = tmp_path / "wide.jpg"
     SCENES[0].image.crop((0, 0, 128, 96)).transpose(Image.Transpose.ROTATE_90).save(wide, exif=exif.tobytes())
     explanation = demo.explain(SCENES[0].query, path=wide)
     assert (explanation.width, explanation.height) == (128, 96)  # stored 96 x 128, displayed 128 x 96
-    assert hits >= 6
 
 
 def test_the_onnx_export_gives_torch_features_and_runs_without_torch(demo: Library, tmp_path: Path, tiny_model: ModelSpec) -> None:
-    for spec in (DEMO, tiny_model):  # a ModifiedResNet tower and a ViT one
+    for name, spec in (("resnet", DEMO), ("vit", tiny_model)):  # a ModifiedResNet tower and a ViT one
+        folder = tmp_path / name
+        folder.mkdir()
         torch_dense = TorchDenseEncoder(TorchClipEncoder(spec.resolve(), "cpu").load())
-        settings = export_dense_encoder(torch_dense, tmp_path, 0)
-        exported = load_dense_export(tmp_path, spec.resolve(), 0)
+        settings = export_dense_encoder(torch_dense, folder, 0)
+        exported = load_dense_export(folder, spec.resolve(), 0)
         assert exported is not None and settings.min_cosine >= 0.999
         for scene in SCENES[:3]:
             ours, theirs = exported.features(scene.image), torch_dense.features(scene.image)
             assert ours.shape == theirs.shape == (*settings.grid, ours.shape[-1])
             assert float(np.min(np.sum(ours * theirs, axis=-1))) >= 0.999
-        (tmp_path / "explain_encoder").rename(tmp_path / f"done-{spec.name.count('/')}-{id(spec)}")
-    reopened = Library.open(demo.path)
-    assert isinstance(reopened.encoders.dense(), OnnxDenseEncoder)  # the first explanation's export, kept in the library
+    item = item_of(demo, "0.png")
+    expected = demo.explain(SCENES[0].query, item)  # the library's first explanation exports the dense tower
+    assert isinstance(Library.open(demo.path).encoders.dense(), OnnxDenseEncoder)
+    code = ("import sys; from clipdex import Library; "
+            f"e = Library.open({str(demo.path)!r}).explain({SCENES[0].query!r}, {item}); "
+            "print(e.peak[0], e.peak[1], 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    x, y, torch_imported = result.stdout.split()
+    assert (float(x), float(y)) == pytest.approx(expected.peak, abs=0.2) and torch_imported == "False"
 
 
 @pytest.mark.slow  # 100 scenes: 10 to 40 s on a shared 2-core machine
