@@ -536,6 +536,8 @@ class Library:
         self._check_open()
         if unknown:
             raise unknown_arguments("explain", unknown, ("query", "item_id", "path", *BUILD_ARGUMENTS[:6]))
+        if isinstance(query, Query) and any(term is not None for term in (text, image, like, vector, minus, weights)):
+            raise InvalidQuery("pass either a Query or the terms by name (text=, image=, ...), not both")
         if isinstance(query, str) or query is None:
             texts = [query] if isinstance(query, str) else []
             texts += [text] if isinstance(text, str) else list(text or [])

@@ -131,7 +131,8 @@ def explain(searcher: Searcher, query: Query, dense: "DenseEncoder", item_id: in
         if item is None:
             raise ItemNotFound(item_id)
         if item.kind != "image" or not item.path:
-            raise InvalidQuery(f"item {item.id} is a {item.kind}, not an image file: only image files can be explained")
+            what = "a text" if item.kind == "text" else "an image added under a key"
+            raise InvalidQuery(f"item {item.id} is {what}, not an image file: only image files can be explained")
         if not Path(item.path).is_file():
             raise FileUnavailable(f"the file of item {item.id} is gone ({item.path}); re-index to update the library")
         decoded = decode_image(Path(item.path), draft_size=draft)

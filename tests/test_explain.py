@@ -27,6 +27,7 @@ from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
 from clipdex.search.errors import InvalidQuery, ItemNotFound
 from clipdex.search.library import Library
+from clipdex.search.query import Query
 
 from conftest import one_line_error
 
@@ -138,6 +139,10 @@ def test_bad_queries_and_ids(demo: Library, tmp_path: Path) -> None:
         demo.explain(None, 1)
     with pytest.raises(InvalidQuery, match="explain"):
         demo.explain("a red circle", 1, colour="red")  # type: ignore[call-arg]
+    with pytest.raises(InvalidQuery, match="not both"):
+        demo.explain(Query.build(text="a red circle"), 1, like=1)
+    with pytest.raises(InvalidQuery, match="weights given for"):
+        demo.explain("a red circle", 1, weights=[1, 2])
 
 
 def test_cli_writes_json_and_the_overlay(demo: Library, tmp_path: Path) -> None:
@@ -188,4 +193,4 @@ def test_http_explain_needs_the_token_and_answers_bad_ids(demo: Library) -> None
     assert client.post("/explain", json={**body, "like": [999_999]}, headers=auth).status_code == 404
     text_item = demo.add_texts(["a red circle"], ["explain:text"]).ids[0]
     refused = client.post("/explain", json={**body, "item_id": text_item}, headers=auth)
-    assert refused.status_code == 400 and "not an image" in refused.json()["detail"]
+    assert refused.status_code == 400 and "is a text, not an image file" in refused.json()["detail"]

@@ -407,7 +407,7 @@ class LibraryEncoders:
                 self._dense = load_dense_export(self.library_path, self.model, self.dim)
                 if self._dense is not None:
                     return self._dense
-            model = self._image_text
+            model = self.image_text  # the library's model, created (not loaded) now if need be: loaded once for both
             torch_model = model if isinstance(model, TorchClipEncoder) else TorchClipEncoder(self.model, self.requested_device)
             on_torch = TorchDenseEncoder(torch_model)
             exported = ensure_dense_export(self.library_path, on_torch, self.dim) if wants_onnx and writable else None
