@@ -544,8 +544,8 @@ class Library:
             query = Query.build(text=texts or None, image=image, like=like, vector=vector, minus=minus, weights=weights)
         from clipdex.search.searcher import explain
 
-        dense = self.encoders.dense(writable=not self.catalog.read_only)
-        return explain(self.searcher, query, dense, item_id, path, lambda picture: self.encoder.encode_images([picture])[0])
+        return explain(self.searcher, query, lambda: self.encoders.dense(writable=not self.catalog.read_only), item_id, path,
+                       lambda picture: self.encoder.encode_images([picture])[0])
 
 
 def open_library(

@@ -25,7 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]
-OVERLAY_DRAFT = 512  # an explained JPEG is decoded at least this large on both sides (the overlay's photo)
+# An explained JPEG is decoded at least this large on both sides (the overlay's photo; far
+# more than a dense tower's input, 96 pixels for the demo model, 224 for ViT-B-32).
+OVERLAY_DRAFT = 512
 
 
 class Searcher:
@@ -113,19 +115,19 @@ def hit_of(rank: int, score: float, item: ItemRow) -> Hit:
                key=item.key)
 
 
-def explain(searcher: Searcher, query: Query, dense: "DenseEncoder", item_id: int | None, path: Any,
+def explain(searcher: Searcher, query: Query, dense_encoder: Callable[[], "DenseEncoder"], item_id: int | None, path: Any,
             encode_image: Callable[[Any], np.ndarray]) -> Explanation:
     """Where `query` matches inside a stored image item (`item_id`) or an image file (`path`; exactly one).
 
     The score is the query's cosine with the item's stored vector, or with the file's vector
-    (`encode_image` of the decoded image); the map comes from `dense` on the same pixels.
+    (`encode_image` of the decoded image); the map comes from `dense_encoder()` on the same
+    pixels, asked for once the query and the image are known to be good (it may load the model).
     """
     from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 
     if (item_id is None) == (path is None):
         raise InvalidQuery("explain needs exactly one image: an item id or a file path")
     vector = searcher.query_vector(query)
-    draft = max(2 * dense.preprocess.image_size, OVERLAY_DRAFT)
     if item_id is not None:
         item = searcher.catalog.get_item(int(item_id))
         if item is None:
@@ -135,13 +137,13 @@ def explain(searcher: Searcher, query: Query, dense: "DenseEncoder", item_id: in
             raise InvalidQuery(f"item {item.id} is {what}, not an image file: only image files can be explained")
         if not Path(item.path).is_file():
             raise FileUnavailable(f"the file of item {item.id} is gone ({item.path}); re-index to update the library")
-        decoded = decode_image(Path(item.path), draft_size=draft)
+        decoded = decode_image(Path(item.path), draft_size=OVERLAY_DRAFT)
         score = float(np.dot(vector, vector_of(item.id, item.vector, searcher.catalog.describe(), searcher.store.dim)))
         source = item.path
     else:
-        decoded = decode_image(Path(path), draft_size=draft, max_pixels=MAX_QUERY_IMAGE_PIXELS)
+        decoded = decode_image(Path(path), draft_size=OVERLAY_DRAFT, max_pixels=MAX_QUERY_IMAGE_PIXELS)
         score = float(np.dot(vector, encode_image(decoded.image)))
         source = str(path)
-    explanation = explanation_of(dense.features(decoded.image), decoded.image, vector, score, (decoded.width, decoded.height))
+    explanation = explanation_of(dense_encoder().features(decoded.image), decoded.image, vector, score, (decoded.width, decoded.height))
     explanation.item_id, explanation.path = (None if item_id is None else int(item_id)), source
     return explanation
