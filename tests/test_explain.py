@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from clipdex.cli.main import app
 from clipdex.indexer import index_paths
 from clipdex.search.analysis.explain import PointingCase, inside, pointing_game
+from clipdex.search.encoders.dense import ExplainUnsupported, tower_kind
 from clipdex.search.encoders.dense_export import OnnxDenseEncoder, TorchDenseEncoder, export_dense_encoder, load_dense_export
 from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.encoders.torch_clip import TorchClipEncoder
@@ -164,6 +166,17 @@ def test_cli_writes_json_and_the_overlay(demo: Library, tmp_path: Path) -> None:
     assert mixed.exit_code == 0 and mixed.stdout.startswith("score ")
     assert "exactly one of --item" in one_line_error(runner.invoke(app, ["explain", "a red circle", "--library", str(demo.path)]))
     assert "999999" in one_line_error(runner.invoke(app, ["explain", "a red circle", "--item", "999999", "--library", str(demo.path)]))
+    missing = tmp_path / "missing.jpg"
+    assert "missing.jpg" in one_line_error(runner.invoke(app, ["explain", "a red circle", "--path", str(missing),
+                                                               "--library", str(demo.path)]))
+
+
+def test_a_tower_without_dense_features_says_so() -> None:
+    class TimmModel:  # open_clip's timm towers (ConvNeXt ...) have no pooling layer to apply per position
+        pass
+
+    with pytest.raises(ExplainUnsupported, match="TimmModel"):
+        tower_kind(SimpleNamespace(visual=TimmModel()))
 
 
 def test_http_explain_needs_the_token_and_answers_bad_ids(demo: Library) -> None:
