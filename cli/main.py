@@ -95,11 +95,11 @@ def main_options(
 
 
 def _register() -> None:
-    from clipdex.cli import (analysis_cmd, browse_cmd, cache_cmd, evaluate_cmd, index_cmd, library_cmd, ocr_cmd,
-                             scale_cmd, search_cmd, serve_cmd, text_cmd, version_cmd, watch_cmd)
+    from clipdex.cli import (analysis_cmd, browse_cmd, cache_cmd, evaluate_cmd, explain_cmd, index_cmd, library_cmd,
+                             ocr_cmd, scale_cmd, search_cmd, serve_cmd, text_cmd, version_cmd, watch_cmd)
 
-    for module in (index_cmd, text_cmd, search_cmd, browse_cmd, analysis_cmd, evaluate_cmd, library_cmd, scale_cmd,
-                   serve_cmd, cache_cmd, version_cmd, ocr_cmd, watch_cmd):
+    for module in (index_cmd, text_cmd, search_cmd, browse_cmd, explain_cmd, analysis_cmd, evaluate_cmd, library_cmd,
+                   scale_cmd, serve_cmd, cache_cmd, version_cmd, ocr_cmd, watch_cmd):
         module.register(app)
 
 

@@ -272,6 +272,49 @@ def render(scene: Scene, rng: np.random.Generator, image_size: int = 128) -> Ima
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
 
 
+@dataclass(frozen=True)
+class PointingScene:
+    """One target shape among clutter, for the pointing game of `clipdex explain`.
+
+    ``box`` is the target's bounding box in pixels (left, top, right, bottom);
+    ``query`` names it ("a red circle"); the clutter shapes differ from it in both
+    colour and shape, so only the target answers the query.
+    """
+
+    image: Image.Image
+    target: Scene
+    clutter: tuple[Scene, ...]
+    box: tuple[float, float, float, float]
+    query: str
+
+
+def pointing_scene(rng: np.random.Generator, image_size: int = 128, clutter: int = 2) -> PointingScene:
+    """Render a small target shape and ``clutter`` other shapes at distinct cells of the 3x3 grid."""
+    background = _choice(rng, list(BACKGROUNDS))
+    texture = _choice(rng, TEXTURES)
+    cells = [list(POSITIONS)[int(i)] for i in rng.permutation(len(POSITIONS))[: clutter + 1]]
+    colours = [str(c) for c in rng.permutation([c for c in COLOURS if c != background])[: clutter + 1]]
+    shapes = [str(s) for s in rng.permutation(list(SHAPES))[: clutter + 1]]
+    scenes = []
+    for cell, colour, shape in zip(cells, colours, shapes):
+        x, y = POSITIONS[cell]
+        scenes.append(Scene(colour=colour, shape=shape, background=background, texture=texture, size="small",
+                            position=cell, centre=(x + float(rng.uniform(-0.04, 0.04)), y + float(rng.uniform(-0.04, 0.04))),
+                            diameter=float(rng.uniform(*SIZES["small"])), rotation=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))))
+    pixels = _background(scenes[0], image_size, rng)
+    for scene in scenes:
+        fill = np.asarray(_jitter(COLOURS[scene.colour], rng, 20), dtype=np.float32)
+        alpha = _shape_mask(scene, image_size)
+        pixels = pixels * (1.0 - alpha) + fill * alpha
+    pixels += 5.0 * rng.standard_normal(pixels.shape, dtype=np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+    target = scenes[0]
+    half = target.diameter * image_size / 2.0
+    cx, cy = target.centre[0] * image_size, target.centre[1] * image_size
+    box = (cx - half, cy - half, cx + half, cy + half)
+    return PointingScene(image, target, tuple(scenes[1:]), box, _with_articles(f"a {target.colour} {target.shape}"))
+
+
 def _with_articles(text: str) -> str:
     """Turn "a orange" into "an orange"."""
     words = text.split(" ")

@@ -37,6 +37,7 @@ from clipdex.search.errors import (
 )
 from clipdex.search.library import Library, open_library
 from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.explanation import Explanation
 from clipdex.search.query import Filters, Hit, Query, Term
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PRETRAINED",
     "DamagedVectors",
+    "Explanation",
     "FileUnavailable",
     "Filters",
     "GpuUnavailable",

@@ -29,6 +29,7 @@ from clipdex.search.errors import (
     LibraryNotFound,
     ReadOnlyLibrary,
 )
+from clipdex.search.explanation import Explanation
 from clipdex.search.integrity import check_catalog, require_catalog
 from clipdex.search.locks import FileWriteLock, WriteLock
 from clipdex.search.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, embedding_dim
@@ -532,6 +533,32 @@ class Library:
         from clipdex.search.index import keyed
 
         return keyed.item_ids(self, keys)
+
+    def explain(self, query: Query | str | None = None, item_id: int | None = None, *,
+                path: str | os.PathLike[str] | None = None, text: str | Sequence[str] | None = None,
+                image: ImageInput | Sequence[ImageInput] | None = None, like: int | Sequence[int] | None = None,
+                vector: VectorInput | Sequence[VectorInput] | None = None, minus: str | Sequence[str] | None = None,
+                weights: Sequence[float] | None = None, **unknown: NoReturn) -> Explanation:
+        """Where a query matches inside an image: `library.explain("a red umbrella", hit.id)`.
+
+        `query`: a text, a `Query`, or terms as `search` takes them (text=, image=, like=,
+        vector=, minus=, weights=); the image: a stored image item (`item_id`) or a file
+        (`path`). Returns an `Explanation` (grid, peak in displayed pixels, score). Raises
+        ItemNotFound for an unknown id, InvalidQuery for a bad query or a text item.
+        """
+        self._check_open()
+        if unknown:
+            raise unknown_arguments("explain", unknown, ("query", "item_id", "path", *BUILD_ARGUMENTS[:6]))
+        if isinstance(query, Query) and any(term is not None for term in (text, image, like, vector, minus, weights)):
+            raise InvalidQuery("pass either a Query or the terms by name (text=, image=, ...), not both")
+        if isinstance(query, str) or query is None:
+            texts = [query] if isinstance(query, str) else []
+            texts += [text] if isinstance(text, str) else list(text or [])
+            query = Query.build(text=texts or None, image=image, like=like, vector=vector, minus=minus, weights=weights)
+        from clipdex.search.searcher import explain
+
+        return explain(self.searcher, query, lambda: self.encoders.dense(writable=not self.catalog.read_only), item_id, path,
+                       lambda picture: self.encoder.encode_images([picture])[0])
 
 
 def open_library(

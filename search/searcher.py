@@ -12,6 +12,7 @@ a snippet of the matched text, the boxes of the OCR lines that matched).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -19,18 +20,23 @@ import numpy as np
 from clipdex.search import ranking
 from clipdex.search.catalog.keywords import KeywordQuery, matched_boxes, snippet
 from clipdex.search.catalog.types import VIDEO_KINDS, ItemRow
-from clipdex.search.errors import InvalidQuery, ItemNotFound
+from clipdex.search.errors import FileUnavailable, InvalidQuery, ItemNotFound
+from clipdex.search.explanation import Explanation, explanation_of
 from clipdex.search.query import Hit, Query, Term, combine, vector_from
 from clipdex.search.index.store import VectorStore
 from clipdex.search.catalog.vector_rows import vector_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipdex.search.catalog.database import Catalog
+    from clipdex.search.encoders.dense_export import DenseEncoder
 
 CANDIDATES = 100  # of each ranking fused (more when a page reaches past them)
 CONFIDENT_SAMPLE = 2_000  # items whose cosines are the background `--confident` compares with
 TextEncoder = Callable[[str], np.ndarray]
 ImageEncoder = Callable[[Any], np.ndarray]
+# An explained JPEG is decoded at least this large on both sides (the overlay's photo; far
+# more than a dense tower's input, 96 pixels for the demo model, 224 for ViT-B-32).
+OVERLAY_DRAFT = 512
 
 
 class Searcher:
@@ -258,3 +264,37 @@ def moments_of(vector: np.ndarray, frames: list[tuple[float, np.ndarray]], count
             if len(chosen) >= count:
                 break
     return chosen
+
+
+def explain(searcher: Searcher, query: Query, dense_encoder: Callable[[], "DenseEncoder"], item_id: int | None, path: Any,
+            encode_image: Callable[[Any], np.ndarray]) -> Explanation:
+    """Where `query` matches inside a stored image item (`item_id`) or an image file (`path`; exactly one).
+
+    The score is the query's cosine with the item's stored vector, or with the file's vector
+    (`encode_image` of the decoded image); the map comes from `dense_encoder()` on the same
+    pixels, asked for once the query and the image are known to be good (it may load the model).
+    """
+    from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
+
+    if (item_id is None) == (path is None):
+        raise InvalidQuery("explain needs exactly one image: an item id or a file path")
+    vector = searcher.query_vector(query)
+    if item_id is not None:
+        item = searcher.catalog.get_item(int(item_id))
+        if item is None:
+            raise ItemNotFound(item_id)
+        if item.kind != "image" or not item.path:
+            what = "a text" if item.kind == "text" else "an image added under a key"
+            raise InvalidQuery(f"item {item.id} is {what}, not an image file: only image files can be explained")
+        if not Path(item.path).is_file():
+            raise FileUnavailable(f"the file of item {item.id} is gone ({item.path}); re-index to update the library")
+        decoded = decode_image(Path(item.path), draft_size=OVERLAY_DRAFT)
+        score = float(np.dot(vector, vector_of(item.id, item.vector, searcher.catalog.describe(), searcher.store.dim)))
+        source = item.path
+    else:
+        decoded = decode_image(Path(path), draft_size=OVERLAY_DRAFT, max_pixels=MAX_QUERY_IMAGE_PIXELS)
+        score = float(np.dot(vector, encode_image(decoded.image)))
+        source = str(path)
+    explanation = explanation_of(dense_encoder().features(decoded.image), decoded.image, vector, score, (decoded.width, decoded.height))
+    explanation.item_id, explanation.path = (None if item_id is None else int(item_id)), source
+    return explanation

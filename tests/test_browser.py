@@ -276,3 +276,22 @@ def test_snippets_and_matched_boxes_on_the_page(page: Any, tmp_path: Path, tiny_
         page.select_option("#filter-mode", "keyword")
         expect(page.locator(".hit")).to_have_count(1)
     library.close()
+def test_the_where_toggle_overlays_the_map_on_each_image_hit(page: Any, photos_and_server: tuple[list[Path], str, Library]) -> None:
+    from playwright.sync_api import expect
+
+    _, url, _ = photos_and_server
+    open_with_token(page, url)
+    page.fill("#query", "a photo")
+    page.press("#query", "Enter")
+    images = page.locator(".hit[data-kind=image]")
+    expect(images).to_have_count(8)
+    page.wait_for_function(ALL_THUMBNAILS_SHOWN)
+    assert page.locator(".hit.explained").count() == 0  # computed on demand only
+    page.check("#explain-toggle")
+    expect(page.locator(".hit.explained")).to_have_count(8)  # POST explain/overlay, with the token, per image hit
+    page.wait_for_function("""() => [...document.querySelectorAll('.hit[data-kind=image] img')].every(
+        (image) => image.src === image.dataset.overlay && image.complete && image.naturalWidth > 0)""")
+    page.uncheck("#explain-toggle")
+    expect(page.locator(".hit.explained")).to_have_count(0)
+    page.wait_for_function("""() => [...document.querySelectorAll('.hit[data-kind=image] img')].every(
+        (image) => image.src === image.dataset.thumbnail)""")

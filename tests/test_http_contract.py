@@ -47,6 +47,7 @@ REASONS_NO_SCHEMA_SAYS = re.compile("|".join([
     r"the query vector has \d+ dimensions",
     r"the query text .* is empty or only whitespace", r"the path filter is empty",
     r"mode=(hybrid|keyword) needs a text",  # words to match: a text term, which a schema cannot demand with mode
+    r"item \d+ is an? [\w ]+, not an image file",  # POST /explain of a text or keyed item: which ids those are, no schema says
     # items added under keys (POST /keys/...): what no JSON Schema says of one item or of one among others
     r"images\[\d+\]: (?!empty file)", r"texts\[\d+\] is empty or only whitespace",
     r"keys\[\d+\] .* appears twice in the call", r"vectors\[\d+\] has \d+ dimensions; this library's model has \d+",

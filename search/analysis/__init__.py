@@ -2,8 +2,9 @@
 
 - `zero_shot`: labels for images from text prompts;
 - `duplicates`: pairs of near-identical images;
-- `evaluate`: recall of a captioned image set.
+- `evaluate`: recall of a captioned image set;
+- `explain`: the pointing game, how well explanations (`clipdex.search.explanation`) point.
 
-Explanations of hits belong here. May import the `Library` facade and everything below it;
+May import the `Library` facade and everything below it;
 nothing below imports this room.
 """

@@ -7,13 +7,16 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from clipdex.search.encoders.base import ImageTextEncoder, TextEncoder
 from clipdex.search.errors import ClipdexError, ModelUnavailable
 from clipdex.search.encoders.model import ResolvedModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipdex.search.encoders.dense_export import DenseEncoder
 
 RUNTIMES = ("auto", "torch", "onnx")
 
@@ -78,6 +81,7 @@ class LibraryEncoders:
         self._lock = threading.RLock()  # which encoder runs the model, and the text export looked up
         self._text_settled = threading.Event()  # cleared while a first run exports the text tower
         self._text_settled.set()
+        self._dense: DenseEncoder | None = None  # patch-level features for explanations, made on first use
 
     @property
     def image_text(self) -> ImageTextEncoder:
@@ -387,3 +391,25 @@ class LibraryEncoders:
         if exported:
             self._exports_to_cache()
         return time.monotonic() - started if exported else 0.0
+
+    def dense(self, writable: bool = True) -> "DenseEncoder":
+        """The encoder of patch-level features for explanations (`clipdex.search.encoders.dense_export`):
+        the library's verified ONNX export where the runtime is onnx and it is there; else the
+        torch model, whose dense tower is exported then (with `writable`) for the next time."""
+        from clipdex.search.encoders.dense_export import TorchDenseEncoder, ensure_dense_export, load_dense_export
+        from clipdex.search.encoders.torch_clip import TorchClipEncoder
+
+        with self._lock:
+            if self._dense is not None:
+                return self._dense
+            wants_onnx = self._wants_onnx()
+            if wants_onnx:
+                self._dense = load_dense_export(self.library_path, self.model, self.dim)
+                if self._dense is not None:
+                    return self._dense
+            model = self.image_text  # the library's model, created (not loaded) now if need be: loaded once for both
+            torch_model = model if isinstance(model, TorchClipEncoder) else TorchClipEncoder(self.model, self.requested_device)
+            on_torch = TorchDenseEncoder(torch_model)
+            exported = ensure_dense_export(self.library_path, on_torch, self.dim) if wants_onnx and writable else None
+            self._dense = exported or on_torch
+            return self._dense

@@ -30,6 +30,7 @@ from clipdex.search.errors import (
     ReadOnlyLibrary,
     UnreadableImage,
 )
+from clipdex.search.http.explain import add_explain_routes
 from clipdex.search.http.guard import RequestGuard
 from clipdex.search.http.indexing import add_indexing_route
 from clipdex.search.http.media import FileUnavailable, ThumbnailCache, open_indexed_file, thumbnail_size
@@ -137,6 +138,7 @@ def create_app(
     _add_search_routes(api, service, max_upload_bytes)
     _add_item_routes(api, service)
     add_indexing_route(api)
+    add_explain_routes(api, service, max_upload_bytes, error_responses)
     if token:  # writes only where every request must carry the token: a server without one is read-only
         _add_key_routes(api, service, max_upload_bytes)
     app.include_router(api)

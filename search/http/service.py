@@ -9,6 +9,7 @@ import numpy as np
 
 from clipdex.search.catalog.types import ItemRow
 from clipdex.search.errors import ItemNotFound
+from clipdex.search.explanation import Explanation
 from clipdex.search.index.keyed import KeyedResult
 from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 from clipdex.search.library import Library
@@ -67,6 +68,11 @@ class SearchService:
         if item is None:
             raise ItemNotFound(item_id)
         return item
+
+    def explain(self, query: Query, item_id: int) -> Explanation:
+        """`Library.explain` of an indexed image, the model run one call at a time."""
+        with self._model_lock:
+            return self.library.explain(query, item_id)
 
     def load_model(self) -> None:
         """Load the model now rather than on the first request."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         ClusterError,
         CorruptLibrary,
         DamagedVectors,
+        Explanation,
         FileUnavailable,
         Filters,
         GpuUnavailable,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 # A literal list, so that type checkers see these names as exported (mypy --strict: no implicit re-export).
 __all__ = [
     "AddressUnavailable", "CatalogUnavailable", "ClipdexError", "ClusterError", "CorruptLibrary",
-    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DamagedVectors", "FileUnavailable", "Filters", "GpuUnavailable",
+    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DamagedVectors", "Explanation", "FileUnavailable", "Filters", "GpuUnavailable",
     "Hit", "ImageTooLarge", "IndexProgress", "IndexReport", "InvalidItems", "InvalidQuery", "InvalidVectors",
     "ItemNotFound", "Library", "LibraryBusy", "LibraryClosed", "LibraryNotFound", "MemoryBudgetError",
     "MissingDependency", "ModelMismatch", "ModelSpec", "ModelUnavailable", "Query", "ReadOnlyLibrary", "Term",

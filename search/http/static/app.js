@@ -17,6 +17,7 @@ const state = {
   offset: 0,
   thumbnailUrls: [],
   searchNumber: 0, // counts searches started; only the latest one may show its answer
+  explain: false, // the "Where?" toggle: image hits show where the query matches (POST explain/overlay)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -179,6 +180,7 @@ function hitCard(hit) {
     image.alt = name;
     card.append(withBoxes(image, hit));
     loadThumbnail(image, hit.id);
+    if (state.explain) showExplanation(card, image);
   } else if (hit.kind === "video") {
     const image = document.createElement("img");
     image.alt = `${name} at ${clock(hit.timestamp)}`;
@@ -296,9 +298,71 @@ async function loadThumbnail(image, id, moment = "") {
     const response = await api(`items/${id}/thumbnail?size=${THUMBNAIL_SIZE}${moment}`);
     const url = URL.createObjectURL(await response.blob());
     state.thumbnailUrls.push(url);
-    image.src = url;
+    image.dataset.thumbnail = url;
+    if (!(state.explain && image.dataset.overlay)) image.src = url;
   } catch (error) {
     image.alt = `no thumbnail: ${error.message}`;
+  }
+}
+
+// -- where the query matches (the "Where?" toggle) --------------------------------------
+
+function fileAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function explainTerms(request) {
+  const body = {};
+  if (request.text) body.text = request.text;
+  if (request.like.length) body.like = request.like;
+  if (request.imageFile) body.image = [await fileAsDataUrl(request.imageFile)];
+  return body;
+}
+
+// The overlay of one image hit, asked for the first time the toggle is on while it is shown.
+async function showExplanation(card, image) {
+  if (image.dataset.overlay) {
+    image.src = image.dataset.overlay;
+    card.classList.add("explained");
+    return;
+  }
+  const request = state.request;
+  if (!request || image.dataset.explaining) return;
+  image.dataset.explaining = "1";
+  try {
+    const body = { item_id: Number(card.dataset.id), ...(await explainTerms(request)) };
+    const response = await api(`explain/overlay?size=${2 * THUMBNAIL_SIZE}`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const url = URL.createObjectURL(await response.blob());
+    state.thumbnailUrls.push(url);
+    image.dataset.overlay = url;
+    if (state.explain) {
+      image.src = url;
+      card.classList.add("explained");
+    }
+  } catch (error) {
+    card.title = `${card.title}\nNo explanation: ${error.message}`;
+  } finally {
+    delete image.dataset.explaining;
+  }
+}
+
+function toggleExplanations() {
+  state.explain = $("explain-toggle").checked;
+  for (const card of $("results").querySelectorAll(".hit[data-kind=image]")) {
+    const image = card.querySelector("img");
+    if (state.explain) {
+      showExplanation(card, image);
+    } else {
+      card.classList.remove("explained");
+      if (image.dataset.thumbnail) image.src = image.dataset.thumbnail;
+    }
   }
 }
 
@@ -386,6 +450,7 @@ function start() {
   $("search-form").addEventListener("submit", searchFromForm);
   $("token-form").addEventListener("submit", useToken);
   $("more-button").addEventListener("click", () => runSearch(true));
+  $("explain-toggle").addEventListener("change", toggleExplanations);
   $("filters").addEventListener("change", () => runSearch());
   wireDropZone();
   loadStats().then((ok) => { if (ok) showIndexing(); });
