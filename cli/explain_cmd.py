@@ -31,6 +31,8 @@ def explain(
         [], "--weight", help="Weights of the terms in order: text, images, likes, vectors, minus texts (default 1 each)"
     ),
     overlay_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the photo with the map overlaid (PNG)"),
+    at: Optional[float] = typer.Option(None, "--at", min=0, help="A video: the moment to explain, in seconds [default: the query's best]",
+                                       show_default=False),
     json_output: bool = JsonOption,
     library: Optional[Path] = LibraryOption,
     device: Device = DeviceOption,
@@ -41,13 +43,14 @@ def explain(
         raise ClipdexError("give exactly one of --item ID or --path FILE: the image to explain")
     query = Query.build(text=[text] if text else None, image=image, like=like, vector=vector, minus=minus, weights=weight)
     lib = open_library(library, device=device, runtime=runtime)
-    explanation = lib.explain(query, item, path=path)
+    explanation = lib.explain(query, item, path=path, timestamp=at)
     if overlay_out is not None:
         write_bytes_atomic(overlay_out, explanation.overlay_png())
     if json_output:
         print_json(explanation.to_json())
         return
-    out.print(f"score {explanation.score:.4f}  peak x={explanation.peak[0]:g} y={explanation.peak[1]:g} "
+    moment = "" if explanation.timestamp is None else f"  at {explanation.timestamp:.2f}s"
+    out.print(f"score {explanation.score:.4f}{moment}  peak x={explanation.peak[0]:g} y={explanation.peak[1]:g} "
               f"of {explanation.width}x{explanation.height}  grid {explanation.rows}x{explanation.cols}")
     for row in explanation.grid:
         out.print(" ".join(f"{value:6.3f}" for value in row))

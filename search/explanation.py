@@ -45,6 +45,7 @@ class Explanation:
     height: int
     item_id: int | None = None
     path: str | None = None
+    timestamp: float | None = None  # a video: the time of the frame explained, seconds from its start
     image: "Image.Image | None" = field(default=None, repr=False, compare=False)  # the decoded photo, for overlays
 
     @property
@@ -56,8 +57,12 @@ class Explanation:
         return len(self.grid[0]) if self.grid else 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"item_id": self.item_id, "path": self.path, "score": self.score, "peak": [self.peak[0], self.peak[1]],
-                "width": self.width, "height": self.height, "rows": self.rows, "cols": self.cols, "grid": self.grid}
+        data: dict[str, Any] = {"item_id": self.item_id, "path": self.path, "score": self.score,
+                                "peak": [self.peak[0], self.peak[1]], "width": self.width, "height": self.height,
+                                "rows": self.rows, "cols": self.cols, "grid": self.grid}
+        if self.timestamp is not None:
+            data["timestamp"] = self.timestamp
+        return data
 
     def overlay(self, max_side: int | None = None) -> "Image.Image":
         """The photo with the map laid over it and the peak marked (needs `image`); with

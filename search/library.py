@@ -538,17 +538,19 @@ class Library:
                 path: str | os.PathLike[str] | None = None, text: str | Sequence[str] | None = None,
                 image: ImageInput | Sequence[ImageInput] | None = None, like: int | Sequence[int] | None = None,
                 vector: VectorInput | Sequence[VectorInput] | None = None, minus: str | Sequence[str] | None = None,
-                weights: Sequence[float] | None = None, **unknown: NoReturn) -> Explanation:
+                weights: Sequence[float] | None = None, timestamp: float | None = None, **unknown: NoReturn) -> Explanation:
         """Where a query matches inside an image: `library.explain("a red umbrella", hit.id)`.
 
         `query`: a text, a `Query`, or terms as `search` takes them (text=, image=, like=,
         vector=, minus=, weights=); the image: a stored image item (`item_id`) or a file
-        (`path`). Returns an `Explanation` (grid, peak in displayed pixels, score). Raises
-        ItemNotFound for an unknown id, InvalidQuery for a bad query or a text item.
+        (`path`), or a stored video at its frame at `timestamp` seconds (default: the query's
+        best moment; `Explanation.timestamp` says which frame). Returns an `Explanation`
+        (grid, peak in displayed pixels, score). Raises ItemNotFound for an unknown id,
+        InvalidQuery for a bad query or a text item.
         """
         self._check_open()
         if unknown:
-            raise unknown_arguments("explain", unknown, ("query", "item_id", "path", *BUILD_ARGUMENTS[:6]))
+            raise unknown_arguments("explain", unknown, ("query", "item_id", "path", *BUILD_ARGUMENTS[:6], "timestamp"))
         if isinstance(query, Query) and any(term is not None for term in (text, image, like, vector, minus, weights)):
             raise InvalidQuery("pass either a Query or the terms by name (text=, image=, ...), not both")
         if isinstance(query, str) or query is None:
@@ -558,7 +560,7 @@ class Library:
         from clipdex.search.searcher import explain
 
         return explain(self.searcher, query, lambda: self.encoders.dense(writable=not self.catalog.read_only), item_id, path,
-                       lambda picture: self.encoder.encode_images([picture])[0])
+                       lambda picture: self.encoder.encode_images([picture])[0], timestamp)
 
 
 def open_library(

@@ -12,6 +12,8 @@ a snippet of the matched text, the boxes of the OCR lines that matched).
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -267,8 +269,10 @@ def moments_of(vector: np.ndarray, frames: list[tuple[float, np.ndarray]], count
 
 
 def explain(searcher: Searcher, query: Query, dense_encoder: Callable[[], "DenseEncoder"], item_id: int | None, path: Any,
-            encode_image: Callable[[Any], np.ndarray]) -> Explanation:
+            encode_image: Callable[[Any], np.ndarray], timestamp: float | None = None) -> Explanation:
     """Where `query` matches inside a stored image item (`item_id`) or an image file (`path`; exactly one).
+    A stored video is explained at its frame at `timestamp` seconds (default: the query's best
+    moment, the hit's `timestamp`), scored by the moment sampled nearest to it.
 
     The score is the query's cosine with the item's stored vector, or with the file's vector
     (`encode_image` of the decoded image); the map comes from `dense_encoder()` on the same
@@ -283,11 +287,13 @@ def explain(searcher: Searcher, query: Query, dense_encoder: Callable[[], "Dense
         item = searcher.catalog.get_item(int(item_id))
         if item is None:
             raise ItemNotFound(item_id)
-        if item.kind != "image" or not item.path:
-            what = "a text" if item.kind == "text" else "an image added under a key"
-            raise InvalidQuery(f"item {item.id} is {what}, not an image file: only image files can be explained")
+        if item.kind not in ("image", "video") or not item.path:
+            what = {"text": "a text", "frame": "a video's moment"}.get(item.kind, "an image added under a key")
+            raise InvalidQuery(f"item {item.id} is {what}, not an image file: only image and video files can be explained")
         if not Path(item.path).is_file():
             raise FileUnavailable(f"the file of item {item.id} is gone ({item.path}); re-index to update the library")
+        if item.kind == "video":
+            return _explain_video_moment(searcher, item, vector, dense_encoder, timestamp)
         decoded = decode_image(Path(item.path), draft_size=OVERLAY_DRAFT)
         score = float(np.dot(vector, vector_of(item.id, item.vector, searcher.catalog.describe(), searcher.store.dim)))
         source = item.path
@@ -297,4 +303,29 @@ def explain(searcher: Searcher, query: Query, dense_encoder: Callable[[], "Dense
         source = str(path)
     explanation = explanation_of(dense_encoder().features(decoded.image), decoded.image, vector, score, (decoded.width, decoded.height))
     explanation.item_id, explanation.path = (None if item_id is None else int(item_id)), source
+    return explanation
+
+
+VIDEO_FRAME_SIDE = 512  # a video's frame is decoded this large on its longer side to be explained
+
+
+def _explain_video_moment(searcher: Searcher, item: ItemRow, vector: np.ndarray, dense_encoder: Callable[[], "DenseEncoder"],
+                          timestamp: float | None) -> Explanation:
+    """A video explained at one moment: its frame there, scored by the sampled moment nearest to it."""
+    from clipdex.search.media.video import video_frame
+
+    frames = searcher.catalog.frames_of([item.id]).get(item.id, [])
+    if not frames:
+        raise InvalidQuery(f"video {item.id} has no sampled moments to explain; re-index it")
+    if timestamp is None:
+        timestamp = moments_of(vector, frames, 1)[0][0]
+    if not math.isfinite(timestamp) or timestamp < 0:
+        raise InvalidQuery(f"timestamp must be a number of seconds from the video's start, not {timestamp}")
+    nearest = min(frames, key=lambda moment: abs(moment[0] - timestamp))
+    score = float(moments_of(vector, [nearest], 1)[0][1])
+    picture, shown_at = video_frame(str(item.path), timestamp, VIDEO_FRAME_SIDE)
+    picture = picture.convert("RGB")
+    size = (item.width, item.height) if item.width and item.height else picture.size
+    explanation = explanation_of(dense_encoder().features(picture), picture, vector, score, size)
+    explanation.item_id, explanation.path, explanation.timestamp = item.id, item.path, round(shown_at, 3)
     return explanation

@@ -207,3 +207,40 @@ def test_http_explain_needs_the_token_and_answers_bad_ids(demo: Library) -> None
     text_item = demo.add_texts(["a red circle"], ["explain:text"]).ids[0]
     refused = client.post("/explain", json={**body, "item_id": text_item}, headers=auth)
     assert refused.status_code == 400 and "is a text, not an image file" in refused.json()["detail"]
+
+
+def test_a_video_is_explained_at_its_moment(tmp_path: Path) -> None:
+    """A video hit is explained at the frame of its best moment (or `--at` one): each scene's
+    query points at its own target in that scene's frame, in the video's pixels."""
+    pytest.importorskip("av")
+    spec = importlib.util.spec_from_file_location("media_samples", ROOT / "data" / "media_samples.py")
+    samples = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(samples)  # type: ignore[union-attr]
+    scenes = SCENES[:3]
+    samples.write_video(tmp_path / "clips" / "scenes.mp4", [np.asarray(scene.image) for scene in scenes], seconds_each=4.0)
+    library = Library.open(tmp_path / "library", model=DEMO, create=True, device="cpu")
+    assert index_paths(library, [tmp_path / "clips"]).added == 1
+    video = library.search(text="a shape", kind="video", k=1)[0].id
+    hits = 0
+    for index, scene in enumerate(scenes):
+        explanation = library.explain(scene.query, video, timestamp=4.0 * index + 2.0)
+        assert 4.0 * index + 2.0 <= explanation.timestamp < 4.0 * index + 2.5  # the frame at that moment
+        assert (explanation.width, explanation.height) == (128, 128)
+        hits += inside(explanation.peak, scene.box)
+    assert hits >= 2
+    best = library.explain(scenes[1].query, video)  # no moment given: the query's best, the hit's timestamp
+    assert best.timestamp == pytest.approx(library.search(text=scenes[1].query, kind="video", k=1)[0].timestamp, abs=0.15)
+    result = CliRunner().invoke(app, ["explain", scenes[2].query, "--item", str(video), "--at", "9", "--json",
+                                      "--library", str(tmp_path / "library")])
+    assert result.exit_code == 0, result.output
+    assert 9.0 <= json.loads(result.stdout)["timestamp"] < 9.5
+    from fastapi.testclient import TestClient
+
+    from clipdex.search.http import create_app
+
+    answer = TestClient(create_app(library)).post("/explain", json={"item_id": video, "text": scenes[0].query, "timestamp": 1.0})
+    assert answer.status_code == 200 and 1.0 <= answer.json()["timestamp"] < 1.5, answer.text
+    frame = next(item.id for item in library.catalog.get_items(range(1, 20)).values() if item.kind == "frame")
+    with pytest.raises(InvalidQuery, match="a video's moment"):
+        library.explain(scenes[0].query, frame)
+    library.close()

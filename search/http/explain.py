@@ -32,7 +32,9 @@ class ExplainRequest(BaseModel):
         "anyOf": [{"required": [name]} for name in TERM_FIELDS],
     })
 
-    item_id: ItemId = Field(description="The indexed image to explain")
+    item_id: ItemId = Field(description="The indexed image (or video) to explain")
+    timestamp: float | None = Field(None, ge=0, le=1e7, allow_inf_nan=False,
+                                    description="A video: the moment to explain, seconds from its start (default: the query's best)")
     text: Texts = Field(default_factory=list, description="Texts to look for (one or a list)")
     image: Base64Images = Field(default_factory=list, description="Images as base64 (a data: URL prefix is allowed)")
     like: ItemIds = Field(default_factory=list, description="Ids of indexed items")
@@ -63,6 +65,7 @@ class ExplainOut(BaseModel):
     rows: int
     cols: int
     grid: list[list[float]] = Field(description="rows x cols cosines of each part of the image with the query, top row first")
+    timestamp: float | None = Field(None, description="A video: the time of the frame explained, seconds from its start")
 
 
 def add_explain_routes(api: APIRouter, service: SearchService, max_upload_bytes: int,
@@ -71,7 +74,7 @@ def add_explain_routes(api: APIRouter, service: SearchService, max_upload_bytes:
         images = [decode_base64_image(image) for image in request.image]
         if sum(len(image) for image in images) > max_upload_bytes:
             raise HTTPException(413, f"images larger than the server's limit of {max_upload_bytes} bytes")
-        return service.explain(request.to_query(images), request.item_id)
+        return service.explain(request.to_query(images), request.item_id, request.timestamp)
 
     @api.post("/explain", response_model=ExplainOut, tags=["search"], responses=errors(400, 404, 413, 422, 503))
     def explain(request: ExplainRequest) -> ExplainOut:

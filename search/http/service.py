@@ -69,10 +69,10 @@ class SearchService:
             raise ItemNotFound(item_id)
         return item
 
-    def explain(self, query: Query, item_id: int) -> Explanation:
-        """`Library.explain` of an indexed image, the model run one call at a time."""
+    def explain(self, query: Query, item_id: int, timestamp: float | None = None) -> Explanation:
+        """`Library.explain` of an indexed image (or a video at `timestamp`), the model run one call at a time."""
         with self._model_lock:
-            return self.library.explain(query, item_id)
+            return self.library.explain(query, item_id, timestamp=timestamp)
 
     def load_model(self) -> None:
         """Load the model now rather than on the first request."""

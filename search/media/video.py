@@ -261,6 +261,15 @@ def video_frame_jpeg(path: str | Path, seconds: float, size: int = 256, quality:
     """The frame at `seconds` (the first decodable one at or after it) as a JPEG whose longer side is at most `size`."""
     import io
 
+    image, _ = video_frame(path, seconds, size)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def video_frame(path: str | Path, seconds: float, size: int = 256) -> tuple[Image.Image, float]:
+    """The frame at `seconds` (the first decodable one at or after it), upright, its longer side at
+    most `size`, and its own time in seconds."""
     av = _av()
     name = str(path)
     try:
@@ -273,13 +282,11 @@ def video_frame_jpeg(path: str | Path, seconds: float, size: int = 256, quality:
             holder = SampledVideo()
             for frame in container.decode(stream):
                 if frame.time is not None and frame.time + 1e-3 >= seconds:
-                    image = _picture(frame, size, holder)
+                    image, shown_at = _picture(frame, size, holder), float(frame.time)
                     break
             else:
                 raise UnreadableVideo(name, f"no frame at {seconds:g} s")
     except av.FFmpegError as error:
         raise UnreadableVideo(name, f"cannot decode the video ({_reason(error)})") from None
     image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
+    return image, shown_at

@@ -186,6 +186,8 @@ function hitCard(hit) {
     image.alt = `${name} at ${clock(hit.timestamp)}`;
     card.append(image, playButton(hit, image));
     loadThumbnail(image, hit.id, `&t=${hit.timestamp}`);
+    card.dataset.timestamp = hit.timestamp;
+    if (state.explain) showExplanation(card, image);
   } else {
     const quote = document.createElement("blockquote");
     quote.textContent = hit.text;
@@ -336,6 +338,7 @@ async function showExplanation(card, image) {
   image.dataset.explaining = "1";
   try {
     const body = { item_id: Number(card.dataset.id), ...(await explainTerms(request)) };
+    if (card.dataset.timestamp) body.timestamp = Number(card.dataset.timestamp);  // a video: its frame at the moment
     const response = await api(`explain/overlay?size=${2 * THUMBNAIL_SIZE}`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
@@ -355,7 +358,7 @@ async function showExplanation(card, image) {
 
 function toggleExplanations() {
   state.explain = $("explain-toggle").checked;
-  for (const card of $("results").querySelectorAll(".hit[data-kind=image]")) {
+  for (const card of $("results").querySelectorAll(".hit[data-kind=image], .hit[data-kind=video]")) {
     const image = card.querySelector("img");
     if (state.explain) {
       showExplanation(card, image);
