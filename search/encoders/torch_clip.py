@@ -140,6 +140,9 @@ class TorchClipEncoder(ImageTextEncoder):
             from clipdex.search.encoders.weights import ensure_weights
 
             ensure_weights(spec)  # offline: fails at once, in one line, rather than after a minute of retries
+        from clipdex.search.encoders.hf_files import ensure_hf_text_files
+
+        ensure_hf_text_files(spec)  # a multilingual model's text tower: transformers, its config and tokenizer
         if not spec.checkpoint_verified():
             raise ModelUnavailable(
                 f"checkpoint file {spec.checkpoint} is not the one this library was built with "
@@ -210,6 +213,11 @@ class TorchClipEncoder(ImageTextEncoder):
     def context_length(self) -> int:
         self.load()
         return int(getattr(self._tokenizer, "context_length", 77))
+
+    @property
+    def open_clip_tokenizer(self) -> Any:
+        """open_clip's tokenizer of the loaded model (`HFTokenizer` for a Hugging Face text tower)."""
+        return self.load()._tokenizer
 
     # -- encoding ----------------------------------------------------------------
 
