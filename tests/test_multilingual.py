@@ -198,3 +198,24 @@ def test_without_transformers_the_error_names_the_extra(hf_model: ModelSpec, mon
 ])
 def test_the_language_is_detected_from_the_script(text: str, language: str) -> None:
     assert detect_language(text) == language
+
+
+@pytest.mark.parametrize("preset, name, tag", [
+    ("multilingual", "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+    ("multilingual-large", "xlm-roberta-large-ViT-H-14", "frozen_laion5b_s13b_b90k"),
+    ("multilingual-nllb", "nllb-clip-base-siglip", "v1"),
+])
+def test_presets_name_open_clips_multilingual_models(preset: str, name: str, tag: str) -> None:
+    import open_clip
+
+    from clipdex.cli.common import model_spec
+
+    assert model_spec(preset, None) == ModelSpec(name, tag)
+    assert tag in open_clip.list_pretrained_tags_by_model(name)
+
+
+def test_a_preset_offline_says_which_tower_files_to_fetch(tmp_path: Path) -> None:
+    done = runner.invoke(app, ["embed", "--text", "红色的圆", "--model", "multilingual", "--library", str(tmp_path / "lib")])
+    line = one_line_error(done)
+    assert "model xlm-roberta-base-ViT-B-32 cannot load its text tower" in line
+    assert "hf download xlm-roberta-base config.json tokenizer.json" in line
