@@ -31,6 +31,13 @@ from clipdex.search.library import Library
 from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
 
+LangOption = typer.Option(
+    None, "--lang", metavar="CODE",
+    help="The query's language as an NLLB code (zho_Hans, spa_Latn, eng_Latn...), for models whose text tower "
+         "takes one (multilingual-nllb); detected from the text's script when not given; other models ignore it",
+    show_default=False,
+)
+
 Kind = Literal["image", "text", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
 
 
@@ -65,6 +72,7 @@ def search(
     library: Optional[Path] = LibraryOption,
     device: Device = DeviceOption,
     runtime: Runtime = RuntimeOption,
+    lang: Optional[str] = LangOption,
 ) -> None:
     """Search by text, image, item or vector - or a weighted mix of them."""
     if json_output:
@@ -76,8 +84,11 @@ def search(
         k=k, offset=offset, threshold=threshold,
         kind=kind, path=path, after=after, before=before, min_width=min_width, min_height=min_height,
     )
+    from clipdex.search.encoders.hf_tokenizer import query_language
+
     lib = open_library(library, device=device, runtime=runtime)
-    hits = lib.search(query)
+    with query_language(lang):
+        hits = lib.search(query)
     render_hits(hits, format, null=null, html_out=html_out, title=_title(text, image, like, minus))
 
 
@@ -97,13 +108,17 @@ def embed(
     device: Device = DeviceOption,
     runtime: Runtime = RuntimeOption,
     json_output: bool = JsonOption,
+    lang: Optional[str] = LangOption,
 ) -> None:
     """Print the normalized vector of a text or an image (the library's model unless --model is given)."""
     if (text is None) == (image is None):
         raise ClipdexError("give exactly one of --text or --image")
     encoder = encoder_for(library, model, pretrained, device, runtime)
     if text is not None:
-        vector = encoder.encode_texts([text])[0]
+        from clipdex.search.encoders.hf_tokenizer import query_language
+
+        with query_language(lang):
+            vector = encoder.encode_texts([text])[0]
     else:
         from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 

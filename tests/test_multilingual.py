@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 pytest.importorskip("transformers")
 
 from clipdex.cli.main import app  # noqa: E402
-from clipdex.search.encoders.hf_tokenizer import HfTokenizer, detect_language  # noqa: E402
+from clipdex.search.encoders.hf_tokenizer import HfTokenizer, detect_language, query_language  # noqa: E402
 from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 from clipdex.search.encoders.onnx_text import EXPORT_FOLDER, SETTINGS_FILE, OnnxTextEncoder, load_text_export  # noqa: E402
 from clipdex.search.encoders.torch_clip import TorchClipEncoder  # noqa: E402
@@ -219,3 +219,72 @@ def test_a_preset_offline_says_which_tower_files_to_fetch(tmp_path: Path) -> Non
     line = one_line_error(done)
     assert "model xlm-roberta-base-ViT-B-32 cannot load its text tower" in line
     assert "hf download xlm-roberta-base config.json tokenizer.json" in line
+
+
+NLLB_CODES = ["eng_Latn", "zho_Hans", "spa_Latn", "rus_Cyrl", "jpn_Jpan", "kor_Hang"]
+
+
+@pytest.fixture(scope="module")
+def nllb_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """An NLLB-style model: an M2M100 encoder and a tokenizer that leads each text with a language code."""
+    import open_clip
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-nllb")
+    tower = folder / "tower"
+    tower.mkdir()
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tokenizer.add_special_tokens(NLLB_CODES + ["<mask>"])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="eng_Latn $A </s>", pair="eng_Latn $A $B </s>",
+        special_tokens=[("eng_Latn", tokenizer.token_to_id("eng_Latn")), ("</s>", 2)])
+    tokenizer.save(str(tower / "tokenizer.json"))
+    (tower / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "NllbTokenizer", "src_lang": "eng_Latn", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>", "sep_token": "</s>", "cls_token": "<s>",
+        "additional_special_tokens": NLLB_CODES, "model_max_length": 512, "legacy_behaviour": False}))
+    (tower / "config.json").write_text(json.dumps({
+        "model_type": "m2m_100", "vocab_size": tokenizer.get_vocab_size(), "d_model": 32, "encoder_layers": 1,
+        "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64, "max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+        "decoder_start_token_id": 2, "is_encoder_decoder": True, "scale_embedding": True}))
+    config = hf_model_config(tower)
+    config["text_cfg"].update(hf_proj_type="linear", hf_pooler_type="cls_pooler")
+    path = folder / "tiny-nllb-clip.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-nllb-clip", pretrained=None, pretrained_hf=False)
+    torch.save({"state_dict": model.state_dict()}, folder / "tiny-nllb-clip.pt")
+    return ModelSpec(str(path), str(folder / "tiny-nllb-clip.pt"))
+
+
+def test_nllb_texts_lead_with_their_language_detected_or_given(nllb_model: ModelSpec, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    library = Library.open(tmp_path / "nllb", model=nllb_model, create=True, device="cpu")
+    detected = library.encode_text("红色的圆")  # loads the model once, and exports its text tower
+    settings = json.loads((library.path / EXPORT_FOLDER / SETTINGS_FILE).read_text())
+    assert settings["languages"] and settings["tokenizer"] == "hf"
+    reopened = Library.open(library.path)
+    exported = reopened.text_encoder()
+    assert isinstance(exported, OnnxTextEncoder)
+    codes = Tokenizer.from_file(str(library.path / EXPORT_FOLDER / "tokenizer.json")).token_to_id
+    assert exported.tokenize(["红色的圆"])[0, 0] == codes("zho_Hans")
+    assert exported.tokenize(["a red circle"])[0, 0] == codes("eng_Latn")
+    torch_model = TorchClipEncoder(nllb_model.resolve(), "cpu").load()
+    assert float(reopened.encode_text("红色的圆") @ detected) >= 0.999
+    with query_language("spa_Latn"):
+        assert exported.tokenize(["红色的圆"])[0, 0] == codes("spa_Latn")
+        given = reopened.encode_text("红色的圆")
+        assert float(given @ torch_model.encode_texts(["红色的圆"])[0]) >= 0.999
+    assert float(given @ detected) < 0.999  # another language code, another vector
+    assert reopened.catalog.cached_query("[spa_Latn] 红色的圆") is not None
+    assert np.allclose(reopened.catalog.cached_query("红色的圆"), detected, atol=1e-5)
+    assert not reopened.encoders.model_loaded

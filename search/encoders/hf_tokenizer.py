@@ -9,16 +9,20 @@ tokenizer is a `tokenizers.Tokenizer` underneath, so the one saved from the load
 (`tokenizer.json`) gives the same ids here; `clipdex.search.encoders.text_export` checks
 that it does on its probe texts before an export is used.
 
-NLLB towers start every text with a language code (`zho_Hans`, `spa_Latn`): `language`
-names it, or it is detected from the text's script (`detect_language`).
+NLLB towers start every text with a language code (`zho_Hans`, `spa_Latn`): the one set
+with `query_language` (`clipdex search --lang`), else the one detected from the text's
+script (`detect_language`). The torch path (`TorchClipEncoder.tokenize`) does the same, so
+stored texts and queries agree.
 """
 
 from __future__ import annotations
 
 import html
 import unicodedata
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -61,6 +65,30 @@ DECIDING_SCRIPTS = ("HIRAGANA", "KATAKANA", "HANGUL")
 DEFAULT_LANGUAGE = "eng_Latn"
 
 
+# The language code set for this thread's or task's queries (None: detect each text's).
+_query_language: ContextVar[str | None] = ContextVar("clipdex_query_language", default=None)
+
+
+@contextmanager
+def query_language(code: str | None) -> Iterator[None]:
+    """Texts encoded within take `code` as their NLLB language (None: detected from each text)."""
+    token = _query_language.set(code)
+    try:
+        yield
+    finally:
+        _query_language.reset(token)
+
+
+def language_for(text: str) -> str:
+    """The NLLB language code a text is encoded with: `query_language`'s, else detected."""
+    return _query_language.get() or detect_language(text)
+
+
+def current_query_language() -> str | None:
+    """The code `query_language` set, or None."""
+    return _query_language.get()
+
+
 def detect_language(text: str, default: str = DEFAULT_LANGUAGE) -> str:
     """The NLLB language code of `text` from its script: 红色的圆 → zho_Hans, ひらがな → jpn_Jpan,
     кошка → rus_Cyrl; Latin script (and no letters at all) → `default`."""
@@ -95,7 +123,7 @@ class HfTokenizer:
     """A Hugging Face fast tokenizer's `tokenizer.json` with open_clip's cleaning, truncation and padding.
 
     `languages`: the tokenizer takes an NLLB language code as its first token; each text's is
-    `language` when given, else `detect_language`'s.
+    `language` when given, else `language_for`'s.
     """
 
     def __init__(self, path: Path, context_length: int, pad_id: int, cleaning: str = "whitespace",
@@ -127,7 +155,7 @@ class HfTokenizer:
         """The language code this tokenizer puts before `text` (None: not an NLLB tokenizer)."""
         if not self.languages:
             return None
-        return self.language or detect_language(text)
+        return self.language or language_for(text)
 
     def token_lists(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's ids with the tokenizer's special tokens, truncated to the context length."""

@@ -257,7 +257,25 @@ class TorchClipEncoder(ImageTextEncoder):
 
     def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
         self.load()
-        return self._tokenizer(list(texts))
+        tokenizer = self._tokenizer
+        if callable(getattr(tokenizer, "set_lang_fn", None)) and texts:  # NLLB: each text led by its language code
+            import torch
+
+            from clipdex.search.encoders.hf_tokenizer import language_for
+
+            rows = []
+            fast = tokenizer.tokenizer
+            for text in texts:
+                language = language_for(text)
+                tokenizer.set_language(language)
+                row = tokenizer([text])
+                if not getattr(fast, "legacy_behaviour", False):
+                    # transformers 5's NllbTokenizer keeps the template it was loaded with (eng_Latn first)
+                    # whatever set_src_lang_special_tokens sets: the code leads the text, as NLLB-CLIP was trained
+                    row[:, 0] = int(fast.convert_tokens_to_ids(language))
+                rows.append(row)
+            return torch.cat(rows)
+        return tokenizer(list(texts))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         import torch
