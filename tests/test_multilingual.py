@@ -288,3 +288,9 @@ def test_nllb_texts_lead_with_their_language_detected_or_given(nllb_model: Model
     assert reopened.catalog.cached_query("[spa_Latn] 红色的圆") is not None
     assert np.allclose(reopened.catalog.cached_query("红色的圆"), detected, atol=1e-5)
     assert not reopened.encoders.model_loaded
+
+
+def test_random_weights_never_fetch_the_towers_pretrained_weights(hf_model: ModelSpec) -> None:
+    """`--pretrained none`: the tower's folder has no weights, and none are looked for."""
+    encoder = TorchClipEncoder(ModelSpec(hf_model.name, "none").resolve(), "cpu").load()
+    assert encoder.encode_texts(["红色的圆"]).shape == (1, 32)

@@ -151,7 +151,7 @@ class TorchClipEncoder(ImageTextEncoder):
         try:
             with _weights_left_uninitialized(_loads_every_weight(spec.name, pretrained)):
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.name, pretrained=pretrained, device=device, precision=precision
+                    spec.name, pretrained=pretrained, device=device, precision=precision, **_random_tower(spec, pretrained)
                 )
         except RuntimeError as error:
             message = str(error)
@@ -297,6 +297,14 @@ class TorchClipEncoder(ImageTextEncoder):
         if encode is None:
             return 0
         return len(encode(text)) + 2
+
+
+def _random_tower(spec: ResolvedModel, pretrained: str | None) -> dict[str, Any]:
+    """Random weights (`--pretrained none`) for a Hugging Face text tower too: open_clip would
+    otherwise fetch the tower's pretrained weights (xlm-roberta-base's, say) into the random model."""
+    from clipdex.search.encoders.hf_files import hf_text_names
+
+    return {"pretrained_hf": False} if not pretrained and hf_text_names(spec) is not None else {}
 
 
 def _normalized_numpy(features: "torch.Tensor") -> np.ndarray:
