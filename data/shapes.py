@@ -493,6 +493,19 @@ WORDINGS: dict[str, Wording] = {"zh": _CHINESE, "es": _SPANISH}
 LANGUAGES: tuple[str, ...] = ("en", *WORDINGS)
 
 
+def mixed_query(label: str, mix: str = "zh+en") -> str:
+    """A short query that mixes two languages: "红色的 circle" (zh+en), "a circle rojo" (en+es)."""
+    colour, shape = label.split(" ")
+    if mix == "zh+en":
+        return f"{WORDINGS['zh'].colours[colour][0]}的 {shape}"
+    if mix == "en+es":
+        return _with_articles(f"a {shape} {WORDINGS['es'].colours[colour][0]}")
+    raise ValueError(f"unknown mix {mix!r}: zh+en or en+es")
+
+
+MIXES: tuple[str, ...] = ("zh+en", "en+es")
+
+
 def short_query(label: str, language: str = "en") -> str:
     """The short query for a class label in a language: "a red circle", "红色的圆", "un círculo rojo"."""
     if language == "en":
