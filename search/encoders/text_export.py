@@ -24,12 +24,11 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from clipdex.search.atomic import write_json_atomic
-from typing import Any
-
 from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
 from clipdex.search.encoders.hf_tokenizer import CLEANINGS, TOKENIZER_FILE, HfTokenizer
 from clipdex.search.encoders.onnx_text import (
