@@ -77,10 +77,10 @@ class Settings:
     """Training hyper-parameters (defaults are the shipped model's)."""
 
     seed: int = 0
-    images: int = 12000
+    images: int = 16000
     captions_per_image: int = 4  # per language
     languages: tuple[str, ...] = shapes.LANGUAGES
-    steps: int = 1800
+    steps: int = 2400
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100
