@@ -18,7 +18,7 @@ import typer
 from clipdex.search.catalog.types import database_errors
 from clipdex.search.errors import ClipdexError, LibraryNotFound
 from clipdex.search.library import Library
-from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+from clipdex.search.encoders.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, MODEL_PRESETS, ModelSpec
 
 
 
@@ -96,8 +96,9 @@ LibraryOption = typer.Option(
 )
 ModelOption = typer.Option(
     None, "--model",
-    help=f"open_clip model name, model-config JSON file, or '{DEMO_MODEL}' (the small demo model shipped with clipdex, "
-         f"offline: it knows coloured shapes only) [default: the library's, else {DEFAULT_MODEL}]",
+    help=f"open_clip model name, model-config JSON file, '{DEMO_MODEL}' (the small demo model shipped with clipdex, "
+         f"offline: it knows coloured shapes only), or {', '.join(MODEL_PRESETS)} (open_clip's multilingual models) "
+         f"[default: the library's, else {DEFAULT_MODEL}]",
     show_default=False,
 )
 PretrainedOption = typer.Option(
@@ -211,6 +212,9 @@ def model_spec(model: Optional[str], pretrained: Optional[str]) -> Optional[Mode
     if model == DEMO_MODEL:
         config, weights = demo_model_files()
         return ModelSpec(str(config), pretrained or str(weights))
+    if model in MODEL_PRESETS:
+        name, tag = MODEL_PRESETS[model]
+        return ModelSpec(name, pretrained or tag)
     if model is not None and pretrained is None and model != DEFAULT_MODEL:
         raise ClipdexError(
             f"--model {model} needs --pretrained: a pretrained tag, a local checkpoint file, "

@@ -32,6 +32,13 @@ from clipdex.search.library import Library
 from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.query import Query
 
+LangOption = typer.Option(
+    None, "--lang", metavar="CODE",
+    help="The query's language as an NLLB code (zho_Hans, spa_Latn, eng_Latn...), for models whose text tower "
+         "takes one (multilingual-nllb); detected from the text's script when not given; other models ignore it",
+    show_default=False,
+)
+
 PreviewChoice = Literal["auto", "kitty", "iterm", "sixel", "blocks"]
 Kind = Literal["image", "text", "video", "any"]  # the query's KIND_CHOICES (tests/test_cli_conventions.py)
 Mode = Literal["hybrid", "semantic", "keyword"]  # the query's MODE_CHOICES
@@ -102,6 +109,7 @@ def search(
     library: Optional[Path] = LibraryOption,
     device: Device = DeviceOption,
     runtime: Runtime = RuntimeOption,
+    lang: Optional[str] = LangOption,
 ) -> None:
     """Search by text, image, item or vector - or a weighted mix of them."""
     if json_output:
@@ -115,8 +123,11 @@ def search(
         k=k, offset=offset, threshold=threshold, per_video=per_video, mode=mode, sort=sort, confident=confident,
         kind=kind, path=path, after=after, before=before, min_width=min_width, min_height=min_height,
     )
+    from clipdex.search.encoders.hf_tokenizer import query_language
+
     lib = open_library(library, device=device, runtime=runtime)
-    hits = lib.search(query)
+    with query_language(lang):
+        hits = lib.search(query)
     if preview is not None and hits:
         from clipdex.cli.preview import choose_protocol, print_preview
 
@@ -143,13 +154,17 @@ def embed(
     device: Device = DeviceOption,
     runtime: Runtime = RuntimeOption,
     json_output: bool = JsonOption,
+    lang: Optional[str] = LangOption,
 ) -> None:
     """Print the normalized vector of a text or an image (the library's model unless --model is given)."""
     if (text is None) == (image is None):
         raise ClipdexError("give exactly one of --text or --image")
     encoder = encoder_for(library, model, pretrained, device, runtime)
     if text is not None:
-        vector = encoder.encode_texts([text])[0]
+        from clipdex.search.encoders.hf_tokenizer import query_language
+
+        with query_language(lang):
+            vector = encoder.encode_texts([text])[0]
     else:
         from clipdex.search.media.imaging import MAX_QUERY_IMAGE_PIXELS, decode_image
 

@@ -5,7 +5,9 @@ Loads the model exactly like the app (``open_clip.add_model_config`` +
 a seed the training never used, and prints:
 
 1. text -> image precision@10 for "a <colour> <shape>" queries (over the
-   classes with at least 10 held-out images; mean and worst query);
+   classes with at least 10 held-out images; mean and worst query), and
+   precision@5 per caption language ("a red circle", "红色的圆", "un círculo rojo") and
+   for queries that mix two ("红色的 circle", "a circle rojo");
 2. image -> text zero-shot top-1 accuracy against the colour x shape labels
    ("a photo of a <colour> <shape>" prompts, and bare "a <colour> <shape>");
 3. recall@1/5/10 both ways on the held-out captions (``clipdex.search.analysis.evaluate``);
@@ -84,6 +86,21 @@ def precision_at_k(image_vectors: np.ndarray, labels: np.ndarray, encoder: Encod
     }
 
 
+def precision_per_language(image_vectors: np.ndarray, labels: np.ndarray, encoder: Encoder, k: int = 5) -> dict[str, Any]:
+    """Text -> image precision@k of the short query for each class, in each caption language."""
+    queries = [label for label in shapes.class_labels() if (labels == label).sum() >= k]
+    results: dict[str, Any] = {}
+    for language in (*shapes.LANGUAGES, *shapes.MIXES):
+        texts = [shapes.short_query(label, language) if language in shapes.LANGUAGES else shapes.mixed_query(label, language)
+                 for label in queries]
+        top = np.argsort(-(encoder.texts(texts) @ image_vectors.T), axis=1, kind="stable")[:, :k]
+        per_query = [float((labels[top[i]] == label).mean()) for i, label in enumerate(queries)]
+        worst = int(np.argmin(per_query))
+        results[language] = {"mean": float(np.mean(per_query)), "worst": per_query[worst], "worst_query": texts[worst],
+                             "queries": len(queries)}
+    return results
+
+
 def zero_shot_accuracy(image_vectors: np.ndarray, labels: np.ndarray, encoder: Encoder, template: str) -> float:
     """Image -> text top-1 accuracy against all colour x shape prompts."""
     classes = np.asarray(shapes.class_labels())
@@ -144,6 +161,7 @@ def measure(model_dir: Path, count: int, seed: int) -> dict[str, Any]:
     return {
         "held_out": {"images": len(names), "captions": len(captions), "seed": seed},
         f"text_to_image_precision@{PRECISION_K}": precision_at_k(image_vectors, labels, encoder, PRECISION_K),
+        "precision@5_per_language": precision_per_language(image_vectors, labels, encoder),
         "zero_shot_top1": {
             "a photo of a {}": zero_shot_accuracy(image_vectors, labels, encoder, "a photo of a {}"),
             "a {}": zero_shot_accuracy(image_vectors, labels, encoder, "a {}"),
@@ -163,6 +181,9 @@ def _report(results: dict[str, Any]) -> str:
         f"text->image precision@{PRECISION_K} ('a <colour> <shape>', {prec['queries']} queries): "
         f"mean {prec['mean']:.3f}, worst {prec['worst']:.2f} ({prec['worst_query']!r})",
         *(f"zero-shot top-1 ({template!r}): {accuracy:.3f}" for template, accuracy in zero.items()),
+        *(f"text->image precision@5 in {language} ({figures['queries']} queries): "
+          f"mean {figures['mean']:.3f}, worst {figures['worst']:.2f} ({figures['worst_query']!r})"
+          for language, figures in results["precision@5_per_language"].items()),
     ]
     for direction in ("image_to_text", "text_to_image"):
         figures = ", ".join(f"{k} {v:.3f}" for k, v in recall[direction].items())

@@ -33,13 +33,15 @@ echo "== Generating a 12-second video of four scenes and a RAW photo (DNG, store
 SCENE=$(sed -n '3p' "$DEMO/video-scenes.txt" | cut -f3)
 RAW_CAPTION=$(cut -f2 "$DEMO/raw-photo.txt")
 sed 's/^/a photo of a /' "$DEMO/labels.txt" > "$DEMO/captions.txt"
+# The same labels in Chinese ("红色的圆"): a text corpus that English queries find (the model is trilingual).
+"$PY" -c "import sys; sys.path.insert(0, 'data'); import shapes; print('\n'.join(shapes.short_query(l, 'zh') for l in shapes.class_labels()))" > "$DEMO/labels-zh.txt"
 
 echo
 echo "== clipdex index $DEMO/photos"
 "$CLIPDEX" index "$DEMO/photos" --library "$LIB" --model "$MODEL" --pretrained "$WEIGHTS"
 echo
-echo "== clipdex index-texts $DEMO/captions.txt"
-"$CLIPDEX" index-texts "$DEMO/captions.txt" --library "$LIB"
+echo "== clipdex index-texts $DEMO/captions.txt $DEMO/labels-zh.txt (English and Chinese texts)"
+"$CLIPDEX" index-texts "$DEMO/captions.txt" "$DEMO/labels-zh.txt" --library "$LIB"
 
 echo
 echo "== text -> image: clipdex search \"a red circle\" --kind image -k 5"
@@ -52,6 +54,17 @@ echo "   (party.mp4 shows it from 00:06 to 00:09: see $DEMO/video-scenes.txt)"
 echo
 echo "== a RAW photo: clipdex search \"$RAW_CAPTION\" -k 3"
 "$CLIPDEX" search "$RAW_CAPTION" -k 3 --library "$LIB"
+echo "== the same in Chinese and in Spanish: clipdex search \"红色的圆\" / \"un círculo rojo\" --kind image -k 5"
+echo "   (the demo model was trained on captions in English, Chinese and Spanish: the same red circles come back)"
+"$CLIPDEX" search "红色的圆" --kind image -k 5 --library "$LIB"
+"$CLIPDEX" search "un círculo rojo" --kind image -k 5 --library "$LIB"
+echo
+echo "== a query that mixes languages: clipdex search \"红色的 circle\" --kind image -k 5"
+"$CLIPDEX" search "红色的 circle" --kind image -k 5 --library "$LIB"
+
+echo
+echo "== an English query finds the Chinese texts: clipdex search \"a blue star\" --kind text -k 3"
+"$CLIPDEX" search "a blue star" --kind text -k 3 --library "$LIB"
 
 QUERY_IMAGE=$(ls "$DEMO/photos"/*.jpg | head -n 1)
 echo

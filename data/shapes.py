@@ -15,6 +15,11 @@ Captions come from several templates with a few synonyms ("small"/"tiny"/
 "little", "large"/"big", "gray"/"grey"), and the first caption of every image
 is always the canonical one, e.g. "a small red circle on a blue background".
 
+Captions come in English, Chinese and Spanish (``LANGUAGES``): each language has its own
+templates and words (Spanish adjectives agree with the shape's gender), and ``generate(...,
+languages=...)`` adds every further language's captions after the English ones, drawn from
+a random stream of their own, so the English captions and the images do not change.
+
 Images are named after what they show, e.g. ``0007-red-circle-on-blue.jpg``,
 and ``class_label`` recovers the short label ("red circle") from such a name.
 The module uses only PIL and numpy, so tests can import it cheaply.
@@ -31,7 +36,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -348,13 +353,208 @@ def canonical_caption(scene: Scene) -> str:
     return _with_articles(text)
 
 
-def describe(scene: Scene, rng: np.random.Generator, count: int) -> list[str]:
-    """``count`` distinct captions: the canonical one, then random templates."""
+def describe(scene: Scene, rng: np.random.Generator, count: int, language: str = "en") -> list[str]:
+    """``count`` distinct captions in ``language``: the canonical one, then random templates."""
+    if language != "en":
+        return WORDINGS[language].describe(scene, rng, count)
     captions = [canonical_caption(scene)]
     others = rng.permutation(len(TEMPLATES) - 1) + 1
     for index in others[: max(count - 1, 0)]:
         captions.append(caption(scene, TEMPLATES[int(index)], rng))
     return captions[:count]
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How one language other than English words a scene.
+
+    Words are tuples of synonyms (one drawn per caption; the first is the canonical one).
+    ``colours`` and ``sizes`` hold a masculine and a feminine form for languages whose
+    adjectives agree with the noun (Spanish); ``genders`` names each shape's gender ("m"
+    or "f"), and ``articles`` the indefinite article per gender.
+    """
+
+    templates: tuple[str, ...]
+    colours: dict[str, tuple[str, str]]
+    shapes: dict[str, tuple[str, ...]]
+    sizes: dict[str, tuple[tuple[str, str], ...]]
+    backgrounds: dict[str, str]
+    positions: dict[str, str]
+    textures: dict[str, str]
+    genders: dict[str, str]
+    articles: dict[str, str]
+    full_stop: str
+    short_query: str
+
+    def _fill(self, scene: Scene, template: str, rng: np.random.Generator | None) -> str:
+        def pick(options: Sequence[Any]) -> Any:
+            return options[0] if rng is None else _choice(rng, options)
+
+        gender = 0 if self.genders.get(scene.shape, "m") == "m" else 1
+        bg = self.backgrounds[scene.background]
+        return template.format(
+            size=pick(self.sizes[scene.size])[gender],
+            colour=self.colours[scene.colour][gender],
+            shape=pick(self.shapes[scene.shape]),
+            article=self.articles["m" if gender == 0 else "f"],
+            bg=bg,
+            textured_bg=self.textures[scene.texture].format(bg=bg),
+            position=self.positions[scene.position],
+        )
+
+    def describe(self, scene: Scene, rng: np.random.Generator, count: int) -> list[str]:
+        captions = [self._fill(scene, self.templates[0], None)]
+        for index in (rng.permutation(len(self.templates) - 1) + 1)[: max(count - 1, 0)]:
+            text = self._fill(scene, self.templates[int(index)], rng)
+            captions.append(text + self.full_stop if rng.random() < 0.25 else text)
+        return captions[:count]
+
+    def label(self, colour: str, shape: str) -> str:
+        """The short query for a colour and shape, e.g. "红色的圆", "un círculo rojo"."""
+        scene = Scene(colour, shape, "gray", "plain", "small", "in the center", (0.5, 0.5), 0.3, 0.0)
+        return self._fill(scene, self.short_query, None)
+
+
+_CHINESE = Wording(
+    templates=(
+        "{bg}背景上的一个{size}{colour}{shape}",
+        "{bg}背景上的{colour}{shape}",
+        "{colour}的{shape}",
+        "一个{colour}的{shape}",
+        "{colour}{shape}",
+        "一张{colour}{shape}的照片",
+        "一张{size}{colour}{shape}的照片",
+        "{position}的一个{size}{colour}{shape}",
+        "{colour}{shape}在{position}，{bg}背景",
+        "{textured_bg}背景上的{size}{colour}{shape}",
+        "一个{colour}{shape}在{position}",
+    ),
+    colours={
+        "red": ("红色", "红色"),
+        "green": ("绿色", "绿色"),
+        "blue": ("蓝色", "蓝色"),
+        "yellow": ("黄色", "黄色"),
+        "purple": ("紫色", "紫色"),
+        "orange": ("橙色", "橙色"),
+        "white": ("白色", "白色"),
+        "black": ("黑色", "黑色"),
+    },
+    shapes={
+        "circle": ("圆", "圆形"),
+        "square": ("正方形", "方块"),
+        "triangle": ("三角形",),
+        "star": ("星星", "五角星"),
+        "cross": ("十字", "十字形"),
+    },
+    sizes={"small": (("小", "小"),), "large": (("大", "大"),)},
+    backgrounds={
+        "gray": "灰色", "white": "白色", "black": "黑色", "blue": "蓝色", "green": "绿色", "brown": "棕色",
+    },
+    positions={
+        "in the top left corner": "左上角",
+        "at the top": "上方",
+        "in the top right corner": "右上角",
+        "on the left": "左边",
+        "in the center": "中间",
+        "on the right": "右边",
+        "in the bottom left corner": "左下角",
+        "at the bottom": "下方",
+        "in the bottom right corner": "右下角",
+    },
+    textures={
+        "plain": "纯{bg}",
+        "vertical gradient": "{bg}竖向渐变",
+        "horizontal gradient": "{bg}横向渐变",
+        "speckled": "{bg}斑点",
+    },
+    genders={},
+    articles={"m": "", "f": ""},
+    full_stop="。",
+    short_query="{colour}的{shape}",
+)
+
+_SPANISH = Wording(
+    templates=(
+        "{article} {shape} {colour} {size} sobre un fondo {bg}",
+        "{article} {shape} {colour} sobre un fondo {bg}",
+        "{article} {shape} {colour}",
+        "una foto de {article} {shape} {colour} {size}",
+        "una foto de {article} {shape} {colour}",
+        "{article} {shape} {colour} {size} {position}",
+        "{article} {shape} {colour} {position} sobre un fondo {bg}",
+        "un fondo {bg} con {article} {shape} {colour}",
+        "{shape} {colour}, {size}, sobre fondo {bg}",
+        "una imagen de {article} {shape} {colour} {position}",
+        "{article} {shape} {colour} {size} sobre un fondo {textured_bg}",
+    ),
+    colours={
+        "red": ("rojo", "roja"),
+        "green": ("verde", "verde"),
+        "blue": ("azul", "azul"),
+        "yellow": ("amarillo", "amarilla"),
+        "purple": ("morado", "morada"),
+        "orange": ("naranja", "naranja"),
+        "white": ("blanco", "blanca"),
+        "black": ("negro", "negra"),
+    },
+    shapes={
+        "circle": ("círculo",),
+        "square": ("cuadrado",),
+        "triangle": ("triángulo",),
+        "star": ("estrella",),
+        "cross": ("cruz",),
+    },
+    sizes={"small": (("pequeño", "pequeña"), ("chico", "chica")), "large": (("grande", "grande"),)},
+    backgrounds={
+        "gray": "gris", "white": "blanco", "black": "negro", "blue": "azul", "green": "verde", "brown": "marrón",
+    },
+    positions={
+        "in the top left corner": "en la esquina superior izquierda",
+        "at the top": "arriba",
+        "in the top right corner": "en la esquina superior derecha",
+        "on the left": "a la izquierda",
+        "in the center": "en el centro",
+        "on the right": "a la derecha",
+        "in the bottom left corner": "en la esquina inferior izquierda",
+        "at the bottom": "abajo",
+        "in the bottom right corner": "en la esquina inferior derecha",
+    },
+    textures={
+        "plain": "{bg} liso",
+        "vertical gradient": "{bg} con degradado vertical",
+        "horizontal gradient": "{bg} con degradado horizontal",
+        "speckled": "{bg} moteado",
+    },
+    genders={"circle": "m", "square": "m", "triangle": "m", "star": "f", "cross": "f"},
+    articles={"m": "un", "f": "una"},
+    full_stop=".",
+    short_query="{article} {shape} {colour}",
+)
+
+#: Caption languages: English (the templates above) first, then the others' wordings.
+WORDINGS: dict[str, Wording] = {"zh": _CHINESE, "es": _SPANISH}
+LANGUAGES: tuple[str, ...] = ("en", *WORDINGS)
+
+
+def mixed_query(label: str, mix: str = "zh+en") -> str:
+    """A short query that mixes two languages: "红色的 circle" (zh+en), "a circle rojo" (en+es)."""
+    colour, shape = label.split(" ")
+    if mix == "zh+en":
+        return f"{WORDINGS['zh'].colours[colour][0]}的 {shape}"
+    if mix == "en+es":
+        return _with_articles(f"a {shape} {WORDINGS['es'].colours[colour][0]}")
+    raise ValueError(f"unknown mix {mix!r}: zh+en or en+es")
+
+
+MIXES: tuple[str, ...] = ("zh+en", "en+es")
+
+
+def short_query(label: str, language: str = "en") -> str:
+    """The short query for a class label in a language: "a red circle", "红色的圆", "un círculo rojo"."""
+    if language == "en":
+        return _with_articles(f"a {label}")
+    colour, shape = label.split(" ")
+    return WORDINGS[language].label(colour, shape)
 
 
 def generate(
@@ -365,15 +565,22 @@ def generate(
     image_size: int = 128,
     captions_per_image: int = 2,
     quality: int = 90,
+    languages: Sequence[str] = ("en",),
 ) -> list[tuple[str, str]]:
     """Write ``count`` JPEG images and ``captions.tsv`` into ``out_dir``.
 
     Image ``i`` depends only on ``(seed, i)``, so a larger ``count`` extends a
     smaller one. Returns the ``(filename, caption)`` rows of ``captions.tsv``
-    (``captions_per_image`` rows per image, canonical caption first).
+    (``captions_per_image`` rows per image and language, each language's canonical
+    caption first). English, when asked for, comes first; every other language draws
+    from its own random stream, so adding one changes neither the images nor the
+    English captions.
     """
     if count < 0 or captions_per_image < 1:
         raise ValueError("count must be >= 0 and captions_per_image >= 1")
+    unknown = [language for language in languages if language not in LANGUAGES]
+    if unknown:
+        raise ValueError(f"unknown caption language(s) {unknown}; known: {', '.join(LANGUAGES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     digits = max(4, len(str(max(count - 1, 0))))
@@ -383,7 +590,9 @@ def generate(
         scene = sample_scene(rng)
         name = image_name(index, scene, digits)
         render(scene, rng, image_size).save(out / name, format="JPEG", quality=quality)
-        rows.extend((name, text) for text in describe(scene, rng, captions_per_image))
+        for language in languages:
+            stream = rng if language == "en" else np.random.default_rng([seed, index, 1 + LANGUAGES.index(language)])
+            rows.extend((name, text) for text in describe(scene, stream, captions_per_image, language))
     write_captions(out / CAPTIONS_FILE, rows)
     return rows
 
@@ -402,13 +611,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=200, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--captions", type=int, default=2, help="captions per image")
+    parser.add_argument("--captions", type=int, default=2, help="captions per image and language")
+    parser.add_argument(
+        "--languages", default="en", help=f"comma-separated caption languages ({','.join(LANGUAGES)}); default en"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    rows = generate(args.out, args.count, args.seed, image_size=args.size, captions_per_image=args.captions)
+    rows = generate(
+        args.out,
+        args.count,
+        args.seed,
+        image_size=args.size,
+        captions_per_image=args.captions,
+        languages=[language.strip() for language in args.languages.split(",") if language.strip()],
+    )
     print(f"wrote {args.count} images and {len(rows)} captions to {args.out}")
 
 

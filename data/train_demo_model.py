@@ -10,7 +10,11 @@ the ordinary open_clip path::
     tokenizer = open_clip.get_tokenizer("clipdex-demo")
 
 Training is seeded and runs a fixed number of steps of open_clip's own
-contrastive loss (``open_clip.loss.ClipLoss``) on 2 CPU threads.
+contrastive loss (``open_clip.loss.ClipLoss``) on 2 CPU threads. The captions are in
+English, Chinese and Spanish (``shapes.LANGUAGES``), so the model answers queries in
+all three; the tokenizer stays open_clip's byte-level BPE, which spells any language (a
+Han character is two to three tokens), so the context grows to 48 tokens for the longest
+Chinese captions.
 
 Usage::
 
@@ -48,7 +52,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "demo-model"
 #: open_clip model config (model_configs/*.json format): a small ModifiedResNet
 #: image tower (a convnet learns shapes from little data far faster than a tiny
 #: ViT) and a 2-layer text transformer. The 49408 x 64 token embedding is most
-#: of the checkpoint.
+#: of the checkpoint. 48 tokens hold the longest Chinese caption (45 tokens).
 MODEL_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {
@@ -58,7 +62,7 @@ MODEL_CONFIG: dict[str, Any] = {
         "patch_size": None,
     },
     "text_cfg": {
-        "context_length": 24,
+        "context_length": 48,
         "vocab_size": 49408,
         "width": 64,
         "heads": 2,
@@ -73,9 +77,10 @@ class Settings:
     """Training hyper-parameters (defaults are the shipped model's)."""
 
     seed: int = 0
-    images: int = 12000
-    captions_per_image: int = 5
-    steps: int = 1200
+    images: int = 16000
+    captions_per_image: int = 4  # per language
+    languages: tuple[str, ...] = shapes.LANGUAGES
+    steps: int = 2400
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100
@@ -119,7 +124,11 @@ def load_data(settings: Settings, preprocess: Callable[[Image.Image], torch.Tens
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     with tempfile.TemporaryDirectory(prefix="clipdex-shapes-") as tmp:
         rows = shapes.generate(
-            tmp, settings.images, settings.seed, captions_per_image=settings.captions_per_image
+            tmp,
+            settings.images,
+            settings.seed,
+            captions_per_image=settings.captions_per_image,
+            languages=settings.languages,
         )
         names = list(dict.fromkeys(name for name, _ in rows))
         index_of = {name: i for i, name in enumerate(names)}
@@ -225,7 +234,7 @@ def check_reload(model: torch.nn.Module, config_path: Path, checkpoint: Path) ->
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     size = MODEL_CONFIG["vision_cfg"]["image_size"]
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
-    tokens = tokenizer(["a red circle", "a small blue star on a gray background"])
+    tokens = tokenizer(["a red circle", "a small blue star on a gray background", "红色的圆", "un círculo rojo"])
     model.eval()
     loaded.eval()
     with torch.no_grad():

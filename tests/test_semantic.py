@@ -61,6 +61,36 @@ def test_text_to_image_precision_at_10(demo) -> None:
     assert np.mean(precisions) >= 0.9, dict(zip(queried, precisions))
 
 
+@pytest.mark.parametrize("language", ["en", "zh", "es", "zh+en"])
+def test_queries_in_english_chinese_and_spanish_find_the_same_things(demo, language: str) -> None:
+    """"红色的圆", "un círculo rojo" and the mixed "红色的 circle" find red circles as "a red circle"
+    does: precision@5 per language."""
+    library, photos = demo
+    labels = Counter(shapes.class_label(p) for p in photos.glob("*.jpg"))
+    queried = [label for label, count in labels.items() if count >= 5]
+    precisions = {}
+    for label in queried:
+        text = shapes.mixed_query(label, language) if "+" in language else shapes.short_query(label, language)
+        hits = library.search(text=text, kind="image", k=5)
+        precisions[text] = sum(shapes.class_label(hit.path) == label for hit in hits) / 5
+    assert np.mean(list(precisions.values())) >= 0.85, precisions
+
+
+@pytest.mark.parametrize("corpus, queries", [("zh", "en"), ("en", "zh"), ("es", "zh")])
+def test_texts_in_one_language_are_found_by_queries_in_another(corpus: str, queries: str, tmp_path: Path) -> None:
+    """A Chinese text corpus found by English queries, and the reverse."""
+    from clipdex.indexer.texts import index_texts
+
+    library = Library.open(tmp_path / "texts", model=ModelSpec(str(MODEL), str(WEIGHTS)), create=True, device="cpu")
+    labels = shapes.class_labels()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n".join(shapes.short_query(label, corpus) for label in labels) + "\n", encoding="utf-8")
+    assert index_texts(library, [notes]).added == len(labels)
+    found = [library.search(text=shapes.short_query(label, queries), kind="text", k=1)[0].text
+             == shapes.short_query(label, corpus) for label in labels]
+    assert np.mean(found) >= 0.9, [label for label, hit in zip(labels, found) if not hit]
+
+
 def test_image_to_text_zero_shot_top1(demo) -> None:
     from clipdex.search.analysis.zero_shot import classify, label_vectors
 

@@ -61,12 +61,13 @@ CACHE_FORMAT = 1
 # A `.new-*` or `.old-*` folder this old was left by a process that was killed midway.
 STALE_SECONDS = 24 * 3600
 # The distributions whose versions can change an export or its verification.
-SOFTWARE = ("open_clip_torch", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "Pillow", "numpy")
+SOFTWARE = ("open_clip_torch", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "Pillow", "numpy",
+            "transformers", "tokenizers")  # the last two: Hugging Face text towers (multilingual models)
 # The modules that build, export or check a tower: their source is part of the key, so a
 # changed exporter never reuses what an older one made.
 EXPORTER_MODULES = tuple(f"clipdex.search.encoders.{name}" for name in (
     "image_export", "text_export", "text_towers", "onnx_files", "onnx_image", "onnx_text", "preprocess",
-    "clip_tokenizer", "torch_clip", "model")) + ("clipdex.search.media.imaging",)
+    "clip_tokenizer", "hf_tokenizer", "torch_clip", "model")) + ("clipdex.search.media.imaging",)
 # Files are hashed in blocks of this size, on all cores at once: an entry records each block's
 # sha256 (a first index restoring ViT-B-32's 600 MB of exports waits for that hashing).
 BLOCK_BYTES = 32 << 20

@@ -345,14 +345,19 @@ class LibraryEncoders:
             return self.image_text
 
     def encode_text(self, text: str) -> np.ndarray:
-        """A text's vector, from the query cache when it was asked before."""
-        cached = self.query_cache.get(text) if self.query_cache is not None else None
+        """A text's vector, from the query cache when it was asked before (under its language
+        code too, when `clipdex.search.encoders.hf_tokenizer.query_language` set one)."""
+        from clipdex.search.encoders.hf_tokenizer import current_query_language
+
+        language = current_query_language()
+        key = f"[{language}] {text}" if language else text
+        cached = self.query_cache.get(key) if self.query_cache is not None else None
         if cached is not None and cached.shape == (self.dim,):
             return cached
         encoder = self.text()
         vector = encoder.encode_texts([text])[0]
         if self.query_cache is not None:
-            self.query_cache.put(text, vector)
+            self.query_cache.put(key, vector)
         if encoder is self._image_text:
             self.export_text(image=False)  # this query waits for it: the text tower only
         return vector

@@ -7,6 +7,8 @@ only runs it. An export lives in the library:
       text_encoder.json            settings: model, dim, context length, how it was verified
       text_encoder.onnx (+ .data)  the text tower, graph already optimized by onnxruntime
       bpe_simple_vocab_16e6.txt.gz open_clip's BPE vocabulary, for `clipdex.search.encoders.clip_tokenizer`
+      tokenizer.json               or, for a Hugging Face text tower (multilingual models), its fast
+                                   tokenizer, for `clipdex.search.encoders.hf_tokenizer`
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from clipdex.search.encoders.model import ResolvedModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
+    from clipdex.search.encoders.hf_tokenizer import HfTokenizer
 
 EXPORT_VERSION = 1
 EXPORT_FOLDER = "text_encoder"
@@ -48,26 +51,29 @@ class TextExportSettings:
     open_clip_version: str
     onnxruntime_version: str
     created_at: float
+    # "clip": open_clip's BPE (VOCAB_FILE); "hf": a Hugging Face tower's tokenizer.json, with
+    # open_clip's `cleaning`, padded with `pad_id`, led by a language code where `languages`
+    tokenizer: str = "clip"
+    pad_id: int = 0
+    cleaning: str = "lower"
+    languages: bool = False
 
     @classmethod
     def read(cls, path: Path) -> "TextExportSettings":
         data = json.loads(path.read_text())
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+        defaults: dict[str, Any] = {"tokenizer": "clip", "pad_id": 0, "cleaning": "lower", "languages": False}
+        return cls(**{**defaults, **{key: data[key] for key in cls.__dataclass_fields__ if key in data or key not in defaults}})
 
 
 class OnnxTextEncoder:
     """Encodes texts with the exported text tower on onnxruntime: no torch, no open_clip."""
 
     def __init__(self, folder: Path, settings: TextExportSettings, threads: int | None = None,
-                 tokenizer: ClipTokenizer | None = None) -> None:
+                 tokenizer: ClipTokenizer | HfTokenizer | None = None) -> None:
         self.folder = folder
         self.settings = settings
         self.threads = threads or available_cores()
-        if tokenizer is None:  # imported here: ftfy and regex are for texts only, not for an image run
-            from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
-
-            tokenizer = ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer or query_tokenizer(folder, settings)
         self._session: Any = None
 
     @property
@@ -103,6 +109,18 @@ class OnnxTextEncoder:
         if not parts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(parts)
+
+
+def query_tokenizer(folder: Path, settings: TextExportSettings) -> "ClipTokenizer | HfTokenizer":
+    """The export's tokenizer. Imported here: ftfy and regex (or tokenizers) are for texts only."""
+    if settings.tokenizer == "hf":
+        from clipdex.search.encoders.hf_tokenizer import TOKENIZER_FILE, HfTokenizer
+
+        return HfTokenizer(folder / TOKENIZER_FILE, settings.context_length, settings.pad_id, settings.cleaning,
+                           settings.languages)
+    from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
+
+    return ClipTokenizer(folder / VOCAB_FILE, settings.context_length)
 
 
 def load_text_export(library_path: Path, model: ResolvedModel, dim: int) -> OnnxTextEncoder | None:

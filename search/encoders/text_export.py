@@ -8,7 +8,9 @@ stores it in the library, in `LIBRARY/text_encoder/` (laid out as
 `clipdex.search.encoders.onnx_text`, which runs it, describes).
 
 An export is used only after it has been checked against open_clip: the torch-free
-tokenizer must give open_clip's tokens on every probe text, and the ONNX vectors must
+tokenizer (`clipdex.search.encoders.clip_tokenizer` for CLIP's BPE; for a Hugging Face text
+tower, as multilingual models have, `clipdex.search.encoders.hf_tokenizer` on the loaded
+tokenizer's own `tokenizer.json`) must give open_clip's tokens on every probe text, and the ONNX vectors must
 have cosine >= MIN_COSINE with open_clip's own `encode_text(normalize=True)` on the probe
 texts of every length (GRAPH_TEXTS, in a batch and alone). Otherwise
 the export is refused, the reason is recorded in `LIBRARY/text_encoder.refused.json`, and
@@ -22,11 +24,13 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from clipdex.search.atomic import write_json_atomic
 from clipdex.search.encoders.clip_tokenizer import ClipTokenizer
+from clipdex.search.encoders.hf_tokenizer import CLEANINGS, TOKENIZER_FILE, HfTokenizer
 from clipdex.search.encoders.onnx_text import (
     EXPORT_FOLDER,
     EXPORT_VERSION,
@@ -66,6 +70,8 @@ PROBE_TEXTS = (
     "ein Hund am Strand, schön und übermütig",
     "l'été à Paris — café crème",
     "東京の夜景と富士山",
+    "红色的圆和蓝色的正方形",
+    "un círculo rojo sobre un fondo gris",
     "Кошка сидит на окне",
     "🐶🏖️ sunny day 😎",
     "fish &amp; chips &lt;3",
@@ -81,7 +87,7 @@ PROBE_TEXTS = (
 # The texts the graph is verified on (every probe text's tokens are): the graph computes the
 # same function of any tokens, but the trimmed one runs at each batch's own length, so these
 # cover the lengths: empty (2 tokens), shorter and longer than the traced 16, and truncated.
-GRAPH_TEXTS = ("", "a dog on the beach", PROBE_TEXTS[2], PROBE_TEXTS[14])
+GRAPH_TEXTS = ("", "a dog on the beach", PROBE_TEXTS[2], PROBE_TEXTS[-2])
 
 
 def export_refused(library_path: Path, model: ResolvedModel) -> str | None:
@@ -114,15 +120,14 @@ def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextEx
     encoder.load()
     scratch = scratch_folder(library_path, ".text_encoder-")
     try:
-        vocabulary = Path(open_clip.tokenizer.default_bpe())
-        shutil.copyfile(vocabulary, scratch / VOCAB_FILE)
-        tokenizer = ClipTokenizer(scratch / VOCAB_FILE, encoder.context_length)
+        tokenizer, details = _query_tokenizer(encoder, scratch)
         _check_tokens(tokenizer, encoder)
         reference = encoder.encode_texts(list(GRAPH_TEXTS))
         settings = TextExportSettings(
             version=EXPORT_VERSION, model=encoder.spec.to_json(), dim=int(reference.shape[1]),
             context_length=encoder.context_length, trimmed=False, min_cosine=0.0,
             open_clip_version=open_clip.__version__, onnxruntime_version=onnxruntime.__version__, created_at=time.time(),
+            **details,
         )
         _export_verified(encoder, scratch, settings, tokenizer, reference)
         write_json_atomic(scratch / SETTINGS_FILE, asdict(settings))
@@ -132,7 +137,30 @@ def export_text_encoder(encoder: TorchClipEncoder, library_path: Path) -> TextEx
     return settings
 
 
-def _check_tokens(tokenizer: ClipTokenizer, encoder: TorchClipEncoder) -> None:
+def _query_tokenizer(encoder: TorchClipEncoder, scratch: Path) -> tuple[ClipTokenizer | HfTokenizer, dict[str, Any]]:
+    """The torch-free tokenizer for the export, its files written into `scratch`, and what the
+    settings record of it: CLIP's BPE vocabulary, or a Hugging Face tower's `tokenizer.json`."""
+    import open_clip
+
+    reference = encoder.open_clip_tokenizer
+    if not isinstance(reference, open_clip.tokenizer.HFTokenizer):
+        shutil.copyfile(Path(open_clip.tokenizer.default_bpe()), scratch / VOCAB_FILE)
+        return ClipTokenizer(scratch / VOCAB_FILE, encoder.context_length), {}
+    fast = reference.tokenizer
+    cleaning = next((name for name in CLEANINGS if reference.clean_fn is open_clip.tokenizer.get_clean_fn(name)), None)
+    if reference.tokenizer_mode or reference.strip_sep_token or cleaning is None or fast.pad_token_id is None \
+            or not getattr(fast, "is_fast", False):
+        raise TextExportRefused("the text tower's Hugging Face tokenizer has settings the torch-free one does not "
+                                "reproduce (a tokenizer mode, a stripped separator, a cleaning other than "
+                                f"{' or '.join(CLEANINGS)}, no pad token, or no fast tokenizer)")
+    (scratch / TOKENIZER_FILE).write_text(fast.backend_tokenizer.to_str(), encoding="utf-8")
+    languages = callable(getattr(fast, "set_src_lang_special_tokens", None))
+    details = {"tokenizer": "hf", "pad_id": int(fast.pad_token_id), "cleaning": cleaning, "languages": languages}
+    tokenizer = HfTokenizer(scratch / TOKENIZER_FILE, encoder.context_length, int(fast.pad_token_id), cleaning, languages)
+    return tokenizer, details
+
+
+def _check_tokens(tokenizer: ClipTokenizer | HfTokenizer, encoder: TorchClipEncoder) -> None:
     expected = encoder.tokenize(list(PROBE_TEXTS)).cpu().numpy()
     ours = tokenizer(PROBE_TEXTS)
     if expected.shape != ours.shape or not np.array_equal(expected, ours):
@@ -141,13 +169,14 @@ def _check_tokens(tokenizer: ClipTokenizer, encoder: TorchClipEncoder) -> None:
 
 
 def _export_verified(
-    encoder: TorchClipEncoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer, reference: np.ndarray
+    encoder: TorchClipEncoder, scratch: Path, settings: TextExportSettings, tokenizer: ClipTokenizer | HfTokenizer,
+    reference: np.ndarray
 ) -> None:
     """Export the trimmed graph when the model allows it, else the full one; keep the first that matches."""
-    from clipdex.search.encoders.text_towers import trimmable
+    from clipdex.search.encoders.text_towers import hf_text_tower, trimmable
 
     problem = ""
-    for trimmed in ([True, False] if trimmable(encoder.model) else [False]):
+    for trimmed in ([True, False] if trimmable(encoder.model) or hf_text_tower(encoder.model) else [False]):
         settings.trimmed = trimmed
         try:
             _export_onnx(encoder, scratch, trimmed, tokenizer(PROBE_TEXTS[:2]))
@@ -179,11 +208,12 @@ def _export_onnx(encoder: TorchClipEncoder, scratch: Path, trimmed: bool, sample
         import copy
 
         model = copy.deepcopy(model).float().cpu()
-    from clipdex.search.encoders.text_towers import FullTextTower, TrimmedTextTower
+    from clipdex.search.encoders.text_towers import FullTextTower, TrimmedTextTower, hf_text_tower
 
     # eval() first: torch.onnx.export restores the wrapper's mode afterwards, recursively, and a
     # new module is in training mode - which would leave the library's model in training mode too.
-    tower = (TrimmedTextTower(model) if trimmed else FullTextTower(model)).eval()
+    # A Hugging Face tower masks its padding out of attention and pooling: run whole, it takes any length.
+    tower = (TrimmedTextTower(model) if trimmed and not hf_text_tower(model) else FullTextTower(model)).eval()
     tokens = torch.from_numpy(sample[:, :16] if trimmed else sample)  # traced at one length, run at any
     axes = {"tokens": {0: "batch", 1: "length"} if trimmed else {0: "batch"}, "embedding": {0: "batch"}}
     export_optimized(tower, tokens, scratch, scratch / MODEL_FILE, WEIGHTS_FILE, input_names=["tokens"],

@@ -34,6 +34,14 @@ def trimmable(model: Any) -> bool:
     )
 
 
+def hf_text_tower(model: Any) -> bool:
+    """A Hugging Face text tower (multilingual models): it masks the pad tokens out of attention
+    and pooling, so tokens cut after the longest text's end give the same vectors."""
+    from open_clip.hf_model import HFTextEncoder
+
+    return isinstance(getattr(model, "text", None), HFTextEncoder)
+
+
 class TrimmedTextTower(torch.nn.Module):
     """open_clip's `CLIP.encode_text(normalize=True)` for tokens cut after the end token.
 

@@ -140,6 +140,9 @@ class TorchClipEncoder(ImageTextEncoder):
             from clipdex.search.encoders.weights import ensure_weights
 
             ensure_weights(spec)  # offline: fails at once, in one line, rather than after a minute of retries
+        from clipdex.search.encoders.hf_files import ensure_hf_text_files
+
+        ensure_hf_text_files(spec)  # a multilingual model's text tower: transformers, its config and tokenizer
         if not spec.checkpoint_verified():
             raise ModelUnavailable(
                 f"checkpoint file {spec.checkpoint} is not the one this library was built with "
@@ -148,7 +151,7 @@ class TorchClipEncoder(ImageTextEncoder):
         try:
             with _weights_left_uninitialized(_loads_every_weight(spec.name, pretrained)):
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.name, pretrained=pretrained, device=device, precision=precision
+                    spec.name, pretrained=pretrained, device=device, precision=precision, **_random_tower(spec, pretrained)
                 )
         except RuntimeError as error:
             message = str(error)
@@ -211,6 +214,11 @@ class TorchClipEncoder(ImageTextEncoder):
         self.load()
         return int(getattr(self._tokenizer, "context_length", 77))
 
+    @property
+    def open_clip_tokenizer(self) -> Any:
+        """open_clip's tokenizer of the loaded model (`HFTokenizer` for a Hugging Face text tower)."""
+        return self.load()._tokenizer
+
     # -- encoding ----------------------------------------------------------------
 
     def encode_tensors(self, batch: "torch.Tensor") -> np.ndarray:
@@ -249,7 +257,25 @@ class TorchClipEncoder(ImageTextEncoder):
 
     def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
         self.load()
-        return self._tokenizer(list(texts))
+        tokenizer = self._tokenizer
+        if callable(getattr(tokenizer, "set_lang_fn", None)) and texts:  # NLLB: each text led by its language code
+            import torch
+
+            from clipdex.search.encoders.hf_tokenizer import language_for
+
+            rows = []
+            fast = tokenizer.tokenizer
+            for text in texts:
+                language = language_for(text)
+                tokenizer.set_language(language)
+                row = tokenizer([text])
+                if not getattr(fast, "legacy_behaviour", False):
+                    # transformers 5's NllbTokenizer keeps the template it was loaded with (eng_Latn first)
+                    # whatever set_src_lang_special_tokens sets: the code leads the text, as NLLB-CLIP was trained
+                    row[:, 0] = int(fast.convert_tokens_to_ids(language))
+                rows.append(row)
+            return torch.cat(rows)
+        return tokenizer(list(texts))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         import torch
@@ -271,6 +297,14 @@ class TorchClipEncoder(ImageTextEncoder):
         if encode is None:
             return 0
         return len(encode(text)) + 2
+
+
+def _random_tower(spec: ResolvedModel, pretrained: str | None) -> dict[str, Any]:
+    """Random weights (`--pretrained none`) for a Hugging Face text tower too: open_clip would
+    otherwise fetch the tower's pretrained weights (xlm-roberta-base's, say) into the random model."""
+    from clipdex.search.encoders.hf_files import hf_text_names
+
+    return {"pretrained_hf": False} if not pretrained and hf_text_names(spec) is not None else {}
 
 
 def _normalized_numpy(features: "torch.Tensor") -> np.ndarray:

@@ -70,6 +70,9 @@ def ensure_weights(model: ResolvedModel) -> None:
 
     Random weights, a hub model (`hf-hub:`, which names its own weights) and tags open_clip
     does not know are left to the load, which says what is wrong with them."""
+    from clipdex.search.encoders.hf_files import ensure_hf_text_files
+
+    ensure_hf_text_files(model)  # a multilingual model's text tower: transformers, its config and tokenizer
     if model.checkpoint:
         if not os.path.isfile(model.checkpoint):
             raise ModelUnavailable(f"checkpoint file {model.checkpoint} of model {model.name} is missing")
