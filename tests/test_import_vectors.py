@@ -350,7 +350,8 @@ def test_image_paths_are_resolved_as_before_with_one_listing_a_folder(tmp_path: 
 
 
 def test_a_catalog_of_512_d_vectors_is_little_larger_than_the_vectors(tmp_path: Path) -> None:
-    """4 KiB SQLite pages fit one row of a 512-d vector each: a catalog twice the vectors' size."""
+    """4 KiB SQLite pages fit one row of a 512-d vector each; with the keyword index of the
+    paths and captions (FTS5), the catalog stays within 1.35 times the vectors' size."""
     import json as json_module
 
     from clipdex.search.encoders.model import ModelSpec
@@ -363,7 +364,7 @@ def test_a_catalog_of_512_d_vectors_is_little_larger_than_the_vectors(tmp_path: 
             for i in range(3000)]
     import_vectors(library, [clip_retrieval_parts(tmp_path / "e", rows, dim=512)])
     size = sum(path.stat().st_size for path in library.path.glob("catalog.sqlite*"))
-    assert size <= 1.3 * 3000 * 512 * 4
+    assert size <= 1.35 * 3000 * 512 * 4
     library.close()
 
 

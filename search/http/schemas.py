@@ -129,7 +129,7 @@ class QueryOptions(BaseModel):
     k: Count = Field(10, ge=1, le=MAX_HITS, description="How many hits")
     offset: Count = Field(0, ge=0, le=MAX_OFFSET, description="Skip this many best hits (paging)")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Minimum cosine score")
-    per_video: int = Field(1, ge=1, le=1000, description="The best moments given of each video hit (`moments`)")
+    per_video: Count = Field(1, ge=1, le=1000, description="The best moments given of each video hit (`moments`)")
     mode: Literal["hybrid", "semantic", "keyword"] | None = Field(
         None, description="Match the texts by meaning, by words (names, texts, EXIF, OCR) or both fused "
                           "(default: hybrid when the library has keyword data and the query is texts alone)")
