@@ -1,8 +1,9 @@
 """OCR: the words in images, read by a pass of its own, found by keyword and hybrid search.
 
 The images are rendered here (tests/text_images.py: screenshots, signs on photos, tilted
-receipts, posters, turned text; several DejaVu fonts). Chinese is not rendered (no CJK font
-here): Chinese keyword search is tested on text items (tests/test_hybrid.py).
+receipts, posters, turned text; several DejaVu fonts). There is no CJK font here: Chinese
+words are drawn stroke by stroke (tests/text_images.GLYPHS) on signs, and read by PP-OCR's
+Chinese recognizer like any other text.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from clipdex.search.encoders.model import ModelSpec
 from clipdex.search.library import Library
 from clipdex.search.media.ocr import TextReader
 from tests.conftest import huge_png
-from tests.text_images import photo_background, render_set
+from tests.text_images import CHINESE_WORDS, chinese_sign, photo_background, render_set
 
 pytest.importorskip("rapidocr", reason="OCR needs rapidocr: pip install -e '.[dev]'")
 
@@ -157,3 +158,17 @@ def test_without_rapidocr_the_error_names_the_extra(monkeypatch: pytest.MonkeyPa
     render_set(tmp_path, per_kind=1, seed=9, kinds=["sign"])
     with pytest.raises(MissingDependency, match=r"pip install 'clipdex\[ocr\]'"):
         TextReader().read(next(tmp_path.glob("*.png")))
+
+
+def test_chinese_words_in_images_are_found_by_keyword_and_hybrid(tmp_path: Path, library: Library) -> None:
+    for number, word in enumerate(CHINESE_WORDS):
+        chinese_sign(word, seed=number).save(tmp_path / f"board-{number}.jpg")
+    photo_background((640, 480), 7).save(tmp_path / "plain.jpg")
+    index_paths(library, [tmp_path], ocr=True)
+    for number, word in enumerate(CHINESE_WORDS):
+        for mode in ("keyword", "hybrid"):
+            hits = library.search(text=word, mode=mode, k=3)
+            assert str(tmp_path / f"board-{number}.jpg") in [hit.path for hit in hits], (word, mode)
+        assert library.search(text=word, mode="keyword", k=1)[0].snippet == f"«{word}»"  # the matched text marked
+    boards_with = {str(tmp_path / f"board-{number}.jpg") for number, word in enumerate(CHINESE_WORDS) if "王" in word}
+    assert {hit.path for hit in library.search(text="王", mode="keyword", k=5)} == boards_with  # one character, no spaces

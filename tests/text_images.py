@@ -106,3 +106,36 @@ def render_set(folder: Path, per_kind: int, words_per_image: int = 2, seed: int 
             made[path] = (kind, words)
             number += 1
     return made
+
+
+# Chinese characters made of straight strokes, drawn here (no CJK font on these machines): each
+# stroke is a line ("L") or a box ("R") in the glyph's unit square.
+GLYPHS: dict[str, list[tuple[str, float, float, float, float]]] = {
+    "田": [("R", .1, .1, .9, .9), ("L", .5, .1, .5, .9), ("L", .1, .5, .9, .5)],
+    "中": [("R", .15, .3, .85, .7), ("L", .5, .02, .5, .98)],
+    "口": [("R", .15, .2, .85, .8)],
+    "日": [("R", .25, .05, .75, .95), ("L", .25, .5, .75, .5)],
+    "工": [("L", .15, .12, .85, .12), ("L", .5, .12, .5, .88), ("L", .05, .88, .95, .88)],
+    "十": [("L", .05, .45, .95, .45), ("L", .5, .05, .5, .95)],
+    "三": [("L", .2, .15, .8, .15), ("L", .25, .5, .75, .5), ("L", .1, .88, .9, .88)],
+    "王": [("L", .15, .12, .85, .12), ("L", .2, .5, .8, .5), ("L", .08, .9, .92, .9), ("L", .5, .12, .5, .9)],
+    "土": [("L", .2, .4, .8, .4), ("L", .5, .08, .5, .88), ("L", .05, .88, .95, .88)],
+}
+CHINESE_WORDS = ["王土", "三十", "工王", "日土"]
+
+
+def chinese_sign(word: str, seed: int, side: int = 110) -> Image.Image:
+    """`word` (characters of `GLYPHS`) in dark strokes on a light board on a photo."""
+    image = photo_background((640, 480), seed)
+    draw = ImageDraw.Draw(image)
+    left, top = 80, 150
+    draw.rectangle((left - 30, top - 30, left + 30 + int(1.2 * side) * len(word), top + side + 30), fill=(240, 238, 228))
+    for index, character in enumerate(word):
+        x, y = left + int(1.2 * side) * index, top
+        for kind, a, b, c, d in GLYPHS[character]:
+            corners = [x + a * side, y + b * side, x + c * side, y + d * side]
+            if kind == "R":
+                draw.rectangle(corners, outline=(25, 25, 30), width=max(3, side // 10))
+            else:
+                draw.line(corners, fill=(25, 25, 30), width=max(3, side // 10))
+    return image
