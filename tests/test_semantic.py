@@ -76,16 +76,25 @@ def test_queries_in_english_chinese_and_spanish_find_the_same_things(demo, langu
     assert np.mean(list(precisions.values())) >= 0.85, precisions
 
 
+@pytest.fixture(scope="module")
+def text_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Library, Path]:
+    """One library for the corpora below (its text tower exported once): each test writes its
+    corpus into the same file, whose rows then replace the last test's."""
+    folder = tmp_path_factory.mktemp("texts")
+    library = Library.open(folder / "library", model=ModelSpec(str(MODEL), str(WEIGHTS)), create=True, device="cpu")
+    return library, folder / "notes.txt"
+
+
 @pytest.mark.parametrize("corpus, queries", [("zh", "en"), ("en", "zh"), ("es", "zh")])
-def test_texts_in_one_language_are_found_by_queries_in_another(corpus: str, queries: str, tmp_path: Path) -> None:
+def test_texts_in_one_language_are_found_by_queries_in_another(corpus: str, queries: str, text_library) -> None:
     """A Chinese text corpus found by English queries, and the reverse."""
     from clipdex.indexer.texts import index_texts
 
-    library = Library.open(tmp_path / "texts", model=ModelSpec(str(MODEL), str(WEIGHTS)), create=True, device="cpu")
+    library, notes = text_library
     labels = shapes.class_labels()
-    notes = tmp_path / "notes.txt"
     notes.write_text("\n".join(shapes.short_query(label, corpus) for label in labels) + "\n", encoding="utf-8")
-    assert index_texts(library, [notes]).added == len(labels)
+    report = index_texts(library, [notes])
+    assert report.added + report.updated == len(labels) and library.stats()["texts"] == len(labels)
     found = [library.search(text=shapes.short_query(label, queries), kind="text", k=1)[0].text
              == shapes.short_query(label, corpus) for label in labels]
     assert np.mean(found) >= 0.9, [label for label, hit in zip(labels, found) if not hit]
