@@ -87,11 +87,16 @@ def import_vectors(
     model_name: Optional[str] = typer.Option(
         None, "--model-name", help="Assert the model of clip-retrieval output (it records none), e.g. ViT-B-32", show_default=False
     ),
+    memory_budget: Optional[str] = typer.Option(
+        None, "--memory-budget", help="Largest index size, e.g. 800M or 2G (picks compressed types to fit; kept by later rebuilds)",
+        show_default=False,
+    ),
     library: Optional[Path] = LibraryOption,
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Import precomputed embeddings as catalog items (images by path, texts by caption)."""
+    from clipdex.search.index.choice import parse_size
     from clipdex.search.index.import_vectors import import_vectors as run_import
 
     try:
@@ -102,7 +107,8 @@ def import_vectors(
             f"clipdex init --library {error.path} --model ViT-B-32 --pretrained laion2b_s34b_b79k"
         ) from None
     with progress_bar("Importing", enabled=not quiet and not json_output) as progress:
-        report = run_import(lib, sources, model_name=model_name, progress=progress)
+        report = run_import(lib, sources, model_name=model_name, progress=progress,
+                            memory_budget=parse_size(memory_budget) if memory_budget is not None else None)
     for note in report.notes:
         err.print(f"note: {note}", markup=False)
     if json_output:

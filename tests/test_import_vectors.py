@@ -383,3 +383,31 @@ def test_the_index_built_while_importing_is_the_one_a_rebuild_makes(
     if streamed.spec.type == "ivf":  # the same training sample: the same lists, the same results
         assert np.array_equal(streamed.search(queries, 10)[1], expected.search(queries, 10)[1])
     assert sorted(streamed.ids().tolist()) == sorted(expected.ids().tolist())
+
+
+def test_an_import_within_a_memory_budget_builds_reranked_codes_and_keeps_the_budget(
+    other_library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`import-vectors --memory-budget`: the index built while importing fits the budget (SQ
+    codes where whole vectors would not), reranks by the catalog's vectors (exact scores),
+    and a later rebuild keeps to the same budget."""
+    monkeypatch.setattr(choice, "FLAT_MAX_VECTORS", 20)
+    monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", 20)
+    folder = clip_retrieval_folder(tmp_path / "e", count=400)
+    budget = 800 * (DIM + 8) + 64 * DIM * 4  # SQ8 codes and centroids fit; whole vectors (4 * DIM + 8 each) do not
+    result = CliRunner().invoke(app, ["import-vectors", str(folder), "--library", str(other_library.path), "--quiet",
+                                      "--json", "--memory-budget", str(budget)])
+    assert result.exit_code == 0, result.output
+    library = Library.open(other_library.path)
+    try:
+        index = library.vectors
+        assert index.spec.factory is not None and index.spec.factory.endswith(",SQ8") and index.spec.rerank > 0
+        assert library.manifest.index.memory_budget == budget and index.reranks
+        ids, vectors = library.catalog.all_vectors()
+        query = unit(1, seed=9)[0]
+        hits = library.search(vector=query, k=5)
+        rows = np.searchsorted(ids, [hit.id for hit in hits])
+        np.testing.assert_allclose([hit.score for hit in hits], vectors[rows] @ query, atol=1e-5)  # exact, not SQ8's
+        assert library.rebuild_vectors().spec.factory == index.spec.factory  # the budget kept
+    finally:
+        library.close()

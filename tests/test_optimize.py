@@ -201,14 +201,20 @@ def test_optimize_command(library: Library, small_thresholds: None) -> None:
     assert text.exit_code == 0 and "recall@10" in text.stdout and "bytes/vector" in text.stdout
 
 
-def test_optimize_command_memory_budget(library: Library, small_thresholds: None) -> None:
+def test_optimize_command_memory_budget(library: Library, small_thresholds: None, monkeypatch: pytest.MonkeyPatch) -> None:
     fill(library, 1500)
     runner = CliRunner()
     result = runner.invoke(app, ["optimize", "--library", str(library.path), "--memory-budget", "50K", "--json"])
     report = json.loads(result.stdout)
     assert report["factory"] == "IVF32,SQ4" and report["memory_budget"] == 50 * 1024
     assert report["bytes_per_vector"] * 1500 <= 50 * 1024
-    # 4-bit codes cap the recall below the target, for both kinds: exit 1, with what would meet it
+    # the 4-bit codes pick candidates, the catalog's vectors order them: the target is met
+    assert result.exit_code == 0 and report["target_met"], result.output
+    assert library.vectors.spec.rerank == choice.RERANK["SQ4"]
+    # without reranking, 4-bit codes cap the recall below the target, for both kinds: exit 1, with what would meet it
+    monkeypatch.setitem(choice.RERANK, "SQ4", 0)
+    result = runner.invoke(app, ["optimize", "--library", str(library.path), "--memory-budget", "50K", "--json"])
+    report = json.loads(result.stdout)
     assert result.exit_code == 1 and not report["target_met"]
     assert all(not figures["target_met"] for figures in report["by_query_kind"].values())
     assert "target missed: image-like queries reach recall@10" in result.stderr
@@ -284,3 +290,17 @@ def test_a_running_server_takes_up_an_optimize_run_by_another_process(library: L
     assert server.manifest.index.factory == report.factory
     server.close()
 
+
+
+def test_quantized_choices_rerank_and_older_specs_take_it_up() -> None:
+    """Codes that lose recall (SQ, PQ) pick candidates for the catalog's vectors to order;
+    whole vectors need no reranking; a spec recorded before reranking existed gets it on
+    its next rebuild, its tuned parameters kept."""
+    assert choose_spec(1_000_000, 512, None, gpu=False).rerank == 0  # IVF,Flat
+    for budget, kind in ((1 << 30, "SQ8"), (400 << 20, "SQ4"), (100 << 20, "PQ")):
+        spec = choose_spec(1_000_000, 512, budget, gpu=False)
+        assert kind in (spec.factory or "") and spec.rerank == choice.RERANK[kind]
+    older = IndexSpec("ivf", "IVF2048,SQ8", {"nprobe": 40}, memory_budget=1 << 30)  # as a manifest of before records it
+    resolved = resolve_spec(older, 1_000_000, 512, gpu=False)
+    assert resolved.rerank == choice.RERANK["SQ8"] and resolved.search_params == {"nprobe": 40} and older.rerank == 0
+    assert IndexSpec.from_json(resolved.to_json()) == resolved

@@ -9,9 +9,11 @@ For n vectors of dimension d and an optional memory budget B (bytes):
 - otherwise IVF with nlist ~ 2·sqrt(n) lists (a power of two), keeping the vectors whole
   (`IVF{nlist},Flat`, 4d+8 bytes a vector) when they fit B, else scalar-quantized to a
   byte a dimension (`SQ8`, d+8) or half a byte (`SQ4`, d/2+8), else product-quantized
-  (`PQ{m}`, m+8 bytes). Quantized codes cost recall: without the full vectors there is
-  nothing to re-rank with, so PQ in particular stays well below a 0.95 recall@10, and
-  its training is slow (k-means for each of its m sub-spaces).
+  (`PQ{m}`, m+8 bytes). Quantized codes alone cost recall (PQ in particular stays well
+  below a 0.95 recall@10), so they only pick candidates: a search for k hits takes the
+  codes' best `RERANK[kind]`·k and orders them by the stored vectors, read by id from the
+  catalog (`IndexSpec.rerank`), which cost disk, not memory. PQ's training is slow
+  (k-means for each of its m sub-spaces).
 
 The choice is made whenever the index is built from scratch (`build_index`): on
 `clipdex optimize`, `clipdex check --repair`, when `import-vectors` finds the library
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +52,9 @@ PQ_MIN_TRAINING = 9_984  # 39 points for each of a PQ sub-quantizer's 256 centro
 PQ_SUBQUANTIZERS = (64, 48, 32, 24, 16, 12, 8)  # code bytes a vector; FAISS GPUs take all of these
 ID_BYTES = 8
 ADD_CHUNK = 100_000
+# Candidates per wanted hit that quantized codes hand to the rerank by stored vectors: the
+# coarser the codes, the more of the true top k lie further down their order.
+RERANK = {"SQ8": 2, "SQ4": 4, "PQ": 10}
 
 
 def parse_size(text: str) -> int:
@@ -106,11 +112,11 @@ def _candidates(count: int, dim: int, gpu: bool) -> list[tuple[IndexSpec, int]]:
     nlist = list_count(count)
     centroids = nlist * dim * 4
     candidates.append((IndexSpec("ivf", f"IVF{nlist},Flat"), count * flat_vector + centroids))
-    candidates.append((IndexSpec("ivf", f"IVF{nlist},SQ8"), count * (dim + ID_BYTES) + centroids))
-    candidates.append((IndexSpec("ivf", f"IVF{nlist},SQ4"), count * (dim // 2 + ID_BYTES) + centroids))
+    candidates.append((IndexSpec("ivf", f"IVF{nlist},SQ8", rerank=RERANK["SQ8"]), count * (dim + ID_BYTES) + centroids))
+    candidates.append((IndexSpec("ivf", f"IVF{nlist},SQ4", rerank=RERANK["SQ4"]), count * (dim // 2 + ID_BYTES) + centroids))
     if count >= PQ_MIN_TRAINING:
         for m in (m for m in PQ_SUBQUANTIZERS if dim % m == 0 and m < dim):
-            candidates.append((IndexSpec("ivf", f"IVF{nlist},PQ{m}"), count * (m + ID_BYTES) + centroids))
+            candidates.append((IndexSpec("ivf", f"IVF{nlist},PQ{m}", rerank=RERANK["PQ"]), count * (m + ID_BYTES) + centroids))
     return candidates
 
 
@@ -121,6 +127,8 @@ def resolve_spec(spec: IndexSpec, count: int, dim: int, gpu: bool | None = None)
         return spec
     chosen = choose_spec(count, dim, spec.memory_budget, gpu, strict=False)
     if (chosen.type, chosen.factory) == (spec.type, spec.factory):
+        if chosen.rerank and not spec.rerank:  # chosen before codes were reranked: rerank them now
+            return replace(spec, rerank=chosen.rerank)
         return spec
     return chosen
 

@@ -32,7 +32,7 @@ import re
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -96,9 +96,12 @@ def import_vectors(
     model_name: str | None = None,
     batch_size: int = CHUNK_ROWS,
     progress: Callable[[int, int], None] | None = None,
+    memory_budget: int | None = None,
 ) -> ImportReport:
     """Import every embeddings file or clip-retrieval folder in `sources` into `library`
-    (see the module docstring: one transaction, the index built once at the end)."""
+    (see the module docstring: one transaction, the index built once at the end).
+    `memory_budget` (bytes): the index is chosen to fit it (`clipdex.search.index.choice`),
+    and later rebuilds keep to it; else the budget the library's index was chosen under, if any."""
     started = time.perf_counter()
     report = ImportReport()
     parts = [part for source in sources for part in plan_source(Path(source), library, model_name, report, batch_size)]
@@ -107,7 +110,8 @@ def import_vectors(
         existing = sum(library.catalog.counts().values())
         log_changes = 0 < total < existing  # a small addition: catch the index up; else build it once
         recorded = library.manifest.index
-        spec = resolve_spec(recorded, existing + total, library.dim)
+        wanted = recorded if memory_budget is None else replace(recorded, memory_budget=memory_budget, pinned=False)
+        spec = resolve_spec(wanted, existing + total, library.dim)
         streamed = StreamedIndex.start(library.dim, spec, parts) if existing == 0 and total else None
         try:
             result = library.catalog.import_rows(_rows(parts, report, total, progress), log_changes,
@@ -122,7 +126,7 @@ def import_vectors(
             library.store.adopt(index, result.generation)
             report.index_rebuilt = (spec.type, spec.factory) != (recorded.type, recorded.factory)
         else:
-            report.index_rebuilt = _update_index(library, log_changes)
+            report.index_rebuilt = _update_index(library, log_changes, None if memory_budget is None else wanted)
         library.catalog.truncate_log()
     if report.normalized:
         report.notes.append(f"{report.normalized} vectors were not of unit length and were normalized")
@@ -149,7 +153,7 @@ def _rows(parts: list[Part], report: ImportReport, total: int, progress: Callabl
         report.files.append(str(part.origin))
 
 
-def _update_index(library: "IndexedLibrary", log_changes: bool) -> bool:
+def _update_index(library: "IndexedLibrary", log_changes: bool, spec: IndexSpec | None = None) -> bool:
     """Bring the vector index up to the import (the write lock is held); True if its type changed."""
     store = library.store
     if log_changes:
@@ -158,7 +162,7 @@ def _update_index(library: "IndexedLibrary", log_changes: bool) -> bool:
             return True
         store.save()
         return False
-    recorded = library.manifest.index
+    recorded = library.manifest.index if spec is None else spec
     spec = resolve_spec(recorded, sum(library.catalog.counts().values()), library.dim)
     store.rebuild(spec)
     return (spec.type, spec.factory) != (recorded.type, recorded.factory)

@@ -37,7 +37,7 @@ from clipdex.search.errors import ClipdexError
 from clipdex.search.index.breadth import BreadthRule, best_scores, tune_rule
 from clipdex.search.index.choice import build_index, choose_spec, list_count, training_rows, training_size
 from clipdex.search.index.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, load_query_file, text_query_sample
-from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
+from clipdex.search.index.vectors import ArrayVectors, IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
     from clipdex.search.index.parts import IndexedLibrary
@@ -348,6 +348,7 @@ def _build_and_tune(
     started = time.perf_counter()
     index = builder(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
     build_seconds = time.perf_counter() - started
+    index.rerank_source = ArrayVectors(ids, vectors)  # as the catalog serves a library's index
     kinds = tune_kinds(index, evaluations, target_recall)
     for kind, figures in kinds.items():
         queries = evaluations[kind] or evaluations["image"]

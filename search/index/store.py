@@ -60,6 +60,7 @@ class VectorStore:
         """The FAISS index, caught up with the catalog."""
         self.sync()
         assert self._index is not None
+        self._index.rerank_source = self.catalog  # a reranking spec reads its candidates' vectors there
         return self._index
 
     # -- keeping up with the catalog ---------------------------------------------------
@@ -194,6 +195,7 @@ class VectorStore:
         self.sync()
         with self._index_lock.shared():
             assert self._index is not None
+            self._index.rerank_source = self.catalog  # a reranking spec reads its candidates' vectors there
             return self._index.search(queries, k, allowed, source=self.catalog, query_kind=query_kind)
 
     def searched_exactly(self) -> bool:

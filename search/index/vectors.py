@@ -57,6 +57,7 @@ MMAP_MIN_BYTES = 64 << 20
 GPU_MAX_K = 2048
 DEFAULT_NPROBE_FRACTION = 1 / 16
 DEFAULT_EF_SEARCH = 64
+RERANK_QUERY_CHUNK = 256  # queries whose candidates' vectors are gathered at once when reranking
 
 # Query kinds with search breadths of their own (see `IndexSpec.search_params_by_kind`).
 QUERY_KINDS = ("image", "text")
@@ -90,6 +91,10 @@ class IndexSpec:
     # True when asked for explicitly: rebuilds keep the type whatever the library's size
     # (False: a rebuild may switch to the type `clipdex.search.index.choice` picks for the size).
     pinned: bool = False
+    # Quantized codes (SQ, PQ) only rank candidates: with `rerank` = r, a search for k hits takes
+    # the codes' best r·k and orders them by the stored vectors (the catalog's, read by id: they
+    # cost no memory), so the codes' error costs no recall. 0: the codes' order is the answer.
+    rerank: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +157,10 @@ class VectorIndex:
         self.build = build if build is not None else uuid.uuid4().hex
         self.gpu = gpu or GpuSettings.from_environment()
         self.mapped = False  # True while the vectors are a read-only memory map of the file
+        # Where a reranking spec (`IndexSpec.rerank`) reads the exact vectors of its candidates:
+        # the catalog once a store holds the index, the vectors in memory while optimize tunes it.
+        # None: the codes' order is the answer.
+        self.rerank_source: VectorSource | None = None
         self._gpu_index: Any = None
         self._gpu_resources: list[Any] = []
         self._gpu_count: int | None = None
@@ -332,8 +341,8 @@ class VectorIndex:
     def _search_at(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, breadth: int) -> tuple[np.ndarray, np.ndarray]:
         """Search at `breadth`, widened until every row has min(k, matches) hits, then exact."""
         wanted = min(k, self.ntotal if allowed is None else len(allowed))
-        if allowed is None and self._gpu_ready(k):
-            scores, ids = self._gpu_search(queries, k, breadth)
+        if allowed is None and self._gpu_ready(self._candidates(k)):
+            scores, ids = self._reranked(queries, *self._gpu_search(queries, self._candidates(k), breadth), k)
             if _enough(ids, wanted):
                 return scores, ids
         while True:
@@ -382,9 +391,37 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(nprobe=int(breadth), sel=selector)
         else:
             params = faiss.SearchParametersHNSW(efSearch=int(max(breadth, k)), sel=selector)
-        scores, ids = self.index.search(queries, k, params=params)
+        scores, ids = self.index.search(queries, self._candidates(k), params=params)
         ids[ids < 0] = -1
-        return scores, ids
+        return self._reranked(queries, scores, ids, k)
+
+    @property
+    def reranks(self) -> bool:
+        """Whether searches order the codes' candidates by the stored vectors (`IndexSpec.rerank`)."""
+        return self.spec.rerank > 0 and self.rerank_source is not None and not self.keeps_whole_vectors
+
+    def _candidates(self, k: int) -> int:
+        """How many hits to take from the codes for `k` answers."""
+        return min(k * self.spec.rerank, max(k, int(self.index.ntotal))) if self.reranks else k
+
+    def _reranked(self, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best `k` of each row's candidates by their exact scores (stored vectors), when reranking."""
+        if not self.reranks or ids.shape[1] <= 0:
+            return scores[:, :k], ids[:, :k]
+        assert self.rerank_source is not None
+        wanted = np.unique(ids[ids >= 0])
+        found_ids, found = _stacked(self.rerank_source.iter_vectors(wanted.tolist()), self.dim)
+        rows = np.clip(np.searchsorted(found_ids, ids), 0, max(0, len(found_ids) - 1))
+        known = (ids >= 0) & (found_ids[rows] == ids) if len(found_ids) else np.zeros(ids.shape, bool)
+        exact = np.full(ids.shape, -np.inf, np.float32)
+        for start in range(0, len(queries), RERANK_QUERY_CHUNK):  # bounds the gathered vectors' memory
+            part = slice(start, start + RERANK_QUERY_CHUNK)
+            exact[part] = np.einsum("qd,qcd->qc", queries[part], found[rows[part]]) if len(found_ids) else exact[part]
+        exact[~known] = -np.inf  # gone from the catalog since the index was caught up: never an answer
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        best = np.take_along_axis(exact, order, axis=1)
+        best_ids = np.where(np.isfinite(best), np.take_along_axis(ids, order, axis=1), -1)
+        return np.where(np.isfinite(best), best, 0.0).astype(np.float32), best_ids
 
     def _search_exact(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None, source: VectorSource | None
@@ -545,6 +582,36 @@ def _codebook_bytes(ivf: Any) -> int:
     if hasattr(ivf, "sq"):
         return int(ivf.sq.trained.size()) * 4
     return 0
+
+
+class ArrayVectors:
+    """A `VectorSource` over vectors in memory (ids in any order): what optimize tunes a
+    reranking index with, before the index joins a library and reads the catalog's."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._order = np.argsort(ids, kind="stable")
+        self._ids = np.asarray(ids, dtype=np.int64)[self._order]
+        self._vectors = vectors
+
+    def iter_vectors(self, ids: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if ids is None:
+            yield self._ids, np.asarray(self._vectors[self._order], dtype=np.float32)
+            return
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        rows = np.clip(np.searchsorted(self._ids, wanted), 0, max(0, len(self._ids) - 1))
+        present = self._ids[rows] == wanted if len(self._ids) else np.zeros(len(wanted), bool)
+        yield wanted[present], np.asarray(self._vectors[self._order[rows[present]]], dtype=np.float32)
+
+
+def _stacked(chunks: Iterator[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks of an `iter_vectors` as one (ids, vectors) pair, sorted by id."""
+    pieces = [(ids, vectors) for ids, vectors in chunks if len(ids)]
+    if not pieces:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    ids = np.concatenate([ids for ids, _ in pieces])
+    vectors = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(len(vectors), dim) for _, vectors in pieces])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], vectors[order]
 
 
 def _enough(ids: np.ndarray, wanted: int) -> bool:
