@@ -15,7 +15,11 @@ weights on ONNX (its export made once, by a first index run, and copied into eac
   end of the last commit), then indexed by `clipdex index` again into a new library (the
   load of a shared machine drifts: watch is compared with the mean of the two); the watcher's throughput against index's, and the growth of
   its resident memory (peak during the burst less before it, once one photo indexed before
-  the burst has loaded the model). Targets: >= 0.9x, <= 300 MB.
+  the burst has loaded the model). Targets: >= 0.9x, <= 300 MB. The libraries hold
+  `--seed-items` text items beforehand (10,000: past the 5,000 items up to which a library
+  is searched without FAISS, so the watcher holds its FAISS index before the burst, as a
+  watcher of a real photo library does); `--seed-items 0` starts them empty, and the burst
+  then takes the library past 5,000 items: FAISS is imported during it (about 170 MB).
 - idle: `--files` small JPEGs in folders of 1,000, already in the library (rows written
   directly, as speed_noop.py does: no model), then a watch process: its start-up (process
   start to the end of the first incremental run, notifications set up before it), and
@@ -38,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
@@ -46,6 +52,7 @@ from speed_noop import build_library  # noqa: E402
 from speed_report import Figure, at_least, at_most, info, report  # noqa: E402
 
 from clipdex.indexer import index_paths  # noqa: E402
+from clipdex.search.catalog.types import NewItem  # noqa: E402
 from clipdex.search.encoders.model import ModelSpec  # noqa: E402
 from clipdex.search.library import Library  # noqa: E402
 
@@ -101,10 +108,17 @@ class WatchProcess:
         return time.perf_counter() - self.started
 
     def rss_mb(self) -> float:
+        return self.memory()["VmRSS"]
+
+    def memory(self) -> dict[str, float]:
+        """Resident memory in MB: VmRSS, and its anonymous part (RssAnon) and file pages (RssFile:
+        the model's weights, memory-mapped from its export, are file pages)."""
+        fields = {}
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+            name = line.split(":")[0]
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                fields[name] = int(line.split()[1]) / 1024
+        return fields
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -184,11 +198,30 @@ def index_rate(staging: Path, library: Path, count: int) -> float:
     return count / seconds
 
 
-def burst(scratch: Path, template: Path, count: int, settle: float, index_after: bool = True) -> list[Figure]:
+def seeded(template: Path, scratch: Path, items: int) -> Path:
+    """A copy of `template` already holding `items` text items (random vectors: no model), so
+    that a watcher of it holds the vector index (FAISS) before the burst, as a watcher of a
+    library past `SMALL_LIBRARY_MAX` items does from its start (0: the empty template)."""
+    if items == 0:
+        return template
+    library_path = scratch / "burst-template"
+    shutil.copytree(template, library_path)
+    rng = np.random.default_rng(3)
+    with Library.open(library_path) as library, library.writer() as writer:
+        for start in range(0, items, 5000):
+            vectors = rng.normal(size=(min(5000, items - start), library.dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            writer.commit(items=[NewItem("text", vector, text=f"note {start + row}", source="/notes.txt",
+                                         source_key=str(start + row)) for row, vector in enumerate(vectors)])
+    return library_path
+
+
+def burst(scratch: Path, template: Path, count: int, settle: float, index_after: bool = True, seed_items: int = 0) -> list[Figure]:
     """index, watch, index again on the same files (the machine's load drifts): watch against their mean."""
     staging, folder = scratch / "burst-files", scratch / "burst-watched"
     folder.mkdir()
     photos = write_photos(staging, count)
+    template = seeded(template, scratch, seed_items)
     for name in ("burst-index", "burst-index-after", "burst-watch"):
         shutil.copytree(template, scratch / name)
     before_rate = index_rate(staging, scratch / "burst-index", count)
@@ -203,21 +236,25 @@ def burst(scratch: Path, template: Path, count: int, settle: float, index_after:
         time.sleep(1.0)
         while not watcher.events.empty():
             watcher.events.get()
-        before = watcher.rss_mb()
-        peak = [before]
+        before = watcher.memory()
+        peak = [(0.0, before)]
         dropped = time.perf_counter()
         for photo in photos:  # dropped in at once: moves within the file system
             os.rename(photo, folder / photo.name)
-        finished, events = watcher.added_until(count, 4 * 3600, sample=lambda: peak.append(watcher.rss_mb()))
+        finished, events = watcher.added_until(
+            count, 4 * 3600, sample=lambda: peak.append((time.perf_counter() - dropped, watcher.memory())))
         if committed(reader, targets) != count:
             raise SystemExit("the watcher's events said every photo was added, the catalog does not")
     watcher.stop()
     batches = [f"{event['added']} in {event['seconds']:.0f} s" for event in events]
     watch_seconds = finished - dropped
     watch_rate = count / watch_seconds
-    growth = max(peak) - before
+    at, most = max(peak, key=lambda sample: sample[1]["VmRSS"])
+    growth = most["VmRSS"] - before["VmRSS"]
     print(f"  clipdex watch: {count} photos in {watch_seconds:.1f} s ({watch_rate:.2f} img/s), batches: "
-          f"{', '.join(batches)}; RSS {before:.0f} MB before, {max(peak):.0f} MB at most", flush=True)
+          f"{', '.join(batches)}; RSS {before['VmRSS']:.0f} MB before (anonymous {before['RssAnon']:.0f}, file "
+          f"{before['RssFile']:.0f}), {most['VmRSS']:.0f} MB at most (anonymous {most['RssAnon']:.0f}, file "
+          f"{most['RssFile']:.0f}), {at:.0f} s into the burst", flush=True)
     if index_after:
         for photo in photos:  # back, for index's second run
             os.rename(folder / photo.name, photo)
@@ -261,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=7, help="12 MP photos copied one by one (latency)")
     parser.add_argument("--burst", type=int, default=400, help="12 MP photos dropped at once (burst)")
     parser.add_argument("--files", type=int, default=100_000, help="small files watched (idle)")
+    parser.add_argument("--seed-items", type=int, default=10_000,
+                        help="text items in the burst's libraries beforehand: past 5,000 items a library has a FAISS "
+                             "index, which the watcher then holds before the burst (0: an empty library, which the "
+                             "burst takes past 5,000 items: FAISS is imported during it)")
     parser.add_argument("--no-index-after", action="store_true",
                         help="burst: compare with one index run before the watch only (a long burst on a quiet machine)")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
@@ -274,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "latency" in parts and template is not None:
             figures += latency(scratch, template, args.photos, args.settle)
         if "burst" in parts and template is not None:
-            figures += burst(scratch, template, args.burst, args.settle, not args.no_index_after)
+            figures += burst(scratch, template, args.burst, args.settle, not args.no_index_after, args.seed_items)
         if "idle" in parts:
             figures += idle(scratch, args.files, args.idle_seconds, args.settle)
     return 0 if report("clipdex watch (ViT-B-32, random weights, ONNX on the CPU)", figures) else 1

@@ -88,11 +88,12 @@ class FirstExport:
 
     @classmethod
     def for_run(cls, library: Library, model_threads: int | None, images: int,
-                progress: ProgressReporter | None = None) -> "FirstExport | None":
-        """One for this run when it is such a first run (else None): the export is pending and the library writable."""
+                progress: ProgressReporter | None = None, expected: int | None = None) -> "FirstExport | None":
+        """One for this run when it is such a first run (else None): the export is pending and the library writable.
+        `expected`: the images the encoder is told to expect (`run_jobs`' `long_lived`), if not `images`."""
         if images == 0 or library.catalog.read_only or not library.encoders.export_pending():
             return None
-        first = cls(library, model_threads, images, progress)
+        first = cls(library, model_threads, images if expected is None else expected, progress)
         library.encoders.first_export_begins()  # text queries wait for its text tower, until `finish` at the latest
         return first
 

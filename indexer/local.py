@@ -86,6 +86,7 @@ def run_jobs(
     progress: ProgressReporter | None = None,
     stop: threading.Event | None = None,
     export: bool = True,
+    long_lived: bool = False,
 ) -> None:
     """Do the jobs of `diff` on this machine's cores (see ThreadPlan), committing batches with `writer`.
 
@@ -93,13 +94,19 @@ def run_jobs(
     `export`: a run that must export the model (`LibraryEncoders.export_pending`) exports it
     first and embeds on the export (`clipdex.indexer.first_export`); without, it exports nothing.
     `progress`: told the embed and commit phases' counts, and the first export's (`clipdex.indexer.progress`).
+    `long_lived`: the process outlives the run and runs again, mostly on a few files (a watcher):
+    the encoder is told to expect a few images whatever this run holds, so it keeps one light
+    session throughout (ONNX: the weights a memory map of the export, which the kernel can take
+    back while the watcher idles) instead of loading a prepacked copy of them (about 330 MB
+    for ViT-B-32) for a burst beside the light one a single photo loaded.
     """
     plan = plan_threads(library.encoders.requested_device, workers)
     faiss_too = not library.store.defers_index(len(diff.jobs))
-    first_export = FirstExport.for_run(library, plan.model_threads, len(diff.jobs), progress) if export else None
+    expected = 1 if long_lived else len(diff.jobs)
+    first_export = FirstExport.for_run(library, plan.model_threads, len(diff.jobs), progress, expected) if export else None
     try:
         if first_export is None:
-            library.encoder.expect_images(len(diff.jobs))
+            library.encoder.expect_images(expected)
         with _model_threads(library, plan.model_threads, faiss_too=faiss_too, encoder_too=first_export is None):
             _run_jobs(library, writer, diff, report, batch_size, plan, progress, stop, first_export)
     finally:

@@ -389,7 +389,7 @@ class Watcher:
         report.failed += work.failures
         if work.jobs:
             run_jobs(self.library, self._writer, work, report, self.options.batch_size, self.options.workers,
-                     stop=self.stop, export=True)
+                     stop=self.stop, export=True, long_lived=True)
         if remove and not report.interrupted:
             remove_vanished(self._writer, work, report)
             for path in gone:
@@ -465,7 +465,7 @@ class Watcher:
             try:
                 if work.jobs:
                     run_jobs(self.library, self._writer, work, report, self.options.batch_size, self.options.workers,
-                             stop=self.stop, export=True)
+                             stop=self.stop, export=True, long_lived=True)
                 remove_vanished(self._writer, work, report)
             finally:
                 self._indexing = 0

@@ -662,3 +662,36 @@ def test_a_folder_missing_at_the_start_is_caught_up_when_it_appears(library: Lib
     assert run.until(lambda t: t["added"] >= 1)["added"] == 1
     run.close()
     assert sorted(indexed(library)) == [str(drive / "a.jpg"), str(drive / "b.jpg")]
+
+
+def test_a_burst_keeps_the_light_session_a_single_photo_loaded(library: Library, tmp_path: Path, running,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watcher's runs, catch-up and bursts alike, embed on the session without prepacked
+    weights: a burst must not load a second copy of the model's weights beside the one a
+    single photo loaded (the 300 MB bound on a burst's memory growth)."""
+    import clipdex.search.encoders.onnx_image as onnx_image
+
+    sessions: list[bool] = []
+    real = onnx_image._inference_session
+
+    def recording(path: Path, threads: int, prepack: bool = False) -> Any:
+        sessions.append(prepack)
+        return real(path, threads, prepack)
+
+    monkeypatch.setattr(onnx_image, "_inference_session", recording)
+    burst = onnx_image.BULK_IMAGES + 6
+    pics = tmp_path / "pics"
+    for number in range(burst):
+        write_image(pics / f"old{number}.jpg", number)
+    run = running([pics])
+    assert run.first.added == burst
+    staging = tmp_path / "staging"
+    for number in range(burst):
+        write_image(staging / f"new{number}.jpg", 1000 + number)
+    aged(staging)
+    for path in staging.iterdir():
+        os.rename(path, pics / path.name)
+    assert run.until(lambda t: t["added"] >= burst)["added"] == burst
+    run.close()
+    assert sessions == [False], sessions  # one session, made once (the catch-up embedded), never prepacked
+    assert type(library.encoder).__name__ == "OnnxClipEncoder"
