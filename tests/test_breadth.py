@@ -79,7 +79,12 @@ def test_a_kind_that_misses_under_the_rule_gets_its_own_breadth_wherever_it_lies
     assert rule.breadth_for(np.array([0.9])).tolist() == [9]
 
 
-@pytest.mark.parametrize("spec", [IndexSpec("ivf", "IVF64,Flat"), IndexSpec("hnsw", "HNSW16,Flat")], ids=["ivf", "hnsw"])
+@pytest.mark.parametrize("spec", [
+    IndexSpec("ivf", "IVF64,Flat"),
+    IndexSpec("hnsw", "HNSW16,Flat"),
+    IndexSpec("ivf", "IVF64,SQ4", rerank=4),  # codes reranked by the stored vectors, as under a memory budget
+    IndexSpec("ivf", "IVF64,PQ8x4", rerank=20),
+], ids=["ivf", "hnsw", "ivf-sq4-rerank", "ivf-pq-rerank"])
 def test_every_kind_meets_the_target_whichever_way_it_arrives(spec: IndexSpec) -> None:
     vectors = clustered(6000)
     ids = np.arange(len(vectors), dtype=np.int64) + 1
