@@ -1,0 +1,338 @@
+"""Side by side under one memory budget: clipdex `optimize` against autofaiss and DiskANN,
+as recall@10 against queries per second per core, for image-like and text-like queries.
+
+    .venv/bin/python benchmarks/ann_peers.py [--count 1000000] [--budget 1G] [--data .bench/import-data]
+                                             [--work .bench/ann-peers] [--peers autofaiss,diskann]
+
+The same data for all three: `ann.py`'s CLIP-like vectors (d=512) in clip-retrieval's layout
+(`import_scale.py` writes and reuses it), 1,000 image-like queries held out of it and 1,000
+text-like ones (`gap_queries`: best match at a cosine of about 0.3), their exact top 10 by
+brute force. Every search is batched (all queries of a kind at once) on one thread, so the
+figure is queries/s per core.
+
+- clipdex, as a user runs it: `clipdex import-vectors DATA`, then `clipdex optimize
+  --memory-budget BUDGET --target-recall 0.95 --queries TEXT.npy` (its tuning sample: 400
+  other text-like queries), each a process of its own. The curve is the optimized index
+  opened as a library (quantized codes reranked by the catalog's vectors, read by id)
+  searched at each breadth; the point marked `served` is what a search gets: the breadth
+  its rule picks per query.
+- autofaiss (clip-retrieval's index builder), in a virtual environment of its own
+  (`--peers-venv`, installed from PyPI on first use): `build_index(max_index_memory_usage=
+  BUDGET, metric_type="ip")`, as its docs say; the curve sweeps the nprobe (and efSearch,
+  when its coarse quantizer is HNSW) of the index it picked, from the setting it tuned.
+- DiskANN (`diskannpy`): `build_disk_index` with `search_memory_maximum=BUDGET` (its
+  compressed vectors in memory, graph and full vectors on disk), graph degree 64,
+  build complexity 100, as its docs suggest; `StaticDiskIndex.batch_search` with beam width
+  2 and a cache of 1% of the nodes, sweeping the search complexity L.
+
+Each peer runs in a process of its own; its peak resident memory is reported beside its
+curve (clipdex's: the `optimize` process, and the process searching the library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from import_scale import clipdex, write_layout  # noqa: E402
+
+K = 10
+QUERIES = 1000
+# diskannpy 0.7 pins numpy 1.25 and autofaiss wants numpy < 2: a FAISS and a pyarrow built for numpy 1
+PEER_PACKAGES = ("autofaiss==2.18.0", "diskannpy==0.7.0", "numpy==1.25", "faiss-cpu<1.10", "pyarrow<16")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ground_truth(data: Path, work: Path, count: int, held_out: np.ndarray, seed: int) -> dict[str, Path]:
+    """queries-{kind}.npy and truth-{kind}.npy (row numbers of the exact top 10) in `work`."""
+    from clipdex.search.index.query_sample import gap_queries
+    from clipdex.search.index.vectors import faiss_module
+
+    files = {kind: (work / f"queries-{kind}.npy", work / f"truth-{kind}.npy") for kind in ("image", "text")}
+    if all(path.exists() for pair in files.values() for path in pair):
+        return {kind: pair[0] for kind, pair in files.items()}
+    base = np.concatenate([np.load(path, mmap_mode="r") for path in sorted((data / "img_emb").glob("img_emb_*.npy"),
+                                                                            key=lambda p: int(p.stem.split("_")[-1]))])
+    rng = np.random.default_rng(seed + 200)
+    queries = {"image": held_out[:QUERIES], "text": gap_queries(base[np.sort(rng.choice(count, QUERIES, replace=False))], seed=seed + 201)}
+    np.save(work / "tuning-text.npy", gap_queries(base[np.sort(rng.choice(count, 400, replace=False))], seed=seed + 202))
+    faiss = faiss_module()
+    for kind, vectors in queries.items():
+        flat = faiss.IndexFlatIP(base.shape[1])
+        best_scores = np.full((len(vectors), K), -np.inf, np.float32)
+        best_rows = np.full((len(vectors), K), -1, np.int64)
+        for start in range(0, count, 200_000):
+            flat.reset()
+            flat.add(np.ascontiguousarray(base[start:start + 200_000]))
+            scores, rows = flat.search(np.ascontiguousarray(vectors, dtype=np.float32), K)
+            merged_scores = np.concatenate([best_scores, scores], axis=1)
+            merged_rows = np.concatenate([best_rows, rows + start], axis=1)
+            order = np.argsort(-merged_scores, axis=1)[:, :K]
+            best_scores, best_rows = np.take_along_axis(merged_scores, order, 1), np.take_along_axis(merged_rows, order, 1)
+        np.save(files[kind][0], np.ascontiguousarray(vectors, dtype=np.float32))
+        np.save(files[kind][1], best_rows)
+        log(f"exact top {K} of the {kind}-like queries: best match at cosine {float(np.median(best_scores[:, 0])):.2f}")
+    return {kind: pair[0] for kind, pair in files.items()}
+
+
+def recall(found_rows: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(row.tolist()) & set(want.tolist())) / K for row, want in zip(found_rows[:, :K], truth)]))
+
+
+def timed_batch(search: Any, queries: np.ndarray, min_seconds: float = 2.0) -> tuple[np.ndarray, float]:
+    """The rows a batched search finds, and queries per second (repeated for `min_seconds`)."""
+    started, rounds = time.perf_counter(), 0
+    while True:
+        found = search(queries)
+        rounds += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return found, rounds * len(queries) / elapsed
+
+
+# -- clipdex ---------------------------------------------------------------------------------
+
+def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[str, Path]) -> dict[str, Any]:
+    from clipdex.search.encoders.model import ModelSpec
+    from clipdex.search.index.vectors import faiss_module
+    from clipdex.search.library import Library
+
+    library_path = work / "clipdex-library"
+    if not (library_path / "optimized.json").exists():
+        import shutil
+
+        shutil.rmtree(library_path, ignore_errors=True)
+        Library.open(library_path, model=ModelSpec("ViT-B-32", "none"), create=True, device="cpu").close()
+        seconds, peak, result = clipdex("import-vectors", str(data), "--library", str(library_path), "--quiet", "--json")
+        if result.returncode:
+            sys.exit(f"import-vectors failed: {result.stderr[-2000:]}")
+        log(f"clipdex import-vectors: {count / seconds:,.0f} vectors/s, peak {peak / 2**30:.2f} GiB")
+        seconds, peak, result = clipdex("optimize", "--library", str(library_path), "--memory-budget", budget,
+                                        "--target-recall", "0.95", "--queries", str(work / "tuning-text.npy"), "--json")
+        if not result.stdout.strip():
+            sys.exit(f"optimize failed: {result.stderr[-2000:]}")
+        report = json.loads(result.stdout)
+        (library_path / "optimized.json").write_text(json.dumps({"report": report, "seconds": seconds, "peak": peak}))
+    optimized = json.loads((library_path / "optimized.json").read_text())
+    report = optimized["report"]
+    log(f"clipdex optimize: {report['factory']} in {optimized['seconds']:.0f} s, peak {optimized['peak'] / 2**30:.2f} GiB")
+    faiss = faiss_module()
+    faiss.omp_set_num_threads(1)
+    library = Library.open(library_path, device="cpu")
+    index = library.vectors
+    ids = library.catalog.ids()  # rows of the data are ids - 1 (imported in order into an empty library)
+    assert int(ids.min()) == 1 and int(ids.max()) == count, "the library's ids are not the data's rows + 1"
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for kind, path in queries.items():
+        vectors, truth = np.load(path), np.load(str(path).replace("queries-", "truth-"))
+        points = []
+        breadth = 1
+        while breadth <= index.max_breadth():
+            found, qps = timed_batch(lambda q, b=breadth: index.search_with(q, K, b)[1] - 1, vectors)
+            points.append({"param": f"nprobe={breadth}", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+            if points[-1]["recall"] >= 0.995:
+                break
+            breadth *= 2
+        found, qps = timed_batch(lambda q: library.store.search(q, K, None, None)[1] - 1, vectors)
+        points.append({"param": "served (breadth per query)", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+        curves[kind] = points
+        log(f"clipdex {kind}: " + "; ".join(f"{p['param']} {p['recall']:.3f} {p['qps']:.0f}/s" for p in points))
+    library.close()
+    return {"system": "clipdex", "index": f"{report['factory']} rerank {index.spec.rerank}", "build_seconds": optimized["seconds"],
+            "build_peak_gib": round(optimized["peak"] / 2**30, 2), "serve_peak_gib": round(peak_rss_gib(), 2), "curves": curves}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# -- the peers, each in a process of the peers' environment ---------------------------------------------
+
+PEER_COMMON = textwrap.dedent("""
+    import json, resource, sys, time
+    from pathlib import Path
+    import numpy as np
+    K = 10
+    def base_of(data):
+        files = sorted((Path(data) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))
+        return np.concatenate([np.load(p) for p in files])
+    def recall(found, truth):
+        return float(np.mean([len(set(r.tolist()) & set(t.tolist())) / K for r, t in zip(found[:, :K], truth)]))
+    def timed_batch(search, queries, min_seconds=2.0):
+        started, rounds = time.perf_counter(), 0
+        while True:
+            found = search(queries); rounds += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                return found, rounds * len(queries) / elapsed
+    def peak_gib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    data, work, budget, queries = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+""")
+
+AUTOFAISS = PEER_COMMON + textwrap.dedent("""
+    import faiss
+    from autofaiss import build_index
+    base = base_of(data)
+    started = time.perf_counter()
+    index, infos = build_index(embeddings=base, save_on_disk=False, max_index_memory_usage=budget,
+                               current_memory_available="16G", metric_type="ip", verbose=30)
+    build_seconds = time.perf_counter() - started
+    build_peak = peak_gib()
+    del base
+    faiss.omp_set_num_threads(1)
+    tuned = infos.get("index_param", "")
+    space = faiss.ParameterSpace()
+    ivf = faiss.extract_index_ivf(index)
+    curves = {}
+    for kind, path in queries.items():
+        vectors, truth = np.load(path), np.load(path.replace("queries-", "truth-"))
+        points, nprobe = [], 1
+        while nprobe <= ivf.nlist:
+            params = f"nprobe={nprobe}" + (",efSearch=" + str(max(2 * nprobe, 16)) if "HNSW" in infos["index_key"] else "")
+            space.set_index_parameters(index, params)
+            found, qps = timed_batch(lambda q: index.search(q, K)[1], vectors)
+            points.append({"param": params, "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+            if points[-1]["recall"] >= 0.995:
+                break
+            nprobe *= 2
+        space.set_index_parameters(index, tuned)
+        found, qps = timed_batch(lambda q: index.search(q, K)[1], vectors)
+        points.append({"param": "tuned: " + tuned, "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+        curves[kind] = points
+    print(json.dumps({"system": "autofaiss", "index": infos["index_key"], "build_seconds": round(build_seconds, 1),
+                      "build_peak_gib": round(build_peak, 2), "serve_peak_gib": round(peak_gib(), 2), "curves": curves}))
+""")
+
+DISKANN = PEER_COMMON + textwrap.dedent("""
+    import shutil
+    import diskannpy
+    folder = work / "diskann-index"
+    number, unit = budget.lower().rstrip("ib")[:-1], budget.lower().rstrip("ib")[-1]
+    gib = float(number) * {"k": 2**-20, "m": 2**-10, "g": 1.0}[unit] if unit in "kmg" else float(budget) / 2**30
+    started = time.perf_counter()
+    if not (folder / "done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        base = base_of(data)
+        diskannpy.build_disk_index(data=base, distance_metric="l2", index_directory=str(folder), complexity=100,
+                                   graph_degree=64, search_memory_maximum=gib, build_memory_maximum=16.0,
+                                   num_threads=2, pq_disk_bytes=0)
+        del base
+        (folder / "done").write_text(str(time.perf_counter() - started))
+    build_seconds = float((folder / "done").read_text())
+    build_peak = peak_gib()
+    count = sum(np.load(p, mmap_mode="r").shape[0] for p in (Path(data) / "img_emb").glob("img_emb_*.npy"))
+    index = diskannpy.StaticDiskIndex(index_directory=str(folder), num_threads=1, num_nodes_to_cache=count // 100,
+                                      cache_mechanism=1, distance_metric="l2", vector_dtype=np.float32, dimensions=512)
+    curves = {}
+    for kind, path in queries.items():
+        vectors, truth = np.load(path), np.load(path.replace("queries-", "truth-"))
+        points = []
+        for complexity in (10, 20, 40, 80, 160, 320, 640):
+            found, qps = timed_batch(lambda q: index.batch_search(q, k_neighbors=K, complexity=complexity, num_threads=1,
+                                                                  beam_width=2).identifiers.astype(np.int64), vectors)
+            points.append({"param": f"L={complexity}", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+            if points[-1]["recall"] >= 0.995:
+                break
+        curves[kind] = points
+    print(json.dumps({"system": "diskann", "index": "disk index R=64 L=100, PQ in memory within the budget",
+                      "build_seconds": round(build_seconds, 1), "build_peak_gib": round(build_peak, 2),
+                      "serve_peak_gib": round(peak_gib(), 2), "curves": curves}))
+""")
+
+
+def peers_python(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if not (venv / "installed").exists():
+        log(f"installing {', '.join(PEER_PACKAGES)} into {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+        (venv / "installed").write_text("")
+    return python
+
+
+def run_peer(python: Path, name: str, script: str, data: Path, work: Path, budget: str, queries: dict[str, Path],
+             timeout: float) -> dict[str, Any]:
+    path = work / f"peer_{name}.py"
+    path.write_text(script)
+    log(f"{name}: building and searching ...")
+    environment = dict(os.environ, OMP_NUM_THREADS="2")
+    try:
+        result = subprocess.run([str(python), str(path), str(data), str(work), budget, json.dumps({k: str(v) for k, v in queries.items()})],
+                                capture_output=True, text=True, env=environment, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        tail = (error.stderr or b"")[-300:]
+        log(f"{name}: no answer within {timeout:.0f} s; its last words: {tail!r}")
+        return {"system": name, "error": f"no answer within {timeout:.0f} s (last output: {tail!r})"}
+    if result.returncode:
+        log(f"{name} failed: {result.stderr[-3000:]}")
+        return {"system": name, "error": result.stderr[-500:]}
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    for kind, points in outcome["curves"].items():
+        log(f"{name} {kind}: " + "; ".join(f"{p['param']} {p['recall']:.3f} {p['qps']:.0f}/s" for p in points))
+    return outcome
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for result in results:
+        if "error" in result:
+            lines.append(f"{result['system']}: failed ({result['error'][-200:]})")
+            continue
+        lines.append(f"{result['system']}: {result['index']}; built in {result['build_seconds']:.0f} s (peak {result['build_peak_gib']} GiB), "
+                     f"searching peak {result['serve_peak_gib']} GiB")
+        for kind, points in result["curves"].items():
+            lines.append(f"  {kind:<6} " + " | ".join(f"{p['param']}: {p['recall']:.3f} @ {p['qps']:,.0f}/s" for p in points))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1_000_000)
+    parser.add_argument("--budget", default="1G", help="the memory budget every system builds its index within")
+    parser.add_argument("--data", type=Path, default=Path(".bench/import-data"))
+    parser.add_argument("--work", type=Path, default=Path(".bench/ann-peers"))
+    parser.add_argument("--peers", default="autofaiss,diskann")
+    parser.add_argument("--peers-venv", type=Path, default=Path(".bench/ann-peers-venv"))
+    parser.add_argument("--peer-timeout", type=float, default=3600, help="seconds a peer may take to build and search")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    data = args.data / str(args.count)
+    work = args.work / f"{args.count}-{args.budget}"
+    work.mkdir(parents=True, exist_ok=True)
+    held_out = write_layout(data, args.count, args.seed)
+    queries = ground_truth(data, work, args.count, held_out, args.seed)
+    results = [run_clipdex(data, work, args.count, args.budget, queries)]
+    peers = [name for name in args.peers.split(",") if name]
+    if peers:
+        python = peers_python(args.peers_venv.resolve())
+        scripts = {"autofaiss": AUTOFAISS, "diskann": DISKANN}
+        results += [run_peer(python, name, scripts[name], data.resolve(), work.resolve(), args.budget, queries, args.peer_timeout)
+                    for name in peers]
+    print(f"{args.count:,} vectors of 512 dimensions, memory budget {args.budget}, recall@{K} @ queries/s on one core "
+          f"(batches of {QUERIES}); machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
