@@ -126,7 +126,7 @@ def import_vectors(
             library.store.adopt(index, result.generation)
             report.index_rebuilt = (spec.type, spec.factory) != (recorded.type, recorded.factory)
         else:
-            report.index_rebuilt = _update_index(library, log_changes, None if memory_budget is None else wanted)
+            report.index_rebuilt = _update_index(library, log_changes, wanted)
         library.catalog.truncate_log()
     if report.normalized:
         report.notes.append(f"{report.normalized} vectors were not of unit length and were normalized")
@@ -153,8 +153,9 @@ def _rows(parts: list[Part], report: ImportReport, total: int, progress: Callabl
         report.files.append(str(part.origin))
 
 
-def _update_index(library: "IndexedLibrary", log_changes: bool, spec: IndexSpec | None = None) -> bool:
-    """Bring the vector index up to the import (the write lock is held); True if its type changed."""
+def _update_index(library: "IndexedLibrary", log_changes: bool, wanted: IndexSpec) -> bool:
+    """Bring the vector index up to the import (the write lock is held); True if its type changed.
+    `wanted`: the recorded spec, with the import's memory budget when it gives one (a rebuild keeps to it)."""
     store = library.store
     if log_changes:
         store.sync()
@@ -162,10 +163,9 @@ def _update_index(library: "IndexedLibrary", log_changes: bool, spec: IndexSpec 
             return True
         store.save()
         return False
-    recorded = library.manifest.index if spec is None else spec
-    spec = resolve_spec(recorded, sum(library.catalog.counts().values()), library.dim)
+    spec = resolve_spec(wanted, sum(library.catalog.counts().values()), library.dim)
     store.rebuild(spec)
-    return (spec.type, spec.factory) != (recorded.type, recorded.factory)
+    return (spec.type, spec.factory) != (wanted.type, wanted.factory)
 
 
 class StreamedIndex:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from clipdex.search.atomic import write_atomic, write_json_atomic
+from clipdex.search.catalog.vector_rows import concatenated
 from clipdex.search.errors import CorruptLibrary, GpuUnavailable
 
 if TYPE_CHECKING:
@@ -410,7 +411,9 @@ class VectorIndex:
             return scores[:, :k], ids[:, :k]
         assert self.rerank_source is not None
         wanted = np.unique(ids[ids >= 0])
-        found_ids, found = _stacked(self.rerank_source.iter_vectors(wanted.tolist()), self.dim)
+        found_ids, found = concatenated(self.rerank_source.iter_vectors(wanted.tolist()))
+        order = np.argsort(found_ids, kind="stable")  # a source need not yield its chunks in id order
+        found_ids, found = found_ids[order], found[order]
         rows = np.clip(np.searchsorted(found_ids, ids), 0, max(0, len(found_ids) - 1))
         known = (ids >= 0) & (found_ids[rows] == ids) if len(found_ids) else np.zeros(ids.shape, bool)
         exact = np.full(ids.shape, -np.inf, np.float32)
@@ -601,17 +604,6 @@ class ArrayVectors:
         rows = np.clip(np.searchsorted(self._ids, wanted), 0, max(0, len(self._ids) - 1))
         present = self._ids[rows] == wanted if len(self._ids) else np.zeros(len(wanted), bool)
         yield wanted[present], np.asarray(self._vectors[self._order[rows[present]]], dtype=np.float32)
-
-
-def _stacked(chunks: Iterator[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The chunks of an `iter_vectors` as one (ids, vectors) pair, sorted by id."""
-    pieces = [(ids, vectors) for ids, vectors in chunks if len(ids)]
-    if not pieces:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    ids = np.concatenate([ids for ids, _ in pieces])
-    vectors = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(len(vectors), dim) for _, vectors in pieces])
-    order = np.argsort(ids, kind="stable")
-    return ids[order], vectors[order]
 
 
 def _enough(ids: np.ndarray, wanted: int) -> bool:
