@@ -26,7 +26,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -39,6 +39,15 @@ from clipdex.search.index.vectors import faiss_module  # noqa: E402
 
 def clip_like_vectors(count: int, dim: int = 512, seed: int = 0) -> np.ndarray:
     """Normalized vectors with the coarse shape of CLIP embeddings (see the module docstring)."""
+    out = np.empty((count, dim), dtype=np.float32)
+    for start, chunk in clip_like_chunks(count, dim, seed):
+        out[start : start + len(chunk)] = chunk
+    return out
+
+
+def clip_like_chunks(count: int, dim: int = 512, seed: int = 0, chunk_rows: int = 100_000) -> Iterator[tuple[int, np.ndarray]]:
+    """`clip_like_vectors` a chunk of 100,000 rows at a time, as (first row, rows): the same
+    vectors, without holding them all (10 million are 20 GB)."""
     rng = np.random.default_rng(seed)
     topics, clusters = max(4, count // 50_000), max(16, count // 2_000)
     spectrum = rng.permutation(np.arange(1, dim + 1) ** -0.5).astype(np.float32)
@@ -50,13 +59,12 @@ def clip_like_vectors(count: int, dim: int = 512, seed: int = 0) -> np.ndarray:
     spreads = rng.uniform(0.75, 1.25, clusters).astype(np.float32) * 0.9
     sizes = 1.0 / np.sqrt(np.arange(1, clusters + 1))
     members = rng.choice(clusters, size=count, p=sizes / sizes.sum())
-    out = np.empty((count, dim), dtype=np.float32)
-    for start in range(0, count, 100_000):
-        chosen = members[start : start + 100_000]
+    for start in range(0, count, chunk_rows):
+        chosen = members[start : start + chunk_rows]
         noise = rng.standard_normal((len(chosen), dim), dtype=np.float32) * spectrum
-        out[start : start + len(chosen)] = (centers[chosen] + spreads[chosen, None] * noise) / np.sqrt(dim) + mean
-    faiss_module().normalize_L2(out)
-    return out
+        chunk = np.ascontiguousarray((centers[chosen] + spreads[chosen, None] * noise) / np.sqrt(dim) + mean, dtype=np.float32)
+        faiss_module().normalize_L2(chunk)
+        yield start, chunk
 
 
 def run_size(count: int, dim: int, queries: int, target_recall: float, seed: int, min_seconds: float) -> dict[str, Any]:

@@ -10,7 +10,7 @@ text-like ones (`gap_queries`: best match at a cosine of about 0.3), their exact
 brute force. Every search is batched (all queries of a kind at once) on one thread, so the
 figure is queries/s per core.
 
-- clipdex, as a user runs it: `clipdex import-vectors DATA`, then `clipdex optimize
+- clipdex, as a user runs it: `clipdex import-vectors DATA --memory-budget BUDGET`, then `clipdex optimize
   --memory-budget BUDGET --target-recall 0.95 --queries TEXT.npy` (its tuning sample: 400
   other text-like queries), each a process of its own. The curve is the optimized index
   opened as a library (quantized codes reranked by the catalog's vectors, read by id)
@@ -67,28 +67,39 @@ def ground_truth(data: Path, work: Path, count: int, held_out: np.ndarray, seed:
     files = {kind: (work / f"queries-{kind}.npy", work / f"truth-{kind}.npy") for kind in ("image", "text")}
     if all(path.exists() for pair in files.values() for path in pair):
         return {kind: pair[0] for kind, pair in files.items()}
-    base = np.concatenate([np.load(path, mmap_mode="r") for path in sorted((data / "img_emb").glob("img_emb_*.npy"),
-                                                                            key=lambda p: int(p.stem.split("_")[-1]))])
+    parts = sorted((data / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))
     rng = np.random.default_rng(seed + 200)
-    queries = {"image": held_out[:QUERIES], "text": gap_queries(base[np.sort(rng.choice(count, QUERIES, replace=False))], seed=seed + 201)}
-    np.save(work / "tuning-text.npy", gap_queries(base[np.sort(rng.choice(count, 400, replace=False))], seed=seed + 202))
+    queries = {"image": held_out[:QUERIES], "text": gap_queries(data_rows(parts, np.sort(rng.choice(count, QUERIES, replace=False))), seed=seed + 201)}
+    np.save(work / "tuning-text.npy", gap_queries(data_rows(parts, np.sort(rng.choice(count, 400, replace=False))), seed=seed + 202))
     faiss = faiss_module()
-    for kind, vectors in queries.items():
-        flat = faiss.IndexFlatIP(base.shape[1])
-        best_scores = np.full((len(vectors), K), -np.inf, np.float32)
-        best_rows = np.full((len(vectors), K), -1, np.int64)
-        for start in range(0, count, 200_000):
-            flat.reset()
-            flat.add(np.ascontiguousarray(base[start:start + 200_000]))
+    best = {kind: (np.full((len(vectors), K), -np.inf, np.float32), np.full((len(vectors), K), -1, np.int64)) for kind, vectors in queries.items()}
+    start = 0
+    for part in parts:  # a file at a time: 10 million vectors are 20 GB
+        flat = faiss.IndexFlatIP(512)
+        flat.add(np.ascontiguousarray(np.load(part)))
+        for kind, vectors in queries.items():
             scores, rows = flat.search(np.ascontiguousarray(vectors, dtype=np.float32), K)
-            merged_scores = np.concatenate([best_scores, scores], axis=1)
-            merged_rows = np.concatenate([best_rows, rows + start], axis=1)
+            merged_scores = np.concatenate([best[kind][0], scores], axis=1)
+            merged_rows = np.concatenate([best[kind][1], rows + start], axis=1)
             order = np.argsort(-merged_scores, axis=1)[:, :K]
-            best_scores, best_rows = np.take_along_axis(merged_scores, order, 1), np.take_along_axis(merged_rows, order, 1)
+            best[kind] = np.take_along_axis(merged_scores, order, 1), np.take_along_axis(merged_rows, order, 1)
+        start += flat.ntotal
+    for kind, vectors in queries.items():
         np.save(files[kind][0], np.ascontiguousarray(vectors, dtype=np.float32))
-        np.save(files[kind][1], best_rows)
-        log(f"exact top {K} of the {kind}-like queries: best match at cosine {float(np.median(best_scores[:, 0])):.2f}")
+        np.save(files[kind][1], best[kind][1])
+        log(f"exact top {K} of the {kind}-like queries: best match at cosine {float(np.median(best[kind][0][:, 0])):.2f}")
     return {kind: pair[0] for kind, pair in files.items()}
+
+
+def data_rows(parts: list[Path], rows: np.ndarray) -> np.ndarray:
+    """The data's `rows` (sorted), read from its parts' memory maps."""
+    pieces, start = [], 0
+    for part in parts:
+        vectors = np.load(part, mmap_mode="r")
+        local = rows[(rows >= start) & (rows < start + len(vectors))] - start
+        pieces.append(np.asarray(vectors[local], dtype=np.float32))
+        start += len(vectors)
+    return np.concatenate(pieces)
 
 
 def recall(found_rows: np.ndarray, truth: np.ndarray) -> float:
@@ -119,16 +130,18 @@ def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[s
 
         shutil.rmtree(library_path, ignore_errors=True)
         Library.open(library_path, model=ModelSpec("ViT-B-32", "none"), create=True, device="cpu").close()
-        seconds, peak, result = clipdex("import-vectors", str(data), "--library", str(library_path), "--quiet", "--json")
+        seconds, peak, result = clipdex("import-vectors", str(data), "--library", str(library_path), "--memory-budget", budget,
+                                        "--quiet", "--json")
         if result.returncode:
             sys.exit(f"import-vectors failed: {result.stderr[-2000:]}")
         log(f"clipdex import-vectors: {count / seconds:,.0f} vectors/s, peak {peak / 2**30:.2f} GiB")
+        imported = {"seconds": round(seconds, 1), "vectors_per_second": round(count / seconds), "peak_gib": round(peak / 2**30, 2)}
         seconds, peak, result = clipdex("optimize", "--library", str(library_path), "--memory-budget", budget,
                                         "--target-recall", "0.95", "--queries", str(work / "tuning-text.npy"), "--json")
         if not result.stdout.strip():
             sys.exit(f"optimize failed: {result.stderr[-2000:]}")
         report = json.loads(result.stdout)
-        (library_path / "optimized.json").write_text(json.dumps({"report": report, "seconds": seconds, "peak": peak}))
+        (library_path / "optimized.json").write_text(json.dumps({"report": report, "seconds": seconds, "peak": peak, "import": imported}))
     optimized = json.loads((library_path / "optimized.json").read_text())
     report = optimized["report"]
     log(f"clipdex optimize: {report['factory']} in {optimized['seconds']:.0f} s, peak {optimized['peak'] / 2**30:.2f} GiB")
@@ -151,10 +164,19 @@ def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[s
             breadth *= 2
         found, qps = timed_batch(lambda q: library.store.search(q, K, None, None)[1] - 1, vectors)
         points.append({"param": "served (breadth per query)", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+        latencies = []
+        for query in vectors[:200]:  # single queries, one at a time, as an interactive search sends them
+            started = time.perf_counter()
+            library.store.search(query[None, :], K, None, None)
+            latencies.append(time.perf_counter() - started)
+        points[-1]["single_p50_ms"] = round(1000 * float(np.percentile(latencies, 50)), 2)
+        points[-1]["single_p95_ms"] = round(1000 * float(np.percentile(latencies, 95)), 2)
         curves[kind] = points
         log(f"clipdex {kind}: " + "; ".join(f"{p['param']} {p['recall']:.3f} {p['qps']:.0f}/s" for p in points))
     library.close()
     return {"system": "clipdex", "index": f"{report['factory']} rerank {index.spec.rerank}", "build_seconds": optimized["seconds"],
+            "import": optimized.get("import"), "optimize_report": {kind: {key: figures.get(key) for key in ("recall_at_10", "queries_per_second", "breadth_by_query")}
+                                                                     for kind, figures in report["by_query_kind"].items()},
             "build_peak_gib": round(optimized["peak"] / 2**30, 2), "serve_peak_gib": round(peak_rss_gib(), 2), "curves": curves}
 
 
@@ -298,8 +320,13 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         lines.append(f"{result['system']}: {result['index']}; built in {result['build_seconds']:.0f} s (peak {result['build_peak_gib']} GiB), "
                      f"searching peak {result['serve_peak_gib']} GiB")
+        if result.get("import"):
+            imported = result["import"]
+            lines.append(f"  import-vectors: {imported['vectors_per_second']:,} vectors/s ({imported['seconds']:.0f} s), peak {imported['peak_gib']} GiB")
         for kind, points in result["curves"].items():
             lines.append(f"  {kind:<6} " + " | ".join(f"{p['param']}: {p['recall']:.3f} @ {p['qps']:,.0f}/s" for p in points))
+            if "single_p95_ms" in points[-1]:
+                lines.append(f"  {kind:<6} single queries (served): p50 {points[-1]['single_p50_ms']} ms, p95 {points[-1]['single_p95_ms']} ms")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """A million vectors end to end: `clipdex import-vectors`, `clipdex optimize`, then recall
 measured independently of both.
 
-1. Writes CLIP-like vectors (`ann.clip_like_vectors`, d=512, float32) in clip-retrieval's
+1. Writes CLIP-like vectors (`ann.clip_like_chunks`, d=512, float32, written a part at a time) in clip-retrieval's
    layout: `img_emb/img_emb_N.npy` and `metadata/metadata_N.parquet` (image_path, caption),
    in parts of 100,000 rows (kept in `--data`, reused when present).
 2. Times `clipdex import-vectors DATA` in a fresh process (wall time, and peak resident
@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ann import clip_like_vectors  # noqa: E402
+from ann import clip_like_chunks  # noqa: E402
 
 from clipdex.search.library import Library  # noqa: E402
 from clipdex.search.encoders.model import ModelSpec  # noqa: E402
@@ -52,21 +52,24 @@ def write_layout(folder: Path, count: int, seed: int) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = clip_like_vectors(count + HELD_OUT, 512, seed)
-    held_out = np.ascontiguousarray(data[count:])
     if (folder / "done").exists():
-        return held_out
+        return np.load(folder / "held-out.npy")
     shutil.rmtree(folder, ignore_errors=True)
     for name in ("img_emb", "metadata"):
         (folder / name).mkdir(parents=True)
-    for part, start in enumerate(range(0, count, PART_ROWS)):
-        rows = range(start, min(count, start + PART_ROWS))
-        np.save(folder / "img_emb" / f"img_emb_{part}.npy", data[rows.start : rows.stop])
+    held_out = np.zeros((0, 512), np.float32)
+    for start, chunk in clip_like_chunks(count + HELD_OUT, 512, seed, PART_ROWS):  # parts of the data, the last rows held out
+        rows = range(start, min(count, start + len(chunk)))
+        held_out = np.concatenate([held_out, chunk[len(rows):]])
+        if not len(rows):
+            continue
+        np.save(folder / "img_emb" / f"img_emb_{start // PART_ROWS}.npy", chunk[: len(rows)])
         table = pa.table({
             "image_path": [f"/data/photos/{row // 10_000:04d}/{row:08d}.jpg" for row in rows],
             "caption": [f"photo {row} of the generated collection" for row in rows],
         })
-        pq.write_table(table, folder / "metadata" / f"metadata_{part}.parquet")
+        pq.write_table(table, folder / "metadata" / f"metadata_{start // PART_ROWS}.parquet")
+    np.save(folder / "held-out.npy", held_out)
     (folder / "done").write_text("")
     return held_out
 

@@ -64,7 +64,9 @@ def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         (1_000_000, None, False, "IVF2048,Flat"),
         (1_000_000, 2100 * MiB, False, "IVF2048,Flat"),
         (1_000_000, 700 * MiB, False, "IVF2048,SQ8"),
-        (1_000_000, 300 * MiB, False, "IVF2048,SQ4"),
+        (1_000_000, 300 * MiB, False, "IVF2048,PQ128"),  # a byte for 4 dimensions, before SQ4's half a byte for one
+        (1_000_000, 300 * MiB, True, "IVF2048,SQ4"),  # FAISS GPUs take no PQ128
+        (5_000, 2 * MiB, False, "IVF128,SQ4"),  # too few vectors to train PQ
         (1_000_000, 100 * MiB, False, "IVF2048,PQ64"),
         (1_000_000, 30 * MiB, False, "IVF2048,PQ16"),
     ],
@@ -161,7 +163,7 @@ def test_optimize_catches_up_with_commits_made_while_it_ran(
     library: Library, small_thresholds: None, monkeypatch: pytest.MonkeyPatch, saved: bool
 ) -> None:
     fill(library, 600)
-    original = optimize_module.optimize_vectors
+    original = optimize_module.optimize_corpus
     late: list[int] = []
 
     def optimize_while_someone_writes(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -174,7 +176,7 @@ def test_optimize_catches_up_with_commits_made_while_it_ran(
             late.extend(library.catalog.commit_batch([item]).ids)
         return result
 
-    monkeypatch.setattr(optimize_module, "optimize_vectors", optimize_while_someone_writes)
+    monkeypatch.setattr(optimize_module, "optimize_corpus", optimize_while_someone_writes)
     optimize_library(library, target_recall=0.9)
     assert library.vectors.spec.type == "ivf" and late[0] in library.vectors.ids().tolist()
     assert library.check()["ok"]
@@ -297,8 +299,8 @@ def test_quantized_choices_rerank_and_older_specs_take_it_up() -> None:
     whole vectors need no reranking; a spec recorded before reranking existed gets it on
     its next rebuild, its tuned parameters kept."""
     assert choose_spec(1_000_000, 512, None, gpu=False).rerank == 0  # IVF,Flat
-    for budget, kind in ((1 << 30, "SQ8"), (400 << 20, "SQ4"), (100 << 20, "PQ")):
-        spec = choose_spec(1_000_000, 512, budget, gpu=False)
+    for budget, kind, gpu in ((1 << 30, "SQ8", False), (400 << 20, "SQ4", True), (200 << 20, "PQ", False), (100 << 20, "PQ", False)):
+        spec = choose_spec(1_000_000, 512, budget, gpu=gpu)
         assert kind in (spec.factory or "") and spec.rerank == choice.RERANK[kind]
     older = IndexSpec("ivf", "IVF2048,SQ8", {"nprobe": 40}, memory_budget=1 << 30)  # as a manifest of before records it
     resolved = resolve_spec(older, 1_000_000, 512, gpu=False)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +43,7 @@ from clipdex.search.catalog.database import KINDS, ImportRows
 from clipdex.search.errors import InvalidVectors, MissingDependency, ModelMismatch
 from clipdex.search.index.choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
 from clipdex.search.encoders.model import ResolvedModel
+from clipdex.search.index.sharded import IndexBuilder
 from clipdex.search.index.vectors import IndexSpec, VectorIndex
 
 if TYPE_CHECKING:
@@ -112,7 +114,7 @@ def import_vectors(
         recorded = library.manifest.index
         wanted = recorded if memory_budget is None else replace(recorded, memory_budget=memory_budget, pinned=False)
         spec = resolve_spec(wanted, existing + total, library.dim)
-        streamed = StreamedIndex.start(library.dim, spec, parts) if existing == 0 and total else None
+        streamed = StreamedIndex.start(library.dim, spec, parts, library.path) if existing == 0 and total else None
         try:
             result = library.catalog.import_rows(_rows(parts, report, total, progress), log_changes,
                                                  inserted=streamed.add if streamed else None)
@@ -172,19 +174,29 @@ class StreamedIndex:
     """The vector index of an import into an empty library, built while the rows go into
     the catalog: a worker thread trains the quantizers on a sample read from the files
     (the rows a rebuild from the catalog would draw), then adds each chunk as the catalog
-    assigns its ids. FAISS and SQLite release the GIL, so building overlaps inserting."""
+    assigns its ids. FAISS and SQLite release the GIL, so building overlaps inserting.
 
-    MAX_PENDING = 8  # chunks handed to the worker and not yet added (bounds the memory they hold)
+    Memory stays bounded however many rows come: an inverted file too big to grow in memory
+    is built in shards spilled under `scratch` (`clipdex.search.index.sharded`), and when the
+    worker falls `MAX_PENDING` chunks behind (training the quantizer of ten million vectors
+    takes minutes), further chunks wait in a spool file there rather than in memory or
+    holding up the catalog."""
 
-    def __init__(self, index: VectorIndex, training: np.ndarray | None) -> None:
+    MAX_PENDING = 8  # chunks handed to the worker in memory and not yet added
+
+    def __init__(self, index: VectorIndex, training: np.ndarray | None, expected: int, scratch: Path | None = None) -> None:
         self.index = index
+        self._builder = IndexBuilder(index, scratch, expected)
+        self._scratch = scratch
+        self._spool: Any = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="clipdex-index")
-        self._pending: deque[Future[None]] = deque()
+        self._pending: deque[Future[None]] = deque()  # chunks in memory
+        self._spooled: deque[Future[None]] = deque()  # chunks in the spool file
         if training is not None:
             self._pending.append(self._worker.submit(index.train, training))
 
     @classmethod
-    def start(cls, dim: int, spec: IndexSpec, parts: list[Part]) -> "StreamedIndex | None":
+    def start(cls, dim: int, spec: IndexSpec, parts: list[Part], scratch: Path | None = None) -> "StreamedIndex | None":
         """None unless every part is a .npy file (a sample can be read from it at random)."""
         if not all(part.origin.suffix == ".npy" for part in parts):
             return None
@@ -193,25 +205,66 @@ class StreamedIndex:
             index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         total = sum(part.rows for part in parts)
         training = None if index.is_trained else _sample_rows(parts, training_rows(total, training_size(spec, total)))
-        return cls(index, training)
+        return cls(index, training, total, scratch)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+        while self._spooled and self._spooled[0].done():
+            self._spooled.popleft().result()
+        if len(self._pending) >= self.MAX_PENDING and self._spool_file() is not None:
+            self._spooled.append(self._worker.submit(self._add_spooled, *self._write_spool(ids, vectors)))
+            return
         while len(self._pending) >= self.MAX_PENDING:
             self._pending.popleft().result()
-        self._pending.append(self._worker.submit(self.index.add, ids, np.array(vectors, dtype=np.float32)))
+        self._pending.append(self._worker.submit(self._builder.add, ids, np.array(vectors, dtype=np.float32)))
+
+    def _spool_file(self) -> Any:
+        if self._spool is None and self._scratch is not None:
+            try:
+                self._spool = tempfile.TemporaryFile(prefix="clipdex-import-", dir=self._scratch)
+            except OSError:
+                self._scratch = None
+        return self._spool
+
+    def _write_spool(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[int, int]:
+        self._spool.seek(0, os.SEEK_END)
+        offset = self._spool.tell()
+        self._spool.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        self._spool.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+        self._spool.flush()
+        return offset, len(ids)
+
+    def _add_spooled(self, offset: int, count: int) -> None:
+        data = os.pread(self._spool.fileno(), count * (8 + 4 * self.index.dim), offset)
+        ids = np.frombuffer(data, dtype=np.int64, count=count)
+        vectors = np.frombuffer(data, dtype=np.float32, offset=8 * count).reshape(count, self.index.dim)
+        self._builder.add(ids, vectors)
 
     def abandon(self) -> None:
         """Stop after the chunk in progress; the import failed."""
         self._worker.shutdown(wait=True, cancel_futures=True)
+        self._builder.abandon()
+        self._close_spool()
 
     def finish(self) -> VectorIndex:
         """The index once every chunk is in (raises what the worker raised)."""
         try:
-            while self._pending:
-                self._pending.popleft().result()
+            for queue in (self._pending, self._spooled):
+                while queue:
+                    queue.popleft().result()
+            return self._builder.finish()
+        except BaseException:
+            self._builder.abandon()
+            raise
         finally:
             self._worker.shutdown(cancel_futures=True)
-        return self.index
+            self._close_spool()
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
 
 def _sample_rows(parts: list[Part], rows: np.ndarray) -> np.ndarray:

@@ -36,8 +36,9 @@ import numpy as np
 from clipdex.search.errors import ClipdexError
 from clipdex.search.index.breadth import BreadthRule, best_scores, tune_rule
 from clipdex.search.index.choice import build_index, choose_spec, list_count, training_rows, training_size
+from clipdex.search.index.corpus import ArrayCorpus, CatalogCorpus, Corpus, exact_top_k, split_rows
 from clipdex.search.index.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, load_query_file, text_query_sample
-from clipdex.search.index.vectors import ArrayVectors, IndexSpec, VectorIndex, faiss_module
+from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
 
 if TYPE_CHECKING:
     from clipdex.search.index.parts import IndexedLibrary
@@ -133,13 +134,26 @@ def held_out_rows(total: int, count: int, exclude_rows: np.ndarray, seed: int = 
 
 def exact_evaluation(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, own_ids: np.ndarray | None = None) -> Evaluation:
     """Queries with their exact top-k and best-match cosine; `own_ids` (-1: none) left out of both."""
-    faiss = faiss_module()
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    extra = 0 if own_ids is None else 1
-    scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), RECALL_K + extra, metric=faiss.METRIC_INNER_PRODUCT)
-    found = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-    best = scores[:, 0] if own_ids is None else np.where(found[:, 0] == own_ids, scores[:, min(1, scores.shape[1] - 1)], scores[:, 0])
-    return Evaluation(queries, _drop_own(found, own_ids, RECALL_K), own_ids, best)
+    return exact_evaluations({"": (queries, own_ids)}, ArrayCorpus(ids, vectors).chunks())[""]
+
+
+def exact_evaluations(queries: dict[str, tuple[np.ndarray, np.ndarray | None]],
+                      chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict[str, Evaluation]:
+    """`exact_evaluation` of several query sets at once, in one pass over the chunks of vectors."""
+    names = list(queries)
+    parts = split_rows([len(queries[name][0]) for name in names])
+    everything = np.concatenate([np.asarray(queries[name][0], dtype=np.float32).reshape(len(queries[name][0]), -1) for name in names])
+    scores, found = exact_top_k(everything, chunks, RECALL_K + 1)
+    evaluations = {}
+    for name, part in zip(names, parts):
+        own_ids = queries[name][1]
+        these, hits = scores[part], found[part]
+        if own_ids is None:
+            best, hits = these[:, 0], hits[:, :RECALL_K]
+        else:
+            best = np.where(hits[:, 0] == own_ids, these[:, 1], these[:, 0])
+        evaluations[name] = Evaluation(everything[part], _drop_own(hits, own_ids, RECALL_K), own_ids, best)
+    return evaluations
 
 
 def exact_neighbours(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int, own_ids: np.ndarray | None = None) -> np.ndarray:
@@ -251,6 +265,17 @@ def optimize_vectors(
     vectors: np.ndarray,
     target_recall: float = 0.95,
     memory_budget: int | None = None,
+    builder: Callable[..., VectorIndex] = build_index,
+    **options: Any,
+) -> tuple[VectorIndex, OptimizeReport]:
+    """`optimize_corpus` (with its keyword `options`) over vectors in memory, the index built by `builder`."""
+    return optimize_corpus(ArrayCorpus(ids, vectors, builder), target_recall, memory_budget, **options)
+
+
+def optimize_corpus(
+    corpus: Corpus,
+    target_recall: float = 0.95,
+    memory_budget: int | None = None,
     evaluation: Evaluation | None = None,
     spec: IndexSpec | None = None,
     seed: int = 0,
@@ -258,18 +283,18 @@ def optimize_vectors(
     text_queries: QuerySample | None = None,
     text_evaluation: Evaluation | None = None,
     sources: dict[str, str] | None = None,
-    builder: Callable[..., VectorIndex] = build_index,
     user_queries: QuerySample | None = None,
 ) -> tuple[VectorIndex, OptimizeReport]:
-    """Build the chosen index (or `spec`) over the vectors, tune it to `target_recall` per
-    query kind and measure it.
+    """Build the chosen index (or `spec`) over the corpus's vectors (`clipdex.search.index.corpus`:
+    in memory, or streamed from the catalog), tune it to `target_recall` per query kind and measure it.
 
     Image-like queries: `evaluation`, by default held-out stored vectors (see the module
     docstring). Text-like queries: `text_evaluation`, else `text_queries` (see
     `clipdex.search.index.query_sample`), filled up with generated gap queries when fewer than
     `MIN_TEXT_QUERIES`. `user_queries`: the user's own query vectors (`--queries`), a kind
     of their own ("queries"). `sources` names where given evaluations came from. The
-    benchmark passes its own evaluations.
+    benchmark passes its own evaluations. The exact top 10 of every kind's queries is found
+    in one pass over the vectors.
 
     The breadth is then chosen per query by a rule tuned on every kind together
     (`clipdex.search.index.breadth`), and each kind's recall is measured with it.
@@ -279,28 +304,32 @@ def optimize_vectors(
     where an inverted file may well be faster. The candidate whose slower kind is fastest,
     among those meeting the target for both kinds, is kept (`alternatives` reports the other)."""
     started = time.perf_counter()
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
-    candidates = [spec] if spec is not None else candidate_specs(len(ids), vectors.shape[1], memory_budget)
+    ids, dim = corpus.ids, corpus.dim
+    candidates = [spec] if spec is not None else candidate_specs(len(ids), dim, memory_budget)
     ivf = next((candidate for candidate in candidates if candidate.type == "ivf"), None)
     trained = training_rows(len(ids), training_size(ivf, len(ids)), seed) if ivf is not None else np.zeros(0, np.int64)
     named = dict(sources or {})
+    wanted: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # query sets whose exact top 10 is still to find
     if evaluation is None:
-        evaluation = held_out_evaluation(ids, vectors, HELD_OUT_QUERIES, trained, seed)
-        named.setdefault("image", f"stored vectors held out from training ({len(evaluation.queries)})")
+        rows = held_out_rows(len(ids), HELD_OUT_QUERIES, trained, seed)
+        wanted["image"] = (corpus.rows(rows), ids[rows])
+        named.setdefault("image", f"stored vectors held out from training ({len(rows)})")
     if text_evaluation is None and candidates[0].type != "flat":
-        sample = with_gap_queries(text_queries or QuerySample.empty(vectors.shape[1]), ids, vectors, trained, seed).shuffled(seed)
-        own = sample.own_ids if np.any(sample.own_ids >= 0) else None
-        text_evaluation = exact_evaluation(sample.vectors, ids, vectors, own)
+        sample = with_gap_queries(text_queries or QuerySample.empty(dim), corpus, trained, seed).shuffled(seed)
+        wanted["text"] = (sample.vectors, sample.own_ids if np.any(sample.own_ids >= 0) else None)
         named.setdefault("text", sample.describe())
-    evaluations = {"image": evaluation, "text": text_evaluation}
     if user_queries is not None and len(user_queries) and candidates[0].type != "flat":
         mine = user_queries.shuffled(seed)
-        evaluations["queries"] = exact_evaluation(mine.vectors, ids, vectors, mine.own_ids if np.any(mine.own_ids >= 0) else None)
+        wanted["queries"] = (mine.vectors, mine.own_ids if np.any(mine.own_ids >= 0) else None)
         named.setdefault("queries", mine.describe())
+    found = exact_evaluations(wanted, corpus.chunks()) if wanted else {}
+    evaluation = evaluation if evaluation is not None else found["image"]
+    evaluations = {"image": evaluation, "text": text_evaluation if text_evaluation is not None else found.get("text")}
+    if "queries" in found:
+        evaluations["queries"] = found["queries"]
     min_seconds = MEASURE_SECONDS if min_seconds is None else min_seconds
-    exact_qps = exact_queries_per_second(vectors, evaluation.queries, min_seconds)
-    tried = [_build_and_tune(candidate, ids, vectors, evaluations, named, target_recall, exact_qps, min_seconds, seed, builder)
+    exact_qps = 1.0 / corpus.exact_seconds_per_query(lambda vectors: exact_queries_per_second(vectors, evaluation.queries, min_seconds))
+    tried = [_build_and_tune(candidate, corpus, evaluations, named, target_recall, exact_qps, min_seconds, seed)
              for candidate in candidates]
     index, kinds, build_seconds = max(tried, key=lambda attempt: _preference(attempt[1]))
     recall = min(figures.recall_at_10 for figures in kinds.values())
@@ -317,7 +346,7 @@ def optimize_vectors(
         speedup=round(slowest / exact_qps, 1),
         bytes_per_vector=round(index.bytes_per_vector(), 1),
         vectors=len(ids),
-        dim=vectors.shape[1],
+        dim=dim,
         held_out_queries=sum(figures.queries for figures in kinds.values()),
         memory_budget=memory_budget,
         device=index.device,
@@ -325,7 +354,7 @@ def optimize_vectors(
         seconds=round(time.perf_counter() - started, 2),
         optimized_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         by_query_kind={kind: figures.to_json() for kind, figures in kinds.items()},
-        advice=advice(index, kinds, target_recall, len(ids), vectors.shape[1]),
+        advice=advice(index, kinds, target_recall, len(ids), dim),
         alternatives=[_summary(other, other_kinds) for other, other_kinds, _ in tried if other is not index],
         breadth_rule=None if index.breadth_rule() is None else index.breadth_rule().describe(),  # type: ignore[union-attr]
     )
@@ -341,14 +370,13 @@ def candidate_specs(count: int, dim: int, memory_budget: int | None) -> list[Ind
 
 
 def _build_and_tune(
-    spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray, evaluations: dict[str, Evaluation | None], named: dict[str, str],
+    spec: IndexSpec, corpus: Corpus, evaluations: dict[str, Evaluation | None], named: dict[str, str],
     target_recall: float, exact_qps: float, min_seconds: float, seed: int,
-    builder: Callable[..., VectorIndex] = build_index,
 ) -> tuple[VectorIndex, dict[str, KindReport], float]:
     started = time.perf_counter()
-    index = builder(vectors.shape[1], spec, ids, vectors, seed=seed, resolve=False)
+    index = corpus.build(spec, seed)
     build_seconds = time.perf_counter() - started
-    index.rerank_source = ArrayVectors(ids, vectors)  # as the catalog serves a library's index
+    index.rerank_source = corpus.source  # as the catalog serves a library's index
     kinds = tune_kinds(index, evaluations, target_recall)
     for kind, figures in kinds.items():
         queries = evaluations[kind] or evaluations["image"]
@@ -370,13 +398,13 @@ def _summary(index: VectorIndex, kinds: dict[str, KindReport]) -> dict[str, Any]
     return {"factory": index.spec.factory, "by_query_kind": {kind: figures.to_json() for kind, figures in kinds.items()}}
 
 
-def with_gap_queries(sample: QuerySample, ids: np.ndarray, vectors: np.ndarray, exclude_rows: np.ndarray, seed: int) -> QuerySample:
+def with_gap_queries(sample: QuerySample, corpus: Corpus, exclude_rows: np.ndarray, seed: int) -> QuerySample:
     """`sample`, filled up to `HELD_OUT_QUERIES` with generated text-like queries (see
     `clipdex.search.index.query_sample.gap_queries`) when it holds fewer than `MIN_TEXT_QUERIES`."""
     if len(sample) >= MIN_TEXT_QUERIES:
         return sample
-    rows = held_out_rows(len(ids), HELD_OUT_QUERIES - len(sample), exclude_rows, seed + 7)
-    sample.extend(GENERATED, gap_queries(vectors[rows], seed))
+    rows = held_out_rows(len(corpus.ids), HELD_OUT_QUERIES - len(sample), exclude_rows, seed + 7)
+    sample.extend(GENERATED, gap_queries(corpus.rows(rows), seed))
     return sample
 
 
@@ -521,10 +549,10 @@ def optimize_library(
     if not 0.0 < target_recall <= 1.0:
         raise ClipdexError(f"the target recall must be in (0, 1], not {target_recall}")
     generation = library.catalog.generation()
-    ids, vectors = library.catalog.all_vectors()
-    if len(ids) == 0:
+    corpus = CatalogCorpus(library.catalog, library.dim, scratch=library.path)
+    if len(corpus.ids) == 0:
         raise ClipdexError(f"library {library.path} is empty: index something before optimizing it")
-    spec = choose_spec(len(ids), library.dim, memory_budget)
+    spec = choose_spec(len(corpus.ids), library.dim, memory_budget)
     text_queries = user_queries = None
     if queries_file is not None:
         user_queries = QuerySample.empty(library.dim)
@@ -532,17 +560,18 @@ def optimize_library(
     if spec.type != "flat":
         text_queries = text_query_sample(library, HELD_OUT_QUERIES, None, seed)
     if cluster is None:
-        index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries,
-                                         user_queries=user_queries)
+        index, report = optimize_corpus(corpus, target_recall, memory_budget, seed=seed, text_queries=text_queries,
+                                        user_queries=user_queries)
     else:
         from functools import partial
 
         from clipdex.search.index.optimize_cluster import build_index_on_cluster
         from clipdex.search.ray_cluster import ray_session
 
+        ids, vectors = library.catalog.all_vectors()  # shipped to the cluster's tasks from memory
         with ray_session(cluster) as ray:
-            index, report = optimize_vectors(ids, vectors, target_recall, memory_budget, seed=seed, text_queries=text_queries,
-                                             builder=partial(build_index_on_cluster, ray, scratch=library.path),
-                                             user_queries=user_queries)
+            index, report = optimize_corpus(ArrayCorpus(ids, vectors, partial(build_index_on_cluster, ray, scratch=library.path)),
+                                            target_recall, memory_budget, seed=seed, text_queries=text_queries,
+                                            user_queries=user_queries)
     library.adopt_vectors(index, generation, {"optimized": report.to_json()})  # recorded once the index is saved
     return report

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from clipdex.search.index.choice import build_index, training_sample, training_size
+from clipdex.search.index.sharded import write_merged_ivf
 from clipdex.search.ray_cluster import cluster_cpus
 from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
 
@@ -107,52 +107,3 @@ def _merge_on_disk(ray: Any, dim: int, spec: IndexSpec, trained: Any, pending: l
     merged_path.unlink()  # the map keeps it until the index is dropped; whoever keeps the index saves it
     folder.rmdir()
     return index
-
-
-_EMPTY_LISTS_TAIL = 4 + 8 + 8 + 4 + 8  # "ilar", nlist, code_size, "sprs", an empty vector of sizes
-
-
-def write_merged_ivf(trained: Any, shards: list[Any], out: BinaryIO) -> None:
-    """Write to `out` the file FAISS writes for `trained` with every shard's lists merged in, in order.
-
-    The file is the trained, empty index's serialization with its inverted lists (which
-    FAISS writes last for IVF Flat, SQ and PQ) replaced by the merged ones: sizes, then
-    each list's codes and ids, read from the shards' (memory-mapped) lists one at a time.
-    """
-    faiss = faiss_module()
-    ivf = faiss.extract_index_ivf(trained)
-    nlist, code_size = int(ivf.nlist), int(ivf.code_size)
-    empty = faiss.serialize_index(trained).tobytes()
-    tail = struct.pack("<4sQQ4sQ", b"ilar", nlist, code_size, b"sprs", 0)
-    if not empty.endswith(tail) or ivf.ntotal:
-        raise ValueError("not an empty IVF index whose inverted lists FAISS writes last")
-    sizes = np.zeros(nlist, dtype=np.uint64)
-    for shard in shards:
-        sizes += np.array([shard.invlists.list_size(j) for j in range(nlist)], dtype=np.uint64)
-    ntotal = int(sizes.sum())
-    header = bytearray(empty[: -len(tail)])
-    _patch_ntotal(header, trained, ntotal)
-    out.write(bytes(header))
-    non_empty = int(np.count_nonzero(sizes))
-    if non_empty > nlist // 2:
-        out.write(struct.pack("<4sQQ4sQ", b"ilar", nlist, code_size, b"full", nlist) + sizes.tobytes())
-    else:
-        pairs = np.stack([np.flatnonzero(sizes).astype(np.uint64), sizes[sizes > 0]], axis=1).ravel()
-        out.write(struct.pack("<4sQQ4sQ", b"ilar", nlist, code_size, b"sprs", len(pairs)) + pairs.tobytes())
-    for j in np.flatnonzero(sizes):
-        for shard in shards:
-            count = shard.invlists.list_size(int(j))
-            if count:
-                out.write(faiss.rev_swig_ptr(shard.invlists.get_codes(int(j)), count * code_size).tobytes())
-        for shard in shards:
-            count = shard.invlists.list_size(int(j))
-            if count:
-                out.write(faiss.rev_swig_ptr(shard.invlists.get_ids(int(j)), count).tobytes())
-
-
-def _patch_ntotal(header: bytearray, trained: Any, ntotal: int) -> None:
-    """Set the vector count in the serialized index header (FAISS's write_index_header: d (int32), then ntotal (int64))."""
-    offset = 4 + 4  # the index's fourcc, then d
-    if struct.unpack_from("<i", header, 4)[0] != trained.d or struct.unpack_from("<q", header, offset)[0] != 0:
-        raise ValueError("unexpected FAISS index header")
-    struct.pack_into("<q", header, offset, ntotal)

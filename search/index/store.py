@@ -144,7 +144,7 @@ class VectorStore:
                 self._index.add(ids, vectors)
 
     def _build(self, spec: IndexSpec | None = None) -> VectorIndex:
-        return build_index_from(self.dim, spec or self.manifest.index, self.catalog)
+        return build_index_from(self.dim, spec or self.manifest.index, self.catalog, scratch=self.directory)
 
     def _save_if_no_writer(self, rebuilt: float | None = None) -> None:
         """Persist a caught-up or rebuilt index (after a crash, say) so later readers need not redo it.

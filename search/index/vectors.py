@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -54,10 +55,20 @@ HNSW_COMPACT_FRACTION = 0.25
 HNSW_MAX_EF_SEARCH = 4096
 # Index files at least this large are memory-mapped when loaded (POSIX only).
 MMAP_MIN_BYTES = 64 << 20
+COPY_CHUNK = 8 << 20
 # FAISS GPU indexes answer k and nprobe up to this; larger searches stay on the CPU.
 GPU_MAX_K = 2048
 DEFAULT_NPROBE_FRACTION = 1 / 16
 DEFAULT_EF_SEARCH = 64
+# From this many IVF lists on (about 3 million vectors), a vector added is assigned its list by
+# an HNSW graph of the centroids rather than by comparing it with each: 10 million vectors
+# against 8,192 centroids are 84 TFLOP, a quarter of an hour on two cores, against a minute
+# or two. The graph agrees with the exact choice for 98.5% of CLIP-like vectors (the others go
+# to a list whose centroid is about as near). Searches still compare a query with every
+# centroid (a flat quantizer, exact, and what FAISS GPUs take).
+ASSIGN_BY_GRAPH_MIN_LISTS = 4096
+ASSIGN_NEIGHBOURS = 32
+ASSIGN_EF_SEARCH = 16
 RERANK_QUERY_CHUNK = 256  # queries whose candidates' vectors are gathered at once when reranking
 
 # Query kinds with search breadths of their own (see `IndexSpec.search_params_by_kind`).
@@ -158,11 +169,15 @@ class VectorIndex:
         self.build = build if build is not None else uuid.uuid4().hex
         self.gpu = gpu or GpuSettings.from_environment()
         self.mapped = False  # True while the vectors are a read-only memory map of the file
+        # The file a mapped index was read from, open, while the index is as read (a sharded build's
+        # merged file, `clipdex.search.index.sharded`): a save copies it rather than reading every page.
+        self.backing: BinaryIO | None = None
         # Where a reranking spec (`IndexSpec.rerank`) reads the exact vectors of its candidates:
         # the catalog once a store holds the index, the vectors in memory while optimize tunes it.
         # None: the codes' order is the answer.
         self.rerank_source: VectorSource | None = None
         self._gpu_index: Any = None
+        self._graph: Any = None  # `_assigner`'s graph of the IVF centroids
         self._gpu_resources: list[Any] = []
         self._gpu_count: int | None = None
         self._gpu_lock = threading.Lock()  # FAISS GPU indexes are not safe for concurrent use; CPU ones are for searching
@@ -203,8 +218,32 @@ class VectorIndex:
             return
         self._make_writable()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
-        self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        assigner = self._assigner()
+        if assigner is None:
+            self.index.add_with_ids(vectors, ids)
+        else:
+            faiss = faiss_module()
+            _, lists = assigner.search(vectors, 1)
+            lists = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+            faiss.extract_index_ivf(self.index).add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
         self._gpu_index = None
+
+    def _assigner(self) -> Any:
+        """The graph of the IVF centroids that assigns added vectors their lists (see
+        `ASSIGN_BY_GRAPH_MIN_LISTS`), built on first use; None: FAISS compares with every centroid."""
+        if self.spec.type != "ivf" or not self.index.is_trained:
+            return None
+        if self._graph is None:
+            faiss = faiss_module()
+            ivf = faiss.extract_index_ivf(self.index)
+            if ivf.nlist < ASSIGN_BY_GRAPH_MIN_LISTS:
+                return None
+            graph = faiss.IndexHNSWFlat(self.dim, ASSIGN_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+            graph.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+            graph.hnsw.efSearch = ASSIGN_EF_SEARCH
+            self._graph = graph
+        return self._graph
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
@@ -231,6 +270,9 @@ class VectorIndex:
             faiss = faiss_module()
             self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
             self.mapped = False
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
 
     # -- HNSW tombstones ---------------------------------------------------------------
 
@@ -530,7 +572,11 @@ class VectorIndex:
             # Through Python, not by FAISS to a path: FAISS reports a failed write at close (a full
             # disk) only on stderr, leaving a truncated file; this way it raises OSError(ENOSPC).
             with open(temporary, "wb") as handle:
-                faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
+                if self.backing is not None:  # the file as built: copied in the kernel, not read through the map
+                    self.backing.seek(0)
+                    shutil.copyfileobj(self.backing, handle, COPY_CHUNK)
+                else:
+                    faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
 
         with _as_os_error(directory / INDEX_FILE):
             write_atomic(directory / INDEX_FILE, write)
