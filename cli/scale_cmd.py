@@ -91,6 +91,9 @@ def import_vectors(
         None, "--memory-budget", help="Largest index size, e.g. 800M or 2G (picks compressed types to fit; kept by later rebuilds)",
         show_default=False,
     ),
+    float16: bool = typer.Option(
+        False, "--float16", help="Store every vector as float16: half the catalog's disk (float16 files are stored so anyway)",
+    ),
     library: Optional[Path] = LibraryOption,
     json_output: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
@@ -108,7 +111,7 @@ def import_vectors(
         ) from None
     with progress_bar("Importing", enabled=not quiet and not json_output) as progress:
         report = run_import(lib, sources, model_name=model_name, progress=progress,
-                            memory_budget=parse_size(memory_budget) if memory_budget is not None else None)
+                            memory_budget=parse_size(memory_budget) if memory_budget is not None else None, float16=float16)
     for note in report.notes:
         err.print(f"note: {note}", markup=False)
     if json_output:

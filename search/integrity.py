@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from clipdex.search.catalog.vector_rows import valid_sizes
 from clipdex.search.errors import ClipdexError, CorruptLibrary
 from clipdex.search.manifest import MANIFEST_FILE
 from clipdex.search.index.parts import LibraryParts
@@ -154,13 +155,13 @@ def _check_vector_lengths(library: "CheckedLibrary", repair: bool, check: Catalo
     lengths: Counter[int] = Counter(library.catalog.vector_lengths())
     if not lengths:
         return
-    expected = 4 * library.dim
+    expected = valid_sizes(library.dim)  # float32, or float16 as an import may store them
     common, count = lengths.most_common(1)[0]
-    if common != expected and common % 4 == 0:
+    if common not in expected and common % 4 == 0:
         if not _check_manifest_dim(library, common // 4, count, repair, check):
             return
-        expected = common
-    damaged = sum(number for size, number in lengths.items() if size != expected)
+        expected = valid_sizes(common // 4)
+    damaged = sum(number for size, number in lengths.items() if size not in expected)
     if damaged:
         _check_damaged_rows(library, expected, damaged, repair, check)
 
@@ -190,12 +191,12 @@ def _check_manifest_dim(library: "CheckedLibrary", stored: int, count: int, repa
     return True
 
 
-def _check_damaged_rows(library: "CheckedLibrary", expected: int, damaged: int, repair: bool, check: CatalogCheck) -> None:
+def _check_damaged_rows(library: "CheckedLibrary", expected: tuple[int, int], damaged: int, repair: bool, check: CatalogCheck) -> None:
     catalog = library.catalog
     rows = catalog.items_with_vector_length_other_than(expected)
     shown = ", ".join(str(row.id) for row in rows[:10]) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
     check.problems.append(
-        f"{catalog.describe()}: {damaged} items have damaged vectors (not {expected // 4} float32 values): ids {shown}"
+        f"{catalog.describe()}: {damaged} items have damaged vectors (not {expected[0] // 4} float32 values): ids {shown}"
     )
     if not repair:
         check.blocking = True

@@ -411,3 +411,64 @@ def test_an_import_within_a_memory_budget_builds_reranked_codes_and_keeps_the_bu
         assert library.rebuild_vectors().spec.factory == index.spec.factory  # the budget kept
     finally:
         library.close()
+
+
+# -- float16 storage: as given, or asked for ---------------------------------------------------
+
+
+def stored_sizes(library: Library) -> dict[int, int]:
+    return library.catalog.vector_lengths()
+
+
+def test_float16_files_are_stored_as_float16_and_read_back_exactly(other_library: Library, tmp_path: Path) -> None:
+    """clip-retrieval writes float16: those vectors are stored in half the bytes, as given (nothing
+    lost), read back as float32 of the same values, and the library checks healthy."""
+    folder = clip_retrieval_folder(tmp_path / "e", count=12)
+    import_vectors(other_library, [folder])
+    assert stored_sizes(other_library) == {2 * DIM: 24}
+    ids, stored = other_library.catalog.all_vectors()
+    given = np.concatenate([np.load(folder / "img_emb" / "img_emb_0.npy"), np.load(folder / "text_emb" / "text_emb_0.npy")])
+    assert stored.dtype == np.float32 and np.array_equal(np.sort(stored, axis=0), np.sort(given.astype(np.float32), axis=0))
+    query = given[5].astype(np.float32)
+    hit = other_library.search(vector=query, k=1, kind="image")[0]
+    assert hit.id in ids and hit.score == pytest.approx(float(query @ query) / np.linalg.norm(query), abs=1e-5)
+    assert other_library.check()["ok"]
+
+
+def test_float16_on_request_halves_the_catalog_and_keeps_the_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import-vectors --float16` stores float32 files as float16: the catalog's vectors take half
+    the bytes, and the reranked neighbours are those of the float32 vectors."""
+    monkeypatch.setattr(choice, "FLAT_MAX_VECTORS", 20)
+    monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", 20)
+    rows = [{"image_path": f"/p/{i}.jpg"} for i in range(600)]
+    folder = clip_retrieval_parts(tmp_path / "e", rows, dim=512)
+    sizes, found = {}, {}
+    queries = unit(30, seed=5, dim=512)
+    for half in (False, True):
+        path = tmp_path / f"library-{half}"
+        Library.open(path, model=ModelSpec("ViT-B-32", "none"), create=True, device="cpu").close()
+        result = CliRunner().invoke(app, ["import-vectors", str(folder), "--library", str(path), "--quiet", "--json",
+                                          "--memory-budget", str(600 * (512 + 8) + 64 * 512 * 4)] + (["--float16"] if half else []))
+        assert result.exit_code == 0, result.output
+        library = Library.open(path)
+        sizes[half] = stored_sizes(library)
+        assert library.vectors.reranks and library.check()["ok"]
+        found[half] = np.array([[hit.id for hit in library.search(vector=query, k=10)] for query in queries])
+        library.close()
+    assert sizes == {False: {4 * 512: 600}, True: {2 * 512: 600}}
+    overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(found[False], found[True])])
+    assert overlap >= 0.99
+
+
+def test_stored_vectors_of_either_width_are_read_and_others_are_damaged() -> None:
+    from clipdex.search.catalog.vector_rows import stack_rows
+    from clipdex.search.errors import DamagedVectors
+
+    vectors = unit(3, dim=8)
+    rows = [(1, vectors[0].tobytes()), (2, vectors[1].astype(np.float16).tobytes()), (3, vectors[2].tobytes())]
+    ids, read = stack_rows(rows, "catalog.sqlite", 8)
+    assert ids.tolist() == [1, 2, 3] and read.dtype == np.float32
+    np.testing.assert_array_equal(read[[0, 2]], vectors[[0, 2]])
+    np.testing.assert_allclose(read[1], vectors[1], atol=1e-3)
+    with pytest.raises(DamagedVectors, match="item 4 has 12 bytes, not 32 .* nor 16"):
+        stack_rows(rows + [(4, b"x" * 12)], "catalog.sqlite", 8)

@@ -76,7 +76,7 @@ from clipdex.search.catalog.types import (
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.query import Filters
 from clipdex.search.readonly import check_schema, open_catalog_engine
-from clipdex.search.catalog.vector_rows import concatenated, stack_rows
+from clipdex.search.catalog.vector_rows import concatenated, stack_rows, stored_bytes
 
 if TYPE_CHECKING:
     from clipdex.search.locks import WriteLock
@@ -292,6 +292,7 @@ class ImportRows:
     extras: list[str | None]
     texts: list[str] | None = None
     source: str | None = None
+    half: bool = False  # stored as float16 (`stored_bytes`): the import was given float16, or asked for it
 
     COLUMNS = ("kind", "path", "text", "source", "source_key", "extra", "vector", "indexed_at")
 
@@ -300,12 +301,12 @@ class ImportRows:
         chosen = [row for row, key in enumerate(self.keys) if key not in keys]
         return ImportRows(self.kind, self.vectors[chosen], [self.keys[row] for row in chosen],
                           [self.extras[row] for row in chosen],
-                          None if self.texts is None else [self.texts[row] for row in chosen], self.source)
+                          None if self.texts is None else [self.texts[row] for row in chosen], self.source, self.half)
 
     def rows(self, now: float) -> list[tuple[Any, ...]]:
         """The rows as tuples of `COLUMNS` (built column-wise: a million rows are a few seconds of Python)."""
         count = len(self.keys)
-        blobs = [vector.tobytes() for vector in self.vectors]
+        blobs = stored_bytes(self.vectors, self.half)
         nothing = repeat(None, count)
         if self.kind == "image":
             return list(zip(repeat("image", count), self.keys, nothing, repeat(None), repeat(None), self.extras, blobs, repeat(now)))
@@ -756,9 +757,9 @@ class Catalog:
         with self.sessions() as session:
             return {int(size): int(count) for size, count in session.execute(select(length, func.count()).group_by(length))}
 
-    def items_with_vector_length_other_than(self, expected: int) -> list[Any]:
-        """(id, kind, path, text, source) of the items whose stored vector is not `expected` bytes."""
-        query = select(Item.id, Item.kind, Item.path, Item.text, Item.source).where(func.length(Item.vector) != expected)
+    def items_with_vector_length_other_than(self, expected: Sequence[int]) -> list[Any]:
+        """(id, kind, path, text, source) of the items whose stored vector is none of the `expected` byte lengths."""
+        query = select(Item.id, Item.kind, Item.path, Item.text, Item.source).where(func.length(Item.vector).notin_(list(expected)))
         with self.sessions() as session:
             return list(session.execute(query).all())
 
