@@ -190,7 +190,7 @@ class StreamedIndex:
     takes minutes), further chunks wait in a spool file there rather than in memory or
     holding up the catalog."""
 
-    MAX_PENDING = 8  # chunks handed to the worker in memory and not yet added
+    MAX_PENDING = 4  # chunks handed to the worker in memory and not yet added
 
     def __init__(self, index: VectorIndex, training: np.ndarray | None, expected: int, scratch: Path | None = None) -> None:
         self.index = index

@@ -28,7 +28,7 @@ import numpy as np
 
 from clipdex.search.index.vectors import VectorIndex, faiss_module
 
-SHARD_BYTES = 256 << 20  # codes and ids a shard holds in memory before it is written out
+SHARD_BYTES = 128 << 20  # codes and ids a shard holds in memory before it is written out
 WRITE_BUFFER = 8 << 20
 
 
