@@ -184,7 +184,7 @@ def build_index_from(dim: int, spec: IndexSpec, source: VectorCollection, seed: 
     index = VectorIndex(dim, spec)
     if not index.is_trained:
         rows = training_rows(len(ids), training_size(spec, len(ids)), seed)
-        index.train(np.concatenate([vectors for _, vectors in source.iter_vectors(ids[rows].tolist())]))
+        index.train(_gathered(source, ids[rows], dim))
     if spec.type == "hnsw":
         index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     builder = IndexBuilder(index, scratch, len(ids))
@@ -195,6 +195,17 @@ def build_index_from(dim: int, spec: IndexSpec, source: VectorCollection, seed: 
     except BaseException:
         builder.abandon()
         raise
+
+
+def _gathered(source: VectorCollection, ids: np.ndarray, dim: int) -> np.ndarray:
+    """The vectors of `ids` (sorted) in one array filled chunk by chunk: a training sample is
+    held once (410,000 rows, 840 MB, for 8,192 lists), never as chunks and their concatenation."""
+    sample = np.empty((len(ids), dim), dtype=np.float32)
+    done = 0
+    for _, vectors in source.iter_vectors(ids.tolist()):
+        sample[done : done + len(vectors)] = vectors
+        done += len(vectors)
+    return sample[:done]
 
 
 def training_size(spec: IndexSpec, count: int) -> int:
