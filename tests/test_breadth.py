@@ -162,3 +162,17 @@ def test_the_report_says_how_the_breadth_is_chosen(library: Library, monkeypatch
     assert "search breadth: chosen per query, nprobe" in result.stdout and "nprobe per query (median" in result.stdout
     spec: dict[str, Any] = json.loads((library.path / "manifest.json").read_text())["index"]
     assert spec["breadth_rule"]["breadths"] and spec["search_params_by_kind"]
+
+
+def test_a_kind_out_of_reach_is_searched_only_as_wide_as_its_recall_grows() -> None:
+    """Codes that cap far queries' recall below the target even when every list is searched
+    (PQ without its rerank): those queries get the breadth where their recall stops growing,
+    not every list, and the report says the target was missed and what would meet it."""
+    vectors = clustered(6000)
+    ids = np.arange(len(vectors), dtype=np.int64) + 1
+    index, report = optimize_vectors(ids, vectors, 0.95, spec=IndexSpec("ivf", "IVF64,PQ8x4"), min_seconds=0.05)
+    text = report.by_query_kind["text"]
+    assert not report.target_met and text["widest_recall_at_10"] < 0.95 and report.advice
+    assert text["nprobe"] < index.max_breadth() and text["breadth_by_query"]["p90"] < index.max_breadth()
+    widest = text["widest_recall_at_10"]
+    assert text["recall_at_10"] >= widest - 0.03  # the plateau, within its margin and the held-out half's noise

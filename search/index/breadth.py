@@ -118,6 +118,7 @@ def tune_rule(
     recall_with: Callable[[np.ndarray], np.ndarray],
     target: float,
     margin: Callable[[np.ndarray], float],
+    plateaus: dict[str, float] | None = None,
 ) -> BreadthRule:
     """Fit the rule on tuning queries of every kind together.
 
@@ -128,8 +129,14 @@ def tune_rule(
 
     Each band gets the widest breadth of the kinds that make up at least `BAND_SHARE` of it,
     and no band less than the band above it. Then each kind's mean recall under the rule
-    must clear `target + margin(its recalls)`; a kind that falls short has every band it
-    reaches widened to its own breadth, which is known to clear it."""
+    must clear `target + margin(its recalls)` (a kind in `plateaus`, which no breadth takes to the
+    target, its plateau's recall instead); a kind that falls short has every band it reaches
+    widened to its own breadth, which is known to clear it."""
+    plateaus = plateaus or {}
+
+    def needed(kind: str, recalls: np.ndarray) -> float:
+        return plateaus[kind] if kind in plateaus else min(1.0, target + margin(recalls))
+
     floors = bands(first_scores)
     member = band_of(first_scores, floors)
     chosen = [first] * (len(floors) + 1)
@@ -143,8 +150,7 @@ def tune_rule(
             chosen[band] = max(chosen[band], chosen[band - 1])
         rule = BreadthRule(first, floors, chosen)
         recalls = recall_with(rule.breadth_for(first_scores))
-        short = [str(kind) for kind in np.unique(kinds)
-                 if recalls[kinds == kind].mean() < min(1.0, target + margin(recalls[kinds == kind]))]
+        short = [str(kind) for kind in np.unique(kinds) if recalls[kinds == kind].mean() < needed(str(kind), recalls[kinds == kind])]
         if not short:
             break
         for kind in short:

@@ -13,7 +13,9 @@ the kinds lie at very different distances from the stored vectors:
 - the user's own query vectors (`--queries FILE.npy`), when given, are a kind of their own.
 
 For each kind, half of its queries tune the breadth to the smallest value reaching the
-target plus a small margin. The breadth a search uses is then chosen per query from the
+target plus a small margin (a kind that misses the target even searching every list, as far
+queries do over codes with too few candidates, to where its recall stops growing: it is
+reported as missed, with what would meet it, and its queries are not sent to every list). The breadth a search uses is then chosen per query from the
 query itself, by a rule fitted on the tuning halves of every kind together
 (`clipdex.search.index.breadth`): a backend's vectors are searched as wide as they need
 whatever their kind. The other halves measure the recall that is reported, with the
@@ -413,6 +415,7 @@ def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], ta
 
     The tuned breadths go into `index.spec`: per kind, and the widest as the kind-less one."""
     reports: dict[str, KindReport] = {}
+    plateaus: dict[str, float] = {}  # kinds that miss the target at the widest search: the recall they are tuned to
     name = "nprobe" if index.spec.type == "ivf" else "efSearch"
     for kind, evaluation in evaluations.items():
         best = None if evaluation is None or evaluation.best_cosine is None else round(float(np.median(evaluation.best_cosine)), 3)
@@ -420,7 +423,12 @@ def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], ta
         if index.spec.type == "flat" or evaluation is None:
             reports[kind] = KindReport(1.0, {}, True, queries, "", best, 0.0, 0.0)
             continue
-        breadth, _ = tuning_target(index, evaluation.half(second=False), target_recall)
+        breadth, tuned_recall = tuning_target(index, evaluation.half(second=False), target_recall)
+        if tuned_recall < target_recall and breadth >= index.max_breadth():
+            # Out of reach even searching every list (codes that keep too few candidates for far
+            # queries): search as wide as the recall still grows, not wider, for this kind's plateau.
+            plateaus[kind] = max(0.0, tuned_recall - TUNING_MARGIN)
+            breadth, _ = tune(index, evaluation.half(second=False), plateaus[kind])
         recall = evaluate(index, evaluation.half(second=True), breadth)
         widest = None
         if recall < target_recall:
@@ -431,17 +439,18 @@ def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], ta
         index.spec.search_params = {name: max(int(report.search_params.get(name, 0)) for report in reports.values())}
         tuned = {kind: evaluation for kind, evaluation in evaluations.items() if evaluation is not None}
         breadths = {kind: int(reports[kind].search_params[name]) for kind in tuned}
-        index.spec.breadth_rule = tune_breadth_rule(index, tuned, breadths, target_recall).to_json()
+        index.spec.breadth_rule = tune_breadth_rule(index, tuned, breadths, target_recall, plateaus).to_json()
         for kind, evaluation in tuned.items():
             _measure_with_rule(index, reports[kind], evaluation.half(second=True), target_recall)
     return reports
 
 
 def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], kind_breadths: dict[str, int],
-                      target_recall: float) -> BreadthRule:
+                      target_recall: float, plateaus: dict[str, float] | None = None) -> BreadthRule:
     """The per-query breadth rule (`clipdex.search.index.breadth`), fitted on the tuning half of
     every kind's queries together; each kind must clear the target with the same margins as
-    `tuning_target` asks of a kind's own breadth."""
+    `tuning_target` asks of a kind's own breadth, or, for a kind that misses it even at the
+    widest search, the recall of its plateau (`plateaus`)."""
     parts = [evaluation.half(second=False) for evaluation in evaluations.values()]
     pooled = Evaluation(
         np.concatenate([part.queries for part in parts]),
@@ -455,7 +464,7 @@ def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], ki
         return max(TUNING_MARGIN, TUNING_ERRORS * float(np.std(recalls)) / math.sqrt(max(1, len(recalls))))
 
     return tune_rule(first, best_other_scores(index, pooled, first), kinds, kind_breadths,
-                     lambda breadths: recalls_at_breadths(index, pooled, breadths), target_recall, margin)
+                     lambda breadths: recalls_at_breadths(index, pooled, breadths), target_recall, margin, plateaus or {})
 
 
 def recalls_at_breadths(index: VectorIndex, evaluation: Evaluation, breadths: np.ndarray) -> np.ndarray:
