@@ -45,7 +45,7 @@ def vector_from(blob: bytes, dim: int) -> np.ndarray:
 
 def stored_bytes(vectors: np.ndarray, half: bool) -> list[bytes]:
     """Each row as the catalog stores it: float16 when `half` (an import of float16 vectors, or
-    `--float16`: half the disk, and the rerank's scores differ by about 1e-4), else float32."""
+    `--float16`: half the disk, the scores rounded as float16 rounds), else float32."""
     return [vector.tobytes() for vector in np.ascontiguousarray(vectors, dtype=np.float16 if half else np.float32)]
 
 

@@ -19,16 +19,16 @@ draw the same training sample and the same held-out queries for the same seed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
+from clipdex.search.catalog.vector_rows import concatenated
 from clipdex.search.errors import ClipdexError
 from clipdex.search.index.choice import VectorCollection, build_index, build_index_from
-from clipdex.search.index.vectors import ArrayVectors, IndexSpec, VectorIndex, VectorSource, faiss_module
+from clipdex.search.index.vectors import ArrayVectors, IndexSpec, VectorIndex, VectorSource
 
 EXACT_SAMPLE = 200_000  # vectors exact search is timed over when the corpus is streamed
-QUERY_BLOCK = 1_024  # queries scored against a chunk at once
 
 
 class Corpus(Protocol):
@@ -97,7 +97,9 @@ class CatalogCorpus:
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         wanted = self.ids[np.asarray(rows, dtype=np.int64)]
-        found_ids, found = _gathered(self.catalog.iter_vectors(wanted.tolist()), self.dim)
+        found_ids, found = concatenated(self.catalog.iter_vectors(wanted.tolist()))
+        order = np.argsort(found_ids, kind="stable")
+        found_ids, found = found_ids[order], found[order]
         where = np.searchsorted(found_ids, wanted)
         if len(found_ids) == 0 or np.any(where >= len(found_ids)) or np.any(found_ids[np.minimum(where, len(found_ids) - 1)] != wanted):
             missing = np.setdiff1d(wanted, found_ids)
@@ -118,42 +120,3 @@ class CatalogCorpus:
         size = min(len(self.ids), EXACT_SAMPLE)
         sample = self.rows(np.sort(np.random.default_rng(17).choice(len(self.ids), size=size, replace=False)))
         return len(self.ids) / size / time_queries(sample)
-
-
-def _gathered(parts: Iterator[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    pieces = list(parts)
-    if not pieces:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    ids = np.concatenate([ids for ids, _ in pieces])
-    vectors = np.concatenate([vectors for _, vectors in pieces])
-    order = np.argsort(ids, kind="stable")
-    return ids[order], vectors[order]
-
-
-def exact_top_k(queries: np.ndarray, chunks: Iterator[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's k best (scores, ids) by inner product over every chunk (FAISS's brute force
-    on each, merged): one pass, however many vectors. Missing places: score -inf, id -1."""
-    faiss = faiss_module()
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_ids = np.full((len(queries), k), -1, np.int64)
-    for ids, vectors in chunks:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        for start in range(0, len(queries), QUERY_BLOCK):
-            block = slice(start, start + QUERY_BLOCK)
-            scores, rows = faiss.knn(queries[block], vectors, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
-            found = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-            scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
-            merged_scores = np.concatenate([best_scores[block], scores], axis=1)
-            merged_ids = np.concatenate([best_ids[block], found], axis=1)
-            order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-            best_scores[block] = np.take_along_axis(merged_scores, order, axis=1)
-            best_ids[block] = np.take_along_axis(merged_ids, order, axis=1)
-    return best_scores, best_ids
-
-
-def split_rows(sizes: Sequence[int]) -> list[slice]:
-    """Consecutive slices of the given sizes (queries of several kinds searched as one)."""
-    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    return [slice(int(start), int(end)) for start, end in zip(bounds[:-1], bounds[1:])]
-

@@ -91,7 +91,6 @@ class Part:
     origin: Path
     rows: int
     read: Callable[[], Iterator[VectorBatch]]
-    width: int = 0  # the vectors' dimension
 
 
 def import_vectors(
@@ -212,7 +211,7 @@ class StreamedIndex:
         if spec.type == "hnsw":
             index.hnsw_graph().hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         total = sum(part.rows for part in parts)
-        training = None if index.is_trained else _sample_rows(parts, training_rows(total, training_size(spec, total)))
+        training = None if index.is_trained else _sample_rows(parts, training_rows(total, training_size(spec, total)), dim)
         return cls(index, training, total, scratch)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -275,11 +274,11 @@ class StreamedIndex:
             self._spool = None
 
 
-def _sample_rows(parts: list[Part], rows: np.ndarray) -> np.ndarray:
+def _sample_rows(parts: list[Part], rows: np.ndarray, dim: int) -> np.ndarray:
     """Rows of the parts taken as one sequence of rows (sorted), read from memory maps (one
     part's at a time) into one array, normalized in place: the sample is held once (410,000
     rows, 840 MB, for the 8,192 lists of ten million 512-d vectors)."""
-    sample = np.empty((len(rows), parts[0].width if parts else 0), dtype=np.float32)
+    sample = np.empty((len(rows), dim), dtype=np.float32)
     done, start = 0, 0
     for part in parts:
         local = rows[(rows >= start) & (rows < start + part.rows)] - start
@@ -297,7 +296,7 @@ def plan_source(source: Path, library: "IndexedLibrary", model_name: str | None,
         return plan_clip_retrieval(source, library.dim, library.model, model_name, report, chunk_rows)
     if source.suffix == ".npz" and source.is_file():
         batch = read_export(source, library.dim, library.model, model_name)
-        return [Part(source, len(batch.kinds), lambda: _slices(batch, chunk_rows), library.dim)]
+        return [Part(source, len(batch.kinds), lambda: _slices(batch, chunk_rows))]
     raise InvalidVectors(
         f"{source}: not a clipdex export (.npz) nor a clip-retrieval output folder "
         "(with img_emb/, text_emb/ and metadata/)"
@@ -400,12 +399,12 @@ def plan_clip_retrieval(
             column = next((name for name in ("image_path", "url") if name in columns), None)
             if column is None:
                 raise InvalidVectors(f"{metadata_path}: no image_path (or url) column to name the images by")
-            planned.append(Part(images[number], rows, _reader(_image_rows, images[number], metadata_path, column, paths, chunk_rows), dim))
+            planned.append(Part(images[number], rows, _reader(_image_rows, images[number], metadata_path, column, paths, chunk_rows)))
         if number in texts:
             _check_rows(_check_dim(_load_npy(texts[number]), dim, texts[number]), rows, texts[number], metadata_path)
             if "caption" not in columns:
                 raise InvalidVectors(f"{metadata_path}: no caption column for the text embeddings in {texts[number]}")
-            planned.append(Part(texts[number], rows, _reader(_text_rows, texts[number], metadata_path, "caption", paths, chunk_rows), dim))
+            planned.append(Part(texts[number], rows, _reader(_text_rows, texts[number], metadata_path, "caption", paths, chunk_rows)))
     return planned
 
 

@@ -38,9 +38,9 @@ import numpy as np
 from clipdex.search.errors import ClipdexError
 from clipdex.search.index.breadth import BreadthRule, best_scores, tune_rule
 from clipdex.search.index.choice import build_index, choose_spec, list_count, training_rows, training_size
-from clipdex.search.index.corpus import ArrayCorpus, CatalogCorpus, Corpus, exact_top_k, split_rows
+from clipdex.search.index.corpus import ArrayCorpus, CatalogCorpus, Corpus
 from clipdex.search.index.query_sample import GENERATED, MIN_TEXT_QUERIES, QuerySample, gap_queries, load_query_file, text_query_sample
-from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
+from clipdex.search.index.vectors import IndexSpec, VectorIndex, exact_top_k, faiss_module
 
 if TYPE_CHECKING:
     from clipdex.search.index.parts import IndexedLibrary
@@ -143,12 +143,13 @@ def exact_evaluations(queries: dict[str, tuple[np.ndarray, np.ndarray | None]],
                       chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict[str, Evaluation]:
     """`exact_evaluation` of several query sets at once, in one pass over the chunks of vectors."""
     names = list(queries)
-    parts = split_rows([len(queries[name][0]) for name in names])
     everything = np.concatenate([np.asarray(queries[name][0], dtype=np.float32).reshape(len(queries[name][0]), -1) for name in names])
-    scores, found = exact_top_k(everything, chunks, RECALL_K + 1)
-    evaluations = {}
-    for name, part in zip(names, parts):
+    scores, found = exact_top_k(everything, RECALL_K + 1, chunks)
+    evaluations, start = {}, 0
+    for name in names:
         own_ids = queries[name][1]
+        part = slice(start, start + len(queries[name][0]))
+        start = part.stop
         these, hits = scores[part], found[part]
         if own_ids is None:
             best, hits = these[:, 0], hits[:, :RECALL_K]

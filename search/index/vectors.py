@@ -70,6 +70,7 @@ ASSIGN_BY_GRAPH_MIN_LISTS = 4096
 ASSIGN_NEIGHBOURS = 32
 ASSIGN_EF_SEARCH = 16
 RERANK_QUERY_CHUNK = 256  # queries whose candidates' vectors are gathered at once when reranking
+EXACT_QUERY_BLOCK = 1_024  # queries scored against a chunk of vectors at once by `exact_top_k`
 
 # Query kinds with search breadths of their own (see `IndexSpec.search_params_by_kind`).
 QUERY_KINDS = ("image", "text")
@@ -474,10 +475,10 @@ class VectorIndex:
         """Exact scores over the allowed ids: from the index when it keeps whole vectors (HNSW,
         IVF-Flat), else from `source`; without one, every IVF list is probed (quantized scores)."""
         if self.spec.type == "hnsw":
-            return _exact_top_k(queries, k, self._hnsw_vectors(allowed))
+            return exact_top_k(queries, k, self._hnsw_vectors(allowed))
         if source is None or allowed is None or self.keeps_whole_vectors:
             return self.search_with(queries, k, self.max_breadth(), allowed)
-        return _exact_top_k(queries, k, source.iter_vectors(allowed.tolist()))
+        return exact_top_k(queries, k, source.iter_vectors(allowed.tolist()))
 
     @property
     def keeps_whole_vectors(self) -> bool:
@@ -657,31 +658,29 @@ def _enough(ids: np.ndarray, wanted: int) -> bool:
     return wanted == 0 or bool(np.all(ids[:, wanted - 1] >= 0))
 
 
-def _exact_top_k(queries: np.ndarray, k: int, chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (score, id) per query over streamed (ids, vectors) chunks; -1 pads."""
+def exact_top_k(queries: np.ndarray, k: int, chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k best (scores, ids) by inner product over streamed (ids, vectors) chunks
+    (FAISS's brute force on each, merged): one pass, however many vectors. Missing places:
+    score -inf, id -1."""
+    faiss = faiss_module()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_ids = np.full((len(queries), k), -1, dtype=np.int64)
     for ids, vectors in chunks:
-        vectors = np.asarray(vectors, dtype=np.float32)
-        rows = max(1, (1 << 22) // max(1, len(ids)))  # bound each score block to 16 MiB
-        for start in range(0, len(queries), rows):
-            block = slice(start, start + rows)
-            _merge_top_k(best_scores[block], best_ids[block], queries[block] @ vectors.T, ids)
-    order = np.argsort(-best_scores, axis=1, kind="stable")
-    best_scores = np.take_along_axis(best_scores, order, axis=1)
-    best_ids = np.take_along_axis(best_ids, order, axis=1)
+        if len(ids) == 0:
+            continue
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        for start in range(0, len(queries), EXACT_QUERY_BLOCK):
+            block = slice(start, start + EXACT_QUERY_BLOCK)
+            scores, rows = faiss.knn(queries[block], vectors, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+            found = np.where(rows >= 0, np.asarray(ids, dtype=np.int64)[np.maximum(rows, 0)], -1)
+            merged_scores = np.concatenate([best_scores[block], np.where(rows >= 0, scores, -np.inf).astype(np.float32)], axis=1)
+            merged_ids = np.concatenate([best_ids[block], found], axis=1)
+            order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+            best_scores[block] = np.take_along_axis(merged_scores, order, axis=1)
+            best_ids[block] = np.take_along_axis(merged_ids, order, axis=1)
     best_ids[~np.isfinite(best_scores)] = -1
     return best_scores, best_ids
-
-
-def _merge_top_k(best_scores: np.ndarray, best_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
-    """Merge a block of candidate scores into the running top-k, in place."""
-    k = best_scores.shape[1]
-    all_scores = np.concatenate([best_scores, scores], axis=1)
-    all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
-    top = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
-    best_scores[:] = np.take_along_axis(all_scores, top, axis=1)
-    best_ids[:] = np.take_along_axis(all_ids, top, axis=1)
 
 
 def _inverted_list_ids(ivf: Any) -> np.ndarray:
