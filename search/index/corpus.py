@@ -89,9 +89,11 @@ class ArrayCorpus:
 class CatalogCorpus:
     """The catalog's vectors, streamed (see the module docstring)."""
 
-    def __init__(self, catalog: VectorCollection, dim: int, scratch: Path | None = None) -> None:
+    def __init__(self, catalog: VectorCollection, dim: int, scratch: Path | None = None,
+                 rerank_source: VectorSource | None = None) -> None:
         self.catalog = catalog
         self.scratch = scratch  # where a big inverted file is built in shards
+        self._rerank_source = rerank_source  # where the library's index reads candidates (its rerank cache), if not the catalog
         self.ids = np.sort(np.asarray(catalog.ids(), dtype=np.int64))
         self.dim = dim
 
@@ -114,7 +116,7 @@ class CatalogCorpus:
 
     @property
     def source(self) -> VectorSource:
-        return self.catalog
+        return self._rerank_source or self.catalog
 
     def exact_seconds_per_query(self, time_queries: Callable[[np.ndarray], float]) -> float:
         size = min(len(self.ids), EXACT_SAMPLE)

@@ -48,6 +48,7 @@ from clipdex.search.index.vectors import IndexSpec, VectorIndex
 
 if TYPE_CHECKING:
     from clipdex.search.index.parts import IndexedLibrary
+    from clipdex.search.index.rerank_cache import RerankCache
 
 NORM_TOLERANCE = 1e-3
 CHUNK_ROWS = 20_000  # rows read, checked and inserted at a time
@@ -119,13 +120,24 @@ def import_vectors(
         wanted = recorded if memory_budget is None else replace(recorded, memory_budget=memory_budget, pinned=False)
         spec = resolve_spec(wanted, existing + total, library.dim)
         streamed = StreamedIndex.start(library.dim, spec, parts, library.path) if existing == 0 and total else None
+        cache = _rerank_cache(library, spec, existing)
+        before = library.catalog.generation()
+
+        def inserted(ids: np.ndarray, vectors: np.ndarray) -> None:
+            if cache is not None:
+                cache.write(ids, vectors)
+            if streamed is not None:
+                streamed.add(ids, vectors)
+
         try:
             result = library.catalog.import_rows(_rows(parts, report, total, progress, float16), log_changes,
-                                                 inserted=streamed.add if streamed else None)
+                                                 inserted=inserted if streamed or cache else None)
         except BaseException:
             if streamed:
                 streamed.abandon()
             raise
+        if cache is not None and result.replaced == 0:  # vectors replaced under their ids: written again at the rebuild
+            cache.mirrored(before, result.generation)
         index = streamed.finish() if streamed else None
         report.added, report.replaced, report.kept = result.added, result.replaced, result.kept
         if index is not None and result.replaced == 0 and index.ntotal == result.added:
@@ -144,6 +156,21 @@ def import_vectors(
     report.index_type = library.vectors.spec.type
     report.seconds = round(time.perf_counter() - started, 2)
     return report
+
+
+def _rerank_cache(library: "IndexedLibrary", spec: IndexSpec, existing: int) -> "RerankCache | None":
+    """The library's rerank cache, to write the imported rows to as they go in, when the index
+    will rerank its codes and the cache mirrors the catalog now (an empty library's is made so)."""
+    store = library.store
+    if library.catalog.read_only or not spec.reranks_codes:
+        return None
+    cache = store.rerank_cache
+    if not cache.open_for_writing():
+        return None
+    generation = library.catalog.generation()
+    if existing == 0 and not cache.mirrors(generation):
+        cache.fill(library.catalog, generation)  # nothing to read: a header saying so
+    return cache if cache.mirrors(generation) else None
 
 
 def _rows(parts: list[Part], report: ImportReport, total: int, progress: Callable[[int, int], None] | None,

@@ -559,7 +559,7 @@ def optimize_library(
     if not 0.0 < target_recall <= 1.0:
         raise ClipdexError(f"the target recall must be in (0, 1], not {target_recall}")
     generation = library.catalog.generation()
-    corpus = CatalogCorpus(library.catalog, library.dim, scratch=library.path)
+    corpus = CatalogCorpus(library.catalog, library.dim, scratch=library.path, rerank_source=library.store.rerank_source)
     if len(corpus.ids) == 0:
         raise ClipdexError(f"library {library.path} is empty: index something before optimizing it")
     spec = choose_spec(len(corpus.ids), library.dim, memory_budget)

@@ -24,6 +24,7 @@ class IndexRecord(Protocol):
     dim: int
     index: IndexSpec
     extra: dict[str, Any]
+    created_at: float  # names the library (a file derived from it, such as the rerank cache, checks it)
 
     def record_index(self, directory: Path, spec: IndexSpec, entries: dict[str, Any] | None = None) -> None:
         """Record `spec` as the index of the library at `directory`, and `entries` beside it, durably."""

@@ -23,6 +23,7 @@ import numpy as np
 from clipdex.search.atomic import leftovers
 from clipdex.search.catalog.types import BatchResult, NewItem, database_errors
 from clipdex.search.index.exact_small import SmallExactSearch
+from clipdex.search.index.rerank_cache import CachedVectors, RerankCache
 from clipdex.search.errors import CatalogUnavailable, CorruptLibrary, LibraryBusy
 from clipdex.search.index.choice import build_index_from, resolve_spec
 from clipdex.search.locks import WriteLock
@@ -50,6 +51,12 @@ class VectorStore:
         self._index_lock = SharedLock()  # searches share the index; changing it in place excludes them
         self._small = SmallExactSearch(catalog, manifest.dim)  # exact answers without FAISS, while small
         self._stamp_seen: tuple[int, ...] | None = None  # the saved stamp as of the last load, save or look
+        # Float16 copies of the vectors a reranking index reads its candidates from (the catalog's
+        # are slow to read by id): kept while the spec reranks, read through to the catalog.
+        self.rerank_cache = RerankCache(directory, manifest.dim, manifest.created_at, catalog.generation)
+        self.rerank_source = CachedVectors(self.rerank_cache, catalog)
+        self._cache_changes = False  # while this process's writer catches up its own commit: write its rows there
+        self._changes_cached = False
 
     @property
     def dim(self) -> int:
@@ -60,7 +67,7 @@ class VectorStore:
         """The FAISS index, caught up with the catalog."""
         self.sync()
         assert self._index is not None
-        self._index.rerank_source = self.catalog  # a reranking spec reads its candidates' vectors there
+        self._index.rerank_source = self.rerank_source  # a reranking spec reads its candidates' vectors there
         return self._index
 
     # -- keeping up with the catalog ---------------------------------------------------
@@ -142,6 +149,9 @@ class VectorStore:
             self._index.remove(np.asarray(item_ids, dtype=np.int64))
             for ids, vectors in changes:
                 self._index.add(ids, vectors)
+                if self._cache_changes:
+                    self.rerank_cache.write(ids, vectors)
+            self._changes_cached = self._cache_changes
 
     def _build(self, spec: IndexSpec | None = None) -> VectorIndex:
         return build_index_from(self.dim, spec or self.manifest.index, self.catalog, scratch=self.directory)
@@ -195,7 +205,7 @@ class VectorStore:
         self.sync()
         with self._index_lock.shared():
             assert self._index is not None
-            self._index.rerank_source = self.catalog  # a reranking spec reads its candidates' vectors there
+            self._index.rerank_source = self.rerank_source  # a reranking spec reads its candidates' vectors there
             return self._index.search(queries, k, allowed, source=self.catalog, query_kind=query_kind)
 
     def searched_exactly(self) -> bool:
@@ -210,7 +220,15 @@ class VectorStore:
         with self._sync_lock:
             assert self._index is not None
             if result.frames_changed:  # a video's moments came or went: the change log names them all
-                self.sync()
+                before = result.generation - 1
+                self._cache_changes = self.keep_rerank_cache() and self.rerank_cache.mirrors(before)
+                self._changes_cached = False
+                try:
+                    self.sync()  # `_apply_changes` writes the changed rows to the rerank cache
+                    if self._changes_cached:
+                        self.rerank_cache.mirrored(before, result.generation)
+                finally:
+                    self._cache_changes = False
                 return
             replaced = [item.id for item in items if item.id is not None]
             gone = list(remove_ids) + replaced
@@ -219,6 +237,7 @@ class VectorStore:
                     self._index.remove(np.asarray(gone, dtype=np.int64))
                 if items:
                     self._index.add(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
+            self._mirror_in_rerank_cache(result, items)
             if self._generation == result.generation - 1:
                 self._generation = result.generation
             else:  # another process wrote in between (cannot happen under the lock): catch up
@@ -263,6 +282,7 @@ class VectorStore:
                 self.save()
             if spec is not None:
                 self._record_spec(spec)
+            self.keep_rerank_cache(fill=True)
             return self._index
 
     def rebuild_if_outgrown(self) -> bool:
@@ -288,6 +308,40 @@ class VectorStore:
                     self._index, self._generation = self._build(index.spec), current
                 self.save()
             self._record_spec(index.spec, entries)
+            self.keep_rerank_cache(fill=True)
+
+    def _mirror_in_rerank_cache(self, result: BatchResult, items: Sequence[NewItem]) -> None:
+        """As the writer, after a commit: its vectors into the rerank cache (all of the catalog's,
+        when the cache missed a commit before this one: a crash, say)."""
+        if not self.keep_rerank_cache():
+            return
+        before = result.generation - 1
+        if not self.rerank_cache.mirrors(before):
+            self.keep_rerank_cache(fill=True)
+            return
+        if items:
+            self.rerank_cache.write(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
+        self.rerank_cache.mirrored(before, result.generation)
+
+    def keep_rerank_cache(self, fill: bool = False) -> bool:
+        """As the library's writer: keep the rerank cache while the index reranks its codes (with
+        `fill`, written again from the catalog unless it mirrors it now: after a rebuild or an
+        optimize), and delete it when the index does not; True when it is kept."""
+        if self._index is None or self.catalog.read_only:
+            return False
+        cache = self.rerank_cache
+        if not self._index.spec.reranks_codes:
+            if cache.path.exists():
+                cache.remove()
+            return False
+        if not cache.open_for_writing():
+            return False
+        generation = self.catalog.generation()
+        if fill and not cache.mirrors(generation):
+            started = time.perf_counter()
+            cache.fill(self.catalog, generation)
+            log.info("rerank cache of %s written from the catalog (%.1f s)", self.directory, time.perf_counter() - started)
+        return True
 
     @contextmanager
     def _replacing(self) -> Iterator[None]:

@@ -112,6 +112,16 @@ class IndexSpec:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def keeps_whole_vectors(self) -> bool:
+        """True when the index stores the vectors unquantized (flat, HNSW*,Flat, IVF*,Flat)."""
+        return self.type == "flat" or (self.factory or "").endswith(",Flat")
+
+    @property
+    def reranks_codes(self) -> bool:
+        """Whether searches order the codes' candidates by the stored vectors (`rerank`)."""
+        return self.rerank > 0 and not self.keeps_whole_vectors
+
     def params_for(self, query_kind: str | None) -> dict[str, Any]:
         """The search parameters for queries of `query_kind` (None: the kind-less ones)."""
         return self.search_params_by_kind.get(query_kind or "", self.search_params)
@@ -442,7 +452,7 @@ class VectorIndex:
     @property
     def reranks(self) -> bool:
         """Whether searches order the codes' candidates by the stored vectors (`IndexSpec.rerank`)."""
-        return self.spec.rerank > 0 and self.rerank_source is not None and not self.keeps_whole_vectors
+        return self.spec.reranks_codes and self.rerank_source is not None
 
     def _candidates(self, k: int) -> int:
         """How many hits to take from the codes for `k` answers."""
@@ -483,7 +493,7 @@ class VectorIndex:
     @property
     def keeps_whole_vectors(self) -> bool:
         """True when the index stores the vectors unquantized (flat, HNSW*,Flat, IVF*,Flat)."""
-        return self.spec.type == "flat" or (self.spec.factory or "").endswith(",Flat")
+        return self.spec.keeps_whole_vectors
 
     def _hnsw_vectors(self, allowed: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         id_map = self._id_map()
