@@ -472,3 +472,21 @@ def test_stored_vectors_of_either_width_are_read_and_others_are_damaged() -> Non
     np.testing.assert_allclose(read[1], vectors[1], atol=1e-3)
     with pytest.raises(DamagedVectors, match="item 4 has 12 bytes, not 32 .* nor 16"):
         stack_rows(rows + [(4, b"x" * 12)], "catalog.sqlite", 8)
+
+
+def test_an_import_s_keyword_rows_are_those_the_items_make(other_library: Library, tmp_path: Path) -> None:
+    """A bulk import writes the keyword rows of its new items from the rows it inserts; they are
+    the rows the items themselves make (`check --repair` rebuilds them from the items)."""
+    import sqlite3
+
+    import_vectors(other_library, [clip_retrieval_folder(tmp_path / "e", count=30)])
+
+    def keyword_rows() -> list[tuple[int, str]]:
+        with sqlite3.connect(other_library.path / "catalog.sqlite") as connection:
+            return connection.execute("SELECT rowid, words FROM keywords ORDER BY rowid").fetchall()
+
+    imported = keyword_rows()
+    assert len(imported) == 60 and any("caption" in words for _, words in imported)
+    assert other_library.catalog.rebuild_keywords() == 60
+    assert keyword_rows() == imported
+    assert [hit.kind for hit in other_library.search(text="caption 7", k=3, mode="keyword")][:1] == ["text"]

@@ -56,7 +56,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from clipdex.search.catalog import keyword_sql
-from clipdex.search.catalog.keywords import KeywordQuery
+from clipdex.search.catalog.keywords import KeywordQuery, document
 from clipdex.search.catalog.keyword_sql import OcrResult
 from clipdex.search.catalog.types import (
     BUSY_TIMEOUT_MS,
@@ -312,6 +312,13 @@ class ImportRows:
             return list(zip(repeat("image", count), self.keys, nothing, repeat(None), repeat(None), self.extras, blobs, repeat(now)))
         texts = self.texts if self.texts is not None else nothing
         return list(zip(repeat("text", count), nothing, texts, repeat(self.source), self.keys, self.extras, blobs, repeat(now)))
+
+
+def _import_document(row: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """The keyword document (`keywords.document`) of a new row of `ImportRows.COLUMNS`: an import
+    sets no camera, and no OCR has read it yet."""
+    kind, path, text, extra = (row[ImportRows.COLUMNS.index(name)] for name in ("kind", "path", "text", "extra"))
+    return document(kind, path, text, None, None, extra, None)
 
 
 @dataclass(frozen=True)
@@ -858,6 +865,7 @@ class Catalog:
                 new_rows = [row for row, key in zip(rows, chunk.keys) if key not in existing] if existing else rows
                 updates = [{**dict(zip(ImportRows.COLUMNS, row)), "item_id": existing[key]}
                            for row, key in zip(rows, chunk.keys) if key in existing]
+                new_ids: np.ndarray | None = None
                 if new_rows:
                     new_ids = self._insert_many(connection, new_rows)
                     if inserted is not None:
@@ -869,8 +877,13 @@ class Catalog:
                 if updates:
                     connection.execute(update(Item).where(Item.id == bindparam("item_id")), updates)
                 added, replaced = added + len(new_rows), replaced + len(updates)
-                touched = list(self._ids_of_rows(connection, chunk).values())
-                keyword_sql.refresh(AlchemyStatements(connection), self.dialect, touched)
+                if not existing and new_ids is not None:  # every row new: its ids are known, its words are in `rows`
+                    touched = new_ids.tolist()
+                    keyword_sql.add_new(AlchemyStatements(connection), self.dialect,
+                                        {item_id: _import_document(row) for item_id, row in zip(touched, rows)})
+                else:
+                    touched = list(self._ids_of_rows(connection, chunk).values())
+                    keyword_sql.refresh(AlchemyStatements(connection), self.dialect, touched)
                 if log_changes:
                     connection.execute(insert(Change), [{"generation": generation, "item_id": i} for i in touched])
             if not log_changes:  # the floor was at most the last generation: this one is above it

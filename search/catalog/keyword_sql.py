@@ -90,15 +90,20 @@ def refresh(statements: Statements, dialect: str, ids: Iterable[int]) -> None:
     for chunk in chunks(ids):
         marks, parameters = _in(chunk)
         statements.rows(f"DELETE FROM keywords WHERE {column} IN ({marks})", parameters)
-        made = documents(statements, chunk)
-        if dialect == "sqlite":
-            rows = [{"id": i, "words": fts5_document(parts)} for i, parts in made.items() if parts]
-            statement = "INSERT INTO keywords (rowid, words) VALUES (:id, :words)"
-        else:
-            rows = [{"id": i, "words": tsvector_literal(parts)} for i, parts in made.items() if parts]
-            statement = "INSERT INTO keywords (item_id, words) VALUES (:id, CAST(:words AS tsvector))"
-        if rows:
-            statements.many(statement, rows)
+        add_new(statements, dialect, documents(statements, chunk))
+
+
+def add_new(statements: Statements, dialect: str, made: dict[int, list[tuple[str, str]]]) -> None:
+    """Write the keyword rows of items just inserted (none yet), from their documents
+    (`keywords.document`): a bulk import makes them from the rows it inserts, not reading them back."""
+    if dialect == "sqlite":
+        rows = [{"id": i, "words": fts5_document(parts)} for i, parts in made.items() if parts]
+        statement = "INSERT INTO keywords (rowid, words) VALUES (:id, :words)"
+    else:
+        rows = [{"id": i, "words": tsvector_literal(parts)} for i, parts in made.items() if parts]
+        statement = "INSERT INTO keywords (item_id, words) VALUES (:id, CAST(:words AS tsvector))"
+    if rows:
+        statements.many(statement, rows)
 
 
 def forget(statements: Statements, dialect: str, ids: Sequence[int]) -> None:

@@ -92,7 +92,7 @@ def document(kind: str, path: str | None, text: str | None, camera_make: str | N
     camera = " ".join(value for value in (camera_make, camera_model) if value)
     if camera:
         parts.append(("camera", camera))
-    if extra:
+    if extra and '"description"' in extra:  # most extras have none: no JSON to read (a bulk import's million rows)
         try:
             described = json.loads(extra)
         except ValueError:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from clipdex.search.catalog.database import KINDS, ImportRows
+from clipdex.search.catalog.vector_rows import half_to_single
 from clipdex.search.errors import InvalidVectors, MissingDependency, ModelMismatch
 from clipdex.search.index.choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
 from clipdex.search.encoders.model import ResolvedModel
@@ -526,8 +527,9 @@ def _check_rows(vectors: np.ndarray, rows: int, path: Path, metadata_path: Path)
 
 def _normalize(batch: VectorBatch) -> int:
     """Normalize the rows off unit length (in place, as float32); the number normalized."""
-    vectors = np.array(batch.vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1)
+    given = np.asarray(batch.vectors)
+    vectors = half_to_single(given) if given.dtype == np.float16 else np.array(given, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
     bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
     if len(bad):
         raise InvalidVectors(f"{batch.origin}: row {bad[0]} is a zero or non-finite vector; nothing was imported")

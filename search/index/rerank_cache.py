@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
+from clipdex.search.catalog.vector_rows import half_to_single
+
 if TYPE_CHECKING:  # pragma: no cover
     from clipdex.search.index.vectors import VectorSource
 
@@ -44,17 +46,6 @@ CACHE_FILE = "rerank.f16"
 HEADER_BYTES = 4096
 MAGIC = "clipdex rerank vectors, float16"
 UNIT_TOLERANCE = 0.01  # |squared length - 1| of a usable row: float16 rounds a unit vector's within 0.002
-
-_HALF_TO_SINGLE: np.ndarray | None = None
-
-
-def half_to_single(bits: np.ndarray) -> np.ndarray:
-    """float16 values given as their bits (uint16) as float32, by a table: three times numpy's cast here."""
-    global _HALF_TO_SINGLE
-    if _HALF_TO_SINGLE is None:
-        _HALF_TO_SINGLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    return _HALF_TO_SINGLE[bits]
-
 
 class RerankCache:
     """The float16 rows of a library's vectors by id (see the module docstring)."""
@@ -175,21 +166,18 @@ class RerankCache:
             return
         ids = np.asarray(ids, dtype=np.int64)
         halves = np.ascontiguousarray(vectors, dtype=np.float16).reshape(len(ids), self.dim)
-        singles = halves.astype(np.float32)
+        singles = half_to_single(halves)
         keep = (np.abs(np.einsum("ij,ij->i", singles, singles) - 1.0) <= UNIT_TOLERANCE) & (ids >= 0)
-        order = np.argsort(ids, kind="stable")
-        ids, halves, keep = ids[order], halves[order], keep[order]
+        if np.any(np.diff(ids) < 0):
+            order = np.argsort(ids, kind="stable")
+            ids, halves, keep = ids[order], halves[order], keep[order]
+        # runs of consecutive ids, all kept: one write each (an import's chunk is one run)
+        starts = np.flatnonzero(keep & np.concatenate([[True], (np.diff(ids) != 1) | ~keep[:-1]]))
+        ends = np.append(starts[1:], len(ids))
         try:
-            start = 0
-            while start < len(ids):  # a run of consecutive ids is one write
-                if not keep[start]:
-                    start += 1
-                    continue
-                end = start + 1
-                while end < len(ids) and keep[end] and ids[end] == ids[end - 1] + 1:
-                    end += 1
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                end = start + int(np.argmin(np.append(keep[start:end], False)))  # up to the first row not kept
                 os.pwrite(self._fd, halves[start:end].tobytes(), HEADER_BYTES + int(ids[start]) * self.row_bytes)
-                start = end
         except OSError as error:
             self._give_up(error)
 
