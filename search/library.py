@@ -190,6 +190,7 @@ class Library:
         """Let go of the catalog's connections; afterwards every method raises LibraryClosed."""
         self.closed = True
         self.catalog.close()
+        self.store.rerank_cache.close()
 
     def _check_open(self) -> None:
         if self.closed:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -60,6 +61,9 @@ class RerankCache:
         self._writable = False
         self._seen: tuple[int, int] | None = None  # (catalog generation, file mtime) the header was last read at
         self._trusted = False
+        # Searches on several threads share the file: one opens, replaces or closes it at a time,
+        # and never under a read in progress (a descriptor closed and given to another file).
+        self._lock = threading.RLock()
 
     # -- the file ----------------------------------------------------------------------------
 
@@ -109,9 +113,10 @@ class RerankCache:
         self.remove()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd, self._writable, self._seen, self._trusted = None, False, None, False
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._writable, self._seen, self._trusted = None, False, None, False
 
     def remove(self) -> None:
         """Delete the file (the index no longer reranks, or it cannot be written)."""
@@ -138,14 +143,15 @@ class RerankCache:
     def read(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids found, their vectors as float32, ids to read from the catalog instead) for `ids`."""
         wanted = np.unique(np.asarray(ids, dtype=np.int64))
-        fd = self._trusted_file() if len(wanted) else None
-        if fd is None:
-            return wanted[:0], np.zeros((0, self.dim), np.float32), wanted
         bits = np.zeros((len(wanted), self.dim), dtype=np.uint16)
         rows, size = bits.data.cast("B"), self.row_bytes
-        for place, item_id in enumerate(wanted.tolist()):
-            if item_id >= 0:
-                os.preadv(fd, [rows[place * size:(place + 1) * size]], HEADER_BYTES + item_id * size)
+        with self._lock:
+            fd = self._trusted_file() if len(wanted) else None
+            if fd is None:
+                return wanted[:0], np.zeros((0, self.dim), np.float32), wanted
+            for place, item_id in enumerate(wanted.tolist()):
+                if item_id >= 0:
+                    os.preadv(fd, [rows[place * size:(place + 1) * size]], HEADER_BYTES + item_id * size)
         vectors = half_to_single(bits)
         usable = np.abs(np.einsum("ij,ij->i", vectors, vectors) - 1.0) <= UNIT_TOLERANCE
         return wanted[usable], vectors[usable], wanted[~usable]
@@ -154,11 +160,13 @@ class RerankCache:
 
     def open_for_writing(self) -> bool:
         """Open the file to write, made when missing; False when it cannot be written here."""
-        return self._file(write=True) is not None and self._writable
+        with self._lock:
+            return self._file(write=True) is not None and self._writable
 
     def mirrors(self, generation: int) -> bool:
         """Whether the rows mirror the catalog as of `generation`."""
-        return self._file() is not None and self._header_generation() == generation
+        with self._lock:
+            return self._file() is not None and self._header_generation() == generation
 
     def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Keep these rows (rows off unit length are not kept): a commit's, before `mirrored`."""
@@ -174,36 +182,41 @@ class RerankCache:
         # runs of consecutive ids, all kept: one write each (an import's chunk is one run)
         starts = np.flatnonzero(keep & np.concatenate([[True], (np.diff(ids) != 1) | ~keep[:-1]]))
         ends = np.append(starts[1:], len(ids))
-        try:
-            for start, end in zip(starts.tolist(), ends.tolist()):
-                end = start + int(np.argmin(np.append(keep[start:end], False)))  # up to the first row not kept
-                os.pwrite(self._fd, halves[start:end].tobytes(), HEADER_BYTES + int(ids[start]) * self.row_bytes)
-        except OSError as error:
-            self._give_up(error)
+        with self._lock:
+            try:
+                for start, end in zip(starts.tolist(), ends.tolist()):
+                    if self._fd is None:
+                        return
+                    end = start + int(np.argmin(np.append(keep[start:end], False)))  # up to the first row not kept
+                    os.pwrite(self._fd, halves[start:end].tobytes(), HEADER_BYTES + int(ids[start]) * self.row_bytes)
+            except OSError as error:
+                self._give_up(error)
 
     def mirrored(self, before: int, after: int) -> bool:
         """After writing the rows of a commit that took the catalog from generation `before` to
         `after`: record `after`, when the file mirrored `before`. True when it did."""
-        if self._fd is None or not self._writable or self._header_generation() != before:
-            return False
-        try:
-            self._write_header(after)
-        except OSError as error:
-            self._give_up(error)
-            return False
-        return True
+        with self._lock:
+            if self._fd is None or not self._writable or self._header_generation() != before:
+                return False
+            try:
+                self._write_header(after)
+            except OSError as error:
+                self._give_up(error)
+                return False
+            return True
 
     def fill(self, catalog: "VectorSource", generation: int) -> None:
         """Write the file again from every vector of the catalog (as of `generation`, a chunk at a time)."""
         if not self.open_for_writing():
             return
-        try:
-            assert self._fd is not None
-            os.ftruncate(self._fd, 0)
-            self._write_header(-1)  # mirrors nothing until full
-        except OSError as error:
-            self._give_up(error)
-            return
+        with self._lock:
+            try:
+                assert self._fd is not None
+                os.ftruncate(self._fd, 0)
+                self._write_header(-1)  # mirrors nothing until full
+            except OSError as error:
+                self._give_up(error)
+                return
         for ids, vectors in catalog.iter_vectors():
             self.write(ids, vectors)
         self.mirrored(-1, generation)
