@@ -314,10 +314,13 @@ class ImportRows:
         return list(zip(repeat("text", count), nothing, texts, repeat(self.source), self.keys, self.extras, blobs, repeat(now)))
 
 
+_DOCUMENT_COLUMNS = tuple(ImportRows.COLUMNS.index(name) for name in ("kind", "path", "text", "extra"))
+
+
 def _import_document(row: tuple[Any, ...]) -> list[tuple[str, str]]:
     """The keyword document (`keywords.document`) of a new row of `ImportRows.COLUMNS`: an import
     sets no camera, and no OCR has read it yet."""
-    kind, path, text, extra = (row[ImportRows.COLUMNS.index(name)] for name in ("kind", "path", "text", "extra"))
+    kind, path, text, extra = (row[column] for column in _DOCUMENT_COLUMNS)
     return document(kind, path, text, None, None, extra, None)
 
 

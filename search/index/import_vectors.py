@@ -162,16 +162,11 @@ def import_vectors(
 def _rerank_cache(library: "IndexedLibrary", spec: IndexSpec, existing: int) -> "RerankCache | None":
     """The library's rerank cache, to write the imported rows to as they go in, when the index
     will rerank its codes and the cache mirrors the catalog now (an empty library's is made so)."""
-    store = library.store
-    if library.catalog.read_only or not spec.reranks_codes:
+    # an empty library's is filled now: nothing to read, a header saying so
+    if not spec.reranks_codes or not library.store.keep_rerank_cache(fill=existing == 0, spec=spec):
         return None
-    cache = store.rerank_cache
-    if not cache.open_for_writing():
-        return None
-    generation = library.catalog.generation()
-    if existing == 0 and not cache.mirrors(generation):
-        cache.fill(library.catalog, generation)  # nothing to read: a header saying so
-    return cache if cache.mirrors(generation) else None
+    cache = library.store.rerank_cache
+    return cache if cache.mirrors(library.catalog.generation()) else None
 
 
 def _rows(parts: list[Part], report: ImportReport, total: int, progress: Callable[[int, int], None] | None,

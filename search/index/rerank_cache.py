@@ -3,9 +3,9 @@ in one file, each item's row at a place given by its id.
 
 An index of quantized codes (`IndexSpec.rerank`) orders its candidates by their stored
 vectors: a hundred or more rows per query. Read by id from a catalog of ten million items,
-SQLite's B-tree costs about 9 µs a row, most of a query's time; read from this file by
-position (`os.preadv`: the pages stay the kernel's cache, never the process's memory) a row
-costs about 1.5 µs. The catalog stays the source of truth; this file is a cache of it:
+a row cost about 9 µs with the catalog's B-tree (half of a query's time at nprobe 8, the
+codes the other half); read from this file by position (`os.preadv`: the pages stay the
+kernel's cache, never the process's memory) about 1.7 µs. The catalog stays the source of truth; this file is a cache of it:
 
 - Row `id` (`dim` float16 values) lies at `HEADER_BYTES + id * 2 * dim`; a row never
   written reads as zeros (a hole in a sparse file).
@@ -47,6 +47,7 @@ CACHE_FILE = "rerank.f16"
 HEADER_BYTES = 4096
 MAGIC = "clipdex rerank vectors, float16"
 UNIT_TOLERANCE = 0.01  # |squared length - 1| of a usable row: float16 rounds a unit vector's within 0.002
+
 
 class RerankCache:
     """The float16 rows of a library's vectors by id (see the module docstring)."""

@@ -323,14 +323,16 @@ class VectorStore:
             self.rerank_cache.write(np.asarray(result.ids, dtype=np.int64), np.stack([item.vector for item in items]))
         self.rerank_cache.mirrored(before, result.generation)
 
-    def keep_rerank_cache(self, fill: bool = False) -> bool:
-        """As the library's writer: keep the rerank cache while the index reranks its codes (with
-        `fill`, written again from the catalog unless it mirrors it now: after a rebuild or an
-        optimize), and delete it when the index does not; True when it is kept."""
-        if self._index is None or self.catalog.read_only:
+    def keep_rerank_cache(self, fill: bool = False, spec: IndexSpec | None = None) -> bool:
+        """As the library's writer: keep the rerank cache while the index (or one of `spec`, that
+        an import is building) reranks its codes (with `fill`, written again from the catalog
+        unless it mirrors it now: after a rebuild or an optimize), and delete it when the index
+        does not; True when it is kept."""
+        wanted = spec or (self._index.spec if self._index is not None else None)
+        if wanted is None or self.catalog.read_only:
             return False
         cache = self.rerank_cache
-        if not self._index.spec.reranks_codes:
+        if not wanted.reranks_codes:
             if cache.path.exists():
                 cache.remove()
             return False
