@@ -404,12 +404,19 @@ def test_the_first_run_exports_in_a_process_of_its_own_and_never_imports_torch(t
     assert not [path.name for path in where.iterdir() if path.name.startswith(".")]  # no scratch folder left
 
 
-def test_the_export_process_stops_when_the_indexing_process_goes(library: Library) -> None:
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_the_export_process_stops_when_the_indexing_process_goes(library: Library, sigint: str) -> None:
+    import signal
     import time
 
     from clipdex.search.encoders.export_process import ExportProcess
 
-    child = ExportProcess()
+    # an indexing run started as a script's background job has SIGINT ignored, and its children inherit that
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    try:
+        child = ExportProcess()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child.export(library.path, library.model.to_json(), library.dim, 1)  # the request is sent
     started = time.monotonic()
     status = child.close()  # what it sees when the indexing process is gone: its input closes

@@ -37,6 +37,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -161,6 +162,10 @@ def main(argv: list[str]) -> int:
         line = sys.stdin.readline()
         if not line:
             return 0  # cancelled before it began
+        # `_end_with_the_indexer` stops the export as Ctrl-C would: that needs Python's own handler,
+        # which an interpreter started with SIGINT ignored (an indexing run that is a background
+        # job of a script inherits that, and passes it on) never installs
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Thread(target=_end_with_the_indexer, name="clipdex-export-watch", daemon=True).start()
         request = json.loads(line)
         export(Path(request["library"]), request["model"], int(request["dim"]), int(request["threads"]), _tell)
