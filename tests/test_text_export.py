@@ -206,6 +206,23 @@ def test_a_text_query_without_an_export_makes_one(library: Library) -> None:
     assert isinstance(Library.open(library.path).text_encoder(), OnnxTextEncoder)
 
 
+def test_queries_after_the_export_do_not_collect_garbage(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the model loaded, each text query looks for the export it would make: once made,
+    a query costs no whole collection of the heap (a quarter of a second and more each)."""
+    import gc
+
+    from clipdex.search.encoders import factory
+
+    collections: list[int] = []
+    monkeypatch.setattr(factory, "gc", type("CountingGc", (), {"collect": staticmethod(lambda: collections.append(1) or gc.collect())}))
+    library.encode_text("a query that loads the model and makes the export")
+    assert collections == [1] and (library.path / EXPORT_FOLDER / SETTINGS_FILE).exists()
+    assert library.encoders.model_loaded
+    for text in ("a red circle", "a blue square", "a green triangle"):
+        library.encode_text(text)
+    assert collections == [1]
+
+
 def test_index_runs_can_skip_the_export(library: Library, tmp_path: Path, make_images) -> None:
     make_images(tmp_path / "pics", 2)
     report = index_paths(library, [tmp_path / "pics"], export_text=False)

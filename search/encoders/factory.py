@@ -390,7 +390,8 @@ class LibraryEncoders:
         from clipdex.search.encoders.text_export import ensure_text_export
 
         exported = ensure_text_export(self.library_path, model, self.dim) is not None
-        gc.collect()  # the text export's graphs and sessions: gone before the image export's come
+        if exported:  # a whole collection costs a quarter of a second and more: not on every query that finds it done
+            gc.collect()  # the text export's graphs and sessions: gone before the image export's come
         if image and self.requested_runtime != "torch" and model.device == "cpu":
             exported = ensure_image_export(self.library_path, model, self.dim) is not None or exported
         if exported:
