@@ -2,17 +2,21 @@
 as recall@10 against queries per second per core, for image-like and text-like queries.
 
     .venv/bin/python benchmarks/ann_peers.py [--count 1000000] [--budget 1G] [--data .bench/import-data]
-                                             [--work .bench/ann-peers] [--peers autofaiss,diskann]
+                                             [--work .bench/ann-peers] [--peers autofaiss,diskann] [--float16]
+                                             [--target-recall 0.95[,KIND=RECALL...]]
 
 The same data for all three: `ann.py`'s CLIP-like vectors (d=512) in clip-retrieval's layout
-(`import_scale.py` writes and reuses it), 1,000 image-like queries held out of it and 1,000
+(`import_scale.py` writes and reuses it; `--float16`: stored as float16, as clip-retrieval
+writes it, the exact neighbours those float16 vectors'), 1,000 image-like queries held out of it and 1,000
 text-like ones (`gap_queries`: best match at a cosine of about 0.3), their exact top 10 by
 brute force. Every search is batched (all queries of a kind at once) on one thread, so the
 figure is queries/s per core; each point is timed after one batch untimed.
 
 - clipdex, as a user runs it: `clipdex import-vectors DATA --memory-budget BUDGET`, then `clipdex optimize
-  --memory-budget BUDGET --target-recall 0.95 --queries TEXT.npy` (its tuning sample: 400
-  other text-like queries), each a process of its own. The curve is the optimized index
+  --memory-budget BUDGET --target-recall TARGET --queries TEXT.npy` (its tuning sample: 400
+  other text-like queries; `--target-recall`, default 0.95, may name a kind's own, e.g.
+  0.95,text=0.9,queries=0.9; another target than the last run's optimizes the imported
+  library again), each a process of its own. The curve is the optimized index
   opened as a library (quantized codes reranked by the catalog's vectors, read by id)
   searched at each breadth; the point marked `served` is what a search gets: the breadth
   its rule picks per query.
@@ -76,7 +80,7 @@ def ground_truth(data: Path, work: Path, count: int, held_out: np.ndarray, seed:
     start = 0
     for part in parts:  # a file at a time: 10 million vectors are 20 GB
         flat = faiss.IndexFlatIP(512)
-        flat.add(np.ascontiguousarray(np.load(part)))
+        flat.add(np.ascontiguousarray(np.load(part), dtype=np.float32))
         for kind, vectors in queries.items():
             scores, rows = flat.search(np.ascontiguousarray(vectors, dtype=np.float32), K)
             merged_scores = np.concatenate([best[kind][0], scores], axis=1)
@@ -122,13 +126,16 @@ def timed_batch(search: Any, queries: np.ndarray, min_seconds: float = 2.0) -> t
 
 # -- clipdex ---------------------------------------------------------------------------------
 
-def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[str, Path]) -> dict[str, Any]:
+def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[str, Path], target: str = "0.95") -> dict[str, Any]:
     from clipdex.search.encoders.model import ModelSpec
     from clipdex.search.index.vectors import faiss_module
     from clipdex.search.library import Library
 
     library_path = work / "clipdex-library"
-    if not (library_path / "optimized.json").exists():
+    state = library_path / "optimized.json"
+    recorded = json.loads(state.read_text()) if state.exists() else None
+    imported = None if recorded is None else recorded.get("import")
+    if recorded is None:
         import shutil
 
         shutil.rmtree(library_path, ignore_errors=True)
@@ -139,15 +146,16 @@ def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[s
             sys.exit(f"import-vectors failed: {result.stderr[-2000:]}")
         log(f"clipdex import-vectors: {count / seconds:,.0f} vectors/s, peak {peak / 2**30:.2f} GiB")
         imported = {"seconds": round(seconds, 1), "vectors_per_second": round(count / seconds), "peak_gib": round(peak / 2**30, 2)}
+    if recorded is None or recorded.get("target", "0.95") != target:
         seconds, peak, result = clipdex("optimize", "--library", str(library_path), "--memory-budget", budget,
-                                        "--target-recall", "0.95", "--queries", str(work / "tuning-text.npy"), "--json")
+                                        "--target-recall", target, "--queries", str(work / "tuning-text.npy"), "--json")
         if not result.stdout.strip():
             sys.exit(f"optimize failed: {result.stderr[-2000:]}")
         report = json.loads(result.stdout)
-        (library_path / "optimized.json").write_text(json.dumps({"report": report, "seconds": seconds, "peak": peak, "import": imported}))
-    optimized = json.loads((library_path / "optimized.json").read_text())
+        state.write_text(json.dumps({"report": report, "seconds": seconds, "peak": peak, "import": imported, "target": target}))
+    optimized = json.loads(state.read_text())
     report = optimized["report"]
-    log(f"clipdex optimize: {report['factory']} in {optimized['seconds']:.0f} s, peak {optimized['peak'] / 2**30:.2f} GiB")
+    log(f"clipdex optimize (--target-recall {target}): {report['factory']} in {optimized['seconds']:.0f} s, peak {optimized['peak'] / 2**30:.2f} GiB")
     faiss = faiss_module()
     faiss.omp_set_num_threads(1)
     library = Library.open(library_path, device="cpu")
@@ -197,7 +205,7 @@ PEER_COMMON = textwrap.dedent("""
     K = 10
     def base_of(data):
         files = sorted((Path(data) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))
-        return np.concatenate([np.load(p) for p in files])
+        return np.concatenate([np.load(p).astype(np.float32) for p in files])
     def recall(found, truth):
         return float(np.mean([len(set(r.tolist()) & set(t.tolist())) / K for r, t in zip(found[:, :K], truth)]))
     def timed_batch(search, queries, min_seconds=2.0):
@@ -345,14 +353,17 @@ def main() -> None:
     parser.add_argument("--peers-venv", type=Path, default=Path(".bench/ann-peers-venv"))
     parser.add_argument("--peer-timeout", type=float, default=3600, help="seconds a peer may take to build and search")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-recall", default="0.95", help="clipdex optimize's target: one recall@10, or e.g. 0.95,text=0.9,queries=0.9")
+    parser.add_argument("--float16", action="store_true", help="the data as clip-retrieval writes it: float16 parts (half the disk)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    data = args.data / str(args.count)
-    work = args.work / f"{args.count}-{args.budget}"
+    suffix = "-f16" if args.float16 else ""
+    data = args.data / f"{args.count}{suffix}"
+    work = args.work / f"{args.count}{suffix}-{args.budget}"
     work.mkdir(parents=True, exist_ok=True)
-    held_out = write_layout(data, args.count, args.seed)
+    held_out = write_layout(data, args.count, args.seed, "float16" if args.float16 else "float32")
     queries = ground_truth(data, work, args.count, held_out, args.seed)
-    results = [run_clipdex(data, work, args.count, args.budget, queries)]
+    results = [run_clipdex(data, work, args.count, args.budget, queries, args.target_recall)]
     peers = [name for name in args.peers.split(",") if name]
     if peers:
         python = peers_python(args.peers_venv.resolve())

@@ -47,8 +47,9 @@ PART_ROWS = 100_000
 HELD_OUT = 1000
 
 
-def write_layout(folder: Path, count: int, seed: int) -> np.ndarray:
-    """The clip-retrieval folder for `count` vectors; returns the held-out vectors (never imported)."""
+def write_layout(folder: Path, count: int, seed: int, dtype: str = "float32") -> np.ndarray:
+    """The clip-retrieval folder for `count` vectors, stored as `dtype` (clip-retrieval itself writes
+    float16); returns the held-out vectors (float32, never imported)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -63,7 +64,7 @@ def write_layout(folder: Path, count: int, seed: int) -> np.ndarray:
         held_out = np.concatenate([held_out, chunk[len(rows):]])
         if not len(rows):
             continue
-        np.save(folder / "img_emb" / f"img_emb_{start // PART_ROWS}.npy", chunk[: len(rows)])
+        np.save(folder / "img_emb" / f"img_emb_{start // PART_ROWS}.npy", chunk[: len(rows)].astype(dtype))
         table = pa.table({
             "image_path": [f"/data/photos/{row // 10_000:04d}/{row:08d}.jpg" for row in rows],
             "caption": [f"photo {row} of the generated collection" for row in rows],

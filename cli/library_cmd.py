@@ -72,7 +72,8 @@ def stats(library: Optional[Path] = LibraryOption, device: Device = DeviceOption
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
         optimized = data["optimized"]
-        out.print(f"{'optimized':>10}: {optimized['optimized_at']}, target recall@10 {optimized['target_recall']:.2f}"
+        own = "".join(f", {kind} {value:.2f}" for kind, value in optimized.get("target_recall_by_kind", {}).items())
+        out.print(f"{'optimized':>10}: {optimized['optimized_at']}, target recall@10 {optimized['target_recall']:.2f}{own}"
                   f" {'met' if optimized['target_met'] else 'NOT met'}")
         for kind, figures in optimized.get("by_query_kind", {}).items():
             params = ", ".join(f"{key}={value}" for key, value in figures["search_params"].items()) or "exact"

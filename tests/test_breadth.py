@@ -79,6 +79,21 @@ def test_a_kind_that_misses_under_the_rule_gets_its_own_breadth_wherever_it_lies
     assert rule.breadth_for(np.array([0.9])).tolist() == [9]
 
 
+def test_each_kind_is_held_to_its_own_target_under_the_rule() -> None:
+    """The same high-scoring text-like queries, short at the narrow breadth: a text target the
+    narrow breadth already meets leaves the image band narrow; the image target would not."""
+    scores = np.concatenate([np.linspace(0.8, 0.95, 160), np.linspace(0.3, 0.5, 150), np.linspace(0.8, 0.95, 10)])
+    kinds = np.array(["image"] * 160 + ["text"] * 160)  # too few text-like among the images to set a band's breadth
+
+    def recalls(breadths: np.ndarray) -> np.ndarray:
+        return np.where((kinds == "text") & (breadths < 9), 0.0, 1.0)  # text's mean at the narrow breadth: 150/160
+
+    apart = tune_rule(2, scores, kinds, {"image": 2, "text": 9}, recalls, {"image": 0.95, "text": 0.9}, lambda r: 0.01)
+    assert apart.breadth_for(np.array([0.9])).tolist() == [2]
+    same = tune_rule(2, scores, kinds, {"image": 2, "text": 9}, recalls, {"image": 0.95, "text": 0.95}, lambda r: 0.01)
+    assert same.breadth_for(np.array([0.9])).tolist() == [9]
+
+
 @pytest.mark.parametrize("spec", [
     IndexSpec("ivf", "IVF64,Flat"),
     IndexSpec("hnsw", "HNSW16,Flat"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import clipdex.search.index.optimize as optimize_module
 import clipdex.search.index.vectors as vectors_module
 from clipdex.cli.main import app
 from clipdex.search.catalog.database import NewItem
-from clipdex.search.errors import ModelUnavailable
+from clipdex.search.errors import ClipdexError, ModelUnavailable
 from clipdex.search.library import Library
-from clipdex.search.index.optimize import exact_evaluation, optimize_library, optimize_vectors, recall_at_k
+from clipdex.search.index.optimize import RecallTargets, exact_evaluation, optimize_library, optimize_vectors, recall_at_k
 from clipdex.search.index.query_sample import GENERATED, QuerySample, gap_queries
 from clipdex.search.index.vectors import IndexSpec, VectorIndex
 
@@ -109,6 +110,63 @@ def test_reported_text_recall_holds_for_independent_queries() -> None:
     index.spec.breadth_rule = None  # as optimized before the rule: the image breadth does not hold for them
     _, found = index.search(fresh.queries, 10, query_kind="image")
     assert recall_at_k(found, fresh) < independent - 0.1
+
+
+def test_a_kind_with_a_lower_target_of_its_own_is_searched_narrower() -> None:
+    """`--target-recall 0.95,text=0.7`: text-like queries tuned (and routed by the rule) to
+    their own, lower target; image-like ones still to 0.95."""
+    vectors, unseen = np.split(clustered(4200), [4000])
+    ids = np.arange(4000, dtype=np.int64) + 1
+    same, same_report = optimize_vectors(ids, vectors, 0.95, spec=IndexSpec("ivf", "IVF64,Flat"), min_seconds=0.05)
+    apart, report = optimize_vectors(ids, vectors, RecallTargets(0.95, {"text": 0.7}), spec=IndexSpec("ivf", "IVF64,Flat"), min_seconds=0.05)
+    kinds, before = report.by_query_kind, same_report.by_query_kind
+    assert report.target_recall == 0.95 and report.target_recall_by_kind == {"text": 0.7} and report.target_met
+    assert kinds["text"]["target_recall"] == 0.7 and kinds["image"]["target_recall"] == 0.95
+    assert kinds["image"]["recall_at_10"] >= 0.95 and 0.7 <= kinds["text"]["recall_at_10"] < before["text"]["recall_at_10"]
+    assert kinds["text"]["nprobe"] < before["text"]["nprobe"]
+    assert kinds["text"]["breadth_by_query"]["median"] < before["text"]["breadth_by_query"]["median"]
+    fresh = exact_evaluation(gap_queries(clustered(400, seed=11), seed=42), ids, vectors)  # text-like, sent as vectors
+    _, found = apart.search(fresh.queries, 10)
+    _, found_before = same.search(fresh.queries, 10)
+    assert 0.65 <= recall_at_k(found, fresh) < recall_at_k(found_before, fresh)
+    held_out = exact_evaluation(unseen, ids, vectors)  # image-like queries keep their breadth
+    _, found = apart.search(held_out.queries, 10)
+    assert recall_at_k(found, held_out) >= 0.94
+
+
+@pytest.mark.parametrize(
+    ("text", "default", "by_kind"),
+    [("0.9", 0.9, {}), ("0.95,text=0.9", 0.95, {"text": 0.9}), ("image=0.97, text=0.9", 0.95, {"image": 0.97, "text": 0.9}),
+     ("queries=0.8,0.99", 0.99, {"queries": 0.8})],
+)
+def test_recall_targets_are_read_per_kind(text: str, default: float, by_kind: dict[str, float]) -> None:
+    targets = RecallTargets.parse(text)
+    assert (targets.default, dict(targets.by_kind)) == (default, by_kind)
+    assert targets("image") == by_kind.get("image", default) and targets("text") == by_kind.get("text", default)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("0.95,txt=0.9", "no query kind 'txt': the kinds are image, text, queries"), ("high", "cannot read 'high'"),
+     ("0.95,text=1.5", "must be in (0, 1], not 1.5 (text)"), ("0", "must be in (0, 1], not 0.0 (every kind)")],
+)
+def test_unreadable_recall_targets_say_why(text: str, message: str) -> None:
+    with pytest.raises(ClipdexError, match=re.escape(message)):
+        RecallTargets.parse(text)
+
+
+def test_optimize_command_takes_a_target_per_kind(library: Library, small_thresholds: None, no_text_encoder: None) -> None:
+    fill(library, 1500)
+    runner = CliRunner()
+    result = runner.invoke(app, ["optimize", "--library", str(library.path), "--target-recall", "0.95,text=0.8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["target_recall"] == 0.95 and report["target_recall_by_kind"] == {"text": 0.8}
+    assert report["by_query_kind"]["text"]["target_recall"] == 0.8 and report["by_query_kind"]["text"]["recall_at_10"] >= 0.8
+    stats = runner.invoke(app, ["stats", "--library", str(library.path)])
+    assert "target recall@10 0.95, text 0.80 met" in stats.stdout
+    result = runner.invoke(app, ["optimize", "--library", str(library.path), "--target-recall", "0.95,photo=0.8"])
+    assert result.exit_code == 1 and "no query kind 'photo'" in result.stderr and "Traceback" not in result.output
 
 
 def test_searches_use_the_breadth_of_their_kind(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:

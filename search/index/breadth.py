@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -116,7 +116,7 @@ def tune_rule(
     kinds: np.ndarray,
     kind_breadths: dict[str, int],
     recall_with: Callable[[np.ndarray], np.ndarray],
-    target: float,
+    target: float | Mapping[str, float],
     margin: Callable[[np.ndarray], float],
     plateaus: dict[str, float] | None = None,
 ) -> BreadthRule:
@@ -125,7 +125,7 @@ def tune_rule(
     `first_scores`: each query's best score at `first` (its own item left out); `kinds`:
     each query's kind; `kind_breadths`: the breadth tuned for each kind alone (it meets the
     target on that kind's tuning queries); `recall_with(breadths)`: every query's recall@10
-    at the given per-query breadths.
+    at the given per-query breadths; `target`: one recall@10 for every kind, or each kind's own.
 
     Each band gets the widest breadth of the kinds that make up at least `BAND_SHARE` of it,
     and no band less than the band above it. Then each kind's mean recall under the rule
@@ -135,7 +135,8 @@ def tune_rule(
     plateaus = plateaus or {}
 
     def needed(kind: str, recalls: np.ndarray) -> float:
-        return plateaus[kind] if kind in plateaus else min(1.0, target + margin(recalls))
+        wanted = target if isinstance(target, (int, float)) else target[kind]
+        return plateaus[kind] if kind in plateaus else min(1.0, wanted + margin(recalls))
 
     floors = bands(first_scores)
     member = band_of(first_scores, floors)

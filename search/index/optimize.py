@@ -21,6 +21,10 @@ query itself, by a rule fitted on the tuning halves of every kind together
 whatever their kind. The other halves measure the recall that is reported, with the
 rule's breadths, so the figure is not the one tuned on. The overall recall is the lower
 of the kinds'.
+
+The target may differ by kind (`RecallTargets`, `--target-recall 0.95,text=0.9`): a backend
+that must find near duplicates but can live with 0.90 for captions tunes each to its own, and
+the rule gives the bands where text-like queries fall their kind's narrower breadth.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -50,6 +54,49 @@ HELD_OUT_QUERIES = 400  # split in two halves: tuning and reporting
 TUNING_MARGIN = 0.01
 TUNING_ERRORS = 3.0  # standard errors of the tuning sample's mean recall added to the margin
 MEASURE_SECONDS = 1.0  # time spent timing each throughput (approximate, exact)
+QUERY_KIND_NAMES = ("image", "text", "queries")  # the kinds `optimize` tunes (see the module docstring)
+
+
+@dataclass(frozen=True)
+class RecallTargets:
+    """The recall@10 each query kind is tuned to: `default`, or its own in `by_kind`."""
+
+    default: float = 0.95
+    by_kind: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, value in {"every kind": self.default, **self.by_kind}.items():
+            if not 0.0 < value <= 1.0:
+                raise ClipdexError(f"the target recall must be in (0, 1], not {value} ({kind})")
+        unknown = sorted(set(self.by_kind) - set(QUERY_KIND_NAMES))
+        if unknown:
+            raise ClipdexError(f"no query kind {', '.join(map(repr, unknown))}: the kinds are {', '.join(QUERY_KIND_NAMES)}")
+
+    @classmethod
+    def of(cls, target: "float | RecallTargets") -> "RecallTargets":
+        return target if isinstance(target, RecallTargets) else cls(float(target))
+
+    @classmethod
+    def parse(cls, text: str) -> "RecallTargets":
+        """From "0.95" (every kind), "0.95,text=0.9" or "image=0.95,text=0.9" (unnamed kinds: 0.95)."""
+        default, by_kind = 0.95, {}
+        for part in (piece.strip() for piece in text.split(",")):
+            kind, _, value = part.rpartition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ClipdexError(f"cannot read {part!r} in --target-recall {text!r}: give e.g. 0.95 or 0.95,text=0.9") from None
+            if kind:
+                by_kind[kind.strip()] = number
+            else:
+                default = number
+        return cls(default, by_kind)
+
+    def __call__(self, kind: str) -> float:
+        return float(self.by_kind.get(kind, self.default))
+
+    def describe(self) -> str:
+        return f"{self.default:.2f}" + "".join(f", {kind} {value:.2f}" for kind, value in self.by_kind.items())
 
 
 @dataclass
@@ -75,7 +122,7 @@ class KindReport:
 
     recall_at_10: float  # on the queries held out from tuning
     search_params: dict[str, Any]
-    target_met: bool
+    target_met: bool  # against `target_recall`
     queries: int  # tuned on half, measured on the other half
     source: str  # where the queries came from
     best_match_cosine: float | None  # median cosine of a query with its best match: how far queries lie
@@ -85,6 +132,7 @@ class KindReport:
     # The breadths the per-query rule gave this kind's held-out queries: {"median", "p90", "max"};
     # `recall_at_10` is measured with them (`search_params`: the breadth tuned for the kind alone).
     breadth_by_query: dict[str, int] | None = None
+    target_recall: float | None = None  # the kind's own target
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -97,9 +145,9 @@ class OptimizeReport:
     index_type: str
     factory: str | None
     search_params: dict[str, Any]  # for queries of no known kind: the widest of the kinds'
-    target_recall: float
+    target_recall: float  # every kind's, unless `target_recall_by_kind` names another
     recall_at_10: float  # the lower of the kinds'
-    target_met: bool  # by every kind
+    target_met: bool  # by every kind, each against its own target
     queries_per_second: float  # single queries, one at a time; the slower kind's
     exact_queries_per_second: float  # the same, by exact flat search
     speedup: float
@@ -116,6 +164,7 @@ class OptimizeReport:
     advice: list[str] = field(default_factory=list)  # what would meet a missed target
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # index types also tried, not kept
     breadth_rule: str | None = None  # how the breadth is chosen per query (`BreadthRule.describe`)
+    target_recall_by_kind: dict[str, float] = field(default_factory=dict)  # kinds given a target of their own
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,7 +315,7 @@ def exact_queries_per_second(vectors: np.ndarray, queries: np.ndarray, min_secon
 def optimize_vectors(
     ids: np.ndarray,
     vectors: np.ndarray,
-    target_recall: float = 0.95,
+    target_recall: float | RecallTargets = 0.95,
     memory_budget: int | None = None,
     builder: Callable[..., VectorIndex] = build_index,
     **options: Any,
@@ -277,7 +326,7 @@ def optimize_vectors(
 
 def optimize_corpus(
     corpus: Corpus,
-    target_recall: float = 0.95,
+    target_recall: float | RecallTargets = 0.95,
     memory_budget: int | None = None,
     evaluation: Evaluation | None = None,
     spec: IndexSpec | None = None,
@@ -289,7 +338,8 @@ def optimize_corpus(
     user_queries: QuerySample | None = None,
 ) -> tuple[VectorIndex, OptimizeReport]:
     """Build the chosen index (or `spec`) over the corpus's vectors (`clipdex.search.index.corpus`:
-    in memory, or streamed from the catalog), tune it to `target_recall` per query kind and measure it.
+    in memory, or streamed from the catalog), tune it to `target_recall` per query kind (one
+    for all, or `RecallTargets`) and measure it.
 
     Image-like queries: `evaluation`, by default held-out stored vectors (see the module
     docstring). Text-like queries: `text_evaluation`, else `text_queries` (see
@@ -307,6 +357,7 @@ def optimize_corpus(
     where an inverted file may well be faster. The candidate whose slower kind is fastest,
     among those meeting the target for both kinds, is kept (`alternatives` reports the other)."""
     started = time.perf_counter()
+    targets = RecallTargets.of(target_recall)
     ids, dim = corpus.ids, corpus.dim
     candidates = [spec] if spec is not None else candidate_specs(len(ids), dim, memory_budget)
     ivf = next((candidate for candidate in candidates if candidate.type == "ivf"), None)
@@ -332,7 +383,7 @@ def optimize_corpus(
         evaluations["queries"] = found["queries"]
     min_seconds = MEASURE_SECONDS if min_seconds is None else min_seconds
     exact_qps = 1.0 / corpus.exact_seconds_per_query(lambda vectors: exact_queries_per_second(vectors, evaluation.queries, min_seconds))
-    tried = [_build_and_tune(candidate, corpus, evaluations, named, target_recall, exact_qps, min_seconds, seed)
+    tried = [_build_and_tune(candidate, corpus, evaluations, named, targets, exact_qps, min_seconds, seed)
              for candidate in candidates]
     index, kinds, build_seconds = max(tried, key=lambda attempt: _preference(attempt[1]))
     recall = min(figures.recall_at_10 for figures in kinds.values())
@@ -341,7 +392,7 @@ def optimize_corpus(
         index_type=index.spec.type,
         factory=index.spec.factory,
         search_params=dict(index.spec.search_params),
-        target_recall=target_recall,
+        target_recall=targets.default,
         recall_at_10=recall,
         target_met=all(figures.target_met for figures in kinds.values()),
         queries_per_second=slowest,
@@ -357,9 +408,10 @@ def optimize_corpus(
         seconds=round(time.perf_counter() - started, 2),
         optimized_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         by_query_kind={kind: figures.to_json() for kind, figures in kinds.items()},
-        advice=advice(index, kinds, target_recall, len(ids), dim),
+        advice=advice(index, kinds, targets, len(ids), dim),
         alternatives=[_summary(other, other_kinds) for other, other_kinds, _ in tried if other is not index],
         breadth_rule=None if index.breadth_rule() is None else index.breadth_rule().describe(),  # type: ignore[union-attr]
+        target_recall_by_kind=dict(targets.by_kind),
     )
     return index, report
 
@@ -374,13 +426,13 @@ def candidate_specs(count: int, dim: int, memory_budget: int | None) -> list[Ind
 
 def _build_and_tune(
     spec: IndexSpec, corpus: Corpus, evaluations: dict[str, Evaluation | None], named: dict[str, str],
-    target_recall: float, exact_qps: float, min_seconds: float, seed: int,
+    targets: RecallTargets, exact_qps: float, min_seconds: float, seed: int,
 ) -> tuple[VectorIndex, dict[str, KindReport], float]:
     started = time.perf_counter()
     index = corpus.build(spec, seed)
     build_seconds = time.perf_counter() - started
     index.rerank_source = corpus.source  # as the catalog serves a library's index
-    kinds = tune_kinds(index, evaluations, target_recall)
+    kinds = tune_kinds(index, evaluations, targets)
     for kind, figures in kinds.items():
         queries = evaluations[kind] or evaluations["image"]
         assert queries is not None
@@ -411,46 +463,49 @@ def with_gap_queries(sample: QuerySample, corpus: Corpus, exclude_rows: np.ndarr
     return sample
 
 
-def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], target_recall: float) -> dict[str, KindReport]:
-    """Tune each kind on the first half of its queries; its recall on the second half.
+def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], target_recall: float | RecallTargets) -> dict[str, KindReport]:
+    """Tune each kind on the first half of its queries to its target; its recall on the second half.
 
     The tuned breadths go into `index.spec`: per kind, and the widest as the kind-less one."""
+    targets = RecallTargets.of(target_recall)
     reports: dict[str, KindReport] = {}
     plateaus: dict[str, float] = {}  # kinds that miss the target at the widest search: the recall they are tuned to
     name = "nprobe" if index.spec.type == "ivf" else "efSearch"
     for kind, evaluation in evaluations.items():
         best = None if evaluation is None or evaluation.best_cosine is None else round(float(np.median(evaluation.best_cosine)), 3)
         queries = 0 if evaluation is None else len(evaluation.queries)
+        target = targets(kind)
         if index.spec.type == "flat" or evaluation is None:
-            reports[kind] = KindReport(1.0, {}, True, queries, "", best, 0.0, 0.0)
+            reports[kind] = KindReport(1.0, {}, True, queries, "", best, 0.0, 0.0, target_recall=target)
             continue
-        breadth, tuned_recall = tuning_target(index, evaluation.half(second=False), target_recall)
-        if tuned_recall < target_recall and breadth >= index.max_breadth():
+        breadth, tuned_recall = tuning_target(index, evaluation.half(second=False), target)
+        if tuned_recall < target and breadth >= index.max_breadth():
             # Out of reach even searching every list (codes that keep too few candidates for far
             # queries): search as wide as the recall still grows, not wider, for this kind's plateau.
             plateaus[kind] = max(0.0, tuned_recall - TUNING_MARGIN)
             breadth, _ = tune(index, evaluation.half(second=False), plateaus[kind])
         recall = evaluate(index, evaluation.half(second=True), breadth)
         widest = None
-        if recall < target_recall:
+        if recall < target:
             widest = round(evaluate(index, evaluation.half(second=True), index.max_breadth()), 4)
-        reports[kind] = KindReport(round(recall, 4), {name: breadth}, recall >= target_recall, queries, "", best, 0.0, 0.0, widest)
+        reports[kind] = KindReport(round(recall, 4), {name: breadth}, recall >= target, queries, "", best, 0.0, 0.0, widest,
+                                   target_recall=target)
     if index.spec.type != "flat":
         index.spec.search_params_by_kind = {kind: dict(report.search_params) for kind, report in reports.items()}
         index.spec.search_params = {name: max(int(report.search_params.get(name, 0)) for report in reports.values())}
         tuned = {kind: evaluation for kind, evaluation in evaluations.items() if evaluation is not None}
         breadths = {kind: int(reports[kind].search_params[name]) for kind in tuned}
-        index.spec.breadth_rule = tune_breadth_rule(index, tuned, breadths, target_recall, plateaus).to_json()
+        index.spec.breadth_rule = tune_breadth_rule(index, tuned, breadths, targets, plateaus).to_json()
         for kind, evaluation in tuned.items():
-            _measure_with_rule(index, reports[kind], evaluation.half(second=True), target_recall)
+            _measure_with_rule(index, reports[kind], evaluation.half(second=True), targets(kind))
     return reports
 
 
 def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], kind_breadths: dict[str, int],
-                      target_recall: float, plateaus: dict[str, float] | None = None) -> BreadthRule:
+                      target_recall: float | RecallTargets, plateaus: dict[str, float] | None = None) -> BreadthRule:
     """The per-query breadth rule (`clipdex.search.index.breadth`), fitted on the tuning half of
     every kind's queries together; each kind must clear the target with the same margins as
-    `tuning_target` asks of a kind's own breadth, or, for a kind that misses it even at the
+    `tuning_target` asks of a kind's own breadth (each against its own target), or, for a kind that misses it even at the
     widest search, the recall of its plateau (`plateaus`)."""
     parts = [evaluation.half(second=False) for evaluation in evaluations.values()]
     pooled = Evaluation(
@@ -460,12 +515,14 @@ def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], ki
     )
     kinds = np.repeat(np.array(list(evaluations)), [len(part.queries) for part in parts])
     first = min(kind_breadths.values())
+    targets = RecallTargets.of(target_recall)
 
     def margin(recalls: np.ndarray) -> float:
         return max(TUNING_MARGIN, TUNING_ERRORS * float(np.std(recalls)) / math.sqrt(max(1, len(recalls))))
 
     return tune_rule(first, best_other_scores(index, pooled, first), kinds, kind_breadths,
-                     lambda breadths: recalls_at_breadths(index, pooled, breadths), target_recall, margin, plateaus or {})
+                     lambda breadths: recalls_at_breadths(index, pooled, breadths),
+                     {kind: targets(kind) for kind in evaluations}, margin, plateaus or {})
 
 
 def recalls_at_breadths(index: VectorIndex, evaluation: Evaluation, breadths: np.ndarray) -> np.ndarray:
@@ -510,7 +567,7 @@ def tune_spec(index: VectorIndex, evaluation: Evaluation, target_recall: float) 
     return tune_kinds(index, {"image": evaluation}, target_recall)["image"].recall_at_10
 
 
-def advice(index: VectorIndex, kinds: dict[str, KindReport], target_recall: float, count: int, dim: int) -> list[str]:
+def advice(index: VectorIndex, kinds: dict[str, KindReport], targets: RecallTargets, count: int, dim: int) -> list[str]:
     """For each kind that missed the target: what would meet it."""
     lines = []
     nlist = faiss_module().extract_index_ivf(index.index).nlist if index.spec.type == "ivf" else 0
@@ -519,10 +576,11 @@ def advice(index: VectorIndex, kinds: dict[str, KindReport], target_recall: floa
         if report.target_met:
             continue
         widest = report.widest_recall_at_10
+        target_recall = targets(kind)
         missed = f"{kind}-like queries reach recall@10 {report.recall_at_10:.3f} < {target_recall:.2f}"
         if widest is not None and widest >= target_recall:
             lines.append(f"{missed} on the held-out queries: a wider search reaches it (the widest gives {widest:.3f}); "
-                         f"rerun with a higher --target-recall (e.g. {min(1.0, target_recall + 0.02):.2f}) to tune a wider one")
+                         f"rerun with a higher --target-recall (e.g. {_raised(targets, kind)}) to tune a wider one")
         elif not index.keeps_whole_vectors:
             lines.append(f"{missed}, {widest or 0:.3f} at the widest search of {index.spec.factory}: its quantized codes lose too much; "
                          f"IVF{nlist},Flat keeps whole vectors and reaches any recall, in about {_size(whole_bytes)} "
@@ -531,6 +589,14 @@ def advice(index: VectorIndex, kinds: dict[str, KindReport], target_recall: floa
             lines.append(f"{missed}, {widest or 0:.3f} at the widest search of {index.spec.factory}; an IVF,Flat index "
                          f"reaches any recall at a wide enough nprobe (about {_size(whole_bytes)}), exact search always")
     return lines
+
+
+def _raised(targets: RecallTargets, kind: str) -> str:
+    """The `--target-recall` that asks `kind` for 0.02 more."""
+    raised = round(min(1.0, targets(kind) + 0.02), 2)
+    if not targets.by_kind:
+        return f"{raised:.2f}"
+    return ",".join([f"{targets.default:g}"] + [f"{name}={raised if name == kind else value:g}" for name, value in {**targets.by_kind, kind: raised}.items()])
 
 
 def _size(size: int) -> str:
@@ -543,7 +609,7 @@ def _size(size: int) -> str:
 
 def optimize_library(
     library: "IndexedLibrary",
-    target_recall: float = 0.95,
+    target_recall: float | RecallTargets = 0.95,
     memory_budget: int | None = None,
     seed: int = 0,
     queries_file: str | Path | None = None,
@@ -556,8 +622,7 @@ def optimize_library(
     shards there (`clipdex.search.index.optimize_cluster`). The index is built from a snapshot while searches (and
     writers) go on; it is then caught up with any commits made meanwhile and saved under
     the write lock."""
-    if not 0.0 < target_recall <= 1.0:
-        raise ClipdexError(f"the target recall must be in (0, 1], not {target_recall}")
+    target_recall = RecallTargets.of(target_recall)  # checked before any work
     generation = library.catalog.generation()
     corpus = CatalogCorpus(library.catalog, library.dim, scratch=library.path, rerank_source=library.store.rerank_source)
     if len(corpus.ids) == 0:
