@@ -71,9 +71,11 @@ def stats(library: Optional[Path] = LibraryOption, device: Device = DeviceOption
     for key in ("library", "catalog", "items", "images", "texts", "videos", "video_moments", "vectors", "model", "weights", "runtime", "dim", "index_type"):
         out.print(f"{key:>10}: {data[key]}")
     if "optimized" in data:
+        from clipdex.search.index.optimize import describe_targets
+
         optimized = data["optimized"]
-        own = "".join(f", {kind} {value:.2f}" for kind, value in optimized.get("target_recall_by_kind", {}).items())
-        out.print(f"{'optimized':>10}: {optimized['optimized_at']}, target recall@10 {optimized['target_recall']:.2f}{own}"
+        target = describe_targets(optimized["target_recall"], optimized.get("target_recall_by_kind", {}))
+        out.print(f"{'optimized':>10}: {optimized['optimized_at']}, target recall@10 {target}"
                   f" {'met' if optimized['target_met'] else 'NOT met'}")
         for kind, figures in optimized.get("by_query_kind", {}).items():
             params = ", ".join(f"{key}={value}" for key, value in figures["search_params"].items()) or "exact"

@@ -63,8 +63,10 @@ def optimize(
 def print_optimize_report(report: "OptimizeReport") -> None:
     met = "met" if report.target_met else "NOT met"
     out.print(f"{'index':>16}: {report.factory or report.index_type} ({report.index_type}) on {report.device}")
-    target = f"target {report.target_recall:.2f}" + "".join(f", {kind} {value:.2f}" for kind, value in report.target_recall_by_kind.items())
-    out.print(f"{'recall@10':>16}: {report.recall_at_10:.3f} (the lower of the kinds; {target} {met})")
+    from clipdex.search.index.optimize import describe_targets
+
+    target = describe_targets(report.target_recall, report.target_recall_by_kind)
+    out.print(f"{'recall@10':>16}: {report.recall_at_10:.3f} (the lower of the kinds; target {target} {met})")
     name = "nprobe" if report.index_type == "ivf" else "efSearch"
     for kind, figures in report.by_query_kind.items():
         params = ", ".join(f"{key}={value}" for key, value in figures["search_params"].items()) or "exact"

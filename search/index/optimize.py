@@ -95,8 +95,10 @@ class RecallTargets:
     def __call__(self, kind: str) -> float:
         return float(self.by_kind.get(kind, self.default))
 
-    def describe(self) -> str:
-        return f"{self.default:.2f}" + "".join(f", {kind} {value:.2f}" for kind, value in self.by_kind.items())
+
+def describe_targets(default: float, by_kind: Mapping[str, float]) -> str:
+    """A report's targets in words: "0.95", or "0.95, text 0.90" where a kind has its own."""
+    return f"{default:.2f}" + "".join(f", {kind} {value:.2f}" for kind, value in by_kind.items())
 
 
 @dataclass
@@ -502,7 +504,7 @@ def tune_kinds(index: VectorIndex, evaluations: dict[str, Evaluation | None], ta
 
 
 def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], kind_breadths: dict[str, int],
-                      target_recall: float | RecallTargets, plateaus: dict[str, float] | None = None) -> BreadthRule:
+                      targets: RecallTargets, plateaus: dict[str, float] | None = None) -> BreadthRule:
     """The per-query breadth rule (`clipdex.search.index.breadth`), fitted on the tuning half of
     every kind's queries together; each kind must clear the target with the same margins as
     `tuning_target` asks of a kind's own breadth (each against its own target), or, for a kind that misses it even at the
@@ -515,7 +517,6 @@ def tune_breadth_rule(index: VectorIndex, evaluations: dict[str, Evaluation], ki
     )
     kinds = np.repeat(np.array(list(evaluations)), [len(part.queries) for part in parts])
     first = min(kind_breadths.values())
-    targets = RecallTargets.of(target_recall)
 
     def margin(recalls: np.ndarray) -> float:
         return max(TUNING_MARGIN, TUNING_ERRORS * float(np.std(recalls)) / math.sqrt(max(1, len(recalls))))
