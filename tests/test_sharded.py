@@ -72,16 +72,20 @@ def test_an_index_built_in_shards_is_the_one_built_in_memory(tmp_path: Path, mon
     assert not built.mapped and built.backing is None and built.ntotal == 2001
 
 
-def test_many_lists_assign_added_vectors_by_a_graph_of_their_centroids(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From `ASSIGN_BY_GRAPH_MIN_LISTS` lists on, a vector's list is found by a graph of the
-    centroids: nearly always the list the exact comparison picks, and a search as good."""
+def test_many_lists_are_trained_and_filled_in_two_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From `TWO_LEVEL_MIN_LISTS` lists on, the centroids are trained in two levels and a vector's
+    list is found through groups of centroids: nearly always the nearest centroid's list, and a
+    search as good as over one k-means's lists, filled exactly."""
     import clipdex.search.index.vectors as vectors_module
 
     ids, vectors = np.arange(4000, dtype=np.int64) + 1, clustered(4000)
     exact = build_index_from(DIM, IndexSpec("ivf", "IVF64,Flat"), Source(ids, vectors), resolve=False)
-    monkeypatch.setattr(vectors_module, "ASSIGN_BY_GRAPH_MIN_LISTS", 64)
-    by_graph = build_index_from(DIM, IndexSpec("ivf", "IVF64,Flat"), Source(ids, vectors), resolve=False)
-    assert by_graph._graph is not None and exact._graph is None and by_graph.ntotal == 4000
+    monkeypatch.setattr(vectors_module, "TWO_LEVEL_MIN_LISTS", 64)
+    grouped = build_index_from(DIM, IndexSpec("ivf", "IVF64,Flat"), Source(ids, vectors), resolve=False)
+    assert grouped._groups is not None and exact._groups is None and grouped.ntotal == 4000
+    centroids = [faiss.extract_index_ivf(index.index).quantizer.reconstruct_n(0, 64) for index in (exact, grouped)]
+    assert not np.allclose(centroids[0], centroids[1])  # trained otherwise
+    assert np.allclose(np.linalg.norm(centroids[1], axis=1), 1.0, atol=1e-4)  # spherical, as FAISS's for inner products
 
     def lists_of(index: VectorIndex) -> np.ndarray:
         ivf = faiss.extract_index_ivf(index.index)
@@ -92,11 +96,12 @@ def test_many_lists_assign_added_vectors_by_a_graph_of_their_centroids(monkeypat
                 found[faiss.rev_swig_ptr(ivf.invlists.get_ids(number), size)] = number
         return found[1:]
 
-    assert np.mean(lists_of(by_graph) == lists_of(exact)) >= 0.95
+    nearest = np.argmax(vectors @ centroids[1].T, axis=1)
+    assert np.mean(lists_of(grouped) == nearest) >= 0.97
     queries = clustered(50, seed=5)
     truth = exact.search_with(queries, 10, 64)[1]
     for breadth in (8, 64):
-        found = by_graph.search_with(queries, 10, breadth)[1]
+        found = grouped.search_with(queries, 10, breadth)[1]
         recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(found, truth)])
         assert recall >= (0.99 if breadth == 64 else 0.8)
 

@@ -14,8 +14,9 @@ For n vectors of dimension d and an optional memory budget B (bytes):
   below a 0.95 recall@10), so they only pick candidates: a search for k hits takes the
   codes' best `RERANK[kind]`·k and orders them by the stored vectors, read by id from the
   catalog (`IndexSpec.rerank`), which cost disk, not memory. PQ's training is slow
-  (k-means for each of its m sub-spaces). From `ASSIGN_BY_GRAPH_MIN_LISTS` lists on, the
-  vectors added are assigned their list by a graph of the centroids (`VectorIndex.add`).
+  (k-means for each of its m sub-spaces). From `TWO_LEVEL_MIN_LISTS` lists on, the
+  centroids are trained, and the vectors added assigned their list, in two levels
+  (`clipdex.search.index.coarse`).
 
 The choice is made whenever the index is built from scratch (`build_index`): on
 `clipdex optimize`, `clipdex check --repair`, when `import-vectors` finds the library
