@@ -293,6 +293,7 @@ class ImportRows:
     texts: list[str] | None = None
     source: str | None = None
     half: bool = False  # stored as float16 (`stored_bytes`): the import was given float16, or asked for it
+    halves: np.ndarray | None = None  # `vectors` as float16 (they are these, exactly), when given so: stored as they are
 
     COLUMNS = ("kind", "path", "text", "source", "source_key", "extra", "vector", "indexed_at")
 
@@ -301,12 +302,13 @@ class ImportRows:
         chosen = [row for row, key in enumerate(self.keys) if key not in keys]
         return ImportRows(self.kind, self.vectors[chosen], [self.keys[row] for row in chosen],
                           [self.extras[row] for row in chosen],
-                          None if self.texts is None else [self.texts[row] for row in chosen], self.source, self.half)
+                          None if self.texts is None else [self.texts[row] for row in chosen], self.source, self.half,
+                          None if self.halves is None else self.halves[chosen])
 
     def rows(self, now: float) -> list[tuple[Any, ...]]:
         """The rows as tuples of `COLUMNS` (built column-wise: a million rows are a few seconds of Python)."""
         count = len(self.keys)
-        blobs = stored_bytes(self.vectors, self.half)
+        blobs = stored_bytes(self.halves if self.half and self.halves is not None else self.vectors, self.half)
         nothing = repeat(None, count)
         if self.kind == "image":
             return list(zip(repeat("image", count), self.keys, nothing, repeat(None), repeat(None), self.extras, blobs, repeat(now)))
@@ -840,7 +842,7 @@ class Catalog:
         self,
         chunks: Iterable[ImportRows],
         log_changes: bool,
-        inserted: Callable[[np.ndarray, np.ndarray], None] | None = None,
+        inserted: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None,
     ) -> ImportResult:
         """Insert or replace many items in ONE transaction and ONE generation (bulk import).
 
@@ -851,7 +853,8 @@ class Catalog:
         rebuilt (or reloaded once the importer saves the one it builds) rather than caught
         up: for an import too large to be worth logging row by row. An exception from
         `chunks` (or `inserted`) rolls the whole import back. `inserted` hears the ids and
-        vectors of each chunk's new rows, so that an index can be built while rows go in.
+        vectors of each chunk's new rows (and their float16 form, when the chunk has it), so
+        that an index can be built while rows go in.
         """
         added = replaced = kept = 0
         with self.sessions.begin() as session:
@@ -876,7 +879,7 @@ class Catalog:
                             found = self._ids_of_rows(connection, chunk)
                             new_ids = np.array([found[key] for key in chunk.keys if key not in existing], dtype=np.int64)
                         fresh = np.array([key not in existing for key in chunk.keys]) if existing else slice(None)
-                        inserted(new_ids, chunk.vectors[fresh])
+                        inserted(new_ids, chunk.vectors[fresh], None if chunk.halves is None else chunk.halves[fresh])
                 if updates:
                     connection.execute(update(Item).where(Item.id == bindparam("item_id")), updates)
                 added, replaced = added + len(new_rows), replaced + len(updates)

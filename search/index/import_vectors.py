@@ -71,6 +71,7 @@ class VectorBatch:
     keys: list[str]  # text items: a key unique within `origin`
     extras: list[dict[str, Any]]
     half: bool = False  # given as float16: stored so (`stored_bytes`), losing nothing
+    halves: np.ndarray | None = None  # the rows as given in float16, while none was normalized: stored as they are
 
 
 @dataclass
@@ -127,9 +128,9 @@ def import_vectors(
         cache = _rerank_cache(library, spec, existing)
         before = library.catalog.generation()
 
-        def inserted(ids: np.ndarray, vectors: np.ndarray) -> None:
+        def inserted(ids: np.ndarray, vectors: np.ndarray, halves: np.ndarray | None) -> None:
             if cache is not None:
-                cache.write(ids, vectors)
+                cache.write(ids, vectors, halves)
             if streamed is not None:
                 streamed.add(ids, vectors)
 
@@ -541,7 +542,8 @@ def _check_rows(vectors: np.ndarray, rows: int, path: Path, metadata_path: Path)
 def _normalize(batch: VectorBatch) -> int:
     """Normalize the rows off unit length (in place, as float32); the number normalized."""
     given = np.asarray(batch.vectors)
-    vectors = half_to_single(given) if given.dtype == np.float16 else np.array(given, dtype=np.float32)
+    halves = np.ascontiguousarray(given) if given.dtype == np.float16 else None
+    vectors = half_to_single(halves) if halves is not None else np.array(given, dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
     bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
     if len(bad):
@@ -549,6 +551,7 @@ def _normalize(batch: VectorBatch) -> int:
     off = np.abs(norms - 1) > NORM_TOLERANCE
     vectors[off] /= norms[off, None]
     batch.vectors = vectors
+    batch.halves = halves if not off.any() else None  # what the catalog and the rerank cache keep: not converted back
     return int(np.count_nonzero(off))
 
 
@@ -567,8 +570,10 @@ def _import_rows(batch: VectorBatch, origin: str) -> Iterator[ImportRows]:
         chosen = range(len(rows)) if every else np.fromiter(rows.values(), dtype=np.int64, count=len(rows)).tolist()
         extras = [encode(extra)[:-1] + ", " + suffix if extra else "{" + suffix for extra in map(batch.extras.__getitem__, chosen)]
         texts = [str(batch.texts[row]) for row in chosen] if kind == "text" else None
-        vectors = batch.vectors if every else batch.vectors[np.asarray(chosen, dtype=np.int64)]
-        yield ImportRows(kind, vectors, list(rows), extras, texts, origin if kind == "text" else None, batch.half)
+        taken = slice(None) if every else np.asarray(chosen, dtype=np.int64)
+        halves = batch.halves[taken] if batch.halves is not None else None
+        yield ImportRows(kind, batch.vectors[taken], list(rows), extras, texts, origin if kind == "text" else None, batch.half,
+                         halves)
 
 
 class LocalPaths:

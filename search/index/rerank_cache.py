@@ -169,13 +169,17 @@ class RerankCache:
         with self._lock:
             return self._file() is not None and self._header_generation() == generation
 
-    def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Keep these rows (rows off unit length are not kept): a commit's, before `mirrored`."""
+    def write(self, ids: np.ndarray, vectors: np.ndarray, halves: np.ndarray | None = None) -> None:
+        """Keep these rows (rows off unit length are not kept): a commit's, before `mirrored`.
+        `halves`: the rows in float16 when the caller has them (`vectors` exactly as float32), not made again."""
         if self._fd is None or not self._writable or len(ids) == 0:
             return
         ids = np.asarray(ids, dtype=np.int64)
-        halves = np.ascontiguousarray(vectors, dtype=np.float16).reshape(len(ids), self.dim)
-        singles = half_to_single(halves)
+        if halves is None:
+            halves = np.ascontiguousarray(vectors, dtype=np.float16).reshape(len(ids), self.dim)
+            singles = half_to_single(halves)
+        else:
+            halves, singles = np.ascontiguousarray(halves, dtype=np.float16).reshape(len(ids), self.dim), vectors
         keep = (np.abs(np.einsum("ij,ij->i", singles, singles) - 1.0) <= UNIT_TOLERANCE) & (ids >= 0)
         if np.any(np.diff(ids) < 0):
             order = np.argsort(ids, kind="stable")
