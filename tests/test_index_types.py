@@ -396,3 +396,10 @@ def test_hnsw_has_no_gpu_form(data: tuple[np.ndarray, np.ndarray], fake_gpus: di
     index.gpu = GpuSettings("on")
     with pytest.raises(GpuUnavailable, match="HNSW index has no GPU form"):
         index.search(vectors[:1], 1)
+
+
+def test_pq_codes_train_without_polysemous_reordering() -> None:
+    """FAISS's factory would reorder the PQ codes for Hamming filtering, which no search here uses
+    (most of the training time of a large PQ index): a clipdex PQ index leaves it out."""
+    index = VectorIndex(64, IndexSpec("ivf", "IVF16,PQ16", rerank=10))
+    assert faiss.downcast_index(faiss.extract_index_ivf(index.index)).do_polysemous_training is False

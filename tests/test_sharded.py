@@ -172,14 +172,15 @@ def test_an_import_falling_behind_spools_its_chunks_and_builds_in_shards(
         train(self, vectors)
 
     monkeypatch.setattr(VectorIndex, "train", slow_train)
-    spooled: list[int] = []
+    spooled: list[tuple[int, str]] = []
     write_spool = import_module.StreamedIndex._write_spool
     monkeypatch.setattr(import_module.StreamedIndex, "_write_spool",
-                        lambda self, ids, vectors: spooled.append(len(ids)) or write_spool(self, ids, vectors))
+                        lambda self, ids, vectors: spooled.append((len(ids), vectors.dtype.name)) or write_spool(self, ids, vectors))
     budget = 800 * (DIM + 8) + 64 * DIM * 4  # SQ8 codes
     report = import_vectors(library, [clip_retrieval_folder(tmp_path / "e", count=400)], batch_size=32, memory_budget=budget)
     streamed = library.vectors
-    assert report.added == 800 and streamed.ntotal == 800 and sum(spooled) >= 200
+    assert report.added == 800 and streamed.ntotal == 800 and sum(rows for rows, _ in spooled) >= 200
+    assert {kind for _, kind in spooled} == {"float16"}  # the files' float16, spooled as given: half the disk
     assert not [path for path in library.path.iterdir() if path.name.startswith("clipdex-")]  # no spool, shard or merged file left
     queries = unit(20, seed=8)
     monkeypatch.setattr(VectorIndex, "train", train)

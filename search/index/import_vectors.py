@@ -132,7 +132,7 @@ def import_vectors(
             if cache is not None:
                 cache.write(ids, vectors, halves)
             if streamed is not None:
-                streamed.add(ids, vectors)
+                streamed.add(ids, vectors, halves)
 
         try:
             with _collector_paused():
@@ -256,13 +256,15 @@ class StreamedIndex:
         training = None if index.is_trained else _sample_rows(parts, training_rows(total, training_size(spec, total)), dim)
         return cls(index, training, total, scratch)
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, vectors: np.ndarray, halves: np.ndarray | None = None) -> None:
+        """Add these rows (`halves`: the same in float16, exactly, when the import has them: what
+        a chunk spools, in half the disk)."""
         while self._pending and self._pending[0].done():
             self._pending.popleft().result()
         while self._spooled and self._spooled[0].done():
             self._spooled.popleft().result()
         if len(self._pending) >= self.MAX_PENDING and self._spool_file() is not None:
-            self._spooled.append(self._worker.submit(self._add_spooled, *self._write_spool(ids, vectors)))
+            self._spooled.append(self._worker.submit(self._add_spooled, *self._write_spool(ids, vectors if halves is None else halves)))
             return
         while len(self._pending) >= self.MAX_PENDING:
             self._pending.popleft().result()
@@ -276,19 +278,22 @@ class StreamedIndex:
                 self._scratch = None
         return self._spool
 
-    def _write_spool(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[int, int]:
+    def _write_spool(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[int, int, bool]:
+        """Spool a chunk: its ids, then its vectors as they are given (float16 or float32)."""
+        half = vectors.dtype == np.float16
         self._spool.seek(0, os.SEEK_END)
         offset = self._spool.tell()
         self._spool.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
-        self._spool.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+        self._spool.write(np.ascontiguousarray(vectors, dtype=np.float16 if half else np.float32).tobytes())
         self._spool.flush()
-        return offset, len(ids)
+        return offset, len(ids), half
 
-    def _add_spooled(self, offset: int, count: int) -> None:
-        data = os.pread(self._spool.fileno(), count * (8 + 4 * self.index.dim), offset)
+    def _add_spooled(self, offset: int, count: int, half: bool) -> None:
+        width = 2 if half else 4
+        data = os.pread(self._spool.fileno(), count * (8 + width * self.index.dim), offset)
         ids = np.frombuffer(data, dtype=np.int64, count=count)
-        vectors = np.frombuffer(data, dtype=np.float32, offset=8 * count).reshape(count, self.index.dim)
-        self._builder.add(ids, vectors)
+        vectors = np.frombuffer(data, dtype=np.float16 if half else np.float32, offset=8 * count).reshape(count, self.index.dim)
+        self._builder.add(ids, half_to_single(vectors) if half else vectors)
 
     def abandon(self) -> None:
         """Stop after the chunk in progress; the import failed."""

@@ -199,7 +199,14 @@ class VectorIndex:
         if self.spec.type == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         if self.spec.type == "ivf" and self.spec.factory:
-            return faiss.index_factory(self.dim, self.spec.factory, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(self.dim, self.spec.factory, faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+            if isinstance(ivf, faiss.IndexIVFPQ):
+                # FAISS's factory turns on polysemous training (PQ codes reordered so that their Hamming
+                # distances mean something), for a Hamming filter no search here uses: 95 of the 114 s
+                # that training IVF8192,PQ128 on 409,600 vectors took, the codes' distances unchanged
+                ivf.do_polysemous_training = False
+            return index
         if self.spec.type == "hnsw" and (self.spec.factory or "").endswith(",Flat"):  # tombstone compaction needs whole vectors
             return faiss.IndexIDMap(faiss.index_factory(self.dim, self.spec.factory, faiss.METRIC_INNER_PRODUCT))
         raise CorruptLibrary(f"unknown vector index type {self.spec.type!r} (factory {self.spec.factory!r})")
