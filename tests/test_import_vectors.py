@@ -490,3 +490,22 @@ def test_an_import_s_keyword_rows_are_those_the_items_make(other_library: Librar
     assert other_library.catalog.rebuild_keywords() == 60
     assert keyword_rows() == imported
     assert [hit.kind for hit in other_library.search(text="caption 7", k=3, mode="keyword")][:1] == ["text"]
+
+
+def test_parts_are_read_in_chunks_as_stored(tmp_path: Path) -> None:
+    """`_chunks` reads an .npy's rows by offset (row-major, float16 or float32) or from its map
+    (column-major): the same rows either way, and a file cut short is named."""
+    from clipdex.search.index.import_vectors import _chunks
+
+    rows = np.arange(50 * 6, dtype=np.float32).reshape(50, 6)
+    for name, array in (("c32", rows), ("c16", rows.astype(np.float16)), ("f32", np.asfortranarray(rows))):
+        np.save(tmp_path / f"{name}.npy", array)
+        read = list(_chunks(tmp_path / f"{name}.npy", 7))
+        assert [start for start, _ in read] == list(range(0, 50, 7))
+        assert np.array_equal(np.concatenate([chunk for _, chunk in read]), array) and read[0][1].dtype == array.dtype
+    data = (tmp_path / "c32.npy").read_bytes()
+    reader = _chunks(tmp_path / "c32.npy", 7)
+    next(reader)
+    (tmp_path / "c32.npy").write_bytes(data[: len(data) - 100])  # cut short while it is read
+    with pytest.raises(InvalidVectors, match="c32.npy: the file ends before row"):
+        list(reader)

@@ -458,18 +458,36 @@ def plan_clip_retrieval(
 def _reader(
     make: Callable[..., VectorBatch], path: Path, metadata_path: Path, column: str, paths: "LocalPaths", chunk_rows: int
 ) -> Callable[[], Iterator[VectorBatch]]:
-    """Read a part: its metadata once (columns), its vectors and rows a chunk at a time from
-    a memory map that lives only while the part is read (its pages count as the process's
-    memory while mapped)."""
+    """Read a part: its metadata once (columns), its vectors and rows a chunk at a time
+    (`_chunks`: read into memory of their own, so that the part's pages stay the kernel's cache
+    and never count as the process's memory, as a memory map's pages read through do)."""
 
     def read() -> Iterator[VectorBatch]:
-        vectors = np.load(path, mmap_mode="r")
         table = _parquet().read_table(metadata_path)
-        for start in range(0, table.num_rows, chunk_rows):
+        for start, vectors in _chunks(path, chunk_rows):
             chunk = table.slice(start, chunk_rows).to_pydict()
-            yield make(path, vectors[start : start + chunk_rows], chunk, column, start, metadata_path, paths)
+            yield make(path, vectors, chunk, column, start, metadata_path, paths)
 
     return read
+
+
+def _chunks(path: Path, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of an .npy file, `chunk_rows` at a time, read with `pread` at the offsets
+    its header gives (the memory map only describes the file: its pages are never touched); a
+    column-major file, whose rows are not contiguous, is sliced from the map instead."""
+    mapped = np.load(path, mmap_mode="r")
+    rows, row_bytes = len(mapped), mapped.dtype.itemsize * int(np.prod(mapped.shape[1:]))
+    contiguous = mapped.flags.c_contiguous and isinstance(mapped, np.memmap)
+    with open(path, "rb", buffering=0) as file:
+        for start in range(0, rows, chunk_rows):
+            count = min(chunk_rows, rows - start)
+            if not contiguous:
+                yield start, np.array(mapped[start : start + count])
+                continue
+            data = os.pread(file.fileno(), count * row_bytes, mapped.offset + start * row_bytes)
+            if len(data) != count * row_bytes:
+                raise InvalidVectors(f"{path}: the file ends before row {start + count} its header promises")
+            yield start, np.frombuffer(data, dtype=mapped.dtype).reshape((count, *mapped.shape[1:]))
 
 
 def _extras(columns: dict[str, list[Any]], skip: str, count: int) -> list[dict[str, Any]]:
