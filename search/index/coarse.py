@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdex.search.catalog.vector_rows import half_to_single
 from clipdex.search.index.vectors import faiss_module
 
 FIRST_LEVEL_POINTS = 1_000  # samples per first-level group that its k-means uses at most (a copy FAISS makes: 184 MB)
@@ -40,19 +41,31 @@ GROUPS_SEARCHED = 12
 ASSIGN_BATCH = 16_384  # vectors assigned at a time (their scores against a group: a few MB)
 
 
+def unit_single(rows: np.ndarray) -> np.ndarray:
+    """Rows (float16 or other) as float32 rows of unit length (zero rows left as they are)."""
+    single = half_to_single(np.ascontiguousarray(rows)) if rows.dtype == np.float16 else np.array(rows, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", single, single))[:, None]
+    single /= np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
+    return single
+
+
 def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool = True, seed: int = 1234) -> np.ndarray:
-    """`nlist` centroids of `sample` (float32, n x d), trained in two levels (see the module
-    docstring); unit length when `spherical` (inner-product indexes)."""
+    """`nlist` centroids of `sample` (n x d: float32, as given; or float16, made unit float32
+    a group at a time), trained in two levels (see the module docstring); unit length when
+    `spherical` (inner-product indexes)."""
     faiss = faiss_module()
-    sample = np.ascontiguousarray(sample, dtype=np.float32)
+
+    def rows_of(chosen: np.ndarray | slice) -> np.ndarray:
+        return np.ascontiguousarray(sample[chosen], dtype=np.float32) if sample.dtype == np.float32 else unit_single(sample[chosen])
+
     count, dim = sample.shape
     groups = max(1, min(int(round(math.sqrt(nlist))), nlist))
     # (the sample's size is `training_size`'s choice: FAISS's warnings of too few points stay quiet)
     first = faiss.Kmeans(dim, groups, niter=KMEANS_ROUNDS, spherical=spherical, seed=seed,
                          max_points_per_centroid=FIRST_LEVEL_POINTS, min_points_per_centroid=1)
-    first.train(sample)
-    _, nearest = first.index.search(sample, 1)
-    member = nearest[:, 0]
+    first.train(rows_of(_subsample(count, groups * FIRST_LEVEL_POINTS, seed)))
+    member = np.concatenate([first.index.search(rows_of(slice(start, start + ASSIGN_BATCH)), 1)[1][:, 0]
+                             for start in range(0, count, ASSIGN_BATCH)])
     sizes = np.bincount(member, minlength=groups)
     # each group's share of the lists, in proportion to its samples (at least one list for a
     # group with any: the shares are the differences of the rounded cumulative proportion)
@@ -65,7 +78,7 @@ def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool = True, 
         share = int(shares[group])
         if share == 0:
             continue
-        rows = sample[order[starts[group] : starts[group + 1]]]
+        rows = rows_of(order[starts[group] : starts[group + 1]])
         if len(rows) <= share:  # as many lists as samples (or more): the samples are the centroids
             centroids[done : done + len(rows)] = rows
             extra = share - len(rows)
@@ -79,6 +92,13 @@ def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool = True, 
         done += share
     assert done == nlist, (done, nlist)
     return centroids
+
+
+def _subsample(count: int, size: int, seed: int) -> np.ndarray | slice:
+    """`size` rows of `count` drawn at random (sorted), or all of them."""
+    if size >= count:
+        return slice(None)
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
 
 
 class CentroidGroups:
