@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+import pytest
 
 from clipdex.search.index.coarse import CentroidGroups, two_level_centroids
 
@@ -65,3 +66,30 @@ def test_groups_assign_the_nearest_centroid() -> None:
     scores = vectors @ centroids.T
     chosen, best = scores[np.arange(len(vectors)), lists], scores.max(axis=1)
     assert np.quantile(best - chosen, 0.999) < 0.05
+
+
+def test_a_float16_sample_trains_lists_as_good_as_its_float32() -> None:
+    """An import of float16 files keeps its training sample in float16 (half the memory): the two
+    levels turn it into unit float32 rows a group at a time, and the lists reach as far."""
+    base, queries, nlist = clip_like(30_000), clip_like(200, seed=1), 256
+    sample = base[np.random.default_rng(2).choice(len(base), 50 * nlist, replace=False)]
+    half = (sample * 1.0004).astype(np.float16)  # as a file holds them: rounded, a little off unit length
+    from_half = two_level_centroids(half, nlist)
+    assert from_half.dtype == np.float32 and np.allclose(np.linalg.norm(from_half, axis=1), 1.0, atol=1e-4)
+    for nprobe in (4, 16):
+        assert list_reach(from_half, base, queries, nprobe) >= list_reach(two_level_centroids(sample, nlist), base, queries, nprobe) - 0.02
+
+
+def test_an_index_trains_on_a_float16_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipdex.search.index.vectors as vectors_module
+    from clipdex.search.index.vectors import IndexSpec, VectorIndex
+
+    monkeypatch.setattr(vectors_module, "TWO_LEVEL_MIN_LISTS", 64)
+    base = clip_like(8_000)
+    for sample in (base, base.astype(np.float16)):
+        index = VectorIndex(DIM, IndexSpec("ivf", "IVF64,PQ12", rerank=10))
+        index.train(sample)
+        assert index.is_trained
+        index.add(np.arange(len(base), dtype=np.int64), base)
+        found = index.search_with(base[:50], 1, 64)[1][:, 0]
+        assert np.mean(found == np.arange(50)) >= 0.9  # each finds itself among codes of 12 bytes
