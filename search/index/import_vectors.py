@@ -594,7 +594,8 @@ def _import_rows(batch: VectorBatch, origin: str) -> Iterator[ImportRows]:
             continue
         every = len(rows) == len(batch.kinds)  # the usual chunk: one kind, no path twice; taken as it is
         chosen = range(len(rows)) if every else np.fromiter(rows.values(), dtype=np.int64, count=len(rows)).tolist()
-        extras = [encode(extra)[:-1] + ", " + suffix if extra else "{" + suffix for extra in map(batch.extras.__getitem__, chosen)]
+        extras: list[str | None] = [encode(extra)[:-1] + ", " + suffix if extra else "{" + suffix
+                                    for extra in map(batch.extras.__getitem__, chosen)]
         texts = [str(batch.texts[row]) for row in chosen] if kind == "text" else None
         taken = slice(None) if every else np.asarray(chosen, dtype=np.int64)
         halves = batch.halves[taken] if batch.halves is not None else None
