@@ -45,6 +45,7 @@ from clipdex.search.catalog.database import KINDS, ImportRows
 from clipdex.search.catalog.vector_rows import half_to_single
 from clipdex.search.errors import InvalidVectors, MissingDependency, ModelMismatch
 from clipdex.search.index.choice import HNSW_EF_CONSTRUCTION, resolve_spec, training_rows, training_size
+from clipdex.search.index.coarse import normalize_in_place
 from clipdex.search.encoders.model import ResolvedModel
 from clipdex.search.index.sharded import IndexBuilder
 from clipdex.search.index.vectors import IndexSpec, VectorIndex
@@ -335,10 +336,7 @@ def _sample_rows(parts: list[Part], rows: np.ndarray, dim: int) -> np.ndarray:
             sample[done : done + len(local)] = np.load(part.origin, mmap_mode="r")[local]
             done += len(local)
         start += part.rows
-    if not half:
-        norms = np.linalg.norm(sample, axis=1, keepdims=True)
-        sample /= np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
-    return sample
+    return sample if half else normalize_in_place(sample)
 
 
 def plan_source(source: Path, library: "IndexedLibrary", model_name: str | None, report: ImportReport, chunk_rows: int) -> list[Part]:

@@ -64,7 +64,7 @@ DEFAULT_EF_SEARCH = 64
 # From this many IVF lists on (about 3 million vectors), the coarse quantizer is trained, and a
 # vector added is assigned its list, in two levels (`clipdex.search.index.coarse`): 8,192
 # centroids trained on 409,600 samples by one k-means are 34 TFLOP, five minutes of a core,
-# against 13 s; 10 million vectors compared with each of 8,192 centroids are 84 TFLOP, against
+# against under 20 s; 10 million vectors compared with each of 8,192 centroids are 84 TFLOP, against
 # two minutes through groups of centroids (which agree with the exact choice for 99.99% of
 # CLIP-like vectors; the others go to a list whose centroid is about as near). Searches still compare a
 # query with every centroid (a flat quantizer, exact, and what FAISS GPUs take).
@@ -236,6 +236,7 @@ class VectorIndex:
         rather than 840 MB, the largest thing an import holds."""
         if self.index.is_trained:
             return
+        from clipdex.search.index.choice import training_rows
         from clipdex.search.index.coarse import two_level_centroids, unit_single
 
         vectors = np.asarray(vectors).reshape(-1, self.dim)
@@ -247,7 +248,7 @@ class VectorIndex:
                 ivf.quantizer.add(two_level_centroids(vectors, ivf.nlist, spherical=spherical))
                 codes = int(ivf.train_encoder_num_vectors())  # 0: every row (FAISS's own rule)
                 if 0 < codes < len(vectors):
-                    vectors = vectors[np.sort(np.random.default_rng(1234).choice(len(vectors), codes, replace=False))]
+                    vectors = vectors[training_rows(len(vectors), codes, 1234)]
         self.index.train(np.ascontiguousarray(vectors) if vectors.dtype == np.float32 else unit_single(vectors))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
