@@ -99,7 +99,8 @@ def test_each_kind_is_held_to_its_own_target_under_the_rule() -> None:
     IndexSpec("hnsw", "HNSW16,Flat"),
     IndexSpec("ivf", "IVF64,SQ4", rerank=4),  # codes reranked by the stored vectors, as under a memory budget
     IndexSpec("ivf", "IVF64,PQ8x4", rerank=20),
-], ids=["ivf", "hnsw", "ivf-sq4-rerank", "ivf-pq-rerank"])
+    IndexSpec("ivf", "IVF64,PQ16x4fsr", rerank=20),  # 4-bit fast-scan codes, as 512-d libraries get
+], ids=["ivf", "hnsw", "ivf-sq4-rerank", "ivf-pq-rerank", "ivf-pq-fastscan-rerank"])
 def test_every_kind_meets_the_target_whichever_way_it_arrives(spec: IndexSpec) -> None:
     vectors = clustered(6000)
     ids = np.arange(len(vectors), dtype=np.int64) + 1
@@ -143,6 +144,39 @@ def test_image_like_queries_keep_their_narrow_search(monkeypatch: pytest.MonkeyP
     breadths.clear()
     index.search(gap_queries(vectors[:5], seed=3), 10)
     assert breadths == [rule.first, report.by_query_kind["text"]["nprobe"]]
+
+
+def test_reranked_codes_read_only_what_the_rule_needs_before_searching_wider() -> None:
+    """On codes reranked by the stored vectors, the first search's candidates are read and scored
+    in full only for the queries that stay at its breadth; the rule reads the best of the few a
+    2-hit search reranks (as optimize tuned it). Each query's answer is the search at its breadth."""
+    from clipdex.search.index.vectors import ArrayVectors
+
+    vectors = clustered(6000)
+    ids = np.arange(len(vectors), dtype=np.int64) + 1
+    index, _ = optimize_vectors(ids, vectors, 0.95, spec=IndexSpec("ivf", "IVF64,PQ16x4fsr", rerank=20), min_seconds=0.05)
+    rule = index.breadth_rule()
+    assert rule is not None and index.reranks and max(rule.breadths) > rule.first
+
+    class Counting(ArrayVectors):
+        read: list[int] = []
+
+        def iter_vectors(self, wanted: Any = None) -> Any:
+            self.read.append(len(wanted))
+            return super().iter_vectors(wanted)
+
+    index.rerank_source = Counting(ids, vectors)
+    queries = np.concatenate([vectors[:20], gap_queries(clustered(20, seed=32), seed=9)])  # stored photos, text-like
+    breadths = rule.breadth_for(best_scores(*index.search_with(queries, 2, rule.first)))
+    scores, found = index.search(queries, 10)
+    for row, breadth in enumerate(breadths):
+        expected_scores, expected = index.search_with(queries[row : row + 1], 10, int(breadth))
+        assert found[row].tolist() == expected[0].tolist() and np.allclose(scores[row], expected_scores[0])
+    wide = int(np.sum(breadths > rule.first))
+    assert 0 < wide < len(queries)
+    Counting.read.clear()
+    index.search(queries[breadths > rule.first], 10)
+    assert Counting.read[0] <= wide * index._candidates(2) < wide * index._candidates(10)  # the first search: the rule's few
 
 
 def test_optimize_with_a_queries_file_serves_those_vectors_at_the_target(library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

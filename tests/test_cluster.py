@@ -247,9 +247,11 @@ def test_two_nodes_index_through_the_cli(tmp_path: Path, tiny_model: ModelSpec, 
     assert_same_libraries(Library.open(tmp_path / "cluster", device="cpu"), local)
 
 
-@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,SQ8"])
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,SQ8", "IVF32,PQ16x4fsr"])
 def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory: str) -> None:
     from functools import partial
+
+    from test_sharded import lists_content
 
     from clipdex.search.index.choice import build_index
     from clipdex.search.index.optimize import optimize_vectors
@@ -264,14 +266,20 @@ def test_sharded_ivf_build_is_the_single_process_build(ray_cluster: Any, factory
     sharded = build_index_on_cluster(ray_cluster, 32, IndexSpec("ivf", factory), ids, vectors, resolve=False, shards=4)
     assert sharded.ntotal == single.ntotal == 5_000
     assert np.array_equal(sharded.ids(), single.ids())  # every list holds the same ids in the same order
-    assert bytes(faiss_module().serialize_index(sharded.index)) == bytes(faiss_module().serialize_index(single.index))
+    def same(one: Any, other: Any) -> bool:
+        """The same lists: byte for byte, but for the padding of fast-scan blocks (no content)."""
+        if one.fast_scan:
+            return lists_content(one) == lists_content(other)
+        return bytes(faiss_module().serialize_index(one.index)) == bytes(faiss_module().serialize_index(other.index))
+
+    assert same(sharded, single)
     for nprobe in (1, 4, 32):
         ours, theirs = sharded.search_with(vectors[:50], 10, nprobe), single.search_with(vectors[:50], 10, nprobe)
         assert np.array_equal(ours[1], theirs[1]) and np.array_equal(ours[0], theirs[0])
     on_disk = build_index_on_cluster(ray_cluster, 32, IndexSpec("ivf", factory), ids, vectors, resolve=False, shards=3,
                                      on_disk=True)
-    assert on_disk.mapped
-    assert bytes(faiss_module().serialize_index(on_disk.index)) == bytes(faiss_module().serialize_index(single.index))
+    assert on_disk.mapped is not on_disk.fast_scan  # FAISS reads fast-scan block lists into memory
+    assert same(on_disk, single)
     _, built_here = optimize_vectors(ids, vectors, spec=IndexSpec("ivf", factory), min_seconds=0.01)
     _, built_there = optimize_vectors(ids, vectors, spec=IndexSpec("ivf", factory), min_seconds=0.01,
                                       builder=partial(build_index_on_cluster, ray_cluster, shards=3))

@@ -64,8 +64,9 @@ def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         (1_000_000, None, False, "IVF2048,Flat"),
         (1_000_000, 2100 * MiB, False, "IVF2048,Flat"),
         (1_000_000, 700 * MiB, False, "IVF2048,SQ8"),
-        (1_000_000, 300 * MiB, False, "IVF2048,PQ128"),  # a byte for 4 dimensions, before SQ4's half a byte for one
-        (1_000_000, 300 * MiB, True, "IVF2048,SQ4"),  # FAISS GPUs take no PQ128
+        # 4 bits for 2 dimensions in fast-scan blocks, before SQ4's half a byte for one
+        (1_000_000, 300 * MiB, False, "IVF2048,PQ256x4fsr"),
+        (1_000_000, 300 * MiB, True, "IVF2048,SQ4"),  # FAISS GPUs take no fast-scan codes
         (5_000, 2 * MiB, False, "IVF128,SQ4"),  # too few vectors to train PQ
         (1_000_000, 100 * MiB, False, "IVF2048,PQ64"),
         (1_000_000, 30 * MiB, False, "IVF2048,PQ16"),
@@ -299,9 +300,10 @@ def test_quantized_choices_rerank_and_older_specs_take_it_up() -> None:
     whole vectors need no reranking; a spec recorded before reranking existed gets it on
     its next rebuild, its tuned parameters kept."""
     assert choose_spec(1_000_000, 512, None, gpu=False).rerank == 0  # IVF,Flat
-    for budget, kind, gpu in ((1 << 30, "SQ8", False), (400 << 20, "SQ4", True), (200 << 20, "PQ", False), (100 << 20, "PQ", False)):
+    for budget, kind, gpu in ((1 << 30, "SQ8", False), (400 << 20, "SQ4", True), (200 << 20, "PQfs", False), (100 << 20, "PQ", False)):
         spec = choose_spec(1_000_000, 512, budget, gpu=gpu)
-        assert kind in (spec.factory or "") and spec.rerank == choice.RERANK[kind]
+        assert kind[:2] in (spec.factory or "") and ("x4fs" in (spec.factory or "")) == (kind == "PQfs")
+        assert spec.rerank == choice.RERANK[kind]
     older = IndexSpec("ivf", "IVF2048,SQ8", {"nprobe": 40}, memory_budget=1 << 30)  # as a manifest of before records it
     resolved = resolve_spec(older, 1_000_000, 512, gpu=False)
     assert resolved.rerank == choice.RERANK["SQ8"] and resolved.search_params == {"nprobe": 40} and older.rerank == 0

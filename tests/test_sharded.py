@@ -50,7 +50,7 @@ def saved_bytes(index: VectorIndex, folder: Path) -> bytes:
     return (folder / INDEX_FILE).read_bytes()
 
 
-@pytest.mark.parametrize("factory", ["IVF16,SQ8", "IVF16,PQ8x4", "IVF16,Flat"])
+@pytest.mark.parametrize("factory", ["IVF16,SQ8", "IVF16,PQ8x4", "IVF16,Flat", "IVF16,PQ16x4fsr"])
 def test_an_index_built_in_shards_is_the_one_built_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, factory: str) -> None:
     ids, vectors = np.arange(2000, dtype=np.int64) * 2 + 5, clustered(2000)
     source = Source(ids, vectors)
@@ -62,14 +62,17 @@ def test_an_index_built_in_shards_is_the_one_built_in_memory(tmp_path: Path, mon
     scratch = tmp_path / "library"
     scratch.mkdir()
     built = build_index_from(DIM, IndexSpec("ivf", factory), source, resolve=False, scratch=scratch)
-    assert len(spills) >= 4 and built.mapped and built.backing is not None
+    # every IVF but fast-scan codes is mapped; FAISS reads block lists into memory, when first used
+    assert len(spills) >= 4 and built.mapped is not built.fast_scan and built.backing is not None
     assert list(scratch.iterdir()) == []  # shards and the merged file's name gone; the map and `backing` hold it
     assert saved_bytes(built, tmp_path / "a") == saved_bytes(in_memory, tmp_path / "b")  # byte for byte
+    assert (built._index is None) is built.fast_scan and built.ntotal == 2000  # saved without reading it
     queries = clustered(20, seed=3)
     for breadth in (1, 4, 16):
         assert np.array_equal(built.search_with(queries, 10, breadth)[1], in_memory.search_with(queries, 10, breadth)[1])
     built.add(np.array([1], np.int64), clustered(1, seed=4))  # a write copies the map into memory
     assert not built.mapped and built.backing is None and built.ntotal == 2001
+    assert built.search_with(clustered(1, seed=4), 1, 16)[1][0, 0] == 1
 
 
 def test_many_lists_are_trained_and_filled_in_two_levels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,6 +107,43 @@ def test_many_lists_are_trained_and_filled_in_two_levels(monkeypatch: pytest.Mon
         found = grouped.search_with(queries, 10, breadth)[1]
         recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(found, truth)])
         assert recall >= (0.99 if breadth == 64 else 0.8)
+
+
+def lists_content(index: VectorIndex) -> list[tuple[list[int], bytes]]:
+    """Each inverted list's ids and codes (fast-scan codes unpacked: their blocks' padding is no content)."""
+    from clipdex.search.index.fastscan import Packer, unpacked_codes
+
+    ivf = faiss.extract_index_ivf(index.index)
+    packer = Packer(ivf)
+    return [(faiss.rev_swig_ptr(ivf.invlists.get_ids(j), ivf.invlists.list_size(j)).tolist() if ivf.invlists.list_size(j) else [],
+             unpacked_codes(ivf, packer, j)) for j in range(ivf.nlist)]
+
+
+def test_fast_scan_codes_added_to_lists_found_in_two_levels_are_faiss_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAISS's own add of fast-scan codes assigns every vector its list by comparing it with every
+    centroid; given the lists (the two-level assignment), clipdex encodes and packs the codes itself,
+    a list at a time and onto partly filled blocks: the lists hold what FAISS's add would have put there."""
+    import clipdex.search.index.vectors as vectors_module
+    from clipdex.search.index.fastscan import add_assigned
+
+    ids, vectors = np.arange(3000, dtype=np.int64) * 3 + 1, clustered(3000)
+    spec = IndexSpec("ivf", "IVF64,PQ16x4fsr")
+    faiss_added = build_index_from(DIM, spec, Source(ids, vectors), resolve=False)
+    ours = VectorIndex(DIM, spec, faiss.deserialize_index(faiss.serialize_index(faiss_added.index)))
+    ivf = faiss.extract_index_ivf(ours.index)
+    ivf.reset()
+    for start, stop in ((0, 77), (77, 1500), (1500, 3000)):  # the later chunks land on blocks left partly full
+        chunk = np.ascontiguousarray(vectors[start:stop])
+        add_assigned(ivf, ids[start:stop], chunk, ivf.quantizer.assign(chunk, 1).ravel().astype(np.int64))
+    assert ours.ntotal == 3000 and lists_content(ours) == lists_content(faiss_added)
+    queries = clustered(30, seed=6)
+    assert np.array_equal(ours.search_with(queries, 10, 8)[1], faiss_added.search_with(queries, 10, 8)[1])
+    monkeypatch.setattr(vectors_module, "TWO_LEVEL_MIN_LISTS", 64)  # the build's own adds go through the groups
+    grouped = build_index_from(DIM, spec, Source(ids, vectors), resolve=False)
+    assert grouped._groups is not None and grouped.ntotal == 3000
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    found = grouped.search_with(queries, 40, 64)[1]  # candidates, as a rerank takes them
+    assert np.mean([len(np.intersect1d(ids[t], f)) / 10 for t, f in zip(truth, found)]) >= 0.95
 
 
 def test_a_small_build_is_not_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,12 +195,17 @@ def test_optimize_streams_the_catalog_and_tunes_as_from_memory(library: Library,
     assert np.array_equal(corpus.rows(rows), in_memory.rows(rows))
 
 
+@pytest.mark.parametrize("fast_scan", [False, True])
 def test_an_import_falling_behind_spools_its_chunks_and_builds_in_shards(
-    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_scan: bool
 ) -> None:
     """The quantizer trains slowly: the chunks that arrive meanwhile wait in a spool file, not in
     memory, and the inverted file grows in shards on disk; the index is the one a rebuild makes,
-    and nothing is left in the library's folder."""
+    and nothing is left in the library's folder. A fast-scan index (read into memory whole) is
+    saved from its merged file and read only when first searched: the import never holds it."""
+    if fast_scan:  # what 512-d libraries get under a budget, scaled down to 32-d and 800 vectors
+        monkeypatch.setattr(choice, "PQ_SUBQUANTIZERS", (4,))
+        monkeypatch.setattr(choice, "PQ_MIN_TRAINING", 100)
     monkeypatch.setattr(choice, "FLAT_MAX_VECTORS", 10)
     monkeypatch.setattr(choice, "HNSW_MAX_VECTORS", 20)
     monkeypatch.setattr(import_module.StreamedIndex, "MAX_PENDING", 1)
@@ -176,9 +221,11 @@ def test_an_import_falling_behind_spools_its_chunks_and_builds_in_shards(
     write_spool = import_module.StreamedIndex._write_spool
     monkeypatch.setattr(import_module.StreamedIndex, "_write_spool",
                         lambda self, ids, vectors: spooled.append((len(ids), vectors.dtype.name)) or write_spool(self, ids, vectors))
-    budget = 800 * (DIM + 8) + 64 * DIM * 4  # SQ8 codes
+    budget = 800 * ((DIM // 4 if fast_scan else DIM) + 8) + 64 * DIM * 4  # fast-scan or SQ8 codes
     report = import_vectors(library, [clip_retrieval_folder(tmp_path / "e", count=400)], batch_size=32, memory_budget=budget)
     streamed = library.vectors
+    assert streamed.spec.factory == ("IVF16,PQ16x4fsr" if fast_scan else "IVF16,SQ8")
+    assert (streamed._index is None) is fast_scan  # saved, and not read yet
     assert report.added == 800 and streamed.ntotal == 800 and sum(rows for rows, _ in spooled) >= 200
     assert {kind for _, kind in spooled} == {"float16"}  # the files' float16, spooled as given: half the disk
     assert not [path for path in library.path.iterdir() if path.name.startswith("clipdex-")]  # no spool, shard or merged file left

@@ -29,7 +29,7 @@ import numpy as np
 from clipdex.search.index.choice import build_index, training_sample, training_size
 from clipdex.search.index.sharded import write_merged_ivf
 from clipdex.search.ray_cluster import cluster_cpus
-from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module
+from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module, read_index_file
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,9 @@ def _merge_on_disk(ray: Any, dim: int, spec: IndexSpec, trained: Any, pending: l
     del parts
     for path in shard_paths:
         path.unlink()
-    index = VectorIndex(dim, spec, faiss.read_index(str(merged_path), faiss.IO_FLAG_MMAP_IFC))
-    index.mapped = True
+    faiss_index, mapped = read_index_file(merged_path, spec, True)
+    index = VectorIndex(dim, spec, faiss_index)
+    index.mapped = mapped
     merged_path.unlink()  # the map keeps it until the index is dropped; whoever keeps the index saves it
     folder.rmdir()
     return index

@@ -26,7 +26,8 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
-from clipdex.search.index.vectors import VectorIndex, faiss_module
+from clipdex.search.index.fastscan import Packer, block_lists_tail, is_fast_scan, unpacked_codes, write_block_lists
+from clipdex.search.index.vectors import VectorIndex, faiss_module, read_index_file
 
 SHARD_BYTES = 128 << 20  # codes and ids a shard holds in memory before it is written out
 WRITE_BUFFER = 8 << 20
@@ -48,11 +49,15 @@ class FaissLists:
     def __init__(self, index: Any) -> None:
         self.ivf = faiss_module().extract_index_ivf(index)
         self.code_size = int(self.ivf.code_size)
+        # Fast-scan lists hold their codes packed in blocks: they are handed on unpacked, as any list's
+        self._packer = Packer(self.ivf) if is_fast_scan(self.ivf) else None
 
     def list_size(self, number: int) -> int:
         return int(self.ivf.invlists.list_size(number))
 
     def codes(self, number: int) -> bytes:
+        if self._packer is not None:
+            return unpacked_codes(self.ivf, self._packer, number)
         size = self.list_size(number)
         return faiss_module().rev_swig_ptr(self.ivf.invlists.get_codes(number), size * self.code_size).tobytes() if size else b""
 
@@ -149,14 +154,19 @@ class IndexBuilder:
         assert self._folder is not None and self._trained is not None
         trained = faiss.deserialize_index(np.frombuffer(self._trained, dtype=np.uint8))
         merged_path = self._folder / "merged.faiss"
+        ntotal = int(sum(int(shard.sizes.sum()) for shard in self._shards))
         try:
             with open(merged_path, "wb", buffering=WRITE_BUFFER) as out:
                 write_merged_ivf(trained, list(self._shards), out)
         finally:
             self.abandon_shards()
-        index = VectorIndex(self.index.dim, self.index.spec, faiss.read_index(str(merged_path), faiss.IO_FLAG_MMAP_IFC))
-        index.mapped = True
-        index.backing = open(merged_path, "rb")  # what a save copies; the map and this keep the file once unlinked
+        backing = open(merged_path, "rb")  # what a save copies; the map and this keep the file once unlinked
+        if self.index.fast_scan:  # read into memory whole (FAISS maps no block lists): when first used
+            index = VectorIndex.unread(self.index.dim, self.index.spec, backing, ntotal)
+        else:
+            faiss_index, mapped = read_index_file(merged_path, self.index.spec, True)
+            index = VectorIndex(self.index.dim, self.index.spec, faiss_index)
+            index.mapped, index.backing = mapped, backing
         merged_path.unlink()
         self._folder.rmdir()
         self._folder = None
@@ -188,7 +198,8 @@ def write_merged_ivf(trained: Any, shards: list[Any], out: BinaryIO) -> None:
     ivf = faiss.extract_index_ivf(trained)
     nlist, code_size = int(ivf.nlist), int(ivf.code_size)
     empty = faiss.serialize_index(trained).tobytes()
-    tail = struct.pack("<4sQQ4sQ", b"ilar", nlist, code_size, b"sprs", 0)
+    blocks = is_fast_scan(ivf)
+    tail = block_lists_tail(ivf) if blocks else struct.pack("<4sQQ4sQ", b"ilar", nlist, code_size, b"sprs", 0)
     if not empty.endswith(tail) or ivf.ntotal:
         raise ValueError("not an empty IVF index whose inverted lists FAISS writes last")
     sizes = np.zeros(nlist, dtype=np.uint64)
@@ -198,6 +209,12 @@ def write_merged_ivf(trained: Any, shards: list[Any], out: BinaryIO) -> None:
     header = bytearray(empty[: -len(tail)])
     _patch_ntotal(header, trained, ntotal)
     out.write(bytes(header))
+    if blocks:  # fast-scan codes: FAISS's block format, each list's ids then its packed codes
+        merged = ((b"".join(shard.ids(int(j)) for shard in shards if shard.list_size(int(j))),
+                   b"".join(shard.codes(int(j)) for shard in shards if shard.list_size(int(j))))
+                  for j in np.flatnonzero(sizes))
+        write_block_lists(ivf, sizes, merged, out)
+        return
     non_empty = int(np.count_nonzero(sizes))
     if non_empty > nlist // 2:
         out.write(struct.pack("<4sQQ4sQ", b"ilar", nlist, code_size, b"full", nlist) + sizes.tobytes())

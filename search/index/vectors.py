@@ -69,11 +69,13 @@ DEFAULT_EF_SEARCH = 64
 # CLIP-like vectors; the others go to a list whose centroid is about as near). Searches still compare a
 # query with every centroid (a flat quantizer, exact, and what FAISS GPUs take).
 TWO_LEVEL_MIN_LISTS = 4096
-RERANK_QUERY_CHUNK = 256  # queries whose candidates' vectors are gathered at once when reranking
+RERANK_QUERY_CHUNK = 256  # queries whose candidates' vectors are read at once when reranking
 EXACT_QUERY_BLOCK = 1_024  # queries scored against a chunk of vectors at once by `exact_top_k`
 
 # Query kinds with search breadths of their own (see `IndexSpec.search_params_by_kind`).
 QUERY_KINDS = ("image", "text")
+
+FAST_SCAN_MARK = "x4fs"  # in a factory string: 4-bit fast-scan codes (`clipdex.search.index.fastscan`)
 
 GPU_ENV = "CLIPDEX_GPU"  # auto (default): use GPUs when FAISS sees one; on: require one; off: never
 GPU_MULTI_ENV = "CLIPDEX_GPU_MULTI"  # replicate (default): a full copy per GPU; shard: split across GPUs
@@ -116,6 +118,12 @@ class IndexSpec:
     def keeps_whole_vectors(self) -> bool:
         """True when the index stores the vectors unquantized (flat, HNSW*,Flat, IVF*,Flat)."""
         return self.type == "flat" or (self.factory or "").endswith(",Flat")
+
+    @property
+    def fast_scan(self) -> bool:
+        """Whether the index holds 4-bit fast-scan codes (`clipdex.search.index.fastscan`): read into
+        memory (FAISS maps no block lists), and with no FAISS GPU form."""
+        return self.type == "ivf" and FAST_SCAN_MARK in (self.factory or "")
 
     @property
     def reranks_codes(self) -> bool:
@@ -173,7 +181,10 @@ class VectorIndex:
                  build: str | None = None) -> None:
         self.dim = dim
         self.spec = spec or IndexSpec()
-        self.index = index if index is not None else self._new_index()
+        self._index = index if index is not None else self._new_index()
+        # A build's fast-scan index left in its file (`unread`): its vector count until it is read
+        self._unread_total: int | None = None
+        self._read_lock = threading.Lock()
         # Names this build of the index (built, rebuilt, tuned); kept through additions and
         # removals, saved in the stamp. A saved index of another build was replaced by another
         # process (an optimize, a rebuild): a reader loads it, where it would only catch up.
@@ -193,6 +204,35 @@ class VectorIndex:
         self._gpu_count: int | None = None
         self._gpu_lock = threading.Lock()  # FAISS GPU indexes are not safe for concurrent use; CPU ones are for searching
         self._tombstones = self._count_tombstones()
+
+    @classmethod
+    def unread(cls, dim: int, spec: IndexSpec, backing: BinaryIO, ntotal: int) -> "VectorIndex":
+        """The index in the open file `backing` (FAISS's format), read on first use. An import that
+        builds a fast-scan index (read into memory whole: 1.36 GB at ten million vectors) only saves
+        it, by copying the file: its memory stays what building it took however big the index."""
+        index = cls(dim, spec, index=faiss_module().IndexFlatIP(dim))  # a stand-in, dropped at once: not the spec's own
+        index._index, index._unread_total, index.backing = None, ntotal, backing
+        return index
+
+    @property
+    def index(self) -> Any:
+        """The FAISS index (read from `backing` on first use when the build left it there: `unread`)."""
+        return self._index if self._index is not None else self._read_unread()
+
+    @index.setter
+    def index(self, value: Any) -> None:
+        self._index = value
+
+    def _read_unread(self) -> Any:
+        """Read the index an `unread` build left in `backing` (once, whichever thread asks first)."""
+        with self._read_lock:
+            if self._index is None:
+                assert self.backing is not None
+                faiss = faiss_module()
+                self.backing.seek(0)
+                self._index = faiss.read_index(faiss.PyCallbackIOReader(self.backing.read, COPY_CHUNK))
+                self._unread_total = None
+            return self._index
 
     def _new_index(self) -> Any:
         faiss = faiss_module()
@@ -216,6 +256,8 @@ class VectorIndex:
     @property
     def ntotal(self) -> int:
         """The number of live vectors (HNSW tombstones not counted)."""
+        if self._index is None and self._unread_total is not None:
+            return self._unread_total
         return int(self.index.ntotal) - self._tombstones
 
     @property
@@ -263,8 +305,19 @@ class VectorIndex:
         else:
             faiss = faiss_module()
             lists = assigner.assign(vectors)
-            faiss.extract_index_ivf(self.index).add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+            ivf = faiss.extract_index_ivf(self.index)
+            if self.fast_scan:
+                from clipdex.search.index.fastscan import add_assigned
+
+                add_assigned(ivf, ids, vectors, lists)
+            else:
+                ivf.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
         self._gpu_index = None
+
+    @property
+    def fast_scan(self) -> bool:
+        """See `IndexSpec.fast_scan`."""
+        return self.spec.fast_scan
 
     def _assigner(self) -> "CentroidGroups | None":
         """The groups of IVF centroids that assign added vectors their lists (see
@@ -302,6 +355,8 @@ class VectorIndex:
 
     def _make_writable(self) -> None:
         """A memory-mapped index is read-only (FAISS aborts on writes): copy it into memory first."""
+        if self._index is None:  # left unread in its file: read before the file is let go
+            self._read_unread()
         if self.mapped:
             faiss = faiss_module()
             self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
@@ -403,13 +458,47 @@ class VectorIndex:
         from clipdex.search.index.breadth import best_scores
 
         first = self._scaled(rule.first, fraction)
-        scores, ids = self._search_at(queries, max(k, min(2, self.ntotal)), allowed, first)  # a second hit, past the query's own copy
-        wanted = np.array([self._scaled(int(breadth), fraction) for breadth in rule.breadth_for(best_scores(scores, ids))], dtype=np.int64)
+        hits = max(k, min(2, self.ntotal))  # a second hit, past the query's own copy
+        if self.reranks and not (allowed is None and self._gpu_ready(self._candidates(hits))):
+            return self._search_reranking_by_rule(queries, k, hits, allowed, first, fraction)
+        scores, ids = self._search_at(queries, hits, allowed, first)
+        wanted = self._breadths(rule, best_scores(scores, ids), fraction)
         scores, ids = scores[:, :k], ids[:, :k]
         for breadth in np.unique(wanted[wanted > first]):
             rows = np.flatnonzero(wanted == breadth)
             scores[rows], ids[rows] = self._search_at(np.ascontiguousarray(queries[rows]), k, allowed, int(breadth))
         return scores, ids
+
+    def _search_reranking_by_rule(self, queries: np.ndarray, k: int, hits: int, allowed: np.ndarray | None, first: int,
+                                  fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """`_search_approximate` for codes whose candidates are reranked: the codes' candidates at
+        `first`, then the rule reads the best exact score among those a 2-hit search would rerank
+        (the first `_candidates(2)`, as `clipdex optimize` tuned it). A query the rule sends wider
+        has no more of its first candidates read and scored: at ten million vectors a text-like
+        query's first search cost a third of its time, for an answer thrown away."""
+        from clipdex.search.index.breadth import best_scores
+
+        rule = self.breadth_rule()
+        assert rule is not None
+        codes, candidates = self._codes_with(queries, self._candidates(hits), first, allowed)
+        judged = self._candidates(2)
+        wanted = self._breadths(rule, best_scores(*self._reranked(queries, codes[:, :judged], candidates[:, :judged], 2)), fraction)
+        scores, ids = np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+        here = np.flatnonzero(wanted <= first)
+        if len(here):
+            found_scores, found_ids = self._reranked(queries[here], codes[here], candidates[here], k)
+            scores[here, : found_ids.shape[1]], ids[here, : found_ids.shape[1]] = found_scores, found_ids
+            matches = min(k, self.ntotal if allowed is None else len(allowed))
+            if matches:  # too few hits at `first` (a filter): searched again, widened by `_search_at`
+                wanted[here[ids[here, matches - 1] < 0]] = -1
+        for breadth in np.unique(wanted[(wanted > first) | (wanted < 0)]):
+            rows = np.flatnonzero(wanted == breadth)
+            scores[rows], ids[rows] = self._search_at(np.ascontiguousarray(queries[rows]), k, allowed, first if breadth < 0 else int(breadth))
+        return scores, ids
+
+    def _breadths(self, rule: "BreadthRule", best: np.ndarray, fraction: float) -> np.ndarray:
+        """The rule's breadth for each best score, for a search among `fraction` of the vectors."""
+        return np.array([self._scaled(int(breadth), fraction) for breadth in rule.breadth_for(best)], dtype=np.int64)
 
     def breadth_rule(self) -> "BreadthRule | None":
         """The per-query breadth rule `clipdex optimize` tuned, if any."""
@@ -460,6 +549,11 @@ class VectorIndex:
         self, queries: np.ndarray, k: int, breadth: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """One CPU search of an approximate index with nprobe/efSearch = `breadth`."""
+        scores, ids = self._codes_with(queries, self._candidates(k), breadth, allowed)
+        return self._reranked(queries, scores, ids, k)
+
+    def _codes_with(self, queries: np.ndarray, hits: int, breadth: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The index's own best `hits` (by its codes: the candidates a rerank orders) of one CPU search at `breadth`."""
         faiss = faiss_module()
         selector = None
         if allowed is not None:
@@ -469,10 +563,10 @@ class VectorIndex:
         if self.spec.type == "ivf":
             params = faiss.SearchParametersIVF(nprobe=int(breadth), sel=selector)
         else:
-            params = faiss.SearchParametersHNSW(efSearch=int(max(breadth, k)), sel=selector)
-        scores, ids = self.index.search(queries, self._candidates(k), params=params)
+            params = faiss.SearchParametersHNSW(efSearch=int(max(breadth, hits)), sel=selector)
+        scores, ids = self.index.search(queries, hits, params=params)
         ids[ids < 0] = -1
-        return self._reranked(queries, scores, ids, k)
+        return scores, ids
 
     @property
     def reranks(self) -> bool:
@@ -487,22 +581,34 @@ class VectorIndex:
         """The best `k` of each row's candidates by their exact scores (stored vectors), when reranking."""
         if not self.reranks or ids.shape[1] <= 0:
             return scores[:, :k], ids[:, :k]
-        assert self.rerank_source is not None
-        wanted = np.unique(ids[ids >= 0])
-        found_ids, found = concatenated(self.rerank_source.iter_vectors(wanted.tolist()))
-        order = np.argsort(found_ids, kind="stable")  # a source need not yield its chunks in id order
-        found_ids, found = found_ids[order], found[order]
-        rows = np.clip(np.searchsorted(found_ids, ids), 0, max(0, len(found_ids) - 1))
-        known = (ids >= 0) & (found_ids[rows] == ids) if len(found_ids) else np.zeros(ids.shape, bool)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         exact = np.full(ids.shape, -np.inf, np.float32)
-        for start in range(0, len(queries), RERANK_QUERY_CHUNK):  # bounds the gathered vectors' memory
+        for start in range(0, len(queries), RERANK_QUERY_CHUNK):  # bounds the vectors read at once
             part = slice(start, start + RERANK_QUERY_CHUNK)
-            exact[part] = np.einsum("qd,qcd->qc", queries[part], found[rows[part]]) if len(found_ids) else exact[part]
-        exact[~known] = -np.inf  # gone from the catalog since the index was caught up: never an answer
+            exact[part] = self._exact_scores(queries[part], ids[part])
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(exact, order, axis=1)
         best_ids = np.where(np.isfinite(best), np.take_along_axis(ids, order, axis=1), -1)
         return np.where(np.isfinite(best), best, 0.0).astype(np.float32), best_ids
+
+    def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Each query's inner products with its candidates' stored vectors; -inf where a candidate is
+        -1 or gone from the catalog since the index was caught up (never an answer)."""
+        assert self.rerank_source is not None
+        exact = np.full(ids.shape, -np.inf, np.float32)
+        found_ids, found = concatenated(self.rerank_source.iter_vectors(np.unique(ids[ids >= 0]).tolist()))
+        if not len(found_ids):
+            return exact
+        if np.any(np.diff(found_ids) <= 0):  # a source need not yield its chunks in id order
+            order = np.argsort(found_ids, kind="stable")
+            found_ids, found = found_ids[order], found[order]
+        rows = np.clip(np.searchsorted(found_ids, ids), 0, len(found_ids) - 1)
+        rows = np.ascontiguousarray(np.where((ids >= 0) & (found_ids[rows] == ids), rows, -1), dtype=np.int64)
+        faiss = faiss_module()  # each query against its own candidates' rows where they lie: no gathered copy
+        found = np.ascontiguousarray(found, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact), faiss.swig_ptr(np.ascontiguousarray(queries)), faiss.swig_ptr(found),
+                                         faiss.swig_ptr(rows), self.dim, len(queries), ids.shape[1])
+        return exact
 
     def _search_exact(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None, source: VectorSource | None
@@ -554,11 +660,12 @@ class VectorIndex:
                     f"with a CUDA driver, or set {GPU_ENV}=auto"
                 )
             return False
-        if self.spec.type == "hnsw":
+        if self.spec.type == "hnsw" or self.fast_scan:
             if self.gpu.mode == "on":
+                form = "HNSW index" if self.spec.type == "hnsw" else f"fast-scan index ({self.spec.factory})"
                 raise GpuUnavailable(
-                    f"{GPU_ENV}=on, but this library's HNSW index has no GPU form in FAISS; run "
-                    "`clipdex optimize` on this machine (it picks IVF when a GPU is present)"
+                    f"{GPU_ENV}=on, but this library's {form} has no GPU form in FAISS; run "
+                    "`clipdex optimize` on this machine (it picks a type FAISS GPUs take when a GPU is present)"
                 )
             return False
         return True
@@ -589,7 +696,13 @@ class VectorIndex:
             return 0.0
         if self.spec.type == "ivf":
             ivf = faiss.extract_index_ivf(self.index)
-            size = total * (ivf.code_size + 8) + ivf.nlist * self.dim * 4 + _codebook_bytes(ivf)
+            codes = total * ivf.code_size
+            if self.fast_scan:  # codes in blocks of 32 vectors, the last of a list padded
+                from clipdex.search.index.fastscan import Packer
+
+                packer = Packer(ivf)
+                codes = sum(packer.blocks(ivf.invlists.list_size(j)) for j in range(ivf.nlist)) * packer.block_size
+            size = codes + total * 8 + ivf.nlist * self.dim * 4 + _codebook_bytes(ivf)
         elif self.spec.type == "hnsw":
             hnsw = self.hnsw_graph().hnsw
             graph = hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8
@@ -636,13 +749,22 @@ class VectorIndex:
             stamp = json.loads(stamp_path.read_text())  # read before the index: never overstates
             if mmap is None:
                 mmap = os.name == "posix" and index_path.stat().st_size >= MMAP_MIN_BYTES
-            faiss = faiss_module()
-            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
-            loaded = cls(int(stamp["dim"]), IndexSpec.from_json(stamp.get("spec")), index, build=str(stamp.get("build", "")))
+            spec = IndexSpec.from_json(stamp.get("spec"))
+            index, mapped = read_index_file(index_path, spec, bool(mmap))
+            loaded = cls(int(stamp["dim"]), spec, index, build=str(stamp.get("build", "")))
         except (OSError, ValueError, RuntimeError, KeyError, TypeError):
             return None  # unreadable derived data: the caller rebuilds it from the catalog
-        loaded.mapped = bool(mmap)
+        loaded.mapped = mapped
         return loaded, int(stamp["generation"])
+
+
+def read_index_file(path: Path, spec: IndexSpec, mmap: bool) -> tuple[Any, bool]:
+    """The FAISS index of `spec` in `path`, and whether it is memory-mapped: with `mmap`, unless it
+    holds fast-scan codes (`IndexSpec.fast_scan`), which FAISS copies into memory from the map and
+    keeps the map too, twice the index's size resident (at ten million vectors, 2.7 GB for 1.36)."""
+    faiss = faiss_module()
+    mapped = mmap and not spec.fast_scan
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0), mapped
 
 
 def clone_to_gpus(index: Any, settings: GpuSettings, count: int) -> tuple[Any, list[Any]]:
