@@ -304,6 +304,9 @@ def test_quantized_choices_rerank_and_older_specs_take_it_up() -> None:
         spec = choose_spec(1_000_000, 512, budget, gpu=gpu)
         assert kind[:2] in (spec.factory or "") and ("x4fs" in (spec.factory or "")) == (kind == "PQfs")
         assert spec.rerank == choice.RERANK[kind]
+    pq = IndexSpec("ivf", "IVF2048,PQ128", {"nprobe": 40}, memory_budget=200 << 20, rerank=10)  # chosen before fast-scan codes
+    assert resolve_spec(pq, 1_000_000, 512, gpu=False) == pq  # kept: no rebuild until optimize chooses anew
+    assert resolve_spec(pq, 4_000_000, 512, gpu=False).factory == "IVF4096,PQ32"  # outgrown its budget: the choice
     older = IndexSpec("ivf", "IVF2048,SQ8", {"nprobe": 40}, memory_budget=1 << 30)  # as a manifest of before records it
     resolved = resolve_spec(older, 1_000_000, 512, gpu=False)
     assert resolved.rerank == choice.RERANK["SQ8"] and resolved.search_params == {"nprobe": 40} and older.rerank == 0

@@ -146,6 +146,32 @@ def test_fast_scan_codes_added_to_lists_found_in_two_levels_are_faiss_s_own(monk
     assert np.mean([len(np.intersect1d(ids[t], f)) / 10 for t, f in zip(truth, found)]) >= 0.95
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_fast_scan_lists_filled_to_a_multiple_of_their_block_bytes_take_more(merge: bool) -> None:
+    """FAISS 1.15's `add_entries` on block lists copies whole blocks, past both ends, when a list
+    already holds a multiple of `block_size` entries (bytes, 512 here): `append` (adds, and the Ray
+    merge's `merge_into`) steps around it, and the list holds what FAISS's own add puts there."""
+    from clipdex.search.index.fastscan import add_assigned, merge_into
+
+    vectors = unit(1100, seed=11)
+    ids = np.arange(1100, dtype=np.int64) + 1
+    spec = IndexSpec("ivf", "IVF1,PQ16x4fsr")
+    reference = build_index_from(DIM, spec, Source(ids, vectors), resolve=False)
+    ours = VectorIndex(DIM, spec, faiss.deserialize_index(faiss.serialize_index(reference.index)))
+    ivf = faiss.extract_index_ivf(ours.index)
+    ivf.reset()
+    lists = np.zeros(1100, np.int64)
+    for start, stop in ((0, 512), (512, 513), (513, 1024), (1024, 1100)):  # the list at 512 and 1,024 entries
+        if merge and start:
+            part = faiss.deserialize_index(faiss.serialize_index(ours.index))
+            faiss.extract_index_ivf(part).reset()
+            add_assigned(faiss.extract_index_ivf(part), ids[start:stop], np.ascontiguousarray(vectors[start:stop]), lists[start:stop])
+            merge_into(ivf, faiss.extract_index_ivf(part))
+        else:
+            add_assigned(ivf, ids[start:stop], np.ascontiguousarray(vectors[start:stop]), lists[start:stop])
+    assert ours.ntotal == 1100 and lists_content(ours) == lists_content(reference)
+
+
 def test_a_small_build_is_not_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sharded, "SHARD_BYTES", 10**9)
     ids, vectors = np.arange(500, dtype=np.int64) + 1, clustered(500)

@@ -23,7 +23,8 @@ The choice is made whenever the index is built from scratch (`build_index`): on
 `clipdex optimize`, `clipdex check --repair`, when `import-vectors` finds the library
 outgrew its index, and when a library is opened without a usable index file. A spec
 recorded in the manifest is kept (with its tuned search parameters) while it is still
-the choice for the library's size; otherwise the new choice replaces it. Quantizers
+the choice for the library's size (a `PQ{d/4}` of before fast-scan codes stands for
+`PQ{d/2}x4fsr` until an optimize); otherwise the new choice replaces it. Quantizers
 train on a random sample of the vectors, never on the first ones.
 """
 
@@ -145,6 +146,10 @@ def resolve_spec(spec: IndexSpec, count: int, dim: int, gpu: bool | None = None)
         if chosen.rerank and not spec.rerank:  # chosen before codes were reranked: rerank them now
             return replace(spec, rerank=chosen.rerank)
         return spec
+    if chosen.fast_scan and spec.factory == (chosen.factory or "").replace(f"PQ{dim // 2}{FAST_SCAN_MARK}r", f"PQ{dim // 4}"):
+        # chosen before fast-scan codes, at the same bytes: kept (its rerank with it) until `clipdex
+        # optimize` builds anew, rather than rebuilt by the next import that outgrows nothing
+        return spec if spec.rerank else replace(spec, rerank=RERANK["PQ"])
     return chosen
 
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from clipdex.search.index.vectors import FAST_SCAN_MARK, faiss_module
 
-__all__ = ["FAST_SCAN_MARK", "Packer", "add_assigned", "block_lists_tail", "is_fast_scan", "unpacked_codes", "write_block_lists"]
+__all__ = ["FAST_SCAN_MARK", "Packer", "add_assigned", "append", "block_lists_tail", "is_fast_scan", "merge_into", "unpacked_codes",
+           "write_block_lists"]
 
 
 def is_fast_scan(ivf: Any) -> bool:
@@ -93,10 +94,42 @@ def add_assigned(ivf: Any, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarr
     bounds = np.flatnonzero(np.diff(lists[order])) + 1
     for rows in np.split(order, bounds):
         if len(rows):
-            packed = packer.pack(codes[rows])
-            list_ids = np.ascontiguousarray(ids[rows])
-            fast.invlists.add_entries(int(lists[rows[0]]), len(rows), faiss.swig_ptr(list_ids), faiss.swig_ptr(packed))
+            append(fast, packer, int(lists[rows[0]]), ids[rows], codes[rows])
     fast.ntotal = int(fast.ntotal) + count
+
+
+def append(fast: Any, packer: Packer, list_no: int, ids: np.ndarray, codes: np.ndarray) -> None:
+    """Append entries (ids, unpacked codes) to list `list_no` of a fast-scan index (not its `ntotal`).
+
+    FAISS's `BlockInvertedLists.add_entries` (1.15) copies whole blocks when the list already
+    holds a multiple of `block_size` entries (bytes and entries confused: 4,096 at d=512),
+    starting past the packed input's end and writing past the list's: such a list is emptied
+    and given its old entries and the new at once (at 0 entries the copy is right)."""
+    faiss = faiss_module()
+    held = int(fast.invlists.list_size(list_no))
+    if held and held % packer.block_size == 0:
+        old_ids = faiss.rev_swig_ptr(fast.invlists.get_ids(list_no), held).copy()
+        old_codes = np.frombuffer(unpacked_codes(fast, packer, list_no), dtype=np.uint8).reshape(held, packer.code_size)
+        ids, codes = np.concatenate([old_ids, ids]), np.concatenate([old_codes, codes])
+        fast.invlists.resize(list_no, 0)
+    packed = packer.pack(codes)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    fast.invlists.add_entries(list_no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(packed))
+
+
+def merge_into(into: Any, part: Any) -> None:
+    """Append every list of fast-scan IVF `part` to the same list of `into` (FAISS's `merge_from`
+    goes through the `add_entries` that `append` works around)."""
+    faiss = faiss_module()
+    into, part = faiss.downcast_index(into), faiss.downcast_index(part)
+    packer = Packer(into)
+    for list_no in range(int(part.nlist)):
+        size = int(part.invlists.list_size(list_no))
+        if size:
+            ids = faiss.rev_swig_ptr(part.invlists.get_ids(list_no), size).copy()
+            codes = np.frombuffer(unpacked_codes(part, packer, list_no), dtype=np.uint8).reshape(size, packer.code_size)
+            append(into, packer, list_no, ids, codes)
+    into.ntotal = int(into.ntotal) + int(part.ntotal)
 
 
 def block_lists_tail(ivf: Any) -> bytes:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from clipdex.search.index.choice import build_index, training_sample, training_size
+from clipdex.search.index.fastscan import merge_into
 from clipdex.search.index.sharded import write_merged_ivf
 from clipdex.search.ray_cluster import cluster_cpus
 from clipdex.search.index.vectors import IndexSpec, VectorIndex, faiss_module, read_index_file
@@ -65,7 +66,10 @@ def build_index_on_cluster(ray: Any, dim: int, spec: IndexSpec, ids: np.ndarray,
     into = faiss.extract_index_ivf(merged)
     for shard in pending:  # in order: each list's entries as one process would have added them
         part = faiss.deserialize_index(ray.get(shard))
-        into.merge_from(faiss.extract_index_ivf(part), 0)
+        if spec.fast_scan:
+            merge_into(into, faiss.extract_index_ivf(part))
+        else:
+            into.merge_from(faiss.extract_index_ivf(part), 0)
         del part
     return VectorIndex(dim, spec, merged)
 

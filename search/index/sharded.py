@@ -161,12 +161,17 @@ class IndexBuilder:
         finally:
             self.abandon_shards()
         backing = open(merged_path, "rb")  # what a save copies; the map and this keep the file once unlinked
-        if self.index.fast_scan:  # read into memory whole (FAISS maps no block lists): when first used
-            index = VectorIndex.unread(self.index.dim, self.index.spec, backing, ntotal)
-        else:
-            faiss_index, mapped = read_index_file(merged_path, self.index.spec, True)
-            index = VectorIndex(self.index.dim, self.index.spec, faiss_index)
-            index.mapped, index.backing = mapped, backing
+        try:
+            if self.index.fast_scan:  # read into memory whole (FAISS maps no block lists): when first used
+                index = VectorIndex.unread(self.index.dim, self.index.spec, backing, ntotal)
+            else:
+                faiss_index, mapped = read_index_file(merged_path, self.index.spec, True)
+                index = VectorIndex(self.index.dim, self.index.spec, faiss_index)
+                index.mapped, index.backing = mapped, backing
+        except BaseException:
+            backing.close()
+            self.abandon()
+            raise
         merged_path.unlink()
         self._folder.rmdir()
         self._folder = None

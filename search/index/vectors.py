@@ -722,8 +722,9 @@ class VectorIndex:
             # disk) only on stderr, leaving a truncated file; this way it raises OSError(ENOSPC).
             with open(temporary, "wb") as handle:
                 if self.backing is not None:  # the file as built: copied in the kernel, not read through the map
-                    self.backing.seek(0)
-                    shutil.copyfileobj(self.backing, handle, COPY_CHUNK)
+                    with self._read_lock:  # the file's one offset, shared with a first search's read of it
+                        self.backing.seek(0)
+                        shutil.copyfileobj(self.backing, handle, COPY_CHUNK)
                 else:
                     faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
 
