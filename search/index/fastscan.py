@@ -26,10 +26,7 @@ from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 
-from clipdex.search.index.vectors import FAST_SCAN_MARK, faiss_module
-
-__all__ = ["FAST_SCAN_MARK", "Packer", "add_assigned", "append", "block_lists_tail", "is_fast_scan", "merge_into", "unpacked_codes",
-           "write_block_lists"]
+from clipdex.search.index.vectors import faiss_module
 
 
 def is_fast_scan(ivf: Any) -> bool:
@@ -72,6 +69,13 @@ class Packer:
         return out[:count]
 
 
+def entries(ivf: Any, packer: Packer, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """List `list_no`'s ids and unpacked codes ((n, code_size) uint8), copies."""
+    size = int(ivf.invlists.list_size(list_no))
+    ids = faiss_module().rev_swig_ptr(ivf.invlists.get_ids(list_no), size).copy() if size else np.zeros(0, np.int64)
+    return ids, np.frombuffer(unpacked_codes(ivf, packer, list_no), dtype=np.uint8).reshape(size, packer.code_size)
+
+
 def unpacked_codes(ivf: Any, packer: Packer, list_no: int) -> bytes:
     """List `list_no`'s codes, one after another (code_size bytes each), as a plain inverted list holds them."""
     faiss = faiss_module()
@@ -108,8 +112,7 @@ def append(fast: Any, packer: Packer, list_no: int, ids: np.ndarray, codes: np.n
     faiss = faiss_module()
     held = int(fast.invlists.list_size(list_no))
     if held and held % packer.block_size == 0:
-        old_ids = faiss.rev_swig_ptr(fast.invlists.get_ids(list_no), held).copy()
-        old_codes = np.frombuffer(unpacked_codes(fast, packer, list_no), dtype=np.uint8).reshape(held, packer.code_size)
+        old_ids, old_codes = entries(fast, packer, list_no)
         ids, codes = np.concatenate([old_ids, ids]), np.concatenate([old_codes, codes])
         fast.invlists.resize(list_no, 0)
     packed = packer.pack(codes)
@@ -124,11 +127,8 @@ def merge_into(into: Any, part: Any) -> None:
     into, part = faiss.downcast_index(into), faiss.downcast_index(part)
     packer = Packer(into)
     for list_no in range(int(part.nlist)):
-        size = int(part.invlists.list_size(list_no))
-        if size:
-            ids = faiss.rev_swig_ptr(part.invlists.get_ids(list_no), size).copy()
-            codes = np.frombuffer(unpacked_codes(part, packer, list_no), dtype=np.uint8).reshape(size, packer.code_size)
-            append(into, packer, list_no, ids, codes)
+        if part.invlists.list_size(list_no):
+            append(into, packer, list_no, *entries(part, packer, list_no))
     into.ntotal = int(into.ntotal) + int(part.ntotal)
 
 

@@ -100,7 +100,7 @@ def _merge_on_disk(ray: Any, dim: int, spec: IndexSpec, trained: Any, pending: l
         path.write_bytes(ray.get(shard).tobytes())
         shard_paths.append(path)
     merged_path = folder / "merged.faiss"
-    parts = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) for path in shard_paths]
+    parts = [read_index_file(path, spec, True)[0] for path in shard_paths]  # mapped, but for fast-scan codes
     with open(merged_path, "wb") as out:
         write_merged_ivf(trained, [faiss.extract_index_ivf(part) for part in parts], out)
     del parts
