@@ -3,7 +3,7 @@ as recall@10 against queries per second per core, for image-like and text-like q
 
     .venv/bin/python benchmarks/ann_peers.py [--count 1000000] [--budget 1G] [--data .bench/import-data]
                                              [--work .bench/ann-peers] [--peers autofaiss,diskann] [--float16]
-                                             [--target-recall 0.95[,KIND=RECALL...]]
+                                             [--target-recall 0.95[,KIND=RECALL...]] [--peer-build-memory 16G]
 
 The same data for all three: `ann.py`'s CLIP-like vectors (d=512) in clip-retrieval's layout
 (`import_scale.py` writes and reuses it; `--float16`: stored as float16, as clip-retrieval
@@ -21,16 +21,21 @@ figure is queries/s per core; each point is timed after one batch untimed.
   searched at each breadth; the point marked `served` is what a search gets: the breadth
   its rule picks per query.
 - autofaiss (clip-retrieval's index builder), in a virtual environment of its own
-  (`--peers-venv`, installed from PyPI on first use): `build_index(max_index_memory_usage=
-  BUDGET, metric_type="ip")`, as its docs say; the curve sweeps the nprobe (and efSearch,
-  when its coarse quantizer is HNSW) of the index it picked, from the setting it tuned.
+  (`--peers-venv`, installed from PyPI on first use): `build_index(embeddings=DATA/img_emb,
+  file_format="npy", max_index_memory_usage=BUDGET, current_memory_available=BUILD_MEMORY,
+  metric_type="ip")`, as its docs say and as clip-retrieval calls it; the curve sweeps the
+  nprobe (and efSearch, when its coarse quantizer is HNSW) of the index it picked, then the
+  setting it tuned.
 - DiskANN (`diskannpy`): `build_disk_index` with `search_memory_maximum=BUDGET` (its
   compressed vectors in memory, graph and full vectors on disk), graph degree 64,
-  build complexity 100, as its docs suggest; `StaticDiskIndex.batch_search` with beam width
-  2 and a cache of 1% of the nodes, sweeping the search complexity L.
+  build complexity 100, as its docs suggest; `StaticDiskIndex.batch_search` on one thread
+  with beam width 2 and a cache of 1% of the nodes, sweeping the search complexity L. A
+  finished build is kept in the run's folder and searched again by the next run.
 
-Each peer runs in a process of its own; its peak resident memory is reported beside its
-curve (clipdex's: the `optimize` process, and the process searching the library).
+Each peer runs in a process of its own, with its log in the run's folder; its peak resident
+memory is reported beside its curve (clipdex's: the `optimize` process, and the process
+searching the library), and its build's processor time beside the wall time. Every curve
+ends at recall 0.995, at a doubling that gains less than 0.002, or below MIN_CURVE_QPS.
 """
 
 from __future__ import annotations
@@ -221,33 +226,51 @@ PEER_COMMON = textwrap.dedent("""
                 return found, rounds * len(queries) / elapsed
     def peak_gib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    def cpu_seconds():  # the build's processor time: unchanged by a pause (SIGSTOP) while something else runs
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    def gib_of(text):
+        text = text.lower().rstrip("ib")
+        scale = {"k": 2**-20, "m": 2**-10, "g": 1.0, "t": 2**10}.get(text[-1])
+        return float(text[:-1]) * scale if scale else float(text) / 2**30
+    def log(message):
+        print(time.strftime("%H:%M:%S"), message, file=sys.stderr, flush=True)
+    def worth_going_on(points):  # the curve's end, as for clipdex: as good as it gets, or no better for twice the work
+        if points[-1]["recall"] >= 0.995 or (len(points) > 1 and points[-1]["recall"] - points[-2]["recall"] < 0.002):
+            return False
+        return points[-1]["qps"] >= MIN_CURVE_QPS
     data, work, budget, queries = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+    build_memory, MIN_CURVE_QPS = sys.argv[5], float(sys.argv[6])
 """)
 
 AUTOFAISS = PEER_COMMON + textwrap.dedent("""
     import faiss
     from autofaiss import build_index
-    base = base_of(data)
     started = time.perf_counter()
-    index, infos = build_index(embeddings=base, save_on_disk=False, max_index_memory_usage=budget,
-                               current_memory_available="16G", metric_type="ip", verbose=30)
-    build_seconds = time.perf_counter() - started
+    # the parts as clip-retrieval hands them over: a folder of .npy files, read a batch at a time
+    index, infos = build_index(embeddings=str(Path(data) / "img_emb"), file_format="npy", save_on_disk=False,
+                               max_index_memory_usage=budget, current_memory_available=build_memory,
+                               metric_type="ip", verbose=20)
+    build_seconds, build_cpu = time.perf_counter() - started, cpu_seconds()
     build_peak = peak_gib()
-    del base
     faiss.omp_set_num_threads(1)
     tuned = infos.get("index_param", "")
     space = faiss.ParameterSpace()
-    ivf = faiss.extract_index_ivf(index)
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # a small collection: autofaiss chose a flat index, searched in one way only
+        nlist = 0
     curves = {}
     for kind, path in queries.items():
         vectors, truth = np.load(path), np.load(path.replace("queries-", "truth-"))
         points, nprobe = [], 1
-        while nprobe <= ivf.nlist:
+        while nprobe <= nlist:
             params = f"nprobe={nprobe}" + (",efSearch=" + str(max(2 * nprobe, 16)) if "HNSW" in infos["index_key"] else "")
             space.set_index_parameters(index, params)
             found, qps = timed_batch(lambda q: index.search(q, K)[1], vectors)
             points.append({"param": params, "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
-            if points[-1]["recall"] >= 0.995:
+            log(f"autofaiss {kind} {params}: {points[-1]['recall']:.3f} at {qps:,.0f}/s")
+            if not worth_going_on(points):
                 break
             nprobe *= 2
         space.set_index_parameters(index, tuned)
@@ -255,6 +278,7 @@ AUTOFAISS = PEER_COMMON + textwrap.dedent("""
         points.append({"param": "tuned: " + tuned, "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
         curves[kind] = points
     print(json.dumps({"system": "autofaiss", "index": infos["index_key"], "build_seconds": round(build_seconds, 1),
+                      "build_cpu_seconds": round(build_cpu, 1), "build_memory": build_memory,
                       "build_peak_gib": round(build_peak, 2), "serve_peak_gib": round(peak_gib(), 2), "curves": curves}))
 """)
 
@@ -262,22 +286,23 @@ DISKANN = PEER_COMMON + textwrap.dedent("""
     import shutil
     import diskannpy
     folder = work / "diskann-index"
-    number, unit = budget.lower().rstrip("ib")[:-1], budget.lower().rstrip("ib")[-1]
-    gib = float(number) * {"k": 2**-20, "m": 2**-10, "g": 1.0}[unit] if unit in "kmg" else float(budget) / 2**30
     started = time.perf_counter()
     if not (folder / "done").exists():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         base = base_of(data)
         diskannpy.build_disk_index(data=base, distance_metric="l2", index_directory=str(folder), complexity=100,
-                                   graph_degree=64, search_memory_maximum=gib, build_memory_maximum=16.0,
+                                   graph_degree=64, search_memory_maximum=gib_of(budget),
+                                   build_memory_maximum=gib_of(build_memory),
                                    num_threads=2, pq_disk_bytes=0)
         del base
-        (folder / "done").write_text(str(time.perf_counter() - started))
-    build_seconds = float((folder / "done").read_text())
-    build_peak = peak_gib()
+        (folder / "done").write_text(json.dumps({"seconds": time.perf_counter() - started, "peak_gib": peak_gib()}))
+    built = json.loads((folder / "done").read_text())  # a build of an earlier run is searched again, not rebuilt
+    build_seconds, build_peak = (built, None) if isinstance(built, float) else (built["seconds"], built["peak_gib"])
     count = sum(np.load(p, mmap_mode="r").shape[0] for p in (Path(data) / "img_emb").glob("img_emb_*.npy"))
-    index = diskannpy.StaticDiskIndex(index_directory=str(folder), num_threads=1, num_nodes_to_cache=count // 100,
+    # two thread contexts, though each search runs on one thread: with one, the load never ends (diskannpy 0.7:
+    # gdb shows it waiting in read_nodes, from use_medoids_data_as_centroids, for a free thread context)
+    index = diskannpy.StaticDiskIndex(index_directory=str(folder), num_threads=2, num_nodes_to_cache=count // 100,
                                       cache_mechanism=1, distance_metric="l2", vector_dtype=np.float32, dimensions=512)
     curves = {}
     for kind, path in queries.items():
@@ -287,11 +312,12 @@ DISKANN = PEER_COMMON + textwrap.dedent("""
             found, qps = timed_batch(lambda q: index.batch_search(q, k_neighbors=K, complexity=complexity, num_threads=1,
                                                                   beam_width=2).identifiers.astype(np.int64), vectors)
             points.append({"param": f"L={complexity}", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
-            if points[-1]["recall"] >= 0.995:
+            log(f"diskann {kind} L={complexity}: {points[-1]['recall']:.3f} at {qps:,.0f}/s")
+            if not worth_going_on(points):
                 break
         curves[kind] = points
     print(json.dumps({"system": "diskann", "index": "disk index R=64 L=100, PQ in memory within the budget",
-                      "build_seconds": round(build_seconds, 1), "build_peak_gib": round(build_peak, 2),
+                      "build_seconds": round(build_seconds, 1), "build_peak_gib": build_peak and round(build_peak, 2),
                       "serve_peak_gib": round(peak_gib(), 2), "curves": curves}))
 """)
 
@@ -307,22 +333,26 @@ def peers_python(venv: Path) -> Path:
 
 
 def run_peer(python: Path, name: str, script: str, data: Path, work: Path, budget: str, queries: dict[str, Path],
-             timeout: float) -> dict[str, Any]:
-    path = work / f"peer_{name}.py"
+             timeout: float, build_memory: str) -> dict[str, Any]:
+    path, log_path = work / f"peer_{name}.py", work / f"peer_{name}.log"
     path.write_text(script)
-    log(f"{name}: building and searching ...")
+    log(f"{name}: building and searching (its log: {log_path}) ...")
     environment = dict(os.environ, OMP_NUM_THREADS="2")
-    try:
-        result = subprocess.run([str(python), str(path), str(data), str(work), budget, json.dumps({k: str(v) for k, v in queries.items()})],
-                                capture_output=True, text=True, env=environment, timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        tail = (error.stderr or b"")[-300:]
-        log(f"{name}: no answer within {timeout:.0f} s; its last words: {tail!r}")
-        return {"system": name, "error": f"no answer within {timeout:.0f} s (last output: {tail!r})"}
+    command = [str(python), str(path), str(data), str(work), budget, json.dumps({k: str(v) for k, v in queries.items()}),
+               build_memory, str(MIN_CURVE_QPS)]
+    with log_path.open("w") as peer_log:
+        try:
+            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=peer_log, text=True, env=environment, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tail = log_path.read_text()[-300:]
+            log(f"{name}: no answer within {timeout:.0f} s; its last words: {tail!r}")
+            return {"system": name, "error": f"no answer within {timeout:.0f} s (last output: {tail!r})"}
     if result.returncode:
-        log(f"{name} failed: {result.stderr[-3000:]}")
-        return {"system": name, "error": result.stderr[-500:]}
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+        tail = log_path.read_text()
+        log(f"{name} failed: {tail[-3000:]}")
+        return {"system": name, "error": tail[-500:]}
+    # the last line that is the peer's answer: DiskANN's C++ may print after Python does
+    outcome = next(json.loads(line) for line in reversed(result.stdout.splitlines()) if line.startswith('{"system"'))
     for kind, points in outcome["curves"].items():
         log(f"{name} {kind}: " + "; ".join(f"{p['param']} {p['recall']:.3f} {p['qps']:.0f}/s" for p in points))
     return outcome
@@ -334,7 +364,9 @@ def table(results: list[dict[str, Any]]) -> str:
         if "error" in result:
             lines.append(f"{result['system']}: failed ({result['error'][-200:]})")
             continue
-        lines.append(f"{result['system']}: {result['index']}; built in {result['build_seconds']:.0f} s (peak {result['build_peak_gib']} GiB), "
+        cpu = f", {result['build_cpu_seconds']:.0f} s of processor time" if "build_cpu_seconds" in result else ""
+        peak = "peak not recorded" if result["build_peak_gib"] is None else f"peak {result['build_peak_gib']} GiB"
+        lines.append(f"{result['system']}: {result['index']}; built in {result['build_seconds']:.0f} s{cpu} ({peak}), "
                      f"searching peak {result['serve_peak_gib']} GiB")
         if result.get("import"):
             imported = result["import"]
@@ -355,6 +387,9 @@ def main() -> None:
     parser.add_argument("--peers", default="autofaiss,diskann")
     parser.add_argument("--peers-venv", type=Path, default=Path(".bench/ann-peers-venv"))
     parser.add_argument("--peer-timeout", type=float, default=3600, help="seconds a peer may take to build and search")
+    parser.add_argument("--peer-build-memory", default="16G",
+                        help="the memory each peer is told it may build with (autofaiss's current_memory_available, "
+                             "DiskANN's build_memory_maximum)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-recall", default="0.95", help="clipdex optimize's target: one recall@10, or e.g. 0.95,text=0.9,queries=0.9")
     parser.add_argument("--float16", action="store_true", help="the data as clip-retrieval writes it: float16 parts (half the disk)")
@@ -371,8 +406,8 @@ def main() -> None:
     if peers:
         python = peers_python(args.peers_venv.resolve())
         scripts = {"autofaiss": AUTOFAISS, "diskann": DISKANN}
-        results += [run_peer(python, name, scripts[name], data.resolve(), work.resolve(), args.budget, queries, args.peer_timeout)
-                    for name in peers]
+        results += [run_peer(python, name, scripts[name], data.resolve(), work.resolve(), args.budget, queries, args.peer_timeout,
+                             args.peer_build_memory) for name in peers]
     print(f"{args.count:,} vectors of 512 dimensions, memory budget {args.budget}, recall@{K} @ queries/s on one core "
           f"(batches of {QUERIES}); machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     print(table(results))
