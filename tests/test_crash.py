@@ -118,11 +118,16 @@ def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path, mod
 
 def test_search_while_indexing_never_fails(tmp_path: Path, model_args: list[str], make_images) -> None:
     folder, library = tmp_path / "pics", tmp_path / "lib"
-    many_images(folder, 360, size=300)  # enough for the run to outlast the reader's first search (it loads a model)
-    process = start_index(folder, library, model_args)
-    wait_for_items(library, 2, process)
-    searches = 0
+    many_images(folder, 4, size=300)
+    first = subprocess.run(clipdex("index", str(folder), "--library", str(library), "--quiet", "--json", *model_args),
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
     reader = Library.open(library)
+    assert len(reader.search(text="a photo", k=5)) == 4  # its model loaded before the run starts, however busy the machine
+    many_images(folder, 360, size=300)  # the first 4 again, unchanged, and 356 more
+    process = start_index(folder, library, model_args)
+    wait_for_items(library, 6, process)
+    searches = 0
     while process.poll() is None and searches < 200:
         hits = reader.search(text="a photo", k=5)
         assert len(hits) >= 1
