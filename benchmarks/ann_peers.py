@@ -246,13 +246,23 @@ PEER_COMMON = textwrap.dedent("""
 AUTOFAISS = PEER_COMMON + textwrap.dedent("""
     import faiss
     from autofaiss import build_index
-    started = time.perf_counter()
-    # the parts as clip-retrieval hands them over: a folder of .npy files, read a batch at a time
-    index, infos = build_index(embeddings=str(Path(data) / "img_emb"), file_format="npy", save_on_disk=False,
-                               max_index_memory_usage=budget, current_memory_available=build_memory,
-                               metric_type="ip", verbose=20)
-    build_seconds, build_cpu = time.perf_counter() - started, cpu_seconds()
-    build_peak = peak_gib()
+    index_file, done = work / "autofaiss.index", work / "autofaiss-done.json"
+    if done.exists():  # built by an earlier run (ten million take hours): searched again, not rebuilt
+        built = json.loads(done.read_text())
+        index, infos = faiss.read_index(str(index_file)), built["infos"]
+        log(f"searching the {infos['index_key']} an earlier run built")
+    else:
+        started = time.perf_counter()
+        # the parts as clip-retrieval hands them over: a folder of .npy files, read a batch at a time;
+        # the index saved as clip-retrieval saves it
+        index, infos = build_index(embeddings=str(Path(data) / "img_emb"), file_format="npy", save_on_disk=True,
+                                   index_path=str(index_file), index_infos_path=str(work / "autofaiss-infos.json"),
+                                   max_index_memory_usage=budget, current_memory_available=build_memory,
+                                   metric_type="ip", verbose=20)
+        built = {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(), "peak_gib": peak_gib(),
+                 "infos": {"index_key": infos["index_key"], "index_param": infos.get("index_param", "")}}
+        done.write_text(json.dumps(built))
+    build_seconds, build_cpu, build_peak = built["seconds"], built["cpu_seconds"], built["peak_gib"]
     faiss.omp_set_num_threads(1)
     tuned = infos.get("index_param", "")
     space = faiss.ParameterSpace()
