@@ -23,14 +23,14 @@ figure is queries/s per core; each point is timed after one batch untimed.
 - autofaiss (clip-retrieval's index builder), in a virtual environment of its own
   (`--peers-venv`, installed from PyPI on first use): `build_index(embeddings=DATA/img_emb,
   file_format="npy", max_index_memory_usage=BUDGET, current_memory_available=BUILD_MEMORY,
-  metric_type="ip")`, as its docs say and as clip-retrieval calls it; the curve sweeps the
-  nprobe (and efSearch, when its coarse quantizer is HNSW) of the index it picked, then the
-  setting it tuned.
+  metric_type="ip", save_on_disk=True)`, as its docs say and as clip-retrieval calls it; the
+  curve sweeps the nprobe (and efSearch, when its coarse quantizer is HNSW) of the index it
+  picked, then the setting it tuned. The saved index is searched again by the next run.
 - DiskANN (`diskannpy`): `build_disk_index` with `search_memory_maximum=BUDGET` (its
   compressed vectors in memory, graph and full vectors on disk), graph degree 64,
   build complexity 100, as its docs suggest; `StaticDiskIndex.batch_search` on one thread
-  with beam width 2 and a cache of 1% of the nodes, sweeping the search complexity L. A
-  finished build is kept in the run's folder and searched again by the next run.
+  with beam width 2 and a cache of 1% of the nodes, sweeping the search complexity L. Its
+  finished build too is kept in the run's folder and searched again by the next run.
 
 Each peer runs in a process of its own, with its log in the run's folder; its peak resident
 memory is reported beside its curve (clipdex's: the `optimize` process, and the process
