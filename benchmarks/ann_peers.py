@@ -35,7 +35,8 @@ figure is queries/s per core; each point is timed after one batch untimed.
 Each peer runs in a process of its own, with its log in the run's folder; its peak resident
 memory is reported beside its curve (clipdex's: the `optimize` process, and the process
 searching the library), and its build's processor time beside the wall time. Every curve
-ends at recall 0.995, at a doubling that gains less than 0.002, or below MIN_CURVE_QPS.
+ends at recall 0.995, at a doubling that gains less than 0.002, or below 20 queries/s
+(`curves.py`, which the peers' scripts import too).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -56,17 +56,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+from curves import K, log, peak_rss_gib, recall, timed_batch, worth_going_on  # noqa: E402
 from import_scale import clipdex, write_layout  # noqa: E402
 
-K = 10
 QUERIES = 1000
-MIN_CURVE_QPS = 20  # clipdex's curve stops after its first point below this (10M: nprobe 1024, 17/s)
 # diskannpy 0.7 pins numpy 1.25 and autofaiss wants numpy < 2: a FAISS and a pyarrow built for numpy 1
 PEER_PACKAGES = ("autofaiss==2.18.0", "diskannpy==0.7.0", "numpy==1.25", "faiss-cpu<1.10", "pyarrow<16")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def ground_truth(data: Path, work: Path, count: int, held_out: np.ndarray, seed: int) -> dict[str, Path]:
@@ -110,24 +105,6 @@ def data_rows(parts: list[Path], rows: np.ndarray) -> np.ndarray:
         pieces.append(np.asarray(vectors[local], dtype=np.float32))
         start += len(vectors)
     return np.concatenate(pieces)
-
-
-def recall(found_rows: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(row.tolist()) & set(want.tolist())) / K for row, want in zip(found_rows[:, :K], truth)]))
-
-
-def timed_batch(search: Any, queries: np.ndarray, min_seconds: float = 2.0) -> tuple[np.ndarray, float]:
-    """The rows a batched search finds, and queries per second (repeated for `min_seconds`, after
-    one batch untimed: the pages it reads, from disk when the building pushed them out of the
-    cache, are a server's working set, not its steady speed)."""
-    search(queries)
-    started, rounds = time.perf_counter(), 0
-    while True:
-        found = search(queries)
-        rounds += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return found, rounds * len(queries) / elapsed
 
 
 # -- clipdex ---------------------------------------------------------------------------------
@@ -177,10 +154,8 @@ def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[s
             found, qps = timed_batch(lambda q, b=breadth: index.search_with(q, K, b)[1] - 1, vectors)
             points.append({"param": f"nprobe={breadth}", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
             log(f"clipdex {kind} nprobe={breadth}: {points[-1]['recall']:.3f} at {qps:,.0f}/s")
-            if points[-1]["recall"] >= 0.995 or (len(points) > 1 and points[-1]["recall"] - points[-2]["recall"] < 0.002):
-                break  # as good as it gets, or no better for twice the work: the codes' plateau
-            if qps < MIN_CURVE_QPS:
-                break  # each wider point takes twice as long, for a recall no one serves at that speed
+            if not worth_going_on(points):
+                break
             breadth *= 2
         found, qps = timed_batch(lambda q: library.store.search(q, K, None, None)[1] - 1, vectors)
         points.append({"param": "served (breadth per query)", "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
@@ -200,52 +175,24 @@ def run_clipdex(data: Path, work: Path, count: int, budget: str, queries: dict[s
             "build_peak_gib": round(optimized["peak"] / 2**30, 2), "serve_peak_gib": round(peak_rss_gib(), 2), "curves": curves}
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 # -- the peers, each in a process of the peers' environment ---------------------------------------------
 
 PEER_COMMON = textwrap.dedent("""
     import json, resource, sys, time
     from pathlib import Path
     import numpy as np
-    K = 10
-    def base_of(data):
-        files = sorted((Path(data) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))
-        return np.concatenate([np.load(p).astype(np.float32) for p in files])
-    def recall(found, truth):
-        return float(np.mean([len(set(r.tolist()) & set(t.tolist())) / K for r, t in zip(found[:, :K], truth)]))
-    def timed_batch(search, queries, min_seconds=2.0):
-        search(queries)  # one batch untimed, as for clipdex
-        started, rounds = time.perf_counter(), 0
-        while True:
-            found = search(queries); rounds += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= min_seconds:
-                return found, rounds * len(queries) / elapsed
-    def peak_gib():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    def cpu_seconds():  # the build's processor time: unchanged by a pause (SIGSTOP) while something else runs
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    def gib_of(text):
-        text = text.lower().rstrip("ib")
-        scale = {"k": 2**-20, "m": 2**-10, "g": 1.0, "t": 2**10}.get(text[-1])
-        return float(text[:-1]) * scale if scale else float(text) / 2**30
-    def log(message):
-        print(time.strftime("%H:%M:%S"), message, file=sys.stderr, flush=True)
-    def worth_going_on(points):  # the curve's end, as for clipdex: as good as it gets, or no better for twice the work
-        if points[-1]["recall"] >= 0.995 or (len(points) > 1 and points[-1]["recall"] - points[-2]["recall"] < 0.002):
-            return False
-        return points[-1]["qps"] >= MIN_CURVE_QPS
+    sys.path.insert(0, sys.argv[6])  # benchmarks/: the curves are measured as clipdex's are
+    from curves import K, log, peak_rss_gib as peak_gib, recall, timed_batch, worth_going_on
     data, work, budget, queries = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
-    build_memory, MIN_CURVE_QPS = sys.argv[5], float(sys.argv[6])
+    build_memory = sys.argv[5]
 """)
 
 AUTOFAISS = PEER_COMMON + textwrap.dedent("""
     import faiss
     from autofaiss import build_index
+    def cpu_seconds():  # the build's processor time: unchanged by a pause (SIGSTOP) while something else runs
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
     index_file, done = work / "autofaiss.index", work / "autofaiss-done.json"
     if done.exists():  # built by an earlier run (ten million take hours): searched again, not rebuilt
         built = json.loads(done.read_text())
@@ -295,6 +242,13 @@ AUTOFAISS = PEER_COMMON + textwrap.dedent("""
 DISKANN = PEER_COMMON + textwrap.dedent("""
     import shutil
     import diskannpy
+    def base_of(data):
+        files = sorted((Path(data) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))
+        return np.concatenate([np.load(p).astype(np.float32) for p in files])
+    def gib_of(text):
+        text = text.lower().rstrip("ib")
+        scale = {"k": 2**-20, "m": 2**-10, "g": 1.0, "t": 2**10}.get(text[-1])
+        return float(text[:-1]) * scale if scale else float(text) / 2**30
     folder = work / "diskann-index"
     started = time.perf_counter()
     if not (folder / "done").exists():
@@ -308,7 +262,7 @@ DISKANN = PEER_COMMON + textwrap.dedent("""
         del base
         (folder / "done").write_text(json.dumps({"seconds": time.perf_counter() - started, "peak_gib": peak_gib()}))
     built = json.loads((folder / "done").read_text())  # a build of an earlier run is searched again, not rebuilt
-    build_seconds, build_peak = (built, None) if isinstance(built, float) else (built["seconds"], built["peak_gib"])
+    build_seconds, build_peak = built["seconds"], built["peak_gib"]
     count = sum(np.load(p, mmap_mode="r").shape[0] for p in (Path(data) / "img_emb").glob("img_emb_*.npy"))
     # two thread contexts, though each search runs on one thread: with one, the load never ends (diskannpy 0.7:
     # gdb shows it waiting in read_nodes, from use_medoids_data_as_centroids, for a free thread context)
@@ -349,7 +303,7 @@ def run_peer(python: Path, name: str, script: str, data: Path, work: Path, budge
     log(f"{name}: building and searching (its log: {log_path}) ...")
     environment = dict(os.environ, OMP_NUM_THREADS="2")
     command = [str(python), str(path), str(data), str(work), budget, json.dumps({k: str(v) for k, v in queries.items()}),
-               build_memory, str(MIN_CURVE_QPS)]
+               build_memory, str(HERE)]
     with log_path.open("w") as peer_log:
         try:
             result = subprocess.run(command, stdout=subprocess.PIPE, stderr=peer_log, text=True, env=environment, timeout=timeout)

@@ -132,18 +132,20 @@ def merge_into(into: Any, part: Any) -> None:
     into.ntotal = int(into.ntotal) + int(part.ntotal)
 
 
+def _block_lists_header(ivf: Any, packer: Packer) -> bytes:
+    """What FAISS writes before the lists of `BlockInvertedLists` (`code_size` is its "no fixed size" marker)."""
+    return struct.pack("<4sQQQQ", b"ilbl", int(ivf.nlist), int(ivf.invlists.code_size), packer.per_block, packer.block_size)
+
+
 def block_lists_tail(ivf: Any) -> bytes:
     """The bytes FAISS writes last for the empty block inverted lists of a trained, empty fast-scan index."""
-    packer = Packer(ivf)
-    nlist = int(ivf.nlist)
-    code_size = int(ivf.invlists.code_size)  # FAISS's "no fixed size" marker for block lists
-    return struct.pack("<4sQQQQ", b"ilbl", nlist, code_size, packer.per_block, packer.block_size) + bytes(16 * nlist)
+    return _block_lists_header(ivf, Packer(ivf)) + bytes(16 * int(ivf.nlist))
 
 
 def write_block_lists(ivf: Any, sizes: np.ndarray, lists: Iterable[tuple[bytes, bytes]], out: BinaryIO) -> None:
     """Write the block inverted lists whose `sizes` are given, from each list's (ids, unpacked codes), in list order."""
     packer = Packer(ivf)
-    out.write(struct.pack("<4sQQQQ", b"ilbl", int(ivf.nlist), int(ivf.invlists.code_size), packer.per_block, packer.block_size))
+    out.write(_block_lists_header(ivf, packer))
     chunks = iter(lists)
     for size in sizes.tolist():
         if not size:
