@@ -210,6 +210,16 @@ AUTOFAISS = PEER_COMMON + textwrap.dedent("""
                  "infos": {"index_key": infos["index_key"], "index_param": infos.get("index_param", "")}}
         done.write_text(json.dumps(built))
     build_seconds, build_cpu, build_peak = built["seconds"], built["cpu_seconds"], built["peak_gib"]
+    # autofaiss numbers the vectors in the order its embedding_reader reads the parts, their paths
+    # sorted as text (img_emb_10.npy before img_emb_2.npy; clip-retrieval reads the metadata beside
+    # them in the same order); the ground truth numbers the rows part 0, 1, 2, ...: ids are translated
+    from embedding_reader import EmbeddingReader
+    headers = EmbeddingReader(str(Path(data) / "img_emb"), file_format="npy").reader.headers
+    number = headers["filename"].map(lambda name: int(Path(name).stem.split("_")[-1])).to_numpy()
+    counts = headers["count"].to_numpy()
+    start_of = dict(zip(np.sort(number), np.cumsum(counts[np.argsort(number)]) - counts[np.argsort(number)]))
+    # (the last entry, -1, keeps the -1 of a result list shorter than K)
+    row_of = np.concatenate([np.arange(start_of[n], start_of[n] + c) for n, c in zip(number, counts)] + [[-1]])
     faiss.omp_set_num_threads(1)
     tuned = infos.get("index_param", "")
     space = faiss.ParameterSpace()
@@ -225,14 +235,14 @@ AUTOFAISS = PEER_COMMON + textwrap.dedent("""
             params = f"nprobe={nprobe}" + (",efSearch=" + str(max(2 * nprobe, 16)) if "HNSW" in infos["index_key"] else "")
             space.set_index_parameters(index, params)
             found, qps = timed_batch(lambda q: index.search(q, K)[1], vectors)
-            points.append({"param": params, "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+            points.append({"param": params, "recall": round(recall(row_of[found], truth), 4), "qps": round(qps, 1)})
             log(f"autofaiss {kind} {params}: {points[-1]['recall']:.3f} at {qps:,.0f}/s")
             if not worth_going_on(points):
                 break
             nprobe *= 2
         space.set_index_parameters(index, tuned)
         found, qps = timed_batch(lambda q: index.search(q, K)[1], vectors)
-        points.append({"param": "tuned: " + tuned, "recall": round(recall(found, truth), 4), "qps": round(qps, 1)})
+        points.append({"param": "tuned: " + tuned, "recall": round(recall(row_of[found], truth), 4), "qps": round(qps, 1)})
         curves[kind] = points
     print(json.dumps({"system": "autofaiss", "index": infos["index_key"], "build_seconds": round(build_seconds, 1),
                       "build_cpu_seconds": round(build_cpu, 1), "build_memory": build_memory,
