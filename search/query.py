@@ -178,9 +178,10 @@ def unknown_arguments(function: str, unknown: dict[str, Any], known: Sequence[st
 
 def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """q = normalize(sum_i w_i * e_i / |e_i|): the README's formula."""
-    total = np.zeros_like(np.asarray(vectors[0], dtype=np.float32))
+    # in float64: a float32 vector of large numbers has a norm float32 cannot hold
+    total = np.zeros_like(np.asarray(vectors[0], dtype=np.float64))
     for vector, weight in zip(vectors, weights):
-        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        vector = np.asarray(vector, dtype=np.float64).reshape(-1)
         norm = float(np.linalg.norm(vector))
         if norm == 0:
             raise InvalidQuery("a query vector is all zeros")
@@ -281,7 +282,11 @@ def vector_from(value: Any) -> np.ndarray:
         raise InvalidQuery(f"{name} holds {_NOT_NUMBERS.get(array.dtype.kind, array.dtype.name)}, not real numbers")
     if array.size == 0:
         raise InvalidQuery(f"{name} is empty: an array of no numbers")
-    return array.astype(np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # said below, in words, rather than as numpy's warning
+        flat = array.astype(np.float32).reshape(-1)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and np.isfinite(array).all() and not np.isfinite(flat).all():
+        raise InvalidQuery(f"{name} holds a number beyond float32's range (about ±3.4e38)")
+    return flat
 
 
 def _load_npy(path: str | os.PathLike[str]) -> Any:

@@ -69,6 +69,7 @@ def test_good_templates(template: str) -> None:
         (np.array(["x"] * 32), "holds text, not real numbers"),
         (np.array(["0.5"] * 32), "holds text, not real numbers"),  # not silently parsed either
         (np.ones(32, np.complex64), "holds complex numbers, not real numbers"),
+        (np.full(32, 1e39), "holds a number beyond float32's range"),  # not cast to infinity in silence
     ],
 )
 def test_a_query_vector_file_of_strings_or_complex_numbers(library: Library, tmp_path: Path, values: np.ndarray, message: str) -> None:

@@ -257,6 +257,7 @@ def test_offset_pages_and_threshold(client: TestClient) -> None:
         {"like": [0]},
         {"like": [10**20]},
         {"vector": "/etc/passwd"},
+        {"vector": [1e39, 0.5]},  # beyond float32: the document says so (its maximum)
     ],
 )
 def test_requests_that_do_not_fit_the_schema_are_422(client: TestClient, body: dict[str, Any]) -> None:

@@ -113,6 +113,16 @@ def test_like_and_vector_terms(mixed: Library, tmp_path: Path) -> None:
         mixed.search(vector=str(tmp_path / "bad.npy"))
 
 
+def test_a_vector_of_large_numbers_searches_its_direction(mixed: Library) -> None:
+    """Only the direction counts: a float32 vector whose norm float32 cannot hold (3.4e38 is its
+    largest number) is the same query as its unit vector, not one that "cancels out"."""
+    target = mixed.search(text="dog", kind="image", k=1)[0]
+    vector = mixed.catalog.get_item(target.id).vector_array()
+    large = (vector / np.abs(vector).max() * 3e38).astype(np.float32)
+    np.testing.assert_allclose(mixed.query_vector(Query.build(vector=large)), vector / np.linalg.norm(vector), atol=1e-6)
+    assert mixed.search(vector=large, k=1)[0].id == target.id
+
+
 def test_invalid_queries() -> None:
     with pytest.raises(InvalidQuery, match="at least one term"):
         Query.build()

@@ -12,9 +12,9 @@ from clipdex.search.explanation import Explanation
 from clipdex.search.http.schemas import (
     TERM_FIELDS,
     Base64Images,
-    FiniteNumber,
     ItemId,
     ItemIds,
+    QueryVector,
     Texts,
     Weights,
     decode_base64_image,
@@ -38,8 +38,7 @@ class ExplainRequest(BaseModel):
     text: Texts = Field(default_factory=list, description="Texts to look for (one or a list)")
     image: Base64Images = Field(default_factory=list, description="Images as base64 (a data: URL prefix is allowed)")
     like: ItemIds = Field(default_factory=list, description="Ids of indexed items")
-    vector: list[FiniteNumber] = Field(default_factory=list, min_length=1, max_length=8_192,
-                                       description="A query vector of the library's dimension")
+    vector: QueryVector = Field(default_factory=list)
     minus: Texts = Field(default_factory=list, description="Texts to steer away from")
     weights: Weights = Field(default_factory=list, description="Weights of the terms in order: texts, images, likes, "
                                                                "vector, minus texts (default 1 each)")

@@ -78,6 +78,10 @@ Count = Annotated[int, BeforeValidator(_whole_number)]
 ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID), BeforeValidator(_whole_number)]
 Pixels = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole_number)]
 FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
+FLOAT32_MAX = 3.4028234663852886e38  # vectors are float32: a larger number would become infinite
+VectorComponent = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+QueryVector = Annotated[list[VectorComponent], Field(min_length=1, max_length=8_192,
+                                                     description="A query vector of the library's dimension")]
 # Lists of 1..N that also accept one value; json_schema_input_type makes the schema say both.
 TextList = Annotated[list[QueryText], Field(min_length=1, max_length=MAX_TERMS)]
 Texts = Annotated[TextList, BeforeValidator(_as_list, json_schema_input_type=QueryText | TextList)]
@@ -160,9 +164,7 @@ class SearchRequest(QueryOptions):
     })
 
     image: Base64Images = Field(default_factory=list, description="Images as base64 (a data: URL prefix is allowed)")
-    vector: list[FiniteNumber] = Field(
-        default_factory=list, min_length=1, max_length=8_192, description="A query vector of the library's dimension"
-    )
+    vector: QueryVector = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _some_term(self) -> "SearchRequest":
@@ -312,8 +314,8 @@ class ImageItem(KeyedItem):
 
 
 class VectorItem(KeyedItem):
-    vector: list[FiniteNumber] = Field(min_length=1, max_length=MAX_VECTOR_DIM,
-                                       description="A vector of the library's model and dimension (normalized here)")
+    vector: list[VectorComponent] = Field(min_length=1, max_length=MAX_VECTOR_DIM,
+                                         description="A vector of the library's model and dimension (normalized here)")
 
 
 class AddTextsRequest(BaseModel):
