@@ -178,14 +178,17 @@ def unknown_arguments(function: str, unknown: dict[str, Any], known: Sequence[st
 
 def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """q = normalize(sum_i w_i * e_i / |e_i|): the README's formula."""
-    # in float64: a float32 vector of large numbers has a norm float32 cannot hold
+    # In float64 (a float32 vector of large numbers has a norm float32 cannot hold), and with the
+    # weights scaled to at most 1: only their ratios count, the sum being normalized, and neither
+    # weights of 1e300 (whose sum overflows) nor of 1e-9 (whose sum looks like zero) change q.
+    scale = max((abs(weight) for weight in weights), default=0.0) or 1.0
     total = np.zeros_like(np.asarray(vectors[0], dtype=np.float64))
     for vector, weight in zip(vectors, weights):
         vector = np.asarray(vector, dtype=np.float64).reshape(-1)
         norm = float(np.linalg.norm(vector))
         if norm == 0:
             raise InvalidQuery("a query vector is all zeros")
-        total = total + weight * vector / norm
+        total = total + (weight / scale) * vector / norm
     norm = float(np.linalg.norm(total))
     if norm < 1e-6:
         raise InvalidQuery("the query terms cancel each other out (their weighted sum is zero)")

@@ -123,6 +123,16 @@ def test_a_vector_of_large_numbers_searches_its_direction(mixed: Library) -> Non
     assert mixed.search(vector=large, k=1)[0].id == target.id
 
 
+@pytest.mark.parametrize("scale", [1e300, 1e-9])
+def test_only_the_weights_ratios_count(mixed: Library, scale: float) -> None:
+    """Weights of 1e300 (whose weighted sum overflows) or 1e-9 (whose sum looks like zero) give
+    the query that weights of 1 in the same ratios give."""
+    image = Path(mixed.get_item(2).path)
+    expected = mixed.query_vector(Query.build(text="golden retriever", image=image, minus="indoors", weights=[2.0, 1.0, 1.0]))
+    scaled = Query.build(text="golden retriever", image=image, minus="indoors", weights=[2 * scale, scale, scale])
+    np.testing.assert_allclose(mixed.query_vector(scaled), expected, atol=1e-6)
+
+
 def test_invalid_queries() -> None:
     with pytest.raises(InvalidQuery, match="at least one term"):
         Query.build()
