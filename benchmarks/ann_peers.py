@@ -185,6 +185,8 @@ PEER_COMMON = textwrap.dedent("""
     from curves import K, log, peak_rss_gib as peak_gib, recall, timed_batch, worth_going_on
     data, work, budget, queries = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
     build_memory = sys.argv[5]
+    def part_number(path):  # img_emb_N.npy: the ground truth numbers the rows part 0, 1, 2, ...
+        return int(Path(path).stem.split("_")[-1])
 """)
 
 AUTOFAISS = PEER_COMMON + textwrap.dedent("""
@@ -212,14 +214,15 @@ AUTOFAISS = PEER_COMMON + textwrap.dedent("""
     build_seconds, build_cpu, build_peak = built["seconds"], built["cpu_seconds"], built["peak_gib"]
     # autofaiss numbers the vectors in the order its embedding_reader reads the parts, their paths
     # sorted as text (img_emb_10.npy before img_emb_2.npy; clip-retrieval reads the metadata beside
-    # them in the same order); the ground truth numbers the rows part 0, 1, 2, ...: ids are translated
+    # them in the same order); the ground truth's rows are in part_number order: ids are translated
     from embedding_reader import EmbeddingReader
     headers = EmbeddingReader(str(Path(data) / "img_emb"), file_format="npy").reader.headers
-    number = headers["filename"].map(lambda name: int(Path(name).stem.split("_")[-1])).to_numpy()
     counts = headers["count"].to_numpy()
-    start_of = dict(zip(np.sort(number), np.cumsum(counts[np.argsort(number)]) - counts[np.argsort(number)]))
+    order = np.argsort(headers["filename"].map(part_number).to_numpy())
+    starts = np.empty_like(counts)
+    starts[order] = np.cumsum(counts[order]) - counts[order]  # each part's first row in the ground truth
     # (the last entry, -1, keeps the -1 of a result list shorter than K)
-    row_of = np.concatenate([np.arange(start_of[n], start_of[n] + c) for n, c in zip(number, counts)] + [[-1]])
+    row_of = np.concatenate([np.arange(start, start + count) for start, count in zip(starts, counts)] + [[-1]])
     faiss.omp_set_num_threads(1)
     tuned = infos.get("index_param", "")
     space = faiss.ParameterSpace()
@@ -253,7 +256,7 @@ DISKANN = PEER_COMMON + textwrap.dedent("""
     import shutil
     import diskannpy
     def base_of(data):
-        files = sorted((Path(data) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))
+        files = sorted((Path(data) / "img_emb").glob("img_emb_*.npy"), key=part_number)
         return np.concatenate([np.load(p).astype(np.float32) for p in files])
     def gib_of(text):
         text = text.lower().rstrip("ib")

@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import UploadFile
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -78,7 +79,7 @@ Count = Annotated[int, BeforeValidator(_whole_number)]
 ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID), BeforeValidator(_whole_number)]
 Pixels = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole_number)]
 FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
-FLOAT32_MAX = 3.4028234663852886e38  # vectors are float32: a larger number would become infinite
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # vectors are float32: a larger number would become infinite
 VectorComponent = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 QueryVector = Annotated[list[VectorComponent], Field(min_length=1, max_length=8_192,
                                                      description="A query vector of the library's dimension")]
